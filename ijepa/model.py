@@ -1,0 +1,127 @@
+"""The I-JEPA model bundle: context encoder, EMA target encoder and predictor, rebuilt from one config.
+
+Attribute names (``encoder``, ``target_encoder``, ``predictor``) are the official checkpoint's top-level keys, so
+``IJepa.state_dict()`` keys read like the official file without the DDP ``module.`` prefix.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from .pos_embed import sincos_2d
+from .predictor import VisionTransformerPredictor
+from .vision_transformer import VIT_ARCHS, VisionTransformer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class IJepaConfig:
+    """Everything needed to rebuild the networks, plus what a user should know about them."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    predictor_embed_dim: int = 384
+    predictor_depth: int = 6
+    predictor_num_heads: int = 12
+    has_predictor: bool = True
+    arch: str = ""
+    trained_on: str = ""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        side = self.img_size // self.patch_size
+        return side, side
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "IJepaConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown I-JEPA config fields: {unknown[:5]}")
+        data = dict(data)
+        for key in ("mean", "std"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+    @classmethod
+    def from_arch(cls, arch: str, **kwargs) -> "IJepaConfig":
+        """A config for a named family (``vit_tiny`` ... ``vit_giant``); kwargs override."""
+        if arch not in VIT_ARCHS:
+            raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(VIT_ARCHS)}")
+        args = dict(VIT_ARCHS[arch], arch=arch)
+        args.setdefault("predictor_num_heads", args["num_heads"])
+        args.update(kwargs)
+        return cls(**args)
+
+
+def build_encoder(config: IJepaConfig) -> VisionTransformer:
+    return VisionTransformer(img_size=config.img_size, patch_size=config.patch_size, embed_dim=config.embed_dim,
+                             depth=config.depth, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio)
+
+
+def build_predictor(config: IJepaConfig) -> VisionTransformerPredictor:
+    return VisionTransformerPredictor(grid_size=config.grid_size, embed_dim=config.embed_dim,
+                                      predictor_embed_dim=config.predictor_embed_dim, depth=config.predictor_depth,
+                                      num_heads=config.predictor_num_heads, mlp_ratio=config.mlp_ratio)
+
+
+class IJepa(nn.Module):
+    """Context encoder + target encoder (an EMA copy) + predictor.
+
+    Features for evaluation and display come from the TARGET encoder by default, as the paper evaluates; the
+    predictor always reads CONTEXT-encoder tokens, because that is what it was trained on.
+    """
+
+    def __init__(self, config: IJepaConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = build_encoder(config)
+        self.target_encoder = copy.deepcopy(self.encoder)
+        for p in self.target_encoder.parameters():
+            p.requires_grad_(False)
+        self.predictor = build_predictor(config) if config.has_predictor else None
+
+    def feature_encoder(self, which: str = "target") -> VisionTransformer:
+        """The encoder that supplies features: "target" (default, as the paper evaluates) or "context"."""
+        if which not in ("target", "context"):
+            raise ValueError(f"features must come from 'target' or 'context', got {which!r}")
+        return self.target_encoder if which == "target" else self.encoder
+
+    def set_img_size(self, img_size: int) -> None:
+        """Run at another resolution: regenerate every fixed sin-cos table for the new grid (exact)."""
+        if img_size % self.config.patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of the patch size {self.config.patch_size}")
+        self.config.img_size = img_size
+        grid = self.config.grid_size
+        for enc in (self.encoder, self.target_encoder):
+            enc.pos_embed.data = sincos_2d(enc.embed_dim, grid).unsqueeze(0).to(enc.pos_embed)
+            enc.grid_size = grid
+            enc.patch_embed.img_size = (img_size, img_size)
+            enc.patch_embed.grid_size = grid
+            enc.patch_embed.num_patches = grid[0] * grid[1]
+        if self.predictor is not None:
+            pred = self.predictor
+            table = sincos_2d(pred.predictor_embed_dim, grid).unsqueeze(0).to(pred.predictor_pos_embed)
+            pred.predictor_pos_embed.data = table
+            pred.grid_size = grid
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] images in [0, 1] -> the normalised input the encoders expect."""
+        mean = torch.tensor(self.config.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.config.std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+        return (images - mean) / std

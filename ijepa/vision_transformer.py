@@ -1,0 +1,131 @@
+"""The I-JEPA context/target encoder: a ViT without CLS token, built from timm blocks.
+
+Module and parameter names are identical to the official release (``patch_embed.proj``, ``pos_embed``,
+``blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``), so official state dicts load with
+``strict=True``. timm's ``Block``/``Attention`` use fused scaled-dot-product attention.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from torch import nn
+from timm.layers import PatchEmbed, trunc_normal_
+from timm.models.vision_transformer import Block
+
+from .masks import apply_masks
+from .pos_embed import position_table, sincos_2d
+
+# Widths, depths and heads of the released families; heads cannot be read from weights, so this is the convention.
+VIT_ARCHS: dict[str, dict] = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "vit_huge": dict(embed_dim=1280, depth=32, num_heads=16),
+    "vit_giant": dict(embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11),
+}
+
+
+def init_transformer_weights(module: nn.Module, blocks: nn.ModuleList, init_std: float) -> None:
+    """Official I-JEPA init: truncated-normal weights, zero biases, unit LayerNorms, and residual
+    projections (attn.proj, mlp.fc2) of block i scaled by 1/sqrt(2 * (i + 1))."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            trunc_normal_(m.weight, std=init_std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for layer_id, block in enumerate(blocks, start=1):
+        block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer_id))
+        block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer_id))
+
+
+def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path_rate: float,
+                norm_layer) -> nn.ModuleList:
+    """timm transformer blocks with a linearly increasing stochastic-depth rate, as in the official code."""
+    rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth > 1 else [drop_path_rate] * depth
+    return nn.ModuleList(
+        Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=rate,
+              norm_layer=norm_layer)
+        for rate in rates
+    )
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder. ``forward(images, masks)`` returns the tokens kept by each mask, mask-major.
+
+    Args:
+        img_size: training resolution; sets the stored position table (other sizes work at run time).
+        patch_size: square patch side in pixels.
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer shape (official defaults).
+        drop_path_rate: stochastic depth at the last block.
+        init_std: std of the truncated-normal init.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path_rate: float = 0.0, init_std: float = 0.02):
+        super().__init__()
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.embed_dim = self.num_features = embed_dim
+        self.num_heads = num_heads
+        self.patch_size = patch_size
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                      embed_dim=embed_dim, strict_img_size=False)
+        self.grid_size = tuple(self.patch_embed.grid_size)
+        table = sincos_2d(embed_dim, self.grid_size).unsqueeze(0)
+        self.pos_embed = nn.Parameter(table, requires_grad=False)  # fixed, stored like the official one
+        self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path_rate, norm_layer)
+        self.norm = norm_layer(embed_dim)
+        init_transformer_weights(self, self.blocks, init_std)
+
+    def grid_of(self, images: torch.Tensor) -> tuple[int, int]:
+        h, w = images.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
+        return h // self.patch_size, w // self.patch_size
+
+    def forward(self, images: torch.Tensor, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """images [B, C, H, W] (normalised) -> [B, N, D], or [len(masks) * B, K, D] with keep-index masks."""
+        grid = self.grid_of(images)
+        x = self.patch_embed(images)
+        x = x + position_table(self.pos_embed, self.grid_size, grid)
+        if masks is not None:
+            x = apply_masks(x, masks)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def _create(arch: str, **kwargs) -> VisionTransformer:
+    model_args = dict(VIT_ARCHS[arch])
+    model_args.update(kwargs)  # caller kwargs win
+    return VisionTransformer(**model_args)
+
+
+def vit_tiny(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return _create("vit_tiny", patch_size=patch_size, **kwargs)
+
+
+def vit_small(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return _create("vit_small", patch_size=patch_size, **kwargs)
+
+
+def vit_base(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return _create("vit_base", patch_size=patch_size, **kwargs)
+
+
+def vit_large(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return _create("vit_large", patch_size=patch_size, **kwargs)
+
+
+def vit_huge(patch_size: int = 14, **kwargs) -> VisionTransformer:
+    return _create("vit_huge", patch_size=patch_size, **kwargs)
+
+
+def vit_giant(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return _create("vit_giant", patch_size=patch_size, **kwargs)
