@@ -1,0 +1,107 @@
+"""The pretraining loop: loss falls, a killed run resumes exactly, NaNs stop it, DDP ranks stay identical."""
+import csv
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import train.pretrain as pretrain
+from train.config import parse_config
+from train.pretrain import PretrainConfig, train
+from train.runtime import list_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--img-size", "32", "--patch-size", "4", "--depth", "1", "--predictor-depth", "1", "--predictor-embed-dim",
+        "48", "--batch-size", "8", "--warmup-steps", "2", "--num-workers", "0", "--log-every", "1",
+        "--precision", "fp32"]
+
+
+def tiny(out_dir, *extra) -> PretrainConfig:
+    return parse_config(PretrainConfig, TINY + ["--out-dir", str(out_dir), *extra])
+
+
+def losses(out_dir) -> list[float]:
+    with open(Path(out_dir) / "log.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_cli_yaml_and_overrides(tmp_path):
+    (tmp_path / "c.yaml").write_text("lr: 0.002\ntarget_scale: [0.1, 0.2]\nsteps: 7\n")
+    cfg = parse_config(PretrainConfig, ["--config", str(tmp_path / "c.yaml"), "--steps", "9", "--compile", "true"])
+    assert (cfg.lr, cfg.target_scale, cfg.steps, cfg.compile) == (0.002, (0.1, 0.2), 9, True)
+    (tmp_path / "bad.yaml").write_text("learning_rate: 1\n")
+    with pytest.raises(ValueError, match="unknown config keys"):
+        parse_config(PretrainConfig, ["--config", str(tmp_path / "bad.yaml")])
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
+    full = train(tiny(tmp_path / "full", "--steps", "6", "--ckpt-every", "3"))
+    assert (tmp_path / "full" / "loss.png").is_file() and (tmp_path / "full" / "model" / "config.json").is_file()
+
+    real_loss, calls = pretrain.ijepa_loss, {"n": 0}
+
+    def dies_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Killed("simulated kill")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "ijepa_loss", dies_at_step_5)
+    with pytest.raises(Killed):
+        train(tiny(tmp_path / "cut", "--steps", "6", "--ckpt-every", "3"))
+    assert [p.name for p in list_checkpoints(tmp_path / "cut" / "checkpoints")] == ["ckpt-00000003.pt"]
+    monkeypatch.setattr(pretrain, "ijepa_loss", real_loss)
+    with pytest.raises(FileExistsError, match="--resume"):  # never silently overwrites a run
+        train(tiny(tmp_path / "cut", "--steps", "6", "--ckpt-every", "3"))
+    resumed = train(tiny(tmp_path / "cut", "--steps", "6", "--ckpt-every", "3", "--resume", "true"))
+
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # same curve, row for row
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_loss, calls = pretrain.ijepa_loss, {"n": 0}
+
+    def nan_from_step_5(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 5 else loss
+
+    monkeypatch.setattr(pretrain, "ijepa_loss", nan_from_step_5)
+    with pytest.raises(FloatingPointError, match="ckpt-00000004.pt"):
+        train(tiny(tmp_path / "run", "--steps", "8", "--ckpt-every", "2"))
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")][-1] == "ckpt-00000004.pt"
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_stay_identical_and_learn(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, torch
+        from train.config import parse_config
+        from train.pretrain import PretrainConfig, train
+        cfg = parse_config(PretrainConfig, {TINY!r} + ["--out-dir", {str(tmp_path / 'ddp')!r}, "--steps", "30",
+                           "--lr", "0.002", "--warmup-steps", "5", "--log-every", "5", "--device", "cpu"])
+        model = train(cfg)
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        torch.save(flat, os.path.join(cfg.out_dir, f"params-rank{{os.environ['RANK']}}.pt"))
+    """))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29533", str(script)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "ddp" / "params-rank0.pt")
+    rank1 = torch.load(tmp_path / "ddp" / "params-rank1.pt")
+    torch.testing.assert_close(rank0, rank1, rtol=0, atol=0)
+    curve = losses(tmp_path / "ddp")
+    assert curve[-1] < 0.8 * curve[0], curve

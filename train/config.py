@@ -1,0 +1,71 @@
+"""Dataclass configs read from YAML with command-line overrides (``--lr 1e-3 --steps 500``).
+
+Every field of the dataclass becomes a flag, so defaults live in exactly one place.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+
+import yaml
+
+
+def _parse_value(kind, text: str):
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    if typing.get_origin(kind) is tuple or kind is tuple:
+        return tuple(float(x) for x in text.split(","))
+    if kind in (int, float, str):
+        return kind(text)
+    return yaml.safe_load(text)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
+    """One ``--field`` flag per dataclass field, parsed with the field's type (tuples as ``a,b``)."""
+    hints = typing.get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
+        kind = hints[field.name]
+        if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", ())):
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+            kind = args[0] if args else str
+        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None,
+                            type=lambda text, k=kind: _parse_value(k, text), metavar=field.name.upper())
+
+
+def load_config(config_cls, path: str | Path | None, overrides: dict):
+    """Defaults <- YAML file <- command-line overrides (None means 'not given')."""
+    values = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        values = yaml.safe_load(path.read_text()) or {}
+        known = {f.name for f in dataclasses.fields(config_cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {unknown}; valid keys: {sorted(known)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    hints = typing.get_type_hints(config_cls)
+    for name, value in values.items():  # YAML lists -> tuples where the field is a tuple
+        if isinstance(value, list) and typing.get_origin(hints[name]) is tuple:
+            values[name] = tuple(value)
+    return config_cls(**values)
+
+
+def parse_config(config_cls, argv=None, description: str = ""):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="YAML file; flags override its values")
+    add_config_arguments(parser, config_cls)
+    args = vars(parser.parse_args(argv))
+    return load_config(config_cls, args.pop("config"), args)
+
+
+def save_config(config, path: str | Path) -> None:
+    data = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

@@ -1,0 +1,350 @@
+"""Evaluate frozen I-JEPA features: kNN and linear probe vs raw pixels and a random-init encoder, plus
+predictor semantics (a probe trained on TRUE box features, applied to the PREDICTOR's outputs).
+
+    python -m train.eval --checkpoint runs/tiny/model --out-dir runs/tiny/eval            # emoji protocol
+    python -m train.eval --checkpoint IN1K-vit.h.14-300e.pth.tar --data /path/to/images  # any image folder
+
+Emoji protocol (fixed so figures compare across runs): one centred emoji per image on a random background;
+bank = every training base emoji, queries = every HELD-OUT base emoji (2 copies each); labels = Unicode group
+and subgroup; kNN k=20, cosine similarity, votes weighted by exp(similarity / 0.07).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ijepa.checkpoint import load_model
+from ijepa.inference import encode, gather, pooled, predict_features, true_features
+from ijepa.model import IJepa
+
+logger = logging.getLogger("train.eval")
+
+
+# ----- feature extraction --------------------------------------------------------------------------------------
+
+def collect(dataset: Dataset, keys: tuple[str, ...], batch_size: int = 256, num_workers: int = 0):
+    """Iterate a dataset in batches, yielding dicts of stacked tensors for ``keys``."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=lambda items: {k: torch.stack([torch.as_tensor(i[k]) for i in items]) for k in keys})
+    yield from loader
+
+
+@torch.no_grad()
+def pooled_features(model: IJepa | None, dataset: Dataset, label_keys: tuple[str, ...], which: str = "target",
+                    batch_size: int = 256, device: str = "cpu") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Average-pooled encoder features (or flattened pixels when model is None) and labels of a whole dataset."""
+    feats, labels = [], {k: [] for k in label_keys}
+    for batch in collect(dataset, ("image",) + label_keys, batch_size):
+        images = batch["image"].to(device)
+        if model is None:
+            feats.append(images.flatten(1).cpu())
+        else:
+            feats.append(encode(model, images, which).mean(dim=1).float().cpu())
+        for k in label_keys:
+            labels[k].append(batch[k])
+    return torch.cat(feats), {k: torch.cat(v) for k, v in labels.items()}
+
+
+# ----- classifiers ---------------------------------------------------------------------------------------------
+
+def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
+             num_classes: int, k: int = 20, temperature: float = 0.07) -> float:
+    """Weighted kNN (cosine similarity, votes exp(sim / T)), top-1 accuracy in percent."""
+    bank, queries = F.normalize(bank.float(), dim=1), F.normalize(queries.float(), dim=1)
+    sims = queries @ bank.T
+    top_sims, top_idx = sims.topk(min(k, bank.size(0)), dim=1)
+    votes = torch.zeros(queries.size(0), num_classes)
+    votes.scatter_add_(1, bank_labels[top_idx], (top_sims / temperature).exp())
+    return 100.0 * (votes.argmax(dim=1) == query_labels).float().mean().item()
+
+
+class LinearProbe(nn.Module):
+    """Standardise features with the training statistics, then one linear layer."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear((features.float() - self.mean) / self.std)
+
+
+def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 300,
+                     lr: float = 0.01, weight_decay: float = 1e-3, seed: int = 0) -> LinearProbe:
+    """Full-batch softmax regression with AdamW: deterministic, a second or two on a CPU."""
+    torch.manual_seed(seed)
+    probe = LinearProbe(features.size(1), num_classes)
+    probe.mean.copy_(features.float().mean(0))
+    probe.std.copy_(features.float().std(0).clamp_min(1e-6))
+    optimizer = torch.optim.AdamW(probe.linear.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(probe(features), labels).backward()
+        optimizer.step()
+    return probe.eval()
+
+
+@torch.no_grad()
+def accuracy(probe: LinearProbe, features: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * (probe(features).argmax(1) == labels).float().mean().item()
+
+
+def save_probe(probe: LinearProbe, label_names: list[str], path: Path, **metadata) -> None:
+    """``<path>.safetensors`` weights + ``<path>.json`` label names, for the app's readout panel."""
+    save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, path.with_suffix(".safetensors"))
+    path.with_suffix(".json").write_text(json.dumps({"labels": label_names, **metadata}, indent=2) + "\n")
+
+
+# ----- the emoji protocol --------------------------------------------------------------------------------------
+
+def score(bank, bank_labels, queries, query_labels, num_classes: dict[str, int]) -> dict:
+    out = {}
+    for level, n in num_classes.items():
+        out[f"knn_{level}"] = knn_top1(bank, bank_labels[level], queries, query_labels[level], n)
+        probe = fit_linear_probe(bank, bank_labels[level], n)
+        out[f"linear_{level}"] = accuracy(probe, queries, query_labels[level])
+    return out
+
+
+def evaluate_emoji_features(model: IJepa, seed: int = 0, device: str = "cpu") -> dict:
+    """kNN and linear probe on held-out emoji for: raw pixels, a random-init encoder, target and context encoders."""
+    from train.emoji import EmojiProbeSet, get_catalog
+
+    catalog = get_catalog()
+    size, patch = model.config.img_size, model.config.patch_size
+    bank_set = EmojiProbeSet(catalog, split="train", resolution=size, patch_size=patch, seed=seed)
+    query_set = EmojiProbeSet(catalog, split="heldout", resolution=size, patch_size=patch, seed=seed + 1)
+    keys = ("group", "subgroup")
+    num_classes = {"group": len(catalog.group_names), "subgroup": len(catalog.subgroup_names)}
+    torch.manual_seed(seed)
+    random_model = IJepa(model.config).to(device).eval()
+    sources = {"raw_pixels": (None, "target"), "random_init": (random_model, "target"),
+               "target_encoder": (model, "target"), "context_encoder": (model, "context")}
+    results = {"protocol": "emoji held-out kNN k=20 T=0.07 + linear probe", "bank_size": len(bank_set),
+               "query_size": len(query_set), "catalog": catalog.fingerprint, "features": {}}
+    for name, (source, which) in sources.items():
+        bank, bank_labels = pooled_features(source, bank_set, keys, which, device=device)
+        queries, query_labels = pooled_features(source, query_set, keys, which, device=device)
+        results["features"][name] = score(bank, bank_labels, queries, query_labels, num_classes)
+        logger.info("%s: %s", name, results["features"][name])
+    return results
+
+
+# ----- predictor semantics on boxes ----------------------------------------------------------------------------
+
+@dataclass
+class BoxSet:
+    """Pooled box features with labels: true (target encoder) and predicted (predictor from context only)."""
+    true: torch.Tensor
+    predicted: torch.Tensor
+    group: torch.Tensor
+    subgroup: torch.Tensor
+    images: torch.Tensor | None = None  # [n, 3, H, W] crops' source images, kept only when asked
+    boxes: torch.Tensor | None = None  # [n, 4] patch boxes (row0, col0, rows, cols)
+
+
+def labelled_boxes(patch_labels: torch.Tensor, rows: int, cols: int, rng: np.random.Generator,
+                   min_fraction: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One rows x cols patch box per image, centred on a random patch of some emoji; its label is the emoji
+    covering most of the box (kept only when it covers >= min_fraction).
+    Returns (origins [B, 2] as (row, col), base emoji ids [B], keep [B])."""
+    b, gh, gw = patch_labels.shape
+    origins, keep = torch.zeros(b, 2, dtype=torch.long), torch.zeros(b, dtype=torch.bool)
+    labels = torch.full((b,), -1, dtype=torch.long)
+    for i in range(b):
+        fg = torch.nonzero(patch_labels[i] >= 0)
+        if len(fg) == 0:
+            continue
+        r, c = fg[rng.integers(len(fg))].tolist()
+        r0 = int(np.clip(r - rows // 2, 0, gh - rows))
+        c0 = int(np.clip(c - cols // 2, 0, gw - cols))
+        window = patch_labels[i, r0:r0 + rows, c0:c0 + cols].flatten()
+        values, counts = window[window >= 0].unique(return_counts=True)
+        if len(values) and counts.max().item() >= min_fraction * window.numel():
+            origins[i] = torch.tensor([r0, c0])
+            labels[i] = values[counts.argmax()]
+            keep[i] = True
+    return origins, labels, keep
+
+
+def box_indices(origins: torch.Tensor, rows: int, cols: int, grid: tuple[int, int]) -> torch.Tensor:
+    """[B, 2] box origins (row, col) -> [B, rows*cols] raster patch indices."""
+    dr, dc = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return ((origins[:, :1] + dr.flatten()) * grid[1] + origins[:, 1:] + dc.flatten()).long()
+
+
+def context_indices(targets: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Every patch not in the target box, per row: [B, N - K]."""
+    keep = torch.ones(targets.size(0), num_patches, dtype=torch.bool)
+    keep.scatter_(1, targets, False)
+    return torch.nonzero(keep)[:, 1].view(targets.size(0), -1)
+
+
+@torch.no_grad()
+def sample_box_features(model: IJepa, split: str, count: int, seed: int, batch_size: int = 64,
+                        device: str = "cpu", keep_images: bool = False) -> BoxSet:
+    """Boxes on emoji scenes (sizes from ~6% to ~25% of the image, varied aspect), each dominated by one emoji."""
+    from train.emoji import EmojiScenes, get_catalog
+
+    catalog = get_catalog()
+    grid = model.config.grid_size
+    scenes = EmojiScenes(catalog, resolution=model.config.img_size, patch_size=model.config.patch_size,
+                         split=split, seed=seed)
+    rng = np.random.default_rng(seed)
+    lo, hi = max(1, round(grid[0] / 4)), max(2, round(grid[0] / 2))
+    parts: dict[str, list] = {"true": [], "predicted": [], "group": [], "subgroup": [], "images": [], "boxes": []}
+    collected, index = 0, 0
+    progress = tqdm(total=count, desc=f"boxes ({split})", leave=False)
+    while collected < count:
+        items = [scenes[index + j] for j in range(batch_size)]
+        index += batch_size
+        images = torch.stack([it["image"] for it in items]).to(device)
+        patch_labels = torch.stack([it["patch_emoji"] for it in items])
+        rows, cols = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+        origins, majority, keep = labelled_boxes(patch_labels, rows, cols, rng)
+        if not keep.any():
+            continue
+        images, origins, majority = images[keep], origins[keep], majority[keep]
+        targets = box_indices(origins, rows, cols, grid)
+        contexts = context_indices(targets, grid[0] * grid[1])
+        truth = pooled(gather(true_features(model, images), targets.to(device)))
+        guess = pooled(predict_features(model, images, contexts.to(device), [targets.to(device)])[0])
+        parts["true"].append(truth.float().cpu())
+        parts["predicted"].append(guess.float().cpu())
+        parts["group"].append(catalog.group_of[majority])
+        parts["subgroup"].append(catalog.subgroup_of[majority])
+        parts["boxes"].append(torch.cat([origins, torch.tensor([[rows, cols]]).expand(len(origins), -1)], dim=1))
+        if keep_images:
+            parts["images"].append(images.cpu())
+        collected += len(origins)
+        progress.update(len(origins))
+    progress.close()
+    cat = {k: torch.cat(v)[:count] if v else None for k, v in parts.items()}
+    return BoxSet(cat["true"], cat["predicted"], cat["group"], cat["subgroup"], cat["images"], cat["boxes"])
+
+
+def evaluate_predictor_semantics(model: IJepa, num_train: int = 3000, num_test: int = 1000, seed: int = 0,
+                                 device: str = "cpu") -> tuple[dict, dict[str, LinearProbe]]:
+    """Fit probes on TRUE box features of training scenes; score them on true and PREDICTED features of new
+    scenes (training emoji, and held-out emoji). ratio = predicted accuracy / true accuracy."""
+    from train.emoji import get_catalog
+
+    catalog = get_catalog()
+    fit = sample_box_features(model, "train", num_train, seed=seed + 1000, device=device)
+    tests = {"new_scenes": sample_box_features(model, "train", num_test, seed=seed + 2000, device=device),
+             "heldout_emoji": sample_box_features(model, "heldout", num_test, seed=seed + 3000, device=device)}
+    results, probes = {}, {}
+    for level, n in (("group", len(catalog.group_names)), ("subgroup", len(catalog.subgroup_names))):
+        probe = probes[level] = fit_linear_probe(fit.true, getattr(fit, level), n)
+        for name, test in tests.items():
+            true_acc = accuracy(probe, test.true, getattr(test, level))
+            pred_acc = accuracy(probe, test.predicted, getattr(test, level))
+            results[f"{name}_{level}"] = {"true_acc": true_acc, "predicted_acc": pred_acc,
+                                          "ratio": pred_acc / true_acc if true_acc > 0 else 0.0}
+    return results, probes
+
+
+# ----- image folders -------------------------------------------------------------------------------------------
+
+def evaluate_folder(model: IJepa, root: Path, seed: int = 0, device: str = "cpu") -> dict:
+    """Class sub-folders: uses train/ and val/ sub-folders when present, else a fixed 80/20 split per class."""
+    from torch.utils.data import Subset
+
+    from train.data import ImageFolderDataset
+
+    size = model.config.img_size
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        bank_set = ImageFolderDataset(root / "train", size, mode="eval")
+        query_set = ImageFolderDataset(root / "val", size, mode="eval")
+    else:
+        full = ImageFolderDataset(root, size, mode="eval")
+        order = np.random.default_rng(seed).permutation(len(full))
+        cut = int(0.8 * len(full))
+        bank_set, query_set = Subset(full, order[:cut].tolist()), Subset(full, order[cut:].tolist())
+    torch.manual_seed(seed)
+    random_model = IJepa(model.config).to(device).eval()
+    num_classes = {"label": int(max(bank_set[i]["label"] for i in range(len(bank_set)))) + 1}
+    results = {"protocol": f"image folder {root}", "features": {}}
+    for name, source in (("raw_pixels", None), ("random_init", random_model), ("target_encoder", model)):
+        bank, bank_labels = pooled_features(source, bank_set, ("label",), device=device)
+        queries, query_labels = pooled_features(source, query_set, ("label",), device=device)
+        results["features"][name] = score(bank, bank_labels, queries, query_labels, num_classes)
+    return results
+
+
+def plot_results(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    features = results["features"]
+    metrics = list(next(iter(features.values())))
+    fig, ax = plt.subplots(figsize=(8, 3.8), dpi=120)
+    width = 0.8 / len(features)
+    for i, (name, scores) in enumerate(features.items()):
+        ax.bar(np.arange(len(metrics)) + i * width, [scores[m] for m in metrics], width, label=name)
+    ax.set_xticks(np.arange(len(metrics)) + 0.4 - width / 2, metrics)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(results.get("protocol", "evaluation"))
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="our model folder or an official .pth.tar")
+    parser.add_argument("--data", default="emoji", help="'emoji' (built-in protocol) or an image folder")
+    parser.add_argument("--out-dir", default="runs/eval")
+    parser.add_argument("--img-size", type=int, default=None, help="run the model at another resolution")
+    parser.add_argument("--box-train", type=int, default=3000, help="boxes to fit the predictor-semantics probe")
+    parser.add_argument("--box-test", type=int, default=1000, help="boxes per test set")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    start = time.perf_counter()
+    model = load_model(args.checkpoint, img_size=args.img_size).to(args.device).eval()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.data == "emoji":
+        results = evaluate_emoji_features(model, args.seed, args.device)
+        if model.predictor is not None:
+            from train.emoji import get_catalog
+
+            semantics, probes = evaluate_predictor_semantics(model, args.box_train, args.box_test, args.seed,
+                                                             args.device)
+            results["predictor_semantics"] = semantics
+            catalog = get_catalog()
+            save_probe(probes["group"], catalog.group_names, out_dir / "probe_group", catalog=catalog.fingerprint)
+            save_probe(probes["subgroup"], catalog.subgroup_names, out_dir / "probe_subgroup",
+                       catalog=catalog.fingerprint)
+    else:
+        results = evaluate_folder(model, Path(args.data), args.seed, args.device)
+    results["checkpoint"] = str(args.checkpoint)
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_results(results, out_dir / "results.png")
+    print(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

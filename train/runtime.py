@@ -1,0 +1,84 @@
+"""What every training script needs around its loop: devices, distributed setup, atomic checkpoints."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_runtime(device: str = "auto") -> Runtime:
+    """Single process, or DDP when launched by torchrun (RANK set): NCCL on GPUs, gloo on CPUs."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if "RANK" not in os.environ:
+        return Runtime(device=torch.device("cuda" if use_cuda else "cpu") if device == "auto" else torch.device(device))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Runtime(rank, world, local, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
+
+
+def teardown_runtime(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA and CPU (no GradScaler needed for bf16); a no-op context for fp32."""
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+def save_checkpoint(state: dict, directory: Path, step: int, keep_last: int) -> Path:
+    """Write ``ckpt-<step>.pt`` atomically (temp file + rename) and keep only the newest ``keep_last``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"ckpt-{step:08d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp files of a killed write are ignored)."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint: tensors and plain values only (``weights_only=True``)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file name and what to do
+        raise RuntimeError(f"cannot resume from {path}: {err}. Delete it to resume from an older checkpoint.") from err
