@@ -1,0 +1,275 @@
+"""Tests for the emoji world (catalog, scenes, probe set) and the image-folder dataset."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from train.data import EmojiCatalog, EmojiProbeSet, EmojiScenes, ImageFolderDataset, build_dataset, get_catalog
+from train.emoji import INSTALL_HINT, Placement, SceneRenderer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _is_skin_toned(text: str) -> bool:
+    return any(0x1F3FB <= ord(ch) <= 0x1F3FF for ch in text)
+
+
+@pytest.fixture(scope="module")
+def catalog() -> EmojiCatalog:
+    try:
+        return get_catalog()
+    except FileNotFoundError as error:
+        pytest.skip(f"emoji files missing: {error}")
+
+
+def _assert_items_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+# ----- catalog
+
+
+def test_variants_fold_into_their_base(catalog):
+    thumbs_up = catalog.base_of("\U0001F44D")
+    assert catalog.names[thumbs_up] == "thumbs up"
+    for tone in range(0x1F3FB, 0x1F400):
+        assert catalog.base_of("\U0001F44D" + chr(tone)) == thumbs_up
+    assert catalog.base_of("\u261D\U0001F3FB") == catalog.base_of("\u261D\uFE0F")  # FE0F dropped with a tone
+    assert catalog.names[catalog.base_of("\U0001F46E\u200D\u2640\uFE0F")] == "police officer"
+    assert catalog.names[catalog.base_of("\U0001F469\U0001F3FD\u200D\u2695\uFE0F")] == "health worker"
+    assert catalog.names[catalog.base_of("\U0001F468\u200D\U0001F469\u200D\U0001F467")] == "family"
+    assert catalog.names[catalog.base_of("\U0001F46B")] == "people holding hands"
+    assert not any("skin tone" in name for name in catalog.names)
+    assert "\U0001F44D\U0001F3FD" in catalog.variants(thumbs_up)
+    assert catalog.variants(thumbs_up)[0] == "\U0001F44D"
+    # Every variant maps back to the base it is listed under, so variants always share their base's split.
+    for variant, base in zip(catalog.variant_texts, catalog.variant_base):
+        assert catalog.base_of(variant) == base
+
+
+def test_group_and_subgroup_lookups(catalog):
+    assert len(catalog.group_names) == 9 and "Component" not in catalog.group_names
+    assert {"skin-tone", "hair-style"}.isdisjoint(catalog.subgroup_names)
+    apple = catalog.base_of("\U0001F34E")
+    assert catalog.group_names[catalog.group_of[apple]] == "Food & Drink"
+    assert catalog.subgroup_names[catalog.subgroup_of[apple]] == "food-fruit"
+    assert torch.equal(catalog.subgroup_group[catalog.subgroup_of], catalog.group_of)
+    group = int(catalog.group_of[apple])
+    assert catalog.labels(torch.tensor([[-1, apple], [apple, -1]]), "group").tolist() == [[-1, group], [group, -1]]
+
+
+def test_heldout_split_is_disjoint_balanced_and_stable(catalog):
+    train, heldout = set(catalog.split_ids("train")), set(catalog.split_ids("heldout"))
+    assert train.isdisjoint(heldout) and train | heldout == set(range(len(catalog)))
+    assert 0.17 <= len(heldout) / len(catalog) <= 0.21
+    subgroup_of = catalog.subgroup_of.numpy()
+    for s in range(len(catalog.subgroup_names)):
+        members = set(np.flatnonzero(subgroup_of == s))
+        if len(members) >= 2:
+            assert members & train and members & heldout, catalog.subgroup_names[s]
+    assert EmojiCatalog().fingerprint == catalog.fingerprint  # a fresh parse gives the same ids and split
+    # ... and so does another process with another hash seed.
+    code = "from train.emoji import EmojiCatalog; print(EmojiCatalog().fingerprint)"
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == catalog.fingerprint
+
+
+def test_missing_files_raise_with_install_hint(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="nope.ttf") as error:
+        EmojiCatalog(font_path=tmp_path / "nope.ttf")
+    assert INSTALL_HINT in str(error.value)
+    # The environment variable is read when the catalog is built, not at import.
+    monkeypatch.setenv("IJEPA_EMOJI_TEST", str(tmp_path / "missing-emoji-test.txt"))
+    with pytest.raises(FileNotFoundError, match="missing-emoji-test.txt") as error:
+        EmojiCatalog()
+    assert INSTALL_HINT in str(error.value)
+
+
+def test_environment_variable_selects_emoji_test_file(catalog, tmp_path, monkeypatch):
+    lines = ["# group: Smileys & Emotion", "# subgroup: face-smiling",
+             "1F600 ; fully-qualified # 😀 E1.0 grinning face",
+             "1F603 ; fully-qualified # 😃 E0.6 grinning face with big eyes",
+             "# group: Component", "# subgroup: skin-tone",
+             "1F3FB ; component # 🏻 E1.0 light skin tone",
+             "# group: People & Body", "# subgroup: hand-fingers-closed",
+             "1F44D ; fully-qualified # 👍 E0.6 thumbs up",
+             "1F44D 1F3FB ; fully-qualified # 👍🏻 E1.0 thumbs up: light skin tone",
+             "1F44D 1F3FF ; fully-qualified # 👍🏿 E1.0 thumbs up: dark skin tone"]
+    path = tmp_path / "emoji-test.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    monkeypatch.setenv("IJEPA_EMOJI_TEST", str(path))
+    small = EmojiCatalog(font_path=catalog.font_path)
+    assert small.names == ["grinning face", "grinning face with big eyes", "thumbs up"]
+    assert small.group_names == ["Smileys & Emotion", "People & Body"]
+    assert small.variant_count.tolist() == [1, 1, 3]
+    assert small.render(2).mode == "RGBA" and small.render(2).getbbox() is not None
+
+
+# ----- scenes
+
+
+def test_scenes_are_deterministic_by_seed_and_index(catalog):
+    ds = EmojiScenes(catalog, seed=3)
+    _assert_items_equal(ds[7], EmojiScenes(catalog, seed=3)[7])
+    assert not torch.equal(ds[7]["image"], ds[8]["image"])
+    assert not torch.equal(ds[7]["image"], EmojiScenes(catalog, seed=4)[7]["image"])
+    far = ds[10**12]  # a virtual infinite stream: any non-negative index works
+    assert far["index"] == 10**12 and len(ds) == 100_000
+    with pytest.raises(IndexError):
+        ds[-1]
+
+
+@pytest.mark.parametrize("resolution, patch_size", [(64, 4), (40, 8)])
+def test_scene_shapes_range_and_labels(catalog, resolution, patch_size):
+    ds = EmojiScenes(catalog, resolution=resolution, patch_size=patch_size, seed=1, length=50)
+    train_ids = set(catalog.split_ids("train"))
+    main_visible = 0
+    for i in range(20):
+        item = ds[i]
+        image, patches = item["image"], item["patch_emoji"]
+        assert image.shape == (3, resolution, resolution) and image.dtype == torch.float32
+        assert 0.0 <= image.min() and image.max() <= 1.0
+        assert patches.shape == (resolution // patch_size,) * 2 and patches.dtype == torch.long
+        assert item["emoji"] in train_ids
+        assert item["group"] == catalog.group_of[item["emoji"]] and item["subgroup"] == catalog.subgroup_of[
+            item["emoji"]]
+        assert set(patches[patches >= 0].tolist()) <= train_ids
+        main_visible += int((patches == item["emoji"]).any())
+    assert main_visible >= 18  # the main emoji is large; only rarely hidden by distractors in front of it
+    assert len(ds) == 50
+
+
+def test_patch_labels_follow_known_placement(catalog):
+    renderer = SceneRenderer(catalog, resolution=64, patch_size=8)
+    background = renderer.background("solid", np.random.default_rng(0))
+    apple, ball = catalog.base_of("\U0001F34E"), catalog.base_of("\u26BD")
+    bottom = Placement(int(catalog.variant_start[apple]), apple, size=32, cx=20.0, cy=20.0)
+    top = Placement(int(catalog.variant_start[ball]), ball, size=16, cx=32.0, cy=32.0)
+    image, patches = renderer.compose(background, [bottom, top])
+    assert patches.shape == (8, 8)
+    # The apple's glyph lies inside x, y in [4, 36); the ball's inside [24, 40).
+    assert patches[2, 2] == apple and patches[1, 1] == apple
+    assert patches[3, 3] == ball and patches[4, 4] == ball  # the upper object wins where it covers
+    assert (patches[:, 5:] == -1).all() and (patches[5:, :] == -1).all()  # patches beyond both glyphs
+    assert np.array_equal(image[:, :, 40:], background[:, :, 40:])  # ... show the untouched background
+    assert np.array_equal(image[:, 40:, :], background[:, 40:, :])
+    assert not np.array_equal(image[:, 8:24, 8:24], background[:, 8:24, 8:24])
+
+
+def test_main_emoji_sampling_is_balanced_over_bases(catalog):
+    ds = EmojiScenes(catalog, seed=0)
+    mains = [ds.layout(i) for i in range(3000)]
+    mains = [layout.objects[layout.main] for layout in mains]
+    toned = np.mean([_is_skin_toned(catalog.variant_texts[m.variant]) for m in mains])
+    toned_among_all_variants = np.mean([_is_skin_toned(t) for t in catalog.variant_texts])
+    assert toned_among_all_variants > 0.4  # what uniform sampling over sequences would give
+    assert 0.0 < toned < 0.2
+    counts = np.bincount([m.base for m in mains], minlength=len(catalog))
+    assert counts[catalog.split_ids("heldout")].sum() == 0
+    # Subgroup balancing evens out the huge country-flag subgroup.
+    flags = catalog.subgroup_names.index("country-flag")
+    flag_share = np.mean([int(catalog.subgroup_of[m.base]) == flags for m in mains])
+    balanced = EmojiScenes(catalog, seed=0, balance="subgroup")
+    balanced_share = np.mean([int(catalog.subgroup_of[balanced.layout(i).objects[balanced.layout(i).main].base])
+                              == flags for i in range(1000)])
+    assert balanced_share < flag_share / 3
+
+
+def test_scene_knobs_are_respected(catalog):
+    ds = EmojiScenes(catalog, seed=2, main_scale=(0.5, 0.5), num_distractors=(2, 2), backgrounds=("checker",))
+    for i in range(10):
+        layout = ds.layout(i)
+        assert len(layout.objects) == 3 and layout.background == "checker"
+        assert layout.objects[layout.main].size == 32
+    with pytest.raises(ValueError, match="patch_size"):
+        EmojiScenes(catalog, resolution=64, patch_size=5)
+    with pytest.raises(ValueError, match="backgrounds"):
+        EmojiScenes(catalog, backgrounds=("plaid",))
+
+
+# ----- probe set
+
+
+def test_probe_set_covers_each_split_once_per_copy(catalog):
+    queries = EmojiProbeSet(catalog, split="heldout", copies=2, seed=0)
+    heldout = catalog.split_ids("heldout")
+    assert len(queries) == 2 * len(heldout)
+    first, second = queries[0], queries[1]
+    assert first["emoji"] == second["emoji"] == heldout[0]
+    assert not torch.equal(first["image"], second["image"])  # copies differ
+    _assert_items_equal(first, EmojiProbeSet(catalog, split="heldout", copies=2, seed=0)[0])
+    assert first["image"].shape == (3, 64, 64)
+    # The emoji is centred: the centre patch is labelled with it, the corner patch is background.
+    assert first["patch_emoji"][8, 8] == first["emoji"] and first["patch_emoji"][0, 0] == -1
+    bank = EmojiProbeSet(catalog, split="train", copies=1)
+    assert len(bank) == len(catalog.split_ids("train"))
+    with pytest.raises(IndexError):
+        queries[len(queries)]
+
+
+# ----- image folders
+
+
+def _write_png(path: Path, seed: int, size: tuple[int, int] = (20, 16)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def test_image_folder_with_class_subfolders(tmp_path):
+    for i, (cls, name) in enumerate([("cat", "a.png"), ("cat", "b.png"), ("ant", "c.png"), ("ant", "d.jpg")]):
+        _write_png(tmp_path / cls / name, seed=i)
+    ds = ImageFolderDataset(tmp_path, resolution=8, seed=0)
+    assert ds.classes == ["ant", "cat"] and len(ds) == 4
+    assert [label for _, label in ds.samples] == [0, 0, 1, 1]
+    rng_state = torch.get_rng_state()
+    item = ds[2]
+    assert torch.equal(torch.get_rng_state(), rng_state)  # the global RNG is untouched
+    assert item["image"].shape == (3, 8, 8) and item["label"] == 1 and item["index"] == 2
+    assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+    _assert_items_equal(item, ImageFolderDataset(tmp_path, resolution=8, seed=0)[2])  # deterministic crops
+    wrapped = ds[2 + 4 * 1000]  # streamed global index: same file, another crop
+    assert wrapped["label"] == 1 and not torch.equal(wrapped["image"], item["image"])
+    assert not torch.equal(ImageFolderDataset(tmp_path, resolution=8, seed=1)[2]["image"], item["image"])
+
+
+def test_image_folder_flat_eval_and_errors(tmp_path, caplog):
+    for i in range(3):
+        _write_png(tmp_path / "flat" / f"{i}.png", seed=i)
+    (tmp_path / "flat" / "broken.png").write_bytes(b"not an image")
+    ds = ImageFolderDataset(tmp_path / "flat", resolution=12, mode="eval")
+    assert ds.classes == [] and {label for _, label in ds.samples} == {-1}
+    broken = [p.name for p, _ in ds.samples].index("broken.png")
+    with caplog.at_level(logging.WARNING):
+        item = ds[broken]  # skipped in favour of the next readable file, with a warning naming it
+    assert "broken.png" in caplog.text and item["image"].shape == (3, 12, 12)
+    _assert_items_equal(ds[0], ds[0])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        ImageFolderDataset(tmp_path / "empty", resolution=8)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolderDataset(tmp_path / "absent", resolution=8)
+
+
+def test_build_dataset(catalog, tmp_path):
+    scenes = build_dataset("emoji", resolution=32, patch_size=4, seed=5, length=10)
+    assert isinstance(scenes, EmojiScenes) and scenes[0]["patch_emoji"].shape == (8, 8) and len(scenes) == 10
+    _write_png(tmp_path / "x.png", seed=0)
+    folder = build_dataset(tmp_path, resolution=16, patch_size=4, seed=0)
+    assert isinstance(folder, ImageFolderDataset) and folder[0]["image"].shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="emoji"):
+        build_dataset(tmp_path / "absent", resolution=16, patch_size=4, seed=0)

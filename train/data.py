@@ -1,0 +1,119 @@
+"""Training and evaluation data: the built-in emoji world (train/emoji.py) and any folder of images.
+
+Every dataset returns dicts with an "image" float32 tensor [3, H, W] in [0, 1] (normalisation happens in the
+training step) and an "index". Training datasets accept ANY non-negative index, so a sampler can stream
+global sample indices and a resumed run sees exactly the images it would have seen.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from train.emoji import BACKGROUND_KINDS, EmojiCatalog, EmojiProbeSet, EmojiScenes, get_catalog
+
+__all__ = ["BACKGROUND_KINDS", "EmojiCatalog", "EmojiProbeSet", "EmojiScenes", "IMAGE_EXTENSIONS",
+           "ImageFolderDataset", "build_dataset", "get_catalog"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def _images_in(folder: Path, recursive: bool) -> list[Path]:
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+class ImageFolderDataset(Dataset):
+    """Images from a folder: class sub-folders (label = index of the sorted folder name) or flat (label -1).
+
+    mode="train" applies the official I-JEPA transform, RandomResizedCrop(resolution, scale), drawn from a
+    generator seeded by (seed, index) so that ``ds[i]`` is reproducible and the global torch RNG is untouched;
+    any i >= 0 is accepted and reads file ``i % len(ds)``. mode="eval" is Resize + CenterCrop, no randomness.
+    Unreadable files are skipped (the next file is used) with a warning that names them.
+    """
+
+    def __init__(self, root: str | os.PathLike, resolution: int, scale: tuple[float, float] = (0.3, 1.0),
+                 seed: int = 0, mode: str = "train"):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist (or is not a directory)")
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        self.resolution, self.scale, self.seed, self.mode = resolution, scale, seed, mode
+        class_files = [(d.name, _images_in(d, recursive=True)) for d in sorted(self.root.iterdir()) if d.is_dir()]
+        class_files = [(name, files) for name, files in class_files if files]
+        if class_files:
+            self.classes = [name for name, _ in class_files]
+            self.samples = [(p, label) for label, (_, files) in enumerate(class_files) for p in files]
+            loose = _images_in(self.root, recursive=False)
+            if loose:
+                logger.warning("%s has class sub-folders; ignoring %d image(s) directly inside it, e.g. %s",
+                               self.root, len(loose), loose[0].name)
+        else:
+            self.classes = []
+            self.samples = [(p, -1) for p in _images_in(self.root, recursive=False)]
+        if not self.samples:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.root} or its "
+                                    "sub-folders")
+        if mode == "train":
+            self.transform = transforms.Compose([
+                transforms.RandomResizedCrop(resolution, scale=scale), transforms.ToTensor()])
+        else:
+            self.transform = transforms.Compose([
+                transforms.Resize(resolution), transforms.CenterCrop(resolution), transforms.ToTensor()])
+        self._unreadable: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        """The image of file index % n, or of the next readable file."""
+        n = len(self.samples)
+        for offset in range(n):
+            file_index = (index + offset) % n
+            if file_index in self._unreadable:
+                continue
+            path, label = self.samples[file_index]
+            try:
+                with Image.open(path) as image:
+                    return image.convert("RGB"), label
+            except OSError as error:  # PIL.UnidentifiedImageError is an OSError too
+                self._unreadable.add(file_index)
+                logger.warning("skipping unreadable image %s (%s)", path, error)
+        raise RuntimeError(f"none of the {n} image files in {self.root} could be read")
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if index < 0:
+            raise IndexError(f"ImageFolderDataset indices are non-negative, got {index}")
+        image, label = self._load(index % len(self.samples))
+        if self.mode == "eval":
+            tensor = self.transform(image)
+        else:
+            # torchvision draws crops from the global CPU generator: seed it for this item, then restore it.
+            # (torch.manual_seed would also reseed CUDA generators, which fork_rng(devices=[]) does not restore.)
+            with torch.random.fork_rng(devices=[]):
+                item_seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0])
+                torch.default_generator.manual_seed(item_seed)
+                tensor = self.transform(image)
+        return {"image": tensor, "index": index, "label": label}
+
+
+def build_dataset(name_or_path: str | os.PathLike, resolution: int, patch_size: int, seed: int = 0,
+                  **kwargs) -> Dataset:
+    """"emoji" -> EmojiScenes; an existing directory -> ImageFolderDataset. Extra kwargs go to the dataset."""
+    if resolution % patch_size:
+        raise ValueError(f"patch_size ({patch_size}) must divide resolution ({resolution})")
+    if str(name_or_path) == "emoji":
+        return EmojiScenes(resolution=resolution, patch_size=patch_size, seed=seed, **kwargs)
+    if Path(name_or_path).is_dir():
+        return ImageFolderDataset(name_or_path, resolution, seed=seed, **kwargs)
+    raise ValueError(f"unknown dataset {str(name_or_path)!r}: pass 'emoji' or the path of an existing image folder")
