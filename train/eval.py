@@ -57,6 +57,13 @@ def pooled_features(model: IJepa | None, dataset: Dataset, label_keys: tuple[str
     return torch.cat(feats), {k: torch.cat(v) for k, v in labels.items()}
 
 
+def random_init_like(model: IJepa, seed: int, device: str) -> IJepa:
+    """The same architecture, freshly initialised with a seed no training run uses (training seeds the init with
+    its --seed, so reusing it would reproduce the trained model's starting point)."""
+    torch.manual_seed(10_000_019 + seed)
+    return IJepa(model.config).to(device).eval()
+
+
 # ----- classifiers ---------------------------------------------------------------------------------------------
 
 def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
@@ -130,8 +137,7 @@ def evaluate_emoji_features(model: IJepa, seed: int = 0, device: str = "cpu") ->
     query_set = EmojiProbeSet(catalog, split="heldout", resolution=size, patch_size=patch, seed=seed + 1)
     keys = ("group", "subgroup")
     num_classes = {"group": len(catalog.group_names), "subgroup": len(catalog.subgroup_names)}
-    torch.manual_seed(seed)
-    random_model = IJepa(model.config).to(device).eval()
+    random_model = random_init_like(model, seed, device)
     sources = {"raw_pixels": (None, "target"), "random_init": (random_model, "target"),
                "target_encoder": (model, "target"), "context_encoder": (model, "context")}
     results = {"protocol": "emoji held-out kNN k=20 T=0.07 + linear probe", "bank_size": len(bank_set),
@@ -275,8 +281,7 @@ def evaluate_folder(model: IJepa, root: Path, seed: int = 0, device: str = "cpu"
         order = np.random.default_rng(seed).permutation(len(full))
         cut = int(0.8 * len(full))
         bank_set, query_set = Subset(full, order[:cut].tolist()), Subset(full, order[cut:].tolist())
-    torch.manual_seed(seed)
-    random_model = IJepa(model.config).to(device).eval()
+    random_model = random_init_like(model, seed, device)
     num_classes = {"label": int(max(bank_set[i]["label"] for i in range(len(bank_set)))) + 1}
     results = {"protocol": f"image folder {root}", "features": {}}
     for name, source in (("raw_pixels", None), ("random_init", random_model), ("target_encoder", model)):
