@@ -428,3 +428,17 @@ def patch_indices_to_map(indices: Union[torch.Tensor, Sequence[torch.Tensor]], g
     grid = torch.zeros(gh * gw, dtype=torch.bool)
     grid[flat] = True
     return grid.view(gh, gw)
+
+
+def rectangle_indices(origins: torch.Tensor, rows: int, cols: int, grid_size: GridSize) -> torch.Tensor:
+    """Patch rectangles of one shape at several places: origins [B, 2] as (row, col) -> [B, rows * cols]."""
+    _, gw = _as_grid(grid_size)
+    dr, dc = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return ((origins[:, :1] + dr.flatten()) * gw + origins[:, 1:] + dc.flatten()).long()
+
+
+def complement_indices(indices: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Every patch NOT in each row of ``indices`` [B, K] (equal K per row, no repeats) -> sorted [B, N - K]."""
+    keep = torch.ones(indices.size(0), num_patches, dtype=torch.bool, device=indices.device)
+    keep.scatter_(1, indices, False)
+    return torch.nonzero(keep)[:, 1].view(indices.size(0), -1)

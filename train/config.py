@@ -20,7 +20,8 @@ def _parse_value(kind, text: str):
             return False
         raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
     if typing.get_origin(kind) is tuple or kind is tuple:
-        return tuple(float(x) for x in text.split(","))
+        element = (typing.get_args(kind) or (float,))[0]
+        return tuple(element(x) for x in text.split(","))
     if kind in (int, float, str):
         return kind(text)
     return yaml.safe_load(text)

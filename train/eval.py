@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ijepa.checkpoint import load_model
+from ijepa.masks import complement_indices, rectangle_indices
 from ijepa.inference import encode, gather, pooled, predict_features, true_features
 from ijepa.model import IJepa
 
@@ -187,19 +188,6 @@ def labelled_boxes(patch_labels: torch.Tensor, rows: int, cols: int, rng: np.ran
     return origins, labels, keep
 
 
-def box_indices(origins: torch.Tensor, rows: int, cols: int, grid: tuple[int, int]) -> torch.Tensor:
-    """[B, 2] box origins (row, col) -> [B, rows*cols] raster patch indices."""
-    dr, dc = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    return ((origins[:, :1] + dr.flatten()) * grid[1] + origins[:, 1:] + dc.flatten()).long()
-
-
-def context_indices(targets: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """Every patch not in the target box, per row: [B, N - K]."""
-    keep = torch.ones(targets.size(0), num_patches, dtype=torch.bool)
-    keep.scatter_(1, targets, False)
-    return torch.nonzero(keep)[:, 1].view(targets.size(0), -1)
-
-
 @torch.no_grad()
 def sample_box_features(model: IJepa, split: str, count: int, seed: int, batch_size: int = 64,
                         device: str = "cpu", keep_images: bool = False) -> BoxSet:
@@ -225,8 +213,8 @@ def sample_box_features(model: IJepa, split: str, count: int, seed: int, batch_s
         if not keep.any():
             continue
         images, origins, majority = images[keep], origins[keep], majority[keep]
-        targets = box_indices(origins, rows, cols, grid)
-        contexts = context_indices(targets, grid[0] * grid[1])
+        targets = rectangle_indices(origins, rows, cols, grid)
+        contexts = complement_indices(targets, grid[0] * grid[1])
         truth = pooled(gather(true_features(model, images), targets.to(device)))
         guess = pooled(predict_features(model, images, contexts.to(device), [targets.to(device)])[0])
         parts["true"].append(truth.float().cpu())

@@ -113,7 +113,7 @@ def mask_config(cfg: PretrainConfig) -> MaskConfig:
                       context_scale=cfg.context_scale, min_keep=cfg.min_keep, official_quirks=cfg.official_quirks)
 
 
-def plot_loss_curve(csv_path: Path, png_path: Path) -> None:
+def plot_loss_curve(csv_path: Path, png_path: Path, title: str = "I-JEPA pretraining loss") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -122,7 +122,7 @@ def plot_loss_curve(csv_path: Path, png_path: Path) -> None:
         rows = list(csv.DictReader(f))
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
-    ax.set(xlabel="step", ylabel="smooth L1 loss", title="I-JEPA pretraining loss")
+    ax.set(xlabel="step", ylabel="loss", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path)

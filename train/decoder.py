@@ -1,0 +1,275 @@
+"""Train the sketch decoder on a frozen I-JEPA: predictor outputs for a box -> pixels of that box.
+
+    python -m train.decoder --checkpoint runs/tiny/model --out-dir runs/decoder
+    python -m train.decoder --checkpoint runs/tiny/model --conditioning pooled --out-dir runs/decoder_paper
+    torchrun --nproc_per_node 8 -m train.decoder --checkpoint ... --out-dir ...      # DDP
+    python -m train.decoder ... --resume true                                        # exact resume
+
+Each step: emoji scenes (or an image folder), one box shape per step drawn either like an I-JEPA target block or
+like a user box (one patch up to about half the image, varied aspect), context = every other patch. The frozen
+predictor supplies the box tokens; for ``true_fraction`` of the samples the target encoder's layer-normed features
+of the box are used instead, so the app can render "truth" too. Both live in the same layer-normed space
+(ijepa.inference), which is exactly what the app feeds at inference time.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.training_utils import EMAModel
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from decoder import SketchCondition, SketchDecoder, SketchSampler
+from ijepa.checkpoint import load_model
+from ijepa.inference import gather, predict_features, true_features
+from ijepa.masks import complement_indices, rectangle_indices
+from ijepa.model import IJepa
+from train.config import parse_config, save_config
+from train.data import build_dataset
+from train.pretrain import StepBatches, plot_loss_curve
+from train.runtime import (autocast, list_checkpoints, load_checkpoint, save_checkpoint, setup_runtime,
+                           teardown_runtime)
+
+logger = logging.getLogger("train.decoder")
+
+
+@dataclass
+class DecoderTrainConfig:
+    checkpoint: str = "runs/pretrain/model"  # the frozen I-JEPA (our folder or an official .pth.tar)
+    out_dir: str = "runs/decoder"
+    data: str = "emoji"
+    conditioning: str = "spatial_context"  # ours; "pooled" = the I-JEPA paper's RCDM setup
+    # decoder architecture
+    block_out_channels: tuple[int, int, int] = (32, 64, 128)
+    layers_per_block: int = 1
+    feature_channels: int = 16
+    # boxes
+    target_like_fraction: float = 0.5  # boxes drawn like I-JEPA targets; the rest like user boxes
+    true_fraction: float = 0.25  # samples conditioned on the target encoder's true features
+    # optimisation (batch_size per process)
+    batch_size: int = 64
+    steps: int = 4000
+    warmup_steps: int = 200
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    # runtime
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "bf16"
+    num_workers: int = 1
+    log_every: int = 25
+    sample_every: int = 500
+    ckpt_every: int = 500
+    keep_last: int = 2
+    resume: bool = False
+
+
+class DecoderLoss(nn.Module):
+    """Routes ``training_loss`` through ``forward`` so DistributedDataParallel synchronises its gradients."""
+
+    def __init__(self, decoder: SketchDecoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, images: torch.Tensor, cond: SketchCondition, generator: torch.Generator) -> torch.Tensor:
+        return self.decoder.training_loss(images, cond, generator)
+
+
+def sample_box_shape(grid: tuple[int, int], rng: np.random.Generator, target_like_fraction: float) -> tuple[int, int]:
+    """(rows, cols) of this step's boxes: I-JEPA target-like (15-20 % of the grid, aspect 0.75-1.5) or user-like
+    (1 patch up to about half the image side, any aspect)."""
+    gh, gw = grid
+    if rng.random() < target_like_fraction:
+        scale, aspect = rng.uniform(0.15, 0.2), rng.uniform(0.75, 1.5)
+        area = scale * gh * gw
+        rows = int(np.clip(round(math.sqrt(area * aspect)), 1, gh))
+        cols = int(np.clip(round(math.sqrt(area / aspect)), 1, gw))
+        return rows, cols
+    return int(rng.integers(1, max(2, gh // 2 + 1))), int(rng.integers(1, max(2, gw // 2 + 1)))
+
+
+def sample_boxes(batch: int, grid: tuple[int, int], rng: np.random.Generator,
+                 target_like_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One box shape for the whole batch at random places -> (target indices [B, K], context indices [B, N-K])."""
+    rows, cols = sample_box_shape(grid, rng, target_like_fraction)
+    origins = torch.from_numpy(np.stack([rng.integers(0, grid[0] - rows + 1, batch),
+                                         rng.integers(0, grid[1] - cols + 1, batch)], axis=1))
+    targets = rectangle_indices(origins, rows, cols, grid)
+    return targets, complement_indices(targets, grid[0] * grid[1])
+
+
+@torch.no_grad()
+def box_conditions(model: IJepa, images: torch.Tensor, targets: torch.Tensor, contexts: torch.Tensor,
+                   use_true: torch.Tensor | None = None) -> SketchCondition:
+    """Images in [0, 1] + boxes -> the decoder's condition: predicted box tokens (true ones where ``use_true``)."""
+    tokens = predict_features(model, images, contexts, [targets])[0].float()
+    if use_true is not None and use_true.any():
+        truth = gather(true_features(model, images), targets).float()
+        tokens = torch.where(use_true.view(-1, 1, 1), truth, tokens)
+    return SketchCondition.from_image(images * 2 - 1, tokens, targets, model.config.grid_size)
+
+
+def build_decoder(cfg: DecoderTrainConfig, model: IJepa) -> SketchDecoder:
+    return SketchDecoder(feature_dim=model.config.embed_dim, grid_size=model.config.grid_size,
+                         image_size=model.config.img_size, conditioning=cfg.conditioning,
+                         feature_channels=cfg.feature_channels, block_out_channels=tuple(cfg.block_out_channels),
+                         layers_per_block=cfg.layers_per_block)
+
+
+@torch.no_grad()
+def save_sample_grid(decoder: SketchDecoder, model: IJepa, images: torch.Tensor, targets: torch.Tensor,
+                     contexts: torch.Tensor, path: Path, num_samples: int = 3) -> None:
+    """Rows: input with the box, 3 sketches from the PREDICTED features, 1 rendering of the TRUE features."""
+    from torchvision.utils import save_image
+
+    predicted = box_conditions(model, images, targets, contexts)
+    truth = box_conditions(model, images, targets, contexts, use_true=torch.ones(len(images), dtype=torch.bool))
+    sampler = SketchSampler(decoder)
+    sketches = sampler.sample(predicted, num_samples=num_samples, seed=0).view(len(images), num_samples, 3,
+                                                                                *images.shape[-2:])
+    rendered = sampler.sample(truth, num_samples=1, seed=0).view(len(images), 1, 3, *images.shape[-2:])
+    shown = images.clone()
+    shown = torch.where(predicted.box_mask.bool(), 0.5 * shown + 0.5 * torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1),
+                        shown)
+    grid = torch.cat([shown.unsqueeze(1), sketches, rendered], dim=1).flatten(0, 1)
+    save_image(grid, path, nrow=num_samples + 2, padding=2, pad_value=1.0)
+
+
+def train(cfg: DecoderTrainConfig) -> SketchDecoder:
+    """Train (or resume); exports the EMA decoder to ``<out_dir>/decoder`` and returns it."""
+    rt = setup_runtime(cfg.device)
+    out_dir = Path(cfg.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    existing = list_checkpoints(ckpt_dir)
+    if existing and not cfg.resume:
+        raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume true to continue, "
+                              f"or choose another --out-dir (nothing was overwritten)")
+    if rt.is_main:
+        (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+
+    model = load_model(cfg.checkpoint).to(rt.device).eval()
+    if model.predictor is None:
+        raise ValueError(f"{cfg.checkpoint} has no predictor: the decoder learns to draw predictor outputs")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    decoder = build_decoder(cfg, model).to(rt.device)
+    ema = EMAModel(decoder.parameters(), decay=cfg.ema_decay, foreach=True)
+    use_cuda = rt.device.type == "cuda"
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=use_cuda, foreach=None if use_cuda else True)
+    start_step = 0
+    if cfg.resume and existing:
+        state = load_checkpoint(existing[-1])
+        decoder.load_state_dict(state["decoder"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+        logger.info("resumed from %s at step %d", existing[-1], start_step)
+    loss_module = DecoderLoss(decoder)
+    if rt.distributed:
+        loss_module = DDP(loss_module, device_ids=[rt.local_rank] if use_cuda else None)
+
+    grid = model.config.grid_size
+    dataset = build_dataset(cfg.data, resolution=model.config.img_size, patch_size=model.config.patch_size,
+                            seed=cfg.seed + 1)  # other scenes than pretraining saw, same world
+    loader = DataLoader(dataset, batch_sampler=StepBatches(start_step, cfg.steps, cfg.batch_size, rt.rank,
+                                                           rt.world_size),
+                        collate_fn=lambda items: torch.stack([it["image"] for it in items]),
+                        num_workers=cfg.num_workers, pin_memory=use_cuda)
+    preview = build_dataset(cfg.data, resolution=model.config.img_size, patch_size=model.config.patch_size,
+                            seed=cfg.seed + 2)
+    preview_images = torch.stack([preview[i]["image"] for i in range(6)]).to(rt.device)
+    preview_targets, preview_contexts = sample_boxes(6, grid, np.random.default_rng(cfg.seed), 0.5)
+
+    csv_path = out_dir / "log.csv"
+    if rt.is_main and (not cfg.resume or not csv_path.exists()):
+        csv_path.write_text("step,loss,lr,img_per_s,elapsed_s\n")
+    elif rt.is_main:  # drop rows logged after the checkpoint we resume from
+        lines = csv_path.read_text().splitlines()
+        csv_path.write_text("\n".join([lines[0]] + [l for l in lines[1:] if int(l.split(",")[0]) <= start_step]) + "\n")
+    progress = tqdm(total=cfg.steps, initial=start_step, disable=not rt.is_main, dynamic_ncols=True, unit="step")
+    loss_sum = torch.zeros((), device=rt.device)
+    window, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
+    decoder.train()
+
+    for step, images in enumerate(loader, start=start_step):
+        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rng = np.random.default_rng([cfg.seed, step, rt.rank])  # boxes and the truth/prediction mix
+        generator = torch.Generator(rt.device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + rt.rank)
+
+        images = images.to(rt.device, non_blocking=True)
+        targets, contexts = sample_boxes(len(images), grid, rng, cfg.target_like_fraction)
+        use_true = torch.from_numpy(rng.random(len(images)) < cfg.true_fraction)
+        with autocast(rt.device, cfg.precision):
+            cond = box_conditions(model, images, targets.to(rt.device), contexts.to(rt.device),
+                                  use_true.to(rt.device))
+            loss = loss_module(images * 2 - 1, cond, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.step(decoder.parameters())
+
+        loss_sum += loss.detach()
+        window += 1
+        done = step + 1
+        progress.update(1)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            mean_loss = loss_sum.item() / window
+            if not math.isfinite(mean_loss):
+                good = list_checkpoints(ckpt_dir)
+                raise FloatingPointError(f"decoder loss became NaN/inf by step {done}; last good checkpoint: "
+                                         f"{good[-1] if good else 'none'}")
+            now = time.perf_counter()
+            if rt.is_main:
+                img_per_s = window * cfg.batch_size * rt.world_size / (now - window_start)
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.1e}", img_s=f"{img_per_s:.0f}")
+                with open(csv_path, "a") as f:
+                    f.write(f"{done},{mean_loss:.6f},{lr:.6g},{img_per_s:.1f},{now - run_start:.1f}\n")
+            loss_sum.zero_()
+            window, window_start = 0, time.perf_counter()
+        if rt.is_main and (done % cfg.sample_every == 0 or done == cfg.steps):
+            ema.store(decoder.parameters())
+            ema.copy_to(decoder.parameters())
+            decoder.eval()
+            save_sample_grid(decoder, model, preview_images, preview_targets.to(rt.device),
+                             preview_contexts.to(rt.device), out_dir / "samples" / f"step-{done:07d}.png")
+            decoder.train()
+            ema.restore(decoder.parameters())
+        if rt.is_main and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+            state = {"decoder": decoder.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                     "step": done, "config": {k: list(v) if isinstance(v, tuple) else v
+                                              for k, v in asdict(cfg).items()}}
+            save_checkpoint(state, ckpt_dir, done, cfg.keep_last)
+    progress.close()
+
+    ema.copy_to(decoder.parameters())  # export the EMA weights
+    decoder.eval()
+    if rt.is_main:
+        decoder.save_pretrained(out_dir / "decoder")
+        plot_loss_curve(csv_path, out_dir / "loss.png", title=f"decoder ({cfg.conditioning}) denoising loss")
+        logger.info("exported %s", out_dir / "decoder")
+    teardown_runtime(rt)
+    return decoder
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    train(parse_config(DecoderTrainConfig, argv, description=__doc__.splitlines()[0]))
+
+
+if __name__ == "__main__":
+    main()

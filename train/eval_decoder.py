@@ -1,0 +1,157 @@
+"""Score sketch decoders on held-out scenes: re-encode consistency, retrieval, diversity, context exactness.
+
+    python -m train.eval_decoder --checkpoint runs/tiny/model \
+        --decoder runs/decoder/decoder --paper-decoder runs/decoder_paper/decoder --out-dir runs/decoder_eval
+
+For each (image, box) the decoder draws ``num_samples`` sketches from the PREDICTOR's box tokens. Each sketch is
+re-encoded by the target encoder and its layer-normed box features are average-pooled:
+- consistency: mean cosine between that and the pooled conditioning tokens (same layer-normed space);
+- retrieval: top-1 of finding the sketch's own conditioning among ``gallery`` candidates (>= 64) by cosine;
+- diversity: mean pairwise RMS pixel distance between the sketches inside the box (in [0, 1] units);
+- context: the largest 8-bit pixel change outside the box (must be exactly 0).
+Every decoder is scored on the same images, boxes and seeds, in one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from decoder import SketchDecoder, SketchSampler
+from ijepa.checkpoint import load_model
+from ijepa.inference import gather, pooled, true_features
+from ijepa.model import IJepa
+from train.data import build_dataset
+from train.decoder import box_conditions, sample_boxes
+
+logger = logging.getLogger("train.eval_decoder")
+
+
+@torch.no_grad()
+def evaluate_decoder(model: IJepa, decoder: SketchDecoder, groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                     num_samples: int = 4, num_steps: int = 12, seed: int = 0) -> tuple[dict, torch.Tensor]:
+    """Metrics for one decoder over groups of (images [b, 3, H, W] in [0, 1], targets [b, K], contexts [b, N-K])
+    (one box shape per group); the retrieval gallery is every (image, box) of every group.
+    Also returns the sketches [n, S, 3, H, W] in group order."""
+    sampler = SketchSampler(decoder)
+    conditions, reencoded, sketches, diversity, outside_change = [], [], [], [], 0.0
+    for images, targets, contexts in groups:
+        cond = box_conditions(model, images, targets, contexts)
+        out = sampler.sample(cond, num_samples=num_samples, num_steps=num_steps, seed=seed)
+        reencoded.append(pooled(gather(true_features(model, out), targets.repeat_interleave(num_samples, 0))))
+        out = out.view(len(images), num_samples, *out.shape[1:])
+        inside = cond.box_mask.bool().unsqueeze(1).expand_as(out)  # [b, S, 3, H, W]
+        to_8bit = lambda x: (x * 255).round()  # noqa: E731 - what a PNG of the result would hold
+        change = (to_8bit(out) - to_8bit(images).unsqueeze(1)).abs()[~inside]
+        outside_change = max(outside_change, change.max().item())
+        pixels = out[inside].view(len(images), num_samples, -1)  # the box's pixels of each sketch
+        pairwise = torch.cdist(pixels, pixels) / pixels.size(-1) ** 0.5  # RMS distance, [b, S, S]
+        diversity.append(pairwise.sum((1, 2)) / (num_samples * (num_samples - 1)))
+        conditions.append(cond.pooled_tokens().float())
+        sketches.append(out)
+    cond_feats = F.normalize(torch.cat(conditions), dim=-1)  # [n, D]
+    sketch_feats = F.normalize(torch.cat(reencoded).float(), dim=-1).view(len(cond_feats), num_samples, -1)
+    cosine = (sketch_feats * cond_feats.unsqueeze(1)).sum(-1)
+    nearest = torch.einsum("nsd,md->nsm", sketch_feats, cond_feats).argmax(-1)
+    retrieval = (nearest == torch.arange(len(cond_feats), device=nearest.device).unsqueeze(1)).float().mean()
+    metrics = {"reencode_cosine": cosine.mean().item(), "retrieval_top1": 100.0 * retrieval.item(),
+               "gallery": len(cond_feats), "chance_top1": 100.0 / len(cond_feats),
+               "diversity_rms": torch.cat(diversity).mean().item(), "max_context_change_8bit": outside_change}
+    return metrics, torch.cat(sketches)
+
+
+def _box_pixels(target: torch.Tensor, model: IJepa) -> torch.Tensor:
+    from decoder import box_mask_from_indices
+
+    size = model.config.img_size
+    return box_mask_from_indices(target.view(1, -1).cpu(), model.config.grid_size, (size, size))[0]
+
+
+def plot_grids(images: torch.Tensor, targets: list[torch.Tensor], results: dict[str, torch.Tensor], model: IJepa,
+               path: Path, rows: int = 8) -> None:
+    """One row per (image, box): the input with the box shaded, then each decoder's sketches."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    samples = next(iter(results.values())).size(1)
+    cols = 1 + samples * len(names)
+    rows = min(rows, len(images))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows + 0.4), dpi=110, squeeze=False)
+    for r in range(rows):
+        shown = images[r].clone()
+        mask = _box_pixels(targets[r], model).bool().expand(3, -1, -1)
+        shown[mask] = 0.5 * shown[mask] + 0.25
+        panels = [shown] + [results[n][r, s] for n in names for s in range(samples)]
+        for c, panel in enumerate(panels):
+            axes[r, c].imshow(panel.permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")
+            axes[r, c].axis("off")
+            if r == 0:
+                axes[r, c].set_title("input" if c == 0 else names[(c - 1) // samples], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="the frozen I-JEPA the decoders were trained on")
+    parser.add_argument("--decoder", required=True, help="our decoder (save_pretrained folder)")
+    parser.add_argument("--paper-decoder", default=None, help="the paper-faithful (pooled) decoder, same run")
+    parser.add_argument("--data", default="emoji")
+    parser.add_argument("--num-images", type=int, default=128, help="(image, box) pairs = retrieval gallery size")
+    parser.add_argument("--num-samples", type=int, default=4)
+    parser.add_argument("--num-steps", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default="runs/decoder_eval")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.num_images < 64:
+        parser.error("--num-images must be >= 64 so retrieval has at least 64 candidates")
+
+    start = time.perf_counter()
+    model = load_model(args.checkpoint).to(args.device).eval()
+    # held-out emoji, scenes no training run drew (seeds differ from pretraining and decoder training)
+    extra = {"split": "heldout"} if args.data == "emoji" else {}
+    data = build_dataset(args.data, resolution=model.config.img_size, patch_size=model.config.patch_size,
+                         seed=args.seed + 777, **extra)
+    group_size = 16
+    groups, rng, index = [], np.random.default_rng(args.seed), 0
+    for _ in range(-(-args.num_images // group_size)):  # one box shape per group of images
+        images = torch.stack([data[index + j]["image"] for j in range(group_size)]).to(args.device)
+        targets, contexts = sample_boxes(group_size, model.config.grid_size, rng, target_like_fraction=0.5)
+        groups.append((images, targets.to(args.device), contexts.to(args.device)))
+        index += group_size
+    decoders = {"ours (spatial + context)": args.decoder}
+    if args.paper_decoder:
+        decoders["paper (pooled only)"] = args.paper_decoder
+    report = {"num_images": index, "num_samples": args.num_samples, "num_steps": args.num_steps,
+              "data": "held-out emoji scenes" if args.data == "emoji" else args.data, "decoders": {}}
+    grids = {}
+    for name, path in decoders.items():
+        decoder = SketchDecoder.from_pretrained(path).to(args.device).eval()
+        metrics, grids[name] = evaluate_decoder(model, decoder, groups, args.num_samples, args.num_steps, args.seed)
+        report["decoders"][name] = {"path": str(path), "conditioning": decoder.config.conditioning, **metrics}
+        logger.info("%s: %s", name, metrics)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    all_images = torch.cat([g[0] for g in groups]).cpu()
+    all_targets = [t.cpu() for g in groups for t in g[1]]
+    plot_grids(all_images[::group_size], all_targets[::group_size],
+               {k: v[::group_size].cpu() for k, v in grids.items()}, model, out_dir / "samples.png")
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
