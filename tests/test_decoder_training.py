@@ -1,0 +1,86 @@
+"""Decoder training and its evaluation on a tiny frozen I-JEPA: export, exact resume, metrics."""
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train.decoder as decoder_training
+from decoder import SketchDecoder
+from ijepa.checkpoint import save_model
+from ijepa.model import IJepa, IJepaConfig
+from train.config import parse_config
+from train.decoder import DecoderTrainConfig, sample_boxes, sample_box_shape
+from train.eval_decoder import main as eval_decoder_main
+
+
+@pytest.fixture(scope="module")
+def tiny_ijepa(tmp_path_factory):
+    torch.manual_seed(0)
+    model = IJepa(IJepaConfig.from_arch("vit_tiny", img_size=32, patch_size=8, depth=1, predictor_depth=1,
+                                        predictor_embed_dim=48))
+    return save_model(model, tmp_path_factory.mktemp("ijepa") / "model")
+
+
+def tiny_cfg(checkpoint, out_dir, *extra) -> DecoderTrainConfig:
+    return parse_config(DecoderTrainConfig, [
+        "--checkpoint", str(checkpoint), "--out-dir", str(out_dir), "--block-out-channels", "32,32,32",
+        "--feature-channels", "4", "--batch-size", "4", "--num-workers", "0", "--log-every", "1",
+        "--sample-every", "100", "--precision", "fp32", "--warmup-steps", "1", *extra])
+
+
+def test_box_sampling_covers_target_like_and_user_like_boxes():
+    rng = np.random.default_rng(0)
+    shapes = {sample_box_shape((16, 16), rng, 0.5) for _ in range(400)}
+    assert (1, 1) in shapes  # a single patch
+    assert any(r * c >= 40 for r, c in shapes) and any(r != c for r, c in shapes)
+    assert max(max(s) for s in shapes) <= 9  # about half the image at most (a 0.2-scale, 1.5-aspect target: 9)
+    targets, contexts = sample_boxes(5, (8, 8), rng, 0.5)
+    assert targets.shape[0] == contexts.shape[0] == 5 and targets.shape[1] + contexts.shape[1] == 64
+    for t, c in zip(targets, contexts):
+        assert not set(t.tolist()) & set(c.tolist())
+
+
+def test_killed_decoder_run_resumes_exactly_and_exports(tmp_path, tiny_ijepa, monkeypatch):
+    full = decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / "full", "--steps", "4", "--ckpt-every", "2"))
+    real, calls = decoder_training.box_conditions, {"n": 0}
+
+    def dies_at_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoder_training, "box_conditions", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / "cut", "--steps", "4", "--ckpt-every", "2"))
+    monkeypatch.setattr(decoder_training, "box_conditions", real)
+    resumed = decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / "cut", "--steps", "4", "--ckpt-every", "2",
+                                              "--resume", "true"))
+
+    def losses(run):
+        with open(tmp_path / run / "log.csv") as f:
+            return [float(r["loss"]) for r in csv.DictReader(f)]
+
+    assert losses("cut") == losses("full")
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    exported = SketchDecoder.from_pretrained(tmp_path / "full" / "decoder")
+    assert exported.config.grid_size in ([4, 4], (4, 4)) and exported.config.feature_dim == 192
+    assert (tmp_path / "full" / "samples" / "step-0000004.png").is_file()
+
+
+def test_decoder_eval_reports_both_modes_and_exact_context(tmp_path, tiny_ijepa):
+    for mode in ("spatial_context", "pooled"):
+        decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / mode, "--steps", "1", "--conditioning", mode))
+    report = eval_decoder_main(["--checkpoint", str(tiny_ijepa), "--decoder", str(tmp_path / "spatial_context" /
+                                "decoder"), "--paper-decoder", str(tmp_path / "pooled" / "decoder"),
+                                "--num-images", "64", "--num-samples", "2", "--num-steps", "2",
+                                "--out-dir", str(tmp_path / "eval"), "--device", "cpu"])
+    assert set(report["decoders"]) == {"ours (spatial + context)", "paper (pooled only)"}
+    for metrics in report["decoders"].values():
+        assert metrics["gallery"] >= 64
+        assert metrics["max_context_change_8bit"] == 0
+        assert 0 <= metrics["retrieval_top1"] <= 100 and metrics["diversity_rms"] > 0
+    assert (tmp_path / "eval" / "samples.png").is_file() and (tmp_path / "eval" / "results.json").is_file()
