@@ -1,17 +1,300 @@
-"""Gradio app entry point (UI only). The full app lands with the app issue; until then it explains what is missing."""
+"""I-JEPA, visible: draw a box, see what the predictor expects there (Gradio UI; the work is in ijepa.engine).
+
+    python app.py                                              # built-in model from assets/, http://127.0.0.1:7860
+    python app.py --checkpoint IN1K-vit.h.14-300e.pth.tar      # an official checkpoint (add --decoder DIR for sketches)
+    python app.py --assets /path/to/bundle --port 7861         # another bundle
+
+The same results are available to programs through the "/sketch" endpoint::
+
+    from gradio_client import Client, handle_file
+    client = Client("http://127.0.0.1:7860/")
+    sketches, metrics = client.predict(handle_file("photo.jpg"), "[[120, 80, 260, 200]]", 4, 0, api_name="/sketch")
+
+``sketches`` is a list of gallery items (one image per sketch), ``metrics`` a dict with, per box, the prediction
+error, the probe's top-5 labels and the nearest reference boxes. Bad input comes back as ``AppError`` with a
+message saying what to change.
+"""
+from __future__ import annotations
+
 import argparse
+import json
+import logging
 import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import gradio as gr
+import numpy as np
+from gradio_image_annotation import image_annotator
+from PIL import Image
+
+from ijepa.engine import (BOX_COLORS, DEFAULT_ASSETS, DEFAULT_NUM_SAMPLES, DEFAULT_NUM_STEPS, MAX_BOXES,
+                          MAX_IMAGE_PIXELS, MAX_NUM_SAMPLES, CheckpointError, Engine)
+
+logger = logging.getLogger("app")
+
+MAX_FILE_SIZE = "20mb"
+DISPLAY_MAX_SIDE = 1024  # uploads are shown (and boxes drawn) on a copy at most this large
+QUEUE_SIZE = 32
+DRAW_HINT = "Press the box icon under the image (or C), then drag to draw a box; the hand icon (D) moves and resizes"
+
+INTRO = """# I-JEPA, visible
+Draw a box on the image. The model never sees what is inside it: it **predicts** a description of the hidden
+region from everything around it. The panels on the right show that prediction as sketches, as numbers and as
+maps. Pick an example to start, or upload your own image and drag a box (up to {max_boxes})."""
+
+HOW_TO_READ = """
+- **Sketches**: a separate decoder turns the predicted description into pictures. Each sketch is one possible
+  picture consistent with the prediction; the enlarged crops on the right of each sketch show only the box.
+- **Truth vs prediction**: the same decoder fed the description the model computes when it *does* see the box
+  (truth), beside the one it guessed (prediction), and how far apart the two descriptions are, patch by patch.
+- **What it expects**: the most similar boxes in a reference collection, and a simple classifier's reading of
+  the guess.
+- **Surprise map**: how hard each part of the image is to predict from its surroundings (bright = surprising).
+- **Feature view**: patches the model describes alike get similar colours.
+"""
 
 
-def main(argv=None) -> int:
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Engine ValueErrors are about the user's input: show them as messages (gr.Error), keep serving."""
+    try:
+        yield
+    except ValueError as err:
+        raise gr.Error(str(err), title="Please adjust the input") from None
+
+
+def annotator_input(value: dict | None) -> tuple[np.ndarray, list[list[float]]]:
+    """Annotator value -> (upright image, boxes in its pixels, in reading order as the model view numbers them)."""
+    if not value or value.get("image") is None:
+        raise ValueError("Pick an example or upload an image first.")
+    image = np.asarray(value["image"])
+    turns = int(value.get("orientation") or 0) % 4
+    if turns:  # the widget's rotate buttons turn its boxes but not the image it returns
+        image = np.ascontiguousarray(np.rot90(image, k=-turns))
+    boxes = [[b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for b in (value.get("boxes") or [])]
+    return image, sorted(boxes, key=lambda b: (b[1], b[0]))
+
+
+def annotator_value(image: np.ndarray, boxes: list | tuple = ()) -> dict:
+    boxes = sorted(boxes, key=lambda b: (b[1], b[0]))
+    return {"image": image, "orientation": 0,
+            "boxes": [{"xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1, "label": "",
+                       "color": list(BOX_COLORS[i % len(BOX_COLORS)])}
+                      for i, (x0, y0, x1, y1) in enumerate(boxes)]}
+
+
+class Handlers:
+    """Widget values in, engine calls, widget values out. Holds only the (read-only) engine."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def example_items(self) -> list[tuple[np.ndarray, str]]:
+        return [(example.image(), example.caption) for example in self.engine.examples]
+
+    def initial_value(self) -> dict | None:
+        if not self.engine.examples:
+            return None
+        example = self.engine.examples[0]
+        return annotator_value(example.image(), example.boxes)
+
+    def load_example(self, event: gr.SelectData) -> dict:
+        example = self.engine.examples[event.index]
+        return annotator_value(example.image(), example.boxes)
+
+    def load_upload(self, path: str | None) -> dict:
+        if path is None:
+            raise gr.Error("No file arrived; try the upload again.")
+        with user_errors():
+            image = self.engine.open_image(path)
+        image.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.Resampling.LANCZOS)
+        gr.Info("Image loaded. " + DRAW_HINT + ".")
+        return annotator_value(np.asarray(image))
+
+    def run(self, value: dict | None, num_samples: float, seed: float, steps: float) -> Iterator[tuple]:
+        """Model view, explanation, readout and neighbours first; then sketches as they finish; then the
+        decoded truth beside the prediction."""
+        engine = self.engine
+        with user_errors():
+            image, boxes = annotator_input(value)
+            analysis = engine.analyze(image, boxes)
+            num_samples, seed, steps = int(num_samples), int(seed), int(steps)
+            view, metrics = engine.model_view(analysis), analysis.metrics()
+            explanation = engine.explain(analysis, num_samples)
+            readout, neighbours = engine.readout_markdown(analysis), engine.neighbour_gallery(analysis)
+            if not engine.has_decoder:
+                truth = engine.truth_vs_prediction(analysis)
+                yield view, explanation, [], self.decoder_note(), truth, neighbours, readout, metrics
+                return
+            status = "Drawing sketches…"
+            yield view, explanation, [], status, None, neighbours, readout, metrics
+            last = None
+            for update in engine.stream_sketches(analysis, num_samples, seed, steps):
+                last = update
+                status = (f"{len(update.images)} of {num_samples} sketches in {update.seconds:.1f} s"
+                          + ("" if update.done else ", drawing the rest…"))
+                yield (view, explanation, engine.sketch_gallery(analysis, update), status, None, neighbours,
+                       readout, metrics)
+            truth = engine.truth_vs_prediction(analysis, last, seed, steps)
+            metrics = {**metrics, "sketch_seconds": round(last.seconds, 3), "seed": seed, "num_samples": num_samples}
+            yield view, explanation, engine.sketch_gallery(analysis, last), status, truth, neighbours, readout, metrics
+
+    def explore(self, value: dict | None, window: float) -> tuple[np.ndarray, np.ndarray]:
+        """Surprise map and feature view of the whole image (independent of the boxes)."""
+        with user_errors():
+            image, _ = annotator_input(value)
+            prepared = self.engine.prepare(image)
+            surprise = self.engine.surprise_map(prepared, int(window))
+            return surprise.figure, self.engine.feature_view(prepared)
+
+    def api_sketch(self, image: str | None, boxes: str, num_samples: float, seed: float) -> tuple[list, dict]:
+        """The "/sketch" endpoint: image file + JSON boxes (original-image pixels) -> sketches and metrics."""
+        engine = self.engine
+        with user_errors():
+            if image is None:
+                raise ValueError("Send an image file (gradio_client.handle_file(path)).")
+            try:
+                parsed = json.loads(boxes) if isinstance(boxes, str) else boxes
+            except json.JSONDecodeError as err:
+                raise ValueError(f"boxes must be a JSON list of [xmin, ymin, xmax, ymax] lists: {err}") from None
+            if not isinstance(parsed, list):
+                raise ValueError("boxes must be a JSON list of [xmin, ymin, xmax, ymax] lists")
+            analysis = engine.analyze(engine.open_image(image), parsed)
+            metrics: dict[str, Any] = {**analysis.metrics(), "model": engine.info.source,
+                                       "decoder": engine.info.decoder_source}
+            if not engine.has_decoder:
+                return [], {**metrics, "sketches": self.decoder_note()}
+            update = engine.sketches(analysis, int(num_samples), int(seed))
+            metrics.update(sketch_seconds=round(update.seconds, 3), seed=int(seed), num_samples=int(num_samples))
+            return engine.sketch_gallery(analysis, update), metrics
+
+    def decoder_note(self) -> str:
+        return next(note for note in self.engine.notes if "decoder" in note.lower())
+
+
+def build_app(handlers: Handlers) -> gr.Blocks:
+    """The UI: inputs on the left, results on the right; every event calls one Handlers method."""
+    engine = handlers.engine
+    grid = engine.info.grid
+    with gr.Blocks(title="I-JEPA, visible", analytics_enabled=False) as demo:
+        gr.Markdown(INTRO.format(max_boxes=MAX_BOXES))
+        with gr.Accordion("About the loaded model", open=True):
+            gr.Markdown(engine.describe(), elem_id="model-info")
+        with gr.Row():
+            with gr.Column(scale=5):
+                annotator = image_annotator(
+                    value=handlers.initial_value(), label=DRAW_HINT,
+                    elem_id="annotator", sources=[], image_type="numpy", image_mode="RGB", show_clear_button=False,
+                    show_remove_button=True, show_download_button=False, disable_edit_boxes=True, height=420)
+                with gr.Row():
+                    upload = gr.UploadButton("Upload your own image", file_types=["image"], type="filepath",
+                                             elem_id="upload", size="md")
+                    run = gr.Button("Show what the model expects", variant="primary", elem_id="run")
+                with gr.Row():
+                    num_samples = gr.Slider(1, MAX_NUM_SAMPLES, value=DEFAULT_NUM_SAMPLES, step=1,
+                                            label="Sketches per box", elem_id="num-samples")
+                    seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (same seed, same sketches)",
+                                     elem_id="seed")
+                with gr.Accordion("Settings", open=False):
+                    steps = gr.Slider(4, 30, value=DEFAULT_NUM_STEPS, step=1, label="Decoder steps (more = finer)")
+                    window = gr.Slider(1, max(1, grid // 2), value=max(1, grid // 4), step=1,
+                                       label="Surprise-map window (patches)")
+                examples = gr.Gallery(value=handlers.example_items(), label="Examples (click one)", columns=4,
+                                      height=170, allow_preview=False, object_fit="contain", fit_columns=False,
+                                      elem_id="examples", format="png", interactive=False)
+            with gr.Column(scale=7):
+                with gr.Tabs():
+                    with gr.Tab("Sketches"):
+                        sketch_status = gr.Markdown("", elem_id="sketch-status")
+                        sketches = gr.Gallery(label="Sketches: each box filled by the decoder, with enlarged crops",
+                                              columns=4, height=440, object_fit="contain", format="png",
+                                              preview=True, selected_index=0, elem_id="sketches",
+                                              interactive=False)
+                    with gr.Tab("Truth vs prediction"):
+                        truth = gr.Image(label="Decoded truth vs decoded prediction, and the error per patch",
+                                         format="png", elem_id="truth", interactive=False)
+                    with gr.Tab("What it expects"):
+                        readout = gr.Markdown(elem_id="readout")
+                        neighbours = gr.Gallery(label="Nearest reference boxes (label, cosine similarity)",
+                                                columns=6, height="auto", object_fit="contain", format="png",
+                                                elem_id="neighbours", interactive=False)
+                    with gr.Tab("Surprise map"):
+                        surprise = gr.Image(label="Prediction error of a window sliding over the image",
+                                            format="png", elem_id="surprise", interactive=False)
+                    with gr.Tab("Feature view"):
+                        features = gr.Image(label="Patch features (PCA)", format="png", elem_id="features",
+                                            interactive=False)
+                with gr.Row():
+                    model_view = gr.Image(label="What the model saw (hidden patches covered)", format="png",
+                                          elem_id="model-view", height=256, scale=2, interactive=False)
+                    explanation = gr.Markdown("Results appear here.", elem_id="explanation")
+                with gr.Accordion("How to read this", open=False):
+                    gr.Markdown(HOW_TO_READ)
+                with gr.Accordion("Numbers (JSON)", open=False):
+                    metrics = gr.JSON(label="Metrics", elem_id="metrics")
+
+        with gr.Column(visible=False):  # the programmatic endpoint: plain inputs instead of the drawing widget
+            api_image = gr.File(label="image file", type="filepath")
+            api_boxes = gr.Textbox(label="boxes: JSON list of [xmin, ymin, xmax, ymax] in image pixels",
+                                   value="[[16, 16, 48, 48]]")
+            api_samples = gr.Number(label="num_samples", value=DEFAULT_NUM_SAMPLES, precision=0)
+            api_seed = gr.Number(label="seed", value=0, precision=0)
+            api_sketches = gr.Gallery(label="sketches", format="png")
+            api_metrics = gr.JSON(label="metrics")
+            api_button = gr.Button("sketch")
+
+        examples.select(handlers.load_example, None, annotator, api_visibility="private", concurrency_limit=4)
+        upload.upload(handlers.load_upload, upload, annotator, api_visibility="private", concurrency_limit=4)
+        # Model work shares one concurrency group: one request at a time uses the CPU/GPU, the rest queue.
+        model_work = dict(concurrency_id="model", concurrency_limit=1)
+        run.click(handlers.run, [annotator, num_samples, seed, steps],
+                  [model_view, explanation, sketches, sketch_status, truth, neighbours, readout, metrics],
+                  api_visibility="private", **model_work).success(
+            handlers.explore, [annotator, window], [surprise, features], api_visibility="private", **model_work)
+        window.release(handlers.explore, [annotator, window], [surprise, features], api_visibility="private",
+                       **model_work)
+        api_button.click(handlers.api_sketch, [api_image, api_boxes, api_samples, api_seed],
+                         [api_sketches, api_metrics], api_name="sketch",
+                         api_description="Sketches of what the predictor expects in each box, with metrics.",
+                         **model_work)
+    demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="I-JEPA, visible: draw a box, see what the predictor expects.")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.parse_args(argv)
-    print("The app is not built yet: it needs the decoder (decoder/) and the default model in assets/. "
-          "Track progress in the project's issues; `python -m pytest` runs what exists.", file=sys.stderr)
-    return 1
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    parser.add_argument("--assets", type=Path, default=DEFAULT_ASSETS, help="bundle folder (model, decoder, probes, "
+                        "bank, examples)")
+    parser.add_argument("--checkpoint", type=Path, help="another model: official .pth.tar or our model folder")
+    parser.add_argument("--decoder", type=Path, help="a SketchDecoder folder (save_pretrained) for that model")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--bf16", action="store_true", help="run the decoder under bfloat16 autocast")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # the same limit for every decoder in this process
+    try:
+        engine = Engine.load(args.assets, checkpoint=args.checkpoint, decoder=args.decoder, device=args.device,
+                             bf16=args.bf16)
+    except (FileNotFoundError, ValueError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    engine.warm_up()
+    demo = build_app(Handlers(engine))
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_FILE_SIZE,
+                run_history=False, footer_links=["api", "gradio"], css=CSS)
+    return 0
+
+
+CSS = """
+#model-view img, #sketches img, #neighbours img { image-rendering: pixelated; }
+#explanation { font-size: 0.95em; }
+"""
 
 if __name__ == "__main__":
     raise SystemExit(main())

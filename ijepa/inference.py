@@ -4,13 +4,26 @@ Everything here takes images in [0, 1] ([B, 3, H, W]) and patch-index masks, and
 the predictor was trained in: per-token layer-normed target-encoder features ("true") and predictor outputs
 ("predicted"). Keeping one definition of that normalisation is what lets the decoder, the probe and the
 nearest-neighbour bank be trained on truths and fed predictions.
+
+Also here, for the app and scripts: decoding any user image file safely (``open_image``, ``to_rgb``), the
+model's square view of it with the map from user pixels to model pixels (``prepare_image``, ``map_boxes``),
+per-box predictions vs truth (``analyze_boxes``), the sliding-window ``surprise_map``, ``feature_pca``, the
+linear-probe readout (``LinearReadout``) and ``nearest_neighbours`` in a feature bank.
 """
 from __future__ import annotations
 
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Mapping, Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .masks import apply_masks
+from .masks import Box, apply_masks
 from .model import IJepa
 
 
@@ -59,3 +72,448 @@ def pooled(tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torc
         return tokens.mean(dim=1)
     weights = token_mask.to(tokens.dtype).unsqueeze(-1)
     return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images: any common file -> the model's square view, with the map from the user's pixels to the model's
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Images above this many pixels are refused before decoding (decompression bombs; a 50 MP photo is already rare).
+MAX_IMAGE_PIXELS = 50_000_000
+# Most boxes one request may ask about: each box costs a predictor forward and a decoder batch.
+MAX_BOXES = 4
+# Boxes may be this much smaller than one patch (rounding in the drawing widget) and still count as one patch.
+_MIN_BOX_PATCH_FRACTION = 0.9
+_BOX_TOLERANCE_PX = 1.0
+_BOX_TOLERANCE_FRACTION = 0.01
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def open_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open and decode an image file, refusing anything that is not an image or is too large to decode safely.
+
+    The pixel count is checked from the header, before any pixel is decoded. Raises ValueError with a message
+    meant for the person who supplied the file.
+    """
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    try:
+        image = Image.open(source)
+    except Image.DecompressionBombError:
+        raise ValueError(f"This image has far more pixels than the limit of {max_pixels / 1e6:.0f} megapixels; "
+                         "resize it and upload it again.") from None
+    except FileNotFoundError:
+        raise ValueError(f"No such image file: {source}") from None
+    except UnidentifiedImageError:
+        raise ValueError("This file is not an image that can be read: use PNG, JPEG, WebP, GIF, BMP or TIFF.") from None
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"This image file cannot be read; it may be damaged. Details: {err}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ValueError(f"This image is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels); the limit "
+                         f"is {max_pixels / 1e6:.0f} megapixels. Resize it and upload it again.")
+    if width < 1 or height < 1:
+        raise ValueError(f"This image has no pixels ({width}x{height}).")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"This image file is damaged or truncated and cannot be decoded. Details: {err}") from None
+    return image
+
+
+def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer or float greyscale -> 8-bit "L", scaling the full range instead of clipping at 255."""
+    values = np.asarray(image).astype(np.float64)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        low, high = 0.0, 65535.0
+    elif image.mode == "F":
+        finite = values[np.isfinite(values)]
+        low, high = (0.0, 1.0) if finite.size == 0 else (float(finite.min()), float(finite.max()))
+        if low >= 0.0 and high <= 1.0:
+            low, high = 0.0, 1.0
+    else:  # "I": 32-bit ints, usually a 16-bit source widened by the decoder
+        top = float(values.max(initial=0))
+        low, high = 0.0, 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+    scaled = (np.nan_to_num(values, nan=low) - low) / max(high - low, 1e-12)
+    return Image.fromarray(np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(image: Image.Image | np.ndarray, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any PIL image (or uint8/uint16/float array) -> upright 8-bit RGB.
+
+    EXIF rotation is applied (the way browsers show photos, so boxes drawn on screen line up); transparency is
+    composited onto ``background``; 16-bit and float images are scaled to 8 bits; palette, CMYK, LAB, etc. are
+    converted by Pillow.
+    """
+    if isinstance(image, np.ndarray):
+        image = array_to_image(image)
+    if image.getexif().get(0x0112, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        image = _high_bit_depth_to_l(image)
+    has_alpha = image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def array_to_image(array: np.ndarray) -> Image.Image:
+    """[H, W], [H, W, 3] or [H, W, 4] arrays (uint8, uint16, or float in [0, 1]) -> PIL image."""
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise ValueError(f"an image array must be [H, W], [H, W, 3] or [H, W, 4], got shape {array.shape}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.dtype == np.uint16 and array.ndim == 2:
+        return Image.fromarray(array, mode="I;16")
+    if array.dtype == np.uint16:
+        array = np.round(array / 257.0)
+    elif np.issubdtype(array.dtype, np.floating):
+        array = np.round(np.clip(np.nan_to_num(array), 0, 1) * 255)
+    elif array.dtype != np.uint8:
+        raise ValueError(f"unsupported image array dtype {array.dtype}: use uint8, uint16 or float in [0, 1]")
+    return Image.fromarray(np.ascontiguousarray(array.astype(np.uint8)))
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """The model's view of a user image: the centre square, resized to the model's resolution.
+
+    Attributes:
+        pixels: [3, S, S] float32 in [0, 1], what the encoders see (before normalisation).
+        source_size: (width, height) of the upright user image that boxes refer to.
+        crop: (left, top, side) of the centre square in user-image pixels.
+    """
+
+    pixels: torch.Tensor
+    source_size: tuple[int, int]
+    crop: tuple[float, float, float]
+
+    @property
+    def size(self) -> int:
+        return self.pixels.size(-1)
+
+    @property
+    def scale(self) -> float:
+        """Model pixels per user-image pixel."""
+        return self.size / self.crop[2]
+
+    def to_uint8(self) -> np.ndarray:
+        """[S, S, 3] uint8, exactly the pixels the model saw."""
+        return np.round(self.pixels.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+
+    def to_model(self, box: Sequence[float]) -> tuple[float, float, float, float]:
+        """A user-image box (xmin, ymin, xmax, ymax) -> the same box in model pixels (not clipped)."""
+        left, top, _ = self.crop
+        x0, y0, x1, y1 = box
+        s = self.scale
+        return (x0 - left) * s, (y0 - top) * s, (x1 - left) * s, (y1 - top) * s
+
+    def to_source(self, box: Sequence[float]) -> tuple[float, float, float, float]:
+        """A model-pixel box -> user-image pixels (inverse of ``to_model``)."""
+        left, top, _ = self.crop
+        x0, y0, x1, y1 = box
+        s = self.scale
+        return x0 / s + left, y0 / s + top, x1 / s + left, y1 / s + top
+
+
+def prepare_image(image: Image.Image | np.ndarray, size: int) -> PreparedImage:
+    """Upright RGB, centre square, resized (bicubic, antialiased) to ``size`` x ``size``.
+
+    Boxes in the user's pixels map to the model's with ``PreparedImage.to_model``.
+    """
+    rgb = to_rgb(image)
+    width, height = rgb.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    # Crop first: resizing with a box would blend pixels from outside the square into its border.
+    square = rgb.crop((left, top, left + side, top + side))
+    if side != size:
+        square = square.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    pixels = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+    return PreparedImage(pixels=pixels, source_size=(width, height), crop=(float(left), float(top), float(side)))
+
+
+def parse_box(box: Box, number: int = 1) -> tuple[float, float, float, float]:
+    """A box as [xmin, ymin, xmax, ymax] or a dict with those keys -> four finite floats (ValueError otherwise)."""
+    if isinstance(box, Mapping):
+        try:
+            values = [box[k] for k in ("xmin", "ymin", "xmax", "ymax")]
+        except KeyError as err:
+            raise ValueError(f"Box {number} needs keys xmin, ymin, xmax, ymax; {err} is missing") from None
+    elif isinstance(box, (str, bytes)) or not isinstance(box, Sequence) or len(box) != 4:
+        raise ValueError(f"Box {number} must be [xmin, ymin, xmax, ymax], got {box!r}")
+    else:
+        values = list(box)
+    try:
+        coords = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"Box {number} must hold four numbers [xmin, ymin, xmax, ymax], got {box!r}") from None
+    if not all(math.isfinite(c) for c in coords):
+        raise ValueError(f"Box {number} has a coordinate that is not a finite number: {box!r}")
+    return coords  # type: ignore[return-value]
+
+
+def map_boxes(prepared: PreparedImage, boxes: Sequence[Box], patch_size: int,
+              max_boxes: int = MAX_BOXES) -> list[tuple[float, float, float, float]]:
+    """Validate user-image boxes and map them to model pixels (clipped to the model's square).
+
+    Raises ValueError, with a message for the person who drew them, for: no box, too many boxes, malformed or
+    non-finite coordinates, coordinates outside the image, boxes outside the centre square the model sees, and
+    boxes smaller than one patch (the smallest region the model can hide).
+    """
+    if boxes is None or len(boxes) == 0:
+        raise ValueError("Draw a box on the image first (click and drag): the model needs a region to hide and guess.")
+    if len(boxes) > max_boxes:
+        raise ValueError(f"{len(boxes)} boxes were drawn; at most {max_boxes} are allowed at once. Delete some boxes.")
+    width, height = prepared.source_size
+    size = prepared.size
+    left, top, side = prepared.crop
+    patch_px = patch_size / prepared.scale  # one patch, in user-image pixels
+    mapped = []
+    for number, box in enumerate(boxes, start=1):
+        x0, y0, x1, y1 = parse_box(box, number)
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"Box {number} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty: xmax must exceed xmin and "
+                             "ymax must exceed ymin.")
+        for lo, hi, extent, axis in ((x0, x1, width, "x"), (y0, y1, height, "y")):
+            tol = max(_BOX_TOLERANCE_PX, _BOX_TOLERANCE_FRACTION * extent)
+            if lo < -tol or hi > extent + tol:
+                raise ValueError(f"Box {number} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the {width}x{height} "
+                                 f"image: {axis} coordinates must be within 0..{extent}.")
+        mx0, my0, mx1, my1 = (min(max(v, 0.0), float(size)) for v in prepared.to_model((x0, y0, x1, y1)))
+        if mx1 <= mx0 or my1 <= my0:
+            raise ValueError(
+                f"Box {number} lies outside the centre square the model sees (x {left:.0f}..{left + side:.0f}, "
+                f"y {top:.0f}..{top + side:.0f} of your image). Draw it inside that square.")
+        if min(mx1 - mx0, my1 - my0) < _MIN_BOX_PATCH_FRACTION * patch_size:
+            raise ValueError(
+                f"Box {number} is smaller than one patch. The model hides whole patches of {patch_size}x{patch_size} "
+                f"pixels of its {size}x{size} view, i.e. {patch_px:.0f}x{patch_px:.0f} pixels of your image: "
+                f"draw a box at least {math.ceil(patch_px)} pixels wide and high (inside the centre square).")
+        mapped.append((mx0, my0, mx1, my1))
+    return mapped
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Boxes: what the predictor guesses vs what the target encoder sees
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class BoxPrediction:
+    """One hidden box: its patches, the predictor's guess and the truth, all in layer-normed feature space."""
+
+    target_indices: torch.Tensor  # [K] raster patch indices
+    predicted: torch.Tensor  # [K, D] predictor outputs from the context only
+    true: torch.Tensor  # [K, D] layer-normed target-encoder features of the full image
+    errors: torch.Tensor  # [K] mean squared error per patch (1.0 = no better than predicting zeros)
+
+    @property
+    def error(self) -> float:
+        """Mean per-patch squared error over the box."""
+        return float(self.errors.mean())
+
+    @property
+    def pooled_predicted(self) -> torch.Tensor:
+        return self.predicted.mean(dim=0)
+
+    @property
+    def pooled_true(self) -> torch.Tensor:
+        return self.true.mean(dim=0)
+
+
+@dataclass
+class BoxAnalysis:
+    """The predictor's view of one image with some boxes hidden.
+
+    ``context_indices`` are the patches the context encoder saw (every patch outside all boxes);
+    ``true_features`` [N, D] are the layer-normed target features of the whole image.
+    """
+
+    context_indices: torch.Tensor
+    boxes: list[BoxPrediction]
+    true_features: torch.Tensor
+    grid_size: tuple[int, int]
+
+
+def per_patch_error(predicted: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the feature dimension: [..., K, D] x2 -> [..., K].
+
+    Layer-normed targets have zero mean and unit variance per token, so 1.0 is the error of guessing zeros.
+    """
+    return (predicted.float() - true.float()).pow(2).mean(dim=-1)
+
+
+@torch.no_grad()
+def analyze_boxes(model: IJepa, image: torch.Tensor, context_indices: torch.Tensor,
+                  target_indices: Sequence[torch.Tensor]) -> BoxAnalysis:
+    """Hide each target box, predict it from the shared context, and compare with the truth.
+
+    Args:
+        image: [3, S, S] (or [1, 3, S, S]) in [0, 1].
+        context_indices: [Kc] patches the context encoder sees (outside every box).
+        target_indices: one [K_i] index tensor per box.
+
+    The context is encoded once; the predictor runs once per box (boxes may differ in size).
+    """
+    if model.predictor is None:
+        raise ValueError("this checkpoint has no predictor: predictions need an I-JEPA file with 'predictor' weights")
+    if len(target_indices) == 0:
+        raise ValueError("analyze_boxes needs at least one target box")
+    images = image.unsqueeze(0) if image.dim() == 3 else image
+    if images.size(0) != 1:
+        raise ValueError(f"analyze_boxes takes one image, got a batch of {images.size(0)}")
+    device = next(model.parameters()).device
+    images = images.to(device)
+    grid = model.encoder.grid_of(images)
+    truth = true_features(model, images)[0]
+    context = context_indices.to(device).unsqueeze(0)
+    context_tokens = model.encoder(model.normalize(images), [context])
+    boxes = []
+    for target in target_indices:
+        target = target.to(device)
+        predicted = model.predictor(context_tokens, [context], [target.unsqueeze(0)], grid_size=grid)[0]
+        true = truth[target]
+        boxes.append(BoxPrediction(target.cpu(), predicted.float().cpu(), true.float().cpu(),
+                                   per_patch_error(predicted, true).cpu()))
+    return BoxAnalysis(context_indices.cpu(), boxes, truth.float().cpu(), grid)
+
+
+def window_positions(grid_size: tuple[int, int], window: tuple[int, int], stride: int) -> list[tuple[int, int]]:
+    """Top-left (row, col) of every window position, stepping by ``stride`` (capped at the window side, so no
+    patch is skipped) and always reaching the far edges."""
+    gh, gw = grid_size
+    wh, ww = window
+
+    def starts(extent: int, length: int) -> list[int]:
+        values = list(range(0, extent - length + 1, max(1, min(stride, length))))
+        if values[-1] != extent - length:
+            values.append(extent - length)
+        return values
+
+    return [(r, c) for r in starts(gh, wh) for c in starts(gw, ww)]
+
+
+@torch.no_grad()
+def surprise_map(model: IJepa, image: torch.Tensor, window: int | tuple[int, int] | None = None,
+                 stride: int | None = None, batch_size: int = 64) -> torch.Tensor:
+    """How hard each region is to predict from its surroundings: [gh, gw] mean per-patch squared error.
+
+    A window of patches slides over the image; at each position the window is hidden, predicted from every
+    other patch, and compared with the layer-normed target features. A patch's value is the error averaged
+    over the windows that covered it. All positions run batched (``batch_size`` per forward).
+
+    Args:
+        window: window side(s) in patches; default a quarter of the grid side.
+        stride: step in patches; default half the window (every patch is still covered).
+    """
+    if model.predictor is None:
+        raise ValueError("this checkpoint has no predictor: the surprise map needs 'predictor' weights")
+    images = image.unsqueeze(0) if image.dim() == 3 else image
+    device = next(model.parameters()).device
+    images = images.to(device)
+    gh, gw = model.encoder.grid_of(images)
+    if window is None:
+        window = max(1, min(gh, gw) // 4)
+    wh, ww = (window, window) if isinstance(window, int) else window
+    if not (1 <= wh <= gh and 1 <= ww <= gw) or wh * ww >= gh * gw:
+        raise ValueError(f"window {wh}x{ww} patches must fit in the {gh}x{gw} grid and leave some context")
+    stride = max(1, stride if stride is not None else min(wh, ww) // 2)
+    positions = window_positions((gh, gw), (wh, ww), stride)
+    rows = torch.arange(gh).view(gh, 1)
+    cols = torch.arange(gw).view(1, gw)
+    maps = torch.stack([((rows >= r) & (rows < r + wh) & (cols >= c) & (cols < c + ww)).flatten()
+                        for r, c in positions])  # [P, N]
+    targets = torch.nonzero(maps)[:, 1].view(len(positions), wh * ww).to(device)
+    contexts = torch.nonzero(~maps)[:, 1].view(len(positions), -1).to(device)
+    truth = true_features(model, images)  # [1, N, D]
+    normalized = model.normalize(images)
+    total = torch.zeros(gh * gw, dtype=torch.float64)
+    count = torch.zeros(gh * gw, dtype=torch.float64)
+    for start in range(0, len(positions), batch_size):
+        ctx, tgt = contexts[start:start + batch_size], targets[start:start + batch_size]
+        batch = ctx.size(0)
+        tokens = model.encoder(normalized.expand(batch, -1, -1, -1), [ctx])
+        predicted = model.predictor(tokens, [ctx], [tgt], grid_size=(gh, gw))
+        errors = per_patch_error(predicted, gather(truth.expand(batch, -1, -1), tgt)).double().cpu()
+        total.index_add_(0, tgt.flatten().cpu(), errors.flatten())
+        count.index_add_(0, tgt.flatten().cpu(), torch.ones_like(errors.flatten()))
+    return (total / count.clamp_min(1)).float().view(gh, gw)
+
+
+def feature_pca(features: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Patch features [N, D] -> [gh, gw, 3] in [0, 1]: the top three principal components as RGB.
+
+    Each component is min-max scaled; signs are fixed (largest loading positive) so results are reproducible.
+    """
+    gh, gw = grid_size
+    if features.dim() != 2 or features.size(0) != gh * gw:
+        raise ValueError(f"features must be [N={gh * gw}, D], got {tuple(features.shape)}")
+    centred = features.double() - features.double().mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    components = vh[:3]
+    if components.size(0) < 3:
+        components = torch.cat([components, components.new_zeros(3 - components.size(0), components.size(1))])
+    signs = torch.sign(components.gather(1, components.abs().argmax(dim=1, keepdim=True)))
+    projected = centred @ (components * signs.masked_fill(signs == 0, 1)).T  # [N, 3]
+    low, high = projected.min(dim=0).values, projected.max(dim=0).values
+    scaled = (projected - low) / (high - low).clamp_min(1e-12)
+    return scaled.float().view(gh, gw, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading predictions out: a linear probe and a bank of labelled box features
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LinearReadout:
+    """A linear probe trained on TRUE pooled box features (``train.eval.save_probe`` format): standardise, then
+    one linear layer, then softmax over ``labels``."""
+
+    mean: torch.Tensor  # [D]
+    std: torch.Tensor  # [D]
+    weight: torch.Tensor  # [C, D]
+    bias: torch.Tensor  # [C]
+    labels: tuple[str, ...]
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], labels: Sequence[str]) -> "LinearReadout":
+        missing = [k for k in ("mean", "std", "linear.weight", "linear.bias") if k not in state]
+        if missing:
+            raise ValueError(f"a probe needs tensors mean, std, linear.weight, linear.bias; missing {missing}")
+        weight = state["linear.weight"].float()
+        if weight.size(0) != len(labels):
+            raise ValueError(f"the probe has {weight.size(0)} outputs but {len(labels)} label names")
+        dim, classes = weight.size(1), weight.size(0)
+        if state["mean"].numel() != dim or state["std"].numel() != dim or state["linear.bias"].numel() != classes:
+            raise ValueError(f"the probe's tensors have inconsistent shapes: weight {tuple(weight.shape)}, mean "
+                             f"{tuple(state['mean'].shape)}, std {tuple(state['std'].shape)}, bias "
+                             f"{tuple(state['linear.bias'].shape)}")
+        return cls(state["mean"].float(), state["std"].float(), weight, state["linear.bias"].float(), tuple(labels))
+
+    @property
+    def dim(self) -> int:
+        return self.weight.size(1)
+
+    def probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """[..., D] pooled features -> [..., C] class probabilities."""
+        standardised = (features.float() - self.mean) / self.std
+        return torch.softmax(standardised @ self.weight.T + self.bias, dim=-1)
+
+    def top_k(self, features: torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
+        """The k most likely labels for one pooled feature vector [D], with probabilities."""
+        probs = self.probabilities(features.reshape(-1))
+        values, indices = probs.topk(min(k, probs.numel()))
+        return [(self.labels[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
+
+
+def nearest_neighbours(bank: torch.Tensor, query: torch.Tensor, k: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine nearest neighbours of query [D] (or [B, D]) among bank [n, D]: (indices, similarities), [.., k]."""
+    if bank.dim() != 2 or query.size(-1) != bank.size(1):
+        raise ValueError(f"bank must be [n, D] and query [..., D] with the same D; got {tuple(bank.shape)} and "
+                         f"{tuple(query.shape)}")
+    sims = F.normalize(query.float(), dim=-1) @ F.normalize(bank.float(), dim=-1).T
+    values, indices = sims.topk(min(k, bank.size(0)), dim=-1)
+    return indices, values

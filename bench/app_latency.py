@@ -1,0 +1,115 @@
+"""Latency of one app request on the CPU: encoder + predictor for one box, then 4 streamed sketches.
+
+Times ``Engine.analyze`` (context encoder, target encoder, predictor, probe, neighbours) plus
+``Engine.stream_sketches`` until the last sketch, and separately the time from the request to the first finished
+sketch. Reports p50/p90 over --repeats runs after --warmup runs, and the process's peak RSS. Uses the bundle in
+--assets; when it has no model, a random-weight bundle of the default architecture (the CPU recipe's ViT-Tiny at
+64 px, default SketchDecoder) is built in a temporary folder: latency does not depend on the weights. The 1-minute
+load average is printed so runs on a shared machine can be judged.
+
+    .venv/bin/python bench/app_latency.py                      # 2 threads, 4 sketches, default steps
+    .venv/bin/python bench/app_latency.py --json --bf16        # one JSON line; decoder under bf16 autocast
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from decoder.pipeline import DEFAULT_NUM_STEPS  # noqa: E402
+from ijepa.engine import DEFAULT_ASSETS, Engine, build_random_bundle  # noqa: E402
+from ijepa.model import IJepaConfig  # noqa: E402
+
+# The CPU recipe's model (train/configs/emoji_cpu.yaml): what assets/model holds by default.
+DEFAULT_ARCH = dict(img_size=64, patch_size=4, depth=6, predictor_embed_dim=96, predictor_depth=4)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def one_request(engine: Engine, image: np.ndarray, box: list[float], samples: int, steps: int,
+                seed: int) -> tuple[float, float]:
+    """(seconds to the first sketch, seconds to all sketches) for one box, from the raw image."""
+    start = time.perf_counter()
+    analysis = engine.analyze(image, [box])
+    first = None
+    for update in engine.stream_sketches(analysis, num_samples=samples, seed=seed, num_steps=steps):
+        if first is None:
+            first = time.perf_counter() - start
+    return first, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--assets", type=Path, default=DEFAULT_ASSETS, help="bundle folder (default: assets/)")
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=DEFAULT_NUM_STEPS)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="decoder under CPU bfloat16 autocast")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as scratch:
+        assets, weights = args.assets, "trained"
+        if not (assets / "model" / "config.json").is_file():
+            config = IJepaConfig.from_arch("vit_tiny", **DEFAULT_ARCH)
+            assets, weights = build_random_bundle(Path(scratch), config, decoder_kwargs={}, num_examples=0), "random"
+        engine = Engine.load(assets, device="cpu", bf16=args.bf16)
+        if not engine.has_decoder:
+            raise SystemExit(f"{assets} has no decoder/: the benchmark times sketches")
+        size = engine.size
+        image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        box = [size * 5 / 16, size * 5 / 16, size * 11 / 16, size * 11 / 16]  # 6x6 patches on a 16x16 grid
+        for i in range(args.warmup):
+            one_request(engine, image, box, args.samples, args.steps, seed=i)
+        firsts, totals = [], []
+        for i in range(args.repeats):
+            first, total = one_request(engine, image, box, args.samples, args.steps, seed=100 + i)
+            firsts.append(first)
+            totals.append(total)
+
+    row = {
+        "bench": "app_latency",
+        "weights": weights,
+        "img_size": size,
+        "arch": engine.info.arch,
+        "decoder_channels": list(engine.decoder.config.block_out_channels),
+        "samples": args.samples,
+        "steps": args.steps,
+        "threads": args.threads,
+        "dtype": "bf16_autocast" if args.bf16 else "fp32",
+        "repeats": args.repeats,
+        "p50_s": round(statistics.median(totals), 3),
+        "p90_s": round(percentile(totals, 90), 3),
+        "first_sketch_p50_s": round(statistics.median(firsts), 3),
+        "first_sketch_p90_s": round(percentile(firsts, 90), 3),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__,
+    }
+    if args.json:
+        print(json.dumps(row), flush=True)
+    else:
+        print(f"{row['arch']} at {size} px, {weights} weights, {args.samples} sketches x {args.steps} steps, "
+              f"{args.threads} threads, {row['dtype']}:\n"
+              f"  request p50 {row['p50_s']:.3f} s, p90 {row['p90_s']:.3f} s; first sketch p50 "
+              f"{row['first_sketch_p50_s']:.3f} s, p90 {row['first_sketch_p90_s']:.3f} s\n"
+              f"  peak RSS {row['peak_rss_mib']:.0f} MiB (load average {row['loadavg_1m']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,917 @@
+"""The app's engine: load a bundle (I-JEPA model, sketch decoder, probes, reference bank, examples) and answer
+"what does the model expect inside this box?" with plain dataclasses and numpy images.
+
+The same API serves the Gradio app, scripts and notebooks::
+
+    from ijepa.engine import Engine
+
+    engine = Engine.load("assets")                       # or Engine.load(checkpoint="IN1K-vit.h.14-300e.pth.tar")
+    image = engine.open_image("photo.jpg")               # any common format; EXIF rotation applied
+    result = engine.analyze(image, [[120, 80, 260, 200]])  # boxes (xmin, ymin, xmax, ymax) in the photo's pixels
+    print(result.metrics()["boxes"][0]["prediction_error"])
+    for update in engine.stream_sketches(result, num_samples=4, seed=0):
+        print(len(update.images), "sketches ready")      # [S, S, 3] uint8 images at the model's resolution
+    surprise = engine.surprise_map(image)                # .errors [gh, gw] float array, .figure RGB array
+
+Every bundle part except the model is optional; ``engine.notes`` says what is missing and how to add it.
+The engine holds no per-request state: models are read-only after loading, so one engine serves many users.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from decoder import SketchCondition, SketchDecoder, SketchSampler, box_mask_from_indices
+from decoder.pipeline import DEFAULT_NUM_STEPS
+
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_model, save_model
+from .inference import (MAX_BOXES, MAX_IMAGE_PIXELS, BoxAnalysis, BoxPrediction, LinearReadout, PreparedImage,
+                        analyze_boxes, array_to_image, feature_pca, map_boxes, nearest_neighbours, open_image,
+                        parse_box, prepare_image, surprise_map, to_rgb, true_features)
+from .masks import Box, boxes_to_masks
+from .model import IJepa, IJepaConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ASSETS = Path(__file__).resolve().parents[1] / "assets"
+MODEL_DIR, DECODER_DIR = "model", "decoder"
+PROBE_NAMES = ("subgroup", "group")
+BANK_NAME = "bank"
+EXAMPLES_DIR, EXAMPLES_INDEX = "examples", "examples.json"
+DEFAULT_NUM_SAMPLES = 4
+MAX_NUM_SAMPLES = 8
+MAX_NUM_STEPS = 50
+NUM_NEIGHBOURS = 6
+# One colour per box, in box order; the app gives example boxes the same colours.
+BOX_COLORS: tuple[tuple[int, int, int], ...] = ((230, 25, 75), (60, 180, 75), (67, 99, 216), (245, 130, 49))
+DISPLAY_SIDE = 256  # the model's view is enlarged (nearest) to about this many pixels for display
+TRAIN_DECODER_HINT = "python -m train.decoder --checkpoint {checkpoint}"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What is loaded, for people: shown at the top of the app."""
+
+    source: str
+    arch: str
+    img_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+    predictor: str
+    trained_on: str
+    decoder_source: str | None
+    decoder_conditioning: str | None
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class FeatureBank:
+    """Pooled TRUE box features of labelled reference boxes, with thumbnails to show as neighbours."""
+
+    features: torch.Tensor  # [n, D] float32
+    thumbnails: np.ndarray  # [n, h, w, 3] uint8
+    subgroup: torch.Tensor  # [n] long, index into labels
+    labels: tuple[str, ...]
+
+    def label_of(self, index: int) -> str:
+        return self.labels[int(self.subgroup[index])]
+
+
+@dataclass(frozen=True)
+class Example:
+    """An example image with boxes drawn in advance, so one click shows something."""
+
+    path: Path
+    boxes: tuple[tuple[float, float, float, float], ...]
+    caption: str
+
+    def image(self) -> np.ndarray:
+        """The example as an upright RGB uint8 array (read from disk on each call: nothing is cached)."""
+        return np.asarray(to_rgb(open_image(self.path)))
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    index: int
+    label: str
+    similarity: float
+
+
+@dataclass(frozen=True)
+class BoxReport:
+    """Everything the app shows about one box, in JSON-able form (plus bank indices for thumbnails)."""
+
+    number: int
+    box: tuple[float, float, float, float]  # as given, user-image pixels
+    box_model: tuple[float, float, float, float]  # model pixels, clipped to the model's square
+    patches: int
+    error: float
+    error_per_patch: tuple[float, ...]
+    probe: dict[str, list[tuple[str, float]]]
+    probe_on_truth: dict[str, list[tuple[str, float]]]
+    neighbours: tuple[Neighbour, ...]
+
+
+@dataclass
+class Analysis:
+    """One image with its boxes hidden and predicted (``Engine.analyze``)."""
+
+    prepared: PreparedImage
+    result: BoxAnalysis
+    reports: list[BoxReport]
+    patch_size: int
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.result.grid_size
+        return gh * gw
+
+    def box_masks(self) -> list[np.ndarray]:
+        """Per box, a bool [S, S] pixel mask of the patches the model hid."""
+        gh, gw = self.result.grid_size
+        masks = []
+        for box in self.result.boxes:
+            grid = np.zeros(gh * gw, dtype=bool)
+            grid[box.target_indices.numpy()] = True
+            masks.append(np.kron(grid.reshape(gh, gw), np.ones((self.patch_size, self.patch_size), dtype=bool)))
+        return masks
+
+    def metrics(self) -> dict[str, Any]:
+        """A JSON-able summary: per-box prediction error, probe top-5 and neighbours."""
+        return {
+            "image_size": list(self.prepared.source_size),
+            "model_view": {"size": self.prepared.size, "crop_left_top_side": [round(v, 2) for v in self.prepared.crop]},
+            "context_patches": int(self.result.context_indices.numel()),
+            "total_patches": self.num_patches,
+            "boxes": [
+                {
+                    "box": [round(v, 2) for v in r.box],
+                    "box_model_px": [round(v, 2) for v in r.box_model],
+                    "hidden_patches": r.patches,
+                    "prediction_error": round(r.error, 4),
+                    "error_per_patch": [round(v, 4) for v in r.error_per_patch],
+                    "probe": {k: [{"label": lab, "probability": round(p, 4)} for lab, p in v]
+                              for k, v in r.probe.items()},
+                    "probe_on_truth": {k: [{"label": lab, "probability": round(p, 4)} for lab, p in v]
+                                       for k, v in r.probe_on_truth.items()},
+                    "neighbours": [{"label": n.label, "cosine": round(n.similarity, 4), "bank_index": n.index}
+                                   for n in r.neighbours],
+                }
+                for r in self.reports
+            ],
+        }
+
+
+@dataclass
+class SketchUpdate:
+    """One event of ``Engine.stream_sketches``: the sketches finished so far.
+
+    ``images[j]`` is the model's view with every box filled by its sample ``sample_indices[j]``; pixels
+    outside the boxes are exactly the model's input.
+    """
+
+    images: list[np.ndarray]
+    sample_indices: tuple[int, ...]
+    num_samples: int
+    seed: int
+    done: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SurpriseMap:
+    errors: np.ndarray  # [gh, gw] mean per-patch prediction error over the windows covering each patch
+    window: tuple[int, int]
+    stride: int
+    figure: np.ndarray  # RGB rendering with a colour bar
+
+
+@dataclass
+class Engine:
+    """Bundle-backed inference for the app. Build with ``Engine.load``; all methods are safe to call concurrently."""
+
+    model: IJepa
+    info: ModelInfo
+    decoder: SketchDecoder | None = None
+    probes: dict[str, LinearReadout] = field(default_factory=dict)
+    bank: FeatureBank | None = None
+    examples: list[Example] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    bf16: bool = False
+    sampler: SketchSampler | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.model.eval().requires_grad_(False)
+        if self.decoder is not None:
+            self.decoder.eval().requires_grad_(False)
+            self.sampler = SketchSampler(self.decoder)
+
+    # ----- loading ---------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, assets: str | Path | None = DEFAULT_ASSETS, checkpoint: str | Path | None = None,
+             decoder: str | Path | None = None, device: str = "auto", bf16: bool = False) -> "Engine":
+        """Load the bundle in ``assets`` (layout: see the app's README), or another model.
+
+        Args:
+            assets: bundle folder. Its model, decoder, probes and bank are used unless ``checkpoint`` is given;
+                its examples are always used when present. A checkpoint file or model folder here is taken
+                as ``checkpoint``.
+            checkpoint: an official ``.pth.tar`` or one of our model folders. Probes and bank are then not
+                used (they describe the bundle model's features); pass ``decoder`` trained for this model.
+            decoder: a ``SketchDecoder.save_pretrained`` folder (default: ``assets/decoder`` for the bundle model).
+            device: "cpu", "cuda", or "auto" (CUDA when available).
+            bf16: run the decoder under bfloat16 autocast (for GPUs; on the project's CPU it was much slower).
+        """
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        assets = Path(assets) if assets is not None else None
+        if checkpoint is None and assets is not None and (assets.is_file() or (assets / CONFIG_NAME).is_file()):
+            checkpoint, assets = assets, None  # Engine.load("model.pth.tar") or Engine.load("runs/x/model")
+        notes: list[str] = []
+        if checkpoint is None:
+            if assets is None:
+                raise ValueError("give a bundle folder (assets) or a checkpoint")
+            checkpoint = assets / MODEL_DIR
+            if not (checkpoint / CONFIG_NAME).is_file():
+                raise FileNotFoundError(
+                    f"no model in {checkpoint} (expected {CONFIG_NAME} and {WEIGHTS_NAME}). Pass --checkpoint PATH "
+                    "(an official I-JEPA .pth.tar or a model folder from python -m train.pretrain), or --assets DIR "
+                    "pointing at a bundle that has model/.")
+            bundle_model = True
+        else:
+            bundle_model = False
+        checkpoint = Path(checkpoint)
+        model = load_model(checkpoint).to(device)
+        if model.predictor is None:
+            raise ValueError(f"{checkpoint} has no predictor weights; the app needs a full I-JEPA checkpoint "
+                             "(encoder, target_encoder and predictor)")
+        if decoder is None and bundle_model and assets is not None and (assets / DECODER_DIR).is_dir():
+            decoder = assets / DECODER_DIR
+        sketch_decoder = None
+        if decoder is not None:
+            sketch_decoder = load_decoder(decoder, model.config).to(device)
+        else:
+            notes.append(
+                "No sketch decoder for this model, so the Sketches and the decoded Truth-vs-prediction images are "
+                "off (everything else works). Train one with `" + TRAIN_DECODER_HINT.format(checkpoint=checkpoint)
+                + "` and pass its folder with --decoder.")
+        if bundle_model and assets is not None:
+            probes, bank = load_readouts(assets, model.config.embed_dim, notes)
+        else:
+            probes, bank = {}, None
+            notes.append("Probe readout and nearest neighbours belong to the bundled model, so they are off for "
+                         "--checkpoint models.")
+        examples = load_examples(assets / EXAMPLES_DIR) if assets is not None else []
+        config = model.config
+        info = ModelInfo(
+            source=str(checkpoint), arch=config.arch or f"ViT {config.embed_dim}-d x {config.depth}",
+            img_size=config.img_size, patch_size=config.patch_size, embed_dim=config.embed_dim, depth=config.depth,
+            predictor=f"{config.predictor_depth} blocks x {config.predictor_embed_dim}-d",
+            trained_on=config.trained_on or "not recorded in the checkpoint",
+            decoder_source=str(decoder) if sketch_decoder is not None else None,
+            decoder_conditioning=sketch_decoder.config.conditioning if sketch_decoder is not None else None,
+        )
+        logger.info("loaded %s (%s, %d px) on %s; decoder: %s", checkpoint, info.arch, info.img_size, device,
+                    info.decoder_source)
+        return cls(model=model, info=info, decoder=sketch_decoder, probes=probes, bank=bank, examples=examples,
+                   notes=notes, bf16=bf16)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.sampler is not None
+
+    @property
+    def size(self) -> int:
+        return self.model.config.img_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.config.patch_size
+
+    def describe(self) -> str:
+        """Markdown: which model is loaded, its resolution, what it was trained on, and what is missing."""
+        i = self.info
+        lines = [
+            f"**Model:** {i.arch} ({i.depth} blocks, {i.embed_dim}-d features), sees {i.img_size}x{i.img_size} px "
+            f"as a {i.grid}x{i.grid} grid of {i.patch_size}x{i.patch_size}-px patches; predictor {i.predictor}. "
+            f"**Trained on:** {i.trained_on}. Loaded from `{i.source}`.",
+        ]
+        if i.decoder_source:
+            lines.append(f"**Sketch decoder:** `{i.decoder_source}` ({i.decoder_conditioning} conditioning).")
+        extras = [f"probe ({name}, {len(p.labels)} labels)" for name, p in self.probes.items()]
+        if self.bank is not None:
+            extras.append(f"reference bank ({len(self.bank.features)} boxes)")
+        if extras:
+            lines.append("**Readout:** " + ", ".join(extras) + ".")
+        lines.extend(f"*{note}*" for note in self.notes)
+        return "\n\n".join(lines)
+
+    def warm_up(self) -> None:
+        """Run every path once on a blank image so the first user does not pay for kernel selection."""
+        blank = np.full((self.size, self.size, 3), 128, dtype=np.uint8)
+        side = self.size / 4
+        analysis = self.analyze(blank, [[side, side, 2 * side, 2 * side]])
+        if self.has_decoder:
+            for _ in self.stream_sketches(analysis, num_samples=1, num_steps=2):
+                pass
+
+    # ----- the computations behind the panels ------------------------------------------------------------------
+
+    @staticmethod
+    def open_image(source: str | Path | bytes | BinaryIO) -> Image.Image:
+        """Decode an image file (size-checked before decoding) into upright 8-bit RGB; ValueError if unusable."""
+        return to_rgb(open_image(source))
+
+    def prepare(self, image: Image.Image | np.ndarray | str | Path) -> PreparedImage:
+        """The model's square view of any image (file path, PIL image or array)."""
+        if isinstance(image, (str, Path, bytes)):
+            image = open_image(image)
+        return prepare_image(image, self.size)
+
+    def analyze(self, image: Image.Image | np.ndarray | str | Path, boxes: Sequence[Box]) -> Analysis:
+        """Hide the boxes (user-image pixels), predict them from the rest, compare with the truth, read out.
+
+        Raises ValueError (with a message for the user) for unusable images or boxes.
+        """
+        prepared = self.prepare(image)
+        model_boxes = map_boxes(prepared, boxes, self.patch_size, MAX_BOXES)
+        context, targets = boxes_to_masks(model_boxes, (self.size, self.size), self.model.config.grid_size)
+        result = analyze_boxes(self.model, prepared.pixels, context, targets)
+        reports = [self._report(n, box, model_box, prediction)
+                   for n, (box, model_box, prediction) in enumerate(zip(boxes, model_boxes, result.boxes), start=1)]
+        return Analysis(prepared, result, reports, self.patch_size)
+
+    def _report(self, number: int, box: Box, model_box: tuple[float, ...], prediction: BoxPrediction) -> BoxReport:
+        predicted, true = prediction.pooled_predicted, prediction.pooled_true
+        probe = {name: p.top_k(predicted, 5) for name, p in self.probes.items()}
+        probe_on_truth = {name: p.top_k(true, 1) for name, p in self.probes.items()}
+        neighbours: tuple[Neighbour, ...] = ()
+        if self.bank is not None:
+            indices, sims = nearest_neighbours(self.bank.features, predicted, NUM_NEIGHBOURS)
+            neighbours = tuple(Neighbour(int(i), self.bank.label_of(int(i)), float(s))
+                               for i, s in zip(indices.tolist(), sims.tolist()))
+        return BoxReport(number=number, box=parse_box(box, number), box_model=tuple(model_box),
+                         patches=int(prediction.target_indices.numel()), error=prediction.error,
+                         error_per_patch=tuple(prediction.errors.tolist()), probe=probe,
+                         probe_on_truth=probe_on_truth, neighbours=neighbours)
+
+    def _conditions(self, analysis: Analysis, tokens_of: Callable[[BoxPrediction], torch.Tensor]) -> SketchCondition:
+        """One decoder condition per box. The context blanks EVERY box: the predictor saw none of them."""
+        size, grid = self.size, self.model.config.grid_size
+        image = analysis.prepared.pixels.unsqueeze(0) * 2 - 1
+        hidden = torch.cat([b.target_indices for b in analysis.result.boxes]).unsqueeze(0)
+        context = image.masked_fill(box_mask_from_indices(hidden, grid, (size, size)).bool(), 0.0)
+        conditions = []
+        for box in analysis.result.boxes:
+            indices = box.target_indices.unsqueeze(0)
+            mask = box_mask_from_indices(indices, grid, (size, size))
+            conditions.append(SketchCondition(tokens_of(box).unsqueeze(0).float(), indices, context, mask))
+        return SketchCondition.cat(conditions)
+
+    def _autocast(self):
+        if not self.bf16:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _require_decoder(self) -> SketchSampler:
+        if self.sampler is None:
+            raise ValueError("No sketch decoder is loaded for this model. Train one with `"
+                             + TRAIN_DECODER_HINT.format(checkpoint=self.info.source) + "` and pass --decoder.")
+        return self.sampler
+
+    @staticmethod
+    def _check_sampling(num_samples: int, num_steps: int, seed: int) -> None:
+        if not 1 <= int(num_samples) <= MAX_NUM_SAMPLES:
+            raise ValueError(f"The number of sketches must be between 1 and {MAX_NUM_SAMPLES}, got {num_samples}.")
+        if not 1 <= int(num_steps) <= MAX_NUM_STEPS:
+            raise ValueError(f"The number of sampler steps must be between 1 and {MAX_NUM_STEPS}, got {num_steps}.")
+        if not 0 <= int(seed) < 2**31:
+            raise ValueError(f"The seed must be an integer in [0, 2^31), got {seed}.")
+
+    def _composite(self, analysis: Analysis, sketches: torch.Tensor) -> list[np.ndarray]:
+        """Sampler output [boxes, samples, 3, S, S] in [0, 1] -> per sample, the model's input with every box filled
+        by its sketch. Pixels outside the boxes are copied from the input, so they are exact."""
+        base = analysis.prepared.to_uint8()
+        pixels = np.round(sketches.permute(0, 1, 3, 4, 2).float().numpy() * 255).astype(np.uint8)
+        masks = analysis.box_masks()
+        images = []
+        for j in range(pixels.shape[1]):
+            out = base.copy()
+            for b, mask in enumerate(masks):
+                out[mask] = pixels[b, j][mask]
+            images.append(out)
+        return images
+
+    def stream_sketches(self, analysis: Analysis, num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0,
+                        num_steps: int = DEFAULT_NUM_STEPS) -> Iterator[SketchUpdate]:
+        """Sketches of what the predictor expects in every box, yielded as they finish: first sample 0 of every
+        box, then all of them (``done``). Each update holds every sketch finished so far. Sample i depends only
+        on (seed, i), so a seed reproduces its sketches."""
+        sampler = self._require_decoder()
+        self._check_sampling(num_samples, num_steps, seed)
+        cond = self._conditions(analysis, lambda box: box.predicted)
+        boxes = cond.batch_size
+        start = time.perf_counter()
+        finished: dict[int, np.ndarray] = {}
+        events = sampler.stream(cond, num_samples=int(num_samples), num_steps=int(num_steps), seed=int(seed), first=1)
+        while True:
+            with self._autocast():  # entered per step, so autocast never leaks into the caller between yields
+                event = next(events, None)
+            if event is None:
+                return
+            if event.is_preview:
+                continue
+            images = event.images.view(boxes, len(event.sample_indices), *event.images.shape[1:])
+            finished.update(zip(event.sample_indices, self._composite(analysis, images)))
+            if not event.done and len(finished) == num_samples:
+                continue  # the final event follows at once, with the same sketches
+            order = tuple(sorted(finished))
+            yield SketchUpdate([finished[i] for i in order], order, int(num_samples), int(seed), event.done,
+                               time.perf_counter() - start)
+
+    def sketches(self, analysis: Analysis, num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0,
+                 num_steps: int = DEFAULT_NUM_STEPS) -> SketchUpdate:
+        """All sketches at once (the last event of ``stream_sketches``)."""
+        sampler = self._require_decoder()
+        self._check_sampling(num_samples, num_steps, seed)
+        cond = self._conditions(analysis, lambda box: box.predicted)
+        start = time.perf_counter()
+        with self._autocast():
+            images = sampler.sample(cond, num_samples=int(num_samples), num_steps=int(num_steps), seed=int(seed))
+        images = images.view(cond.batch_size, int(num_samples), *images.shape[1:])
+        return SketchUpdate(self._composite(analysis, images), tuple(range(int(num_samples))), int(num_samples),
+                            int(seed), True, time.perf_counter() - start)
+
+    def decode_truth(self, analysis: Analysis, seed: int = 0, num_steps: int = DEFAULT_NUM_STEPS) -> np.ndarray:
+        """The decoder's rendering of the TARGET encoder's true features for every box (sample 0 of ``seed``: the
+        same noise as the first predicted sketch, so the two differ only by their features)."""
+        sampler = self._require_decoder()
+        self._check_sampling(1, num_steps, seed)
+        cond = self._conditions(analysis, lambda box: box.true)
+        with self._autocast():
+            images = sampler.sample(cond, num_samples=1, num_steps=int(num_steps), seed=int(seed))
+        return self._composite(analysis, images.view(cond.batch_size, 1, *images.shape[1:]))[0]
+
+    def surprise_map(self, image: Image.Image | np.ndarray | str | Path | PreparedImage,
+                     window: int | None = None, stride: int | None = None) -> SurpriseMap:
+        """Prediction error of a window sliding over the whole image (see ``ijepa.inference.surprise_map``)."""
+        prepared = image if isinstance(image, PreparedImage) else self.prepare(image)
+        grid = self.model.config.grid_size
+        window = window if window is not None else max(1, min(grid) // 4)
+        if not 1 <= window < min(grid):
+            raise ValueError(f"The window must be 1 to {min(grid) - 1} patches wide, got {window}.")
+        stride = stride if stride is not None else max(1, window // 2)
+        errors = surprise_map(self.model, prepared.pixels, window, stride).numpy()
+        return SurpriseMap(errors, (window, window), stride, render_surprise(prepared.to_uint8(), errors, window))
+
+    def feature_view(self, image: Image.Image | np.ndarray | str | Path | PreparedImage) -> np.ndarray:
+        """The image beside the PCA of its patch features (target encoder) shown as RGB."""
+        prepared = image if isinstance(image, PreparedImage) else self.prepare(image)
+        features = true_features_of(self.model, prepared)
+        rgb = feature_pca(features, self.model.config.grid_size).numpy()
+        return render_feature_view(prepared.to_uint8(), rgb)
+
+    # ----- display: numpy images and markdown ------------------------------------------------------------------
+
+    def display_scale(self) -> int:
+        return max(1, DISPLAY_SIDE // self.size)
+
+    def model_view(self, analysis: Analysis) -> np.ndarray:
+        """What the model saw: its input enlarged (nearest), hidden patch cells covered in the box's colour with
+        their grid drawn, the drawn boxes outlined and numbered."""
+        scale = self.display_scale()
+        view = Image.fromarray(upscale(analysis.prepared.to_uint8(), scale)).convert("RGBA")
+        overlay = Image.new("RGBA", view.size, (0, 0, 0, 0))
+        draw = ImageDraw.Draw(overlay)
+        gw = analysis.result.grid_size[1]
+        cell = self.patch_size * scale
+        for b, box in enumerate(analysis.result.boxes):
+            color = BOX_COLORS[b % len(BOX_COLORS)]
+            for index in box.target_indices.tolist():
+                r, c = divmod(index, gw)
+                draw.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1],
+                               fill=(*color, 235), outline=(255, 255, 255, 200))  # hidden: not seen
+        view = Image.alpha_composite(view, overlay).convert("RGB")
+        draw = ImageDraw.Draw(view)
+        for b, report in enumerate(analysis.reports):
+            color = BOX_COLORS[b % len(BOX_COLORS)]
+            x0, y0, x1, y1 = (v * scale for v in report.box_model)
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=max(1, scale // 2))
+            draw.text((x0 + 3, y0 + 2), str(report.number), fill=(255, 255, 255), stroke_width=2, stroke_fill=color)
+        return np.asarray(view)
+
+    def sketch_gallery(self, analysis: Analysis, update: SketchUpdate) -> list[tuple[np.ndarray, str]]:
+        """Gallery items: per finished sketch, the composite (enlarged, boxes outlined) beside enlarged crops."""
+        items = []
+        pending = "" if update.done else " (the others are still being drawn)"
+        for image, index in zip(update.images, update.sample_indices):
+            sheet = sketch_sheet(image, analysis, self.display_scale())
+            items.append((sheet, f"Sketch {index + 1} of {update.num_samples} · seed {update.seed}{pending}"))
+        return items
+
+    def neighbour_gallery(self, analysis: Analysis) -> list[tuple[np.ndarray, str]]:
+        """Reference-bank thumbnails nearest to each box's prediction, captioned with label and cosine similarity."""
+        if self.bank is None:
+            return []
+        items = []
+        for report in analysis.reports:
+            for n in report.neighbours:
+                thumb = self.bank.thumbnails[n.index]
+                scale = max(1, 96 // max(thumb.shape[:2]))
+                items.append((upscale(thumb, scale), f"box {report.number}: {n.label} · cos {n.similarity:.2f}"))
+        return items
+
+    def truth_vs_prediction(self, analysis: Analysis, predicted: SketchUpdate | None = None, seed: int = 0,
+                            num_steps: int = DEFAULT_NUM_STEPS) -> np.ndarray:
+        """Per box: the model's input, the decoded TRUE features, the decoded PREDICTION (same noise) and the
+        per-patch prediction error. Without a decoder only the input and the error map are shown.
+
+        ``predicted``: finished sketches with this seed, whose first sample is reused instead of decoding again.
+        """
+        truth = prediction = None
+        if self.has_decoder:
+            truth = self.decode_truth(analysis, seed, num_steps)
+            if predicted is not None and predicted.done and predicted.seed == seed and 0 in predicted.sample_indices:
+                prediction = predicted.images[predicted.sample_indices.index(0)]
+            else:
+                prediction = self.sketches(analysis, 1, seed, num_steps).images[0]
+        return render_truth_vs_prediction(analysis, truth, prediction, self.patch_size)
+
+    def readout_markdown(self, analysis: Analysis) -> str:
+        """The probe's top-5 reading of each prediction (and what it says about the truth)."""
+        if not self.probes:
+            return "*" + next((n for n in self.notes if "probe" in n.lower()), "No probe loaded.") + "*"
+        lines = []
+        for report in analysis.reports:
+            for name, top in report.probe.items():
+                ranked = " · ".join(f"{label} **{p:.0%}**" for label, p in top)
+                truth = report.probe_on_truth[name][0]
+                lines.append(f"**Box {report.number}, {name}:** {ranked}  \n"
+                             f"<small>on the true features: {truth[0]} ({truth[1]:.0%})</small>")
+        return "\n\n".join(lines)
+
+    def explain(self, analysis: Analysis, num_samples: int | None = None) -> str:
+        """A short plain-language account of what the model saw, what it guessed and why sketches differ."""
+        grid = analysis.result.grid_size
+        hidden = analysis.num_patches - int(analysis.result.context_indices.numel())
+        size = analysis.prepared.size
+        plural = "es" if len(analysis.reports) > 1 else ""
+        parts = [
+            f"**What the model saw.** A {size}x{size}-pixel copy of the centre of your image, as a "
+            f"{grid[0]}x{grid[1]} grid of patches. The {hidden} patches under your box{plural} were hidden (covered "
+            f"in the picture); it saw the other {analysis.num_patches - hidden}.",
+            "**What it guessed.** Not pixels: a list of numbers (features) describing each hidden patch, the kind "
+            "of description its encoder gives when it does see the patch. Error 0 = exact guess, 1 = no better "
+            "than a blank guess.",
+        ]
+        for report in analysis.reports:
+            line = f"Box {report.number}: error **{report.error:.2f}**"
+            if report.probe:
+                name = "subgroup" if "subgroup" in report.probe else next(iter(report.probe))
+                label, p = report.probe[name][0]
+                line += f"; the probe reads the guess as *{label}* ({p:.0%})"
+            if report.neighbours:
+                line += "; closest reference boxes: " + ", ".join(dict.fromkeys(n.label for n in report.neighbours[:3]))
+            parts.append("- " + line + ".")
+        if self.has_decoder:
+            count = f"{num_samples} " if num_samples else ""
+            parts.append(
+                f"**Why the {count}sketches differ.** A description leaves details open, like a sentence describing "
+                "a face. The decoder draws pictures that all fit the guess: what they share, the model is sure "
+                "about; what changes, it left open. They sketch its expectation; they do not recover the hidden "
+                "pixels.")
+        return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading bundle parts
+# ---------------------------------------------------------------------------------------------------------------------
+
+def load_decoder(path: str | Path, config: IJepaConfig) -> SketchDecoder:
+    """A ``save_pretrained`` folder -> SketchDecoder (float32), checked against the model it will decode."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a sketch decoder folder (no config.json); train one with "
+                                f"`{TRAIN_DECODER_HINT.format(checkpoint='<checkpoint>')}`")
+    decoder = SketchDecoder.from_pretrained(path, low_cpu_mem_usage=False).float().eval()
+    expected = {"feature_dim": config.embed_dim, "grid_size": tuple(config.grid_size), "image_size": config.img_size}
+    found = {"feature_dim": decoder.config.feature_dim, "grid_size": tuple(decoder.config.grid_size),
+             "image_size": decoder.config.image_size}
+    if found != expected:
+        raise ValueError(f"the decoder in {path} was built for {found}, but the model has {expected}; train a "
+                         f"decoder for this model with `{TRAIN_DECODER_HINT.format(checkpoint='<checkpoint>')}`")
+    return decoder
+
+
+def load_readouts(assets: Path, dim: int, notes: list[str]) -> tuple[dict[str, LinearReadout], FeatureBank | None]:
+    """The bundle's probes and reference bank (each optional); appends to ``notes`` what is missing."""
+    probes = {name: load_probe(assets / f"probe_{name}.safetensors", dim) for name in PROBE_NAMES
+              if (assets / f"probe_{name}.safetensors").is_file()}
+    if not probes:
+        notes.append(f"No linear probe in {assets} (probe_subgroup.safetensors + .json from train.eval), so there "
+                     "is no label readout.")
+    bank = None
+    if (assets / f"{BANK_NAME}.safetensors").is_file():
+        bank = load_bank(assets / f"{BANK_NAME}.safetensors", dim)
+    else:
+        notes.append(f"No reference bank in {assets} ({BANK_NAME}.safetensors + .json), so there are no nearest "
+                     "neighbours.")
+    return probes, bank
+
+
+def _read_labels(path: Path) -> list[str]:
+    try:
+        labels = json.loads(path.read_text())["labels"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: it holds the label names ({{\"labels\": [...]}})") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: expected JSON {{\"labels\": [...]}}: {err}") from None
+    return [str(label) for label in labels]
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: cannot read the tensors (truncated or not safetensors): {err}") from None
+
+
+def load_probe(path: str | Path, dim: int) -> LinearReadout:
+    """``<name>.safetensors`` (``train.eval.save_probe``) + ``<name>.json`` labels -> LinearReadout."""
+    path = Path(path)
+    probe = LinearReadout.from_state_dict(_read_tensors(path), _read_labels(path.with_suffix(".json")))
+    if probe.dim != dim:
+        raise ValueError(f"{path} reads {probe.dim}-d features but the model makes {dim}-d ones")
+    return probe
+
+
+def load_bank(path: str | Path, dim: int) -> FeatureBank:
+    """``bank.safetensors`` {features [n, D], thumbnails uint8 [n, h, w, 3], subgroup [n]} + ``bank.json``."""
+    path = Path(path)
+    tensors = _read_tensors(path)
+    missing = [k for k in ("features", "thumbnails", "subgroup") if k not in tensors]
+    if missing:
+        raise ValueError(f"{path}: missing tensors {missing}")
+    features, thumbnails, subgroup = tensors["features"].float(), tensors["thumbnails"], tensors["subgroup"].long()
+    labels = tuple(_read_labels(path.with_suffix(".json")))
+    n = features.size(0)
+    if features.dim() != 2 or features.size(1) != dim:
+        raise ValueError(f"{path}: features must be [n, {dim}], got {tuple(features.shape)}")
+    if thumbnails.dim() != 4 or thumbnails.size(0) != n or thumbnails.size(3) != 3 or thumbnails.dtype != torch.uint8:
+        raise ValueError(f"{path}: thumbnails must be uint8 [{n}, h, w, 3], got {thumbnails.dtype} "
+                         f"{tuple(thumbnails.shape)}")
+    if subgroup.shape != (n,) or (n and (int(subgroup.min()) < 0 or int(subgroup.max()) >= len(labels))):
+        raise ValueError(f"{path}: subgroup must be [{n}] indices into the {len(labels)} labels")
+    return FeatureBank(features, thumbnails.numpy(), subgroup, labels)
+
+
+def load_examples(directory: str | Path) -> list[Example]:
+    """``examples/examples.json`` [{"file", "boxes", "caption"}] -> Examples (an absent folder gives none)."""
+    directory = Path(directory)
+    index = directory / EXAMPLES_INDEX
+    if not index.is_file():
+        return []
+    try:
+        entries = json.loads(index.read_text())
+        examples = [Example(directory / e["file"], tuple(tuple(float(v) for v in b) for b in e["boxes"]),
+                            str(e.get("caption", ""))) for e in entries]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{index}: expected [{{\"file\": ..., \"boxes\": [[xmin, ymin, xmax, ymax]], "
+                         f"\"caption\": ...}}]: {err}") from None
+    for example in examples:
+        if not example.path.is_file():
+            raise FileNotFoundError(f"{index} lists {example.path.name}, which is not in {directory}")
+    return examples
+
+
+@torch.no_grad()
+def true_features_of(model: IJepa, prepared: PreparedImage) -> torch.Tensor:
+    """Layer-normed target features [N, D] of a prepared image."""
+    device = next(model.parameters()).device
+    return true_features(model, prepared.pixels.unsqueeze(0).to(device))[0].float().cpu()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rendering (numpy / Pillow; matplotlib for figures with colour bars, through its object API: thread-safe)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def upscale(image: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour enlargement by an integer factor (keeps every model pixel visible as a block)."""
+    return image if factor == 1 else np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def _patch_bounds(box: BoxPrediction, grid_width: int, patch_size: int) -> tuple[int, int, int, int]:
+    rows, cols = np.divmod(box.target_indices.numpy(), grid_width)
+    return (int(cols.min()) * patch_size, int(rows.min()) * patch_size,
+            (int(cols.max()) + 1) * patch_size, (int(rows.max()) + 1) * patch_size)
+
+
+def sketch_sheet(image: np.ndarray, analysis: Analysis, scale: int) -> np.ndarray:
+    """One sketch for display: the composite enlarged with the hidden regions outlined, then each box's region
+    enlarged further in a column on the right."""
+    big = Image.fromarray(upscale(image, scale))
+    draw = ImageDraw.Draw(big)
+    gw = analysis.result.grid_size[1]
+    bounds = [_patch_bounds(b, gw, analysis.patch_size) for b in analysis.result.boxes]
+    for b, (x0, y0, x1, y1) in enumerate(bounds):
+        draw.rectangle([x0 * scale - 1, y0 * scale - 1, x1 * scale, y1 * scale],
+                       outline=BOX_COLORS[b % len(BOX_COLORS)], width=1)
+    side = big.size[1]
+    slot = side // len(bounds)
+    panel = Image.new("RGB", (side, side), (255, 255, 255))
+    for b, (x0, y0, x1, y1) in enumerate(bounds):
+        crop = image[y0:y1, x0:x1]
+        factor = max(1, min((slot - 6) // crop.shape[0], (side - 6) // crop.shape[1]))
+        tile = Image.fromarray(upscale(crop, factor))
+        ImageDraw.Draw(tile).rectangle([0, 0, tile.size[0] - 1, tile.size[1] - 1],
+                                       outline=BOX_COLORS[b % len(BOX_COLORS)], width=2)
+        panel.paste(tile, ((side - tile.size[0]) // 2, b * slot + (slot - tile.size[1]) // 2))
+    sheet = Image.new("RGB", (2 * side + 8, side), (255, 255, 255))
+    sheet.paste(big, (0, 0))
+    sheet.paste(panel, (side + 8, 0))
+    return np.asarray(sheet)
+
+
+def _extent(size: int) -> tuple[float, float, float, float]:
+    """Where a coarse map must go to line up with a [size, size] image drawn by imshow (pixel centres at integers)."""
+    return -0.5, size - 0.5, size - 0.5, -0.5
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _figure_to_array(fig) -> np.ndarray:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def render_surprise(image: np.ndarray, errors: np.ndarray, window: int) -> np.ndarray:
+    """The image beside its surprise map (prediction error per patch) with a colour bar."""
+    size = image.shape[0]
+    fig = _figure(7.6, 3.6)
+    left, right = fig.subplots(1, 2)
+    left.imshow(image, interpolation="nearest")
+    left.set_title("What the model saw")
+    right.imshow(image, interpolation="nearest")
+    shown = right.imshow(errors, cmap="inferno", alpha=0.8, extent=_extent(size), interpolation="nearest",
+                         vmin=0.0, vmax=max(1.0, float(errors.max())))
+    right.set_title(f"Surprise ({window}x{window}-patch window)")
+    for axis in (left, right):
+        axis.set_xticks([])
+        axis.set_yticks([])
+    fig.colorbar(shown, ax=right, label="prediction error (1 = blank guess)", shrink=0.9)
+    return _figure_to_array(fig)
+
+
+def render_feature_view(image: np.ndarray, pca_rgb: np.ndarray) -> np.ndarray:
+    """The image beside the PCA of its patch features as RGB (similar colours = similar features)."""
+    size = image.shape[0]
+    fig = _figure(7.0, 3.6)
+    left, right = fig.subplots(1, 2)
+    left.imshow(image, interpolation="nearest")
+    left.set_title("What the model saw")
+    right.imshow(pca_rgb, interpolation="nearest", extent=_extent(size))
+    right.set_title("Patch features (top 3 PCA components as RGB)")
+    for axis in (left, right):
+        axis.set_xticks([])
+        axis.set_yticks([])
+    return _figure_to_array(fig)
+
+
+def render_truth_vs_prediction(analysis: Analysis, truth: np.ndarray | None, prediction: np.ndarray | None,
+                               patch_size: int) -> np.ndarray:
+    """Rows of boxes; columns: input with the box hidden, decoded truth, decoded prediction, per-patch error."""
+    base = analysis.prepared.to_uint8()
+    size = base.shape[0]
+    gh, gw = analysis.result.grid_size
+    masks = analysis.box_masks()
+    hidden = base.copy()
+    for mask in masks:
+        hidden[mask] = 128
+    columns = [("What the model saw", hidden)]
+    if truth is not None and prediction is not None:
+        columns += [("Decoded from the TRUE features", truth), ("Decoded from the PREDICTION", prediction)]
+    rows = len(analysis.result.boxes)
+    fig = _figure(2.5 * (len(columns) + 1) + 0.6, 2.6 * rows)
+    axes = np.asarray(fig.subplots(rows, len(columns) + 1, squeeze=False))
+    shown = None
+    for r, box in enumerate(analysis.result.boxes):
+        x0, y0, x1, y1 = _patch_bounds(box, gw, patch_size)
+        color = tuple(c / 255 for c in BOX_COLORS[r % len(BOX_COLORS)])
+        for c, (title, picture) in enumerate(columns):
+            axes[r, c].imshow(picture, interpolation="nearest")
+            axes[r, c].set_title(f"Box {r + 1}: {title}" if c == 0 else title, fontsize=9)
+        grid = np.full(gh * gw, np.nan)
+        grid[box.target_indices.numpy()] = box.errors.numpy()
+        axes[r, -1].imshow(base // 3 + 85, interpolation="nearest")
+        shown = axes[r, -1].imshow(grid.reshape(gh, gw), cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest",
+                                   extent=_extent(size))
+        axes[r, -1].set_title(f"Error per patch (mean {box.error:.2f})", fontsize=9)
+        for axis in axes[r]:
+            axis.add_patch(_rectangle(x0, y0, x1, y1, color))
+            axis.set_xticks([])
+            axis.set_yticks([])
+    fig.colorbar(shown, ax=axes[:, -1].tolist(), label="0 = exact, 1 = blank guess", shrink=0.8)
+    return _figure_to_array(fig)
+
+
+def _rectangle(x0: float, y0: float, x1: float, y1: float, color: tuple[float, ...]):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A random-weight bundle: exercises every path (tests, benchmarks, trying the app) without any training
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _example_scene(width: int, height: int, rng: np.random.Generator) -> tuple[Image.Image, list[list[float]]]:
+    """A gradient background with a few coloured shapes; the boxes cover two of the shapes."""
+    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
+    top, bottom = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    background = (top * (1 - yy[..., None]) + bottom * yy[..., None] + 20 * xx[..., None]).clip(0, 255)
+    image = Image.fromarray(background.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    side = min(width, height)
+    left, top_edge = (width - side) / 2, (height - side) / 2
+    boxes = []
+    for k in range(3):
+        r = side * rng.uniform(0.10, 0.16)
+        cx = left + side * (0.25 + 0.25 * k)
+        cy = top_edge + side * rng.uniform(0.3, 0.7)
+        color = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if k % 2 == 0 else draw.rectangle)([cx - r, cy - r, cx + r, cy + r], fill=color)
+        if k < 2:
+            boxes.append([round(cx - r), round(cy - r), round(cx + r), round(cy + r)])
+    return image, boxes
+
+
+def build_random_bundle(directory: str | Path, config: IJepaConfig, decoder_kwargs: dict | None = None,
+                        num_labels: int = 6, bank_size: int = 24, num_examples: int = 2, seed: int = 0) -> Path:
+    """Write a complete bundle with random weights: model, decoder (None: skip), probes, bank and examples.
+
+    Nothing it shows means anything; it exists so the app, its tests and its benchmark run anywhere.
+    """
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    config = IJepaConfig.from_dict({**config.to_dict(), "trained_on": "nothing (random weights, for testing)"})
+    save_model(IJepa(config), directory / MODEL_DIR)
+    if decoder_kwargs is not None:
+        args = {"feature_dim": config.embed_dim, "grid_size": config.grid_size, "image_size": config.img_size,
+                **decoder_kwargs}
+        SketchDecoder(**args).save_pretrained(directory / DECODER_DIR)
+    dim = config.embed_dim
+    labels = [f"label {i}" for i in range(num_labels)]
+    for name in PROBE_NAMES:
+        state = {"mean": torch.randn(dim) * 0.1, "std": torch.rand(dim) + 0.5,
+                 "linear.weight": torch.randn(num_labels, dim) * 0.2, "linear.bias": torch.zeros(num_labels)}
+        save_file(state, directory / f"probe_{name}.safetensors")
+        (directory / f"probe_{name}.json").write_text(json.dumps({"labels": labels}) + "\n")
+    save_file({"features": torch.randn(bank_size, dim).half(),
+               "thumbnails": torch.from_numpy(rng.integers(0, 256, (bank_size, 16, 16, 3), dtype=np.uint8)),
+               "subgroup": torch.arange(bank_size) % num_labels}, directory / f"{BANK_NAME}.safetensors")
+    (directory / f"{BANK_NAME}.json").write_text(json.dumps({"labels": labels}) + "\n")
+    examples_dir = directory / EXAMPLES_DIR
+    examples_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for k in range(num_examples):
+        width, height = (256, 256) if k % 2 == 0 else (320, 240)
+        image, boxes = _example_scene(width, height, rng)
+        image.save(examples_dir / f"example_{k}.png")
+        entries.append({"file": f"example_{k}.png", "boxes": boxes, "caption": f"Random shapes {k + 1}"})
+    (examples_dir / EXAMPLES_INDEX).write_text(json.dumps(entries, indent=2) + "\n")
+    return directory
+
+
+__all__ = [
+    "BOX_COLORS", "DEFAULT_ASSETS", "DEFAULT_NUM_SAMPLES", "DEFAULT_NUM_STEPS", "MAX_BOXES", "MAX_IMAGE_PIXELS",
+    "MAX_NUM_SAMPLES", "MAX_NUM_STEPS", "Analysis", "BoxReport", "CheckpointError", "Engine", "Example",
+    "FeatureBank", "ModelInfo", "Neighbour", "SketchUpdate", "SurpriseMap", "array_to_image", "build_random_bundle",
+    "load_bank", "load_decoder", "load_examples", "load_probe", "load_readouts", "sketch_sheet", "upscale",
+]

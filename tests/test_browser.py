@@ -1,0 +1,158 @@
+"""The app in a real browser (Debian Chromium driven by Playwright): pick an example and run it, upload a photo,
+draw a box on the annotator canvas, run it, and check the sketches render. Saves docs/screenshot.png.
+
+Runs the bundle in assets/ when it has a model, otherwise a tiny random bundle. Never calls `playwright install`:
+it uses /usr/bin/chromium (apt-get install chromium).
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from ijepa.engine import build_random_bundle
+from ijepa.inference import map_boxes, prepare_image
+from ijepa.masks import boxes_to_masks
+from ijepa.model import IJepaConfig
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium "
+                       "(apt-get install chromium chromium-driver)"),
+]
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "assets"
+SCREENSHOT = REPO / "docs" / "screenshot.png"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 90_000
+UPLOAD_SIZE = (400, 300)
+DRAWN_BOX = (110, 60, 290, 240)  # in the uploaded photo's pixels
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    if (ASSETS / "model" / "config.json").is_file():
+        return ASSETS
+    config = IJepaConfig.from_arch("vit_tiny", img_size=32, patch_size=4, depth=1, predictor_depth=1,
+                                   predictor_embed_dim=48)
+    decoder = dict(feature_channels=4, block_out_channels=(8, 16), attention_levels=(False, True),
+                   attention_head_dim=8, norm_num_groups=4)
+    return build_random_bundle(tmp_path_factory.mktemp("bundle"), config, decoder)
+
+
+@pytest.fixture(scope="module")
+def server(assets, tmp_path_factory):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("log") / "app.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "app.py", "--assets", str(assets), "--port", str(port)],
+                                   cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    url, start = f"http://127.0.0.1:{port}/", time.perf_counter()
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.perf_counter() - start > 60:
+                pytest.fail(f"app.py did not answer within 60 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def page(server, tmp_path_factory):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
+            headless=True, viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(server, wait_until="load")
+        page.wait_for_selector("#annotator canvas.canvas-annotator")
+        yield page
+        context.close()
+
+
+def photo(tmp_path: Path) -> Path:
+    pixels = np.zeros((UPLOAD_SIZE[1], UPLOAD_SIZE[0], 3), np.uint8)
+    pixels[..., 0] = np.linspace(0, 255, UPLOAD_SIZE[0], dtype=np.uint8)[None, :]
+    pixels[100:200, 150:250] = (0, 200, 0)
+    path = tmp_path / "photo.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def run_and_wait_for_sketches(page, expected: int = 4) -> None:
+    page.click("#run")
+    page.wait_for_function(
+        """(n) => {
+            const status = document.querySelector('#sketch-status');
+            const thumbs = [...document.querySelectorAll('#sketches .thumbnail-small img')];
+            const shown = document.querySelector('#sketches .media-button img');
+            return status && status.innerText.startsWith(n + ' of ' + n + ' sketches') && thumbs.length === n
+                && [shown, ...thumbs].every(i => i && i.complete && i.naturalWidth > 0);
+        }""", arg=expected)
+
+
+def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
+    examples = json.loads((assets / "examples" / "examples.json").read_text())
+    thumbnails = page.locator("#examples button.thumbnail-item")
+    assert thumbnails.count() == len(examples) >= 1
+    thumbnails.nth(len(examples) - 1).click()
+    example_boxes = len(examples[-1]["boxes"])
+    time.sleep(1.0)  # the annotator redraws from the new value
+    run_and_wait_for_sketches(page)
+    assert f"Box {example_boxes}: error" in page.inner_text("#explanation")
+    for tab, selector in [("Surprise map", "#surprise img"), ("Feature view", "#features img"),
+                          ("Truth vs prediction", "#truth img"), ("Sketches", "#sketches img")]:
+        page.get_by_role("tab", name=tab).click()
+        page.wait_for_selector(selector)  # each panel rendered (the surprise map follows the sketches)
+    page.wait_for_selector("#model-view img")
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+    page.set_input_files('input[data-testid="Upload your own image-upload-button"]', str(photo(tmp_path)))
+    page.wait_for_selector("text=Image loaded.")
+    time.sleep(1.0)
+    canvas = page.locator("#annotator canvas.canvas-annotator").bounding_box()
+    # The canvas can be wider or taller than the image (letterboxed): map image pixels to screen pixels.
+    scale = min(canvas["width"] / UPLOAD_SIZE[0], canvas["height"] / UPLOAD_SIZE[1])
+    left = canvas["x"] + (canvas["width"] - UPLOAD_SIZE[0] * scale) / 2
+    top = canvas["y"] + (canvas["height"] - UPLOAD_SIZE[1] * scale) / 2
+    page.click('#annotator button[aria-label="Create box"]')
+    x0, y0, x1, y1 = DRAWN_BOX
+    page.mouse.move(left + x0 * scale, top + y0 * scale)
+    page.mouse.down()
+    page.mouse.move(left + x1 * scale, top + y1 * scale, steps=12)
+    page.mouse.up()
+    run_and_wait_for_sketches(page)
+
+    config = json.loads((assets / "model" / "config.json").read_text())
+    prepared = prepare_image(Image.new("RGB", UPLOAD_SIZE), config["img_size"])
+    grid = config["img_size"] // config["patch_size"]
+    model_box = map_boxes(prepared, [DRAWN_BOX], config["patch_size"])
+    _, (targets,) = boxes_to_masks(model_box, (config["img_size"],) * 2, grid)
+    explanation = page.inner_text("#explanation")
+    assert f"The {targets.numel()} patches under your box were hidden" in explanation  # the drawn box, mapped
+    assert "Box 2" not in explanation  # the upload cleared the example's boxes

@@ -1,0 +1,381 @@
+"""The app's engine and the inference functions behind its panels, on a tiny random bundle.
+
+What a user relies on: any common image file becomes the model's square view with boxes mapped onto it; bad
+files and boxes fail with a message that says what to change; sketches stream (first one early), keep the
+context pixel-exact and are reproducible from the seed; the surprise map and PCA have the grid's shape and
+are computed correctly; missing bundle parts switch panels off with an explanation instead of failing.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ijepa.engine import Engine, build_random_bundle, load_probe
+from ijepa.inference import (LinearReadout, analyze_boxes, feature_pca, map_boxes, nearest_neighbours, open_image,
+                             prepare_image, surprise_map, to_rgb, window_positions)
+from ijepa.masks import boxes_to_masks
+from ijepa.model import IJepaConfig
+
+SIZE, PATCH = 32, 4
+GRID = SIZE // PATCH
+TINY_DECODER = dict(feature_channels=4, block_out_channels=(8, 16), attention_levels=(False, True),
+                    attention_head_dim=8, norm_num_groups=4)
+STEPS = 2
+
+
+def tiny_config() -> IJepaConfig:
+    return IJepaConfig.from_arch("vit_tiny", img_size=SIZE, patch_size=PATCH, depth=1, predictor_depth=1,
+                                 predictor_embed_dim=48)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return build_random_bundle(tmp_path_factory.mktemp("bundle"), tiny_config(), TINY_DECODER)
+
+
+@pytest.fixture(scope="module")
+def engine(bundle):
+    torch.set_num_threads(2)
+    return Engine.load(bundle, device="cpu")
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height and that holds no pixel data (a decompression-bomb stand-in)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+# ----- images: every mode and format becomes upright 8-bit RGB ------------------------------------------------
+
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+def halves(mode_image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Mean colour of the left and right halves of a converted image."""
+    rgb = np.asarray(to_rgb(mode_image), dtype=np.float64)
+    width = rgb.shape[1]
+    return rgb[:, : width // 2].mean(axis=(0, 1)), rgb[:, width // 2:].mean(axis=(0, 1))
+
+
+def test_rgba_transparency_becomes_white_and_opaque_colour_is_kept():
+    image = Image.new("RGBA", (8, 4), (0, 0, 0, 0))
+    image.paste((*RED, 255), (4, 0, 8, 4))
+    left, right = halves(image)
+    np.testing.assert_allclose(left, 255)
+    np.testing.assert_allclose(right, RED)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "1", "LA", "YCbCr", "LAB"])
+def test_other_modes_convert_to_rgb(mode):
+    source = Image.new("RGB", (8, 4), (255, 255, 255))
+    source.paste(RED if mode not in ("L", "1", "LA") else (0, 0, 0), (4, 0, 8, 4))
+    converted = to_rgb(source.convert(mode))
+    assert converted.mode == "RGB" and converted.size == (8, 4)
+    left, right = halves(source.convert(mode))
+    assert np.abs(left - 255).max() <= 3, mode  # white stays white
+    assert np.abs(left - right).max() > 100, mode  # the other half stays distinct
+
+
+def test_palette_with_transparency_is_composited():
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    image.paste(1, (2, 0, 4, 4))
+    image.info["transparency"] = 0
+    left, right = halves(image)
+    np.testing.assert_allclose(left, 255)
+    np.testing.assert_allclose(right, RED)
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped():
+    values = np.array([[0, 16384, 32768, 65535]], dtype=np.uint16).repeat(2, axis=0)
+    loaded = open_image(encode(Image.fromarray(values, mode="I;16"), "PNG"))
+    assert loaded.mode.startswith("I")  # Pillow keeps 16 bits; to_rgb must scale them
+    rgb = np.asarray(to_rgb(loaded))
+    np.testing.assert_array_equal(rgb[0, :, 0], [0, 64, 128, 255])
+
+
+def test_32_bit_and_float_greyscale():
+    ints = Image.fromarray(np.array([[0, 65535]], dtype=np.int32), mode="I")
+    np.testing.assert_array_equal(np.asarray(to_rgb(ints))[0, :, 1], [0, 255])
+    floats = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), mode="F")
+    np.testing.assert_array_equal(np.asarray(to_rgb(floats))[0, :, 2], [0, 128, 255])
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_common_formats_open(fmt):
+    image = Image.new("RGB", (40, 30), RED)
+    loaded = to_rgb(open_image(encode(image, fmt)))
+    assert loaded.size == (40, 30)
+    assert np.abs(np.asarray(loaded, dtype=int)[15, 20] - RED).max() <= 8
+
+
+def test_exif_rotation_is_applied_like_a_browser():
+    # Stored 40x20 with red on the left; orientation 6 means "rotate 90 degrees clockwise to display".
+    stored = Image.new("RGB", (40, 20), BLUE)
+    stored.paste(RED, (0, 0, 20, 20))
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    upright = to_rgb(open_image(encode(stored, "JPEG", exif=exif.tobytes(), quality=95)))
+    assert upright.size == (20, 40)
+    pixels = np.asarray(upright, dtype=int)
+    assert np.abs(pixels[5, 10] - RED).max() < 40 and np.abs(pixels[35, 10] - BLUE).max() < 40
+    prepared = prepare_image(upright, SIZE)
+    assert prepared.source_size == (20, 40) and prepared.crop == (0.0, 10.0, 20.0)
+
+
+def test_prepare_crops_the_centre_square_and_maps_boxes():
+    image = Image.new("RGB", (320, 240), (0, 255, 0))
+    image.paste(RED, (40, 0, 280, 240))  # exactly the centre square
+    prepared = prepare_image(image, SIZE)
+    assert prepared.pixels.shape == (3, SIZE, SIZE) and prepared.pixels.dtype == torch.float32
+    assert torch.allclose(prepared.pixels[:, SIZE // 2, SIZE // 2], torch.tensor([1.0, 0.0, 0.0]))
+    assert (prepared.to_uint8()[..., 1] < 20).all()  # no green from outside the square leaks in
+    assert prepared.crop == (40.0, 0.0, 240.0)
+    assert prepared.to_model((40, 0, 280, 240)) == pytest.approx((0, 0, SIZE, SIZE))
+    assert prepared.to_model((100, 60, 160, 120)) == pytest.approx((8, 8, 16, 16))
+    assert prepared.to_source(prepared.to_model((101, 7, 203, 99))) == pytest.approx((101, 7, 203, 99))
+    assert map_boxes(prepared, [[100, 60, 160, 120], {"xmin": 30, "ymin": 0, "xmax": 70, "ymax": 30}], PATCH) == [
+        pytest.approx((8, 8, 16, 16)), pytest.approx((0, 0, 4, 4))]
+
+
+# ----- bad input: ValueError with a message that says what to do ----------------------------------------------
+
+@pytest.mark.parametrize("data, message", [
+    (b"this is not an image", "not an image"),
+    (encode(Image.new("RGB", (64, 64), RED), "PNG")[:60], "damaged"),
+    (png_header_only(100_000, 100_000), "megapixels"),
+    (png_header_only(9_000, 8_000), "limit"),
+])
+def test_bad_files_are_refused_with_clear_messages(data, message):
+    with pytest.raises(ValueError, match=message):
+        open_image(data)
+
+
+@pytest.mark.parametrize("boxes, message", [
+    ([], "Draw a box"),
+    ([[0, 0, 40, 40]] * 5, "at most 4"),
+    ([[10, 10, 13, 40]], r"smaller than one patch.*at least 30 pixels"),
+    ([[0, 0, 240, 240]], "no context"),
+    ([[-50, 10, 100, 100]], "outside the 240x240 image"),
+    ([[10, 10, 100, 400]], "outside the 240x240 image"),
+    ([[50, 50, 20, 80]], "empty"),
+    ([[float("nan"), 1, 2, 3]], "finite"),
+    ([[1, 2, 3]], r"\[xmin, ymin, xmax, ymax\]"),
+    ([["a", 1, 2, 3]], "four numbers"),
+    ([{"xmin": 1, "ymin": 2}], "missing"),
+])
+def test_bad_boxes_are_refused_with_clear_messages(engine, boxes, message):
+    image = np.zeros((240, 240, 3), np.uint8)
+    with pytest.raises(ValueError, match=message):
+        engine.analyze(image, boxes)
+
+
+def test_box_outside_the_centre_square_is_explained(engine):
+    with pytest.raises(ValueError, match=r"centre square.*x 40\.\.280"):
+        engine.analyze(np.zeros((240, 320, 3), np.uint8), [[0, 0, 30, 100]])
+
+
+# ----- the computations behind the panels ---------------------------------------------------------------------
+
+def test_analyze_reports_every_box(engine):
+    image = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    analysis = engine.analyze(image, [[40, 0, 100, 60], [160, 120, 280, 240]])
+    assert [r.patches for r in analysis.reports] == [4, 16]
+    assert analysis.result.context_indices.numel() == GRID * GRID - 20
+    for report, box in zip(analysis.reports, analysis.result.boxes):
+        assert len(report.error_per_patch) == report.patches and report.error == pytest.approx(box.error)
+        assert len(report.probe["subgroup"]) == 5 and len(report.neighbours) == 6
+        assert sum(p for _, p in report.probe["subgroup"]) <= 1.0 + 1e-6
+    metrics = json.loads(json.dumps(analysis.metrics()))
+    assert metrics["boxes"][1]["box"] == [160, 120, 280, 240] and metrics["boxes"][1]["hidden_patches"] == 16
+    view = engine.model_view(analysis)
+    assert view.shape == (SIZE * engine.display_scale(),) * 2 + (3,) and view.dtype == np.uint8
+
+
+def test_analyze_errors_are_mse_to_layer_normed_truth(engine):
+    prepared = prepare_image(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8), SIZE)
+    context, targets = boxes_to_masks([(8, 8, 16, 16)], (SIZE, SIZE), GRID)
+    result = analyze_boxes(engine.model, prepared.pixels, context, targets)
+    box = result.boxes[0]
+    expected = torch.nn.functional.layer_norm(engine.model.target_encoder(
+        engine.model.normalize(prepared.pixels[None]))[0], (192,))[box.target_indices]
+    torch.testing.assert_close(box.true, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(box.errors, (box.predicted - box.true).pow(2).mean(-1))
+
+
+def test_window_positions_cover_every_patch():
+    for grid, window, stride in [((8, 8), (2, 2), 1), ((16, 16), (4, 4), 2), ((7, 9), (3, 2), 3)]:
+        covered = np.zeros(grid, bool)
+        for r, c in window_positions(grid, window, stride):
+            covered[r:r + window[0], c:c + window[1]] = True
+        assert covered.all()
+
+
+def test_surprise_map_equals_hiding_each_window_alone(engine):
+    image = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    errors = surprise_map(engine.model, image, window=4, stride=4, batch_size=3)  # 4 tiles, uneven batches
+    assert errors.shape == (GRID, GRID) and torch.isfinite(errors).all() and (errors > 0).all()
+    for top, left in [(0, 0), (4, 4)]:
+        context, targets = boxes_to_masks([(left * PATCH, top * PATCH, (left + 4) * PATCH, (top + 4) * PATCH)],
+                                          (SIZE, SIZE), GRID)
+        alone = analyze_boxes(engine.model, image, context, targets).boxes[0].errors.view(4, 4)
+        torch.testing.assert_close(errors[top:top + 4, left:left + 4], alone, atol=1e-4, rtol=1e-4)
+    overview = engine.surprise_map(np.asarray(image.permute(1, 2, 0) * 255, dtype=np.uint8))
+    assert overview.errors.shape == (GRID, GRID) and overview.window == (2, 2) and overview.figure.ndim == 3
+    with pytest.raises(ValueError, match="window"):
+        engine.surprise_map(np.zeros((32, 32, 3), np.uint8), window=GRID)
+
+
+def test_feature_pca_separates_distinct_regions():
+    rng = torch.Generator().manual_seed(3)
+    a, b = torch.randn(16, generator=rng), torch.randn(16, generator=rng)
+    features = torch.stack([a if i < 8 else b for i in range(16)]) + 0.01 * torch.randn(16, 16, generator=rng)
+    rgb = feature_pca(features, (4, 4))
+    assert rgb.shape == (4, 4, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    first = rgb.view(16, 3)[:, 0]  # the leading component carries the two-region structure
+    assert first[:8].max() - first[:8].min() < 0.05 and first[8:].max() - first[8:].min() < 0.05
+    assert (first[:8].mean() - first[8:].mean()).abs() > 0.9
+    torch.testing.assert_close(feature_pca(features, (4, 4)), rgb)
+
+
+def test_feature_view_renders(engine):
+    view = engine.feature_view(np.zeros((50, 60, 3), np.uint8))
+    assert view.ndim == 3 and view.shape[2] == 3 and view.dtype == np.uint8
+
+
+def test_probe_readout_matches_the_training_probe(tmp_path):
+    from train.eval import LinearProbe, save_probe
+
+    torch.manual_seed(0)
+    probe = LinearProbe(12, 7)
+    probe.mean.normal_()
+    probe.std.uniform_(0.5, 2.0)
+    labels = [f"class {i}" for i in range(7)]
+    save_probe(probe, labels, tmp_path / "probe_subgroup")
+    readout = load_probe(tmp_path / "probe_subgroup.safetensors", 12)
+    features = torch.randn(12)
+    expected = torch.softmax(probe(features[None]), dim=-1)[0]
+    torch.testing.assert_close(readout.probabilities(features), expected.detach())
+    top = readout.top_k(features, 5)
+    assert [label for label, _ in top] == [labels[i] for i in expected.topk(5).indices.tolist()]
+    with pytest.raises(ValueError, match="reads 12-d features"):
+        load_probe(tmp_path / "probe_subgroup.safetensors", 13)
+    with pytest.raises(ValueError, match="label names"):
+        LinearReadout.from_state_dict(probe.state_dict(), labels[:3])
+
+
+def test_nearest_neighbours_finds_the_same_direction():
+    bank = torch.randn(20, 8, generator=torch.Generator().manual_seed(4))
+    indices, sims = nearest_neighbours(bank, 3.0 * bank[7], k=4)
+    assert indices[0] == 7 and sims[0] == pytest.approx(1.0) and sims.shape == (4,)
+    assert (sims[:-1] >= sims[1:]).all()
+
+
+# ----- sketches: streamed, exact context, reproducible ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_box_analysis(engine):
+    image = np.random.default_rng(5).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    return engine.analyze(image, [[25, 25, 75, 75], [100, 100, 175, 150]])
+
+
+def test_sketches_stream_first_one_early_with_exact_context(engine, two_box_analysis):
+    updates = list(engine.stream_sketches(two_box_analysis, num_samples=3, seed=7, num_steps=STEPS))
+    assert [u.sample_indices for u in updates] == [(0,), (0, 1, 2)]
+    assert [u.done for u in updates] == [False, True] and updates[0].seconds <= updates[1].seconds
+    base = two_box_analysis.prepared.to_uint8()
+    outside = ~np.logical_or.reduce(two_box_analysis.box_masks())
+    for image in updates[-1].images:
+        assert image.shape == base.shape and image.dtype == np.uint8
+        np.testing.assert_array_equal(image[outside], base[outside])
+        assert not np.array_equal(image[~outside], base[~outside])
+    np.testing.assert_array_equal(updates[0].images[0], updates[-1].images[0])
+    gallery = engine.sketch_gallery(two_box_analysis, updates[-1])
+    assert len(gallery) == 3 and gallery[2][1].startswith("Sketch 3 of 3 · seed 7")
+
+
+def test_sketches_are_reproducible_from_the_seed(engine, two_box_analysis):
+    first = engine.sketches(two_box_analysis, num_samples=2, seed=11, num_steps=STEPS).images
+    again = engine.sketches(two_box_analysis, num_samples=2, seed=11, num_steps=STEPS).images
+    other = engine.sketches(two_box_analysis, num_samples=2, seed=12, num_steps=STEPS).images
+    for a, b in zip(first, again):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert np.abs(first[0].astype(int) - other[0].astype(int)).max() > 10
+    assert np.abs(first[0].astype(int) - first[1].astype(int)).max() > 10  # samples differ from each other
+
+
+def test_truth_vs_prediction_decodes_both(engine, two_box_analysis):
+    truth = engine.decode_truth(two_box_analysis, seed=3, num_steps=STEPS)
+    predicted = engine.sketches(two_box_analysis, 1, seed=3, num_steps=STEPS)
+    assert np.abs(truth.astype(int) - predicted.images[0].astype(int)).max() > 0  # different features
+    figure = engine.truth_vs_prediction(two_box_analysis, predicted, seed=3, num_steps=STEPS)
+    assert figure.ndim == 3 and figure.shape[2] == 3 and figure.shape[0] > 200
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_samples=0), "between 1 and 8"), (dict(num_samples=9), "between 1 and 8"),
+    (dict(num_steps=0), "steps"), (dict(seed=-1), "seed"),
+])
+def test_sampling_arguments_are_checked(engine, two_box_analysis, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        engine.sketches(two_box_analysis, **{"num_steps": STEPS, **kwargs})
+
+
+# ----- bundles with parts missing -----------------------------------------------------------------------------
+
+def test_missing_parts_switch_panels_off_with_explanations(bundle, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(bundle / "model", partial / "model")
+    engine = Engine.load(partial, device="cpu")
+    assert not engine.has_decoder and not engine.probes and engine.bank is None and engine.examples == []
+    text = engine.describe()
+    assert "python -m train.decoder --checkpoint" in text and "probe" in text and "bank" in text
+    analysis = engine.analyze(np.zeros((64, 64, 3), np.uint8), [[16, 16, 40, 40]])
+    assert analysis.reports[0].probe == {} and analysis.reports[0].neighbours == ()
+    with pytest.raises(ValueError, match="python -m train.decoder"):
+        next(engine.stream_sketches(analysis))
+    assert engine.truth_vs_prediction(analysis).ndim == 3  # the error map needs no decoder
+    assert engine.neighbour_gallery(analysis) == [] and "probe" in engine.readout_markdown(analysis).lower()
+
+
+def test_checkpoint_flag_uses_only_the_given_decoder(bundle):
+    engine = Engine.load(bundle, checkpoint=bundle / "model", decoder=bundle / "decoder", device="cpu")
+    assert engine.has_decoder and not engine.probes and len(engine.examples) == 2
+    assert engine.info.img_size == SIZE and "random weights" in engine.info.trained_on
+    model_only = Engine.load(bundle / "model", device="cpu")  # a model folder as the first argument
+    assert not model_only.has_decoder and model_only.examples == [] and model_only.info.source.endswith("model")
+
+
+def test_load_errors_say_what_to_do(bundle, tmp_path):
+    with pytest.raises(FileNotFoundError, match="--checkpoint"):
+        Engine.load(tmp_path)
+    other = IJepaConfig.from_arch("vit_tiny", img_size=64, patch_size=4, depth=1, predictor_depth=1,
+                                  predictor_embed_dim=48)
+    build_random_bundle(tmp_path / "other", other, None, num_examples=0)
+    with pytest.raises(ValueError, match="train a decoder for this model"):
+        Engine.load(tmp_path / "other", decoder=bundle / "decoder", device="cpu")
+
+
+def test_examples_load_with_their_boxes(engine):
+    assert len(engine.examples) == 2
+    for example in engine.examples:
+        image = example.image()
+        assert image.dtype == np.uint8 and image.shape[2] == 3
+        engine.analyze(image, example.boxes)  # every shipped example works as is

@@ -1,0 +1,211 @@
+"""The built-in default model, end to end, in one command:
+
+    python -m train.default --out-dir runs/default                 # GPU if present, else the CPU recipe
+    python -m train.default --out-dir runs/default --profile cpu   # force the CPU recipe (<= 90 min, 2 cores)
+    python -m train.default --out-dir runs/default --export assets # also replace the shipped assets
+
+Stages (each resumable: a finished stage is skipped when its output exists):
+  1. pretraining on emoji scenes (train/configs/emoji_<profile>.yaml)
+  2. evaluation: kNN / linear probe vs raw pixels and random init, predictor semantics, box probes
+  3. the reference bank of training-scene boxes for the app's nearest-neighbour panel
+  4. two decoders on the frozen model: ours (spatial + context) and the paper-faithful one (pooled only)
+  5. decoder evaluation (re-encode retrieval, diversity) for both in one run
+  6. export: fp16 safetensors + configs, probes, bank, example images with boxes, MODEL_CARD.md with the figures
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from decoder import SketchDecoder
+from ijepa.checkpoint import load_model, save_model
+from ijepa.model import IJepa
+from train import decoder as decoder_training
+from train import eval as evaluation
+from train import eval_decoder, pretrain
+from train.config import parse_config
+
+logger = logging.getLogger("train.default")
+CONFIGS = Path(__file__).parent / "configs"
+
+# Stage settings per profile: pretraining config file + decoder/eval sizes.
+PROFILES = {
+    "gpu": dict(pretrain="emoji_gpu.yaml", decoder_steps=3000, decoder_batch=128, decoder_channels="64,128,256",
+                box_train=4000, box_test=1000, bank=4096, eval_images=256),
+    "cpu": dict(pretrain="emoji_cpu.yaml", decoder_steps=250, decoder_batch=32, decoder_channels="32,64,128",
+                box_train=2000, box_test=500, bank=2048, eval_images=128),
+    "smoke": dict(pretrain="emoji_smoke.yaml", decoder_steps=2, decoder_batch=4, decoder_channels="32,32,32",
+                  box_train=64, box_test=32, bank=32, eval_images=64),
+}
+
+
+def run_pretraining(profile: dict, out: Path, extra: list[str]) -> Path:
+    model_dir = out / "pretrain" / "model"
+    if not (model_dir / "config.json").exists():
+        resume = ["--resume", "true"] if (out / "pretrain" / "checkpoints").exists() else []
+        cfg = parse_config(pretrain.PretrainConfig, ["--config", str(CONFIGS / profile["pretrain"]),
+                                                    "--out-dir", str(out / "pretrain"), *resume, *extra])
+        pretrain.train(cfg)
+    return model_dir
+
+
+def run_evaluation(model_dir: Path, profile: dict, out: Path) -> dict:
+    results_path = out / "eval" / "results.json"
+    if not results_path.exists():
+        evaluation.main(["--checkpoint", str(model_dir), "--out-dir", str(out / "eval"),
+                         "--box-train", str(profile["box_train"]), "--box-test", str(profile["box_test"])])
+    return json.loads(results_path.read_text())
+
+
+@torch.no_grad()
+def build_reference_bank(model: IJepa, count: int, path: Path, thumb: int = 32, seed: int = 4242) -> None:
+    """Pooled TRUE features of boxes on training scenes + a thumbnail of each box + its subgroup."""
+    from train.emoji import get_catalog
+
+    boxes = evaluation.sample_box_features(model, "train", count, seed=seed, keep_images=True,
+                                           device=str(next(model.parameters()).device))
+    patch = model.config.patch_size
+    thumbs = []
+    for image, (r0, c0, rows, cols) in zip(boxes.images, boxes.boxes.tolist()):
+        crop = image[:, r0 * patch:(r0 + rows) * patch, c0 * patch:(c0 + cols) * patch]
+        thumbs.append(F.interpolate(crop[None], size=(thumb, thumb), mode="bilinear", align_corners=False)[0])
+    thumbnails = (torch.stack(thumbs).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    save_file({"features": boxes.true.half().contiguous(), "thumbnails": thumbnails,
+               "subgroup": boxes.subgroup.contiguous()}, path.with_suffix(".safetensors"))
+    catalog = get_catalog()
+    path.with_suffix(".json").write_text(json.dumps({"labels": catalog.subgroup_names, "catalog":
+                                                     catalog.fingerprint, "features": "pooled true box features"},
+                                                    indent=2) + "\n")
+
+
+def run_decoders(model_dir: Path, profile: dict, out: Path, extra: list[str]) -> dict[str, Path]:
+    paths = {}
+    for mode in ("spatial_context", "pooled"):
+        run_dir = out / f"decoder_{mode}"
+        if not (run_dir / "decoder" / "config.json").exists():
+            resume = ["--resume", "true"] if (run_dir / "checkpoints").exists() else []
+            cfg = parse_config(decoder_training.DecoderTrainConfig, [
+                "--checkpoint", str(model_dir), "--out-dir", str(run_dir), "--conditioning", mode,
+                "--steps", str(profile["decoder_steps"]), "--batch-size", str(profile["decoder_batch"]),
+                "--block-out-channels", profile["decoder_channels"],
+                "--warmup-steps", str(max(1, profile["decoder_steps"] // 20)),
+                "--sample-every", str(max(1, profile["decoder_steps"] // 4)),
+                "--ckpt-every", str(max(1, profile["decoder_steps"] // 4)), *resume, *extra])
+            decoder_training.train(cfg)
+        paths[mode] = run_dir / "decoder"
+    return paths
+
+
+def run_decoder_eval(model_dir: Path, decoders: dict[str, Path], profile: dict, out: Path) -> dict:
+    results_path = out / "decoder_eval" / "results.json"
+    if not results_path.exists():
+        eval_decoder.main(["--checkpoint", str(model_dir), "--decoder", str(decoders["spatial_context"]),
+                           "--paper-decoder", str(decoders["pooled"]), "--num-images", str(profile["eval_images"]),
+                           "--out-dir", str(out / "decoder_eval")])
+    return json.loads(results_path.read_text())
+
+
+def render_examples(model: IJepa, directory: Path, count: int = 6, scale: int = 4, seed: int = 31337) -> None:
+    """Held-out emoji scenes, upscaled for drawing, each with a box over the top half of its main emoji."""
+    from train.emoji import EmojiScenes, get_catalog
+    from PIL import Image
+
+    catalog = get_catalog()
+    size, patch = model.config.img_size, model.config.patch_size
+    scenes = EmojiScenes(catalog, resolution=size, patch_size=patch, split="heldout", seed=seed, num_distractors=(0, 1))
+    directory.mkdir(parents=True, exist_ok=True)
+    examples, index = [], 0
+    while len(examples) < count:
+        item = scenes[index]
+        index += 1
+        cells = torch.nonzero(item["patch_emoji"] == item["emoji"])
+        if len(cells) < 6:
+            continue
+        (r0, c0), (r1, c1) = cells.min(0).values.tolist(), cells.max(0).values.tolist()
+        rows = max(1, (r1 - r0 + 1) // 2)
+        if rows * (c1 - c0 + 1) >= 0.6 * (size // patch) ** 2:
+            continue
+        box = [c0 * patch * scale, r0 * patch * scale, (c1 + 1) * patch * scale, (r0 + rows) * patch * scale]
+        image = (item["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        name = f"example_{len(examples)}.png"
+        Image.fromarray(image).resize((size * scale, size * scale), Image.NEAREST).save(directory / name)
+        examples.append({"file": name, "boxes": [box], "caption": f"hide the top of the {catalog.names[item['emoji']]}"})
+    (directory / "examples.json").write_text(json.dumps(examples, indent=2) + "\n")
+
+
+def export_assets(out: Path, model_dir: Path, decoders: dict[str, Path], target: Path) -> None:
+    """fp16 weights + configs, probes, bank and examples into ``target`` (the app's bundle layout)."""
+    target.mkdir(parents=True, exist_ok=True)
+    model = load_model(model_dir)
+    save_model(model, target / "model", dtype=torch.float16)
+    for mode, name in (("spatial_context", "decoder"), ("pooled", "decoder_paper")):
+        SketchDecoder.from_pretrained(decoders[mode]).to(torch.float16).save_pretrained(target / name)
+    for name in ("probe_group", "probe_subgroup"):
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(out / "eval" / f"{name}{suffix}", target / f"{name}{suffix}")
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(out / f"bank{suffix}", target / f"bank{suffix}")
+    render_examples(model, target / "examples")
+    shutil.copy(out / "decoder_eval" / "samples.png", target / "samples.png")
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        name = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model_name = next((l.split(":", 1)[1].strip() for l in name.splitlines() if l.startswith("Model name")), "")
+    except OSError:
+        model_name = platform.processor()
+    return f"{model_name or 'CPU'} ({torch.get_num_threads()} threads)"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default="runs/default")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: gpu if CUDA, else cpu")
+    parser.add_argument("--export", default=None, help="copy the finished bundle into this folder (e.g. assets)")
+    args, extra = parser.parse_known_args(argv)  # unknown flags go to both training scripts (e.g. --num-workers)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    profile_name = args.profile or ("gpu" if torch.cuda.is_available() else "cpu")
+    profile, out = PROFILES[profile_name], Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings, start = {}, time.perf_counter()
+
+    def timed(stage, fn, *a):
+        t = time.perf_counter()
+        result = fn(*a)
+        timings[stage] = round(time.perf_counter() - t, 1)
+        logger.info("stage %s done in %.0f s", stage, timings[stage])
+        return result
+
+    model_dir = timed("pretrain", run_pretraining, profile, out, extra)
+    features = timed("eval", run_evaluation, model_dir, profile, out)
+    if not (out / "bank.safetensors").exists():
+        model = load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
+        timed("bank", build_reference_bank, model, profile["bank"], out / "bank")
+    decoders = timed("decoders", run_decoders, model_dir, profile, out, extra)
+    sketches = timed("decoder_eval", run_decoder_eval, model_dir, decoders, profile, out)
+    summary = {"profile": profile_name, "hardware": hardware(), "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d"), "stage_seconds": timings,
+               "total_seconds": round(time.perf_counter() - start, 1), "features": features, "decoders": sketches}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if args.export:
+        export_assets(out, model_dir, decoders, Path(args.export))
+        shutil.copy(out / "summary.json", Path(args.export) / "metrics.json")
+        logger.info("exported the bundle to %s", args.export)
+
+
+if __name__ == "__main__":
+    main()
