@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import struct
-import subprocess
 import sys
-import time
+
 import zlib
 from pathlib import Path
 
@@ -22,56 +20,17 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from ijepa.engine import Engine, build_random_bundle
-from ijepa.model import IJepaConfig
+from helpers import ASSETS, REPO, USE_ASSETS, serve_app, tiny_bundle
+from ijepa.engine import Engine
 
-REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO / "assets"
-TINY_DECODER = dict(feature_channels=4, block_out_channels=(8, 16), attention_levels=(False, True),
-                    attention_head_dim=8, norm_num_groups=4)
-USE_ASSETS = (ASSETS / "model" / "config.json").is_file()
-STARTUP_LIMIT_S = 60  # the goal is 20 s for the default bundle; this bound only catches hangs on a busy machine
-
-
-def tiny_bundle(directory: Path, with_decoder: bool = True) -> Path:
-    config = IJepaConfig.from_arch("vit_tiny", img_size=32, patch_size=4, depth=1, predictor_depth=1,
-                                   predictor_embed_dim=48)
-    return build_random_bundle(directory, config, TINY_DECODER if with_decoder else None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`python app.py` in a subprocess on a free port; yields (url, seconds it took to answer)."""
     assets = ASSETS if USE_ASSETS else tiny_bundle(tmp_path_factory.mktemp("b"))
-    port = free_port()
-    log = tmp_path_factory.mktemp("log") / "app.log"
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "app.py", "--assets", str(assets), "--port", str(port)],
-                                   cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.perf_counter() - start > STARTUP_LIMIT_S:
-                pytest.fail(f"app.py did not answer within {STARTUP_LIMIT_S} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield url, time.perf_counter() - start
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with serve_app(assets, tmp_path_factory.mktemp("log") / "app.log") as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

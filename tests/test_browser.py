@@ -7,21 +7,16 @@ it uses /usr/bin/chromium (apt-get install chromium).
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from ijepa.engine import build_random_bundle
+from helpers import ASSETS, REPO, USE_ASSETS, serve_app, tiny_bundle
 from ijepa.inference import map_boxes, prepare_image
 from ijepa.masks import boxes_to_masks
-from ijepa.model import IJepaConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
@@ -30,8 +25,6 @@ pytestmark = [
                        "(apt-get install chromium chromium-driver)"),
 ]
 
-REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO / "assets"
 SCREENSHOT = REPO / "docs" / "screenshot.png"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -42,41 +35,13 @@ DRAWN_BOX = (110, 60, 290, 240)  # in the uploaded photo's pixels
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
-    if (ASSETS / "model" / "config.json").is_file():
-        return ASSETS
-    config = IJepaConfig.from_arch("vit_tiny", img_size=32, patch_size=4, depth=1, predictor_depth=1,
-                                   predictor_embed_dim=48)
-    decoder = dict(feature_channels=4, block_out_channels=(8, 16), attention_levels=(False, True),
-                   attention_head_dim=8, norm_num_groups=4)
-    return build_random_bundle(tmp_path_factory.mktemp("bundle"), config, decoder)
+    return ASSETS if USE_ASSETS else tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")
 def server(assets, tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("log") / "app.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "app.py", "--assets", str(assets), "--port", str(port)],
-                                   cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    url, start = f"http://127.0.0.1:{port}/", time.perf_counter()
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.perf_counter() - start > 60:
-                pytest.fail(f"app.py did not answer within 60 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
+    with serve_app(assets, tmp_path_factory.mktemp("log") / "app.log") as (url, _):
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

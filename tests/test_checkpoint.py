@@ -5,7 +5,6 @@ import os
 import pytest
 import torch
 
-import ijepa
 from ijepa.checkpoint import CheckpointError, load_model, save_model
 from ijepa.model import IJepa, IJepaConfig
 

@@ -1,6 +1,5 @@
 """Decoder training and its evaluation on a tiny frozen I-JEPA: export, exact resume, metrics."""
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest

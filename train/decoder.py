@@ -13,7 +13,6 @@ of the box are used instead, so the app can render "truth" too. Both live in the
 """
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import time
@@ -35,9 +34,9 @@ from ijepa.masks import complement_indices, rectangle_indices
 from ijepa.model import IJepa
 from train.config import parse_config, save_config
 from train.data import build_dataset
-from train.pretrain import StepBatches, plot_loss_curve
-from train.runtime import (autocast, list_checkpoints, load_checkpoint, save_checkpoint, setup_runtime,
-                           teardown_runtime)
+from train.pretrain import StepBatches
+from train.runtime import (autocast, list_checkpoints, load_checkpoint, plot_loss_curve, save_checkpoint,
+                           setup_runtime, start_csv_log, teardown_runtime)
 
 logger = logging.getLogger("train.decoder")
 
@@ -194,11 +193,8 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
     preview_targets, preview_contexts = sample_boxes(6, grid, np.random.default_rng(cfg.seed), 0.5)
 
     csv_path = out_dir / "log.csv"
-    if rt.is_main and (not cfg.resume or not csv_path.exists()):
-        csv_path.write_text("step,loss,lr,img_per_s,elapsed_s\n")
-    elif rt.is_main:  # drop rows logged after the checkpoint we resume from
-        lines = csv_path.read_text().splitlines()
-        csv_path.write_text("\n".join([lines[0]] + [l for l in lines[1:] if int(l.split(",")[0]) <= start_step]) + "\n")
+    if rt.is_main:
+        start_csv_log(csv_path, "step,loss,lr,img_per_s,elapsed_s", start_step)
     progress = tqdm(total=cfg.steps, initial=start_step, disable=not rt.is_main, dynamic_ncols=True, unit="step")
     loss_sum = torch.zeros((), device=rt.device)
     window, window_start, run_start = 0, time.perf_counter(), time.perf_counter()

@@ -15,9 +15,7 @@ Why it is fast: bf16 autocast (no GradScaler), timm's fused SDPA attention, fuse
 """
 from __future__ import annotations
 
-import csv
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,8 +33,8 @@ from train.config import parse_config, save_config
 from train.data import build_dataset
 from train.objective import (ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups,
                              set_optimizer_schedule, weight_decay)
-from train.runtime import (Runtime, autocast, list_checkpoints, load_checkpoint, save_checkpoint, setup_runtime,
-                           teardown_runtime)
+from train.runtime import (Runtime, autocast, list_checkpoints, load_checkpoint, plot_loss_curve, save_checkpoint,
+                           setup_runtime, start_csv_log, teardown_runtime)
 
 logger = logging.getLogger("train.pretrain")
 
@@ -113,22 +111,6 @@ def mask_config(cfg: PretrainConfig) -> MaskConfig:
                       context_scale=cfg.context_scale, min_keep=cfg.min_keep, official_quirks=cfg.official_quirks)
 
 
-def plot_loss_curve(csv_path: Path, png_path: Path, title: str = "I-JEPA pretraining loss") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
-    ax.set(xlabel="step", ylabel="loss", title=title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
-
-
 def train(cfg: PretrainConfig) -> IJepa:
     """Run (or resume) pretraining; exports ``<out_dir>/model`` and returns the trained model."""
     rt: Runtime = setup_runtime(cfg.device)
@@ -173,11 +155,8 @@ def train(cfg: PretrainConfig) -> IJepa:
                         pin_memory=use_cuda, prefetch_factor=4 if cfg.num_workers else None)
 
     csv_path = out_dir / "log.csv"
-    if rt.is_main and not (cfg.resume and csv_path.exists()):
-        csv_path.write_text("step,loss,lr,weight_decay,ema,img_per_s,elapsed_s\n")
-    if rt.is_main and cfg.resume and csv_path.exists():  # drop rows logged after the checkpoint we resume from
-        lines = csv_path.read_text().splitlines()
-        csv_path.write_text("\n".join([lines[0]] + [l for l in lines[1:] if int(l.split(",")[0]) <= start_step]) + "\n")
+    if rt.is_main:
+        start_csv_log(csv_path, "step,loss,lr,weight_decay,ema,img_per_s,elapsed_s", start_step)
     images_per_step = cfg.batch_size * rt.world_size
     progress = tqdm(total=cfg.steps, initial=start_step, disable=not rt.is_main, dynamic_ncols=True, unit="step")
     loss_sum = torch.zeros((), device=rt.device)

@@ -82,3 +82,34 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file name and what to do
         raise RuntimeError(f"cannot resume from {path}: {err}. Delete it to resume from an older checkpoint.") from err
+
+
+def start_csv_log(path: Path, header: str, start_step: int) -> None:
+    """A fresh CSV log, or on resume the existing one cut back to the rows up to the checkpoint's step, so a
+    resumed run's log reads exactly like an uninterrupted one."""
+    if start_step == 0 or not path.exists():
+        path.write_text(header + "\n")
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines[1:] if int(line.split(",")[0]) <= start_step]
+    path.write_text("\n".join([lines[0], *kept]) + "\n")
+
+
+def plot_loss_curve(csv_path: Path, png_path: Path, title: str = "I-JEPA pretraining loss") -> None:
+    import csv
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+
+
