@@ -129,3 +129,14 @@ def vit_huge(patch_size: int = 14, **kwargs) -> VisionTransformer:
 
 def vit_giant(patch_size: int = 16, **kwargs) -> VisionTransformer:
     return _create("vit_giant", patch_size=patch_size, **kwargs)
+
+
+def set_fused_attention(module: nn.Module, enabled: bool) -> None:
+    """Switch timm's fused SDPA attention on or off in every block below ``module``.
+
+    Fused SDPA is the right choice on GPUs and for fp32 on CPUs; under CPU bf16 autocast its backward is 2-5x
+    slower than plain ``softmax(q k^T) v`` attention (bench/RESULTS.md), so CPU bf16 training turns it off.
+    """
+    for m in module.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = enabled

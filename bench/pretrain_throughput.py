@@ -1,0 +1,426 @@
+"""Pretraining throughput of the real I-JEPA training step: images/s, step time, peak memory and MFU.
+
+    python bench/pretrain_throughput.py                                  # CUDA if present: all three models
+    python bench/pretrain_throughput.py --device cpu --models vit_tiny --batch 32 --compile
+    python bench/pretrain_throughput.py --json --only ours               # one JSON line per measurement
+
+What is timed is the step ``train/pretrain.py`` runs, built from the same functions (imported, not copied):
+schedules + ``set_optimizer_schedule``, ``IJepa.normalize``, ``train.runtime.autocast``, ``ijepa_loss``,
+``zero_grad`` / ``backward`` / AdamW step (fused on CUDA, foreach on CPU, over ``param_groups``), ``ema_update``.
+Images are random and resident on the device; masks use the official config (4 targets, scale .15-.2, aspect
+.75-1.5, context .85-1.0) and are pre-generated outside the timed region, one distinct set per step (the real loop
+builds them in DataLoader workers, so mask lengths vary from step to step as in training). ``--warmup`` steps run
+first, then ``--steps`` steps are timed between two device synchronisations.
+
+Variants (all measured in the same run, on the same device):
+  ours            the training step as above, bf16 autocast (``--precision``).
+  ours+compile    the same with ``torch.compile`` of encoder, predictor and target encoder (``--compile``),
+                  as ``train/pretrain.py --compile true`` does.
+  ours+plain-attn the same with timm's plain attention (``--plain-attention``): a candidate change, measured
+                  because CPU bf16 SDPA backward is far slower than plain bf16 matmuls (with ``--compile``: both).
+  reference       what the official code does: plain (unfused) attention on every timm block, the EMA as a
+                  per-parameter Python loop, unfused AdamW (foreach=False, fused=False), no compile, the loss read
+                  back to the host every step (the official step returns ``float(loss)``). bf16 autocast on CUDA;
+                  fp32 on CPU, because the official CUDA autocast does nothing on a CPU (``--reference-precision``).
+
+Analytic FLOPs per image (matmuls only, multiply-add = 2 FLOPs; norms, softmax, GELU, gathers, optimizer ignored).
+A transformer layer of width d, MLP ratio r, on a sequence of n tokens costs
+    layer(n, d) = 2 n d^2 (3 + 1 + 2 r)      # qkv, proj, fc1 + fc2
+                + 2 * 2 n^2 d                # q k^T and attn @ v
+With N = all patches, Kc / Kt = context / target tokens per mask (each timed step counted with its own masks),
+T = number of target blocks, P = patch_size, D / Dp = encoder / predictor width, L / Lp = their depths:
+    target encoder   (forward only)     F_t = 2 N (3 P^2) D + L * layer(N, D)
+    context encoder  (forward+backward) F_c = 3 * [2 N (3 P^2) D + L * layer(Kc, D)]   (patch embed runs on all N)
+    predictor        (forward+backward) F_p = 3 * [2 Kc D Dp + T * (Lp * layer(Kc + Kt, Dp) + 2 Kt Dp D)]
+    FLOPs/image = F_t + F_c + F_p         (backward = 2x forward, hence 3x forward for forward+backward)
+MFU = achieved FLOP/s / the bf16 matmul peak measured in the same run (CUDA: 8192^3, CPU: 2048^3). On CPU the fp32
+matmul peak is reported as well, and fp32 variants also get their MFU against it (they are bounded by that peak).
+
+Peak memory: CUDA ``max_memory_allocated`` over the timed steps; CPU: the process's resident-set high-water mark
+(VmHWM, reset through /proc/self/clear_refs before the timed steps), so it includes Python and the libraries.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the checkout
+
+from ijepa.masks import MaskConfig, MultiBlockMaskGenerator  # noqa: E402
+from ijepa.model import IJepa, IJepaConfig  # noqa: E402
+from ijepa.vision_transformer import set_fused_attention  # noqa: E402
+from train.objective import (ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups,  # noqa: E402
+                             set_optimizer_schedule, weight_decay)
+from train.runtime import autocast  # noqa: E402
+
+logger = logging.getLogger("bench.pretrain_throughput")
+
+# Official optimisation recipe (train/pretrain.py defaults); the schedules run so the step does the same work.
+LR, START_LR, FINAL_LR, WARMUP_STEPS, TOTAL_STEPS = 1e-3, 2e-4, 1e-6, 200, 2000
+WD, FINAL_WD, EMA_START, EMA_END = 0.04, 0.4, 0.996, 1.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str
+    patch_size: int
+    img_size: int
+    predictor_embed_dim: int
+    predictor_depth: int
+    cuda_batch: int
+    cpu_batch: int
+
+    def config(self) -> IJepaConfig:
+        return IJepaConfig.from_arch(self.arch, img_size=self.img_size, patch_size=self.patch_size,
+                                     predictor_embed_dim=self.predictor_embed_dim,
+                                     predictor_depth=self.predictor_depth)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "vit_tiny": ModelSpec("vit_tiny", 4, 64, 96, 6, cuda_batch=256, cpu_batch=32),
+    "vit_small": ModelSpec("vit_small", 16, 224, 384, 6, cuda_batch=128, cpu_batch=8),
+    "vit_base": ModelSpec("vit_base", 16, 224, 384, 6, cuda_batch=128, cpu_batch=8),
+    "vit_huge": ModelSpec("vit_huge", 14, 224, 384, 12, cuda_batch=128, cpu_batch=2),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    precision: str  # "bf16" or "fp32"
+    fused_attn: bool | None = None  # None: as train/pretrain.py chooses (plain attention for CPU bf16)
+    loop_ema: bool = False  # per-parameter Python EMA loop instead of one _foreach_lerp_
+    unfused_adamw: bool = False  # foreach=False, fused=False
+    compile: bool = False
+    sync_loss_every_step: bool = False  # float(loss) each step, as the official step returns it
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FLOPs and hardware peak
+# ---------------------------------------------------------------------------------------------------------------------
+
+def layer_flops(tokens: float, width: int, mlp_ratio: float) -> float:
+    """Matmul FLOPs of one transformer layer on one sequence: linears 2 n d^2 (4 + 2 r), attention 2 * 2 n^2 d."""
+    return 2 * tokens * width**2 * (4 + 2 * mlp_ratio) + 2 * 2 * tokens**2 * width
+
+
+def flops_per_image(config: IJepaConfig, context_len: float, target_len: float, num_targets: int) -> float:
+    """Analytic training FLOPs per image (formula in the module docstring)."""
+    n = config.grid_size[0] * config.grid_size[1]
+    d, dp, r = config.embed_dim, config.predictor_embed_dim, config.mlp_ratio
+    patch_embed = 2 * n * (3 * config.patch_size**2) * d
+    target = patch_embed + config.depth * layer_flops(n, d, r)
+    context = 3 * (patch_embed + config.depth * layer_flops(context_len, d, r))
+    per_block = config.predictor_depth * layer_flops(context_len + target_len, dp, r) + 2 * target_len * dp * d
+    predictor = 3 * (2 * context_len * d * dp + num_targets * per_block)
+    return target + context + predictor
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int, min_seconds: float = 1.0) -> float:
+    """Best-of-several throughput of a square matmul: the practical peak that MFU is measured against."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    best, spent = 0.0, 0.0
+    while spent < min_seconds:
+        start = time.perf_counter()
+        reps = 5
+        for _ in range(reps):
+            a @ b
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        spent += elapsed
+        best = max(best, 2 * size**3 * reps / elapsed / 1e12)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _resident_high_water_gib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    raise RuntimeError("VmHWM missing from /proc/self/status")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset the resident-set high-water mark to the current RSS
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return _resident_high_water_gib() if os.path.exists("/proc/self/status") else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------------------------------
+
+def pregenerate_masks(config: IJepaConfig, batch: int, count: int, seed: int, pin: bool):
+    """``count`` distinct mask sets with the official config, like the DataLoader workers would deliver them."""
+    generator = torch.Generator().manual_seed(seed)
+    sampler = MultiBlockMaskGenerator(config.grid_size, MaskConfig())
+    sets = []
+    for _ in range(count):
+        context, targets = sampler(batch, generator)
+        if pin:
+            context, targets = [m.pin_memory() for m in context], [m.pin_memory() for m in targets]
+        sets.append((context, targets))
+    return sets
+
+
+def build_step(spec: ModelSpec, variant: Variant, device: torch.device, batch: int,
+               mask_sets: list) -> tuple[Callable[[int], None], IJepa]:
+    """The training step of train/pretrain.py (or the reference flavour of it) as a closure over step index."""
+    torch.manual_seed(0)
+    model = IJepa(spec.config()).to(device)
+    model.train()
+    fused = variant.fused_attn
+    if fused is None:
+        fused = not (device.type == "cpu" and variant.precision == "bf16")
+    set_fused_attention(model, fused)
+    use_cuda = device.type == "cuda"
+    if variant.unfused_adamw:
+        optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=LR, betas=(0.9, 0.999),
+                                      weight_decay=WD, foreach=False, fused=False)
+    else:  # exactly as train/pretrain.py builds it
+        optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=LR, betas=(0.9, 0.999),
+                                      weight_decay=WD, fused=use_cuda, foreach=None if use_cuda else True)
+    online = [p for p in model.encoder.parameters() if p.requires_grad]
+    target = [p for p, q in zip(model.target_encoder.parameters(), model.encoder.parameters()) if q.requires_grad]
+    encoder, predictor, target_encoder = model.encoder, model.predictor, model.target_encoder
+    if variant.compile:
+        encoder, predictor, target_encoder = (torch.compile(m) for m in (encoder, predictor, target_encoder))
+    raw_images = torch.rand(batch, 3, spec.img_size, spec.img_size, device=device)
+    loss_sum = torch.zeros((), device=device)
+    nonfinite = torch.zeros((), device=device)
+
+    def ema(momentum: float) -> None:
+        if not variant.loop_ema:
+            ema_update(target, online, momentum)
+            return
+        with torch.no_grad():
+            for q, k in zip(online, target):
+                k.mul_(momentum).add_((1.0 - momentum) * q)
+
+    def step(i: int) -> None:
+        nonlocal loss_sum, nonfinite
+        lr = learning_rate(i, TOTAL_STEPS, WARMUP_STEPS, START_LR, LR, FINAL_LR)
+        wd = weight_decay(i, TOTAL_STEPS, WD, FINAL_WD)
+        momentum = ema_momentum(i, TOTAL_STEPS, EMA_START, EMA_END)
+        set_optimizer_schedule(optimizer, lr, wd)
+        torch.manual_seed(i)
+        context_cpu, target_cpu = mask_sets[i]
+        images = model.normalize(raw_images)
+        context_masks = [m.to(device, non_blocking=True) for m in context_cpu]
+        target_masks = [m.to(device, non_blocking=True) for m in target_cpu]
+        with autocast(device, variant.precision):
+            loss = ijepa_loss(encoder, predictor, target_encoder, images, context_masks, target_masks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema(momentum)
+        if variant.sync_loss_every_step:
+            loss.item()
+        loss_sum += loss.detach()  # the real loop's bookkeeping: read back only every log_every steps
+        nonfinite += (~torch.isfinite(loss.detach())).float()
+
+    return step, model
+
+
+def measure(spec_name: str, variant: Variant, device: torch.device, batch: int, warmup: int, steps: int,
+            peaks: dict[str, float]) -> dict:
+    spec = MODELS[spec_name]
+    config = spec.config()
+    mask_sets = pregenerate_masks(config, batch, warmup + steps, seed=0, pin=device.type == "cuda")
+    step, model = build_step(spec, variant, device, batch, mask_sets)
+    for i in range(warmup):
+        step(i)
+    synchronize(device)
+    reset_peak_memory(device)
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(i)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    peak_mem = peak_memory_gib(device)
+
+    timed = mask_sets[warmup:]
+    flops = sum(flops_per_image(config, ctx[0].size(1), tgt[0].size(1), len(tgt)) for ctx, tgt in timed) * batch
+    tflops = flops / elapsed / 1e12
+    result = {
+        "model": spec_name, "patch": spec.patch_size, "img_size": spec.img_size,
+        "predictor": f"{spec.predictor_depth}x{spec.predictor_embed_dim}", "device": device.type,
+        "device_name": device_name(device), "variant": variant.name, "precision": variant.precision,
+        "batch": batch, "img_per_s": round(batch * steps / elapsed, 2), "step_ms": round(1e3 * elapsed / steps, 2),
+        "peak_mem_gib": None if peak_mem is None else round(peak_mem, 3), "tflops": round(tflops, 4),
+        "gflop_per_img": round(flops / (batch * steps) / 1e9, 3), "mfu": round(tflops / peaks["bf16"], 4),
+        "peak_tflops_bf16": round(peaks["bf16"], 4),
+        "mean_context_tokens": round(sum(c[0].size(1) for c, _ in timed) / steps, 1),
+        "mean_target_tokens": round(sum(t[0].size(1) for _, t in timed) / steps, 1),
+        "warmup": warmup, "steps": steps, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if "fp32" in peaks:
+        result["peak_tflops_fp32"] = round(peaks["fp32"], 4)
+        if variant.precision == "fp32":  # an fp32 step cannot use the bf16 peak: say how close it is to its own
+            result["mfu_vs_fp32_peak"] = round(tflops / peaks["fp32"], 4)
+    del step, model, mask_sets
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return result
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cpus)"
+    return platform.processor() or "cpu"
+
+
+def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
+    chosen = []
+    if args.only in (None, "ours"):
+        chosen.append(Variant("ours", args.precision))
+        if args.compile:
+            chosen.append(Variant("ours+compile", args.precision, compile=True))
+        if args.plain_attention:
+            chosen.append(Variant("ours+plain-attn", args.precision, fused_attn=False))
+            if args.compile:
+                chosen.append(Variant("ours+plain-attn+compile", args.precision, fused_attn=False, compile=True))
+    if args.only in (None, "reference"):
+        precision = args.reference_precision
+        if precision == "auto":
+            precision = "bf16" if device.type == "cuda" else "fp32"
+        chosen.append(Variant("reference", precision, fused_attn=False, loop_ema=True, unfused_adamw=True,
+                              sync_loss_every_step=True))
+    return chosen
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ("model", "variant", "prec", "batch", "img/s", "step ms", "peak GiB", "TFLOP/s", "MFU")
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for r in rows:
+        mem = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
+        mfu = f"{100 * r['mfu']:.1f} %"
+        if "mfu_vs_fp32_peak" in r:
+            mfu += f" (fp32 peak: {100 * r['mfu_vs_fp32_peak']:.1f} %)"
+        lines.append(" | ".join([r["model"], r["variant"], r["precision"], str(r["batch"]), f"{r['img_per_s']:.1f}",
+                                 f"{r['step_ms']:.1f}", mem, f"{r['tflops']:.3f}", mfu]))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:N or cpu")
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated, from {', '.join(MODELS)} "
+                             "(default: vit_tiny,vit_base,vit_huge on CUDA, vit_tiny on CPU)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size for every model (default: 256/128/128 on CUDA, 32 for vit_tiny on CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 CUDA, 3 CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 CUDA, 8 CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--only", choices=("ours", "reference"), default=None,
+                        help="measure one variant family (default: both)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure ours with torch.compile (on a 2-core CPU the first, uncached compile "
+                             "takes minutes; it happens in the warm-up steps)")
+    parser.add_argument("--plain-attention", action="store_true",
+                        help="also measure ours with timm's plain attention (fused_attn=False): on CPU, bf16 SDPA's "
+                             "backward is several times slower than plain bf16 matmuls")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast for ours")
+    parser.add_argument("--reference-precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="auto: bf16 on CUDA, fp32 on CPU (how the official code runs there)")
+    parser.add_argument("--json", action="store_true", help="one JSON line per measurement instead of a table")
+    args = parser.parse_args(argv)
+    if args.models is not None:
+        args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+        unknown = [m for m in args.models if m not in MODELS]
+        if unknown or not args.models:
+            parser.error(f"unknown model(s) {unknown or args.models}; choose from {', '.join(MODELS)}")
+    for name in ("batch", "warmup", "steps", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            parser.error(f"--{name} must be {'>= 0' if name == 'warmup' else '>= 1'}, got {value}")
+    return args
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def main(argv=None) -> list[dict]:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    models = args.models or (["vit_tiny", "vit_base", "vit_huge"] if cuda else ["vit_tiny"])
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 3)
+    steps = args.steps if args.steps is not None else (20 if cuda else 8)
+
+    peaks = {"bf16": matmul_peak_tflops(device, torch.bfloat16, 8192 if cuda else 2048)}
+    if not cuda:
+        peaks["fp32"] = matmul_peak_tflops(device, torch.float32, 2048)
+    logger.info("%s, torch %s, %d threads; matmul peak: %s", device_name(device), torch.__version__,
+                torch.get_num_threads(), ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in peaks.items()))
+
+    rows = []
+    for model_name in models:
+        spec = MODELS[model_name]
+        batch = args.batch or (spec.cuda_batch if cuda else spec.cpu_batch)
+        for variant in variants(args, device):
+            logger.info("measuring %s %s (batch %d, %d warm-up + %d timed steps)", model_name, variant.name, batch,
+                        warmup, steps)
+            row = measure(model_name, variant, device, batch, warmup, steps, peaks)
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row), flush=True)
+    if not args.json:
+        print(format_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
