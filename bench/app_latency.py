@@ -31,7 +31,7 @@ from ijepa.engine import DEFAULT_ASSETS, Engine, build_random_bundle  # noqa: E4
 from ijepa.model import IJepaConfig  # noqa: E402
 
 # The CPU recipe's model (train/configs/emoji_cpu.yaml): what assets/model holds by default.
-DEFAULT_ARCH = dict(img_size=64, patch_size=4, depth=6, predictor_embed_dim=96, predictor_depth=4)
+DEFAULT_ARCH = dict(img_size=64, patch_size=8, depth=6, predictor_embed_dim=96, predictor_depth=4)
 
 
 def percentile(values: list[float], q: float) -> float:
