@@ -13,11 +13,14 @@ builds them in DataLoader workers, so mask lengths vary from step to step as in 
 first, then ``--steps`` steps are timed between two device synchronisations.
 
 Variants (all measured in the same run, on the same device):
-  ours            the training step as above, bf16 autocast (``--precision``).
+  ours            the training step as above, bf16 autocast (``--precision``), with the attention
+                  ``train/pretrain.py`` picks: timm's fused SDPA, except plain attention for CPU bf16 (there
+                  SDPA's backward is several times slower than plain bf16 matmuls).
   ours+compile    the same with ``torch.compile`` of encoder, predictor and target encoder (``--compile``),
                   as ``train/pretrain.py --compile true`` does.
-  ours+plain-attn the same with timm's plain attention (``--plain-attention``): a candidate change, measured
-                  because CPU bf16 SDPA backward is far slower than plain bf16 matmuls (with ``--compile``: both).
+  ours+sdpa / ours+plain-attn
+                  the same with the attention ``train/pretrain.py`` does NOT pick (``--other-attention``), to
+                  re-check that choice on new hardware or torch versions (with ``--compile``: also compiled).
   reference       what the official code does: plain (unfused) attention on every timm block, the EMA as a
                   per-parameter Python loop, unfused AdamW (foreach=False, fused=False), no compile, the loss read
                   back to the host every step (the official step returns ``float(loss)``). bf16 autocast on CUDA;
@@ -196,16 +199,19 @@ def pregenerate_masks(config: IJepaConfig, batch: int, count: int, seed: int, pi
     return sets
 
 
+def pretrain_uses_fused_attention(device: torch.device, precision: str) -> bool:
+    """train/pretrain.py's choice: fused SDPA everywhere except CPU bf16 training."""
+    return not (device.type == "cpu" and precision == "bf16")
+
+
 def build_step(spec: ModelSpec, variant: Variant, device: torch.device, batch: int,
                mask_sets: list) -> tuple[Callable[[int], None], IJepa]:
     """The training step of train/pretrain.py (or the reference flavour of it) as a closure over step index."""
     torch.manual_seed(0)
     model = IJepa(spec.config()).to(device)
     model.train()
-    fused = variant.fused_attn
-    if fused is None:
-        fused = not (device.type == "cpu" and variant.precision == "bf16")
-    set_fused_attention(model, fused)
+    set_fused_attention(model, pretrain_uses_fused_attention(device, variant.precision)
+                        if variant.fused_attn is None else variant.fused_attn)
     use_cuda = device.type == "cuda"
     if variant.unfused_adamw:
         optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=LR, betas=(0.9, 0.999),
@@ -317,10 +323,12 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
         chosen.append(Variant("ours", args.precision))
         if args.compile:
             chosen.append(Variant("ours+compile", args.precision, compile=True))
-        if args.plain_attention:
-            chosen.append(Variant("ours+plain-attn", args.precision, fused_attn=False))
+        if args.other_attention:
+            fused = not pretrain_uses_fused_attention(device, args.precision)
+            name = "ours+sdpa" if fused else "ours+plain-attn"
+            chosen.append(Variant(name, args.precision, fused_attn=fused))
             if args.compile:
-                chosen.append(Variant("ours+plain-attn+compile", args.precision, fused_attn=False, compile=True))
+                chosen.append(Variant(f"{name}+compile", args.precision, fused_attn=fused, compile=True))
     if args.only in (None, "reference"):
         precision = args.reference_precision
         if precision == "auto":
@@ -360,9 +368,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="also measure ours with torch.compile (on a 2-core CPU the first, uncached compile "
                              "takes minutes; it happens in the warm-up steps)")
-    parser.add_argument("--plain-attention", action="store_true",
-                        help="also measure ours with timm's plain attention (fused_attn=False): on CPU, bf16 SDPA's "
-                             "backward is several times slower than plain bf16 matmuls")
+    parser.add_argument("--other-attention", action="store_true",
+                        help="also measure ours with the attention train/pretrain.py does not pick here "
+                             "(fused SDPA for CPU bf16, plain attention elsewhere)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast for ours")
     parser.add_argument("--reference-precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="auto: bf16 on CUDA, fp32 on CPU (how the official code runs there)")

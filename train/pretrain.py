@@ -131,7 +131,7 @@ def train(cfg: PretrainConfig) -> IJepa:
     model = IJepa(model_config(cfg)).to(rt.device)
     use_cuda = rt.device.type == "cuda"
     if not use_cuda and cfg.precision == "bf16":
-        set_fused_attention(model, False)  # plain attention is 1.7x faster for CPU bf16 training (bench/RESULTS.md)
+        set_fused_attention(model, False)  # plain attention: 1.4-1.5x for CPU bf16 training (bench/RESULTS.md)
     optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=cfg.lr, betas=(0.9, 0.999),
                                   weight_decay=cfg.weight_decay, fused=use_cuda, foreach=None if use_cuda else True)
     start_step = 0
