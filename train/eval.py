@@ -35,9 +35,9 @@ logger = logging.getLogger("train.eval")
 
 # ----- feature extraction --------------------------------------------------------------------------------------
 
-def collect(dataset: Dataset, keys: tuple[str, ...], batch_size: int = 256, num_workers: int = 0):
-    """Iterate a dataset in batches, yielding dicts of stacked tensors for ``keys``."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+def collect(dataset: Dataset, keys: tuple[str, ...], batch_size: int = 256):
+    """Iterate a dataset in batches (in this process), yielding dicts of stacked tensors for ``keys``."""
+    loader = DataLoader(dataset, batch_size=batch_size,
                         collate_fn=lambda items: {k: torch.stack([torch.as_tensor(i[k]) for i in items]) for k in keys})
     yield from loader
 

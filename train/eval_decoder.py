@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from decoder import SketchDecoder, SketchSampler
+from decoder import SketchDecoder, SketchSampler, box_mask_from_indices
 from ijepa.checkpoint import load_model
 from ijepa.inference import gather, pooled, true_features
 from ijepa.model import IJepa
@@ -67,8 +67,6 @@ def evaluate_decoder(model: IJepa, decoder: SketchDecoder, groups: list[tuple[to
 
 
 def _box_pixels(target: torch.Tensor, model: IJepa) -> torch.Tensor:
-    from decoder import box_mask_from_indices
-
     size = model.config.img_size
     return box_mask_from_indices(target.view(1, -1).cpu(), model.config.grid_size, (size, size))[0]
 
