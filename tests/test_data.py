@@ -201,6 +201,22 @@ def test_scene_knobs_are_respected(catalog):
         EmojiScenes(catalog, backgrounds=("plaid",))
 
 
+def test_same_base_distractors_are_siblings_of_the_main_emoji(catalog):
+    siblings = EmojiScenes(catalog, seed=3, num_distractors=(3, 3), same_base_prob=1.0)
+    strangers = EmojiScenes(catalog, seed=3, num_distractors=(3, 3))
+    for i in range(20):
+        layout = siblings.layout(i)
+        assert {obj.base for obj in layout.objects} == {layout.objects[layout.main].base}
+    mixed = [len({o.base for o in strangers.layout(i).objects}) for i in range(20)]
+    assert np.mean(mixed) > 3.5  # independent draws almost never repeat a base
+    half = EmojiScenes(catalog, seed=3, num_distractors=(3, 3), same_base_prob=0.5)
+    share = np.mean([o.base == half.layout(i).objects[half.layout(i).main].base
+                     for i in range(200) for o in half.layout(i).objects]) - 0.25  # minus the main itself
+    assert 0.3 < share < 0.45  # 3 of 4 objects are distractors, half of them siblings: ~0.375
+    with pytest.raises(ValueError, match="same_base_prob"):
+        EmojiScenes(catalog, same_base_prob=1.5)
+
+
 # ----- probe set
 
 

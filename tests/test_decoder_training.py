@@ -1,5 +1,10 @@
 """Decoder training and its evaluation on a tiny frozen I-JEPA: export, exact resume, metrics."""
 import csv
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,11 +12,13 @@ import torch
 
 import train.decoder as decoder_training
 from decoder import SketchDecoder
-from ijepa.checkpoint import save_model
+from ijepa.checkpoint import load_model, save_model
 from ijepa.model import IJepa, IJepaConfig
 from train.config import parse_config
 from train.decoder import DecoderTrainConfig, sample_boxes, sample_box_shape
 from train.eval_decoder import main as eval_decoder_main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +90,38 @@ def test_decoder_eval_reports_both_modes_and_exact_context(tmp_path, tiny_ijepa)
         assert metrics["max_context_change_8bit"] == 0
         assert 0 <= metrics["retrieval_top1"] <= 100 and metrics["diversity_rms"] > 0
     assert (tmp_path / "eval" / "samples.png").is_file() and (tmp_path / "eval" / "results.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_train_one_decoder(tmp_path, tiny_ijepa):
+    """Under torchrun the ranks see different boxes and scenes but their gradients are synchronised: the
+    decoders stay bit-identical, move away from their initialisation, and rank 0 alone writes the export."""
+    script = tmp_path / "ddp_decoder.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, torch
+        from train.config import parse_config
+        from train.decoder import DecoderTrainConfig, train
+        cfg = parse_config(DecoderTrainConfig, [
+            "--checkpoint", {str(tiny_ijepa)!r}, "--out-dir", {str(tmp_path / 'ddp')!r}, "--block-out-channels",
+            "32,32,32", "--feature-channels", "4", "--batch-size", "4", "--num-workers", "0", "--log-every", "1",
+            "--sample-every", "100", "--precision", "fp32", "--warmup-steps", "1", "--steps", "4",
+            "--device", "cpu"])
+        torch.manual_seed(cfg.seed)
+        decoder = train(cfg)
+        flat = torch.cat([p.detach().flatten() for p in decoder.parameters()])
+        torch.save(flat, os.path.join(cfg.out_dir, f"params-rank{{os.environ['RANK']}}.pt"))
+    """))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29534", str(script)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "ddp" / "params-rank0.pt")
+    rank1 = torch.load(tmp_path / "ddp" / "params-rank1.pt")
+    torch.testing.assert_close(rank0, rank1, rtol=0, atol=0)
+    torch.manual_seed(0)  # what train() builds before its first step
+    initial_decoder = decoder_training.build_decoder(tiny_cfg(tiny_ijepa, tmp_path / "unused"), load_model(tiny_ijepa))
+    initial = torch.cat([p.detach().flatten() for p in initial_decoder.parameters()])
+    assert not torch.equal(initial, rank0)  # the synchronised updates did change the weights
+    exported = SketchDecoder.from_pretrained(tmp_path / "ddp" / "decoder")
+    torch.testing.assert_close(torch.cat([p.detach().flatten() for p in exported.parameters()]), rank0)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
@@ -224,6 +225,9 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
         done = step + 1
         progress.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
+            if rt.distributed:  # every rank sees the same mean, so a NaN on one rank stops them all together
+                dist.all_reduce(loss_sum)
+                loss_sum /= rt.world_size
             mean_loss = loss_sum.item() / window
             if not math.isfinite(mean_loss):
                 good = list_checkpoints(ckpt_dir)

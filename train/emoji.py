@@ -558,6 +558,8 @@ class EmojiScenes(Dataset):
         balance: "base" draws every base emoji equally often (country flags are then ~19% of scenes);
             "subgroup" draws a subgroup uniformly, then a base within it. Variants are always uniform within
             their base, so skin tones never dominate.
+        same_base_prob: probability that a distractor is another instance (fresh variant, size, flip) of the
+            main emoji's base, so a hidden object can be predicted from its visible siblings.
         glyph_cache_mb: memory bound of the per-worker resized-glyph cache.
     """
 
@@ -566,7 +568,7 @@ class EmojiScenes(Dataset):
                  main_scale: tuple[float, float] = (0.45, 0.9), num_distractors: tuple[int, int] = (0, 3),
                  distractor_scale: tuple[float, float] = (0.15, 0.35), distractor_front_prob: float = 0.5,
                  max_crop: float = 0.25, flip_prob: float = 0.5, backgrounds: Sequence[str] = BACKGROUND_KINDS,
-                 balance: str = "base", glyph_cache_mb: float = 64.0):
+                 balance: str = "base", same_base_prob: float = 0.0, glyph_cache_mb: float = 64.0):
         if length < 1:
             raise ValueError(f"length must be positive, got {length}")
         for name, (lo, hi) in (("main_scale", main_scale), ("distractor_scale", distractor_scale)):
@@ -589,6 +591,9 @@ class EmojiScenes(Dataset):
         if balance not in ("base", "subgroup"):
             raise ValueError(f"balance must be 'base' or 'subgroup', got {balance!r}")
         self.balance = balance
+        if not 0.0 <= same_base_prob <= 1.0:
+            raise ValueError(f"same_base_prob must be in [0, 1], got {same_base_prob}")
+        self.same_base_prob = same_base_prob
         subgroup_of = self.catalog.subgroup_of.numpy()[self.base_ids]
         self._subgroup_members = [self.base_ids[subgroup_of == s] for s in np.unique(subgroup_of)]
 
@@ -601,11 +606,12 @@ class EmojiScenes(Dataset):
         size = rng.uniform(*scale_range) * self.resolution
         return max(quantum, int(round(size / quantum)) * quantum)
 
-    def _object(self, size: int, cx: float, cy: float, rng: np.random.Generator) -> Placement:
-        if self.balance == "subgroup":
+    def _object(self, size: int, cx: float, cy: float, rng: np.random.Generator, base: int | None = None
+                ) -> Placement:
+        if base is None and self.balance == "subgroup":
             members = self._subgroup_members[rng.integers(len(self._subgroup_members))]
             base = int(members[rng.integers(len(members))])
-        else:
+        elif base is None:
             base = int(self.base_ids[rng.integers(len(self.base_ids))])
         variant = int(self.catalog.variant_start[base] + rng.integers(self.catalog.variant_count[base]))
         return Placement(variant, base, size, cx, cy, bool(rng.random() < self.flip_prob))
@@ -618,7 +624,9 @@ class EmojiScenes(Dataset):
         main = self._object(size, rng.uniform(lo, hi), rng.uniform(lo, hi), rng)
         behind, front = [], []
         for _ in range(int(rng.integers(self.num_distractors[0], self.num_distractors[1] + 1))):
-            obj = self._object(self._size(self.distractor_scale, rng), rng.uniform(0, res), rng.uniform(0, res), rng)
+            same = self.same_base_prob > 0 and rng.random() < self.same_base_prob
+            obj = self._object(self._size(self.distractor_scale, rng), rng.uniform(0, res), rng.uniform(0, res), rng,
+                               base=main.base if same else None)
             (front if rng.random() < self.distractor_front_prob else behind).append(obj)
         kind = self.backgrounds[rng.integers(len(self.backgrounds))]
         return SceneLayout(tuple(behind + [main] + front), len(behind), kind)
