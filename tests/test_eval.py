@@ -1,0 +1,123 @@
+"""The evaluation protocol: weighted kNN, linear probe, the emoji protocol's wiring, box labels, image folders."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ijepa.model import IJepa, IJepaConfig
+from train import eval as evaluation
+from train.eval import accuracy, fit_linear_probe, knn_top1, labelled_boxes, pooled_features
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> IJepa:
+    torch.manual_seed(0)
+    return IJepa(IJepaConfig.from_arch("vit_tiny", img_size=32, patch_size=8, depth=1, predictor_depth=1,
+                                       predictor_embed_dim=48)).eval()
+
+
+def test_knn_votes_are_weighted_by_similarity():
+    bank = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, 0.8]])
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.05]])
+    # A plain majority of the 3 neighbours says 1; exp(sim / 0.07) lets the near-identical neighbour win.
+    assert knn_top1(bank, labels, query, torch.tensor([0]), num_classes=2, k=3) == 100.0
+    assert knn_top1(bank, labels, query, torch.tensor([0]), num_classes=2, k=3, temperature=100.0) == 0.0
+    # Cosine: scale does not matter.
+    assert knn_top1(bank * 7, labels, query * 0.1, torch.tensor([0]), num_classes=2, k=1) == 100.0
+
+
+def test_linear_probe_standardises_and_separates():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16)) * 3
+    x = torch.tensor(np.concatenate([c + rng.normal(size=(50, 16)) for c in centres]), dtype=torch.float32)
+    y = torch.arange(4).repeat_interleave(50)
+    x = x * torch.logspace(-3, 3, 16)  # wildly different feature scales: the probe standardises them
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(0))
+    train, test = order[:150], order[150:]
+    probe = fit_linear_probe(x[train], y[train], 4)
+    assert accuracy(probe, x[test], y[test]) == 100.0
+    assert accuracy(probe, x[test], y[test].roll(1)) < 50.0
+
+
+class _Scenes(Dataset):
+    """Same object pixels on every image, a different background each time."""
+
+    def __init__(self, n: int = 4):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        image = torch.rand(3, 32, 32, generator=g)
+        image[:, 8:24, 8:24] = 0.5
+        patch_emoji = torch.full((4, 4), -1)
+        patch_emoji[1:3, 1:3] = 7
+        return {"image": image, "patch_emoji": patch_emoji, "group": 0}
+
+
+def test_object_only_pooling_ignores_the_background(tiny_model):
+    scenes = _Scenes()
+    pixels, _ = pooled_features(None, scenes, ("group",), object_only=True)
+    assert torch.equal(pixels[0], pixels[1]) and pixels[0].count_nonzero() == 3 * 16 * 16
+    full, _ = pooled_features(None, scenes, ("group",))
+    assert not torch.equal(full[0], full[1])
+    pooled, _ = pooled_features(tiny_model, scenes, ("group",), object_only=True)
+    tokens = evaluation.encode(tiny_model, torch.stack([scenes[i]["image"] for i in range(4)]), "target")
+    on_object = torch.tensor([5, 6, 9, 10])  # the 2 x 2 object patches of the 4 x 4 grid, row-major
+    torch.testing.assert_close(pooled, tokens[:, on_object].mean(1).float())
+
+
+def test_box_labels_are_the_majority_emoji_or_dropped():
+    labels = torch.full((2, 4, 4), -1)
+    labels[0, :, :2] = 3  # left half: emoji 3
+    labels[1, 0, 0] = 5  # a single patch of emoji 5: never a majority of a 2 x 2 box
+    origins, base, keep = labelled_boxes(labels, 2, 2, np.random.default_rng(0))
+    assert keep.tolist() == [True, False]
+    assert base[0].item() == 3 and origins[0, 1].item() in (0, 1)  # the box stays on the emoji's columns
+
+
+def test_emoji_protocol_reports_every_baseline(tiny_model):
+    try:
+        from train.emoji import get_catalog
+        catalog = get_catalog()
+    except FileNotFoundError as error:
+        pytest.skip(f"emoji files missing: {error}")
+    results = evaluation.evaluate_emoji_features(tiny_model)
+    assert results["bank_size"] == 2 * len(catalog.split_ids("train"))
+    assert results["query_size"] == 2 * len(catalog.split_ids("heldout"))
+    assert set(results["features"]) == {"raw_pixels", "random_init", "target_encoder", "context_encoder"}
+    for scores in results["features"].values():
+        assert set(scores) == {"knn_group", "linear_group", "knn_subgroup", "linear_subgroup"}
+        assert all(0.0 <= v <= 100.0 for v in scores.values())
+    # Chance on 9 groups is ~11 %; raw pixels of centred emoji are far above it.
+    assert results["features"]["raw_pixels"]["knn_group"] > 20.0
+    assert set(results["object_patches_only"]) == {"raw_pixels", "random_init", "target_encoder"}
+
+
+def test_predictor_semantics_compares_true_and_predicted_boxes(tiny_model):
+    try:
+        results, probes = evaluation.evaluate_predictor_semantics(tiny_model, num_train=64, num_test=32)
+    except FileNotFoundError as error:
+        pytest.skip(f"emoji files missing: {error}")
+    assert set(probes) == {"group", "subgroup"}
+    for name in ("new_scenes_group", "heldout_emoji_group", "new_scenes_subgroup", "heldout_emoji_subgroup"):
+        r = results[name]
+        assert r["ratio"] == pytest.approx(r["predicted_acc"] / r["true_acc"]) if r["true_acc"] else r["ratio"] == 0
+
+
+def test_image_folder_classes(tmp_path, tiny_model):
+    rng = np.random.default_rng(0)
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        (tmp_path / name).mkdir()
+        for i in range(10):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
+    results = evaluation.evaluate_folder(tiny_model, tmp_path)
+    assert set(results["features"]) == {"raw_pixels", "random_init", "target_encoder"}
+    assert results["features"]["raw_pixels"]["knn_label"] == 100.0
