@@ -1,6 +1,8 @@
-"""Shared by the app tests: a tiny random bundle and `python app.py` served on a free port."""
+"""Shared by the app and bundle tests: a tiny random bundle, `python app.py` served on a free port, and the checks
+every exported bundle must pass."""
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -9,9 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from safetensors.torch import load_file
 
-from ijepa.engine import build_random_bundle
+from decoder import SketchDecoder
+from ijepa.checkpoint import load_model
+
+from ijepa.engine import Engine, build_random_bundle
 from ijepa.model import IJepaConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,3 +66,38 @@ def serve_app(assets: Path, log: Path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def assert_bundle_parts_agree(bundle: Path):
+    """Model, both decoders, probes, bank and metrics of an exported bundle describe the same model."""
+    model = load_model(bundle / "model")
+    cfg = model.config
+    assert model.predictor is not None
+    for name, conditioning in (("decoder", "spatial_context"), ("decoder_paper", "pooled")):
+        decoder = SketchDecoder.from_pretrained(bundle / name)
+        assert decoder.config.conditioning == conditioning
+        assert decoder.config.feature_dim == cfg.embed_dim
+        assert tuple(decoder.config.grid_size) == cfg.grid_size and decoder.config.image_size == cfg.img_size
+    for level in ("group", "subgroup"):
+        probe = load_file(bundle / f"probe_{level}.safetensors")
+        labels = json.loads((bundle / f"probe_{level}.json").read_text())["labels"]
+        assert probe["linear.weight"].shape == (len(labels), cfg.embed_dim)
+    bank = load_file(bundle / "bank.safetensors")
+    assert bank["features"].shape[1] == cfg.embed_dim
+    assert len(bank["thumbnails"]) == len(bank["features"]) == len(bank["subgroup"])
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    assert metrics["pretrain_config"]["img_size"] == cfg.img_size
+    return cfg
+
+
+def assert_a_box_produces_sketches(bundle: Path) -> None:
+    """The app's engine loads the bundle, and the first example's box gives two streamed sketches."""
+    engine = Engine.load(bundle, device="cpu")
+    assert engine.has_decoder and engine.examples and engine.probes and engine.bank is not None
+    example = engine.examples[0]
+    analysis = engine.analyze(example.image(), list(example.boxes))
+    final = list(engine.stream_sketches(analysis, num_samples=2, seed=0))[-1]
+    assert final.done and len(final.images) == 2  # each image: every box filled with one sample
+    for sketch in final.images:
+        assert sketch.dtype == np.uint8 and sketch.shape[-1] == 3 and sketch.std() > 0
+    assert np.isfinite(analysis.metrics()["boxes"][0]["prediction_error"])

@@ -1,0 +1,70 @@
+"""The one-command default recipe, end to end on its seconds-long smoke profile: every stage runs, the exported
+bundle passes the same checks as the shipped one, the model card quotes the run's own figures, and a second
+call skips the finished stages."""
+import json
+
+import pytest
+
+from helpers import assert_a_box_produces_sketches, assert_bundle_parts_agree
+from train import default as recipe
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    try:
+        from train.emoji import get_catalog
+        get_catalog()
+    except FileNotFoundError as error:
+        pytest.skip(f"emoji files missing: {error}")
+    root = tmp_path_factory.mktemp("recipe")
+    recipe.main(["--out-dir", str(root / "run"), "--profile", "smoke", "--export", str(root / "bundle")])
+    return root
+
+
+def test_every_stage_ran_and_the_bundle_works(smoke_run):
+    summary = json.loads((smoke_run / "run" / "summary.json").read_text())
+    assert set(summary["stage_seconds"]) == {"pretrain", "eval", "bank", "decoders", "decoder_eval"}
+    assert summary["pretrain_config"]["steps"] == 3
+    assert_bundle_parts_agree(smoke_run / "bundle")
+    assert_a_box_produces_sketches(smoke_run / "bundle")
+
+
+def test_the_emoji_protocol_reports_every_baseline(smoke_run):
+    from train.emoji import get_catalog
+
+    catalog = get_catalog()
+    results = json.loads((smoke_run / "run" / "eval" / "results.json").read_text())
+    assert results["bank_size"] == 2 * len(catalog.split_ids("train"))
+    assert results["query_size"] == 2 * len(catalog.split_ids("heldout"))
+    assert set(results["features"]) == {"raw_pixels", "random_init", "target_encoder", "context_encoder"}
+    for scores in results["features"].values():
+        assert set(scores) == {"knn_group", "linear_group", "knn_subgroup", "linear_subgroup"}
+        assert all(0.0 <= v <= 100.0 for v in scores.values())
+    # Chance on 9 groups is ~11 %; raw pixels of centred emoji are far above it.
+    assert results["features"]["raw_pixels"]["knn_group"] > 20.0
+    assert set(results["object_patches_only"]) == {"raw_pixels", "random_init", "target_encoder"}
+    assert set(results["predictor_semantics"]) == {f"{s}_{l}" for s in ("new_scenes", "heldout_emoji")
+                                                   for l in ("group", "subgroup")}
+
+
+def test_model_card_quotes_the_measured_figures(smoke_run):
+    card = (smoke_run / "bundle" / "MODEL_CARD.md").read_text()
+    metrics = json.loads((smoke_run / "bundle" / "metrics.json").read_text())
+    pixels = metrics["features"]["features"]["raw_pixels"]["knn_group"]
+    assert f"| raw_pixels | {pixels:.1f} %" in card
+    assert "--profile smoke" in card and "24 images seen" in card
+    assert "object_patches_only" not in card and "Diagnostic (not the protocol)" in card
+    for name in metrics["decoders"]["decoders"]:
+        assert f"| {name} |" in card
+
+
+def test_a_second_call_skips_finished_stages(smoke_run):
+    model_file = smoke_run / "run" / "pretrain" / "model" / "config.json"
+    before = model_file.stat().st_mtime_ns
+    recipe.main(["--out-dir", str(smoke_run / "run"), "--profile", "smoke"])
+    assert model_file.stat().st_mtime_ns == before
+    summary = json.loads((smoke_run / "run" / "summary.json").read_text())
+    assert "bank" not in summary["stage_seconds"]  # the bank exists: not rebuilt
+    assert summary["stage_seconds"]["pretrain"] < 5  # a lookup, not a training run
