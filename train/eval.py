@@ -144,10 +144,18 @@ def score(bank, bank_labels, queries, query_labels, num_classes: dict[str, int])
     return out
 
 
-def evaluate_emoji_features(model: IJepa, seed: int = 0, device: str = "cpu") -> dict:
-    """kNN and linear probe on held-out emoji for: raw pixels, a random-init encoder, target and context encoders."""
+FEATURE_SOURCES = ("raw_pixels", "random_init", "target_encoder", "context_encoder")
+
+
+def evaluate_emoji_features(model: IJepa, seed: int = 0, device: str = "cpu",
+                            sources: tuple[str, ...] = FEATURE_SOURCES) -> dict:
+    """kNN and linear probe on held-out emoji for: raw pixels, a random-init encoder, target and context encoders
+    (or the subset named in ``sources``)."""
     from train.emoji import EmojiProbeSet, get_catalog
 
+    unknown = set(sources) - set(FEATURE_SOURCES)
+    if unknown:
+        raise ValueError(f"unknown feature sources {sorted(unknown)}; choose from {FEATURE_SOURCES}")
     catalog = get_catalog()
     size, patch = model.config.img_size, model.config.patch_size
     # Rendered once and kept in memory (~0.2 GB at 64 px): every feature source below reads the same images.
@@ -155,20 +163,21 @@ def evaluate_emoji_features(model: IJepa, seed: int = 0, device: str = "cpu") ->
                            for split, s in (("train", seed), ("heldout", seed + 1)))
     keys = ("group", "subgroup")
     num_classes = {"group": len(catalog.group_names), "subgroup": len(catalog.subgroup_names)}
-    random_model = random_init_like(model, seed, device)
-    sources = {"raw_pixels": (None, "target"), "random_init": (random_model, "target"),
-               "target_encoder": (model, "target"), "context_encoder": (model, "context")}
+    random_model = random_init_like(model, seed, device) if "random_init" in sources else None
+    extractors = {"raw_pixels": (None, "target"), "random_init": (random_model, "target"),
+                  "target_encoder": (model, "target"), "context_encoder": (model, "context")}
     results = {"protocol": "emoji held-out kNN k=20 T=0.07 + linear probe", "bank_size": len(bank_set),
                "query_size": len(query_set), "catalog": catalog.fingerprint, "features": {}}
-    for name, (source, which) in sources.items():
+    for name in sources:
+        source, which = extractors[name]
         bank, bank_labels = pooled_features(source, bank_set, keys, which, device=device)
         queries, query_labels = pooled_features(source, query_set, keys, which, device=device)
         results["features"][name] = score(bank, bank_labels, queries, query_labels, num_classes)
         logger.info("%s: %s", name, results["features"][name])
     # Diagnostic, not the protocol: the same kNN pooled over the emoji's own patches only.
     results["object_patches_only"] = {}
-    for name in ("raw_pixels", "random_init", "target_encoder"):
-        source, which = sources[name]
+    for name in (n for n in ("raw_pixels", "random_init", "target_encoder") if n in sources):
+        source, which = extractors[name]
         bank, bank_labels = pooled_features(source, bank_set, keys, which, device=device, object_only=True)
         queries, query_labels = pooled_features(source, query_set, keys, which, device=device, object_only=True)
         results["object_patches_only"][name] = {

@@ -33,6 +33,7 @@ from ijepa.model import IJepa, IJepaConfig
 from ijepa.vision_transformer import set_fused_attention
 from train.config import parse_config, save_config
 from train.data import build_dataset
+from train.emoji import BACKGROUND_KINDS
 from train.objective import (ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups,
                              set_optimizer_schedule, weight_decay)
 from train.runtime import (Runtime, autocast, list_checkpoints, load_checkpoint, plot_loss_curve, save_checkpoint,
@@ -59,6 +60,9 @@ class PretrainConfig:
     context_scale: tuple[float, float] = (0.85, 1.0)
     min_keep: int = 10
     official_quirks: bool = False
+    # emoji scenes only (train/emoji.py EmojiScenes)
+    backgrounds: tuple[str, ...] = BACKGROUND_KINDS
+    same_base_prob: float = 0.0
     # optimisation (batch_size is per process)
     batch_size: int = 256
     steps: int = 2000
@@ -152,7 +156,8 @@ def train(cfg: PretrainConfig) -> IJepa:
         encoder, predictor, target_encoder = (torch.compile(m) for m in (encoder, predictor, target_encoder))
 
     # data: global sample indices per step; images and masks built in workers
-    dataset = build_dataset(cfg.data, resolution=cfg.img_size, patch_size=cfg.patch_size, seed=cfg.seed)
+    scene = dict(backgrounds=cfg.backgrounds, same_base_prob=cfg.same_base_prob) if cfg.data == "emoji" else {}
+    dataset = build_dataset(cfg.data, resolution=cfg.img_size, patch_size=cfg.patch_size, seed=cfg.seed, **scene)
     collate = MaskCollator(model.config.grid_size, mask_config(cfg), seed=cfg.seed)
     sampler = StepBatches(start_step, cfg.steps, cfg.batch_size, rt.rank, rt.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,

@@ -1,0 +1,41 @@
+"""`python -m train.sweep`: each variant trains with its own overrides, is scored, and a rerun skips it."""
+import json
+from pathlib import Path
+
+import yaml
+
+from train import sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fake_protocol(calls):
+    def evaluate(model, seed, device, sources):
+        calls.append(sources)
+        scores = {"knn_group": 1.0, "knn_subgroup": 2.0, "linear_group": 3.0, "linear_subgroup": 4.0}
+        return {"features": {s: dict(scores) for s in sources},
+                "object_patches_only": {s: {"knn_group": 5.0, "knn_subgroup": 6.0} for s in sources
+                                        if s != "context_encoder"}}
+    return evaluate
+
+
+def test_variants_train_with_their_overrides_and_resume(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(sweep.evaluation, "evaluate_emoji_features", fake_protocol(calls))
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("plain: {}\nsiblings: {same_base_prob: 0.5, backgrounds: [solid, linear]}\n")
+    argv = ["--config", str(REPO / "train/configs/emoji_smoke.yaml"), "--variants", str(variants),
+            "--out-dir", str(tmp_path / "sweep"), "--steps", "2"]
+    rows = sweep.main(argv)
+    assert [r["variant"] for r in rows] == ["plain", "siblings"]
+    saved = yaml.safe_load((tmp_path / "sweep" / "siblings" / "config.yaml").read_text())
+    assert saved["same_base_prob"] == 0.5 and saved["backgrounds"] == ["solid", "linear"] and saved["steps"] == 2
+    assert yaml.safe_load((tmp_path / "sweep" / "plain" / "config.yaml").read_text())["same_base_prob"] == 0.0
+    assert calls == [("raw_pixels", "random_init"), ("target_encoder", "context_encoder"),
+                     ("target_encoder", "context_encoder")]
+    assert "| siblings | 1.0 | 2.0 | 3.0 | 1.0 | 5.0 |" in capsys.readouterr().out
+
+    sweep.main(argv)  # everything is in results.jsonl: nothing trains or scores again
+    assert len(calls) == 3
+    lines = (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["variant"] for line in lines] == ["baselines", "plain", "siblings"]

@@ -1,0 +1,94 @@
+"""Compare pretraining variants in one run: each variant is a short pretraining run (a base config plus its
+overrides), scored by the same held-out emoji protocol as `train.eval`; one JSON line per variant.
+
+    python -m train.sweep --config train/configs/emoji_cpu.yaml --variants train/configs/sweep_cpu.yaml \\
+        --out-dir runs/sweep --steps 600 --warmup-steps 40
+
+Flags after the known ones (``--steps 600``) override the base config for every variant. Raw pixels and a
+random-init encoder are scored once, on the base architecture. A variant whose line is already in
+``results.jsonl`` is skipped, so an interrupted sweep continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+from ijepa.model import IJepa
+from train import eval as evaluation
+from train import pretrain
+from train.config import load_config, parse_config
+
+logger = logging.getLogger("train.sweep")
+
+
+def load_variants(path: Path) -> dict[str, dict]:
+    variants = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) or v is None for v in variants.values()):
+        raise ValueError(f"{path}: expected a mapping of variant name -> config overrides")
+    return {name: dict(overrides or {}) for name, overrides in variants.items()}
+
+
+def summary_row(name: str, result: dict) -> str:
+    t, objects = result["features"]["target_encoder"], result.get("object_patches_only", {})
+    obj = objects.get("target_encoder", {}).get("knn_group", float("nan"))
+    return (f"| {name} | {t['knn_group']:.1f} | {t['knn_subgroup']:.1f} | {t['linear_group']:.1f} | "
+            f"{result['features'].get('context_encoder', {}).get('knn_group', float('nan')):.1f} | {obj:.1f} | "
+            f"{result.get('final_loss', float('nan')):.4f} | {result.get('seconds', 0):.0f} |")
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="the base pretraining YAML")
+    parser.add_argument("--variants", required=True, help="YAML: variant name -> overrides of the base config")
+    parser.add_argument("--out-dir", default="runs/sweep")
+    parser.add_argument("--device", default="cpu")
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    base = parse_config(pretrain.PretrainConfig, ["--config", args.config, *extra])
+    variants = load_variants(Path(args.variants))
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = out / "results.jsonl"
+    done = {json.loads(line)["variant"]: json.loads(line) for line in lines.read_text().splitlines()} \
+        if lines.exists() else {}
+
+    if "baselines" not in done:
+        baseline = evaluation.evaluate_emoji_features(IJepa(pretrain.model_config(base)).eval(), base.seed,
+                                                      args.device, sources=("raw_pixels", "random_init"))
+        done["baselines"] = {"variant": "baselines", **baseline}
+        with open(lines, "a") as f:
+            f.write(json.dumps(done["baselines"]) + "\n")
+    for name, overrides in variants.items():
+        if name in done:
+            continue
+        cfg = replace(load_config(pretrain.PretrainConfig, None, {**vars(base), **overrides}),
+                      out_dir=str(out / name), device=args.device)
+        start = time.perf_counter()
+        model = pretrain.train(cfg).eval()
+        seconds = time.perf_counter() - start
+        result = evaluation.evaluate_emoji_features(model, base.seed, args.device,
+                                                    sources=("target_encoder", "context_encoder"))
+        with open(out / name / "log.csv") as f:
+            final_loss = float(f.read().strip().splitlines()[-1].split(",")[1])
+        done[name] = {"variant": name, "overrides": overrides, "seconds": round(seconds, 1),
+                      "final_loss": final_loss, **result}
+        with open(lines, "a") as f:
+            f.write(json.dumps(done[name]) + "\n")
+
+    pixels, random_init = (done["baselines"]["features"][k] for k in ("raw_pixels", "random_init"))
+    print(f"raw pixels kNN group {pixels['knn_group']:.1f}, random init {random_init['knn_group']:.1f}")
+    print("| variant | kNN group | kNN subgroup | linear group | context kNN group | object-only kNN group | "
+          "final loss | train s |\n|---|---|---|---|---|---|---|---|")
+    for name in variants:
+        print(summary_row(name, done[name]))
+    return [done[name] for name in variants]
+
+
+if __name__ == "__main__":
+    main()
