@@ -105,3 +105,18 @@ def test_two_gloo_ranks_stay_identical_and_learn(tmp_path):
     torch.testing.assert_close(rank0, rank1, rtol=0, atol=0)
     curve = losses(tmp_path / "ddp")
     assert curve[-1] < 0.8 * curve[0], curve
+
+
+def test_every_config_the_docs_mention_exists_and_parses():
+    import re
+
+    texts = [(REPO / "README.md").read_text()] + [p.read_text() for p in (REPO / "train").glob("*.py")]
+    mentioned = {m for text in texts for m in re.findall(r"train/configs/[\w.]+\.yaml", text)}
+    assert "train/configs/emoji_cpu.yaml" in mentioned
+    for path in sorted(mentioned):
+        assert (REPO / path).is_file(), f"documented but missing: {path}"
+    for path in (REPO / "train" / "configs").glob("*.yaml"):
+        if path.name.startswith("sweep_"):  # variant lists for train.sweep, not pretraining configs
+            continue
+        cfg = parse_config(PretrainConfig, ["--config", str(path)])
+        assert cfg.img_size % cfg.patch_size == 0, path.name

@@ -1,9 +1,9 @@
 """I-JEPA pretraining: one readable loop.
 
 Single process (CPU or one GPU):
-    python -m train.pretrain --config train/configs/emoji_tiny.yaml --out-dir runs/tiny
+    python -m train.pretrain --config train/configs/emoji_gpu.yaml --out-dir runs/tiny
 Several GPUs on one node (DDP, NCCL) or several CPU processes (gloo):
-    torchrun --nproc_per_node 8 -m train.pretrain --config train/configs/emoji_tiny.yaml
+    torchrun --nproc_per_node 8 -m train.pretrain --config train/configs/emoji_gpu.yaml
 Several nodes (run on every node; SLURM users: see README "Multi-node"):
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 -m train.pretrain ...
 Resume exactly (same step, schedules, data order and masks) after an interruption:
