@@ -3,9 +3,11 @@ every exported bundle must pass."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from decoder import SketchDecoder
@@ -101,3 +104,22 @@ def assert_a_box_produces_sketches(bundle: Path) -> None:
     for sketch in final.images:
         assert sketch.dtype == np.uint8 and sketch.shape[-1] == 3 and sketch.std() > 0
     assert np.isfinite(analysis.metrics()["boxes"][0]["prediction_error"])
+
+
+def train_on_two_gloo_ranks(setup: str, out_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``setup`` (Python that defines ``cfg`` and ``train``) under torchrun as 2 CPU ranks (gloo), then
+    ``train(cfg)``; returns each rank's trained parameters, flattened."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    script = out_dir / "two_ranks.py"
+    script.write_text(textwrap.dedent(setup) + textwrap.dedent(f"""
+        import os, torch
+        trained = train(cfg)
+        flat = torch.cat([p.detach().flatten() for p in trained.parameters()])
+        torch.save(flat, os.path.join({str(out_dir)!r}, f"params-rank{{os.environ['RANK']}}.pt"))
+    """))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(free_port()), str(script)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out_dir / "params-rank0.pt"), torch.load(out_dir / "params-rank1.pt")

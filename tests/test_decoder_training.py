@@ -1,15 +1,11 @@
 """Decoder training and its evaluation on a tiny frozen I-JEPA: export, exact resume, metrics."""
 import csv
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import train_on_two_gloo_ranks
 import train.decoder as decoder_training
 from decoder import SketchDecoder
 from ijepa.checkpoint import load_model, save_model
@@ -18,7 +14,6 @@ from train.config import parse_config
 from train.decoder import DecoderTrainConfig, sample_boxes, sample_box_shape
 from train.eval_decoder import main as eval_decoder_main
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +91,8 @@ def test_decoder_eval_reports_both_modes_and_exact_context(tmp_path, tiny_ijepa)
 def test_two_gloo_ranks_train_one_decoder(tmp_path, tiny_ijepa):
     """Under torchrun the ranks see different boxes and scenes but their gradients are synchronised: the
     decoders stay bit-identical, move away from their initialisation, and rank 0 alone writes the export."""
-    script = tmp_path / "ddp_decoder.py"
-    script.write_text(textwrap.dedent(f"""
-        import os, torch
+    rank0, rank1 = train_on_two_gloo_ranks(f"""
+        import torch
         from train.config import parse_config
         from train.decoder import DecoderTrainConfig, train
         cfg = parse_config(DecoderTrainConfig, [
@@ -106,18 +100,7 @@ def test_two_gloo_ranks_train_one_decoder(tmp_path, tiny_ijepa):
             "32,32,32", "--feature-channels", "4", "--batch-size", "4", "--num-workers", "0", "--log-every", "1",
             "--sample-every", "100", "--precision", "fp32", "--warmup-steps", "1", "--steps", "4",
             "--device", "cpu"])
-        torch.manual_seed(cfg.seed)
-        decoder = train(cfg)
-        flat = torch.cat([p.detach().flatten() for p in decoder.parameters()])
-        torch.save(flat, os.path.join(cfg.out_dir, f"params-rank{{os.environ['RANK']}}.pt"))
-    """))
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29534", str(script)], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0 = torch.load(tmp_path / "ddp" / "params-rank0.pt")
-    rank1 = torch.load(tmp_path / "ddp" / "params-rank1.pt")
+    """, tmp_path / "ddp")
     torch.testing.assert_close(rank0, rank1, rtol=0, atol=0)
     torch.manual_seed(0)  # what train() builds before its first step
     initial_decoder = decoder_training.build_decoder(tiny_cfg(tiny_ijepa, tmp_path / "unused"), load_model(tiny_ijepa))

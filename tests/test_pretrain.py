@@ -1,14 +1,11 @@
 """The pretraining loop: loss falls, a killed run resumes exactly, NaNs stop it, DDP ranks stay identical."""
 import csv
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import train_on_two_gloo_ranks
 import train.pretrain as pretrain
 from train.config import parse_config
 from train.pretrain import PretrainConfig, train
@@ -84,24 +81,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_two_gloo_ranks_stay_identical_and_learn(tmp_path):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(textwrap.dedent(f"""
-        import os, sys, torch
+    rank0, rank1 = train_on_two_gloo_ranks(f"""
         from train.config import parse_config
         from train.pretrain import PretrainConfig, train
         cfg = parse_config(PretrainConfig, {TINY!r} + ["--out-dir", {str(tmp_path / 'ddp')!r}, "--steps", "30",
                            "--lr", "0.002", "--warmup-steps", "5", "--log-every", "5", "--device", "cpu"])
-        model = train(cfg)
-        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-        torch.save(flat, os.path.join(cfg.out_dir, f"params-rank{{os.environ['RANK']}}.pt"))
-    """))
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29533", str(script)], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0 = torch.load(tmp_path / "ddp" / "params-rank0.pt")
-    rank1 = torch.load(tmp_path / "ddp" / "params-rank1.pt")
+    """, tmp_path / "ddp")
     torch.testing.assert_close(rank0, rank1, rtol=0, atol=0)
     curve = losses(tmp_path / "ddp")
     assert curve[-1] < 0.8 * curve[0], curve
