@@ -60,11 +60,15 @@ def test_model_card_quotes_the_measured_figures(smoke_run):
         assert f"| {name} |" in card
 
 
-def test_a_second_call_skips_finished_stages(smoke_run):
-    model_file = smoke_run / "run" / "pretrain" / "model" / "config.json"
-    before = model_file.stat().st_mtime_ns
-    recipe.main(["--out-dir", str(smoke_run / "run"), "--profile", "smoke"])
-    assert model_file.stat().st_mtime_ns == before
-    summary = json.loads((smoke_run / "run" / "summary.json").read_text())
-    assert "bank" not in summary["stage_seconds"]  # the bank exists: not rebuilt
-    assert summary["stage_seconds"]["pretrain"] < 5  # a lookup, not a training run
+def test_a_second_call_skips_finished_stages_and_keeps_their_times(smoke_run):
+    run = smoke_run / "run"
+    first = json.loads((run / "summary.json").read_text())
+    outputs = [run / "pretrain" / "model" / "config.json", run / "bank.safetensors", run / "eval" / "results.json"]
+    before = [p.stat().st_mtime_ns for p in outputs]
+    (run / "decoder_eval" / "results.json").unlink()  # this stage alone runs again
+    recipe.main(["--out-dir", str(run), "--profile", "smoke"])
+    assert [p.stat().st_mtime_ns for p in outputs] == before
+    again = json.loads((run / "summary.json").read_text())["stage_seconds"]
+    for stage in ("pretrain", "eval", "bank", "decoders"):
+        assert again[stage] == first["stage_seconds"][stage]  # the time it took when it ran
+    assert (run / "decoder_eval" / "results.json").is_file()

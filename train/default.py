@@ -292,25 +292,37 @@ def main(argv=None) -> None:
     profile_name = args.profile or ("gpu" if torch.cuda.is_available() else "cpu")
     profile, out = PROFILES[profile_name], Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    timings, start = {}, time.perf_counter()
+    # A stage whose output exists is skipped; the card then reports the time it took when it ran.
+    previous = json.loads((out / "summary.json").read_text())["stage_seconds"] if (out / "summary.json").exists() \
+        else {}
+    finished = {"pretrain": (out / "pretrain" / "model" / "config.json").exists(),
+                "eval": (out / "eval" / "results.json").exists(),
+                "bank": (out / "bank.safetensors").exists(),
+                "decoders": all((out / f"decoder_{mode}" / "decoder" / "config.json").exists()
+                                for mode in ("spatial_context", "pooled")),
+                "decoder_eval": (out / "decoder_eval" / "results.json").exists()}
+    timings = {}
 
     def timed(stage, fn, *a):
         t = time.perf_counter()
         result = fn(*a)
-        timings[stage] = round(time.perf_counter() - t, 1)
-        logger.info("stage %s done in %.0f s", stage, timings[stage])
+        timings[stage] = previous[stage] if finished[stage] and stage in previous else round(time.perf_counter() - t, 1)
+        logger.info("stage %s: %.0f s", stage, timings[stage])
         return result
+
+    def reference_bank(model_dir: Path) -> None:
+        if not finished["bank"]:
+            model = load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
+            build_reference_bank(model, profile["bank"], out / "bank")
 
     model_dir = timed("pretrain", run_pretraining, profile, out, extra)
     features = timed("eval", run_evaluation, model_dir, profile, out)
-    if not (out / "bank.safetensors").exists():
-        model = load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
-        timed("bank", build_reference_bank, model, profile["bank"], out / "bank")
+    timed("bank", reference_bank, model_dir)
     decoders = timed("decoders", run_decoders, model_dir, profile, out, extra)
     sketches = timed("decoder_eval", run_decoder_eval, model_dir, decoders, profile, out)
     summary = {"profile": profile_name, "hardware": hardware(), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "stage_seconds": timings,
-               "total_seconds": round(time.perf_counter() - start, 1), "features": features, "decoders": sketches,
+               "total_seconds": round(sum(timings.values()), 1), "features": features, "decoders": sketches,
                "pretrain_config": yaml.safe_load((model_dir.parent / "config.yaml").read_text())}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if args.export:
