@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from train import sweep
@@ -39,3 +40,10 @@ def test_variants_train_with_their_overrides_and_resume(tmp_path, monkeypatch, c
     assert len(calls) == 3
     lines = (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()
     assert [json.loads(line)["variant"] for line in lines] == ["baselines", "plain", "siblings"]
+
+
+def test_a_misspelt_override_is_refused_before_anything_trains(tmp_path):
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("typo: {learning_rate: 0.1}\n")
+    with pytest.raises(ValueError, match="'typo' sets unknown config keys \\['learning_rate'\\]"):
+        sweep.load_variants(variants)

@@ -14,7 +14,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import yaml
@@ -31,6 +31,11 @@ def load_variants(path: Path) -> dict[str, dict]:
     variants = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(variants, dict) or not all(isinstance(v, dict) or v is None for v in variants.values()):
         raise ValueError(f"{path}: expected a mapping of variant name -> config overrides")
+    known = {f.name for f in fields(pretrain.PretrainConfig)}
+    for name, overrides in variants.items():
+        unknown = sorted(set(overrides or {}) - known)
+        if unknown:
+            raise ValueError(f"{path}: variant {name!r} sets unknown config keys {unknown}")
     return {name: dict(overrides or {}) for name, overrides in variants.items()}
 
 
