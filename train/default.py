@@ -52,9 +52,20 @@ PROFILES = {
 }
 
 
+DECODER_MODES = ("spatial_context", "pooled")
+# What each stage leaves behind: a stage whose outputs all exist is skipped.
+STAGE_OUTPUTS = {"pretrain": ["pretrain/model/config.json"], "eval": ["eval/results.json"], "bank": ["bank.safetensors"],
+                 "decoders": [f"decoder_{mode}/decoder/config.json" for mode in DECODER_MODES],
+                 "decoder_eval": ["decoder_eval/results.json"]}
+
+
+def stage_done(out: Path, stage: str) -> bool:
+    return all((out / marker).exists() for marker in STAGE_OUTPUTS[stage])
+
+
 def run_pretraining(profile: dict, out: Path, extra: list[str]) -> Path:
     model_dir = out / "pretrain" / "model"
-    if not (model_dir / "config.json").exists():
+    if not stage_done(out, "pretrain"):
         resume = ["--resume", "true"] if (out / "pretrain" / "checkpoints").exists() else []
         cfg = parse_config(pretrain.PretrainConfig, ["--config", str(CONFIGS / profile["pretrain"]),
                                                     "--out-dir", str(out / "pretrain"), *resume, *extra])
@@ -64,7 +75,7 @@ def run_pretraining(profile: dict, out: Path, extra: list[str]) -> Path:
 
 def run_evaluation(model_dir: Path, profile: dict, out: Path) -> dict:
     results_path = out / "eval" / "results.json"
-    if not results_path.exists():
+    if not stage_done(out, "eval"):
         evaluation.main(["--checkpoint", str(model_dir), "--out-dir", str(out / "eval"),
                          "--box-train", str(profile["box_train"]), "--box-test", str(profile["box_test"])])
     return json.loads(results_path.read_text())
@@ -93,7 +104,7 @@ def build_reference_bank(model: IJepa, count: int, path: Path, thumb: int = 32, 
 
 def run_decoders(model_dir: Path, profile: dict, out: Path, extra: list[str]) -> dict[str, Path]:
     paths = {}
-    for mode in ("spatial_context", "pooled"):
+    for mode in DECODER_MODES:
         run_dir = out / f"decoder_{mode}"
         if not (run_dir / "decoder" / "config.json").exists():
             resume = ["--resume", "true"] if (run_dir / "checkpoints").exists() else []
@@ -111,7 +122,7 @@ def run_decoders(model_dir: Path, profile: dict, out: Path, extra: list[str]) ->
 
 def run_decoder_eval(model_dir: Path, decoders: dict[str, Path], profile: dict, out: Path) -> dict:
     results_path = out / "decoder_eval" / "results.json"
-    if not results_path.exists():
+    if not stage_done(out, "decoder_eval"):
         eval_decoder.main(["--checkpoint", str(model_dir), "--decoder", str(decoders["spatial_context"]),
                            "--paper-decoder", str(decoders["pooled"]), "--num-images", str(profile["eval_images"]),
                            "--out-dir", str(out / "decoder_eval")])
@@ -295,12 +306,7 @@ def main(argv=None) -> None:
     # A stage whose output exists is skipped; the card then reports the time it took when it ran.
     previous = json.loads((out / "summary.json").read_text())["stage_seconds"] if (out / "summary.json").exists() \
         else {}
-    finished = {"pretrain": (out / "pretrain" / "model" / "config.json").exists(),
-                "eval": (out / "eval" / "results.json").exists(),
-                "bank": (out / "bank.safetensors").exists(),
-                "decoders": all((out / f"decoder_{mode}" / "decoder" / "config.json").exists()
-                                for mode in ("spatial_context", "pooled")),
-                "decoder_eval": (out / "decoder_eval" / "results.json").exists()}
+    finished = {stage: stage_done(out, stage) for stage in STAGE_OUTPUTS}
     timings = {}
 
     def timed(stage, fn, *a):

@@ -43,6 +43,32 @@ def collect(dataset: Dataset, keys: tuple[str, ...], batch_size: int = 256):
 
 
 @torch.no_grad()
+def _pool(model: IJepa | None, dataset: Dataset, label_keys: tuple[str, ...], which: str, batch_size: int,
+          device: str, with_object_only: bool) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """One pass over the dataset: whole-image pooled features, optionally object-only ones, and labels."""
+    whole, objects, labels = [], [], {k: [] for k in label_keys}
+    keys = ("image", "patch_emoji") + label_keys if with_object_only else ("image",) + label_keys
+    for batch in collect(dataset, keys, batch_size):
+        images = batch["image"].to(device)
+        on_object = (batch["patch_emoji"] >= 0).to(device) if with_object_only else None
+        if model is None:
+            whole.append(images.flatten(1).cpu())
+            if on_object is not None:
+                patch = images.shape[-1] // on_object.shape[-1]
+                pixels = on_object.repeat_interleave(patch, 1).repeat_interleave(patch, 2)
+                objects.append((images * pixels.unsqueeze(1)).flatten(1).cpu())
+        else:
+            tokens = encode(model, images, which).float()
+            whole.append(tokens.mean(dim=1).cpu())
+            if on_object is not None:
+                weights = on_object.flatten(1).float().unsqueeze(-1)
+                objects.append(((tokens * weights).sum(1) / weights.sum(1).clamp_min(1)).cpu())
+        for k in label_keys:
+            labels[k].append(batch[k])
+    return (torch.cat(whole), torch.cat(objects) if with_object_only else None,
+            {k: torch.cat(v) for k, v in labels.items()})
+
+
 def pooled_features(model: IJepa | None, dataset: Dataset, label_keys: tuple[str, ...], which: str = "target",
                     batch_size: int = 256, device: str = "cpu", object_only: bool = False
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -51,27 +77,8 @@ def pooled_features(model: IJepa | None, dataset: Dataset, label_keys: tuple[str
     ``object_only`` (a diagnostic, emoji datasets only) pools over the patches an emoji covers and blanks the
     other pixels: it shows how much of a gap comes from the background diluting the average.
     """
-    feats, labels = [], {k: [] for k in label_keys}
-    keys = ("image", "patch_emoji") + label_keys if object_only else ("image",) + label_keys
-    for batch in collect(dataset, keys, batch_size):
-        images = batch["image"].to(device)
-        on_object = (batch["patch_emoji"] >= 0).to(device) if object_only else None
-        if model is None:
-            if on_object is not None:
-                patch = images.shape[-1] // on_object.shape[-1]
-                pixels = on_object.repeat_interleave(patch, 1).repeat_interleave(patch, 2)
-                images = images * pixels.unsqueeze(1)
-            feats.append(images.flatten(1).cpu())
-        else:
-            tokens = encode(model, images, which).float()
-            if on_object is None:
-                feats.append(tokens.mean(dim=1).cpu())
-            else:
-                weights = on_object.flatten(1).float().unsqueeze(-1)
-                feats.append(((tokens * weights).sum(1) / weights.sum(1).clamp_min(1)).cpu())
-        for k in label_keys:
-            labels[k].append(batch[k])
-    return torch.cat(feats), {k: torch.cat(v) for k, v in labels.items()}
+    whole, objects, labels = _pool(model, dataset, label_keys, which, batch_size, device, object_only)
+    return (objects if object_only else whole), labels
 
 
 def random_init_like(model: IJepa, seed: int, device: str) -> IJepa:
@@ -167,22 +174,19 @@ def evaluate_emoji_features(model: IJepa, seed: int = 0, device: str = "cpu",
     extractors = {"raw_pixels": (None, "target"), "random_init": (random_model, "target"),
                   "target_encoder": (model, "target"), "context_encoder": (model, "context")}
     results = {"protocol": "emoji held-out kNN k=20 T=0.07 + linear probe", "bank_size": len(bank_set),
-               "query_size": len(query_set), "catalog": catalog.fingerprint, "features": {}}
+               "query_size": len(query_set), "catalog": catalog.fingerprint, "features": {},
+               "object_patches_only": {}}  # a diagnostic beside the protocol: pooled over the emoji's own patches
     for name in sources:
         source, which = extractors[name]
-        bank, bank_labels = pooled_features(source, bank_set, keys, which, device=device)
-        queries, query_labels = pooled_features(source, query_set, keys, which, device=device)
+        with_objects = name != "context_encoder"
+        bank, bank_objects, bank_labels = _pool(source, bank_set, keys, which, 256, device, with_objects)
+        queries, query_objects, query_labels = _pool(source, query_set, keys, which, 256, device, with_objects)
         results["features"][name] = score(bank, bank_labels, queries, query_labels, num_classes)
         logger.info("%s: %s", name, results["features"][name])
-    # Diagnostic, not the protocol: the same kNN pooled over the emoji's own patches only.
-    results["object_patches_only"] = {}
-    for name in (n for n in ("raw_pixels", "random_init", "target_encoder") if n in sources):
-        source, which = extractors[name]
-        bank, bank_labels = pooled_features(source, bank_set, keys, which, device=device, object_only=True)
-        queries, query_labels = pooled_features(source, query_set, keys, which, device=device, object_only=True)
-        results["object_patches_only"][name] = {
-            f"knn_{level}": knn_top1(bank, bank_labels[level], queries, query_labels[level], n)
-            for level, n in num_classes.items()}
+        if with_objects:
+            results["object_patches_only"][name] = {
+                f"knn_{level}": knn_top1(bank_objects, bank_labels[level], query_objects, query_labels[level], n)
+                for level, n in num_classes.items()}
     return results
 
 

@@ -111,5 +111,3 @@ def plot_loss_curve(csv_path: Path, png_path: Path, title: str = "I-JEPA pretrai
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)
-
-

@@ -60,8 +60,7 @@ def main(argv=None) -> list[dict]:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = out / "results.jsonl"
-    done = {json.loads(line)["variant"]: json.loads(line) for line in lines.read_text().splitlines()} \
-        if lines.exists() else {}
+    done = {row["variant"]: row for row in map(json.loads, lines.read_text().splitlines())} if lines.exists() else {}
 
     if "baselines" not in done:
         baseline = evaluation.evaluate_emoji_features(IJepa(pretrain.model_config(base)).eval(), base.seed,
