@@ -66,6 +66,7 @@ from ijepa.model import IJepa, IJepaConfig  # noqa: E402
 from ijepa.vision_transformer import set_fused_attention  # noqa: E402
 from train.objective import (ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups,  # noqa: E402
                              set_optimizer_schedule, weight_decay)
+from train.pretrain import uses_fused_attention  # noqa: E402
 from train.runtime import autocast  # noqa: E402
 
 logger = logging.getLogger("bench.pretrain_throughput")
@@ -199,18 +200,13 @@ def pregenerate_masks(config: IJepaConfig, batch: int, count: int, seed: int, pi
     return sets
 
 
-def pretrain_uses_fused_attention(device: torch.device, precision: str) -> bool:
-    """train/pretrain.py's choice: fused SDPA everywhere except CPU bf16 training."""
-    return not (device.type == "cpu" and precision == "bf16")
-
-
 def build_step(spec: ModelSpec, variant: Variant, device: torch.device, batch: int,
                mask_sets: list) -> tuple[Callable[[int], None], IJepa]:
     """The training step of train/pretrain.py (or the reference flavour of it) as a closure over step index."""
     torch.manual_seed(0)
     model = IJepa(spec.config()).to(device)
     model.train()
-    set_fused_attention(model, pretrain_uses_fused_attention(device, variant.precision)
+    set_fused_attention(model, uses_fused_attention(device, variant.precision)
                         if variant.fused_attn is None else variant.fused_attn)
     use_cuda = device.type == "cuda"
     if variant.unfused_adamw:
@@ -324,7 +320,7 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
         if args.compile:
             chosen.append(Variant("ours+compile", args.precision, compile=True))
         if args.other_attention:
-            fused = not pretrain_uses_fused_attention(device, args.precision)
+            fused = not uses_fused_attention(device, args.precision)
             name = "ours+sdpa" if fused else "ours+plain-attn"
             chosen.append(Variant(name, args.precision, fused_attn=fused))
             if args.compile:

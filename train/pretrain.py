@@ -117,6 +117,12 @@ def mask_config(cfg: PretrainConfig) -> MaskConfig:
                       context_scale=cfg.context_scale, min_keep=cfg.min_keep, official_quirks=cfg.official_quirks)
 
 
+def uses_fused_attention(device: torch.device, precision: str) -> bool:
+    """Fused SDPA everywhere except CPU bf16 training, where plain attention is 1.4-1.5x faster
+    (bench/RESULTS.md)."""
+    return not (device.type == "cpu" and precision == "bf16")
+
+
 def train(cfg: PretrainConfig) -> IJepa:
     """Run (or resume) pretraining; exports ``<out_dir>/model`` and returns the trained model."""
     rt: Runtime = setup_runtime(cfg.device)
@@ -134,8 +140,7 @@ def train(cfg: PretrainConfig) -> IJepa:
     torch.manual_seed(cfg.seed)
     model = IJepa(model_config(cfg)).to(rt.device)
     use_cuda = rt.device.type == "cuda"
-    if not use_cuda and cfg.precision == "bf16":
-        set_fused_attention(model, False)  # plain attention: 1.4-1.5x for CPU bf16 training (bench/RESULTS.md)
+    set_fused_attention(model, uses_fused_attention(rt.device, cfg.precision))
     optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=cfg.lr, betas=(0.9, 0.999),
                                   weight_decay=cfg.weight_decay, fused=use_cuda, foreach=None if use_cuda else True)
     start_step = 0
