@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 Conditioning = Literal["spatial_context", "pooled"]
 CONDITIONINGS: tuple[str, ...] = ("spatial_context", "pooled")
-PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 FEATURE_SPACE_NOTE = (
     "predictor outputs as returned: layer-normed target-encoder feature space (F.layer_norm over D, no affine); "
     "no extra normalisation inside the decoder"
@@ -222,11 +222,13 @@ class SketchDecoder(ModelMixin, ConfigMixin):
         num_train_timesteps, beta_schedule: the DDPM noise schedule, shared by training and the sampler.
             Linear betas over 1000 steps as in RCDM; unlike the cosine schedule (whose capped end reaches
             sigma/alpha ~ 2e4) its log-SNR range suits the sampler's uniform log-SNR steps (see pipeline).
-        prediction_type: "v_prediction" (default) or "epsilon". v is the better choice for few-step sampling:
-            DPM-Solver++ integrates the x0 prediction, and with v the x0 estimate ``alpha*x - sigma*v`` stays
-            well conditioned at high noise, while epsilon's ``(x - sigma*eps)/alpha`` divides by alpha -> 0
-            (0.006 at t=999 with linear betas), where a 10-15 step sampler takes its first, largest steps
-            (Salimans & Ho 2022). A choice from that literature, not yet measured on trained decoders here.
+        prediction_type: "v_prediction" (default), "epsilon" or "sample" (the clean image x0). For few-step
+            sampling v beats epsilon: DPM-Solver++ integrates the x0 prediction, and with v the x0 estimate
+            ``alpha*x - sigma*v`` stays well conditioned at high noise, while epsilon's ``(x - sigma*eps)/alpha``
+            divides by alpha -> 0 (0.006 at t=999 with linear betas), where a 10-15 step sampler takes its
+            first, largest steps (Salimans & Ho 2022). "sample" predicts x0 directly: its plain MSE weights the
+            noisy timesteps most, where the layout and colours are decided, so a briefly trained decoder
+            draws smooth regions instead of leftover noise (measured in bench/RESULTS.md, "Decoder").
         outside_box_loss_weight: spatial_context only: per-pixel loss weight outside the box (inside is 1).
             The sampler pastes the exact context back outside the box, so those pixels only need to be
             good enough to keep the box seams coherent.
@@ -302,7 +304,7 @@ class SketchDecoder(ModelMixin, ConfigMixin):
         return F.interpolate(self.feature_proj(grid), size=(size, size), mode="nearest")
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor | int, cond: SketchCondition) -> torch.Tensor:
-        """Predict epsilon or v (``config.prediction_type``) for noisy images [B, 3, H, W] at ``timesteps``."""
+        """Predict epsilon, v or x0 (``config.prediction_type``) for noisy images [B, 3, H, W] at ``timesteps``."""
         if cond.batch_size != noisy.size(0):
             raise ValueError(
                 f"cond has batch {cond.batch_size} but noisy has {noisy.size(0)}; use cond.repeat(n) for n samples"
@@ -343,7 +345,7 @@ class SketchDecoder(ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         """Denoising loss for clean images [B, 3, H, W] in [-1, 1]: uniform t, Gaussian noise, weighted MSE.
 
-        The target is the noise (epsilon) or ``DDPMScheduler.get_velocity`` (v). In "spatial_context" mode the
+        The target is the noise (epsilon), ``DDPMScheduler.get_velocity`` (v) or the clean image (sample). In "spatial_context" mode the
         squared error is weighted by ``loss_weights`` and normalised by the total weight; "pooled" mode is plain
         MSE over the whole image, as in RCDM.
         """
@@ -360,6 +362,8 @@ class SketchDecoder(ModelMixin, ConfigMixin):
         noisy = scheduler.add_noise(clean_images, noise, timesteps)
         if self.config.prediction_type == "epsilon":
             target = noise
+        elif self.config.prediction_type == "sample":
+            target = clean_images
         else:
             target = scheduler.get_velocity(clean_images, noise, timesteps)
         prediction = self(noisy, timesteps, cond)

@@ -190,10 +190,13 @@ class SketchSampler:
     def _x0_estimate(
         self, scheduler: SchedulerMixin, x: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
-        """The model's current clean-image estimate from x_t and its epsilon / v output, clipped to [-1, 1]."""
+        """The model's current clean-image estimate from x_t and its epsilon / v / x0 output, clipped to [-1, 1]."""
         alpha_bar = scheduler.alphas_cumprod.to(x.device)[t.long()]
         alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-        if self.decoder.config.prediction_type == "epsilon":
+        kind = self.decoder.config.prediction_type
+        if kind == "sample":
+            x0 = prediction
+        elif kind == "epsilon":
             x0 = (x - sigma * prediction) / alpha
         else:
             x0 = alpha * x - sigma * prediction

@@ -216,6 +216,35 @@ def test_overfitting_a_tiny_batch_lowers_the_loss():
     assert after < 0.65 * before, (before, after)
 
 
+class OracleDecoder(SketchDecoder):
+    """Returns the exact epsilon / v / x0 for one known clean image, whatever the condition."""
+
+    clean: torch.Tensor
+
+    def forward(self, noisy, timesteps, cond):
+        alpha_bar = self.make_train_scheduler().alphas_cumprod[torch.as_tensor(timesteps).long()].view(-1, 1, 1, 1)
+        alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        clean = self.clean.expand_as(noisy)
+        noise = (noisy - alpha * clean) / sigma
+        return {"epsilon": noise, "v_prediction": alpha * noise - sigma * clean,
+                "sample": clean}[self.config.prediction_type]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_training_target_and_sampler_agree_on_each_prediction_type(prediction_type):
+    """A perfect denoiser has zero training loss, and the sampler turns its outputs into the clean image."""
+    oracle = OracleDecoder(feature_dim=DIM, grid_size=GRID, image_size=SIZE, feature_channels=4,
+                           block_out_channels=(8, 16), attention_levels=(False, True), attention_head_dim=8,
+                           norm_num_groups=4, prediction_type=prediction_type).eval()
+    oracle.clean = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9)) * 1.6 - 0.8
+    cond = make_condition(box_indices(1, 1, 2, 2))
+    loss = oracle.training_loss(oracle.clean, cond, torch.Generator().manual_seed(0))
+    assert loss.item() < 1e-8
+    sketch = SketchSampler(oracle).sample(cond, num_samples=1, num_steps=6, seed=1)
+    inside = cond.box_mask.bool().expand_as(sketch)
+    torch.testing.assert_close(sketch[inside], ((oracle.clean + 1) / 2)[inside], atol=2e-3, rtol=0)
+
+
 def test_stream_yields_first_sketch_early_and_ends_like_sample(decoder):
     sampler = SketchSampler(decoder)
     cond = SketchCondition.cat([make_condition(box_indices(0, 0, 2, 2)), make_condition(box_indices(1, 2, 2, 2), 1)])

@@ -52,6 +52,9 @@ class DecoderTrainConfig:
     block_out_channels: tuple[int, int, int] = (32, 64, 128)
     layers_per_block: int = 1
     feature_channels: int = 16
+    # x0: a briefly trained decoder draws smooth regions instead of leftover noise (bench/RESULTS.md, "Decoder");
+    # "v_prediction" keeps more sample diversity once a decoder is trained long enough
+    prediction_type: str = "sample"
     # boxes
     target_like_fraction: float = 0.5  # boxes drawn like I-JEPA targets; the rest like user boxes
     true_fraction: float = 0.25  # samples conditioned on the target encoder's true features
@@ -123,7 +126,7 @@ def build_decoder(cfg: DecoderTrainConfig, model: IJepa) -> SketchDecoder:
     return SketchDecoder(feature_dim=model.config.embed_dim, grid_size=model.config.grid_size,
                          image_size=model.config.img_size, conditioning=cfg.conditioning,
                          feature_channels=cfg.feature_channels, block_out_channels=tuple(cfg.block_out_channels),
-                         layers_per_block=cfg.layers_per_block)
+                         layers_per_block=cfg.layers_per_block, prediction_type=cfg.prediction_type)
 
 
 @torch.no_grad()
