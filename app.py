@@ -47,6 +47,7 @@ maps. Pick an example to start, or upload your own image and drag a box (up to {
 HOW_TO_READ = """
 - **Sketches**: a separate decoder turns the predicted description into pictures. Each sketch is one possible
   picture consistent with the prediction; the enlarged crops on the right of each sketch show only the box.
+  A briefly trained decoder, like the built-in one, draws blurry and nearly identical sketches: its average guess.
 - **Truth vs prediction**: the same decoder fed the description the model computes when it *does* see the box
   (truth), beside the one it guessed (prediction), and how far apart the two descriptions are, patch by patch.
 - **What it expects**: the most similar boxes in a reference collection, and a simple classifier's reading of
