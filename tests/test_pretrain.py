@@ -79,6 +79,26 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")][-1] == "ckpt-00000004.pt"
 
 
+def test_target_spread_tells_a_collapsed_encoder_from_a_healthy_one():
+    from train.objective import target_spread
+    images = torch.randn(4, 3, 8, 8)
+    varied = lambda x: torch.randn(x.size(0), 16, 32, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    collapsed = lambda x: torch.randn(32).expand(x.size(0), 16, 32) + 1e-4 * varied(x)  # noqa: E731
+    assert target_spread(varied, images).item() == pytest.approx(1.0, abs=0.1)
+    assert target_spread(collapsed, images).item() < 0.01
+
+
+def test_collapse_is_logged_with_a_warning(tmp_path, monkeypatch, caplog):
+    train(tiny(tmp_path / "ok", "--steps", "3"))
+    rows = list(csv.DictReader(open(tmp_path / "ok" / "log.csv")))
+    assert len(rows) == 3 and all(float(r["target_std"]) > pretrain.COLLAPSED_SPREAD for r in rows)
+    assert "collapsed" not in caplog.text
+    monkeypatch.setattr(pretrain, "target_spread", lambda encoder, images: torch.tensor(0.01))
+    with caplog.at_level("WARNING", logger="train.pretrain"):
+        train(tiny(tmp_path / "collapsed", "--steps", "3"))
+    assert caplog.text.count("collapsed") == 1  # once, not at every logging step
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_stay_identical_and_learn(tmp_path):
     rank0, rank1 = train_on_two_gloo_ranks(f"""

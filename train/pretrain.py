@@ -34,12 +34,14 @@ from ijepa.vision_transformer import set_fused_attention
 from train.config import parse_config, save_config
 from train.data import build_dataset
 from train.emoji import BACKGROUND_KINDS
-from train.objective import (ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups,
+from train.objective import (ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups, target_spread,
                              set_optimizer_schedule, weight_decay)
 from train.runtime import (Runtime, autocast, list_checkpoints, load_checkpoint, plot_loss_curve, save_checkpoint,
                            setup_runtime, start_csv_log, teardown_runtime)
 
 logger = logging.getLogger("train.pretrain")
+# target_spread below this at a logging step: warn that the representation has collapsed (healthy runs: ~0.4)
+COLLAPSED_SPREAD = 0.1
 
 
 @dataclass
@@ -170,12 +172,13 @@ def train(cfg: PretrainConfig) -> IJepa:
 
     csv_path = out_dir / "log.csv"
     if rt.is_main:
-        start_csv_log(csv_path, "step,loss,lr,weight_decay,ema,img_per_s,elapsed_s", start_step)
+        start_csv_log(csv_path, "step,loss,target_std,lr,weight_decay,ema,img_per_s,elapsed_s", start_step)
     images_per_step = cfg.batch_size * rt.world_size
     progress = tqdm(total=cfg.steps, initial=start_step, disable=not rt.is_main, dynamic_ncols=True, unit="step")
     loss_sum = torch.zeros((), device=rt.device)
     nonfinite = torch.zeros((), device=rt.device)  # count of non-finite losses since the start
     window_steps, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
+    warned_collapse = False
     model.train()
 
     for step, batch in enumerate(loader, start=start_step):
@@ -213,9 +216,18 @@ def train(cfg: PretrainConfig) -> IJepa:
             now = time.perf_counter()
             mean_loss, img_per_s = loss_sum.item() / window_steps, window_steps * images_per_step / (now - window_start)
             if rt.is_main:
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}")
+                with autocast(rt.device, cfg.precision):
+                    spread = target_spread(model.target_encoder, images).item()
+                if spread < COLLAPSED_SPREAD and not warned_collapse:
+                    warned_collapse = True
+                    logger.warning("step %d: the target features have collapsed (spread %.3f < %.2f): the encoder "
+                                   "gives every patch nearly the same vector, so the low loss means nothing. Lower "
+                                   "--lr or raise --ema-start (bench/RESULTS.md, 'Semantics').", done, spread,
+                                   COLLAPSED_SPREAD)
+                progress.set_postfix(loss=f"{mean_loss:.4f}", std=f"{spread:.2f}", lr=f"{lr:.2e}",
+                                     img_s=f"{img_per_s:.0f}")
                 with open(csv_path, "a") as f:
-                    f.write(f"{done},{mean_loss:.6f},{lr:.6g},{wd:.6g},{momentum:.6f},{img_per_s:.1f},"
+                    f.write(f"{done},{mean_loss:.6f},{spread:.4f},{lr:.6g},{wd:.6g},{momentum:.6f},{img_per_s:.1f},"
                             f"{now - run_start:.1f}\n")
             loss_sum.zero_()
             window_steps, window_start = 0, time.perf_counter()
