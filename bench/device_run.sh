@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: the GPU recipe or the throughput benchmark, results copied under $OUT.
+#
+#   bash bench/device_run.sh recipe [seconds]       # python -m train.default --profile gpu, bundle + summary
+#   bash bench/device_run.sh throughput [seconds]   # python bench/pretrain_throughput.py --compile --other-attention --json
+#
+# Why a script: a session gets one machine for ~15 minutes in all, each command at most 600 s, and only files
+# under $OUT come back (16 MiB each, 8 files). Each part stops itself after [seconds] (default 540) so there is
+# time left to copy what it has. `recipe` run again on the still-warm machine resumes where it stopped:
+# train.default skips finished stages and resumes checkpoints.
+#
+# The machine has torch but not diffusers and no network: before the call, copy the wheels
+# (diffusers, importlib_metadata), NotoColorEmoji.ttf and emoji-test.txt into the git-ignored device/ folder
+# and name it in `carry`. Here, with no device/ folder, the local environment is used as it is, e.g.
+#   OUT=/tmp/out PROFILE=smoke PYTHON=.venv/bin/python bash bench/device_run.sh recipe
+set -euo pipefail
+part=${1:?usage: bash bench/device_run.sh recipe|throughput [seconds]}
+budget=${2:-540}
+out=${OUT:?set OUT to the folder whose files come back}
+python=${PYTHON:-python3}
+mkdir -p "$out"
+
+if compgen -G "device/*.whl" > /dev/null; then
+    "$python" -m pip install -q --no-index --no-deps --target /tmp/site device/*.whl
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+[ -f device/NotoColorEmoji.ttf ] && export IJEPA_EMOJI_FONT=$PWD/device/NotoColorEmoji.ttf
+[ -f device/emoji-test.txt ] && export IJEPA_EMOJI_TEST=$PWD/device/emoji-test.txt
+
+log="$out/$part.log"
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+    "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+} > "$log" 2>&1
+
+status=0
+case $part in
+    throughput)
+        timeout "$budget" "$python" bench/pretrain_throughput.py --compile --other-attention --json \
+            > "$out/throughput.jsonl" 2>> "$log" || status=$?
+        ;;
+    recipe)
+        profile=${PROFILE:-gpu}
+        run=runs/device_$profile
+        timeout "$budget" "$python" -m train.default --out-dir "$run" --profile "$profile" \
+            --export "$run/assets" >> "$log" 2>&1 || status=$?
+        cp "$run/summary.json" "$out/" 2>/dev/null || echo "no summary.json: the recipe did not finish" >> "$log"
+        if [ -f "$run/assets/MODEL_CARD.md" ]; then
+            # The exported bundle, in parts under the 16 MiB a file may have on its way back.
+            tar -C "$run" -czf - assets | split -b 15M - "$out/assets.tar.gz.part-"
+        fi
+        ;;
+    *)
+        echo "unknown part '$part': recipe or throughput" >&2
+        exit 2
+        ;;
+esac
+# tqdm redraws its bar in place: keep the log readable and small.
+tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -n 400 > "$log.tmp" && mv "$log.tmp" "$log"
+echo "$part finished with status $status (124 = stopped at ${budget} s; run it again to resume)" | tee -a "$log"
+exit "$status"
