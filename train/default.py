@@ -210,7 +210,7 @@ outside them blanked). The gap between this table and the one above is what the 
         "What would close the kNN gap: many more images than a CPU run can show (this run saw "
         f"{summary.get('pretrain_config', {}).get('steps', 0) * summary.get('pretrain_config', {}).get('batch_size', 0):,}; "
         "the official recipe only matched pixels after 688k), i.e. the GPU profile "
-        "(`train/configs/emoji_gpu.yaml`: 16 x 16 grid, 600k+ images in minutes), then a schedule sweep (lr, EMA) "
+        "(`train/configs/emoji_gpu.yaml`: the same model on ~2M images in minutes), then a schedule sweep (lr, EMA) "
         "judged by `python -m train.eval`. The object-only diagnostic above says where the points go: average "
         "pooling over a probe image is mostly background, so the encoder must learn background-invariant or "
         "object-aware background tokens, not only better object features.\n")
