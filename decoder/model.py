@@ -345,9 +345,9 @@ class SketchDecoder(ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         """Denoising loss for clean images [B, 3, H, W] in [-1, 1]: uniform t, Gaussian noise, weighted MSE.
 
-        The target is the noise (epsilon), ``DDPMScheduler.get_velocity`` (v) or the clean image (sample). In "spatial_context" mode the
-        squared error is weighted by ``loss_weights`` and normalised by the total weight; "pooled" mode is plain
-        MSE over the whole image, as in RCDM.
+        The target is the noise (epsilon), ``DDPMScheduler.get_velocity`` (v) or the clean image (sample). In
+        "spatial_context" mode the squared error is weighted by ``loss_weights`` and normalised by the total
+        weight; "pooled" mode is plain MSE over the whole image, as in RCDM.
         """
         if self._train_scheduler is None:
             self._train_scheduler = self.make_train_scheduler()

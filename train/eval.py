@@ -43,8 +43,9 @@ def collect(dataset: Dataset, keys: tuple[str, ...], batch_size: int = 256):
 
 
 @torch.no_grad()
-def _pool(model: IJepa | None, dataset: Dataset, label_keys: tuple[str, ...], which: str, batch_size: int,
-          device: str, with_object_only: bool) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+def _pool(model: IJepa | None, dataset: Dataset, label_keys: tuple[str, ...], which: str = "target",
+          batch_size: int = 256, device: str = "cpu", with_object_only: bool = False
+          ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """One pass over the dataset: whole-image pooled features, optionally object-only ones, and labels."""
     whole, objects, labels = [], [], {k: [] for k in label_keys}
     keys = ("image", "patch_emoji") + label_keys if with_object_only else ("image",) + label_keys
@@ -179,8 +180,10 @@ def evaluate_emoji_features(model: IJepa, seed: int = 0, device: str = "cpu",
     for name in sources:
         source, which = extractors[name]
         with_objects = name != "context_encoder"
-        bank, bank_objects, bank_labels = _pool(source, bank_set, keys, which, 256, device, with_objects)
-        queries, query_objects, query_labels = _pool(source, query_set, keys, which, 256, device, with_objects)
+        bank, bank_objects, bank_labels = _pool(source, bank_set, keys, which, device=device,
+                                                with_object_only=with_objects)
+        queries, query_objects, query_labels = _pool(source, query_set, keys, which, device=device,
+                                                      with_object_only=with_objects)
         results["features"][name] = score(bank, bank_labels, queries, query_labels, num_classes)
         logger.info("%s: %s", name, results["features"][name])
         if with_objects:
