@@ -187,6 +187,7 @@ def write_model_card(summary: dict, path: Path, command: str) -> None:
     sem_rows = "\n".join(f"| {name} | {_pct(m['true_acc'])} | {_pct(m['predicted_acc'])} | {m['ratio']:.2f} |"
                          for name, m in sem.items())
     dec = summary["decoders"]["decoders"]
+    unet_precision = summary["decoders"].get("precision", "fp32")  # bundles evaluated before bf16 say none
     dec_rows = "\n".join(f"| {name} | {m['retrieval_top1']:.1f} % (chance {m['chance_top1']:.1f} %, "
                          f"{m['gallery']} candidates) | {m['reencode_cosine']:.3f} | {m['diversity_rms']:.3f} | "
                          f"{m['max_context_change_8bit']:.0f} |" for name, m in dec.items())
@@ -262,7 +263,7 @@ Predictor semantics: a probe trained on TRUE box features, applied to the PREDIC
 
 Held-out-emoji group ratio: **{ratio:.2f}** (floor: 0.6).
 
-## Decoders (`python -m train.eval_decoder`, held-out emoji scenes, same boxes and seeds)
+## Decoders (`python -m train.eval_decoder`, held-out emoji scenes, same boxes and seeds, UNet in {unet_precision})
 
 | decoder | re-encode retrieval top-1 | re-encode cosine | diversity (RMS, box) | max context change (8-bit) |
 |---|---|---|---|---|
