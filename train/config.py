@@ -67,6 +67,24 @@ def parse_config(config_cls, argv=None, description: str = ""):
     return load_config(config_cls, args.pop("config"), args)
 
 
+def config_dict(config) -> dict:
+    """A dataclass config as plain values (tuples as lists): what config.yaml and checkpoints store."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
 def save_config(config, path: str | Path) -> None:
-    data = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(config_dict(config), sort_keys=False))
+
+
+# Fields a resumed (or reused) run may change: where and how it runs and logs, not what it computes.
+RUN_ONLY_FIELDS = frozenset({"resume", "out_dir", "device", "num_workers", "log_every", "ckpt_every", "keep_last",
+                             "compile", "sample_every"})
+
+
+def changed_settings(saved: dict, config) -> str:
+    """The settings of ``config`` that differ from a stored ``config_dict`` (fields outside RUN_ONLY_FIELDS), as
+    "name: old -> new, ..."; empty when the run can continue exactly. Fields the stored config lacks (written
+    before they existed) count as unchanged."""
+    current = config_dict(config)
+    return ", ".join(f"{name}: {saved[name]!r} -> {value!r}" for name, value in current.items()
+                     if name not in RUN_ONLY_FIELDS and name in saved and saved[name] != value)

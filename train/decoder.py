@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +33,10 @@ from ijepa.checkpoint import load_model
 from ijepa.inference import gather, predict_features, true_features
 from ijepa.masks import complement_indices, rectangle_indices
 from ijepa.model import IJepa
-from train.config import parse_config, save_config
+from train.config import config_dict, parse_config, save_config
 from train.data import build_dataset
 from train.pretrain import StepBatches
-from train.runtime import (autocast, list_checkpoints, load_checkpoint, plot_loss_curve, save_checkpoint,
+from train.runtime import (autocast, list_checkpoints, plot_loss_curve, resume_state, save_checkpoint,
                            setup_runtime, start_csv_log, teardown_runtime)
 
 logger = logging.getLogger("train.decoder")
@@ -153,10 +153,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
     rt = setup_runtime(cfg.device)
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    existing = list_checkpoints(ckpt_dir)
-    if existing and not cfg.resume:
-        raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume true to continue, "
-                              f"or choose another --out-dir (nothing was overwritten)")
+    state, resumed_from = resume_state(ckpt_dir, cfg)
     if rt.is_main:
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -173,13 +170,12 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=use_cuda, foreach=None if use_cuda else True)
     start_step = 0
-    if cfg.resume and existing:
-        state = load_checkpoint(existing[-1])
+    if state is not None:
         decoder.load_state_dict(state["decoder"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
-        logger.info("resumed from %s at step %d", existing[-1], start_step)
+        logger.info("resumed from %s at step %d", resumed_from, start_step)
     loss_module = DecoderLoss(decoder)
     if rt.distributed:
         loss_module = DDP(loss_module, device_ids=[rt.local_rank] if use_cuda else None)
@@ -254,8 +250,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
             ema.restore(decoder.parameters())
         if rt.is_main and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             state = {"decoder": decoder.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                     "step": done, "config": {k: list(v) if isinstance(v, tuple) else v
-                                              for k, v in asdict(cfg).items()}}
+                     "step": done, "config": config_dict(cfg)}
             save_checkpoint(state, ckpt_dir, done, cfg.keep_last)
     progress.close()
 

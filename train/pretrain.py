@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,12 +31,12 @@ from ijepa.checkpoint import save_model
 from ijepa.masks import MaskCollator, MaskConfig
 from ijepa.model import IJepa, IJepaConfig
 from ijepa.vision_transformer import set_fused_attention
-from train.config import parse_config, save_config
+from train.config import config_dict, parse_config, save_config
 from train.data import build_dataset
 from train.emoji import BACKGROUND_KINDS
 from train.objective import (ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups, target_spread,
                              set_optimizer_schedule, weight_decay)
-from train.runtime import (Runtime, autocast, list_checkpoints, load_checkpoint, plot_loss_curve, save_checkpoint,
+from train.runtime import (Runtime, autocast, list_checkpoints, plot_loss_curve, resume_state, save_checkpoint,
                            setup_runtime, start_csv_log, teardown_runtime)
 
 logger = logging.getLogger("train.pretrain")
@@ -130,10 +130,7 @@ def train(cfg: PretrainConfig) -> IJepa:
     rt: Runtime = setup_runtime(cfg.device)
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    existing = list_checkpoints(ckpt_dir)
-    if existing and not cfg.resume:
-        raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume true to continue, "
-                              f"or choose another --out-dir (nothing was overwritten)")
+    state, resumed_from = resume_state(ckpt_dir, cfg)
     if rt.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -146,13 +143,12 @@ def train(cfg: PretrainConfig) -> IJepa:
     optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=cfg.lr, betas=(0.9, 0.999),
                                   weight_decay=cfg.weight_decay, fused=use_cuda, foreach=None if use_cuda else True)
     start_step = 0
-    if cfg.resume and existing:
-        state = load_checkpoint(existing[-1])
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
         if rt.is_main:
-            logger.info("resumed from %s at step %d", existing[-1], start_step)
+            logger.info("resumed from %s at step %d", resumed_from, start_step)
     online = [p for p in model.encoder.parameters() if p.requires_grad]
     target = [p for p, q in zip(model.target_encoder.parameters(), model.encoder.parameters()) if q.requires_grad]
     encoder, predictor, target_encoder = model.encoder, model.predictor, model.target_encoder
@@ -233,7 +229,7 @@ def train(cfg: PretrainConfig) -> IJepa:
             window_steps, window_start = 0, time.perf_counter()
         if rt.is_main and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                     "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}}
+                     "config": config_dict(cfg)}
             save_checkpoint(state, ckpt_dir, done, cfg.keep_last)
     progress.close()
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from train.config import changed_settings
+
 logger = logging.getLogger(__name__)
 
 
@@ -82,6 +84,26 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file name and what to do
         raise RuntimeError(f"cannot resume from {path}: {err}. Delete it to resume from an older checkpoint.") from err
+
+
+def resume_state(ckpt_dir: Path, config) -> tuple[dict | None, Path | None]:
+    """(state, path) of the newest checkpoint in ``ckpt_dir`` when ``config.resume`` is set, else (None, None).
+
+    Refuses, before anything is written, to start over a run's checkpoints without --resume, and to resume with
+    settings other than the ones the checkpoint was written with: either would not continue the run exactly."""
+    existing = list_checkpoints(ckpt_dir)
+    if existing and not config.resume:
+        raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume true to continue, "
+                              f"or choose another --out-dir (nothing was overwritten)")
+    if not existing:
+        return None, None
+    state = load_checkpoint(existing[-1])
+    changes = changed_settings(state.get("config", {}), config)
+    if changes:
+        raise ValueError(f"cannot resume from {existing[-1]}: its settings differ ({changes}), so the run would not "
+                         "continue exactly. Resume with the original settings, or choose another --out-dir "
+                         "(nothing was overwritten).")
+    return state, existing[-1]
 
 
 def start_csv_log(path: Path, header: str, start_step: int) -> None:
