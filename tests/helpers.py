@@ -89,7 +89,17 @@ def assert_bundle_parts_agree(bundle: Path):
     assert bank["features"].shape[1] == cfg.embed_dim
     assert len(bank["thumbnails"]) == len(bank["features"]) == len(bank["subgroup"])
     metrics = json.loads((bundle / "metrics.json").read_text())
-    assert metrics["pretrain_config"]["img_size"] == cfg.img_size
+    trained = metrics["pretrain_config"]  # what pretraining was asked for, against what the weights rebuild
+    for name in ("img_size", "patch_size", "predictor_depth", "predictor_embed_dim", "arch"):
+        assert trained[name] == getattr(cfg, name), name
+    assert trained["depth"] in (None, cfg.depth)
+    decoder_trained = metrics["decoder_config"]
+    assert decoder_trained["conditioning"] == "spatial_context"
+    assert list(SketchDecoder.from_pretrained(bundle / "decoder").config.block_out_channels) == list(
+        decoder_trained["block_out_channels"])
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert f"{trained['steps']} steps x batch {trained['batch_size']}" in card
+    assert f"{trained['steps'] * trained['batch_size']:,} images seen" in card
     return cfg
 
 

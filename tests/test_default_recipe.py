@@ -72,3 +72,33 @@ def test_a_second_call_skips_finished_stages_and_keeps_their_times(smoke_run):
     for stage in ("pretrain", "eval", "bank", "decoders"):
         assert again[stage] == first["stage_seconds"][stage]  # the time it took when it ran
     assert (run / "decoder_eval" / "results.json").is_file()
+
+
+def test_extra_flags_reach_the_stage_that_has_them():
+    flags = recipe.route_flags(["--num-workers", "3", "--ema-start=0.995", "--decoder.steps", "7",
+                                "--pretrain.lr", "5e-4", "--block-out-channels", "16,32,64"])
+    assert flags["pretrain"] == ["--num-workers", "3", "--ema-start", "0.995", "--lr", "5e-4"]
+    assert flags["decoder"] == ["--num-workers", "3", "--steps", "7", "--block-out-channels", "16,32,64"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "5"], "write --pretrain.steps or --decoder.steps"),
+    (["--no-such-setting", "1"], "unknown setting --no-such-setting"),
+    (["--decoder.ema-start", "0.9"], "unknown setting --decoder.ema-start"),
+    (["--checkpoint", "x"], "set by the recipe itself"),
+    (["--lr"], "needs a value"),
+])
+def test_a_bad_extra_flag_stops_the_recipe_before_any_stage(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit):
+        recipe.main(["--out-dir", str(tmp_path / "run"), "--profile", "smoke", *extra])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_finished_stage_is_not_reused_with_other_settings(smoke_run):
+    run = smoke_run / "run"
+    weights = run / "pretrain" / "model" / "model.safetensors"
+    before = weights.read_bytes()
+    with pytest.raises(ValueError, match="steps: 3 -> 4"):
+        recipe.main(["--out-dir", str(run), "--profile", "smoke", "--pretrain.steps", "4"])
+    assert weights.read_bytes() == before

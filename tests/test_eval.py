@@ -30,6 +30,14 @@ def test_knn_votes_are_weighted_by_similarity():
     assert knn_top1(bank * 7, labels, query * 0.1, torch.tensor([0]), num_classes=2, k=1) == 100.0
 
 
+def test_knn_in_blocks_matches_one_block():
+    generator = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(300, 8, generator=generator), torch.randn(70, 8, generator=generator)
+    bank_labels, query_labels = torch.randint(0, 4, (300,), generator=generator), torch.randint(0, 4, (70,))
+    whole = knn_top1(bank, bank_labels, queries, query_labels, num_classes=4)
+    assert knn_top1(bank, bank_labels, queries, query_labels, num_classes=4, block_elements=1000) == whole  # 3 rows
+
+
 def test_linear_probe_standardises_and_separates():
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4, 16)) * 3
@@ -93,6 +101,20 @@ def test_predictor_semantics_compares_true_and_predicted_boxes(tiny_model):
         assert r["ratio"] == pytest.approx(r["predicted_acc"] / r["true_acc"]) if r["true_acc"] else r["ratio"] == 0
 
 
+def test_predicted_box_features_come_from_the_context_only(tiny_model):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 32, 32, generator=generator)
+    origins, rows, cols = torch.tensor([[0, 1], [2, 2]]), 2, 2  # patch boxes on the 4 x 4 grid
+    truth, guess = evaluation.box_features(tiny_model, images, origins, rows, cols)
+    repainted = images.clone()
+    for image, (r0, c0) in zip(repainted, origins.tolist()):  # new pixels inside each box, context untouched
+        image[:, r0 * 8:(r0 + rows) * 8, c0 * 8:(c0 + cols) * 8] = torch.rand(3, rows * 8, cols * 8,
+                                                                             generator=generator)
+    truth_after, guess_after = evaluation.box_features(tiny_model, repainted, origins, rows, cols)
+    torch.testing.assert_close(guess_after, guess, rtol=0, atol=0)  # the predictor never saw the box
+    assert (truth_after - truth).abs().max() > 1e-3  # while the box's true features did change
+
+
 def test_image_folder_classes(tmp_path, tiny_model):
     rng = np.random.default_rng(0)
     for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
@@ -103,3 +125,27 @@ def test_image_folder_classes(tmp_path, tiny_model):
     results = evaluation.evaluate_folder(tiny_model, tmp_path)
     assert set(results["features"]) == {"raw_pixels", "random_init", "target_encoder"}
     assert results["features"]["raw_pixels"]["knn_label"] == 100.0
+
+
+def _colour_images(folder, colour, count, rng):
+    folder.mkdir(parents=True)
+    for i in range(count):
+        pixels = np.clip(np.array(colour) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_a_val_folder_missing_a_class_keeps_the_train_labels(tmp_path, tiny_model):
+    rng = np.random.default_rng(0)
+    colours = {"blue": (30, 30, 220), "green": (30, 200, 30), "red": (220, 30, 30)}
+    for name, colour in colours.items():
+        _colour_images(tmp_path / "train" / name, colour, 6, rng)
+    for name in ("green", "red"):  # no blue: numbered on its own, val's classes would shift by one
+        _colour_images(tmp_path / "val" / name, colours[name], 4, rng)
+    results = evaluation.evaluate_folder(tiny_model, tmp_path)
+    assert results["features"]["raw_pixels"]["knn_label"] == 100.0
+
+
+def test_a_flat_folder_cannot_be_scored_and_says_why(tmp_path, tiny_model):
+    _colour_images(tmp_path / "flat", (200, 200, 200), 4, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="at least two class sub-folders"):
+        evaluation.evaluate_folder(tiny_model, tmp_path / "flat")

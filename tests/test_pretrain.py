@@ -58,7 +58,12 @@ def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain, "ijepa_loss", real_loss)
     with pytest.raises(FileExistsError, match="--resume"):  # never silently overwrites a run
         train(tiny(tmp_path / "cut", "--steps", "6", "--ckpt-every", "3"))
-    resumed = train(tiny(tmp_path / "cut", "--steps", "6", "--ckpt-every", "3", "--resume", "true"))
+    config_before = (tmp_path / "cut" / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"lr: 0\.001 -> 0\.002"):  # other settings would not continue exactly
+        train(tiny(tmp_path / "cut", "--steps", "6", "--ckpt-every", "3", "--resume", "true", "--lr", "0.002"))
+    assert (tmp_path / "cut" / "config.yaml").read_text() == config_before
+    resumed = train(tiny(tmp_path / "cut", "--steps", "6", "--ckpt-every", "3", "--resume", "true",
+                         "--log-every", "1", "--keep-last", "5"))  # run-only settings may change
 
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # same curve, row for row
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):

@@ -34,6 +34,8 @@ def _images_in(folder: Path, recursive: bool) -> list[Path]:
 class ImageFolderDataset(Dataset):
     """Images from a folder: class sub-folders (label = index of the sorted folder name) or flat (label -1).
 
+    ``classes`` fixes the label of each class name (e.g. a val/ folder takes its train/ folder's ``classes``, so
+    a class missing from one of them does not shift the others' labels).
     mode="train" applies the official I-JEPA transform, RandomResizedCrop(resolution, scale), drawn from a
     generator seeded by (seed, index) so that ``ds[i]`` is reproducible and the global torch RNG is untouched;
     any i >= 0 is accepted and reads file ``i % len(ds)``. mode="eval" is Resize + CenterCrop, no randomness.
@@ -41,7 +43,7 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, resolution: int, scale: tuple[float, float] = (0.3, 1.0),
-                 seed: int = 0, mode: str = "train"):
+                 seed: int = 0, mode: str = "train", classes: list[str] | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist (or is not a directory)")
@@ -50,9 +52,16 @@ class ImageFolderDataset(Dataset):
         self.resolution, self.scale, self.seed, self.mode = resolution, scale, seed, mode
         class_files = [(d.name, _images_in(d, recursive=True)) for d in sorted(self.root.iterdir()) if d.is_dir()]
         class_files = [(name, files) for name, files in class_files if files]
+        if classes is not None and not class_files:
+            raise ValueError(f"{self.root} has no class sub-folders, so its images cannot take the labels {classes[:5]}")
+        if classes is not None:
+            unknown = sorted(name for name, _ in class_files if name not in classes)
+            if unknown:
+                raise ValueError(f"{self.root} has classes the label set lacks: {unknown[:5]}")
         if class_files:
-            self.classes = [name for name, _ in class_files]
-            self.samples = [(p, label) for label, (_, files) in enumerate(class_files) for p in files]
+            self.classes = list(classes) if classes is not None else [name for name, _ in class_files]
+            label_of = {name: label for label, name in enumerate(self.classes)}
+            self.samples = [(p, label_of[name]) for name, files in class_files for p in files]
             loose = _images_in(self.root, recursive=False)
             if loose:
                 logger.warning("%s has class sub-folders; ignoring %d image(s) directly inside it, e.g. %s",

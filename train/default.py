@@ -3,8 +3,10 @@
     python -m train.default --out-dir runs/default                 # GPU if present, else the CPU recipe
     python -m train.default --out-dir runs/default --profile cpu   # force the CPU recipe (<= 90 min, 2 cores)
     python -m train.default --out-dir runs/default --export assets # also replace the shipped assets
+    python -m train.default --out-dir runs/try --num-workers 8 --pretrain.steps 9000 --decoder.lr 2e-4
 
-Stages (each resumable: a finished stage is skipped when its output exists):
+Extra flags are the training scripts' own, routed by `route_flags`. Stages (each resumable: a finished stage is
+skipped when its output exists and was made with the same settings):
   1. pretraining on emoji scenes (train/configs/emoji_<profile>.yaml)
   2. evaluation: kNN / linear probe vs raw pixels and random init, predictor semantics, box probes
   3. the reference bank of training-scene boxes for the app's nearest-neighbour panel
@@ -15,6 +17,7 @@ Stages (each resumable: a finished stage is skipped when its output exists):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -36,7 +39,7 @@ from ijepa.model import IJepa
 from train import decoder as decoder_training
 from train import eval as evaluation
 from train import eval_decoder, pretrain
-from train.config import parse_config
+from train.config import changed_settings, parse_config
 
 logger = logging.getLogger("train.default")
 CONFIGS = Path(__file__).parent / "configs"
@@ -60,18 +63,70 @@ STAGE_OUTPUTS = {"pretrain": ["pretrain/model/config.json"], "eval": ["eval/resu
                  "decoder_eval": ["decoder_eval/results.json"]}
 
 
+# Extra flags both stages take that mean the same thing in each; any other flag both take must name its stage.
+SHARED_FLAGS = ("device", "num_workers", "precision", "log_every")
+RECIPE_FLAGS = ("out_dir", "resume", "checkpoint", "conditioning")  # set by the recipe itself
+STAGE_CONFIGS = {"pretrain": pretrain.PretrainConfig, "decoder": decoder_training.DecoderTrainConfig}
+
+
+def route_flags(extra: list[str]) -> dict[str, list[str]]:
+    """Split extra command-line flags between pretraining and the decoders: {"pretrain": [...], "decoder": [...]}.
+
+    ``--pretrain.lr 5e-4`` or ``--decoder.steps 800`` name their stage; an unprefixed flag goes to the one stage
+    that has it (``--ema-start``, ``--block-out-channels``), or to both for SHARED_FLAGS (``--num-workers 8``).
+    Anything else raises ValueError now, not after the 40 minutes of pretraining that precede the decoders."""
+    fields = {stage: {f.name for f in dataclasses.fields(cls)} for stage, cls in STAGE_CONFIGS.items()}
+    routed: dict[str, list[str]] = {stage: [] for stage in fields}
+    tokens = list(extra)
+    while tokens:
+        token = tokens.pop(0)
+        if not token.startswith("--"):
+            raise ValueError(f"unexpected argument {token!r}: extra settings come as --name value")
+        name, has_value, value = token[2:].partition("=")
+        if not has_value:
+            if not tokens:
+                raise ValueError(f"{token} needs a value")
+            value = tokens.pop(0)
+        stage, _, flag = name.rpartition(".")
+        field = flag.replace("-", "_")
+        if stage and stage not in fields:
+            raise ValueError(f"{token}: name a stage as --pretrain.{flag} or --decoder.{flag}")
+        if field in RECIPE_FLAGS:
+            raise ValueError(f"--{flag} is set by the recipe itself")
+        stages = [stage] if stage else [s for s in fields if field in fields[s]]
+        if not stages or any(field not in fields[s] for s in stages):
+            raise ValueError(f"unknown setting --{name}; see python -m train.pretrain --help and "
+                             "python -m train.decoder --help")
+        if len(stages) > 1 and field not in SHARED_FLAGS:
+            raise ValueError(f"--{flag} is a setting of both pretraining and the decoders: write --pretrain.{flag} "
+                             f"or --decoder.{flag}")
+        for s in stages:
+            routed[s] += [f"--{field.replace('_', '-')}", value]
+    return routed
+
+
 def stage_done(out: Path, stage: str) -> bool:
     return all((out / marker).exists() for marker in STAGE_OUTPUTS[stage])
 
 
+def check_reusable(run_dir: Path, cfg) -> None:
+    """A finished training stage is reused only if it ran with the settings asked for now."""
+    changes = changed_settings(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, cfg)
+    if changes:
+        raise ValueError(f"{run_dir} was trained with other settings ({changes}): choose another --out-dir, or "
+                         f"delete {run_dir} to train it again")
+
+
 def run_pretraining(profile: dict, out: Path, extra: list[str]) -> Path:
-    model_dir = out / "pretrain" / "model"
-    if not stage_done(out, "pretrain"):
-        resume = ["--resume", "true"] if (out / "pretrain" / "checkpoints").exists() else []
-        cfg = parse_config(pretrain.PretrainConfig, ["--config", str(CONFIGS / profile["pretrain"]),
-                                                    "--out-dir", str(out / "pretrain"), *resume, *extra])
+    run_dir = out / "pretrain"
+    resume = ["--resume", "true"] if (run_dir / "checkpoints").exists() else []
+    cfg = parse_config(pretrain.PretrainConfig, ["--config", str(CONFIGS / profile["pretrain"]),
+                                                "--out-dir", str(run_dir), *resume, *extra])
+    if stage_done(out, "pretrain"):
+        check_reusable(run_dir, cfg)
+    else:
         pretrain.train(cfg)
-    return model_dir
+    return run_dir / "model"
 
 
 def run_evaluation(model_dir: Path, profile: dict, out: Path) -> dict:
@@ -107,15 +162,17 @@ def run_decoders(model_dir: Path, profile: dict, out: Path, extra: list[str]) ->
     paths = {}
     for mode in DECODER_MODES:
         run_dir = out / f"decoder_{mode}"
-        if not (run_dir / "decoder" / "config.json").exists():
-            resume = ["--resume", "true"] if (run_dir / "checkpoints").exists() else []
-            cfg = parse_config(decoder_training.DecoderTrainConfig, [
-                "--checkpoint", str(model_dir), "--out-dir", str(run_dir), "--conditioning", mode,
-                "--steps", str(profile["decoder_steps"]), "--batch-size", str(profile["decoder_batch"]),
-                "--block-out-channels", profile["decoder_channels"],
-                "--warmup-steps", str(max(1, profile["decoder_steps"] // 20)),
-                "--sample-every", str(max(1, profile["decoder_steps"] // 4)),
-                "--ckpt-every", str(max(1, profile["decoder_steps"] // 4)), *resume, *extra])
+        resume = ["--resume", "true"] if (run_dir / "checkpoints").exists() else []
+        cfg = parse_config(decoder_training.DecoderTrainConfig, [
+            "--checkpoint", str(model_dir), "--out-dir", str(run_dir), "--conditioning", mode,
+            "--steps", str(profile["decoder_steps"]), "--batch-size", str(profile["decoder_batch"]),
+            "--block-out-channels", profile["decoder_channels"],
+            "--warmup-steps", str(max(1, profile["decoder_steps"] // 20)),
+            "--sample-every", str(max(1, profile["decoder_steps"] // 4)),
+            "--ckpt-every", str(max(1, profile["decoder_steps"] // 4)), *resume, *extra])
+        if (run_dir / "decoder" / "config.json").exists():
+            check_reusable(run_dir, cfg)
+        else:
             decoder_training.train(cfg)
         paths[mode] = run_dir / "decoder"
     return paths
@@ -308,7 +365,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out-dir", default="runs/default")
     parser.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: gpu if CUDA, else cpu")
     parser.add_argument("--export", default=None, help="copy the finished bundle into this folder (e.g. assets)")
-    args, extra = parser.parse_known_args(argv)  # unknown flags go to both training scripts (e.g. --num-workers)
+    args, extra = parser.parse_known_args(argv)  # other flags go to the training stages: see route_flags
+    try:
+        flags = route_flags(extra)
+    except ValueError as error:
+        parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     profile_name = args.profile or ("gpu" if torch.cuda.is_available() else "cpu")
     profile, out = PROFILES[profile_name], Path(args.out_dir)
@@ -331,10 +392,10 @@ def main(argv=None) -> None:
             model = load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
             build_reference_bank(model, profile["bank"], out / "bank")
 
-    model_dir = timed("pretrain", run_pretraining, profile, out, extra)
+    model_dir = timed("pretrain", run_pretraining, profile, out, flags["pretrain"])
     features = timed("eval", run_evaluation, model_dir, profile, out)
     timed("bank", reference_bank, model_dir)
-    decoders = timed("decoders", run_decoders, model_dir, profile, out, extra)
+    decoders = timed("decoders", run_decoders, model_dir, profile, out, flags["decoder"])
     sketches = timed("decoder_eval", run_decoder_eval, model_dir, decoders, profile, out)
     summary = {"profile": profile_name, "hardware": hardware(), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "stage_seconds": timings,

@@ -92,14 +92,19 @@ def random_init_like(model: IJepa, seed: int, device: str) -> IJepa:
 # ----- classifiers ---------------------------------------------------------------------------------------------
 
 def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
-             num_classes: int, k: int = 20, temperature: float = 0.07) -> float:
-    """Weighted kNN (cosine similarity, votes exp(sim / T)), top-1 accuracy in percent."""
+             num_classes: int, k: int = 20, temperature: float = 0.07, block_elements: int = 2**26) -> float:
+    """Weighted kNN (cosine similarity, votes exp(sim / T)), top-1 accuracy in percent.
+
+    Similarities are computed ``block_elements`` at a time (256 MB in float32), so ImageNet-size sets fit."""
     bank, queries = F.normalize(bank.float(), dim=1), F.normalize(queries.float(), dim=1)
-    sims = queries @ bank.T
-    top_sims, top_idx = sims.topk(min(k, bank.size(0)), dim=1)
-    votes = torch.zeros(queries.size(0), num_classes)
-    votes.scatter_add_(1, bank_labels[top_idx], (top_sims / temperature).exp())
-    return 100.0 * (votes.argmax(dim=1) == query_labels).float().mean().item()
+    chunk = max(1, block_elements // bank.size(0))  # query rows per block
+    correct = 0
+    for start in range(0, queries.size(0), chunk):
+        top_sims, top_idx = (queries[start:start + chunk] @ bank.T).topk(min(k, bank.size(0)), dim=1)
+        votes = torch.zeros(top_idx.size(0), num_classes)
+        votes.scatter_add_(1, bank_labels[top_idx], (top_sims / temperature).exp())
+        correct += (votes.argmax(dim=1) == query_labels[start:start + chunk]).sum().item()
+    return 100.0 * correct / queries.size(0)
 
 
 class LinearProbe(nn.Module):
@@ -231,6 +236,19 @@ def labelled_boxes(patch_labels: torch.Tensor, rows: int, cols: int, rng: np.ran
 
 
 @torch.no_grad()
+def box_features(model: IJepa, images: torch.Tensor, origins: torch.Tensor, rows: int, cols: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features of one rows x cols patch box per image ([B, 2] origins as (row, col)): the TRUE ones (target
+    encoder on the whole image) and the PREDICTOR's, computed from the patches outside the box only."""
+    grid = model.config.grid_size
+    targets = rectangle_indices(origins, rows, cols, grid).to(images.device)
+    contexts = complement_indices(targets, grid[0] * grid[1])
+    truth = pooled(gather(true_features(model, images), targets))
+    guess = pooled(predict_features(model, images, contexts, [targets])[0])
+    return truth, guess
+
+
+@torch.no_grad()
 def sample_box_features(model: IJepa, split: str, count: int, seed: int, batch_size: int = 64,
                         device: str = "cpu", keep_images: bool = False) -> BoxSet:
     """Boxes on emoji scenes (sizes from ~6% to ~25% of the image, varied aspect), each dominated by one emoji."""
@@ -255,10 +273,7 @@ def sample_box_features(model: IJepa, split: str, count: int, seed: int, batch_s
         if not keep.any():
             continue
         images, origins, majority = images[keep], origins[keep], majority[keep]
-        targets = rectangle_indices(origins, rows, cols, grid)
-        contexts = complement_indices(targets, grid[0] * grid[1])
-        truth = pooled(gather(true_features(model, images), targets.to(device)))
-        guess = pooled(predict_features(model, images, contexts.to(device), [targets.to(device)])[0])
+        truth, guess = box_features(model, images, origins, rows, cols)
         parts["true"].append(truth.float().cpu())
         parts["predicted"].append(guess.float().cpu())
         parts["group"].append(catalog.group_of[majority])
@@ -305,14 +320,19 @@ def evaluate_folder(model: IJepa, root: Path, seed: int = 0, device: str = "cpu"
     size = model.config.img_size
     if (root / "train").is_dir() and (root / "val").is_dir():
         bank_set = ImageFolderDataset(root / "train", size, mode="eval")
-        query_set = ImageFolderDataset(root / "val", size, mode="eval")
+        query_set = ImageFolderDataset(root / "val", size, mode="eval", classes=bank_set.classes)
+        classes = bank_set.classes
     else:
         full = ImageFolderDataset(root, size, mode="eval")
         order = np.random.default_rng(seed).permutation(len(full))
         cut = int(0.8 * len(full))
         bank_set, query_set = Subset(full, order[:cut].tolist()), Subset(full, order[cut:].tolist())
+        classes = full.classes
+    if len(classes) < 2:
+        raise ValueError(f"{root}: kNN and linear probes need labelled images, i.e. at least two class sub-folders "
+                         f"(found {len(classes)}); a flat folder has no labels")
     random_model = random_init_like(model, seed, device)
-    num_classes = {"label": int(max(bank_set[i]["label"] for i in range(len(bank_set)))) + 1}
+    num_classes = {"label": len(classes)}
     results = {"protocol": f"image folder {root}", "features": {}}
     for name, source in (("raw_pixels", None), ("random_init", random_model), ("target_encoder", model)):
         bank, bank_labels = pooled_features(source, bank_set, ("label",), device=device)
