@@ -66,6 +66,9 @@ def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
                          "--log-every", "1", "--keep-last", "5"))  # run-only settings may change
 
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # same curve, row for row
+    with open(tmp_path / "cut" / "log.csv") as f:
+        elapsed = [float(r["elapsed_s"]) for r in csv.DictReader(f)]
+    assert elapsed == sorted(elapsed)  # the resumed part counts on from the checkpoint's time, not from 0
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 

@@ -169,12 +169,13 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
     use_cuda = rt.device.type == "cuda"
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=use_cuda, foreach=None if use_cuda else True)
-    start_step = 0
+    start_step, resumed_seconds = 0, 0.0
     if state is not None:
         decoder.load_state_dict(state["decoder"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        start_step = state["step"]
+        start_step, resumed_seconds = state["step"], state.get("elapsed_s", 0.0)
+        del state  # the optimizer and weights hold their own copies now
         logger.info("resumed from %s at step %d", resumed_from, start_step)
     loss_module = DecoderLoss(decoder)
     if rt.distributed:
@@ -197,7 +198,9 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
         start_csv_log(csv_path, "step,loss,lr,img_per_s,elapsed_s", start_step)
     progress = tqdm(total=cfg.steps, initial=start_step, disable=not rt.is_main, dynamic_ncols=True, unit="step")
     loss_sum = torch.zeros((), device=rt.device)
-    window, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
+    # elapsed_s counts on from the checkpoint, so the log (and the recipe's stage time) covers the whole run
+    run_start = time.perf_counter() - resumed_seconds
+    window, window_start = 0, time.perf_counter()
     decoder.train()
 
     for step, images in enumerate(loader, start=start_step):
@@ -250,7 +253,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
             ema.restore(decoder.parameters())
         if rt.is_main and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             state = {"decoder": decoder.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                     "step": done, "config": config_dict(cfg)}
+                     "step": done, "config": config_dict(cfg), "elapsed_s": time.perf_counter() - run_start}
             save_checkpoint(state, ckpt_dir, done, cfg.keep_last)
     progress.close()
 

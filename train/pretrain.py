@@ -142,11 +142,12 @@ def train(cfg: PretrainConfig) -> IJepa:
     set_fused_attention(model, uses_fused_attention(rt.device, cfg.precision))
     optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=cfg.lr, betas=(0.9, 0.999),
                                   weight_decay=cfg.weight_decay, fused=use_cuda, foreach=None if use_cuda else True)
-    start_step = 0
+    start_step, resumed_seconds = 0, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_step = state["step"]
+        start_step, resumed_seconds = state["step"], state.get("elapsed_s", 0.0)
+        del state  # the optimizer and weights hold their own copies now
         if rt.is_main:
             logger.info("resumed from %s at step %d", resumed_from, start_step)
     online = [p for p in model.encoder.parameters() if p.requires_grad]
@@ -173,7 +174,9 @@ def train(cfg: PretrainConfig) -> IJepa:
     progress = tqdm(total=cfg.steps, initial=start_step, disable=not rt.is_main, dynamic_ncols=True, unit="step")
     loss_sum = torch.zeros((), device=rt.device)
     nonfinite = torch.zeros((), device=rt.device)  # count of non-finite losses since the start
-    window_steps, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
+    # elapsed_s counts on from the checkpoint, so the log (and the recipe's stage time) covers the whole run
+    run_start = time.perf_counter() - resumed_seconds
+    window_steps, window_start = 0, time.perf_counter()
     warned_collapse = False
     model.train()
 
@@ -229,7 +232,7 @@ def train(cfg: PretrainConfig) -> IJepa:
             window_steps, window_start = 0, time.perf_counter()
         if rt.is_main and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                     "config": config_dict(cfg)}
+                     "config": config_dict(cfg), "elapsed_s": time.perf_counter() - run_start}
             save_checkpoint(state, ckpt_dir, done, cfg.keep_last)
     progress.close()
 
