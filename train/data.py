@@ -53,7 +53,7 @@ class ImageFolderDataset(Dataset):
         class_files = [(d.name, _images_in(d, recursive=True)) for d in sorted(self.root.iterdir()) if d.is_dir()]
         class_files = [(name, files) for name, files in class_files if files]
         if classes is not None and not class_files:
-            raise ValueError(f"{self.root} has no class sub-folders, so its images cannot take the labels {classes[:5]}")
+            raise ValueError(f"{self.root} has no class sub-folders, so its images cannot take labels {classes[:5]}")
         if classes is not None:
             unknown = sorted(name for name, _ in class_files if name not in classes)
             if unknown:
