@@ -33,7 +33,8 @@ A transformer layer of width d, MLP ratio r, on a sequence of n tokens costs
 With N = all patches, Kc / Kt = context / target tokens per mask (each timed step counted with its own masks),
 T = number of target blocks, P = patch_size, D / Dp = encoder / predictor width, L / Lp = their depths:
     target encoder   (forward only)     F_t = 2 N (3 P^2) D + L * layer(N, D)
-    context encoder  (forward+backward) F_c = 3 * [2 N (3 P^2) D + L * layer(Kc, D)]   (patch embed runs on all N)
+    context encoder  (forward+backward) F_c = 2 * 2 N (3 P^2) D + 3 * L * layer(Kc, D)
+                                        (patch embed on all N; its backward is the weight gradient alone)
     predictor        (forward+backward) F_p = 3 * [2 Kc D Dp + T * (Lp * layer(Kc + Kt, Dp) + 2 Kt Dp D)]
     FLOPs/image = F_t + F_c + F_p         (backward = 2x forward, hence 3x forward for forward+backward)
 MFU = achieved FLOP/s / the bf16 matmul peak measured in the same run (CUDA: 8192^3, CPU: 2048^3). On CPU the fp32
@@ -126,7 +127,7 @@ def flops_per_image(config: IJepaConfig, context_len: float, target_len: float, 
     d, dp, r = config.embed_dim, config.predictor_embed_dim, config.mlp_ratio
     patch_embed = 2 * n * (3 * config.patch_size**2) * d
     target = patch_embed + config.depth * layer_flops(n, d, r)
-    context = 3 * (patch_embed + config.depth * layer_flops(context_len, d, r))
+    context = 2 * patch_embed + 3 * config.depth * layer_flops(context_len, d, r)  # images need no gradient
     per_block = config.predictor_depth * layer_flops(context_len + target_len, dp, r) + 2 * target_len * dp * d
     predictor = 3 * (2 * context_len * d * dp + num_targets * per_block)
     return target + context + predictor

@@ -93,10 +93,11 @@ def assert_bundle_parts_agree(bundle: Path):
     for name in ("img_size", "patch_size", "predictor_depth", "predictor_embed_dim", "arch"):
         assert trained[name] == getattr(cfg, name), name
     assert trained["depth"] in (None, cfg.depth)
-    decoder_trained = metrics["decoder_config"]
+    decoder_trained = metrics["decoder_config"]  # the recipe trains both decoders with these settings
     assert decoder_trained["conditioning"] == "spatial_context"
-    assert list(SketchDecoder.from_pretrained(bundle / "decoder").config.block_out_channels) == list(
-        decoder_trained["block_out_channels"])
+    for name in ("decoder", "decoder_paper"):
+        assert list(SketchDecoder.from_pretrained(bundle / name).config.block_out_channels) == list(
+            decoder_trained["block_out_channels"]), name
     card = (bundle / "MODEL_CARD.md").read_text()
     assert f"{trained['steps']} steps x batch {trained['batch_size']}" in card
     assert f"{trained['steps'] * trained['batch_size']:,} images seen" in card

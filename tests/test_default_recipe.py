@@ -102,3 +102,12 @@ def test_a_finished_stage_is_not_reused_with_other_settings(smoke_run):
     with pytest.raises(ValueError, match="steps: 3 -> 4"):
         recipe.main(["--out-dir", str(run), "--profile", "smoke", "--pretrain.steps", "4"])
     assert weights.read_bytes() == before
+
+
+def test_outputs_made_from_a_model_about_to_be_retrained_stop_the_recipe(tmp_path):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)  # as if pretrain/ had been deleted after a finished run
+    (run / "eval" / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds outputs of eval made from a model"):
+        recipe.main(["--out-dir", str(run), "--profile", "smoke"])
+    assert sorted(p.name for p in run.iterdir()) == ["eval"]

@@ -6,7 +6,8 @@
     python -m train.default --out-dir runs/try --num-workers 8 --pretrain.steps 9000 --decoder.lr 2e-4
 
 Extra flags are the training scripts' own, routed by `route_flags`. Stages (each resumable: a finished stage is
-skipped when its output exists and was made with the same settings):
+skipped when its output exists; a finished training stage must have the settings asked for now, and no stage's
+outputs may outlive a model that is trained again):
   1. pretraining on emoji scenes (train/configs/emoji_<profile>.yaml)
   2. evaluation: kNN / linear probe vs raw pixels and random init, predictor semantics, box probes
   3. the reference bank of training-scene boxes for the app's nearest-neighbour panel
@@ -113,6 +114,20 @@ def logged_seconds(out: Path, stage: str) -> float:
     return sum(float(lines[-1].rsplit(",", 1)[1]) for lines in rows if len(lines) > 1)
 
 
+# What each stage writes, and the stages whose outputs it reads: outputs of a stage whose inputs are about to be
+# made again would describe another model, so the recipe refuses to start rather than mix them into one bundle.
+STAGE_PATHS = {"pretrain": ["pretrain"], "eval": ["eval"], "bank": ["bank.safetensors", "bank.json"],
+               "decoders": [f"decoder_{mode}" for mode in DECODER_MODES], "decoder_eval": ["decoder_eval"]}
+STAGE_INPUTS = {"eval": ("pretrain",), "bank": ("pretrain",), "decoders": ("pretrain",),
+                "decoder_eval": ("pretrain", "decoders")}
+
+
+def stale_stages(out: Path) -> list[str]:
+    """Stages with outputs in ``out`` although a stage they read from is unfinished (e.g. its folder was deleted)."""
+    return [stage for stage, inputs in STAGE_INPUTS.items()
+            if any(not stage_done(out, i) for i in inputs) and any((out / p).exists() for p in STAGE_PATHS[stage])]
+
+
 def stage_done(out: Path, stage: str) -> bool:
     return all((out / marker).exists() for marker in STAGE_OUTPUTS[stage])
 
@@ -122,7 +137,7 @@ def check_reusable(run_dir: Path, cfg) -> None:
     changes = changed_settings(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, cfg)
     if changes:
         raise ValueError(f"{run_dir} was trained with other settings ({changes}): choose another --out-dir, or "
-                         f"delete {run_dir} to train it again")
+                         f"delete {run_dir.parent} to train everything again")
 
 
 def run_pretraining(profile: dict, out: Path, extra: list[str]) -> Path:
@@ -285,8 +300,8 @@ outside them blanked). The gap between this table and the one above is what the 
     grid = pretrain_cfg.get("img_size", 0) // max(1, pretrain_cfg.get("patch_size", 1))
     grid_note = "" if grid >= 16 else (
         f"- Patch grid {grid} x {grid}, coarser than the 16 x 16 the default-model issue asks for, so boxes snap to "
-        f"{pretrain_cfg.get('patch_size')} px cells. Why: on the 2-core CPU a 16 x 16 grid cost 3.9x more per image "
-        "and collapsed with this schedule (bench/RESULTS.md, \"Semantics\").\n")
+        f"{pretrain_cfg.get('patch_size')} px cells. Why (measured on the project's 2-core CPU, bench/RESULTS.md, "
+        "\"Semantics\"): a 16 x 16 grid cost 3.9x more per image there and collapsed with this lr and EMA.\n")
     x0_note = "" if decoder_cfg.get("prediction_type") != "sample" else (
         "The decoders predict the clean image and saw few images, so they draw their average guess: blurry, and "
         "nearly the same picture for every seed (low diversity); a v-prediction decoder trained this briefly "
@@ -386,6 +401,10 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     profile_name = args.profile or ("gpu" if torch.cuda.is_available() else "cpu")
     profile, out = PROFILES[profile_name], Path(args.out_dir)
+    stale = stale_stages(out)
+    if stale:
+        raise ValueError(f"{out} holds outputs of {', '.join(stale)} made from a model or decoder this call would "
+                         f"train again: choose another --out-dir, or delete {out} to train everything again")
     out.mkdir(parents=True, exist_ok=True)
     # A stage whose output exists is skipped; the card then reports the time it took when it ran.
     previous = json.loads((out / "summary.json").read_text())["stage_seconds"] if (out / "summary.json").exists() \

@@ -312,27 +312,26 @@ def evaluate_predictor_semantics(model: IJepa, num_train: int = 3000, num_test: 
 # ----- image folders -------------------------------------------------------------------------------------------
 
 def evaluate_folder(model: IJepa, root: Path, seed: int = 0, device: str = "cpu") -> dict:
-    """Class sub-folders: uses train/ and val/ sub-folders when present, else a fixed 80/20 split per class."""
+    """Class sub-folders: uses train/ and val/ sub-folders when present (val/ takes train/'s labels), else a fixed
+    random 80/20 split of all images."""
     from torch.utils.data import Subset
 
     from train.data import ImageFolderDataset
 
     size = model.config.img_size
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        bank_set = ImageFolderDataset(root / "train", size, mode="eval")
-        query_set = ImageFolderDataset(root / "val", size, mode="eval", classes=bank_set.classes)
-        classes = bank_set.classes
+    split = (root / "train").is_dir() and (root / "val").is_dir()
+    full = ImageFolderDataset(root / "train" if split else root, size, mode="eval")
+    if len(full.classes) < 2:
+        raise ValueError(f"{full.root}: kNN and linear probes need labelled images, i.e. at least two class "
+                         f"sub-folders (found {len(full.classes)}); a flat folder has no labels")
+    if split:
+        bank_set, query_set = full, ImageFolderDataset(root / "val", size, mode="eval", classes=full.classes)
     else:
-        full = ImageFolderDataset(root, size, mode="eval")
         order = np.random.default_rng(seed).permutation(len(full))
         cut = int(0.8 * len(full))
         bank_set, query_set = Subset(full, order[:cut].tolist()), Subset(full, order[cut:].tolist())
-        classes = full.classes
-    if len(classes) < 2:
-        raise ValueError(f"{root}: kNN and linear probes need labelled images, i.e. at least two class sub-folders "
-                         f"(found {len(classes)}); a flat folder has no labels")
     random_model = random_init_like(model, seed, device)
-    num_classes = {"label": len(classes)}
+    num_classes = {"label": len(full.classes)}
     results = {"protocol": f"image folder {root}", "features": {}}
     for name, source in (("raw_pixels", None), ("random_init", random_model), ("target_encoder", model)):
         bank, bank_labels = pooled_features(source, bank_set, ("label",), device=device)
