@@ -115,23 +115,20 @@ def test_predicted_box_features_come_from_the_context_only(tiny_model):
     assert (truth_after - truth).abs().max() > 1e-3  # while the box's true features did change
 
 
-def test_image_folder_classes(tmp_path, tiny_model):
-    rng = np.random.default_rng(0)
-    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
-        (tmp_path / name).mkdir()
-        for i in range(10):
-            pixels = np.clip(np.array(colour) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
-    results = evaluation.evaluate_folder(tiny_model, tmp_path)
-    assert set(results["features"]) == {"raw_pixels", "random_init", "target_encoder"}
-    assert results["features"]["raw_pixels"]["knn_label"] == 100.0
-
-
 def _colour_images(folder, colour, count, rng):
     folder.mkdir(parents=True)
     for i in range(count):
         pixels = np.clip(np.array(colour) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_image_folder_classes(tmp_path, tiny_model):
+    rng = np.random.default_rng(0)
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        _colour_images(tmp_path / name, colour, 10, rng)
+    results = evaluation.evaluate_folder(tiny_model, tmp_path)
+    assert set(results["features"]) == {"raw_pixels", "random_init", "target_encoder"}
+    assert results["features"]["raw_pixels"]["knn_label"] == 100.0
 
 
 def test_a_val_folder_missing_a_class_keeps_the_train_labels(tmp_path, tiny_model):

@@ -52,9 +52,10 @@ class ImageFolderDataset(Dataset):
         self.resolution, self.scale, self.seed, self.mode = resolution, scale, seed, mode
         class_files = [(d.name, _images_in(d, recursive=True)) for d in sorted(self.root.iterdir()) if d.is_dir()]
         class_files = [(name, files) for name, files in class_files if files]
-        if classes is not None and not class_files:
-            raise ValueError(f"{self.root} has no class sub-folders, so its images cannot take labels {classes[:5]}")
         if classes is not None:
+            if not class_files:
+                raise ValueError(f"{self.root} has no class sub-folders, so its images cannot take labels "
+                                 f"{classes[:5]}")
             unknown = sorted(name for name, _ in class_files if name not in classes)
             if unknown:
                 raise ValueError(f"{self.root} has classes the label set lacks: {unknown[:5]}")

@@ -106,20 +106,19 @@ def route_flags(extra: list[str]) -> dict[str, list[str]]:
     return routed
 
 
-def logged_seconds(out: Path, stage: str) -> float:
-    """Training seconds a stage's CSV logs record (their elapsed_s counts on across resumed calls); 0 if none."""
-    logs = {"pretrain": [out / "pretrain" / "log.csv"],
-            "decoders": [out / f"decoder_{mode}" / "log.csv" for mode in DECODER_MODES]}.get(stage, [])
-    rows = [log.read_text().splitlines() for log in logs if log.exists()]
-    return sum(float(lines[-1].rsplit(",", 1)[1]) for lines in rows if len(lines) > 1)
-
-
 # What each stage writes, and the stages whose outputs it reads: outputs of a stage whose inputs are about to be
 # made again would describe another model, so the recipe refuses to start rather than mix them into one bundle.
 STAGE_PATHS = {"pretrain": ["pretrain"], "eval": ["eval"], "bank": ["bank.safetensors", "bank.json"],
                "decoders": [f"decoder_{mode}" for mode in DECODER_MODES], "decoder_eval": ["decoder_eval"]}
 STAGE_INPUTS = {"eval": ("pretrain",), "bank": ("pretrain",), "decoders": ("pretrain",),
                 "decoder_eval": ("pretrain", "decoders")}
+
+
+def logged_seconds(out: Path, stage: str) -> float:
+    """Training seconds the CSV logs in a stage's folders record (elapsed_s counts on across resumed calls); 0 for
+    stages that train nothing."""
+    rows = [log.read_text().splitlines() for p in STAGE_PATHS[stage] if (log := out / p / "log.csv").exists()]
+    return sum(float(lines[-1].rsplit(",", 1)[1]) for lines in rows if len(lines) > 1)
 
 
 def stale_stages(out: Path) -> list[str]:

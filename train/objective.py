@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ijepa.inference import layer_norm_features
 from ijepa.masks import apply_masks
 
 
@@ -19,9 +20,7 @@ def ijepa_loss(encoder: nn.Module, predictor: nn.Module, target_encoder: nn.Modu
     so predictions and gathered targets line up row for row.
     """
     with torch.no_grad():
-        targets = target_encoder(images)
-        targets = F.layer_norm(targets, (targets.size(-1),))
-        targets = apply_masks(targets, target_masks)
+        targets = apply_masks(layer_norm_features(target_encoder(images)), target_masks)
         if len(context_masks) > 1:  # predictions are ordered (target, context, image)
             b = images.size(0)
             targets = targets.view(len(target_masks), 1, b, *targets.shape[1:])
@@ -39,9 +38,7 @@ def target_spread(target_encoder: nn.Module, images: torch.Tensor) -> torch.Tens
     Near 0 means collapse: the encoder gives every patch the same vector, and the loss falls to ~0 as if training
     were going well (measured on a 16 x 16 grid in bench/RESULTS.md, "Semantics").
     """
-    tokens = target_encoder(images)
-    tokens = F.layer_norm(tokens.float(), (tokens.size(-1),))
-    return tokens.flatten(0, 1).std(0).mean()
+    return layer_norm_features(target_encoder(images).float()).flatten(0, 1).std(0).mean()
 
 
 @torch.no_grad()
