@@ -47,3 +47,8 @@ def test_a_misspelt_override_is_refused_before_anything_trains(tmp_path):
     variants.write_text("typo: {learning_rate: 0.1}\n")
     with pytest.raises(ValueError, match="'typo' sets unknown config keys \\['learning_rate'\\]"):
         sweep.load_variants(variants)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "train/configs").glob("sweep_*.yaml")), ids=lambda p: p.name)
+def test_shipped_variant_files_name_only_real_settings(path):
+    assert sweep.load_variants(path), f"{path.name} lists no variants"
