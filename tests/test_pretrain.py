@@ -35,6 +35,18 @@ def test_cli_yaml_and_overrides(tmp_path):
         parse_config(PretrainConfig, ["--config", str(tmp_path / "bad.yaml")])
 
 
+def test_scene_settings_reach_the_world_the_run_trains_on(tmp_path, monkeypatch):
+    built = []
+    real = pretrain.build_dataset
+    monkeypatch.setattr(pretrain, "build_dataset", lambda *a, **kw: built.append(real(*a, **kw)) or built[-1])
+    train(tiny(tmp_path / "run", "--steps", "1", "--num-distractors", "0,0", "--main-scale", "0.6,0.6",
+               "--balance", "subgroup"))
+    (scenes,) = built
+    layout = scenes.layout(5)
+    assert len(layout.objects) == 1 and scenes.balance == "subgroup"
+    assert layout.objects[0].size == round(0.6 * 32)
+
+
 class Killed(RuntimeError):
     pass
 

@@ -65,6 +65,9 @@ class PretrainConfig:
     # emoji scenes only (train/emoji.py EmojiScenes)
     backgrounds: tuple[str, ...] = BACKGROUND_KINDS
     same_base_prob: float = 0.0
+    main_scale: tuple[float, float] = (0.45, 0.9)
+    num_distractors: tuple[int, int] = (0, 3)
+    balance: str = "base"  # or "subgroup": each subgroup equally often, then a base within it
     # optimisation (batch_size is per process)
     batch_size: int = 256
     steps: int = 2000
@@ -160,7 +163,8 @@ def train(cfg: PretrainConfig) -> IJepa:
         encoder, predictor, target_encoder = (torch.compile(m) for m in (encoder, predictor, target_encoder))
 
     # data: global sample indices per step; images and masks built in workers
-    scene = dict(backgrounds=cfg.backgrounds, same_base_prob=cfg.same_base_prob) if cfg.data == "emoji" else {}
+    scene = dict(backgrounds=cfg.backgrounds, same_base_prob=cfg.same_base_prob, main_scale=cfg.main_scale,
+                 num_distractors=cfg.num_distractors, balance=cfg.balance) if cfg.data == "emoji" else {}
     dataset = build_dataset(cfg.data, resolution=cfg.img_size, patch_size=cfg.patch_size, seed=cfg.seed, **scene)
     collate = MaskCollator(model.config.grid_size, mask_config(cfg), seed=cfg.seed)
     sampler = StepBatches(start_step, cfg.steps, cfg.batch_size, rt.rank, rt.world_size)

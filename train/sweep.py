@@ -53,10 +53,18 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--variants", required=True, help="YAML: variant name -> overrides of the base config")
     parser.add_argument("--out-dir", default="runs/sweep")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated variant names to run (e.g. to split a sweep over parallel processes)")
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     base = parse_config(pretrain.PretrainConfig, ["--config", args.config, *extra])
     variants = load_variants(Path(args.variants))
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - set(variants))
+        if unknown:
+            raise SystemExit(f"--only names variants {args.variants} does not have: {unknown}")
+        variants = {name: variants[name] for name in wanted}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = out / "results.jsonl"
