@@ -9,6 +9,7 @@ The same results are available to programs through the "/sketch" endpoint::
     from gradio_client import Client, handle_file
     client = Client("http://127.0.0.1:7860/")
     sketches, metrics = client.predict(handle_file("photo.jpg"), "[[120, 80, 260, 200]]", 4, 0, api_name="/sketch")
+    # optional 5th argument: the decoder, "spatial_context" (the default) or "pooled" (the I-JEPA paper's)
 
 ``sketches`` is a list of gallery items (one image per sketch), ``metrics`` a dict with, per box, the prediction
 error, the probe's top-5 labels and the nearest reference boxes. Bad input comes back as ``AppError`` with a
@@ -30,7 +31,7 @@ from gradio_image_annotation import image_annotator
 from PIL import Image
 
 from ijepa.engine import (BOX_COLORS, DEFAULT_ASSETS, DEFAULT_NUM_SAMPLES, DEFAULT_NUM_STEPS, MAX_BOXES,
-                          MAX_IMAGE_PIXELS, MAX_NUM_SAMPLES, CheckpointError, Engine)
+                          MAX_IMAGE_PIXELS, MAX_NUM_SAMPLES, SKETCH_STYLES, CheckpointError, Engine)
 
 logger = logging.getLogger("app")
 
@@ -48,6 +49,9 @@ HOW_TO_READ = """
 - **Sketches**: a separate decoder turns the predicted description into pictures. Each sketch is one possible
   picture consistent with the prediction; the enlarged crops on the right of each sketch show only the box.
   A briefly trained decoder, like the built-in one, draws blurry and nearly identical sketches: its average guess.
+- **Sketch decoder** (when a bundle has both): *detailed* decoders see every predicted patch feature and the visible
+  surroundings; the *pooled* one sees only the box's average predicted feature, as in the I-JEPA paper's figures, so
+  its sketches vary more and show what that average keeps (a face, a flag) rather than where things go.
 - **Truth vs prediction**: the same decoder fed the description the model computes when it *does* see the box
   (truth), beside the one it guessed (prediction), and how far apart the two descriptions are, patch by patch.
 - **What it expects**: the most similar boxes in a reference collection, and a simple classifier's reading of
@@ -114,16 +118,17 @@ class Handlers:
         gr.Info("Image loaded. " + DRAW_HINT + ".")
         return annotator_value(np.asarray(image))
 
-    def run(self, value: dict | None, num_samples: float, seed: float, steps: float) -> Iterator[tuple]:
-        """Model view, explanation, readout and neighbours first; then sketches as they finish; then the
-        decoded truth beside the prediction."""
+    def run(self, value: dict | None, num_samples: float, seed: float, steps: float,
+            style: str | None = None) -> Iterator[tuple]:
+        """Model view, explanation, readout and neighbours first; then sketches as they finish (drawn by the
+        ``style`` decoder, None: the default); then the decoded truth beside the prediction."""
         engine = self.engine
         with user_errors():
             image, boxes = annotator_input(value)
             analysis = engine.analyze(image, boxes)
             num_samples, seed, steps = int(num_samples), int(seed), int(steps)
             view, metrics = engine.model_view(analysis), analysis.metrics()
-            explanation = engine.explain(analysis, num_samples)
+            explanation = engine.explain(analysis, num_samples, style)
             readout, neighbours = engine.readout_markdown(analysis), engine.neighbour_gallery(analysis)
             if not engine.has_decoder:
                 truth = engine.truth_vs_prediction(analysis)
@@ -132,14 +137,15 @@ class Handlers:
             status = "Drawing sketches…"
             yield view, explanation, [], status, None, neighbours, readout, metrics
             last = None
-            for update in engine.stream_sketches(analysis, num_samples, seed, steps):
+            for update in engine.stream_sketches(analysis, num_samples, seed, steps, style):
                 last = update
                 status = (f"{len(update.images)} of {num_samples} sketches in {update.seconds:.1f} s"
                           + ("" if update.done else ", drawing the rest…"))
                 yield (view, explanation, engine.sketch_gallery(analysis, update), status, None, neighbours,
                        readout, metrics)
-            truth = engine.truth_vs_prediction(analysis, last, seed, steps)
-            metrics = {**metrics, "sketch_seconds": round(last.seconds, 3), "seed": seed, "num_samples": num_samples}
+            truth = engine.truth_vs_prediction(analysis, last, seed, steps, last.style)
+            metrics = {**metrics, "sketch_seconds": round(last.seconds, 3), "seed": seed, "num_samples": num_samples,
+                       "decoder": last.style}
             yield view, explanation, engine.sketch_gallery(analysis, last), status, truth, neighbours, readout, metrics
 
     def explore(self, value: dict | None, window: float) -> tuple[np.ndarray, np.ndarray]:
@@ -150,8 +156,10 @@ class Handlers:
             surprise = self.engine.surprise_map(prepared, int(window))
             return surprise.figure, self.engine.feature_view(prepared)
 
-    def api_sketch(self, image: str | None, boxes: str, num_samples: float, seed: float) -> tuple[list, dict]:
-        """The "/sketch" endpoint: image file + JSON boxes (original-image pixels) -> sketches and metrics."""
+    def api_sketch(self, image: str | None, boxes: str, num_samples: float, seed: float,
+                   decoder: str | None = None) -> tuple[list, dict]:
+        """The "/sketch" endpoint: image file + JSON boxes (original-image pixels) -> sketches and metrics.
+        ``decoder``: a key of SKETCH_STYLES among the loaded ones (None or "": the default)."""
         engine = self.engine
         with user_errors():
             if image is None:
@@ -163,12 +171,12 @@ class Handlers:
             if not isinstance(parsed, list):
                 raise ValueError("boxes must be a JSON list of [xmin, ymin, xmax, ymax] lists")
             analysis = engine.analyze(engine.open_image(image), parsed)
-            metrics: dict[str, Any] = {**analysis.metrics(), "model": engine.info.source,
-                                       "decoder": engine.info.decoder_source}
+            metrics: dict[str, Any] = {**analysis.metrics(), "model": engine.info.source}
             if not engine.has_decoder:
-                return [], {**metrics, "sketches": self.decoder_note()}
-            update = engine.sketches(analysis, int(num_samples), int(seed))
-            metrics.update(sketch_seconds=round(update.seconds, 3), seed=int(seed), num_samples=int(num_samples))
+                return [], {**metrics, "decoder": None, "sketches": self.decoder_note()}
+            update = engine.sketches(analysis, int(num_samples), int(seed), style=decoder or None)
+            metrics.update(decoder=engine.info.decoder_sources[update.style], decoder_style=update.style,
+                           sketch_seconds=round(update.seconds, 3), seed=int(seed), num_samples=int(num_samples))
             return engine.sketch_gallery(analysis, update), metrics
 
     def decoder_note(self) -> str:
@@ -179,6 +187,7 @@ def build_app(handlers: Handlers) -> gr.Blocks:
     """The UI: inputs on the left, results on the right; every event calls one Handlers method."""
     engine = handlers.engine
     grid = engine.info.grid
+    styles = engine.sketch_styles
     with gr.Blocks(title="I-JEPA, visible", analytics_enabled=False) as demo:
         gr.Markdown(INTRO.format(max_boxes=MAX_BOXES))
         with gr.Accordion("About the loaded model", open=True):
@@ -198,6 +207,10 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                                             label="Sketches per box", elem_id="num-samples")
                     seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (same seed, same sketches)",
                                      elem_id="seed")
+                style = gr.Radio([(SKETCH_STYLES[s], s) for s in styles], value=styles[0] if styles else None,
+                                 label="Sketch decoder", visible=len(styles) > 1, elem_id="sketch-style",
+                                 info="Detailed: every predicted patch feature + the visible surroundings. Pooled: "
+                                      "only the box's average prediction, as in the I-JEPA paper (more varied).")
                 with gr.Accordion("Settings", open=False):
                     steps = gr.Slider(4, 30, value=DEFAULT_NUM_STEPS, step=1, label="Decoder steps (more = finer)")
                     window = gr.Slider(1, max(1, grid // 2), value=max(1, grid // 4), step=1,
@@ -242,21 +255,24 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                                    value="[[16, 16, 48, 48]]")
             api_samples = gr.Number(label="num_samples", value=DEFAULT_NUM_SAMPLES, precision=0)
             api_seed = gr.Number(label="seed", value=0, precision=0)
+            api_decoder = gr.Radio(list(styles), value=styles[0] if styles else None,
+                                   label="decoder: " + " or ".join(styles) if styles else "decoder (none loaded)")
             api_sketches = gr.Gallery(label="sketches", format="png")
             api_metrics = gr.JSON(label="metrics")
             api_button = gr.Button("sketch")
 
         examples.select(handlers.load_example, None, annotator, api_visibility="private", concurrency_limit=4)
         upload.upload(handlers.load_upload, upload, annotator, api_visibility="private", concurrency_limit=4)
-        # Model work shares one concurrency group: one request at a time uses the CPU/GPU, the rest queue.
+        # Model work shares one concurrency group: one request at a time uses the CPU/GPU, the rest queue. A press
+        # while the previous run (or its surprise map) is still going is kept and runs next, not dropped.
         model_work = dict(concurrency_id="model", concurrency_limit=1)
-        run.click(handlers.run, [annotator, num_samples, seed, steps],
+        run.click(handlers.run, [annotator, num_samples, seed, steps, style],
                   [model_view, explanation, sketches, sketch_status, truth, neighbours, readout, metrics],
-                  api_visibility="private", **model_work).success(
+                  api_visibility="private", trigger_mode="always_last", **model_work).success(
             handlers.explore, [annotator, window], [surprise, features], api_visibility="private", **model_work)
         window.release(handlers.explore, [annotator, window], [surprise, features], api_visibility="private",
                        **model_work)
-        api_button.click(handlers.api_sketch, [api_image, api_boxes, api_samples, api_seed],
+        api_button.click(handlers.api_sketch, [api_image, api_boxes, api_samples, api_seed, api_decoder],
                          [api_sketches, api_metrics], api_name="sketch",
                          api_description="Sketches of what the predictor expects in each box, with metrics.",
                          **model_work)
@@ -272,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--assets", type=Path, default=DEFAULT_ASSETS, help="bundle folder (model, decoder, probes, "
                         "bank, examples)")
     parser.add_argument("--checkpoint", type=Path, help="another model: official .pth.tar or our model folder")
-    parser.add_argument("--decoder", type=Path, help="a SketchDecoder folder (save_pretrained) for that model")
+    parser.add_argument("--decoder", type=Path, action="append", help="a SketchDecoder folder (save_pretrained) "
+                        "for that model; repeat it for a second kind (spatial_context and pooled), the first is the "
+                        "default")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--bf16", action="store_true", help="run the decoder under bfloat16 autocast")
     args = parser.parse_args(argv)

@@ -87,7 +87,8 @@ def main() -> None:
         "weights": weights,
         "img_size": size,
         "arch": engine.info.arch,
-        "decoder_channels": list(engine.decoder.config.block_out_channels),
+        "decoder": engine.sketch_styles[0],  # the default one, which the app uses unless switched
+        "decoder_channels": list(engine.decoders[engine.sketch_styles[0]].config.block_out_channels),
         "samples": args.samples,
         "steps": args.steps,
         "threads": args.threads,

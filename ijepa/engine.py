@@ -45,7 +45,9 @@ from .model import IJepa, IJepaConfig
 logger = logging.getLogger(__name__)
 
 DEFAULT_ASSETS = Path(__file__).resolve().parents[1] / "assets"
-MODEL_DIR, DECODER_DIR = "model", "decoder"
+MODEL_DIR, DECODER_DIR, PAPER_DECODER_DIR = "model", "decoder", "decoder_paper"
+# The two kinds of sketch decoder, by their conditioning: what the app calls each.
+SKETCH_STYLES = {"spatial_context": "Detailed (ours)", "pooled": "Pooled (the I-JEPA paper's)"}
 PROBE_NAMES = ("subgroup", "group")
 BANK_NAME = "bank"
 EXAMPLES_DIR, EXAMPLES_INDEX = "examples", "examples.json"
@@ -71,8 +73,7 @@ class ModelInfo:
     depth: int
     predictor: str
     trained_on: str
-    decoder_source: str | None
-    decoder_conditioning: str | None
+    decoder_sources: dict[str, str] = field(default_factory=dict)  # conditioning -> folder, the default first
 
     @property
     def grid(self) -> int:
@@ -191,6 +192,7 @@ class SketchUpdate:
     seed: int
     done: bool
     seconds: float
+    style: str = "spatial_context"  # which decoder drew them (a key of SKETCH_STYLES)
 
 
 @dataclass(frozen=True)
@@ -207,25 +209,26 @@ class Engine:
 
     model: IJepa
     info: ModelInfo
-    decoder: SketchDecoder | None = None
+    decoders: dict[str, SketchDecoder] = field(default_factory=dict)  # by conditioning; the first is the default
     probes: dict[str, LinearReadout] = field(default_factory=dict)
     bank: FeatureBank | None = None
     examples: list[Example] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     bf16: bool = False
-    sampler: SketchSampler | None = field(init=False, default=None)
+    samplers: dict[str, SketchSampler] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.model.eval().requires_grad_(False)
-        if self.decoder is not None:
-            self.decoder.eval().requires_grad_(False)
-            self.sampler = SketchSampler(self.decoder)
+        for style, decoder in self.decoders.items():
+            decoder.eval().requires_grad_(False)
+            self.samplers[style] = SketchSampler(decoder)
 
     # ----- loading ---------------------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, assets: str | Path | None = DEFAULT_ASSETS, checkpoint: str | Path | None = None,
-             decoder: str | Path | None = None, device: str = "auto", bf16: bool = False) -> "Engine":
+             decoder: str | Path | Sequence[str | Path] | None = None, device: str = "auto",
+             bf16: bool = False) -> "Engine":
         """Load the bundle in ``assets`` (layout: see the app's README), or another model.
 
         Args:
@@ -234,7 +237,8 @@ class Engine:
                 as ``checkpoint``.
             checkpoint: an official ``.pth.tar`` or one of our model folders. Probes and bank are then not
                 used (they describe the bundle model's features); pass ``decoder`` trained for this model.
-            decoder: a ``SketchDecoder.save_pretrained`` folder (default: ``assets/decoder`` for the bundle model).
+            decoder: ``SketchDecoder.save_pretrained`` folder(s) for this model, at most one per conditioning; the
+                first is the default. For the bundle model: ``assets/decoder`` and ``assets/decoder_paper``.
             device: "cpu", "cuda", or "auto" (CUDA when available).
             bf16: run the decoder under bfloat16 autocast (for GPUs; on the project's CPU it was much slower).
         """
@@ -260,12 +264,19 @@ class Engine:
         if model.predictor is None:
             raise ValueError(f"{checkpoint} has no predictor weights; the app needs a full I-JEPA checkpoint "
                              "(encoder, target_encoder and predictor)")
-        if decoder is None and bundle_model and assets is not None and (assets / DECODER_DIR).is_dir():
-            decoder = assets / DECODER_DIR
-        sketch_decoder = None
-        if decoder is not None:
-            sketch_decoder = load_decoder(decoder, model.config).to(device)
-        else:
+        paths = [decoder] if isinstance(decoder, (str, Path)) else list(decoder or [])
+        if not paths and bundle_model and assets is not None:
+            paths = [assets / name for name in (DECODER_DIR, PAPER_DECODER_DIR) if (assets / name).is_dir()]
+        decoders: dict[str, SketchDecoder] = {}
+        sources: dict[str, str] = {}
+        for path in paths:
+            sketch_decoder = load_decoder(path, model.config).to(device)
+            style = sketch_decoder.config.conditioning
+            if style in decoders:
+                raise ValueError(f"{sources[style]} and {path} are both {style!r} decoders; pass at most one of each "
+                                 f"kind ({', '.join(SKETCH_STYLES)})")
+            decoders[style], sources[style] = sketch_decoder, str(path)
+        if not decoders:
             notes.append(
                 "No sketch decoder for this model, so the Sketches and the decoded Truth-vs-prediction images are "
                 "off (everything else works). Train one with `" + TRAIN_DECODER_HINT.format(checkpoint=checkpoint)
@@ -283,12 +294,11 @@ class Engine:
             img_size=config.img_size, patch_size=config.patch_size, embed_dim=config.embed_dim, depth=config.depth,
             predictor=f"{config.predictor_depth} blocks x {config.predictor_embed_dim}-d",
             trained_on=config.trained_on or "not recorded in the checkpoint",
-            decoder_source=str(decoder) if sketch_decoder is not None else None,
-            decoder_conditioning=sketch_decoder.config.conditioning if sketch_decoder is not None else None,
+            decoder_sources=sources,
         )
-        logger.info("loaded %s (%s, %d px) on %s; decoder: %s", checkpoint, info.arch, info.img_size, device,
-                    info.decoder_source)
-        return cls(model=model, info=info, decoder=sketch_decoder, probes=probes, bank=bank, examples=examples,
+        logger.info("loaded %s (%s, %d px) on %s; decoders: %s", checkpoint, info.arch, info.img_size, device,
+                    sources or "none")
+        return cls(model=model, info=info, decoders=decoders, probes=probes, bank=bank, examples=examples,
                    notes=notes, bf16=bf16)
 
     @property
@@ -297,7 +307,12 @@ class Engine:
 
     @property
     def has_decoder(self) -> bool:
-        return self.sampler is not None
+        return bool(self.samplers)
+
+    @property
+    def sketch_styles(self) -> tuple[str, ...]:
+        """Keys of SKETCH_STYLES with a loaded decoder, the default first."""
+        return tuple(self.samplers)
 
     @property
     def size(self) -> int:
@@ -315,8 +330,8 @@ class Engine:
             f"as a {i.grid}x{i.grid} grid of {i.patch_size}x{i.patch_size}-px patches; predictor {i.predictor}. "
             f"**Trained on:** {i.trained_on}. Loaded from `{i.source}`.",
         ]
-        if i.decoder_source:
-            lines.append(f"**Sketch decoder:** `{i.decoder_source}` ({i.decoder_conditioning} conditioning).")
+        for style, source in i.decoder_sources.items():
+            lines.append(f"**Sketch decoder, {SKETCH_STYLES[style].lower()}:** `{source}` ({style} conditioning).")
         extras = [f"probe ({name}, {len(p.labels)} labels)" for name, p in self.probes.items()]
         if self.bank is not None:
             extras.append(f"reference bank ({len(self.bank.features)} boxes)")
@@ -330,8 +345,8 @@ class Engine:
         blank = np.full((self.size, self.size, 3), 128, dtype=np.uint8)
         side = self.size / 4
         analysis = self.analyze(blank, [[side, side, 2 * side, 2 * side]])
-        if self.has_decoder:
-            for _ in self.stream_sketches(analysis, num_samples=1, num_steps=2):
+        for style in self.sketch_styles:
+            for _ in self.stream_sketches(analysis, num_samples=1, num_steps=2, style=style):
                 pass
 
     # ----- the computations behind the panels ------------------------------------------------------------------
@@ -392,11 +407,16 @@ class Engine:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _require_decoder(self) -> SketchSampler:
-        if self.sampler is None:
+    def _require_decoder(self, style: str | None) -> tuple[str, SketchSampler]:
+        """The sampler of ``style`` (None: the default decoder), or a ValueError that says what is loaded."""
+        if not self.samplers:
             raise ValueError("No sketch decoder is loaded for this model. Train one with `"
                              + TRAIN_DECODER_HINT.format(checkpoint=self.info.source) + "` and pass --decoder.")
-        return self.sampler
+        style = style or self.sketch_styles[0]
+        if style not in self.samplers:
+            loaded = ", ".join(f"{s!r} ({SKETCH_STYLES[s]})" for s in self.samplers)
+            raise ValueError(f"No {style!r} sketch decoder is loaded; choose one of: {loaded}.")
+        return style, self.samplers[style]
 
     @staticmethod
     def _check_sampling(num_samples: int, num_steps: int, seed: int) -> None:
@@ -422,11 +442,11 @@ class Engine:
         return images
 
     def stream_sketches(self, analysis: Analysis, num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0,
-                        num_steps: int = DEFAULT_NUM_STEPS) -> Iterator[SketchUpdate]:
+                        num_steps: int = DEFAULT_NUM_STEPS, style: str | None = None) -> Iterator[SketchUpdate]:
         """Sketches of what the predictor expects in every box, yielded as they finish: first sample 0 of every
         box, then all of them (``done``). Each update holds every sketch finished so far. Sample i depends only
-        on (seed, i), so a seed reproduces its sketches."""
-        sampler = self._require_decoder()
+        on (seed, i), so a seed reproduces its sketches. ``style``: which decoder (None: the default)."""
+        style, sampler = self._require_decoder(style)
         self._check_sampling(num_samples, num_steps, seed)
         cond = self._conditions(analysis, lambda box: box.predicted)
         boxes = cond.batch_size
@@ -446,12 +466,12 @@ class Engine:
                 continue  # the final event follows at once, with the same sketches
             order = tuple(sorted(finished))
             yield SketchUpdate([finished[i] for i in order], order, int(num_samples), int(seed), event.done,
-                               time.perf_counter() - start)
+                               time.perf_counter() - start, style)
 
     def sketches(self, analysis: Analysis, num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0,
-                 num_steps: int = DEFAULT_NUM_STEPS) -> SketchUpdate:
+                 num_steps: int = DEFAULT_NUM_STEPS, style: str | None = None) -> SketchUpdate:
         """All sketches at once (the last event of ``stream_sketches``)."""
-        sampler = self._require_decoder()
+        style, sampler = self._require_decoder(style)
         self._check_sampling(num_samples, num_steps, seed)
         cond = self._conditions(analysis, lambda box: box.predicted)
         start = time.perf_counter()
@@ -459,12 +479,13 @@ class Engine:
             images = sampler.sample(cond, num_samples=int(num_samples), num_steps=int(num_steps), seed=int(seed))
         images = images.view(cond.batch_size, int(num_samples), *images.shape[1:])
         return SketchUpdate(self._composite(analysis, images), tuple(range(int(num_samples))), int(num_samples),
-                            int(seed), True, time.perf_counter() - start)
+                            int(seed), True, time.perf_counter() - start, style)
 
-    def decode_truth(self, analysis: Analysis, seed: int = 0, num_steps: int = DEFAULT_NUM_STEPS) -> np.ndarray:
+    def decode_truth(self, analysis: Analysis, seed: int = 0, num_steps: int = DEFAULT_NUM_STEPS,
+                     style: str | None = None) -> np.ndarray:
         """The decoder's rendering of the TARGET encoder's true features for every box (sample 0 of ``seed``: the
         same noise as the first predicted sketch, so the two differ only by their features)."""
-        sampler = self._require_decoder()
+        _, sampler = self._require_decoder(style)
         self._check_sampling(1, num_steps, seed)
         cond = self._conditions(analysis, lambda box: box.true)
         with self._autocast():
@@ -541,19 +562,22 @@ class Engine:
         return items
 
     def truth_vs_prediction(self, analysis: Analysis, predicted: SketchUpdate | None = None, seed: int = 0,
-                            num_steps: int = DEFAULT_NUM_STEPS) -> np.ndarray:
-        """Per box: the model's input, the decoded TRUE features, the decoded PREDICTION (same noise) and the
-        per-patch prediction error. Without a decoder only the input and the error map are shown.
+                            num_steps: int = DEFAULT_NUM_STEPS, style: str | None = None) -> np.ndarray:
+        """Per box: the model's input, the decoded TRUE features, the decoded PREDICTION (same noise, same
+        decoder) and the per-patch prediction error. Without a decoder only the input and the error map are shown.
 
-        ``predicted``: finished sketches with this seed, whose first sample is reused instead of decoding again.
+        ``predicted``: finished sketches with this seed and style, whose first sample is reused instead of decoding
+        again.
         """
         truth = prediction = None
         if self.has_decoder:
-            truth = self.decode_truth(analysis, seed, num_steps)
-            if predicted is not None and predicted.done and predicted.seed == seed and 0 in predicted.sample_indices:
+            style, _ = self._require_decoder(style)
+            truth = self.decode_truth(analysis, seed, num_steps, style)
+            if (predicted is not None and predicted.done and predicted.seed == seed and predicted.style == style
+                    and 0 in predicted.sample_indices):
                 prediction = predicted.images[predicted.sample_indices.index(0)]
             else:
-                prediction = self.sketches(analysis, 1, seed, num_steps).images[0]
+                prediction = self.sketches(analysis, 1, seed, num_steps, style).images[0]
         return render_truth_vs_prediction(analysis, truth, prediction, self.patch_size)
 
     def readout_markdown(self, analysis: Analysis) -> str:
@@ -569,7 +593,7 @@ class Engine:
                              f"<small>on the true features: {truth[0]} ({truth[1]:.0%})</small>")
         return "\n\n".join(lines)
 
-    def explain(self, analysis: Analysis, num_samples: int | None = None) -> str:
+    def explain(self, analysis: Analysis, num_samples: int | None = None, style: str | None = None) -> str:
         """A short plain-language account of what the model saw, what it guessed and why sketches differ."""
         grid = analysis.result.grid_size
         hidden = analysis.num_patches - int(analysis.result.context_indices.numel())
@@ -599,6 +623,11 @@ class Engine:
                 "a face. The decoder draws pictures that all fit the guess: what they share, the model is sure "
                 "about; what changes, it left open. They sketch its expectation; they do not recover the hidden "
                 "pixels.")
+            if (style or self.sketch_styles[0]) == "pooled":
+                parts.append(
+                    "**This decoder** gets only the average of the box's predicted features, as in the I-JEPA "
+                    "paper's figures, and never the visible pixels: its sketches vary more and fit the surroundings "
+                    "less; what they keep in common is what the average prediction pins down.")
         return "\n\n".join(parts)
 
 
@@ -873,7 +902,7 @@ def _example_scene(width: int, height: int, rng: np.random.Generator) -> tuple[I
 
 def build_random_bundle(directory: str | Path, config: IJepaConfig, decoder_kwargs: dict | None = None,
                         num_labels: int = 6, bank_size: int = 24, num_examples: int = 2, seed: int = 0) -> Path:
-    """Write a complete bundle with random weights: model, decoder (None: skip), probes, bank and examples.
+    """Write a complete bundle with random weights: model, both decoders (None: skip), probes, bank and examples.
 
     Nothing it shows means anything; it exists so the app, its tests and its benchmark run anywhere.
     """
@@ -886,6 +915,7 @@ def build_random_bundle(directory: str | Path, config: IJepaConfig, decoder_kwar
         args = {"feature_dim": config.embed_dim, "grid_size": config.grid_size, "image_size": config.img_size,
                 **decoder_kwargs}
         SketchDecoder(**args).save_pretrained(directory / DECODER_DIR)
+        SketchDecoder(**{**args, "conditioning": "pooled"}).save_pretrained(directory / PAPER_DECODER_DIR)
     dim = config.embed_dim
     labels = [f"label {i}" for i in range(num_labels)]
     for name in PROBE_NAMES:
@@ -911,7 +941,7 @@ def build_random_bundle(directory: str | Path, config: IJepaConfig, decoder_kwar
 
 __all__ = [
     "BOX_COLORS", "DEFAULT_ASSETS", "DEFAULT_NUM_SAMPLES", "DEFAULT_NUM_STEPS", "MAX_BOXES", "MAX_IMAGE_PIXELS",
-    "MAX_NUM_SAMPLES", "MAX_NUM_STEPS", "Analysis", "BoxReport", "CheckpointError", "Engine", "Example",
+    "MAX_NUM_SAMPLES", "MAX_NUM_STEPS", "SKETCH_STYLES", "Analysis", "BoxReport", "CheckpointError", "Engine", "Example",
     "FeatureBank", "ModelInfo", "Neighbour", "SketchUpdate", "SurpriseMap", "array_to_image", "build_random_bundle",
     "load_bank", "load_decoder", "load_examples", "load_probe", "load_readouts", "sketch_sheet", "upscale",
 ]

@@ -63,7 +63,7 @@ def test_server_starts_and_documents_only_the_sketch_endpoint(server, client):
     api = client.view_api(return_format="dict", print_info=False)
     assert list(api["named_endpoints"]) == ["/sketch"] and not api["unnamed_endpoints"]
     names = [p["parameter_name"] for p in api["named_endpoints"]["/sketch"]["parameters"]]
-    assert names == ["image", "boxes", "num_samples", "seed"]
+    assert names == ["image", "boxes", "num_samples", "seed", "decoder"]
     assert "I-JEPA" in httpx.get(url, timeout=10).text
 
 
@@ -82,6 +82,17 @@ def test_sketch_endpoint_returns_sketches_and_metrics(client, photo):
         assert len(box["neighbours"]) == 6
     again, _ = client.predict(handle_file(str(photo)), "[[150, 100, 250, 200]]", 2, 5, api_name="/sketch")
     assert np.array_equal(np.asarray(Image.open(again[1]["image"])), np.asarray(Image.open(sketches[1]["image"])))
+
+
+def test_sketch_endpoint_draws_with_the_paper_decoder_when_asked(client, photo):
+    ours, default = client.predict(handle_file(str(photo)), "[[150, 100, 250, 200]]", 1, 5, api_name="/sketch")
+    paper, metrics = client.predict(handle_file(str(photo)), "[[150, 100, 250, 200]]", 1, 5, "pooled",
+                                    api_name="/sketch")
+    assert (default["decoder_style"], metrics["decoder_style"]) == ("spatial_context", "pooled")
+    assert metrics["decoder"].endswith("decoder_paper")
+    assert not np.array_equal(np.asarray(Image.open(ours[0]["image"])), np.asarray(Image.open(paper[0]["image"])))
+    with pytest.raises(AppError):
+        client.predict(handle_file(str(photo)), "[[150, 100, 250, 200]]", 1, 5, "spatial", api_name="/sketch")
 
 
 def write(tmp_path: Path, name: str, data: bytes) -> Path:
@@ -175,6 +186,10 @@ def test_ui_run_streams_sketches(app_module, tmp_path):
     counts = [len(o[2]) for o in outputs]
     assert counts == [0, 1, 3, 3]  # nothing yet, the first sketch, all sketches, then the truth panel
     assert outputs[1][4] is None and outputs[-1][4].ndim == 3 and outputs[-1][7]["seed"] == 1
+    assert outputs[-1][7]["decoder"] == "spatial_context"
+    paper = list(handlers.run(handlers.initial_value(), 1, 1, 2, "pooled"))
+    assert paper[-1][7]["decoder"] == "pooled" and "average of the box" in paper[-1][1]
+    assert not np.array_equal(paper[-1][2][0][0], outputs[-1][2][0][0])
 
 
 def test_missing_bundle_exits_with_a_clear_message(app_module, tmp_path, capsys):

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from helpers import ASSETS, REPO, USE_ASSETS, serve_app, tiny_bundle
+from ijepa.engine import SKETCH_STYLES
 from ijepa.inference import map_boxes, prepare_image
 from ijepa.masks import boxes_to_masks
 
@@ -68,8 +69,13 @@ def photo(tmp_path: Path) -> Path:
     return path
 
 
-def run_and_wait_for_sketches(page, expected: int = 4) -> None:
+def run_and_wait_for_sketches(page, expected: int = 4, explanation: str = "") -> None:
+    """Press the button, wait until the new run's explanation (containing ``explanation``) is shown, then until
+    all its sketches have loaded."""
     page.click("#run")
+    page.wait_for_function("(text) => { const e = document.querySelector('#explanation'); "
+                           "return e && e.innerText.includes('What the model saw') && e.innerText.includes(text); }",
+                           arg=explanation)
     page.wait_for_function(
         """(n) => {
             const status = document.querySelector('#sketch-status');
@@ -121,3 +127,6 @@ def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
     explanation = page.inner_text("#explanation")
     assert f"The {targets.numel()} patches under your box were hidden" in explanation  # the drawn box, mapped
     assert "Box 2" not in explanation  # the upload cleared the example's boxes
+
+    page.get_by_label(SKETCH_STYLES["pooled"]).check()  # the paper's decoder draws the same box
+    run_and_wait_for_sketches(page, explanation="gets only the average")

@@ -329,6 +329,27 @@ def test_truth_vs_prediction_decodes_both(engine, two_box_analysis):
     assert figure.ndim == 3 and figure.shape[2] == 3 and figure.shape[0] > 200
 
 
+def test_the_bundle_offers_both_decoders_and_each_draws_its_own_sketches(engine, two_box_analysis):
+    assert engine.sketch_styles == ("spatial_context", "pooled")  # ours is the default
+    ours = engine.sketches(two_box_analysis, 1, seed=4, num_steps=STEPS)
+    paper = engine.sketches(two_box_analysis, 1, seed=4, num_steps=STEPS, style="pooled")
+    assert (ours.style, paper.style) == ("spatial_context", "pooled")
+    assert np.abs(ours.images[0].astype(int) - paper.images[0].astype(int)).max() > 10
+    again = engine.sketches(two_box_analysis, 1, seed=4, num_steps=STEPS, style="spatial_context")
+    assert np.abs(again.images[0].astype(int) - ours.images[0].astype(int)).max() <= 1
+    streamed = list(engine.stream_sketches(two_box_analysis, 1, seed=4, num_steps=STEPS, style="pooled"))
+    assert streamed[-1].style == "pooled"
+    assert np.abs(streamed[-1].images[0].astype(int) - paper.images[0].astype(int)).max() <= 1
+    # truth vs prediction reuses the first sketch only when the same decoder drew it
+    figure = engine.truth_vs_prediction(two_box_analysis, ours, seed=4, num_steps=STEPS, style="pooled")
+    assert figure.ndim == 3
+    assert "decoder, pooled" in engine.describe() and "decoder, detailed" in engine.describe()
+    assert "average" in engine.explain(two_box_analysis, 1, "pooled")
+    assert "average of the box" not in engine.explain(two_box_analysis, 1)
+    with pytest.raises(ValueError, match="No 'spatial' sketch decoder.*'pooled'"):
+        engine.sketches(two_box_analysis, 1, num_steps=STEPS, style="spatial")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_samples=0), "between 1 and 8"), (dict(num_samples=9), "between 1 and 8"),
     (dict(num_steps=0), "steps"), (dict(seed=-1), "seed"),
@@ -355,9 +376,14 @@ def test_missing_parts_switch_panels_off_with_explanations(bundle, tmp_path):
     assert engine.neighbour_gallery(analysis) == [] and "probe" in engine.readout_markdown(analysis).lower()
 
 
-def test_checkpoint_flag_uses_only_the_given_decoder(bundle):
+def test_checkpoint_flag_uses_only_the_given_decoders(bundle):
     engine = Engine.load(bundle, checkpoint=bundle / "model", decoder=bundle / "decoder", device="cpu")
-    assert engine.has_decoder and not engine.probes and len(engine.examples) == 2
+    assert engine.sketch_styles == ("spatial_context",) and not engine.probes and len(engine.examples) == 2
+    both = Engine.load(bundle, checkpoint=bundle / "model", decoder=[bundle / "decoder_paper", bundle / "decoder"],
+                       device="cpu")
+    assert both.sketch_styles == ("pooled", "spatial_context")  # the first given is the default
+    with pytest.raises(ValueError, match="both 'pooled' decoders"):
+        Engine.load(bundle, checkpoint=bundle / "model", decoder=[bundle / "decoder_paper"] * 2, device="cpu")
     assert engine.info.img_size == SIZE and "random weights" in engine.info.trained_on
     model_only = Engine.load(bundle / "model", device="cpu")  # a model folder as the first argument
     assert not model_only.has_decoder and model_only.examples == [] and model_only.info.source.endswith("model")
