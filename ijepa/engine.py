@@ -331,7 +331,7 @@ class Engine:
             f"**Trained on:** {i.trained_on}. Loaded from `{i.source}`.",
         ]
         for style, source in i.decoder_sources.items():
-            lines.append(f"**Sketch decoder, {SKETCH_STYLES[style].lower()}:** `{source}` ({style} conditioning).")
+            lines.append(f"**Sketch decoder, {SKETCH_STYLES[style]}:** `{source}` ({style} conditioning).")
         extras = [f"probe ({name}, {len(p.labels)} labels)" for name, p in self.probes.items()]
         if self.bank is not None:
             extras.append(f"reference bank ({len(self.bank.features)} boxes)")

@@ -343,7 +343,7 @@ def test_the_bundle_offers_both_decoders_and_each_draws_its_own_sketches(engine,
     # truth vs prediction reuses the first sketch only when the same decoder drew it
     figure = engine.truth_vs_prediction(two_box_analysis, ours, seed=4, num_steps=STEPS, style="pooled")
     assert figure.ndim == 3
-    assert "decoder, pooled" in engine.describe() and "decoder, detailed" in engine.describe()
+    assert "decoder, Pooled (the I-JEPA" in engine.describe() and "decoder, Detailed" in engine.describe()
     assert "average" in engine.explain(two_box_analysis, 1, "pooled")
     assert "average of the box" not in engine.explain(two_box_analysis, 1)
     with pytest.raises(ValueError, match="No 'spatial' sketch decoder.*'pooled'"):
