@@ -145,7 +145,7 @@ class Handlers:
                        readout, metrics)
             truth = engine.truth_vs_prediction(analysis, last, seed, steps, last.style)
             metrics = {**metrics, "sketch_seconds": round(last.seconds, 3), "seed": seed, "num_samples": num_samples,
-                       "decoder": last.style}
+                       "decoder": engine.info.decoder_sources[last.style], "decoder_style": last.style}
             yield view, explanation, engine.sketch_gallery(analysis, last), status, truth, neighbours, readout, metrics
 
     def explore(self, value: dict | None, window: float) -> tuple[np.ndarray, np.ndarray]:

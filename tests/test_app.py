@@ -186,9 +186,9 @@ def test_ui_run_streams_sketches(app_module, tmp_path):
     counts = [len(o[2]) for o in outputs]
     assert counts == [0, 1, 3, 3]  # nothing yet, the first sketch, all sketches, then the truth panel
     assert outputs[1][4] is None and outputs[-1][4].ndim == 3 and outputs[-1][7]["seed"] == 1
-    assert outputs[-1][7]["decoder"] == "spatial_context"
+    assert outputs[-1][7]["decoder_style"] == "spatial_context" and outputs[-1][7]["decoder"].endswith("decoder")
     paper = list(handlers.run(handlers.initial_value(), 1, 1, 2, "pooled"))
-    assert paper[-1][7]["decoder"] == "pooled" and "average of the box" in paper[-1][1]
+    assert paper[-1][7]["decoder_style"] == "pooled" and "average of the box" in paper[-1][1]
     assert not np.array_equal(paper[-1][2][0][0], outputs[-1][2][0][0])
 
 
