@@ -45,8 +45,10 @@ from .model import IJepa, IJepaConfig
 logger = logging.getLogger(__name__)
 
 DEFAULT_ASSETS = Path(__file__).resolve().parents[1] / "assets"
-MODEL_DIR, DECODER_DIR, PAPER_DECODER_DIR = "model", "decoder", "decoder_paper"
-# The two kinds of sketch decoder, by their conditioning: what the app calls each.
+MODEL_DIR = "model"
+# The two kinds of sketch decoder, by their conditioning: a bundle's folder for each (the default first), and what
+# the app calls each.
+DECODER_DIRS = {"spatial_context": "decoder", "pooled": "decoder_paper"}
 SKETCH_STYLES = {"spatial_context": "Detailed (ours)", "pooled": "Pooled (the I-JEPA paper's)"}
 PROBE_NAMES = ("subgroup", "group")
 BANK_NAME = "bank"
@@ -266,7 +268,7 @@ class Engine:
                              "(encoder, target_encoder and predictor)")
         paths = [decoder] if isinstance(decoder, (str, Path)) else list(decoder or [])
         if not paths and bundle_model and assets is not None:
-            paths = [assets / name for name in (DECODER_DIR, PAPER_DECODER_DIR) if (assets / name).is_dir()]
+            paths = [assets / name for name in DECODER_DIRS.values() if (assets / name).is_dir()]
         decoders: dict[str, SketchDecoder] = {}
         sources: dict[str, str] = {}
         for path in paths:
@@ -623,7 +625,7 @@ class Engine:
                 "a face. The decoder draws pictures that all fit the guess: what they share, the model is sure "
                 "about; what changes, it left open. They sketch its expectation; they do not recover the hidden "
                 "pixels.")
-            if (style or self.sketch_styles[0]) == "pooled":
+            if self._require_decoder(style)[0] == "pooled":
                 parts.append(
                     "**This decoder** gets only the average of the box's predicted features, as in the I-JEPA "
                     "paper's figures, and never the visible pixels: its sketches vary more and fit the surroundings "
@@ -914,8 +916,8 @@ def build_random_bundle(directory: str | Path, config: IJepaConfig, decoder_kwar
     if decoder_kwargs is not None:
         args = {"feature_dim": config.embed_dim, "grid_size": config.grid_size, "image_size": config.img_size,
                 **decoder_kwargs}
-        SketchDecoder(**args).save_pretrained(directory / DECODER_DIR)
-        SketchDecoder(**{**args, "conditioning": "pooled"}).save_pretrained(directory / PAPER_DECODER_DIR)
+        for conditioning, name in DECODER_DIRS.items():
+            SketchDecoder(**{**args, "conditioning": conditioning}).save_pretrained(directory / name)
     dim = config.embed_dim
     labels = [f"label {i}" for i in range(num_labels)]
     for name in PROBE_NAMES:
@@ -941,7 +943,7 @@ def build_random_bundle(directory: str | Path, config: IJepaConfig, decoder_kwar
 
 __all__ = [
     "BOX_COLORS", "DEFAULT_ASSETS", "DEFAULT_NUM_SAMPLES", "DEFAULT_NUM_STEPS", "MAX_BOXES", "MAX_IMAGE_PIXELS",
-    "MAX_NUM_SAMPLES", "MAX_NUM_STEPS", "SKETCH_STYLES", "Analysis", "BoxReport", "CheckpointError", "Engine", "Example",
-    "FeatureBank", "ModelInfo", "Neighbour", "SketchUpdate", "SurpriseMap", "array_to_image", "build_random_bundle",
+    "MAX_NUM_SAMPLES", "MAX_NUM_STEPS", "DECODER_DIRS", "SKETCH_STYLES", "Analysis", "BoxReport", "CheckpointError",
+    "Engine", "Example", "FeatureBank", "ModelInfo", "Neighbour", "SketchUpdate", "SurpriseMap", "array_to_image", "build_random_bundle",
     "load_bank", "load_decoder", "load_examples", "load_probe", "load_readouts", "sketch_sheet", "upscale",
 ]

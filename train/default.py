@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from decoder import SketchDecoder
 from ijepa.checkpoint import load_model, save_model
+from ijepa.engine import DECODER_DIRS
 from ijepa.model import IJepa
 from train import decoder as decoder_training
 from train import eval as evaluation
@@ -242,7 +243,7 @@ def export_assets(out: Path, model_dir: Path, decoders: dict[str, Path], target:
     target.mkdir(parents=True, exist_ok=True)
     model = load_model(model_dir)
     save_model(model, target / "model", dtype=torch.float16)
-    for mode, name in (("spatial_context", "decoder"), ("pooled", "decoder_paper")):
+    for mode, name in DECODER_DIRS.items():
         SketchDecoder.from_pretrained(decoders[mode], torch_dtype=torch.float16).save_pretrained(target / name)
     for name in ("probe_group", "probe_subgroup"):
         for suffix in (".safetensors", ".json"):

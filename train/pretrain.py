@@ -16,6 +16,7 @@ where it is faster), fused/foreach AdamW, the EMA as one
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from ijepa.model import IJepa, IJepaConfig
 from ijepa.vision_transformer import set_fused_attention
 from train.config import config_dict, parse_config, save_config
 from train.data import build_dataset
-from train.emoji import BACKGROUND_KINDS
+from train.emoji import EmojiScenes
 from train.objective import (ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups, target_spread,
                              set_optimizer_schedule, weight_decay)
 from train.runtime import (Runtime, autocast, list_checkpoints, plot_loss_curve, resume_state, save_checkpoint,
@@ -42,6 +43,11 @@ from train.runtime import (Runtime, autocast, list_checkpoints, plot_loss_curve,
 logger = logging.getLogger("train.pretrain")
 # target_spread below this at a logging step: warn that the representation has collapsed (healthy runs: ~0.4)
 COLLAPSED_SPREAD = 0.1
+
+
+# The config fields that shape the emoji world; the decoder trains on EmojiScenes' defaults, so these start there.
+SCENE_FIELDS = ("backgrounds", "same_base_prob", "main_scale", "num_distractors", "balance")
+_SCENE_DEFAULTS = {name: inspect.signature(EmojiScenes).parameters[name].default for name in SCENE_FIELDS}
 
 
 @dataclass
@@ -62,12 +68,12 @@ class PretrainConfig:
     context_scale: tuple[float, float] = (0.85, 1.0)
     min_keep: int = 10
     official_quirks: bool = False
-    # emoji scenes only (train/emoji.py EmojiScenes)
-    backgrounds: tuple[str, ...] = BACKGROUND_KINDS
-    same_base_prob: float = 0.0
-    main_scale: tuple[float, float] = (0.45, 0.9)
-    num_distractors: tuple[int, int] = (0, 3)
-    balance: str = "base"  # or "subgroup": each subgroup equally often, then a base within it
+    # emoji scenes only: passed to train/emoji.py EmojiScenes, whose defaults they take
+    backgrounds: tuple[str, ...] = _SCENE_DEFAULTS["backgrounds"]
+    same_base_prob: float = _SCENE_DEFAULTS["same_base_prob"]
+    main_scale: tuple[float, float] = _SCENE_DEFAULTS["main_scale"]
+    num_distractors: tuple[int, int] = _SCENE_DEFAULTS["num_distractors"]
+    balance: str = _SCENE_DEFAULTS["balance"]  # or "subgroup": each subgroup equally often, then a base within it
     # optimisation (batch_size is per process)
     batch_size: int = 256
     steps: int = 2000
@@ -163,8 +169,7 @@ def train(cfg: PretrainConfig) -> IJepa:
         encoder, predictor, target_encoder = (torch.compile(m) for m in (encoder, predictor, target_encoder))
 
     # data: global sample indices per step; images and masks built in workers
-    scene = dict(backgrounds=cfg.backgrounds, same_base_prob=cfg.same_base_prob, main_scale=cfg.main_scale,
-                 num_distractors=cfg.num_distractors, balance=cfg.balance) if cfg.data == "emoji" else {}
+    scene = {name: getattr(cfg, name) for name in SCENE_FIELDS} if cfg.data == "emoji" else {}
     dataset = build_dataset(cfg.data, resolution=cfg.img_size, patch_size=cfg.patch_size, seed=cfg.seed, **scene)
     collate = MaskCollator(model.config.grid_size, mask_config(cfg), seed=cfg.seed)
     sampler = StepBatches(start_step, cfg.steps, cfg.batch_size, rt.rank, rt.world_size)
