@@ -217,6 +217,24 @@ def test_same_base_distractors_are_siblings_of_the_main_emoji(catalog):
         EmojiScenes(catalog, same_base_prob=1.5)
 
 
+def test_themed_distractors_share_the_main_emojis_subgroup_or_group(catalog):
+    for theme, table in (("subgroup", catalog.subgroup_of), ("group", catalog.group_of)):
+        themed = EmojiScenes(catalog, seed=3, num_distractors=(3, 3), theme_prob=1.0, theme=theme)
+        for i in range(20):
+            layout = themed.layout(i)
+            assert {int(table[o.base]) for o in layout.objects} == {int(table[layout.objects[layout.main].base])}
+            assert all(not catalog.is_heldout[o.base] for o in layout.objects)  # themes stay inside the split
+    plain = EmojiScenes(catalog, seed=3, num_distractors=(3, 3))
+    layouts = [plain.layout(i) for i in range(50)]
+    shared = np.mean([int(catalog.group_of[o.base]) == int(catalog.group_of[layout.objects[layout.main].base])
+                      for layout in layouts for o in layout.objects])
+    assert shared < 0.6  # without a theme, distractors mostly come from other groups (1 of 4 objects is the main)
+    with pytest.raises(ValueError, match="theme_prob"):
+        EmojiScenes(catalog, theme_prob=-0.1)
+    with pytest.raises(ValueError, match="theme"):
+        EmojiScenes(catalog, theme="colour")
+
+
 # ----- probe set
 
 

@@ -560,6 +560,10 @@ class EmojiScenes(Dataset):
             their base, so skin tones never dominate.
         same_base_prob: probability that a distractor is another instance (fresh variant, size, flip) of the
             main emoji's base, so a hidden object can be predicted from its visible siblings.
+        theme_prob: probability that a distractor is drawn from the main emoji's ``theme`` (its Unicode
+            subgroup or group) instead of from all bases: scenes then have co-occurrence, as photos do (a plate
+            holds food), so what is visible says what KIND of thing is hidden, not which one.
+        theme: "subgroup" or "group", the label a themed distractor shares with the main emoji.
         glyph_cache_mb: memory bound of the per-worker resized-glyph cache.
     """
 
@@ -568,7 +572,8 @@ class EmojiScenes(Dataset):
                  main_scale: tuple[float, float] = (0.45, 0.9), num_distractors: tuple[int, int] = (0, 3),
                  distractor_scale: tuple[float, float] = (0.15, 0.35), distractor_front_prob: float = 0.5,
                  max_crop: float = 0.25, flip_prob: float = 0.5, backgrounds: Sequence[str] = BACKGROUND_KINDS,
-                 balance: str = "base", same_base_prob: float = 0.0, glyph_cache_mb: float = 64.0):
+                 balance: str = "base", same_base_prob: float = 0.0, theme_prob: float = 0.0,
+                 theme: str = "subgroup", glyph_cache_mb: float = 64.0):
         if length < 1:
             raise ValueError(f"length must be positive, got {length}")
         for name, (lo, hi) in (("main_scale", main_scale), ("distractor_scale", distractor_scale)):
@@ -594,8 +599,17 @@ class EmojiScenes(Dataset):
         if not 0.0 <= same_base_prob <= 1.0:
             raise ValueError(f"same_base_prob must be in [0, 1], got {same_base_prob}")
         self.same_base_prob = same_base_prob
+        if not 0.0 <= theme_prob <= 1.0:
+            raise ValueError(f"theme_prob must be in [0, 1], got {theme_prob}")
+        if theme not in ("subgroup", "group"):
+            raise ValueError(f"theme must be 'subgroup' or 'group', got {theme!r}")
+        self.theme_prob, self.theme = theme_prob, theme
         subgroup_of = self.catalog.subgroup_of.numpy()[self.base_ids]
         self._subgroup_members = [self.base_ids[subgroup_of == s] for s in np.unique(subgroup_of)]
+        theme_of = {"subgroup": self.catalog.subgroup_of, "group": self.catalog.group_of}[theme].numpy()
+        self._theme_of = theme_of
+        self._theme_members = {int(t): self.base_ids[theme_of[self.base_ids] == t]
+                               for t in np.unique(theme_of[self.base_ids])}
 
     def __len__(self) -> int:
         return self.length
@@ -624,9 +638,14 @@ class EmojiScenes(Dataset):
         main = self._object(size, rng.uniform(lo, hi), rng.uniform(lo, hi), rng)
         behind, front = [], []
         for _ in range(int(rng.integers(self.num_distractors[0], self.num_distractors[1] + 1))):
-            same = self.same_base_prob > 0 and rng.random() < self.same_base_prob
+            base = None
+            if self.same_base_prob > 0 and rng.random() < self.same_base_prob:
+                base = main.base
+            elif self.theme_prob > 0 and rng.random() < self.theme_prob:
+                members = self._theme_members[int(self._theme_of[main.base])]
+                base = int(members[rng.integers(len(members))])
             obj = self._object(self._size(self.distractor_scale, rng), rng.uniform(0, res), rng.uniform(0, res), rng,
-                               base=main.base if same else None)
+                               base=base)
             (front if rng.random() < self.distractor_front_prob else behind).append(obj)
         kind = self.backgrounds[rng.integers(len(self.backgrounds))]
         return SceneLayout(tuple(behind + [main] + front), len(behind), kind)

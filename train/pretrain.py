@@ -46,7 +46,7 @@ COLLAPSED_SPREAD = 0.1
 
 
 # The config fields that shape the emoji world; the decoder trains on EmojiScenes' defaults, so these start there.
-SCENE_FIELDS = ("backgrounds", "same_base_prob", "main_scale", "num_distractors", "balance")
+SCENE_FIELDS = ("backgrounds", "same_base_prob", "main_scale", "num_distractors", "balance", "theme_prob", "theme")
 _SCENE_DEFAULTS = {name: inspect.signature(EmojiScenes).parameters[name].default for name in SCENE_FIELDS}
 
 
@@ -74,6 +74,8 @@ class PretrainConfig:
     main_scale: tuple[float, float] = _SCENE_DEFAULTS["main_scale"]
     num_distractors: tuple[int, int] = _SCENE_DEFAULTS["num_distractors"]
     balance: str = _SCENE_DEFAULTS["balance"]  # or "subgroup": each subgroup equally often, then a base within it
+    theme_prob: float = _SCENE_DEFAULTS["theme_prob"]  # distractors that share the main emoji's theme
+    theme: str = _SCENE_DEFAULTS["theme"]  # "subgroup" or "group"
     # optimisation (batch_size is per process)
     batch_size: int = 256
     steps: int = 2000
