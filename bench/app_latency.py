@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from decoder.pipeline import DEFAULT_NUM_STEPS  # noqa: E402
-from ijepa.engine import DEFAULT_ASSETS, Engine, build_random_bundle  # noqa: E402
+from ijepa.bundle import DEFAULT_ASSETS, build_random_bundle  # noqa: E402
+from ijepa.engine import Engine  # noqa: E402
 from ijepa.model import IJepaConfig  # noqa: E402
 
 # The CPU recipe's model (train/configs/emoji_cpu.yaml): what assets/model holds by default.

@@ -13,12 +13,12 @@ The same API serves the Gradio app, scripts and notebooks::
         print(len(update.images), "sketches ready")      # [S, S, 3] uint8 images at the model's resolution
     surprise = engine.surprise_map(image)                # .errors [gh, gw] float array, .figure RGB array
 
-Every bundle part except the model is optional; ``engine.notes`` says what is missing and how to add it.
+Every bundle part except the model is optional; ``engine.notes`` says what is missing and how to add it. The
+bundle's layout and loaders are in ``ijepa/bundle.py``, the figures beside the sketches in ``ijepa/figures.py``.
 The engine holds no per-request state: models are read-only after loading, so one engine serves many users.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from contextlib import nullcontext
@@ -29,38 +29,30 @@ from typing import Any, BinaryIO, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from decoder import SketchCondition, SketchDecoder, SketchSampler, box_mask_from_indices
 from decoder.pipeline import DEFAULT_NUM_STEPS
 
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_model, save_model
+from .bundle import (DECODER_DIRS, DEFAULT_ASSETS, EXAMPLES_DIR, MODEL_DIR, TRAIN_DECODER_HINT, Example, FeatureBank,
+                     build_random_bundle, load_bank, load_decoder, load_examples, load_probe, load_readouts)
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_model
+from .figures import (BOX_COLORS, render_feature_view, render_surprise, render_truth_vs_prediction, sketch_sheet,
+                      upscale)
 from .inference import (MAX_BOXES, MAX_IMAGE_PIXELS, BoxAnalysis, BoxPrediction, LinearReadout, PreparedImage,
                         analyze_boxes, array_to_image, feature_pca, map_boxes, nearest_neighbours, open_image,
                         parse_box, prepare_image, surprise_map, to_rgb, true_features)
 from .masks import Box, boxes_to_masks
-from .model import IJepa, IJepaConfig
+from .model import IJepa
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ASSETS = Path(__file__).resolve().parents[1] / "assets"
-MODEL_DIR = "model"
-# The two kinds of sketch decoder, by their conditioning: a bundle's folder for each (the default first), and what
-# the app calls each.
-DECODER_DIRS = {"spatial_context": "decoder", "pooled": "decoder_paper"}
+# What the app calls each kind of sketch decoder (bundle.DECODER_DIRS: where each lives).
 SKETCH_STYLES = {"spatial_context": "Detailed (ours)", "pooled": "Pooled (the I-JEPA paper's)"}
-PROBE_NAMES = ("subgroup", "group")
-BANK_NAME = "bank"
-EXAMPLES_DIR, EXAMPLES_INDEX = "examples", "examples.json"
 DEFAULT_NUM_SAMPLES = 4
 MAX_NUM_SAMPLES = 8
 MAX_NUM_STEPS = 50
 NUM_NEIGHBOURS = 6
-# One colour per box, in box order; the app gives example boxes the same colours.
-BOX_COLORS: tuple[tuple[int, int, int], ...] = ((230, 25, 75), (60, 180, 75), (67, 99, 216), (245, 130, 49))
 DISPLAY_SIDE = 256  # the model's view is enlarged (nearest) to about this many pixels for display
-TRAIN_DECODER_HINT = "python -m train.decoder --checkpoint {checkpoint}"
 
 
 @dataclass(frozen=True)
@@ -80,32 +72,6 @@ class ModelInfo:
     @property
     def grid(self) -> int:
         return self.img_size // self.patch_size
-
-
-@dataclass(frozen=True)
-class FeatureBank:
-    """Pooled TRUE box features of labelled reference boxes, with thumbnails to show as neighbours."""
-
-    features: torch.Tensor  # [n, D] float32
-    thumbnails: np.ndarray  # [n, h, w, 3] uint8
-    subgroup: torch.Tensor  # [n] long, index into labels
-    labels: tuple[str, ...]
-
-    def label_of(self, index: int) -> str:
-        return self.labels[int(self.subgroup[index])]
-
-
-@dataclass(frozen=True)
-class Example:
-    """An example image with boxes drawn in advance, so one click shows something."""
-
-    path: Path
-    boxes: tuple[tuple[float, float, float, float], ...]
-    caption: str
-
-    def image(self) -> np.ndarray:
-        """The example as an upright RGB uint8 array (read from disk on each call: nothing is cached)."""
-        return np.asarray(to_rgb(open_image(self.path)))
 
 
 @dataclass(frozen=True)
@@ -633,107 +599,6 @@ class Engine:
         return "\n\n".join(parts)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Loading bundle parts
-# ---------------------------------------------------------------------------------------------------------------------
-
-def load_decoder(path: str | Path, config: IJepaConfig) -> SketchDecoder:
-    """A ``save_pretrained`` folder -> SketchDecoder (float32), checked against the model it will decode."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a sketch decoder folder (no config.json); train one with "
-                                f"`{TRAIN_DECODER_HINT.format(checkpoint='<checkpoint>')}`")
-    decoder = SketchDecoder.from_pretrained(path, low_cpu_mem_usage=False).float().eval()
-    expected = {"feature_dim": config.embed_dim, "grid_size": tuple(config.grid_size), "image_size": config.img_size}
-    found = {"feature_dim": decoder.config.feature_dim, "grid_size": tuple(decoder.config.grid_size),
-             "image_size": decoder.config.image_size}
-    if found != expected:
-        raise ValueError(f"the decoder in {path} was built for {found}, but the model has {expected}; train a "
-                         f"decoder for this model with `{TRAIN_DECODER_HINT.format(checkpoint='<checkpoint>')}`")
-    return decoder
-
-
-def load_readouts(assets: Path, dim: int, notes: list[str]) -> tuple[dict[str, LinearReadout], FeatureBank | None]:
-    """The bundle's probes and reference bank (each optional); appends to ``notes`` what is missing."""
-    probes = {name: load_probe(assets / f"probe_{name}.safetensors", dim) for name in PROBE_NAMES
-              if (assets / f"probe_{name}.safetensors").is_file()}
-    if not probes:
-        notes.append(f"No linear probe in {assets} (probe_subgroup.safetensors + .json from train.eval), so there "
-                     "is no label readout.")
-    bank = None
-    if (assets / f"{BANK_NAME}.safetensors").is_file():
-        bank = load_bank(assets / f"{BANK_NAME}.safetensors", dim)
-    else:
-        notes.append(f"No reference bank in {assets} ({BANK_NAME}.safetensors + .json), so there are no nearest "
-                     "neighbours.")
-    return probes, bank
-
-
-def _read_labels(path: Path) -> list[str]:
-    try:
-        labels = json.loads(path.read_text())["labels"]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: it holds the label names ({{\"labels\": [...]}})") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: expected JSON {{\"labels\": [...]}}: {err}") from None
-    return [str(label) for label in labels]
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path}: cannot read the tensors (truncated or not safetensors): {err}") from None
-
-
-def load_probe(path: str | Path, dim: int) -> LinearReadout:
-    """``<name>.safetensors`` (``train.eval.save_probe``) + ``<name>.json`` labels -> LinearReadout."""
-    path = Path(path)
-    probe = LinearReadout.from_state_dict(_read_tensors(path), _read_labels(path.with_suffix(".json")))
-    if probe.dim != dim:
-        raise ValueError(f"{path} reads {probe.dim}-d features but the model makes {dim}-d ones")
-    return probe
-
-
-def load_bank(path: str | Path, dim: int) -> FeatureBank:
-    """``bank.safetensors`` {features [n, D], thumbnails uint8 [n, h, w, 3], subgroup [n]} + ``bank.json``."""
-    path = Path(path)
-    tensors = _read_tensors(path)
-    missing = [k for k in ("features", "thumbnails", "subgroup") if k not in tensors]
-    if missing:
-        raise ValueError(f"{path}: missing tensors {missing}")
-    features, thumbnails, subgroup = tensors["features"].float(), tensors["thumbnails"], tensors["subgroup"].long()
-    labels = tuple(_read_labels(path.with_suffix(".json")))
-    n = features.size(0)
-    if features.dim() != 2 or features.size(1) != dim:
-        raise ValueError(f"{path}: features must be [n, {dim}], got {tuple(features.shape)}")
-    if thumbnails.dim() != 4 or thumbnails.size(0) != n or thumbnails.size(3) != 3 or thumbnails.dtype != torch.uint8:
-        raise ValueError(f"{path}: thumbnails must be uint8 [{n}, h, w, 3], got {thumbnails.dtype} "
-                         f"{tuple(thumbnails.shape)}")
-    if subgroup.shape != (n,) or (n and (int(subgroup.min()) < 0 or int(subgroup.max()) >= len(labels))):
-        raise ValueError(f"{path}: subgroup must be [{n}] indices into the {len(labels)} labels")
-    return FeatureBank(features, thumbnails.numpy(), subgroup, labels)
-
-
-def load_examples(directory: str | Path) -> list[Example]:
-    """``examples/examples.json`` [{"file", "boxes", "caption"}] -> Examples (an absent folder gives none)."""
-    directory = Path(directory)
-    index = directory / EXAMPLES_INDEX
-    if not index.is_file():
-        return []
-    try:
-        entries = json.loads(index.read_text())
-        examples = [Example(directory / e["file"], tuple(tuple(float(v) for v in b) for b in e["boxes"]),
-                            str(e.get("caption", ""))) for e in entries]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{index}: expected [{{\"file\": ..., \"boxes\": [[xmin, ymin, xmax, ymax]], "
-                         f"\"caption\": ...}}]: {err}") from None
-    for example in examples:
-        if not example.path.is_file():
-            raise FileNotFoundError(f"{index} lists {example.path.name}, which is not in {directory}")
-    return examples
-
-
 @torch.no_grad()
 def true_features_of(model: IJepa, prepared: PreparedImage) -> torch.Tensor:
     """Layer-normed target features [N, D] of a prepared image."""
@@ -741,209 +606,10 @@ def true_features_of(model: IJepa, prepared: PreparedImage) -> torch.Tensor:
     return true_features(model, prepared.pixels.unsqueeze(0).to(device))[0].float().cpu()
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Rendering (numpy / Pillow; matplotlib for figures with colour bars, through its object API: thread-safe)
-# ---------------------------------------------------------------------------------------------------------------------
-
-def upscale(image: np.ndarray, factor: int) -> np.ndarray:
-    """Nearest-neighbour enlargement by an integer factor (keeps every model pixel visible as a block)."""
-    return image if factor == 1 else np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
-
-
-def _patch_bounds(box: BoxPrediction, grid_width: int, patch_size: int) -> tuple[int, int, int, int]:
-    rows, cols = np.divmod(box.target_indices.numpy(), grid_width)
-    return (int(cols.min()) * patch_size, int(rows.min()) * patch_size,
-            (int(cols.max()) + 1) * patch_size, (int(rows.max()) + 1) * patch_size)
-
-
-def sketch_sheet(image: np.ndarray, analysis: Analysis, scale: int) -> np.ndarray:
-    """One sketch for display: the composite enlarged with the hidden regions outlined, then each box's region
-    enlarged further in a column on the right."""
-    big = Image.fromarray(upscale(image, scale))
-    draw = ImageDraw.Draw(big)
-    gw = analysis.result.grid_size[1]
-    bounds = [_patch_bounds(b, gw, analysis.patch_size) for b in analysis.result.boxes]
-    for b, (x0, y0, x1, y1) in enumerate(bounds):
-        draw.rectangle([x0 * scale - 1, y0 * scale - 1, x1 * scale, y1 * scale],
-                       outline=BOX_COLORS[b % len(BOX_COLORS)], width=1)
-    side = big.size[1]
-    slot = side // len(bounds)
-    panel = Image.new("RGB", (side, side), (255, 255, 255))
-    for b, (x0, y0, x1, y1) in enumerate(bounds):
-        crop = image[y0:y1, x0:x1]
-        factor = max(1, min((slot - 6) // crop.shape[0], (side - 6) // crop.shape[1]))
-        tile = Image.fromarray(upscale(crop, factor))
-        ImageDraw.Draw(tile).rectangle([0, 0, tile.size[0] - 1, tile.size[1] - 1],
-                                       outline=BOX_COLORS[b % len(BOX_COLORS)], width=2)
-        panel.paste(tile, ((side - tile.size[0]) // 2, b * slot + (slot - tile.size[1]) // 2))
-    sheet = Image.new("RGB", (2 * side + 8, side), (255, 255, 255))
-    sheet.paste(big, (0, 0))
-    sheet.paste(panel, (side + 8, 0))
-    return np.asarray(sheet)
-
-
-def _extent(size: int) -> tuple[float, float, float, float]:
-    """Where a coarse map must go to line up with a [size, size] image drawn by imshow (pixel centres at integers)."""
-    return -0.5, size - 0.5, size - 0.5, -0.5
-
-
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def _figure_to_array(fig) -> np.ndarray:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
-def render_surprise(image: np.ndarray, errors: np.ndarray, window: int) -> np.ndarray:
-    """The image beside its surprise map (prediction error per patch) with a colour bar."""
-    size = image.shape[0]
-    fig = _figure(7.6, 3.6)
-    left, right = fig.subplots(1, 2)
-    left.imshow(image, interpolation="nearest")
-    left.set_title("What the model saw")
-    right.imshow(image, interpolation="nearest")
-    shown = right.imshow(errors, cmap="inferno", alpha=0.8, extent=_extent(size), interpolation="nearest",
-                         vmin=0.0, vmax=max(1.0, float(errors.max())))
-    right.set_title(f"Surprise ({window}x{window}-patch window)")
-    for axis in (left, right):
-        axis.set_xticks([])
-        axis.set_yticks([])
-    fig.colorbar(shown, ax=right, label="prediction error (1 = blank guess)", shrink=0.9)
-    return _figure_to_array(fig)
-
-
-def render_feature_view(image: np.ndarray, pca_rgb: np.ndarray) -> np.ndarray:
-    """The image beside the PCA of its patch features as RGB (similar colours = similar features)."""
-    size = image.shape[0]
-    fig = _figure(7.0, 3.6)
-    left, right = fig.subplots(1, 2)
-    left.imshow(image, interpolation="nearest")
-    left.set_title("What the model saw")
-    right.imshow(pca_rgb, interpolation="nearest", extent=_extent(size))
-    right.set_title("Patch features (top 3 PCA components as RGB)")
-    for axis in (left, right):
-        axis.set_xticks([])
-        axis.set_yticks([])
-    return _figure_to_array(fig)
-
-
-def render_truth_vs_prediction(analysis: Analysis, truth: np.ndarray | None, prediction: np.ndarray | None,
-                               patch_size: int) -> np.ndarray:
-    """Rows of boxes; columns: input with the box hidden, decoded truth, decoded prediction, per-patch error."""
-    base = analysis.prepared.to_uint8()
-    size = base.shape[0]
-    gh, gw = analysis.result.grid_size
-    masks = analysis.box_masks()
-    hidden = base.copy()
-    for mask in masks:
-        hidden[mask] = 128
-    columns = [("What the model saw", hidden)]
-    if truth is not None and prediction is not None:
-        columns += [("Decoded from the TRUE features", truth), ("Decoded from the PREDICTION", prediction)]
-    rows = len(analysis.result.boxes)
-    fig = _figure(2.5 * (len(columns) + 1) + 0.6, 2.6 * rows)
-    axes = np.asarray(fig.subplots(rows, len(columns) + 1, squeeze=False))
-    shown = None
-    for r, box in enumerate(analysis.result.boxes):
-        x0, y0, x1, y1 = _patch_bounds(box, gw, patch_size)
-        color = tuple(c / 255 for c in BOX_COLORS[r % len(BOX_COLORS)])
-        for c, (title, picture) in enumerate(columns):
-            axes[r, c].imshow(picture, interpolation="nearest")
-            axes[r, c].set_title(f"Box {r + 1}: {title}" if c == 0 else title, fontsize=9)
-        grid = np.full(gh * gw, np.nan)
-        grid[box.target_indices.numpy()] = box.errors.numpy()
-        axes[r, -1].imshow(base // 3 + 85, interpolation="nearest")
-        shown = axes[r, -1].imshow(grid.reshape(gh, gw), cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest",
-                                   extent=_extent(size))
-        axes[r, -1].set_title(f"Error per patch (mean {box.error:.2f})", fontsize=9)
-        for axis in axes[r]:
-            axis.add_patch(_rectangle(x0, y0, x1, y1, color))
-            axis.set_xticks([])
-            axis.set_yticks([])
-    fig.colorbar(shown, ax=axes[:, -1].tolist(), label="0 = exact, 1 = blank guess", shrink=0.8)
-    return _figure_to_array(fig)
-
-
-def _rectangle(x0: float, y0: float, x1: float, y1: float, color: tuple[float, ...]):
-    from matplotlib.patches import Rectangle
-
-    return Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.5)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# A random-weight bundle: exercises every path (tests, benchmarks, trying the app) without any training
-# ---------------------------------------------------------------------------------------------------------------------
-
-def _example_scene(width: int, height: int, rng: np.random.Generator) -> tuple[Image.Image, list[list[float]]]:
-    """A gradient background with a few coloured shapes; the boxes cover two of the shapes."""
-    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
-    top, bottom = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-    background = (top * (1 - yy[..., None]) + bottom * yy[..., None] + 20 * xx[..., None]).clip(0, 255)
-    image = Image.fromarray(background.astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    side = min(width, height)
-    left, top_edge = (width - side) / 2, (height - side) / 2
-    boxes = []
-    for k in range(3):
-        r = side * rng.uniform(0.10, 0.16)
-        cx = left + side * (0.25 + 0.25 * k)
-        cy = top_edge + side * rng.uniform(0.3, 0.7)
-        color = tuple(int(v) for v in rng.integers(0, 256, 3))
-        (draw.ellipse if k % 2 == 0 else draw.rectangle)([cx - r, cy - r, cx + r, cy + r], fill=color)
-        if k < 2:
-            boxes.append([round(cx - r), round(cy - r), round(cx + r), round(cy + r)])
-    return image, boxes
-
-
-def build_random_bundle(directory: str | Path, config: IJepaConfig, decoder_kwargs: dict | None = None,
-                        num_labels: int = 6, bank_size: int = 24, num_examples: int = 2, seed: int = 0) -> Path:
-    """Write a complete bundle with random weights: model, both decoders (None: skip), probes, bank and examples.
-
-    Nothing it shows means anything; it exists so the app, its tests and its benchmark run anywhere.
-    """
-    directory = Path(directory)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    config = IJepaConfig.from_dict({**config.to_dict(), "trained_on": "nothing (random weights, for testing)"})
-    save_model(IJepa(config), directory / MODEL_DIR)
-    if decoder_kwargs is not None:
-        args = {"feature_dim": config.embed_dim, "grid_size": config.grid_size, "image_size": config.img_size,
-                **decoder_kwargs}
-        for conditioning, name in DECODER_DIRS.items():
-            SketchDecoder(**{**args, "conditioning": conditioning}).save_pretrained(directory / name)
-    dim = config.embed_dim
-    labels = [f"label {i}" for i in range(num_labels)]
-    for name in PROBE_NAMES:
-        state = {"mean": torch.randn(dim) * 0.1, "std": torch.rand(dim) + 0.5,
-                 "linear.weight": torch.randn(num_labels, dim) * 0.2, "linear.bias": torch.zeros(num_labels)}
-        save_file(state, directory / f"probe_{name}.safetensors")
-        (directory / f"probe_{name}.json").write_text(json.dumps({"labels": labels}) + "\n")
-    save_file({"features": torch.randn(bank_size, dim).half(),
-               "thumbnails": torch.from_numpy(rng.integers(0, 256, (bank_size, 16, 16, 3), dtype=np.uint8)),
-               "subgroup": torch.arange(bank_size) % num_labels}, directory / f"{BANK_NAME}.safetensors")
-    (directory / f"{BANK_NAME}.json").write_text(json.dumps({"labels": labels}) + "\n")
-    examples_dir = directory / EXAMPLES_DIR
-    examples_dir.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for k in range(num_examples):
-        width, height = (256, 256) if k % 2 == 0 else (320, 240)
-        image, boxes = _example_scene(width, height, rng)
-        image.save(examples_dir / f"example_{k}.png")
-        entries.append({"file": f"example_{k}.png", "boxes": boxes, "caption": f"Random shapes {k + 1}"})
-    (examples_dir / EXAMPLES_INDEX).write_text(json.dumps(entries, indent=2) + "\n")
-    return directory
-
-
 __all__ = [
     "BOX_COLORS", "DEFAULT_ASSETS", "DEFAULT_NUM_SAMPLES", "DEFAULT_NUM_STEPS", "MAX_BOXES", "MAX_IMAGE_PIXELS",
     "MAX_NUM_SAMPLES", "MAX_NUM_STEPS", "DECODER_DIRS", "SKETCH_STYLES", "Analysis", "BoxReport", "CheckpointError",
-    "Engine", "Example", "FeatureBank", "ModelInfo", "Neighbour", "SketchUpdate", "SurpriseMap", "array_to_image", "build_random_bundle",
-    "load_bank", "load_decoder", "load_examples", "load_probe", "load_readouts", "sketch_sheet", "upscale",
+    "Engine", "Example", "FeatureBank", "ModelInfo", "Neighbour", "SketchUpdate", "SurpriseMap", "array_to_image",
+    "build_random_bundle", "load_bank", "load_decoder", "load_examples", "load_probe", "load_readouts", "sketch_sheet",
+    "upscale",
 ]

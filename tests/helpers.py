@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from decoder import SketchDecoder
 from ijepa.checkpoint import load_model
 
-from ijepa.engine import Engine, build_random_bundle
+from ijepa.bundle import build_random_bundle
+from ijepa.engine import Engine
 from ijepa.model import IJepaConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ijepa.engine import Engine, build_random_bundle, load_probe
+from ijepa.bundle import build_random_bundle, load_probe
+from ijepa.engine import Engine
 from ijepa.inference import (LinearReadout, analyze_boxes, feature_pca, map_boxes, nearest_neighbours, open_image,
                              prepare_image, surprise_map, to_rgb, window_positions)
 from ijepa.masks import boxes_to_masks

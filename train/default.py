@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from decoder import SketchDecoder
 from ijepa.checkpoint import load_model, save_model
-from ijepa.engine import DECODER_DIRS
+from ijepa.bundle import DECODER_DIRS
 from ijepa.model import IJepa
 from train import decoder as decoder_training
 from train import eval as evaluation

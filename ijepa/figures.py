@@ -1,0 +1,148 @@
+"""The pictures the app shows besides the sketches: the sketch sheet, surprise map, feature PCA and truth vs
+prediction. numpy and Pillow; matplotlib (through its object API, which is thread-safe) where a colour bar helps.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from .engine import Analysis
+    from .inference import BoxPrediction
+
+# One colour per box, in box order; the app gives example boxes the same colours.
+BOX_COLORS: tuple[tuple[int, int, int], ...] = ((230, 25, 75), (60, 180, 75), (67, 99, 216), (245, 130, 49))
+
+
+def upscale(image: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour enlargement by an integer factor (keeps every model pixel visible as a block)."""
+    return image if factor == 1 else np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def _patch_bounds(box: BoxPrediction, grid_width: int, patch_size: int) -> tuple[int, int, int, int]:
+    rows, cols = np.divmod(box.target_indices.numpy(), grid_width)
+    return (int(cols.min()) * patch_size, int(rows.min()) * patch_size,
+            (int(cols.max()) + 1) * patch_size, (int(rows.max()) + 1) * patch_size)
+
+
+def sketch_sheet(image: np.ndarray, analysis: Analysis, scale: int) -> np.ndarray:
+    """One sketch for display: the composite enlarged with the hidden regions outlined, then each box's region
+    enlarged further in a column on the right."""
+    big = Image.fromarray(upscale(image, scale))
+    draw = ImageDraw.Draw(big)
+    gw = analysis.result.grid_size[1]
+    bounds = [_patch_bounds(b, gw, analysis.patch_size) for b in analysis.result.boxes]
+    for b, (x0, y0, x1, y1) in enumerate(bounds):
+        draw.rectangle([x0 * scale - 1, y0 * scale - 1, x1 * scale, y1 * scale],
+                       outline=BOX_COLORS[b % len(BOX_COLORS)], width=1)
+    side = big.size[1]
+    slot = side // len(bounds)
+    panel = Image.new("RGB", (side, side), (255, 255, 255))
+    for b, (x0, y0, x1, y1) in enumerate(bounds):
+        crop = image[y0:y1, x0:x1]
+        factor = max(1, min((slot - 6) // crop.shape[0], (side - 6) // crop.shape[1]))
+        tile = Image.fromarray(upscale(crop, factor))
+        ImageDraw.Draw(tile).rectangle([0, 0, tile.size[0] - 1, tile.size[1] - 1],
+                                       outline=BOX_COLORS[b % len(BOX_COLORS)], width=2)
+        panel.paste(tile, ((side - tile.size[0]) // 2, b * slot + (slot - tile.size[1]) // 2))
+    sheet = Image.new("RGB", (2 * side + 8, side), (255, 255, 255))
+    sheet.paste(big, (0, 0))
+    sheet.paste(panel, (side + 8, 0))
+    return np.asarray(sheet)
+
+
+def _extent(size: int) -> tuple[float, float, float, float]:
+    """Where a coarse map must go to line up with a [size, size] image drawn by imshow (pixel centres at integers)."""
+    return -0.5, size - 0.5, size - 0.5, -0.5
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _figure_to_array(fig) -> np.ndarray:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def render_surprise(image: np.ndarray, errors: np.ndarray, window: int) -> np.ndarray:
+    """The image beside its surprise map (prediction error per patch) with a colour bar."""
+    size = image.shape[0]
+    fig = _figure(7.6, 3.6)
+    left, right = fig.subplots(1, 2)
+    left.imshow(image, interpolation="nearest")
+    left.set_title("What the model saw")
+    right.imshow(image, interpolation="nearest")
+    shown = right.imshow(errors, cmap="inferno", alpha=0.8, extent=_extent(size), interpolation="nearest",
+                         vmin=0.0, vmax=max(1.0, float(errors.max())))
+    right.set_title(f"Surprise ({window}x{window}-patch window)")
+    for axis in (left, right):
+        axis.set_xticks([])
+        axis.set_yticks([])
+    fig.colorbar(shown, ax=right, label="prediction error (1 = blank guess)", shrink=0.9)
+    return _figure_to_array(fig)
+
+
+def render_feature_view(image: np.ndarray, pca_rgb: np.ndarray) -> np.ndarray:
+    """The image beside the PCA of its patch features as RGB (similar colours = similar features)."""
+    size = image.shape[0]
+    fig = _figure(7.0, 3.6)
+    left, right = fig.subplots(1, 2)
+    left.imshow(image, interpolation="nearest")
+    left.set_title("What the model saw")
+    right.imshow(pca_rgb, interpolation="nearest", extent=_extent(size))
+    right.set_title("Patch features (top 3 PCA components as RGB)")
+    for axis in (left, right):
+        axis.set_xticks([])
+        axis.set_yticks([])
+    return _figure_to_array(fig)
+
+
+def render_truth_vs_prediction(analysis: Analysis, truth: np.ndarray | None, prediction: np.ndarray | None,
+                               patch_size: int) -> np.ndarray:
+    """Rows of boxes; columns: input with the box hidden, decoded truth, decoded prediction, per-patch error."""
+    base = analysis.prepared.to_uint8()
+    size = base.shape[0]
+    gh, gw = analysis.result.grid_size
+    masks = analysis.box_masks()
+    hidden = base.copy()
+    for mask in masks:
+        hidden[mask] = 128
+    columns = [("What the model saw", hidden)]
+    if truth is not None and prediction is not None:
+        columns += [("Decoded from the TRUE features", truth), ("Decoded from the PREDICTION", prediction)]
+    rows = len(analysis.result.boxes)
+    fig = _figure(2.5 * (len(columns) + 1) + 0.6, 2.6 * rows)
+    axes = np.asarray(fig.subplots(rows, len(columns) + 1, squeeze=False))
+    shown = None
+    for r, box in enumerate(analysis.result.boxes):
+        x0, y0, x1, y1 = _patch_bounds(box, gw, patch_size)
+        color = tuple(c / 255 for c in BOX_COLORS[r % len(BOX_COLORS)])
+        for c, (title, picture) in enumerate(columns):
+            axes[r, c].imshow(picture, interpolation="nearest")
+            axes[r, c].set_title(f"Box {r + 1}: {title}" if c == 0 else title, fontsize=9)
+        grid = np.full(gh * gw, np.nan)
+        grid[box.target_indices.numpy()] = box.errors.numpy()
+        axes[r, -1].imshow(base // 3 + 85, interpolation="nearest")
+        shown = axes[r, -1].imshow(grid.reshape(gh, gw), cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest",
+                                   extent=_extent(size))
+        axes[r, -1].set_title(f"Error per patch (mean {box.error:.2f})", fontsize=9)
+        for axis in axes[r]:
+            axis.add_patch(_rectangle(x0, y0, x1, y1, color))
+            axis.set_xticks([])
+            axis.set_yticks([])
+    fig.colorbar(shown, ax=axes[:, -1].tolist(), label="0 = exact, 1 = blank guess", shrink=0.8)
+    return _figure_to_array(fig)
+
+
+def _rectangle(x0: float, y0: float, x1: float, y1: float, color: tuple[float, ...]):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.5)
