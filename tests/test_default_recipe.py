@@ -74,6 +74,32 @@ def test_a_second_call_skips_finished_stages_and_keeps_their_times(smoke_run):
     assert (run / "decoder_eval" / "results.json").is_file()
 
 
+class Stopped(RuntimeError):
+    pass
+
+
+def test_a_call_stopped_mid_recipe_keeps_the_times_of_the_stages_it_finished(smoke_run, monkeypatch):
+    """The GPU recipe may take two calls (the device's per-call limit): the card must still count every stage."""
+    run = smoke_run / "run"
+    first = json.loads((run / "summary.json").read_text())["stage_seconds"]
+    (run / "summary.json").unlink()  # the stopped call never wrote one
+    (run / "decoder_eval" / "results.json").unlink()
+    real = recipe.run_decoder_eval
+
+    def stopped(*args):
+        raise Stopped("the per-call limit")
+
+    monkeypatch.setattr(recipe, "run_decoder_eval", stopped)
+    with pytest.raises(Stopped):
+        recipe.main(["--out-dir", str(run), "--profile", "smoke"])
+    monkeypatch.setattr(recipe, "run_decoder_eval", real)
+    recipe.main(["--out-dir", str(run), "--profile", "smoke"])
+    again = json.loads((run / "summary.json").read_text())["stage_seconds"]
+    for stage in ("pretrain", "eval", "bank", "decoders"):
+        assert again[stage] == first[stage]
+    assert again["eval"] > 1 and again["decoder_eval"] > 1
+
+
 def test_extra_flags_reach_the_stage_that_has_them():
     flags = recipe.route_flags(["--num-workers", "3", "--ema-start=0.995", "--decoder.steps", "7",
                                 "--pretrain.lr", "5e-4", "--block-out-channels", "16,32,64"])

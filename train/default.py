@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -59,6 +60,7 @@ PROFILES = {
 
 DECODER_MODES = ("spatial_context", "pooled")
 PREDICTION_NAMES = {"sample": "the clean image (x0)", "v_prediction": "v", "epsilon": "the noise (epsilon)"}
+STAGE_TIMES = "stage_seconds.json"  # seconds per finished stage, kept across calls
 # What each stage leaves behind: a stage whose outputs all exist is skipped.
 STAGE_OUTPUTS = {"pretrain": ["pretrain/model/config.json"], "eval": ["eval/results.json"], "bank": ["bank.safetensors"],
                  "decoders": [f"decoder_{mode}/decoder/config.json" for mode in DECODER_MODES],
@@ -412,9 +414,11 @@ def main(argv=None) -> None:
         raise ValueError(f"{out} holds outputs of {', '.join(stale)} made from a model or decoder this call would "
                          f"train again: choose another --out-dir, or delete {out} to train everything again")
     out.mkdir(parents=True, exist_ok=True)
-    # A stage whose output exists is skipped; the card then reports the time it took when it ran.
-    previous = json.loads((out / "summary.json").read_text())["stage_seconds"] if (out / "summary.json").exists() \
-        else {}
+    # A stage whose output exists is skipped; the card then reports the time it took when it ran. Each stage's time
+    # is written as soon as it ends, so a call stopped later (the device's per-call limit) keeps the times of the
+    # stages it finished.
+    times_path = out / STAGE_TIMES
+    previous = json.loads(times_path.read_text()) if times_path.exists() else {}
     finished = {stage: stage_done(out, stage) for stage in STAGE_OUTPUTS}
     timings = {}
 
@@ -425,6 +429,9 @@ def main(argv=None) -> None:
         # time its logs carry from earlier calls.
         seconds = max(time.perf_counter() - t, logged_seconds(out, stage))
         timings[stage] = previous[stage] if finished[stage] and stage in previous else round(seconds, 1)
+        previous[stage] = timings[stage]
+        times_path.with_suffix(".tmp").write_text(json.dumps(previous, indent=2) + "\n")
+        os.replace(times_path.with_suffix(".tmp"), times_path)  # a kill mid-write leaves the old file whole
         logger.info("stage %s: %.0f s", stage, timings[stage])
         return result
 
