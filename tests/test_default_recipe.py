@@ -58,6 +58,11 @@ def test_model_card_quotes_the_measured_figures(smoke_run):
     assert "object_patches_only" not in card and "Diagnostic (not the protocol)" in card
     for name in metrics["decoders"]["decoders"]:
         assert f"| {name} |" in card
+    assert "Themed scenes" not in card
+    # A world whose scenes were composed by label says so on its card.
+    metrics["pretrain_config"].update(theme_prob=0.5, theme="group")
+    recipe.write_model_card(metrics, smoke_run / "themed.md", "python -m train.default --pretrain.theme-prob 0.5")
+    assert "shares the main emoji's Unicode group with probability 0.5" in (smoke_run / "themed.md").read_text()
 
 
 def test_a_second_call_skips_finished_stages_and_keeps_their_times(smoke_run):

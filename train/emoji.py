@@ -606,10 +606,9 @@ class EmojiScenes(Dataset):
         self.theme_prob, self.theme = theme_prob, theme
         subgroup_of = self.catalog.subgroup_of.numpy()[self.base_ids]
         self._subgroup_members = [self.base_ids[subgroup_of == s] for s in np.unique(subgroup_of)]
-        theme_of = {"subgroup": self.catalog.subgroup_of, "group": self.catalog.group_of}[theme].numpy()
-        self._theme_of = theme_of
-        self._theme_members = {int(t): self.base_ids[theme_of[self.base_ids] == t]
-                               for t in np.unique(theme_of[self.base_ids])}
+        self._theme_of = {"subgroup": self.catalog.subgroup_of, "group": self.catalog.group_of}[theme].numpy()
+        themes = self._theme_of[self.base_ids]
+        self._theme_members = {int(t): self.base_ids[themes == t] for t in np.unique(themes)}
 
     def __len__(self) -> int:
         return self.length
