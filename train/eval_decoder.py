@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from decoder import SketchDecoder, SketchSampler, box_mask_from_indices
+from ijepa.bundle import load_decoder
 from ijepa.checkpoint import load_model
 from ijepa.inference import gather, pooled, true_features
 from ijepa.model import IJepa
@@ -143,7 +144,7 @@ def main(argv=None) -> dict:
               "data": "held-out emoji scenes" if args.data == "emoji" else args.data, "decoders": {}}
     grids = {}
     for name, path in decoders.items():
-        decoder = SketchDecoder.from_pretrained(path).to(args.device).eval()
+        decoder = load_decoder(path, model.config).to(args.device)  # checked against the model, float32
         metrics, grids[name] = evaluate_decoder(model, decoder, groups, args.num_samples, args.num_steps, args.seed,
                                                     args.precision)
         report["decoders"][name] = {"path": str(path), "conditioning": decoder.config.conditioning, **metrics}
