@@ -164,6 +164,7 @@ def test_prepare_crops_the_centre_square_and_maps_boxes():
     (png_header_only(100_000, 100_000), "megapixels"),
     (png_header_only(9_000, 8_000), "limit"),
 ])
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns first; we then refuse
 def test_bad_files_are_refused_with_clear_messages(data, message):
     with pytest.raises(ValueError, match=message):
         open_image(data)
