@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from decoder import SketchDecoder
 from ijepa.checkpoint import load_model, save_model
-from ijepa.bundle import DECODER_DIRS
+from ijepa.bundle import BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, MODEL_DIR, PROBE_NAMES
 from ijepa.model import IJepa
 from train import decoder as decoder_training
 from train import eval as evaluation
@@ -58,7 +58,7 @@ PROFILES = {
 }
 
 
-DECODER_MODES = ("spatial_context", "pooled")
+DECODER_MODES = tuple(DECODER_DIRS)  # the default first
 PREDICTION_NAMES = {"sample": "the clean image (x0)", "v_prediction": "v", "epsilon": "the noise (epsilon)"}
 BRIEF_DECODER_IMAGES = 50_000  # the model card explains the look of x0 decoders trained on fewer images than this
 STAGE_TIMES = "stage_seconds.json"  # seconds per finished stage, kept across calls
@@ -245,15 +245,14 @@ def export_assets(out: Path, model_dir: Path, decoders: dict[str, Path], target:
     """fp16 weights + configs, probes, bank and examples into ``target`` (the app's bundle layout)."""
     target.mkdir(parents=True, exist_ok=True)
     model = load_model(model_dir)
-    save_model(model, target / "model", dtype=torch.float16)
+    save_model(model, target / MODEL_DIR, dtype=torch.float16)
     for mode, name in DECODER_DIRS.items():
         SketchDecoder.from_pretrained(decoders[mode], torch_dtype=torch.float16).save_pretrained(target / name)
-    for name in ("probe_group", "probe_subgroup"):
-        for suffix in (".safetensors", ".json"):
-            shutil.copy(out / "eval" / f"{name}{suffix}", target / f"{name}{suffix}")
     for suffix in (".safetensors", ".json"):
-        shutil.copy(out / f"bank{suffix}", target / f"bank{suffix}")
-    render_examples(model, target / "examples")
+        for name in PROBE_NAMES:
+            shutil.copy(out / "eval" / f"probe_{name}{suffix}", target / f"probe_{name}{suffix}")
+        shutil.copy(out / f"bank{suffix}", target / f"{BANK_NAME}{suffix}")
+    render_examples(model, target / EXAMPLES_DIR)
     shutil.copy(out / "decoder_eval" / "samples.png", target / "samples.png")
 
 
@@ -316,8 +315,8 @@ outside them blanked). The gap between this table and the one above is what the 
         "The decoders predict the clean image and saw few images, so they draw close to their average guess: "
         "blurry, and nearly the same picture for every seed (low diversity); a v-prediction decoder trained this "
         "briefly draws noise instead. Length, not the design, is what limits this: on the shipped CPU model our "
-        "decoder trained on 3x the images (48,000) drew more detail and more variety, retrieval 97.9 % and diversity "
-        "0.133 against 95.3 % and 0.051 for the recipe's (bench/RESULTS.md, \"Decoder\"). To get such a decoder "
+        "decoder trained on 3x the images drew more detail and more variety, and was more faithful too "
+        "(bench/RESULTS.md, \"Decoder length\"). To get such a decoder "
         "(~65 min on a 2-core CPU): `python -m train.decoder --checkpoint assets/model --steps 1500 --batch-size 32 "
         "--block-out-channels 32,64,128 --warmup-steps 75 --out-dir runs/decoder_long`, then `python app.py "
         "--decoder runs/decoder_long/decoder --decoder assets/decoder_paper`.\n")
@@ -425,20 +424,19 @@ def main(argv=None) -> None:
     # is written as soon as it ends, so a call stopped later (the device's per-call limit) keeps the times of the
     # stages it finished.
     times_path = out / STAGE_TIMES
-    previous = json.loads(times_path.read_text()) if times_path.exists() else {}
+    timings = json.loads(times_path.read_text()) if times_path.exists() else {}
     finished = {stage: stage_done(out, stage) for stage in STAGE_OUTPUTS}
-    timings = {}
 
     def timed(stage, fn, *a):
         t = time.perf_counter()
         result = fn(*a)
-        # A stage resumed in this call (after a kill, or the device's per-call limit) also counts the training
-        # time its logs carry from earlier calls.
-        seconds = max(time.perf_counter() - t, logged_seconds(out, stage))
-        timings[stage] = previous[stage] if finished[stage] and stage in previous else round(seconds, 1)
-        previous[stage] = timings[stage]
-        times_path.with_suffix(".tmp").write_text(json.dumps(previous, indent=2) + "\n")
-        os.replace(times_path.with_suffix(".tmp"), times_path)  # a kill mid-write leaves the old file whole
+        if not (finished[stage] and stage in timings):
+            # A stage resumed in this call (after a kill, or the device's per-call limit) also counts the training
+            # time its logs carry from earlier calls.
+            timings[stage] = round(max(time.perf_counter() - t, logged_seconds(out, stage)), 1)
+            tmp = times_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(timings, indent=2) + "\n")
+            os.replace(tmp, times_path)  # a kill mid-write leaves the old file whole
         logger.info("stage %s: %.0f s", stage, timings[stage])
         return result
 

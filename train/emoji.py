@@ -604,14 +604,17 @@ class EmojiScenes(Dataset):
         if theme not in ("subgroup", "group"):
             raise ValueError(f"theme must be 'subgroup' or 'group', got {theme!r}")
         self.theme_prob, self.theme = theme_prob, theme
-        subgroup_of = self.catalog.subgroup_of.numpy()[self.base_ids]
-        self._subgroup_members = [self.base_ids[subgroup_of == s] for s in np.unique(subgroup_of)]
+        self._subgroup_members = list(self._members_by(self.catalog.subgroup_of.numpy()).values())
         self._theme_of = {"subgroup": self.catalog.subgroup_of, "group": self.catalog.group_of}[theme].numpy()
-        themes = self._theme_of[self.base_ids]
-        self._theme_members = {int(t): self.base_ids[themes == t] for t in np.unique(themes)}
+        self._theme_members = self._members_by(self._theme_of)
 
     def __len__(self) -> int:
         return self.length
+
+    def _members_by(self, label_of: np.ndarray) -> dict[int, np.ndarray]:
+        """label -> this split's base ids with that label (labels in increasing order)."""
+        labels = label_of[self.base_ids]
+        return {int(t): self.base_ids[labels == t] for t in np.unique(labels)}
 
     def _size(self, scale_range: tuple[float, float], rng: np.random.Generator) -> int:
         """Glyph size in pixels, quantised (1 px up to 64 px images, coarser above) so the cache can hit."""
