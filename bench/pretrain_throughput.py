@@ -13,7 +13,8 @@ builds them in DataLoader workers, so mask lengths vary from step to step as in 
 first, then ``--steps`` steps are timed between two device synchronisations.
 
 Variants (all measured in the same run, on the same device):
-  ours            the training step as above, bf16 autocast (``--precision``), with the attention
+  ours            the training step as above, in the precision ``train/pretrain.py`` picks (``--precision``,
+                  default auto: bf16 autocast where bf16 is native, fp32 on CPUs without it), with the attention
                   ``train/pretrain.py`` picks: timm's fused SDPA, except plain attention for CPU bf16 (there
                   SDPA's backward is several times slower than plain bf16 matmuls).
   ours+compile    the same with ``torch.compile`` of encoder, predictor and target encoder (``--compile``),
@@ -39,6 +40,8 @@ T = number of target blocks, P = patch_size, D / Dp = encoder / predictor width,
     FLOPs/image = F_t + F_c + F_p         (backward = 2x forward, hence 3x forward for forward+backward)
 MFU = achieved FLOP/s / the bf16 matmul peak measured in the same run (CUDA: 8192^3, CPU: 2048^3). On CPU the fp32
 matmul peak is reported as well, and fp32 variants also get their MFU against it (they are bounded by that peak).
+On a CPU without native bf16 (no AVX512-BF16 or AMX) bf16 matmuls are emulated, so no bf16 peak is measured unless
+a variant runs in bf16, and MFU is against the fp32 peak (``mfu_basis`` in the JSON says which).
 
 Peak memory: CUDA ``max_memory_allocated`` over the timed steps; CPU: the process's resident-set high-water mark
 (VmHWM, reset through /proc/self/clear_refs before the timed steps), so it includes Python and the libraries.
@@ -68,7 +71,7 @@ from ijepa.vision_transformer import set_fused_attention  # noqa: E402
 from train.objective import (ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups,  # noqa: E402
                              set_optimizer_schedule, weight_decay)
 from train.pretrain import uses_fused_attention  # noqa: E402
-from train.runtime import autocast  # noqa: E402
+from train.runtime import PRECISIONS, autocast, fast_bf16, resolve_precision  # noqa: E402
 
 logger = logging.getLogger("bench.pretrain_throughput")
 
@@ -278,14 +281,15 @@ def measure(spec_name: str, variant: Variant, device: torch.device, batch: int, 
     timed = mask_sets[warmup:]
     flops = sum(flops_per_image(config, ctx[0].size(1), tgt[0].size(1), len(tgt)) for ctx, tgt in timed) * batch
     tflops = flops / elapsed / 1e12
+    mfu_basis = "bf16" if fast_bf16(device) else "fp32"
     result = {
         "model": spec_name, "patch": spec.patch_size, "img_size": spec.img_size,
         "predictor": f"{spec.predictor_depth}x{spec.predictor_embed_dim}", "device": device.type,
         "device_name": device_name(device), "variant": variant.name, "precision": variant.precision,
         "batch": batch, "img_per_s": round(batch * steps / elapsed, 2), "step_ms": round(1e3 * elapsed / steps, 2),
         "peak_mem_gib": None if peak_mem is None else round(peak_mem, 3), "tflops": round(tflops, 4),
-        "gflop_per_img": round(flops / (batch * steps) / 1e9, 3), "mfu": round(tflops / peaks["bf16"], 4),
-        "peak_tflops_bf16": round(peaks["bf16"], 4),
+        "gflop_per_img": round(flops / (batch * steps) / 1e9, 3), "mfu": round(tflops / peaks[mfu_basis], 4),
+        "mfu_basis": mfu_basis, "peak_tflops_bf16": round(peaks["bf16"], 4) if "bf16" in peaks else None,
         "mean_context_tokens": round(sum(c[0].size(1) for c, _ in timed) / steps, 1),
         "mean_target_tokens": round(sum(t[0].size(1) for _, t in timed) / steps, 1),
         "warmup": warmup, "steps": steps, "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -293,7 +297,7 @@ def measure(spec_name: str, variant: Variant, device: torch.device, batch: int, 
     }
     if "fp32" in peaks:
         result["peak_tflops_fp32"] = round(peaks["fp32"], 4)
-        if variant.precision == "fp32":  # an fp32 step cannot use the bf16 peak: say how close it is to its own
+        if variant.precision == "fp32" and mfu_basis == "bf16":  # cannot use the bf16 peak: how close to its own?
             result["mfu_vs_fp32_peak"] = round(tflops / peaks["fp32"], 4)
     del step, model, mask_sets
     gc.collect()
@@ -317,15 +321,16 @@ def device_name(device: torch.device) -> str:
 def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
     chosen = []
     if args.only in (None, "ours"):
-        chosen.append(Variant("ours", args.precision))
+        precision = resolve_precision(device, args.precision)
+        chosen.append(Variant("ours", precision))
         if args.compile:
-            chosen.append(Variant("ours+compile", args.precision, compile=True))
+            chosen.append(Variant("ours+compile", precision, compile=True))
         if args.other_attention:
-            fused = not uses_fused_attention(device, args.precision)
+            fused = not uses_fused_attention(device, precision)
             name = "ours+sdpa" if fused else "ours+plain-attn"
-            chosen.append(Variant(name, args.precision, fused_attn=fused))
+            chosen.append(Variant(name, precision, fused_attn=fused))
             if args.compile:
-                chosen.append(Variant(f"{name}+compile", args.precision, fused_attn=fused, compile=True))
+                chosen.append(Variant(f"{name}+compile", precision, fused_attn=fused, compile=True))
     if args.only in (None, "reference"):
         precision = args.reference_precision
         if precision == "auto":
@@ -368,7 +373,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--other-attention", action="store_true",
                         help="also measure ours with the attention train/pretrain.py does not pick here "
                              "(fused SDPA for CPU bf16, plain attention elsewhere)")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast for ours")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="autocast for ours (auto: bf16 where it is native, else fp32, as train/pretrain.py)")
     parser.add_argument("--reference-precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="auto: bf16 on CUDA, fp32 on CPU (how the official code runs there)")
     parser.add_argument("--json", action="store_true", help="one JSON line per measurement instead of a table")
@@ -405,9 +411,12 @@ def main(argv=None) -> list[dict]:
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 3)
     steps = args.steps if args.steps is not None else (20 if cuda else 8)
 
-    peaks = {"bf16": matmul_peak_tflops(device, torch.bfloat16, 8192 if cuda else 2048)}
-    if not cuda:
-        peaks["fp32"] = matmul_peak_tflops(device, torch.float32, 2048)
+    chosen = variants(args, device)
+    peaks = {}
+    if fast_bf16(device) or any(v.precision == "bf16" for v in chosen):
+        peaks["bf16"] = matmul_peak_tflops(device, torch.bfloat16, 8192 if cuda else 2048)
+    if not cuda or not fast_bf16(device):
+        peaks["fp32"] = matmul_peak_tflops(device, torch.float32, 8192 if cuda else 2048)
     logger.info("%s, torch %s, %d threads; matmul peak: %s", device_name(device), torch.__version__,
                 torch.get_num_threads(), ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in peaks.items()))
 
@@ -415,7 +424,7 @@ def main(argv=None) -> list[dict]:
     for model_name in models:
         spec = MODELS[model_name]
         batch = args.batch or (spec.cuda_batch if cuda else spec.cpu_batch)
-        for variant in variants(args, device):
+        for variant in chosen:
             logger.info("measuring %s %s (batch %d, %d warm-up + %d timed steps)", model_name, variant.name, batch,
                         warmup, steps)
             row = measure(model_name, variant, device, batch, warmup, steps, peaks)

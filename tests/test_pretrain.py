@@ -1,5 +1,7 @@
-"""The pretraining loop: loss falls, a killed run resumes exactly, NaNs stop it, DDP ranks stay identical."""
+"""The pretraining loop: loss falls, a killed run resumes exactly, NaNs stop it, DDP ranks stay identical; bf16 only
+where the hardware has it."""
 import csv
+import logging
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ from helpers import train_on_two_gloo_ranks
 import train.pretrain as pretrain
 from train.config import parse_config
 from train.pretrain import PretrainConfig, train
-from train.runtime import list_checkpoints
+from train.runtime import list_checkpoints, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--img-size", "32", "--patch-size", "4", "--depth", "1", "--predictor-depth", "1", "--predictor-embed-dim",
@@ -146,3 +148,22 @@ def test_every_config_the_docs_mention_exists_and_parses():
             continue
         cfg = parse_config(PretrainConfig, ["--config", str(path)])
         assert cfg.img_size % cfg.patch_size == 0, path.name
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_uses_bf16_only_where_the_cpu_has_it(monkeypatch, native, expected):
+    # a CPU without AVX512-BF16 or AMX emulates bf16: a bf16 step there ran many times slower than fp32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_precision(torch.device("cpu"), "auto") == expected
+    assert resolve_precision(torch.device("cpu"), "fp32") == "fp32"
+
+
+def test_asking_for_emulated_bf16_warns_but_is_honoured(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_precision(torch.device("cpu"), "bf16") == "bf16"
+    assert "no native bf16" in caplog.text
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision(torch.device("cpu"), "fp16")

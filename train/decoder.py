@@ -36,8 +36,8 @@ from ijepa.model import IJepa
 from train.config import config_dict, parse_config, save_config
 from train.data import build_dataset
 from train.pretrain import StepBatches
-from train.runtime import (autocast, list_checkpoints, plot_loss_curve, resume_state, save_checkpoint,
-                           setup_runtime, start_csv_log, teardown_runtime)
+from train.runtime import (autocast, list_checkpoints, plot_loss_curve, resolve_precision, resume_state,
+                           save_checkpoint, setup_runtime, start_csv_log, teardown_runtime)
 
 logger = logging.getLogger("train.decoder")
 
@@ -68,7 +68,7 @@ class DecoderTrainConfig:
     # runtime
     seed: int = 0
     device: str = "auto"
-    precision: str = "bf16"
+    precision: str = "auto"  # bf16 where it is native (CUDA, AVX512-BF16/AMX CPUs), else fp32
     num_workers: int = 1
     log_every: int = 25
     sample_every: int = 500
@@ -151,6 +151,7 @@ def save_sample_grid(decoder: SketchDecoder, model: IJepa, images: torch.Tensor,
 def train(cfg: DecoderTrainConfig) -> SketchDecoder:
     """Train (or resume); exports the EMA decoder to ``<out_dir>/decoder`` and returns it."""
     rt = setup_runtime(cfg.device)
+    precision = resolve_precision(rt.device, cfg.precision)
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     state, resumed_from = resume_state(ckpt_dir, cfg)
@@ -213,7 +214,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
         images = images.to(rt.device, non_blocking=True)
         targets, contexts = sample_boxes(len(images), grid, rng, cfg.target_like_fraction)
         use_true = torch.from_numpy(rng.random(len(images)) < cfg.true_fraction)
-        with autocast(rt.device, cfg.precision):
+        with autocast(rt.device, precision):
             cond = box_conditions(model, images, targets.to(rt.device), contexts.to(rt.device),
                                   use_true.to(rt.device))
             loss = loss_module(images * 2 - 1, cond, generator)

@@ -30,21 +30,22 @@ from ijepa.inference import gather, pooled, true_features
 from ijepa.model import IJepa
 from train.data import build_dataset
 from train.decoder import box_conditions, sample_boxes
-from train.runtime import autocast
+from train.runtime import PRECISIONS, autocast, resolve_precision
 
 logger = logging.getLogger("train.eval_decoder")
 
 
 @torch.no_grad()
 def evaluate_decoder(model: IJepa, decoder: SketchDecoder, groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                     num_samples: int = 4, num_steps: int = 12, seed: int = 0, precision: str = "bf16"
+                     num_samples: int = 4, num_steps: int = 12, seed: int = 0, precision: str = "fp32"
                      ) -> tuple[dict, torch.Tensor]:
     """Metrics for one decoder over groups of (images [b, 3, H, W] in [0, 1], targets [b, K], contexts [b, N-K])
     (one box shape per group); the retrieval gallery is every (image, box) of every group.
     Also returns the sketches [n, S, 3, H, W] in group order.
 
-    ``precision="bf16"`` runs the UNet under bf16 autocast (the solver state stays float32): on the project's
-    2-core CPU it is 2.1x faster at this batch size with the same metrics to three decimals (bench/RESULTS.md)."""
+    ``precision="bf16"`` runs the UNet under bf16 autocast (the solver state stays float32): on a 2-core CPU with
+    AVX512-BF16 it is 2.1x faster at this batch size with the same metrics to three decimals (bench/RESULTS.md);
+    pass a precision resolved by ``train.runtime.resolve_precision``."""
     sampler = SketchSampler(decoder)
     conditions, reencoded, sketches, diversity, outside_change = [], [], [], [], 0.0
     for images, targets, contexts in groups:
@@ -115,7 +116,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-samples", type=int, default=4)
     parser.add_argument("--num-steps", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="the UNet's autocast dtype")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="the UNet's autocast dtype (auto: bf16 where it is native, else fp32)")
     parser.add_argument("--out-dir", default="runs/decoder_eval")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -124,6 +126,7 @@ def main(argv=None) -> dict:
         parser.error("--num-images must be >= 64 so retrieval has at least 64 candidates")
 
     start = time.perf_counter()
+    args.precision = resolve_precision(torch.device(args.device), args.precision)
     model = load_model(args.checkpoint).to(args.device).eval()
     # held-out emoji, scenes no training run drew (seeds differ from pretraining and decoder training)
     extra = {"split": "heldout"} if args.data == "emoji" else {}

@@ -37,8 +37,8 @@ from train.data import build_dataset
 from train.emoji import EmojiScenes
 from train.objective import (ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups, target_spread,
                              set_optimizer_schedule, weight_decay)
-from train.runtime import (Runtime, autocast, list_checkpoints, plot_loss_curve, resume_state, save_checkpoint,
-                           setup_runtime, start_csv_log, teardown_runtime)
+from train.runtime import (Runtime, autocast, list_checkpoints, plot_loss_curve, resolve_precision, resume_state,
+                           save_checkpoint, setup_runtime, start_csv_log, teardown_runtime)
 
 logger = logging.getLogger("train.pretrain")
 # target_spread below this at a logging step: warn that the representation has collapsed (healthy runs: ~0.4)
@@ -90,7 +90,7 @@ class PretrainConfig:
     # runtime
     seed: int = 0
     device: str = "auto"
-    precision: str = "bf16"
+    precision: str = "auto"  # bf16 where it is native (CUDA, AVX512-BF16/AMX CPUs), else fp32
     compile: bool = False
     num_workers: int = 2
     log_every: int = 20
@@ -139,6 +139,7 @@ def uses_fused_attention(device: torch.device, precision: str) -> bool:
 def train(cfg: PretrainConfig) -> IJepa:
     """Run (or resume) pretraining; exports ``<out_dir>/model`` and returns the trained model."""
     rt: Runtime = setup_runtime(cfg.device)
+    precision = resolve_precision(rt.device, cfg.precision)
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     state, resumed_from = resume_state(ckpt_dir, cfg)
@@ -150,7 +151,7 @@ def train(cfg: PretrainConfig) -> IJepa:
     torch.manual_seed(cfg.seed)
     model = IJepa(model_config(cfg)).to(rt.device)
     use_cuda = rt.device.type == "cuda"
-    set_fused_attention(model, uses_fused_attention(rt.device, cfg.precision))
+    set_fused_attention(model, uses_fused_attention(rt.device, precision))
     optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=cfg.lr, betas=(0.9, 0.999),
                                   weight_decay=cfg.weight_decay, fused=use_cuda, foreach=None if use_cuda else True)
     start_step, resumed_seconds = 0, 0.0
@@ -201,7 +202,7 @@ def train(cfg: PretrainConfig) -> IJepa:
         images = model.normalize(batch["images"].to(rt.device, non_blocking=True))
         context_masks = [m.to(rt.device, non_blocking=True) for m in batch["context_masks"]]
         target_masks = [m.to(rt.device, non_blocking=True) for m in batch["target_masks"]]
-        with autocast(rt.device, cfg.precision):
+        with autocast(rt.device, precision):
             loss = ijepa_loss(encoder, predictor, target_encoder, images, context_masks, target_masks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -226,7 +227,7 @@ def train(cfg: PretrainConfig) -> IJepa:
             now = time.perf_counter()
             mean_loss, img_per_s = loss_sum.item() / window_steps, window_steps * images_per_step / (now - window_start)
             if rt.is_main:
-                with autocast(rt.device, cfg.precision):
+                with autocast(rt.device, precision):
                     spread = target_spread(model.target_encoder, images).item()
                 if spread < COLLAPSED_SPREAD and not warned_collapse:
                     warned_collapse = True

@@ -48,10 +48,42 @@ def teardown_runtime(runtime: Runtime) -> None:
         dist.destroy_process_group()
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively here: CUDA GPUs that support bf16, CPUs with AVX512-BF16 or AMX.
+
+    Other CPUs (AVX2-only ones, most laptops among them) emulate bf16, and there a training step under bf16
+    autocast ran ~20-60x slower than in fp32 (bench/RESULTS.md, "CPUs without native bf16")."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu has no public query
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """'auto' -> 'bf16' where bf16 is native (``fast_bf16``), else 'fp32'. An explicit 'bf16' is kept, with a
+    warning where it is emulated."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        chosen = "bf16" if fast_bf16(device) else "fp32"
+        logger.info("precision auto -> %s on %s", chosen, device)
+        return chosen
+    if precision == "bf16" and not fast_bf16(device):
+        logger.warning("bf16 was asked for, but %s has no native bf16 (no AVX512-BF16 or AMX on a CPU): expect a "
+                       "step many times slower than fp32; precision 'auto' picks fp32 here", device)
+    return precision
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA and CPU (no GradScaler needed for bf16); a no-op context for fp32."""
+    """bf16 autocast on CUDA and CPU (no GradScaler needed for bf16); a no-op context for fp32. Pass a precision
+    resolved by ``resolve_precision``."""
     if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
+        raise ValueError(f"precision must be 'bf16' or 'fp32' (resolve 'auto' first), got {precision!r}")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
