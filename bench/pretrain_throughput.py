@@ -262,7 +262,8 @@ def build_step(spec: ModelSpec, variant: Variant, device: torch.device, batch: i
 
 
 def measure(spec_name: str, variant: Variant, device: torch.device, batch: int, warmup: int, steps: int,
-            peaks: dict[str, float]) -> dict:
+            peaks: dict[str, float], mfu_basis: str) -> dict:
+    """One variant's measurement; MFU against ``peaks[mfu_basis]``."""
     spec = MODELS[spec_name]
     config = spec.config()
     mask_sets = pregenerate_masks(config, batch, warmup + steps, seed=0, pin=device.type == "cuda")
@@ -281,7 +282,6 @@ def measure(spec_name: str, variant: Variant, device: torch.device, batch: int, 
     timed = mask_sets[warmup:]
     flops = sum(flops_per_image(config, ctx[0].size(1), tgt[0].size(1), len(tgt)) for ctx, tgt in timed) * batch
     tflops = flops / elapsed / 1e12
-    mfu_basis = "bf16" if fast_bf16(device) else "fp32"
     result = {
         "model": spec_name, "patch": spec.patch_size, "img_size": spec.img_size,
         "predictor": f"{spec.predictor_depth}x{spec.predictor_embed_dim}", "device": device.type,
@@ -375,7 +375,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(fused SDPA for CPU bf16, plain attention elsewhere)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="autocast for ours (auto: bf16 where it is native, else fp32, as train/pretrain.py)")
-    parser.add_argument("--reference-precision", choices=("auto", "bf16", "fp32"), default="auto",
+    parser.add_argument("--reference-precision", choices=PRECISIONS, default="auto",
                         help="auto: bf16 on CUDA, fp32 on CPU (how the official code runs there)")
     parser.add_argument("--json", action="store_true", help="one JSON line per measurement instead of a table")
     args = parser.parse_args(argv)
@@ -412,10 +412,11 @@ def main(argv=None) -> list[dict]:
     steps = args.steps if args.steps is not None else (20 if cuda else 8)
 
     chosen = variants(args, device)
+    mfu_basis = "bf16" if fast_bf16(device) else "fp32"  # an emulated bf16 peak would be no yardstick
     peaks = {}
-    if fast_bf16(device) or any(v.precision == "bf16" for v in chosen):
+    if mfu_basis == "bf16" or any(v.precision == "bf16" for v in chosen):
         peaks["bf16"] = matmul_peak_tflops(device, torch.bfloat16, 8192 if cuda else 2048)
-    if not cuda or not fast_bf16(device):
+    if not cuda or mfu_basis == "fp32":
         peaks["fp32"] = matmul_peak_tflops(device, torch.float32, 8192 if cuda else 2048)
     logger.info("%s, torch %s, %d threads; matmul peak: %s", device_name(device), torch.__version__,
                 torch.get_num_threads(), ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in peaks.items()))
@@ -427,7 +428,7 @@ def main(argv=None) -> list[dict]:
         for variant in chosen:
             logger.info("measuring %s %s (batch %d, %d warm-up + %d timed steps)", model_name, variant.name, batch,
                         warmup, steps)
-            row = measure(model_name, variant, device, batch, warmup, steps, peaks)
+            row = measure(model_name, variant, device, batch, warmup, steps, peaks, mfu_basis)
             rows.append(row)
             if args.json:
                 print(json.dumps(row), flush=True)
