@@ -6,6 +6,7 @@ import json
 import pytest
 
 from helpers import assert_a_box_produces_sketches, assert_bundle_parts_agree
+from train import budget
 from train import default as recipe
 
 pytestmark = pytest.mark.slow
@@ -19,7 +20,9 @@ def smoke_run(tmp_path_factory):
     except FileNotFoundError as error:
         pytest.skip(f"emoji files missing: {error}")
     root = tmp_path_factory.mktemp("recipe")
-    recipe.main(["--out-dir", str(root / "run"), "--profile", "smoke", "--export", str(root / "bundle")])
+    # a budget this run fits: the machine is timed (train/budget.py) and the smoke lengths are kept
+    recipe.main(["--out-dir", str(root / "run"), "--profile", "smoke", "--budget-minutes", "600",
+                 "--export", str(root / "bundle")])
     return root
 
 
@@ -63,6 +66,26 @@ def test_model_card_quotes_the_measured_figures(smoke_run):
     metrics["pretrain_config"].update(theme_prob=0.5, theme="group")
     recipe.write_model_card(metrics, smoke_run / "themed.md", "python -m train.default --pretrain.theme-prob 0.5")
     assert "shares the main emoji's Unicode group with probability 0.5" in (smoke_run / "themed.md").read_text()
+
+
+def test_the_machine_is_timed_once_and_the_plan_kept_for_later_calls(smoke_run, monkeypatch):
+    run = smoke_run / "run"
+    plan = json.loads((run / budget.PLAN_NAME).read_text())
+    assert plan["pretrain_step_s"] > 0 and plan["decoder_step_s"] > 0 and plan["fraction"] == 1.0
+    assert not (run / "timing").exists()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["plan"] == plan
+    assert summary["total_seconds"] >= sum(summary["stage_seconds"].values()) + plan["timing_s"] - 0.1
+    assert "Budget: 600 minutes" in (smoke_run / "bundle" / "MODEL_CARD.md").read_text()
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a planned run must not time the machine again")
+
+    monkeypatch.setattr(budget, "time_steps", no_timing)
+    recipe.main(["--out-dir", str(run), "--profile", "smoke"])  # keeps the plan
+    assert json.loads((run / "summary.json").read_text())["plan"] == plan
+    with pytest.raises(ValueError, match="planned for a 600-minute budget, not 45"):
+        recipe.main(["--out-dir", str(run), "--profile", "smoke", "--budget-minutes", "45"])
 
 
 def test_a_second_call_skips_finished_stages_and_keeps_their_times(smoke_run):

@@ -40,6 +40,7 @@ from ijepa.checkpoint import load_model, save_model
 from ijepa.bundle import BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, MODEL_DIR, PROBE_NAMES
 from ijepa.model import IJepa
 from train import decoder as decoder_training
+from train import budget
 from train import eval as evaluation
 from train import eval_decoder, pretrain
 from train.config import changed_settings, parse_config
@@ -47,14 +48,15 @@ from train.config import changed_settings, parse_config
 logger = logging.getLogger("train.default")
 CONFIGS = Path(__file__).parent / "configs"
 
-# Stage settings per profile: pretraining config file + decoder/eval sizes.
+# Stage settings per profile: pretraining config file, decoder/eval sizes, and the wall-clock budget (minutes) the
+# training stages are shortened to fit on the machine at hand (train/budget.py; 0: always the full lengths).
 PROFILES = {
-    "gpu": dict(pretrain="emoji_gpu.yaml", decoder_steps=3000, decoder_batch=128, decoder_channels="64,128,256",
-                box_train=4000, box_test=1000, bank=4096, eval_images=256),
-    "cpu": dict(pretrain="emoji_cpu.yaml", decoder_steps=500, decoder_batch=32, decoder_channels="32,64,128",
-                box_train=2000, box_test=500, bank=2048, eval_images=128),
-    "smoke": dict(pretrain="emoji_smoke.yaml", decoder_steps=2, decoder_batch=4, decoder_channels="32,32,32",
-                  box_train=64, box_test=32, bank=32, eval_images=64),
+    "gpu": dict(pretrain="emoji_gpu.yaml", budget_minutes=10, decoder_steps=3000, decoder_batch=128,
+                decoder_channels="64,128,256", box_train=4000, box_test=1000, bank=4096, eval_images=256),
+    "cpu": dict(pretrain="emoji_cpu.yaml", budget_minutes=90, decoder_steps=500, decoder_batch=32,
+                decoder_channels="32,64,128", box_train=2000, box_test=500, bank=2048, eval_images=128),
+    "smoke": dict(pretrain="emoji_smoke.yaml", budget_minutes=0, decoder_steps=2, decoder_batch=4,
+                  decoder_channels="32,32,32", box_train=64, box_test=32, bank=32, eval_images=64),
 }
 
 
@@ -143,11 +145,15 @@ def check_reusable(run_dir: Path, cfg) -> None:
                          f"delete {run_dir.parent} to train everything again")
 
 
+def pretrain_config(profile: dict, run_dir: Path, extra: list[str]) -> pretrain.PretrainConfig:
+    resume = ["--resume", "true"] if (run_dir / "checkpoints").exists() else []
+    return parse_config(pretrain.PretrainConfig, ["--config", str(CONFIGS / profile["pretrain"]),
+                                                  "--out-dir", str(run_dir), *resume, *extra])
+
+
 def run_pretraining(profile: dict, out: Path, extra: list[str]) -> Path:
     run_dir = out / "pretrain"
-    resume = ["--resume", "true"] if (run_dir / "checkpoints").exists() else []
-    cfg = parse_config(pretrain.PretrainConfig, ["--config", str(CONFIGS / profile["pretrain"]),
-                                                "--out-dir", str(run_dir), *resume, *extra])
+    cfg = pretrain_config(profile, run_dir, extra)
     if stage_done(out, "pretrain"):
         check_reusable(run_dir, cfg)
     else:
@@ -184,24 +190,55 @@ def build_reference_bank(model: IJepa, count: int, path: Path, thumb: int = 32, 
                                                     indent=2) + "\n")
 
 
+def decoder_config(model_dir: Path, profile: dict, run_dir: Path, mode: str,
+                   extra: list[str]) -> decoder_training.DecoderTrainConfig:
+    resume = ["--resume", "true"] if (run_dir / "checkpoints").exists() else []
+    steps = profile["decoder_steps"]
+    return parse_config(decoder_training.DecoderTrainConfig, [
+        "--checkpoint", str(model_dir), "--out-dir", str(run_dir), "--conditioning", mode,
+        "--steps", str(steps), "--batch-size", str(profile["decoder_batch"]),
+        "--block-out-channels", profile["decoder_channels"], "--warmup-steps", str(max(1, steps // 20)),
+        "--sample-every", str(max(1, steps // 4)), "--ckpt-every", str(max(1, steps // 4)), *resume, *extra])
+
+
 def run_decoders(model_dir: Path, profile: dict, out: Path, extra: list[str]) -> dict[str, Path]:
     paths = {}
     for mode in DECODER_MODES:
         run_dir = out / f"decoder_{mode}"
-        resume = ["--resume", "true"] if (run_dir / "checkpoints").exists() else []
-        cfg = parse_config(decoder_training.DecoderTrainConfig, [
-            "--checkpoint", str(model_dir), "--out-dir", str(run_dir), "--conditioning", mode,
-            "--steps", str(profile["decoder_steps"]), "--batch-size", str(profile["decoder_batch"]),
-            "--block-out-channels", profile["decoder_channels"],
-            "--warmup-steps", str(max(1, profile["decoder_steps"] // 20)),
-            "--sample-every", str(max(1, profile["decoder_steps"] // 4)),
-            "--ckpt-every", str(max(1, profile["decoder_steps"] // 4)), *resume, *extra])
+        cfg = decoder_config(model_dir, profile, run_dir, mode, extra)
         if (run_dir / "decoder" / "config.json").exists():
             check_reusable(run_dir, cfg)
         else:
             decoder_training.train(cfg)
         paths[mode] = run_dir / "decoder"
     return paths
+
+
+def fit_to_budget(profile: dict, out: Path, flags: dict[str, list[str]], budget_minutes: float | None) -> dict | None:
+    """Shorten the profile's training stages to fit ``budget_minutes`` on this machine (train/budget.py).
+
+    Without ``budget_minutes`` a run planned earlier keeps its plan and a new one takes the profile's budget.
+    Returns the plan (None without a budget) and rewrites ``profile`` and ``flags`` in place; flags given on the
+    command line still win over the plan."""
+    planned = (out / budget.PLAN_NAME).exists()
+    if budget_minutes is None and not planned:
+        budget_minutes = profile["budget_minutes"]
+    if not planned and (not budget_minutes or (out / "pretrain").exists()):
+        return None  # no budget, or a run started without one: it keeps the lengths it started with
+    base = pretrain_config(profile, out / "pretrain", flags["pretrain"])
+
+    def make(budget_s: float) -> dict:
+        timings = budget.time_steps(
+            base, lambda model_dir, run_dir: decoder_config(model_dir, profile, run_dir, DECODER_MODES[0],
+                                                            flags["decoder"]), out / "timing")
+        return budget.plan_lengths(budget_s, timings, base.steps, base.warmup_steps, profile["decoder_steps"],
+                                   len(DECODER_MODES))
+
+    plan = budget.load_or_make_plan(out, budget_minutes, make)
+    flags["pretrain"][:0] = ["--steps", str(plan["pretrain_steps"]), "--warmup-steps",
+                             str(plan["pretrain_warmup_steps"])]
+    profile["decoder_steps"] = plan["decoder_steps"]
+    return plan
 
 
 def run_decoder_eval(model_dir: Path, decoders: dict[str, Path], profile: dict, out: Path) -> dict:
@@ -320,6 +357,12 @@ outside them blanked). The gap between this table and the one above is what the 
         "(~65 min on a 2-core CPU): `python -m train.decoder --checkpoint assets/model --steps 1500 --batch-size 32 "
         "--block-out-channels 32,64,128 --warmup-steps 75 --out-dir runs/decoder_long`, then `python app.py "
         "--decoder runs/decoder_long/decoder --decoder assets/decoder_paper`.\n")
+    plan = summary.get("plan")
+    plan_note = "" if not plan else (
+        f"- Budget: {plan['budget_s'] / 60:g} minutes. Timed at the start on this machine: "
+        f"{plan['pretrain_step_s']:.2f} s per pretraining step, {plan['decoder_step_s']:.2f} s per decoder step "
+        f"(timing {plan['timing_s']:.0f} s, counted in the total), so every training stage ran at "
+        f"{100 * plan['fraction']:.0f} % of the profile's length (train/budget.py).\n")
     card = f"""# Model card: the built-in default I-JEPA (emoji world)
 
 Generated by `train/default.py` from the run's own measurements ({summary['date']}); do not edit figures by hand.
@@ -342,7 +385,7 @@ Generated by `train/default.py` from the run's own measurements ({summary['date'
 - Decoders: {decoder_cfg.get('steps', 0) * decoder_cfg.get('batch_size', 0):,} images each
   ({decoder_cfg.get('steps', '?')} steps x batch {decoder_cfg.get('batch_size', '?')}), predicting
   {PREDICTION_NAMES.get(decoder_cfg.get('prediction_type'), '?')}; the pretrained model stays frozen.
-- Wall time per stage (s): {json.dumps(summary['stage_seconds'])}; total {summary['total_seconds']:.0f} s.
+{plan_note}- Wall time per stage (s): {json.dumps(summary['stage_seconds'])}; total {summary['total_seconds']:.0f} s.
 
 ## Evaluation (held-out emoji, `python -m train.eval`)
 Bank: every training base emoji, queries: every held-out base emoji (2 copies each); kNN k=20, cosine,
@@ -406,6 +449,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default="runs/default")
     parser.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: gpu if CUDA, else cpu")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="shorten the training stages to fit this wall-clock budget on this machine, timed at "
+                             "the start (default: the plan of an earlier call with this --out-dir, else the "
+                             "profile's: 90 for cpu, 10 for gpu; 0: the full lengths)")
     parser.add_argument("--export", default=None, help="copy the finished bundle into this folder (e.g. assets)")
     args, extra = parser.parse_known_args(argv)  # other flags go to the training stages: see route_flags
     try:
@@ -414,7 +461,7 @@ def main(argv=None) -> None:
         parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     profile_name = args.profile or ("gpu" if torch.cuda.is_available() else "cpu")
-    profile, out = PROFILES[profile_name], Path(args.out_dir)
+    profile, out = dict(PROFILES[profile_name]), Path(args.out_dir)
     stale = stale_stages(out)
     if stale:
         raise ValueError(f"{out} holds outputs of {', '.join(stale)} made from a model or decoder this call would "
@@ -445,6 +492,7 @@ def main(argv=None) -> None:
             model = load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
             build_reference_bank(model, profile["bank"], out / "bank")
 
+    plan = fit_to_budget(profile, out, flags, args.budget_minutes)
     model_dir = timed("pretrain", run_pretraining, profile, out, flags["pretrain"])
     features = timed("eval", run_evaluation, model_dir, profile, out)
     timed("bank", reference_bank, model_dir)
@@ -452,7 +500,8 @@ def main(argv=None) -> None:
     sketches = timed("decoder_eval", run_decoder_eval, model_dir, decoders, profile, out)
     summary = {"profile": profile_name, "hardware": hardware(), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "stage_seconds": timings,
-               "total_seconds": round(sum(timings.values()), 1), "features": features, "decoders": sketches,
+               "total_seconds": round(sum(timings.values()) + (plan["timing_s"] if plan else 0.0), 1),
+               "plan": plan, "features": features, "decoders": sketches,
                "pretrain_config": yaml.safe_load((model_dir.parent / "config.yaml").read_text()),
                "decoder_config": yaml.safe_load((decoders["spatial_context"].parent / "config.yaml").read_text())}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

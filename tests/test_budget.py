@@ -1,0 +1,44 @@
+"""The recipe's wall-clock budget: stage lengths shrink by one fraction to fit the machine's measured step times,
+never grow, and a budget the evaluation alone would overrun is refused (the recipe's own use of a plan is tested
+in test_default_recipe.py)."""
+import pytest
+
+from train import budget
+
+CPU_FULL = dict(pretrain_steps=6600, warmup_steps=350, decoder_steps=500, num_decoders=2)
+
+
+def test_a_machine_fast_enough_keeps_the_full_lengths():
+    timings = {"pretrain_step_s": 0.42, "decoder_step_s": 1.55, "timing_s": 40.0}  # the native-bf16 CPU run
+    plan = budget.plan_lengths(90 * 60, timings, **CPU_FULL)
+    assert plan["fraction"] == 1.0
+    assert (plan["pretrain_steps"], plan["pretrain_warmup_steps"], plan["decoder_steps"]) == (6600, 350, 500)
+
+
+def test_a_slower_machine_gets_every_stage_shortened_by_one_fraction_to_fit():
+    timings = {"pretrain_step_s": 1.08, "decoder_step_s": 4.2, "timing_s": 60.0}  # the AVX2-only CPU, fp32
+    plan = budget.plan_lengths(90 * 60, timings, **CPU_FULL)
+    assert 0.3 < plan["fraction"] < 0.5
+    assert plan["pretrain_steps"] == pytest.approx(6600 * plan["fraction"], abs=10)
+    assert plan["decoder_steps"] == pytest.approx(500 * plan["fraction"], abs=1)
+    assert plan["pretrain_warmup_steps"] == pytest.approx(350 * plan["fraction"], abs=1)
+    assert plan["expected_s"] + timings["timing_s"] <= 90 * 60 * (1 - budget.MARGIN) + 20
+    assert plan["expected_s"] + timings["timing_s"] >= 90 * 60 * (1 - budget.MARGIN) - 60  # and uses the budget
+
+
+def test_short_stages_stop_at_their_floors_and_a_hopeless_budget_is_refused():
+    short = dict(pretrain_steps=400, warmup_steps=20, decoder_steps=40, num_decoders=2)
+    timings = {"pretrain_step_s": 1.0, "decoder_step_s": 4.0}  # reserves 936 s for the evaluation stages
+    plan = budget.plan_lengths(1380, timings, **short)
+    assert plan["fraction"] == pytest.approx(0.463, abs=0.001)
+    assert (plan["pretrain_steps"], plan["pretrain_warmup_steps"], plan["decoder_steps"]) == (190, 10, 20)
+    with pytest.raises(ValueError, match="budget is too small on this machine"):
+        budget.plan_lengths(5 * 60, timings, **CPU_FULL)
+
+
+def test_step_times_come_from_the_training_log_after_the_warm_up(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("step,loss,elapsed_s\n3,0.5,9.0\n6,0.4,12.0\n9,0.3,15.6\n")
+    assert budget.seconds_per_step(log, 3) == pytest.approx(1.1)
+    with pytest.raises(ValueError, match="no rows after step 9"):
+        budget.seconds_per_step(log, 9)

@@ -1,0 +1,118 @@
+"""Fit the default recipe's training stages to a wall-clock budget on the machine that runs it.
+
+The CPU recipe's full lengths (train/configs/emoji_cpu.yaml and two 500-step decoders) take 78 of its 90 minutes on
+a 2-core CPU with native bf16, but about three hours on one of the same kind without it (bench/RESULTS.md, "Default
+model on a CPU without native bf16"). Rather than guess which machine it is on, the recipe times a few real steps of
+each training stage (`time_steps`), then shortens every stage by one fraction so the whole run fits (`plan_lengths`).
+The plan is saved in the run folder and reused by later calls, so a resumed run keeps its lengths.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+logger = logging.getLogger("train.budget")
+
+PLAN_NAME = "plan.json"
+# The stages that train nothing (evaluation, reference bank, decoder evaluation), in units of this machine's own
+# step times: on the recipe's native-bf16 CPU run they took 168 s = 400 pretraining steps (0.42 s each) and
+# 208 s = 134 decoder steps (1.55 s each) (bench/RESULTS.md).
+EVAL_PRETRAIN_STEPS = 400
+EVAL_DECODER_STEPS = 134
+MARGIN = 0.08  # of the budget, for a machine that slows down mid-run (25-step windows vary by +-20 % here)
+MIN_PRETRAIN_STEPS, MIN_DECODER_STEPS = 100, 20
+# Calibration lengths: the first steps (workers starting, allocator warming up) are not timed.
+PRETRAIN_STEPS, PRETRAIN_SKIP = 9, 3
+DECODER_STEPS, DECODER_SKIP = 5, 2
+
+
+def seconds_per_step(log_csv: Path, after_step: int) -> float:
+    """Mean seconds per step after ``after_step`` in a training CSV log (columns step, ..., elapsed_s)."""
+    rows = [line.split(",") for line in log_csv.read_text().splitlines()[1:]]
+    times = {int(row[0]): float(row[-1]) for row in rows}
+    last = max(times)
+    if after_step not in times or last <= after_step:
+        raise ValueError(f"{log_csv} has no rows after step {after_step} to time")
+    return (times[last] - times[after_step]) / (last - after_step)
+
+
+def time_steps(pretrain_config, decoder_config: Callable[[Path, Path], object], work: Path) -> dict:
+    """Seconds per step of this machine's real pretraining and decoder training, from short runs in ``work``.
+
+    ``pretrain_config`` is the recipe's pretraining config; ``decoder_config(model_dir, run_dir)`` builds the
+    recipe's decoder config on a given model. The short runs use them unchanged apart from their length, logging
+    and folders (same model, batch, data, precision and workers), then ``work`` is deleted."""
+    from train import decoder as decoder_training
+    from train import pretrain
+
+    start = time.perf_counter()
+    if work.exists():
+        shutil.rmtree(work)  # left by a call killed while timing
+    pre = dataclasses.replace(pretrain_config, out_dir=str(work / "pretrain"), steps=PRETRAIN_STEPS,
+                              warmup_steps=1, log_every=PRETRAIN_SKIP, ckpt_every=10**9, resume=False,
+                              compile=False)
+    logger.info("timing %d pretraining and %d decoder steps on this machine to fit the budget", PRETRAIN_STEPS,
+                DECODER_STEPS)
+    pretrain.train(pre)
+    dec = dataclasses.replace(decoder_config(work / "pretrain" / "model", work / "decoder"), steps=DECODER_STEPS,
+                              log_every=1, sample_every=10**9, ckpt_every=10**9, resume=False)
+    decoder_training.train(dec)
+    timings = {"pretrain_step_s": seconds_per_step(work / "pretrain" / "log.csv", PRETRAIN_SKIP),
+               "decoder_step_s": seconds_per_step(work / "decoder" / "log.csv", DECODER_SKIP)}
+    shutil.rmtree(work)
+    timings["timing_s"] = time.perf_counter() - start
+    return timings
+
+
+def plan_lengths(budget_s: float, timings: dict, pretrain_steps: int, warmup_steps: int, decoder_steps: int,
+                 num_decoders: int) -> dict:
+    """The profile's stage lengths, all shortened by one fraction (at most 1) so that the run fits ``budget_s``.
+
+    Raises ValueError when even the stages that train nothing would not fit."""
+    t_pre, t_dec = timings["pretrain_step_s"], timings["decoder_step_s"]
+    reserved = EVAL_PRETRAIN_STEPS * t_pre + EVAL_DECODER_STEPS * t_dec
+    available = budget_s * (1 - MARGIN) - reserved - timings.get("timing_s", 0.0)
+    full = pretrain_steps * t_pre + num_decoders * decoder_steps * t_dec
+    shortest = (min(pretrain_steps, MIN_PRETRAIN_STEPS) * t_pre
+                + num_decoders * min(decoder_steps, MIN_DECODER_STEPS) * t_dec)
+    if available < shortest:
+        raise ValueError(f"a {budget_s / 60:.0f}-minute budget is too small on this machine: its evaluation stages "
+                         f"alone need ~{reserved / 60:.0f} minutes (pretraining step {t_pre:.2f} s, decoder step "
+                         f"{t_dec:.2f} s); give a larger --budget-minutes, or 0 for the profile's full lengths")
+    fraction = min(1.0, available / full)
+    plan = {"budget_s": budget_s, **timings, "full_training_s": round(full, 1), "fraction": round(fraction, 4),
+            "pretrain_steps": pretrain_steps, "pretrain_warmup_steps": warmup_steps, "decoder_steps": decoder_steps}
+    if fraction < 1.0:
+        plan.update(pretrain_steps=min(pretrain_steps, max(MIN_PRETRAIN_STEPS, int(round(pretrain_steps * fraction,
+                                                                                          -1)))),
+                    pretrain_warmup_steps=max(1, math.ceil(warmup_steps * fraction)),
+                    decoder_steps=min(decoder_steps, max(MIN_DECODER_STEPS, int(round(decoder_steps * fraction)))))
+    plan["expected_s"] = round(reserved + plan["pretrain_steps"] * t_pre
+                               + num_decoders * plan["decoder_steps"] * t_dec, 1)
+    return plan
+
+
+def load_or_make_plan(out: Path, budget_minutes: float | None, make: Callable[[float], dict]) -> dict:
+    """The plan saved in ``out`` by an earlier call (its lengths must not change mid-run; ``budget_minutes`` None
+    accepts it whatever its budget), else ``make(budget_s)``, saved before any stage starts."""
+    path = out / PLAN_NAME
+    if path.exists():
+        plan = json.loads(path.read_text())
+        if budget_minutes is not None and plan["budget_s"] != budget_minutes * 60:
+            raise ValueError(f"{out} was planned for a {plan['budget_s'] / 60:g}-minute budget, not "
+                             f"{budget_minutes:g}: choose another --out-dir, or delete {out} to plan again")
+        return plan
+    plan = make(budget_minutes * 60)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(plan, indent=2) + "\n")
+    tmp.replace(path)
+    logger.info("budget %.0f min: training stages at %.0f %% of the profile's length (pretraining %d steps, "
+                "decoders %d steps each); expected %.0f min", budget_minutes, 100 * plan["fraction"],
+                plan["pretrain_steps"], plan["decoder_steps"], plan["expected_s"] / 60)
+    return plan
