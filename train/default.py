@@ -44,6 +44,7 @@ from train import budget
 from train import eval as evaluation
 from train import eval_decoder, pretrain
 from train.config import changed_settings, parse_config
+from train.runtime import fast_bf16
 
 logger = logging.getLogger("train.default")
 CONFIGS = Path(__file__).parent / "configs"
@@ -442,7 +443,9 @@ def hardware() -> str:
         model_name = next((l.split(":", 1)[1].strip() for l in name.splitlines() if l.startswith("Model name")), "")
     except OSError:
         model_name = platform.processor()
-    return f"{model_name or 'CPU'} ({torch.get_num_threads()} threads)"
+    bf16 = "native bf16" if fast_bf16(torch.device("cpu")) else "no native bf16, so fp32"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{model_name or 'CPU'} ({torch.get_num_threads()} threads, {capability}, {bf16})"
 
 
 def main(argv=None) -> None:
