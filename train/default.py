@@ -1,13 +1,16 @@
 """The built-in default model, end to end, in one command:
 
     python -m train.default --out-dir runs/default                 # GPU if present, else the CPU recipe
-    python -m train.default --out-dir runs/default --profile cpu   # force the CPU recipe (<= 90 min, 2 cores)
+    python -m train.default --out-dir runs/default --profile cpu   # force the CPU recipe (fits 90 min here)
+    python -m train.default --out-dir runs/default --budget-minutes 0   # the profile's full lengths, however long
     python -m train.default --out-dir runs/default --export assets # also replace the shipped assets
     python -m train.default --out-dir runs/try --num-workers 8 --pretrain.steps 9000 --decoder.lr 2e-4
 
 Extra flags are the training scripts' own, routed by `route_flags`. Stages (each resumable: a finished stage is
 skipped when its output exists; a finished training stage must have the settings asked for now, and no stage's
 outputs may outlive a model that is trained again):
+  0. the budget: a few real steps of pretraining and of a decoder are timed, and every training stage is shortened
+     by one fraction if the profile's full lengths would not fit --budget-minutes here (train/budget.py)
   1. pretraining on emoji scenes (train/configs/emoji_<profile>.yaml)
   2. evaluation: kNN / linear probe vs raw pixels and random init, predictor semantics, box probes
   3. the reference bank of training-scene boxes for the app's nearest-neighbour panel
