@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from train.runtime import elapsed_by_step, write_json_atomic
+
 logger = logging.getLogger("train.budget")
 
 PLAN_NAME = "plan.json"
@@ -34,9 +36,8 @@ DECODER_STEPS, DECODER_SKIP = 5, 2
 
 def seconds_per_step(log_csv: Path, after_step: int) -> float:
     """Mean seconds per step after ``after_step`` in a training CSV log (columns step, ..., elapsed_s)."""
-    rows = [line.split(",") for line in log_csv.read_text().splitlines()[1:]]
-    times = {int(row[0]): float(row[-1]) for row in rows}
-    last = max(times)
+    times = elapsed_by_step(log_csv)
+    last = max(times, default=after_step)
     if after_step not in times or last <= after_step:
         raise ValueError(f"{log_csv} has no rows after step {after_step} to time")
     return (times[last] - times[after_step]) / (last - after_step)
@@ -89,10 +90,12 @@ def plan_lengths(budget_s: float, timings: dict, pretrain_steps: int, warmup_ste
     plan = {"budget_s": budget_s, **timings, "full_training_s": round(full, 1), "fraction": round(fraction, 4),
             "pretrain_steps": pretrain_steps, "pretrain_warmup_steps": warmup_steps, "decoder_steps": decoder_steps}
     if fraction < 1.0:
-        plan.update(pretrain_steps=min(pretrain_steps, max(MIN_PRETRAIN_STEPS, int(round(pretrain_steps * fraction,
-                                                                                          -1)))),
+        def shorten(steps: int, floor: int, digits: int = 0) -> int:
+            return min(steps, max(floor, int(round(steps * fraction, digits))))
+
+        plan.update(pretrain_steps=shorten(pretrain_steps, MIN_PRETRAIN_STEPS, digits=-1),
                     pretrain_warmup_steps=max(1, math.ceil(warmup_steps * fraction)),
-                    decoder_steps=min(decoder_steps, max(MIN_DECODER_STEPS, int(round(decoder_steps * fraction)))))
+                    decoder_steps=shorten(decoder_steps, MIN_DECODER_STEPS))
     plan["expected_s"] = round(reserved + plan["pretrain_steps"] * t_pre
                                + num_decoders * plan["decoder_steps"] * t_dec, 1)
     return plan
@@ -109,9 +112,7 @@ def load_or_make_plan(out: Path, budget_minutes: float | None, make: Callable[[f
                              f"{budget_minutes:g}: choose another --out-dir, or delete {out} to plan again")
         return plan
     plan = make(budget_minutes * 60)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(plan, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, plan)
     logger.info("budget %.0f min: training stages at %.0f %% of the profile's length (pretraining %d steps, "
                 "decoders %d steps each); expected %.0f min", budget_minutes, 100 * plan["fraction"],
                 plan["pretrain_steps"], plan["decoder_steps"], plan["expected_s"] / 60)

@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import platform
 import shutil
 import subprocess
@@ -47,7 +46,7 @@ from train import budget
 from train import eval as evaluation
 from train import eval_decoder, pretrain
 from train.config import changed_settings, parse_config
-from train.runtime import fast_bf16
+from train.runtime import elapsed_by_step, fast_bf16, write_json_atomic
 
 logger = logging.getLogger("train.default")
 CONFIGS = Path(__file__).parent / "configs"
@@ -127,8 +126,8 @@ STAGE_INPUTS = {"eval": ("pretrain",), "bank": ("pretrain",), "decoders": ("pret
 def logged_seconds(out: Path, stage: str) -> float:
     """Training seconds the CSV logs in a stage's folders record (elapsed_s counts on across resumed calls); 0 for
     stages that train nothing."""
-    rows = [log.read_text().splitlines() for p in STAGE_PATHS[stage] if (log := out / p / "log.csv").exists()]
-    return sum(float(lines[-1].rsplit(",", 1)[1]) for lines in rows if len(lines) > 1)
+    logs = [elapsed_by_step(log) for p in STAGE_PATHS[stage] if (log := out / p / "log.csv").exists()]
+    return sum(elapsed[max(elapsed)] for elapsed in logs if elapsed)
 
 
 def stale_stages(out: Path) -> list[str]:
@@ -229,9 +228,8 @@ def fit_to_budget(profile: dict, out: Path, flags: dict[str, list[str]], budget_
         budget_minutes = profile["budget_minutes"]
     if not planned and (not budget_minutes or (out / "pretrain").exists()):
         return None  # no budget, or a run started without one: it keeps the lengths it started with
-    base = pretrain_config(profile, out / "pretrain", flags["pretrain"])
-
     def make(budget_s: float) -> dict:
+        base = pretrain_config(profile, out / "pretrain", flags["pretrain"])
         timings = budget.time_steps(
             base, lambda model_dir, run_dir: decoder_config(model_dir, profile, run_dir, DECODER_MODES[0],
                                                             flags["decoder"]), out / "timing")
@@ -487,9 +485,7 @@ def main(argv=None) -> None:
             # A stage resumed in this call (after a kill, or the device's per-call limit) also counts the training
             # time its logs carry from earlier calls.
             timings[stage] = round(max(time.perf_counter() - t, logged_seconds(out, stage)), 1)
-            tmp = times_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(timings, indent=2) + "\n")
-            os.replace(tmp, times_path)  # a kill mid-write leaves the old file whole
+            write_json_atomic(times_path, timings)
         logger.info("stage %s: %.0f s", stage, timings[stage])
         return result
 

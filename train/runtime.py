@@ -1,6 +1,7 @@
 """What every training script needs around its loop: devices, distributed setup, atomic checkpoints."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -147,6 +148,19 @@ def start_csv_log(path: Path, header: str, start_step: int) -> None:
     lines = path.read_text().splitlines()
     kept = [line for line in lines[1:] if int(line.split(",")[0]) <= start_step]
     path.write_text("\n".join([lines[0], *kept]) + "\n")
+
+
+def elapsed_by_step(path: Path) -> dict[int, float]:
+    """{step: elapsed_s} of a training CSV log (first column step, last column elapsed_s)."""
+    rows = [line.split(",") for line in path.read_text().splitlines()[1:]]
+    return {int(row[0]): float(row[-1]) for row in rows}
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON through a temporary file and a rename, so a kill mid-write leaves the old file whole."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def plot_loss_curve(csv_path: Path, png_path: Path, title: str = "I-JEPA pretraining loss") -> None:
