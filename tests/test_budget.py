@@ -1,6 +1,9 @@
 """The recipe's wall-clock budget: stage lengths shrink by one fraction to fit the machine's measured step times,
-never grow, and a budget the evaluation alone would overrun is refused (the recipe's own use of a plan is tested
-in test_default_recipe.py)."""
+never past the profile's lengths; the decoders are refitted to the time the stages before them really took; a
+budget the evaluation alone would overrun is refused (the recipe's own use of a plan is tested in
+test_default_recipe.py)."""
+import json
+
 import pytest
 
 from train import budget
@@ -42,3 +45,23 @@ def test_step_times_come_from_the_training_log_after_the_warm_up(tmp_path):
     assert budget.seconds_per_step(log, 3) == pytest.approx(1.1)
     with pytest.raises(ValueError, match="no rows after step 9"):
         budget.seconds_per_step(log, 9)
+
+
+def test_decoders_are_refitted_to_the_time_the_stages_before_them_really_took(tmp_path):
+    timings = {"pretrain_step_s": 0.67, "decoder_step_s": 2.33, "timing_s": 35.0}  # the Intel AMX CPU's timing
+    plan = budget.plan_lengths(90 * 60, timings, **CPU_FULL)
+    decoders_s = (2 * plan["decoder_steps"] + budget.EVAL_DECODER_STEPS) * 2.33
+    on_plan = plan["expected_s"] - decoders_s  # what pretraining, evaluation and the bank were expected to take
+    limit = 90 * 60 * (1 - budget.MARGIN) - timings["timing_s"]
+
+    slower = budget.refit_decoders(tmp_path, plan, on_plan + 600, full_steps=500, num_decoders=2)
+    assert slower["decoder_steps"] == pytest.approx(plan["decoder_steps"] - 600 / (2 * 2.33), abs=2)
+    assert limit - 5 <= slower["expected_s"] <= limit
+    assert slower["planned_decoder_steps"] == plan["decoder_steps"]
+    assert slower == json.loads((tmp_path / budget.PLAN_NAME).read_text())  # a resumed call keeps these lengths
+
+    faster = budget.refit_decoders(tmp_path, slower, on_plan - 2000, full_steps=500, num_decoders=2)
+    assert faster["decoder_steps"] == 500  # grown back to the profile's length, never past it
+    assert faster["planned_decoder_steps"] == plan["decoder_steps"]
+    overrun = budget.refit_decoders(tmp_path, plan, 90 * 60, full_steps=500, num_decoders=2)
+    assert overrun["decoder_steps"] == budget.MIN_DECODER_STEPS

@@ -72,11 +72,14 @@ def test_the_machine_is_timed_once_and_the_plan_kept_for_later_calls(smoke_run, 
     run = smoke_run / "run"
     plan = json.loads((run / budget.PLAN_NAME).read_text())
     assert plan["pretrain_step_s"] > 0 and plan["decoder_step_s"] > 0 and plan["fraction"] == 1.0
+    assert plan["decoder_steps"] == plan["planned_decoder_steps"] == 2  # refitted before the decoders: time to spare
+    assert plan["spent_before_decoders_s"] > 0
     assert not (run / "timing").exists()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["plan"] == plan
     assert summary["total_seconds"] >= sum(summary["stage_seconds"].values()) + plan["timing_s"] - 0.1
-    assert "Budget: 600 minutes" in (smoke_run / "bundle" / "MODEL_CARD.md").read_text()
+    card = (smoke_run / "bundle" / "MODEL_CARD.md").read_text()
+    assert "Budget: 600 minutes" in card and "took 2 steps each (planned 2)" in card
 
     def no_timing(*args, **kwargs):
         raise AssertionError("a planned run must not time the machine again")

@@ -4,7 +4,10 @@ The CPU recipe's full lengths (train/configs/emoji_cpu.yaml and two 500-step dec
 a 2-core CPU with native bf16, but about three hours on one of the same kind without it (bench/RESULTS.md, "Default
 model on a CPU without native bf16"). Rather than guess which machine it is on, the recipe times a few real steps of
 each training stage (`time_steps`), then shortens every stage by one fraction so the whole run fits (`plan_lengths`).
-The plan is saved in the run folder and reused by later calls, so a resumed run keeps its lengths.
+The plan is saved in the run folder and reused by later calls, so a resumed run keeps its lengths. A few steps
+time the machine only roughly and its pace drifts (25-step windows of one run ranged from 79 to 124 img/s), so once
+pretraining, evaluation and the bank have run, the decoders, the last stage that trains, are refitted to the time
+those stages really left (`refit_decoders`).
 """
 from __future__ import annotations
 
@@ -116,4 +119,23 @@ def load_or_make_plan(out: Path, budget_minutes: float | None, make: Callable[[f
     logger.info("budget %.0f min: training stages at %.0f %% of the profile's length (pretraining %d steps, "
                 "decoders %d steps each); expected %.0f min", budget_minutes, 100 * plan["fraction"],
                 plan["pretrain_steps"], plan["decoder_steps"], plan["expected_s"] / 60)
+    return plan
+
+
+def refit_decoders(out: Path, plan: dict, spent_s: float, full_steps: int, num_decoders: int) -> dict:
+    """The plan with its decoder length refitted to the budget left after ``spent_s`` seconds of the stages before
+    them, saved in ``out``; call it before any decoder starts (their lengths are fixed from then on).
+
+    Same margin and reserve as ``plan_lengths``; the decoders may grow back to the profile's ``full_steps``, never
+    past it, and never below the floor."""
+    t_dec = plan["decoder_step_s"]
+    available = (plan["budget_s"] * (1 - MARGIN) - plan.get("timing_s", 0.0) - spent_s
+                 - EVAL_DECODER_STEPS * t_dec)
+    steps = min(full_steps, max(MIN_DECODER_STEPS, int(available / (num_decoders * t_dec))))
+    planned = plan.get("planned_decoder_steps", plan["decoder_steps"])
+    plan = {**plan, "decoder_steps": steps, "planned_decoder_steps": planned, "spent_before_decoders_s":
+            round(spent_s, 1), "expected_s": round(spent_s + (num_decoders * steps + EVAL_DECODER_STEPS) * t_dec, 1)}
+    write_json_atomic(out / PLAN_NAME, plan)
+    logger.info("%.0f s spent before the decoders: %d decoder steps each (planned %d); expected %.0f min in all",
+                spent_s, steps, planned, (plan["expected_s"] + plan.get("timing_s", 0.0)) / 60)
     return plan
