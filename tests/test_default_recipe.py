@@ -20,10 +20,25 @@ def smoke_run(tmp_path_factory):
     except FileNotFoundError as error:
         pytest.skip(f"emoji files missing: {error}")
     root = tmp_path_factory.mktemp("recipe")
+    refit, real_refit = [], budget.refit_decoders
+
+    def refit_to_one_step(out, plan, spent_s, full_steps, num_decoders):
+        # The smoke decoders' 2 steps are below the refit's floor, so the refit would keep them whatever the time
+        # left: a profile of 1 step shows that what it returns is what the decoders train.
+        refit.append(spent_s)
+        return real_refit(out, plan, spent_s, 1, num_decoders)
+
     # a budget this run fits: the machine is timed (train/budget.py) and the smoke lengths are kept
-    recipe.main(["--out-dir", str(root / "run"), "--profile", "smoke", "--budget-minutes", "600",
-                 "--export", str(root / "bundle")])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(budget, "refit_decoders", refit_to_one_step)
+        recipe.main(["--out-dir", str(root / "run"), "--profile", "smoke", "--budget-minutes", "600",
+                     "--export", str(root / "bundle")])
+    (root / "refit.json").write_text(json.dumps(refit))
     return root
+
+
+def no_refit(*args, **kwargs):
+    raise AssertionError("decoders that have started keep their length")
 
 
 def test_every_stage_ran_and_the_bundle_works(smoke_run):
@@ -72,19 +87,23 @@ def test_the_machine_is_timed_once_and_the_plan_kept_for_later_calls(smoke_run, 
     run = smoke_run / "run"
     plan = json.loads((run / budget.PLAN_NAME).read_text())
     assert plan["pretrain_step_s"] > 0 and plan["decoder_step_s"] > 0 and plan["fraction"] == 1.0
-    assert plan["decoder_steps"] == plan["planned_decoder_steps"] == 2  # refitted before the decoders: time to spare
-    assert plan["spent_before_decoders_s"] > 0
     assert not (run / "timing").exists()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["plan"] == plan
     assert summary["total_seconds"] >= sum(summary["stage_seconds"].values()) + plan["timing_s"] - 0.1
+    # refitted once, before the decoders, from the seconds the stages before them took
+    spent = sum(summary["stage_seconds"][stage] for stage in ("pretrain", "eval", "bank"))
+    assert json.loads((smoke_run / "refit.json").read_text()) == [pytest.approx(spent)]
+    assert plan["spent_before_decoders_s"] == pytest.approx(spent, abs=0.1)
+    assert (plan["planned_decoder_steps"], plan["decoder_steps"], summary["decoder_config"]["steps"]) == (2, 1, 1)
     card = (smoke_run / "bundle" / "MODEL_CARD.md").read_text()
-    assert "Budget: 600 minutes" in card and "took 2 steps each (planned 2)" in card
+    assert "Budget: 600 minutes" in card and "took 1 steps each (planned 2)" in card
 
     def no_timing(*args, **kwargs):
         raise AssertionError("a planned run must not time the machine again")
 
     monkeypatch.setattr(budget, "time_steps", no_timing)
+    monkeypatch.setattr(budget, "refit_decoders", no_refit)
     recipe.main(["--out-dir", str(run), "--profile", "smoke"])  # keeps the plan
     assert json.loads((run / "summary.json").read_text())["plan"] == plan
     with pytest.raises(ValueError, match="planned for a 600-minute budget, not 45"):
@@ -121,6 +140,7 @@ def test_a_call_stopped_mid_recipe_keeps_the_times_of_the_stages_it_finished(smo
         raise Stopped("the per-call limit")
 
     monkeypatch.setattr(recipe, "run_decoder_eval", stopped)
+    monkeypatch.setattr(budget, "refit_decoders", no_refit)
     with pytest.raises(Stopped):
         recipe.main(["--out-dir", str(run), "--profile", "smoke"])
     monkeypatch.setattr(recipe, "run_decoder_eval", real)

@@ -117,8 +117,8 @@ def load_or_make_plan(out: Path, budget_minutes: float | None, make: Callable[[f
     plan = make(budget_minutes * 60)
     write_json_atomic(path, plan)
     logger.info("budget %.0f min: training stages at %.0f %% of the profile's length (pretraining %d steps, "
-                "decoders %d steps each); expected %.0f min", budget_minutes, 100 * plan["fraction"],
-                plan["pretrain_steps"], plan["decoder_steps"], plan["expected_s"] / 60)
+                "decoders %d steps each); expected %.0f min in all", budget_minutes, 100 * plan["fraction"],
+                plan["pretrain_steps"], plan["decoder_steps"], (plan["expected_s"] + plan.get("timing_s", 0.0)) / 60)
     return plan
 
 
@@ -132,6 +132,9 @@ def refit_decoders(out: Path, plan: dict, spent_s: float, full_steps: int, num_d
     available = (plan["budget_s"] * (1 - MARGIN) - plan.get("timing_s", 0.0) - spent_s
                  - EVAL_DECODER_STEPS * t_dec)
     steps = min(full_steps, max(MIN_DECODER_STEPS, int(available / (num_decoders * t_dec))))
+    if steps * num_decoders * t_dec > available:
+        logger.warning("the stages before the decoders took %.0f s, so even %d decoder steps each overrun the "
+                       "%.0f-minute budget", spent_s, steps, plan["budget_s"] / 60)
     planned = plan.get("planned_decoder_steps", plan["decoder_steps"])
     plan = {**plan, "decoder_steps": steps, "planned_decoder_steps": planned, "spent_before_decoders_s":
             round(spent_s, 1), "expected_s": round(spent_s + (num_decoders * steps + EVAL_DECODER_STEPS) * t_dec, 1)}
