@@ -5,7 +5,7 @@ a 2-core CPU with native bf16, but about three hours on one of the same kind wit
 model on a CPU without native bf16"). Rather than guess which machine it is on, the recipe times a few real steps of
 each training stage (`time_steps`), then shortens every stage by one fraction so the whole run fits (`plan_lengths`).
 The plan is saved in the run folder and reused by later calls, so a resumed run keeps its lengths. A few steps
-time the machine only roughly and its pace drifts (25-step windows of one run ranged from 79 to 124 img/s), so once
+time the machine only roughly and its pace drifts (25-step windows of one run ranged from 79 to 200 img/s), so once
 pretraining, evaluation and the bank have run, the decoders, the last stage that trains, are refitted to the time
 those stages really left (`refit_decoders`).
 """
