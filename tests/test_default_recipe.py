@@ -74,6 +74,9 @@ def test_model_card_quotes_the_measured_figures(smoke_run):
     assert f"| raw_pixels | {pixels:.1f} %" in card
     assert "--profile smoke" in card and "24 images seen" in card
     assert "object_patches_only" not in card and "Diagnostic (not the protocol)" in card
+    # a smoke model is far below the kNN floor: the card says whether the points are missing on the object
+    objects = metrics["features"]["object_patches_only"]["target_encoder"]["knn_group"]
+    assert f"pooled over the emoji's own patches the encoder gives {objects:.1f} %" in card
     for name in metrics["decoders"]["decoders"]:
         assert f"| {name} |" in card
     assert "Themed scenes" not in card

@@ -300,6 +300,21 @@ def _pct(x: float) -> str:
     return f"{x:.1f} %"
 
 
+def object_gap(feats: dict, objects: dict, floor: float) -> str:
+    """Where the kNN floor's points are missing, from the object-only diagnostic: in the object features, or in
+    what the background adds to the average (the probe's background carries no label)."""
+    if "target_encoder" not in objects:
+        return ""
+    whole, obj = (round(f["target_encoder"]["knn_group"], 1) for f in (feats, objects))
+    return (f" Where the points are missing (the object-only diagnostic above): the floor asks for {_pct(floor)} on "
+            f"the whole image; pooled over the emoji's own patches the encoder gives {_pct(obj)} (random init "
+            f"{_pct(objects['random_init']['knn_group'])}, raw pixels {_pct(objects['raw_pixels']['knn_group'])}), "
+            f"and the background costs the whole-image average {obj - whole:.1f} points more. On the CPU, length cut "
+            "that cost (22 points at 57,600 images, 4 at 422,400) while the object-only figure stayed at 43-47 % "
+            "(bench/RESULTS.md, \"Semantics\"), so past it the floor needs object features that tell unseen emoji "
+            "apart better than their pixels do; whether more images give them is what the GPU profile would show.")
+
+
 def write_model_card(summary: dict, path: Path, command: str) -> None:
     """MODEL_CARD.md from the measured summary: every figure in it comes from this run's JSON."""
     feats = summary["features"]["features"]
@@ -333,12 +348,9 @@ outside them blanked). The gap between this table and the one above is what the 
     images_seen = pretrain_cfg.get("steps", 0) * pretrain_cfg.get("batch_size", 0)
     gap_note = "" if margin >= 15 else (
         "What would close the kNN gap: many more images than a CPU run can show (this run saw "
-        f"{images_seen:,}; "
-        "the official recipe only matched pixels after 688k), i.e. the GPU profile "
+        f"{images_seen:,}; the official recipe only matched pixels after 688k), i.e. the GPU profile "
         "(`train/configs/emoji_gpu.yaml`: the same model on ~2M images in minutes), then a schedule sweep (lr, EMA) "
-        "judged by `python -m train.eval`. The object-only diagnostic above says where the points go: average "
-        "pooling over a probe image is mostly background, so the encoder must learn background-invariant or "
-        "object-aware background tokens, not only better object features.\n")
+        "judged by `python -m train.eval`." + object_gap(feats, objects, best_pixels + 15) + "\n")
     grid = pretrain_cfg.get("img_size", 0) // max(1, pretrain_cfg.get("patch_size", 1))
     grid_note = "" if grid >= 16 else (
         f"- Patch grid {grid} x {grid}, coarser than the 16 x 16 the default-model issue asks for, so boxes snap to "
