@@ -37,6 +37,16 @@ PRETRAIN_STEPS, PRETRAIN_SKIP = 9, 3
 DECODER_STEPS, DECODER_SKIP = 5, 2
 
 
+def usable_seconds(budget_s: float, timing_s: float) -> float:
+    """What a budget leaves for the stages once the margin and the timing itself are taken off."""
+    return budget_s * (1 - MARGIN) - timing_s
+
+
+def expected_minutes(plan: dict) -> float:
+    """The whole run a plan expects, timing included (``expected_s`` counts the stages only)."""
+    return (plan["expected_s"] + plan.get("timing_s", 0.0)) / 60
+
+
 def seconds_per_step(log_csv: Path, after_step: int) -> float:
     """Mean seconds per step after ``after_step`` in a training CSV log (columns step, ..., elapsed_s)."""
     times = elapsed_by_step(log_csv)
@@ -81,7 +91,7 @@ def plan_lengths(budget_s: float, timings: dict, pretrain_steps: int, warmup_ste
     Raises ValueError when even the stages that train nothing would not fit."""
     t_pre, t_dec = timings["pretrain_step_s"], timings["decoder_step_s"]
     reserved = EVAL_PRETRAIN_STEPS * t_pre + EVAL_DECODER_STEPS * t_dec
-    available = budget_s * (1 - MARGIN) - reserved - timings.get("timing_s", 0.0)
+    available = usable_seconds(budget_s, timings.get("timing_s", 0.0)) - reserved
     full = pretrain_steps * t_pre + num_decoders * decoder_steps * t_dec
     shortest = (min(pretrain_steps, MIN_PRETRAIN_STEPS) * t_pre
                 + num_decoders * min(decoder_steps, MIN_DECODER_STEPS) * t_dec)
@@ -118,7 +128,7 @@ def load_or_make_plan(out: Path, budget_minutes: float | None, make: Callable[[f
     write_json_atomic(path, plan)
     logger.info("budget %.0f min: training stages at %.0f %% of the profile's length (pretraining %d steps, "
                 "decoders %d steps each); expected %.0f min in all", budget_minutes, 100 * plan["fraction"],
-                plan["pretrain_steps"], plan["decoder_steps"], (plan["expected_s"] + plan.get("timing_s", 0.0)) / 60)
+                plan["pretrain_steps"], plan["decoder_steps"], expected_minutes(plan))
     return plan
 
 
@@ -129,8 +139,7 @@ def refit_decoders(out: Path, plan: dict, spent_s: float, full_steps: int, num_d
     Same margin and reserve as ``plan_lengths``; the decoders may grow back to the profile's ``full_steps``, never
     past it, and never below the floor."""
     t_dec = plan["decoder_step_s"]
-    available = (plan["budget_s"] * (1 - MARGIN) - plan.get("timing_s", 0.0) - spent_s
-                 - EVAL_DECODER_STEPS * t_dec)
+    available = usable_seconds(plan["budget_s"], plan.get("timing_s", 0.0)) - spent_s - EVAL_DECODER_STEPS * t_dec
     steps = min(full_steps, max(MIN_DECODER_STEPS, int(available / (num_decoders * t_dec))))
     if steps * num_decoders * t_dec > available:
         logger.warning("the stages before the decoders took %.0f s, so even %d decoder steps each overrun the "
@@ -140,5 +149,5 @@ def refit_decoders(out: Path, plan: dict, spent_s: float, full_steps: int, num_d
             round(spent_s, 1), "expected_s": round(spent_s + (num_decoders * steps + EVAL_DECODER_STEPS) * t_dec, 1)}
     write_json_atomic(out / PLAN_NAME, plan)
     logger.info("%.0f s spent before the decoders: %d decoder steps each (planned %d); expected %.0f min in all",
-                spent_s, steps, planned, (plan["expected_s"] + plan.get("timing_s", 0.0)) / 60)
+                spent_s, steps, planned, expected_minutes(plan))
     return plan
