@@ -94,9 +94,11 @@ def assert_bundle_parts_agree(bundle: Path):
     for name in ("img_size", "patch_size", "predictor_depth", "predictor_embed_dim", "arch"):
         assert trained[name] == getattr(cfg, name), name
     assert trained["depth"] in (None, cfg.depth)
-    decoder_trained = metrics["decoder_config"]  # the recipe trains both decoders with these settings
-    assert decoder_trained["conditioning"] == "spatial_context"
-    for name in ("decoder", "decoder_paper"):
+    # the recipe trains both decoders with one config; train.replace_decoder may swap ours for a longer one
+    trained_with = {"decoder": metrics["decoder_config"],
+                    "decoder_paper": metrics.get("recipe_decoder_config", metrics["decoder_config"])}
+    assert metrics["decoder_config"]["conditioning"] == "spatial_context"
+    for name, decoder_trained in trained_with.items():
         assert list(SketchDecoder.from_pretrained(bundle / name).config.block_out_channels) == list(
             decoder_trained["block_out_channels"]), name
     card = (bundle / "MODEL_CARD.md").read_text()

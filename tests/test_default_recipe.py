@@ -2,12 +2,17 @@
 bundle passes the same checks as the shipped one, the model card quotes the run's own figures, and a second
 call skips the finished stages."""
 import json
+import shutil
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from helpers import assert_a_box_produces_sketches, assert_bundle_parts_agree
 from train import budget
+from train import decoder as decoder_training
 from train import default as recipe
+from train import replace_decoder as replacing
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +89,40 @@ def test_model_card_quotes_the_measured_figures(smoke_run):
     metrics["pretrain_config"].update(theme_prob=0.5, theme="group")
     recipe.write_model_card(metrics, smoke_run / "themed.md", "python -m train.default --pretrain.theme-prob 0.5")
     assert "shares the main emoji's Unicode group with probability 0.5" in (smoke_run / "themed.md").read_text()
+
+
+def train_smoke_decoder(checkpoint, out_dir, steps):
+    decoder_training.main(["--checkpoint", str(checkpoint), "--out-dir", str(out_dir), "--steps", str(steps),
+                           "--batch-size", "4", "--block-out-channels", "32,32,32", "--warmup-steps", "1"])
+
+
+def test_a_longer_decoder_replaces_ours_and_the_card_keeps_the_equal_length_comparison(smoke_run, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(smoke_run / "bundle", bundle)
+    before = replacing.folder_digest(bundle)
+    # A decoder of another model's weights (the run's fp32 model, not the bundle's fp16 copy) is refused untouched.
+    train_smoke_decoder(smoke_run / "run" / "pretrain" / "model", tmp_path / "other", 1)
+    with pytest.raises(ValueError, match="not on the weights"):
+        replacing.main(["--bundle", str(bundle), "--run", str(tmp_path / "other")])
+    assert replacing.folder_digest(bundle) == before
+
+    recipe_metrics = json.loads((bundle / "metrics.json").read_text())
+    train_smoke_decoder(bundle / "model", tmp_path / "long", 3)
+    replacing.main(["--bundle", str(bundle), "--run", str(tmp_path / "long")])
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    assert metrics["decoder_config"]["steps"] == 3 and metrics["recipe_decoder_config"]["steps"] == 1
+    assert metrics["recipe_decoders"] == recipe_metrics["decoders"]
+    assert metrics["decoders"] == json.loads((tmp_path / "long" / "eval" / "results.json").read_text())
+    shipped = load_file(bundle / "decoder" / "diffusion_pytorch_model.safetensors")
+    trained = load_file(tmp_path / "long" / "decoder" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(shipped[k], trained[k].half()) for k in trained)
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert f"--out-dir {tmp_path / 'long'} --block-out-channels 32,32,32 --batch-size 4 --steps 3" in card
+    assert f"python -m train.replace_decoder --bundle {bundle} --run {tmp_path / 'long'}" in card
+    assert "At the recipe's length, both decoders trained on 4 images (1 steps x batch 4)" in card
+    assert recipe_metrics["command"] in card  # the recipe's own command still heads the card
+    assert_bundle_parts_agree(bundle)
+    assert_a_box_produces_sketches(bundle)
 
 
 def test_the_machine_is_timed_once_and_the_plan_kept_for_later_calls(smoke_run, monkeypatch):

@@ -1,0 +1,139 @@
+"""Put a longer-trained sketch decoder into a finished bundle, re-score both decoders and rewrite the model card:
+
+    python -m train.decoder --checkpoint assets/model --steps 1500 --batch-size 32 \
+        --block-out-channels 32,64,128 --warmup-steps 75 --out-dir runs/decoder_long
+    python -m train.replace_decoder --bundle assets --run runs/decoder_long
+
+The one-command recipe (train/default.py) gives its decoders what its time budget leaves, which on a CPU is brief;
+a decoder trained longer on the same frozen model draws better sketches. This swaps it in without retraining the
+rest: the run must have been trained on exactly the bundle's model weights, the new decoder and the bundle's
+paper-faithful one are scored together by `train.eval_decoder` on the protocol the bundle was scored with, and
+metrics.json keeps the recipe's own equal-length comparison beside the new figures, so the card can state both.
+Nothing in the bundle changes until the new evaluation has finished.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from decoder import SketchDecoder
+from ijepa.bundle import DECODER_DIRS, MODEL_DIR
+from train import eval_decoder
+from train.config import RUN_ONLY_FIELDS, config_dict
+from train.decoder import DecoderTrainConfig
+from train.default import hardware, write_model_card
+from train.runtime import elapsed_by_step, write_json_atomic
+
+logger = logging.getLogger("train.replace_decoder")
+OURS = "spatial_context"  # the decoder the app draws with by default; the paper-faithful one stays the baseline
+
+
+def folder_digest(path: Path) -> str:
+    """sha256 over a folder's file names and bytes: the same weights, wherever they were copied."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def check_run(bundle: Path, run: Path) -> dict:
+    """The run's training config, after checking it is a finished decoder of ours trained on the bundle's model."""
+    if not (run / "decoder" / "config.json").is_file() or not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} holds no finished decoder ({run}/decoder/config.json): finish its training "
+                                f"first (python -m train.decoder ... --out-dir {run} --resume true)")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    if config.get("conditioning") != OURS:
+        raise ValueError(f"{run} trained a {config.get('conditioning')!r} decoder; only ours ({OURS!r}) is replaced: "
+                         "the paper-faithful decoder stays the recipe's, the baseline the card compares against")
+    trained_on = Path(config["checkpoint"])
+    if not trained_on.is_dir() or folder_digest(trained_on) != folder_digest(bundle / MODEL_DIR):
+        raise ValueError(f"{run} was trained on {trained_on}, not on the weights in {bundle / MODEL_DIR}: its "
+                         f"sketches would describe another model. Train it with --checkpoint {bundle / MODEL_DIR}")
+    return config
+
+
+def replace_decoder(bundle: Path, run: Path, eval_dir: Path, command: str, replaced_by: str) -> dict:
+    """Score ``run``'s decoder against the bundle's paper decoder, then swap it in; returns the new metrics."""
+    metrics_path = bundle / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path} is missing: {bundle} is not a bundle exported by train.default")
+    metrics = json.loads(metrics_path.read_text())
+    if "command" not in metrics:
+        raise ValueError(f"{metrics_path} does not record the recipe's command, which the card quotes: export the "
+                         "bundle again with python -m train.default ... --export")
+    config = check_run(bundle, run)
+
+    start = time.perf_counter()
+    eval_decoder.main(["--checkpoint", str(bundle / MODEL_DIR), "--decoder", str(run / "decoder"),
+                       "--paper-decoder", str(bundle / DECODER_DIRS["pooled"]),
+                       "--num-images", str(metrics["decoders"]["num_images"]), "--out-dir", str(eval_dir)])
+    eval_seconds = time.perf_counter() - start
+    results = json.loads((eval_dir / "results.json").read_text())
+
+    # The recipe's figures (both decoders equally long) stay beside the new ones; a second replacement keeps them.
+    metrics.setdefault("recipe_decoders", metrics["decoders"])
+    metrics.setdefault("recipe_decoder_config", metrics["decoder_config"])
+    elapsed = elapsed_by_step(run / "log.csv") if (run / "log.csv").is_file() else {}
+    metrics.update(decoders=results, decoder_config=config, decoder_retrained={
+        "command": command, "replaced_by": replaced_by, "hardware": hardware(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+        "train_seconds": round(elapsed[max(elapsed)], 1) if elapsed else None, "eval_seconds": round(eval_seconds, 1)})
+
+    # Write the new decoder beside the old one and swap folders, so a failure before the swap leaves the bundle whole.
+    target = bundle / DECODER_DIRS[OURS]
+    staged = target.with_name(target.name + ".new")
+    shutil.rmtree(staged, ignore_errors=True)
+    SketchDecoder.from_pretrained(run / "decoder", torch_dtype=torch.float16).save_pretrained(staged)
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(staged, target)
+    shutil.rmtree(old)
+    shutil.copy(eval_dir / "samples.png", bundle / "samples.png")
+    write_json_atomic(metrics_path, metrics)
+    write_model_card(metrics, bundle / "MODEL_CARD.md", metrics["command"])
+    return metrics
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", default="assets", help="a folder exported by python -m train.default --export")
+    parser.add_argument("--run", required=True, help="a train.decoder --out-dir, trained on the bundle's model")
+    parser.add_argument("--eval-dir", default=None, help="where the evaluation goes (default: <run>/eval)")
+    parser.add_argument("--command", default=None,
+                        help="the training command the card quotes (default: read back from <run>/config.yaml)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run = Path(args.run)
+    command = args.command or training_command(run)
+    replaced_by = f"python -m train.replace_decoder --bundle {args.bundle} --run {args.run}"
+    metrics = replace_decoder(Path(args.bundle), run, Path(args.eval_dir or run / "eval"), command, replaced_by)
+    ours = next(iter(metrics["decoders"]["decoders"].values()))
+    logger.info("replaced %s/%s: retrieval %.1f %%, diversity %.3f; card rewritten", args.bundle,
+                DECODER_DIRS[OURS], ours["retrieval_top1"], ours["diversity_rms"])
+
+
+def training_command(run: Path) -> str:
+    """The train.decoder command that reproduces the run, from the settings it saved (defaults left out)."""
+    saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    defaults = config_dict(DecoderTrainConfig())
+    flags = []
+    for name, value in saved.items():
+        if (name in RUN_ONLY_FIELDS and name != "out_dir") or value == defaults.get(name):
+            continue
+        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        flags.append(f"--{name.replace('_', '-')} {shown}")
+    return "python -m train.decoder " + " ".join(flags)
+
+
+if __name__ == "__main__":
+    main()
