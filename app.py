@@ -48,7 +48,8 @@ maps. Pick an example to start, or upload your own image and drag a box (up to {
 HOW_TO_READ = """
 - **Sketches**: a separate decoder turns the predicted description into pictures. Each sketch is one possible
   picture consistent with the prediction; the enlarged crops on the right of each sketch show only the box.
-  A briefly trained decoder, like the built-in one, draws blurry and nearly identical sketches: its average guess.
+  A briefly trained decoder draws blurry, nearly identical sketches (its average guess); the more images a decoder
+  saw, the more its sketches differ from seed to seed (the bundle's model card gives its figures).
 - **Sketch decoder** (when a bundle has both): *detailed* decoders see every predicted patch feature and the visible
   surroundings; the *pooled* one sees only the box's average predicted feature, as in the I-JEPA paper's figures, so
   its sketches vary more and show what that average keeps (a face, a flag) rather than where things go.
