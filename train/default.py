@@ -345,10 +345,10 @@ def decoder_lead(summary: dict) -> tuple[float, str]:
     lead = ours["retrieval_top1"] - paper["retrieval_top1"]
     if "recipe_decoders" not in summary:
         return lead, ""
-    return lead, (f"\nAt the recipe's length, both decoders trained on {decoder_run(summary['recipe_decoder_config'])} "
-                  f"and scored the same way when the bundle was exported: retrieval top-1 {ours['retrieval_top1']:.1f} % "
-                  f"(ours) vs {paper['retrieval_top1']:.1f} % (paper), diversity {ours['diversity_rms']:.3f} vs "
-                  f"{paper['diversity_rms']:.3f}.\n")
+    return lead, (f"\nAt the recipe's length, both decoders trained on "
+                  f"{decoder_run(summary['recipe_decoder_config'])} and scored the same way when the bundle was "
+                  f"exported: retrieval top-1 {ours['retrieval_top1']:.1f} % (ours) vs {paper['retrieval_top1']:.1f} % "
+                  f"(paper), diversity {ours['diversity_rms']:.3f} vs {paper['diversity_rms']:.3f}.\n")
 
 
 def retrained_note(summary: dict) -> str:
@@ -357,8 +357,8 @@ def retrained_note(summary: dict) -> str:
     if not retrained:
         return ""
     seconds = f"{retrained['train_seconds']:.0f} s of training, " if retrained.get("train_seconds") else ""
-    return (f"- Then ours was trained again on this bundle's frozen model, longer: {decoder_run(summary['decoder_config'])}, "
-            f"`{retrained['command']}` ({retrained['hardware']}, {retrained['date']}; {seconds}"
+    return (f"- Then ours was trained again on this bundle's frozen model, longer: "
+            f"{decoder_run(summary['decoder_config'])}, `{retrained['command']}` ({retrained['hardware']}, {retrained['date']}; {seconds}"
             f"{retrained['eval_seconds']:.0f} s to score both decoders), and swapped in with "
             f"`{retrained['replaced_by']}`. The paper-faithful decoder is the recipe's; the table below scores the "
             "bundle's two decoders as shipped.\n")

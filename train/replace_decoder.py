@@ -85,8 +85,9 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, command: str, repla
     metrics.setdefault("recipe_decoder_config", metrics["decoder_config"])
     elapsed = elapsed_by_step(run / "log.csv") if (run / "log.csv").is_file() else {}
     metrics.update(decoders=results, decoder_config=config, decoder_retrained={
-        "command": command, "replaced_by": replaced_by, "hardware": hardware(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-        "train_seconds": round(elapsed[max(elapsed)], 1) if elapsed else None, "eval_seconds": round(eval_seconds, 1)})
+        "command": command, "replaced_by": replaced_by, "hardware": hardware(), "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"), "train_seconds": round(elapsed[max(elapsed)], 1) if elapsed else None,
+        "eval_seconds": round(eval_seconds, 1)})
 
     # Write the new decoder beside the old one and swap folders, so a failure before the swap leaves the bundle whole.
     target = bundle / DECODER_DIRS[OURS]
@@ -102,6 +103,19 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, command: str, repla
     write_json_atomic(metrics_path, metrics)
     write_model_card(metrics, bundle / "MODEL_CARD.md", metrics["command"])
     return metrics
+
+
+def training_command(run: Path) -> str:
+    """The train.decoder command that reproduces the run, from the settings it saved (defaults left out)."""
+    saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    defaults = config_dict(DecoderTrainConfig())
+    flags = []
+    for name, value in saved.items():
+        if (name in RUN_ONLY_FIELDS and name != "out_dir") or value == defaults.get(name):
+            continue
+        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        flags.append(f"--{name.replace('_', '-')} {shown}")
+    return "python -m train.decoder " + " ".join(flags)
 
 
 def main(argv=None) -> None:
@@ -120,19 +134,6 @@ def main(argv=None) -> None:
     ours = next(iter(metrics["decoders"]["decoders"].values()))
     logger.info("replaced %s/%s: retrieval %.1f %%, diversity %.3f; card rewritten", args.bundle,
                 DECODER_DIRS[OURS], ours["retrieval_top1"], ours["diversity_rms"])
-
-
-def training_command(run: Path) -> str:
-    """The train.decoder command that reproduces the run, from the settings it saved (defaults left out)."""
-    saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    defaults = config_dict(DecoderTrainConfig())
-    flags = []
-    for name, value in saved.items():
-        if (name in RUN_ONLY_FIELDS and name != "out_dir") or value == defaults.get(name):
-            continue
-        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-        flags.append(f"--{name.replace('_', '-')} {shown}")
-    return "python -m train.decoder " + " ".join(flags)
 
 
 if __name__ == "__main__":
