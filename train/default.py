@@ -47,7 +47,7 @@ from train import budget
 from train import eval as evaluation
 from train import eval_decoder, pretrain
 from train.config import changed_settings, parse_config
-from train.runtime import elapsed_by_step, fast_bf16, write_json_atomic
+from train.runtime import fast_bf16, logged_training_seconds, write_json_atomic
 
 logger = logging.getLogger("train.default")
 CONFIGS = Path(__file__).parent / "configs"
@@ -129,8 +129,7 @@ STAGE_INPUTS = {"eval": ("pretrain",), "bank": ("pretrain",), "decoders": ("pret
 def logged_seconds(out: Path, stage: str) -> float:
     """Training seconds the CSV logs in a stage's folders record (elapsed_s counts on across resumed calls); 0 for
     stages that train nothing."""
-    logs = [elapsed_by_step(log) for p in STAGE_PATHS[stage] if (log := out / p / "log.csv").exists()]
-    return sum(elapsed[max(elapsed)] for elapsed in logs if elapsed)
+    return sum(logged_training_seconds(out / p / "log.csv") for p in STAGE_PATHS[stage])
 
 
 def stale_stages(out: Path) -> list[str]:
@@ -358,14 +357,16 @@ def retrained_note(summary: dict) -> str:
         return ""
     seconds = f"{retrained['train_seconds']:.0f} s of training, " if retrained.get("train_seconds") else ""
     return (f"- Then ours was trained again on this bundle's frozen model, longer: "
-            f"{decoder_run(summary['decoder_config'])}, `{retrained['command']}` ({retrained['hardware']}, {retrained['date']}; {seconds}"
-            f"{retrained['eval_seconds']:.0f} s to score both decoders), and swapped in with "
-            f"`{retrained['replaced_by']}`. The paper-faithful decoder is the recipe's; the table below scores the "
+            f"{decoder_run(summary['decoder_config'])}, `{retrained['command']}` ({retrained['hardware']}, "
+            f"{retrained['date']}; {seconds}{retrained['eval_seconds']:.0f} s to score both decoders), and swapped "
+            f"in with `{retrained['replaced_by']}`. The paper-faithful decoder is the recipe's; the table below scores the "
             "bundle's two decoders as shipped.\n")
 
 
-def write_model_card(summary: dict, path: Path, command: str) -> None:
-    """MODEL_CARD.md from the measured summary: every figure in it comes from this run's JSON."""
+def write_model_card(summary: dict, path: Path, command: str | None = None) -> None:
+    """MODEL_CARD.md from the measured summary: every figure in it comes from this run's JSON (the command too,
+    unless given)."""
+    command = command or summary["command"]
     feats = summary["features"]["features"]
     rows = "\n".join(f"| {name} | {_pct(m['knn_group'])} | {_pct(m['knn_subgroup'])} | {_pct(m['linear_group'])} | "
                      f"{_pct(m['linear_subgroup'])} |" for name, m in feats.items())
@@ -580,7 +581,7 @@ def main(argv=None) -> None:
     if args.export:
         export_assets(out, model_dir, decoders, Path(args.export))
         shutil.copy(out / "summary.json", Path(args.export) / "metrics.json")
-        write_model_card(summary, Path(args.export) / "MODEL_CARD.md", summary["command"])
+        write_model_card(summary, Path(args.export) / "MODEL_CARD.md")
         logger.info("exported the bundle to %s", args.export)
 
 

@@ -31,7 +31,7 @@ from train import eval_decoder
 from train.config import RUN_ONLY_FIELDS, config_dict
 from train.decoder import DecoderTrainConfig
 from train.default import hardware, write_model_card
-from train.runtime import elapsed_by_step, write_json_atomic
+from train.runtime import logged_training_seconds, write_json_atomic
 
 logger = logging.getLogger("train.replace_decoder")
 OURS = "spatial_context"  # the decoder the app draws with by default; the paper-faithful one stays the baseline
@@ -62,8 +62,9 @@ def check_run(bundle: Path, run: Path) -> dict:
     return config
 
 
-def replace_decoder(bundle: Path, run: Path, eval_dir: Path, command: str, replaced_by: str) -> dict:
-    """Score ``run``'s decoder against the bundle's paper decoder, then swap it in; returns the new metrics."""
+def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, command: str | None = None) -> dict:
+    """Score ``run``'s decoder against the bundle's paper decoder, then swap it in; returns the new metrics.
+    ``command`` is the training command the card quotes (default: rebuilt from the run's saved settings)."""
     metrics_path = bundle / "metrics.json"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{metrics_path} is missing: {bundle} is not a bundle exported by train.default")
@@ -83,11 +84,11 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, command: str, repla
     # The recipe's figures (both decoders equally long) stay beside the new ones; a second replacement keeps them.
     metrics.setdefault("recipe_decoders", metrics["decoders"])
     metrics.setdefault("recipe_decoder_config", metrics["decoder_config"])
-    elapsed = elapsed_by_step(run / "log.csv") if (run / "log.csv").is_file() else {}
+    train_seconds = logged_training_seconds(run / "log.csv")
     metrics.update(decoders=results, decoder_config=config, decoder_retrained={
-        "command": command, "replaced_by": replaced_by, "hardware": hardware(), "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"), "train_seconds": round(elapsed[max(elapsed)], 1) if elapsed else None,
-        "eval_seconds": round(eval_seconds, 1)})
+        "command": command or training_command(config), "replaced_by": replaced_by, "hardware": hardware(),
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+        "train_seconds": round(train_seconds, 1) or None, "eval_seconds": round(eval_seconds, 1)})
 
     # Write the new decoder beside the old one and swap folders, so a failure before the swap leaves the bundle whole.
     target = bundle / DECODER_DIRS[OURS]
@@ -101,13 +102,12 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, command: str, repla
     shutil.rmtree(old)
     shutil.copy(eval_dir / "samples.png", bundle / "samples.png")
     write_json_atomic(metrics_path, metrics)
-    write_model_card(metrics, bundle / "MODEL_CARD.md", metrics["command"])
+    write_model_card(metrics, bundle / "MODEL_CARD.md")
     return metrics
 
 
-def training_command(run: Path) -> str:
-    """The train.decoder command that reproduces the run, from the settings it saved (defaults left out)."""
-    saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
+def training_command(saved: dict) -> str:
+    """The train.decoder command that reproduces a run, from the settings it saved (defaults left out)."""
     defaults = config_dict(DecoderTrainConfig())
     flags = []
     for name, value in saved.items():
@@ -128,9 +128,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run = Path(args.run)
-    command = args.command or training_command(run)
     replaced_by = f"python -m train.replace_decoder --bundle {args.bundle} --run {args.run}"
-    metrics = replace_decoder(Path(args.bundle), run, Path(args.eval_dir or run / "eval"), command, replaced_by)
+    metrics = replace_decoder(Path(args.bundle), run, Path(args.eval_dir or run / "eval"), replaced_by, args.command)
     ours = next(iter(metrics["decoders"]["decoders"].values()))
     logger.info("replaced %s/%s: retrieval %.1f %%, diversity %.3f; card rewritten", args.bundle,
                 DECODER_DIRS[OURS], ours["retrieval_top1"], ours["diversity_rms"])

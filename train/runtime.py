@@ -156,6 +156,13 @@ def elapsed_by_step(path: Path) -> dict[int, float]:
     return {int(row[0]): float(row[-1]) for row in rows}
 
 
+def logged_training_seconds(path: Path) -> float:
+    """The training seconds a CSV log records up to its last row (elapsed_s counts on across resumed calls); 0 when
+    there is no log or no row yet."""
+    elapsed = elapsed_by_step(path) if path.is_file() else {}
+    return elapsed[max(elapsed)] if elapsed else 0.0
+
+
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON through a temporary file and a rename, so a kill mid-write leaves the old file whole."""
     tmp = path.with_suffix(".tmp")
