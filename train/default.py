@@ -359,8 +359,8 @@ def retrained_note(summary: dict) -> str:
     return (f"- Then ours was trained again on this bundle's frozen model, longer: "
             f"{decoder_run(summary['decoder_config'])}, `{retrained['command']}` ({retrained['hardware']}, "
             f"{retrained['date']}; {seconds}{retrained['eval_seconds']:.0f} s to score both decoders), and swapped "
-            f"in with `{retrained['replaced_by']}`. The paper-faithful decoder is the recipe's; the table below scores the "
-            "bundle's two decoders as shipped.\n")
+            f"in with `{retrained['replaced_by']}`. The paper-faithful decoder is the recipe's; the table below "
+            "scores the bundle's two decoders as shipped.\n")
 
 
 def write_model_card(summary: dict, path: Path, command: str | None = None) -> None:
