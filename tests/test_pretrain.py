@@ -9,7 +9,9 @@ import torch
 
 from helpers import train_on_two_gloo_ranks
 import train.pretrain as pretrain
+from ijepa.checkpoint import load_model
 from train.config import parse_config
+from train.export_checkpoint import export_checkpoint, newest_checkpoint
 from train.pretrain import PretrainConfig, train
 from train.runtime import list_checkpoints, resolve_precision
 
@@ -86,6 +88,24 @@ def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
     assert elapsed == sorted(elapsed)  # the resumed part counts on from the checkpoint's time, not from 0
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_any_kept_checkpoint_exports_as_a_model_folder(tmp_path):
+    finished = train(tiny(tmp_path / "run", "--steps", "4", "--ckpt-every", "2"))
+    middle = export_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000002.pt")
+    assert middle == tmp_path / "run" / "model_2"
+    newest = export_checkpoint(newest_checkpoint(tmp_path / "run"), tmp_path / "last")
+    for (name, a), b in zip(finished.state_dict().items(), load_model(newest).state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # the last step is the run's own export
+    assert load_model(middle).config == finished.config
+    assert any((a != b).any() for a, b in zip(finished.state_dict().values(), load_model(middle).state_dict().values()))
+
+    truncated = tmp_path / "ckpt-00000009.pt"
+    truncated.write_bytes((tmp_path / "run" / "checkpoints" / "ckpt-00000004.pt").read_bytes()[:5000])
+    with pytest.raises(RuntimeError, match="cannot read the training checkpoint .*ckpt-00000009.pt"):
+        export_checkpoint(truncated)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        newest_checkpoint(tmp_path / "last")
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

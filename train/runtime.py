@@ -116,7 +116,8 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file name and what to do
-        raise RuntimeError(f"cannot resume from {path}: {err}. Delete it to resume from an older checkpoint.") from err
+        raise RuntimeError(f"cannot read the training checkpoint {path}: {err}. If it is truncated, delete it: "
+                           "--resume then continues from the one before.") from err
 
 
 def resume_state(ckpt_dir: Path, config) -> tuple[dict | None, Path | None]:

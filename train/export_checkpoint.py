@@ -1,0 +1,67 @@
+"""Turn a pretraining checkpoint into a model folder that train.eval, train.decoder and the app load:
+
+    python -m train.export_checkpoint runs/tiny                                  # newest: runs/tiny/model_<step>
+    python -m train.export_checkpoint runs/tiny/checkpoints/ckpt-00007000.pt --out runs/tiny/model_7000
+
+A run exports ``<out_dir>/model`` only when it finishes; this gives the same folder for any step it kept, so a
+killed run's last checkpoint, or a step in the middle of a schedule, can be scored and viewed without resuming.
+The checkpoint carries its run's config, so nothing has to be given again.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+
+from ijepa.checkpoint import save_model
+from ijepa.model import IJepa
+from train.config import load_config
+from train.pretrain import PretrainConfig, model_config
+from train.runtime import list_checkpoints, load_checkpoint
+
+logger = logging.getLogger("train.export_checkpoint")
+
+
+def newest_checkpoint(path: Path) -> Path:
+    """``path`` itself when it is a checkpoint file, else the newest complete checkpoint of the run folder."""
+    if path.is_file():
+        return path
+    found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path}: no checkpoint (ckpt-<step>.pt) in it or in {path / 'checkpoints'}")
+    return found[-1]
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path | None = None) -> Path:
+    """Write the model of a pretraining checkpoint as ``config.json`` + ``model.safetensors``; returns the folder
+    (by default ``model_<step>`` beside the run's ``checkpoints`` folder)."""
+    state = load_checkpoint(checkpoint)
+    if not {"model", "config", "step"} <= set(state):
+        raise ValueError(f"{checkpoint}: not a pretraining checkpoint of train.pretrain (it holds {sorted(state)[:6]})")
+    known = {f.name for f in dataclasses.fields(PretrainConfig)}
+    dropped = sorted(set(state["config"]) - known)
+    if dropped:  # settings of an older version of train.pretrain; the weights' shapes are checked below
+        logger.warning("%s: ignoring settings this version does not know: %s", checkpoint, dropped)
+    cfg = load_config(PretrainConfig, None, {k: v for k, v in state["config"].items() if k in known})
+    model = IJepa(model_config(cfg))
+    model.load_state_dict(state["model"])
+    if out_dir is None:
+        run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+        out_dir = run_dir / f"model_{state['step']}"
+    save_model(model, out_dir)
+    logger.info("exported step %d of %s to %s", state["step"], checkpoint, out_dir)
+    return out_dir
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="a ckpt-<step>.pt file, or a run folder (its newest one)")
+    parser.add_argument("--out", type=Path, default=None, help="model folder to write (default: <run>/model_<step>)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    export_checkpoint(newest_checkpoint(args.checkpoint), args.out)
+
+
+if __name__ == "__main__":
+    main()
