@@ -323,9 +323,9 @@ def object_gap(feats: dict, objects: dict, floor: float) -> str:
             f"the whole image; pooled over the emoji's own patches the encoder gives {_pct(obj)} (random init "
             f"{_pct(objects['random_init']['knn_group'])}, raw pixels {_pct(objects['raw_pixels']['knn_group'])}), "
             f"and the background costs the whole-image average {obj - whole:.1f} points more. On the CPU, length cut "
-            "that cost (22 points at 57,600 images, 4 at 422,400) while the object-only figure stayed at 43-47 % "
-            "(bench/RESULTS.md, \"Semantics\"), so past it the floor needs object features that tell unseen emoji "
-            "apart better than their pixels do; whether more images give them is what the GPU profile would show.")
+            "that cost (22 points at 57,600 images, 4 at 422,400) while the object-only figure stayed at 43-49 % "
+            "up to 576,000 images (bench/RESULTS.md, \"Semantics\"), so past it the floor needs object features "
+            "that tell unseen emoji apart better than their pixels do, which no run here has shown.")
 
 
 def decoder_run(config: dict) -> str:
@@ -396,10 +396,12 @@ outside them blanked). The gap between this table and the one above is what the 
     pretrain_cfg, decoder_cfg = summary.get("pretrain_config", {}), summary.get("decoder_config", {})
     images_seen = pretrain_cfg.get("steps", 0) * pretrain_cfg.get("batch_size", 0)
     gap_note = "" if margin >= 15 else (
-        "What would close the kNN gap: many more images than a CPU run can show (this run saw "
-        f"{images_seen:,}; the official recipe only matched pixels after 688k), i.e. the GPU profile "
-        "(`train/configs/emoji_gpu.yaml`: the same model on ~2M images in minutes), then a schedule sweep (lr, EMA) "
-        "judged by `python -m train.eval`." + object_gap(feats, objects, best_pixels + 15) + "\n")
+        f"What would close the kNN gap is not known yet (this run saw {images_seen:,} images). More images of this "
+        "world at this model size stopped paying on the CPU: a 9000-step schedule (576,000 images) scored 38.9 %, "
+        "below the 6600-step one's 41.6 % (bench/RESULTS.md, \"Length\"), and the official recipe only matched "
+        "pixels after 688k. Next to measure: the GPU profile (`train/configs/emoji_gpu.yaml`: the same model on ~2M "
+        "images in minutes) and wider encoders at that length, each judged by `python -m train.eval`."
+        + object_gap(feats, objects, best_pixels + 15) + "\n")
     grid = pretrain_cfg.get("img_size", 0) // max(1, pretrain_cfg.get("patch_size", 1))
     grid_note = "" if grid >= 16 else (
         f"- Patch grid {grid} x {grid}, coarser than the 16 x 16 the default-model issue asks for, so boxes snap to "
