@@ -400,7 +400,8 @@ outside them blanked). The gap between this table and the one above is what the 
         "world at this model size stopped paying on the CPU: a 9000-step schedule (576,000 images) scored 38.9 %, "
         "below the 6600-step one's 41.6 % (bench/RESULTS.md, \"Length\"), and the official recipe only matched "
         "pixels after 688k. Next to measure: the GPU profile (`train/configs/emoji_gpu.yaml`: the same model on ~2M "
-        "images in minutes) and wider encoders at that length, each judged by `python -m train.eval`."
+        "images in minutes) and wider encoders at that length, each judged by `python -m train.eval` (at 96,000 "
+        "images a 384-wide encoder scored 2.5 points below the 192-wide one, bench/RESULTS.md, \"Semantics\")."
         + object_gap(feats, objects, best_pixels + 15) + "\n")
     grid = pretrain_cfg.get("img_size", 0) // max(1, pretrain_cfg.get("patch_size", 1))
     grid_note = "" if grid >= 16 else (
