@@ -62,7 +62,7 @@ def train_supervised(cfg: PretrainConfig, label: str, device: torch.device) -> t
     loader = DataLoader(scenes, batch_sampler=StepBatches(0, cfg.steps, cfg.batch_size, 0, 1),
                         num_workers=cfg.num_workers, collate_fn=StackFields(("image", label)))
     model.train()
-    start, smooth_loss, smooth_acc = time.time(), 0.0, 0.0
+    start, smooth_loss, smooth_acc, loss_log = time.time(), 0.0, 0.0, []
     bar = tqdm(enumerate(loader), total=cfg.steps, desc=f"supervised on {label}")
     for step, batch in bar:
         set_optimizer_schedule(optimizer,
@@ -76,13 +76,15 @@ def train_supervised(cfg: PretrainConfig, label: str, device: torch.device) -> t
         loss.backward()
         optimizer.step()
         if step % cfg.log_every == 0 or step == cfg.steps - 1:  # the only host syncs
+            loss_log.append([step, round(loss.item(), 5)])
             smooth_loss = 0.98 * smooth_loss + 0.02 * loss.item() if step else loss.item()
             correct = (logits.argmax(1) == labels).float().mean().item()
             smooth_acc = 0.98 * smooth_acc + 0.02 * correct if step else correct
             bar.set_postfix(loss=f"{smooth_loss:.3f}", acc=f"{smooth_acc:.3f}")
     stats = {"label": label, "steps": cfg.steps, "warmup_steps": cfg.warmup_steps, "batch_size": cfg.batch_size,
              "images": cfg.steps * cfg.batch_size, "precision": precision, "train_s": round(time.time() - start, 1),
-             "final_loss": loss.item(), "final_batch_acc": (logits.argmax(1) == labels).float().mean().item()}
+             "final_loss": loss.item(), "final_batch_acc": (logits.argmax(1) == labels).float().mean().item(),
+             "loss_log": loss_log}  # [step, batch loss] every log_every steps
     model.target_encoder.load_state_dict(model.encoder.state_dict())
     return model.eval(), stats
 
