@@ -27,22 +27,12 @@ from tqdm import tqdm
 
 from ijepa.model import IJepa
 from train.config import parse_config
-from train.data import build_dataset
+from train.data import StackFields, build_dataset
 from train.emoji import get_catalog
 from train.eval import evaluate_emoji_features
 from train.objective import learning_rate, param_groups, set_optimizer_schedule, weight_decay
 from train.pretrain import SCENE_FIELDS, PretrainConfig, StepBatches, model_config
 from train.runtime import autocast, resolve_precision
-
-
-class StackFields:
-    """Collate the named fields of scene dicts into batch tensors (a class, so DataLoader workers can pickle it)."""
-
-    def __init__(self, keys: tuple[str, ...]):
-        self.keys = keys
-
-    def __call__(self, items: list[dict]) -> dict:
-        return {k: torch.stack([torch.as_tensor(item[k]) for item in items]) for k in self.keys}
 
 
 def train_supervised(cfg: PretrainConfig, label: str, device: torch.device) -> tuple[IJepa, dict]:

@@ -117,6 +117,17 @@ class ImageFolderDataset(Dataset):
         return {"image": tensor, "index": index, "label": label}
 
 
+class StackFields:
+    """DataLoader ``collate_fn``: the named fields of sample dicts stacked into batch tensors (a class, not a lambda,
+    so DataLoader workers can pickle it)."""
+
+    def __init__(self, keys: tuple[str, ...]):
+        self.keys = keys
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        return {k: torch.stack([torch.as_tensor(item[k]) for item in items]) for k in self.keys}
+
+
 def build_dataset(name_or_path: str | os.PathLike, resolution: int, patch_size: int, seed: int = 0,
                   **kwargs) -> Dataset:
     """"emoji" -> EmojiScenes; an existing directory -> ImageFolderDataset. Extra kwargs go to the dataset."""

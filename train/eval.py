@@ -29,6 +29,7 @@ from ijepa.checkpoint import load_model
 from ijepa.masks import complement_indices, rectangle_indices
 from ijepa.inference import encode, gather, pooled, predict_features, true_features
 from ijepa.model import IJepa
+from train.data import StackFields
 
 logger = logging.getLogger("train.eval")
 
@@ -37,8 +38,7 @@ logger = logging.getLogger("train.eval")
 
 def collect(dataset: Dataset, keys: tuple[str, ...], batch_size: int = 256):
     """Iterate a dataset in batches (in this process), yielding dicts of stacked tensors for ``keys``."""
-    loader = DataLoader(dataset, batch_size=batch_size,
-                        collate_fn=lambda items: {k: torch.stack([torch.as_tensor(i[k]) for i in items]) for k in keys})
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=StackFields(keys))
     yield from loader
 
 
