@@ -326,7 +326,7 @@ def object_gap(feats: dict, objects: dict, floor: float) -> str:
             "that cost (22 points at 57,600 images, 4 at 422,400) while the object-only figure stayed at 43-49 % "
             "up to 576,000 images (bench/RESULTS.md, \"Semantics\"), so past it the floor needs object features "
             "that tell unseen emoji apart better than their pixels do, which no I-JEPA run here has shown (the "
-            "supervised reference's do: 56.4 % against 53.3).")
+            "supervised reference's do: 56.4 % object-only).")
 
 
 def decoder_run(config: dict) -> str:
@@ -398,8 +398,8 @@ outside them blanked). The gap between this table and the one above is what the 
     images_seen = pretrain_cfg.get("steps", 0) * pretrain_cfg.get("batch_size", 0)
     gap_note = "" if margin >= 15 else (
         f"What would close the kNN gap (this run saw {images_seen:,} images) is not known yet, but it is not the "
-        "encoder's size or the world: the same encoder trained on the same 422,400 scenes with cross-entropy on the "
-        "main emoji's group scores 55.8 % (object-only 56.4 %), 17.4 points above raw pixels "
+        "encoder's size or the world: this encoder trained on the CPU recipe's 422,400 scenes with cross-entropy on "
+        "the main emoji's group scores 55.8 %, 17.4 points above raw pixels "
         "(`python bench/supervised_reference.py`, bench/RESULTS.md, \"What do labels buy\"). So features that "
         "clear the floor exist for this model on this world, and the I-JEPA objective has not found them at this "
         "length. More images of this world stopped paying on the CPU: a 9000-step schedule (576,000 images) scored "
