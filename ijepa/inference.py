@@ -21,6 +21,7 @@ from typing import BinaryIO, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .masks import Box, apply_masks
@@ -32,6 +33,35 @@ def layer_norm_features(features: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(features, (features.size(-1),))
 
 
+def instance_norm_tokens(features: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Normalise each feature over one image's tokens ([B, N, D]: mean 0, std 1 along N), as data2vec does to
+    its targets: a component every token of an image shares (its background, say) no longer counts."""
+    mean, var = features.mean(1, keepdim=True), features.var(1, keepdim=True, unbiased=False)
+    return (features - mean) * torch.rsqrt(var + eps)
+
+
+def target_features(target_encoder: nn.Module, images: torch.Tensor, norm: str = "layer",
+                    layers: int = 1) -> torch.Tensor:
+    """What the predictor must predict, for every patch of the full image: [B, N, D].
+
+    ``norm="layer", layers=1`` is the paper's target: the last block's output through the encoder's final norm,
+    then an affine-free per-token LayerNorm. ``norm="instance"`` normalises each feature over the image's tokens
+    before that LayerNorm; ``layers=K`` (with ``"instance"``) averages the instance-normed outputs of the last K
+    blocks first, as data2vec does. Both are departures from the official objective, measured in
+    bench/RESULTS.md ("Semantics"); a model records its choice in ``IJepaConfig.target_norm/target_layers``.
+    """
+    if layers == 1:
+        features = target_encoder(images)
+        if norm == "instance":
+            features = instance_norm_tokens(features.float())
+    else:
+        if norm != "instance":
+            raise ValueError("averaging several blocks' outputs needs target_norm 'instance' (their scales differ)")
+        outputs = target_encoder.block_outputs(images, last=layers)
+        features = torch.stack([instance_norm_tokens(o.float()) for o in outputs]).mean(0)
+    return layer_norm_features(features)
+
+
 @torch.no_grad()
 def encode(model: IJepa, images: torch.Tensor, which: str = "target") -> torch.Tensor:
     """Raw (un-normalised) features of every patch: [B, N, D], from the target encoder by default."""
@@ -40,8 +70,10 @@ def encode(model: IJepa, images: torch.Tensor, which: str = "target") -> torch.T
 
 @torch.no_grad()
 def true_features(model: IJepa, images: torch.Tensor) -> torch.Tensor:
-    """Layer-normed target-encoder features of the full image, [B, N, D]: what the predictor is trained to match."""
-    return layer_norm_features(model.target_encoder(model.normalize(images)))
+    """Normalised target-encoder features of the full image, [B, N, D]: what the predictor is trained to match
+    (per-token layer-normed, after the model's own ``target_norm``/``target_layers``)."""
+    return target_features(model.target_encoder, model.normalize(images), model.config.target_norm,
+                           model.config.target_layers)
 
 
 @torch.no_grad()

@@ -33,10 +33,22 @@ class IJepaConfig:
     predictor_depth: int = 6
     predictor_num_heads: int = 12
     has_predictor: bool = True
+    # what the predictor was trained to match: "layer" = the paper's per-token LayerNorm of the last block;
+    # "instance" normalises each feature over the image's tokens first; target_layers > 1 averages the last blocks
+    target_norm: str = "layer"
+    target_layers: int = 1
     arch: str = ""
     trained_on: str = ""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.target_norm not in ("layer", "instance"):
+            raise ValueError(f"target_norm must be 'layer' or 'instance', got {self.target_norm!r}")
+        if not 1 <= self.target_layers <= self.depth:
+            raise ValueError(f"target_layers must be 1..depth ({self.depth}), got {self.target_layers}")
+        if self.target_layers > 1 and self.target_norm != "instance":
+            raise ValueError("target_layers > 1 averages blocks of different scales: it needs target_norm 'instance'")
 
     @property
     def grid_size(self) -> tuple[int, int]:

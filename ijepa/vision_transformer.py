@@ -100,6 +100,19 @@ class VisionTransformer(nn.Module):
             x = block(x)
         return self.norm(x)
 
+    def block_outputs(self, images: torch.Tensor, last: int) -> list[torch.Tensor]:
+        """The raw outputs [B, N, D] of the last ``last`` blocks for the full image (data2vec-style targets)."""
+        if not 1 <= last <= len(self.blocks):
+            raise ValueError(f"last must be 1..{len(self.blocks)}, got {last}")
+        grid = self.grid_of(images)
+        x = self.patch_embed(images) + position_table(self.pos_embed, self.grid_size, grid)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i >= len(self.blocks) - last:
+                outputs.append(x)
+        return outputs
+
 
 def _create(arch: str, **kwargs) -> VisionTransformer:
     model_args = dict(VIT_ARCHS[arch])

@@ -156,3 +156,13 @@ def test_predictor_parameter_names_are_official():
     assert {"mask_token", "predictor_pos_embed", "predictor_embed.weight", "predictor_blocks.1.attn.qkv.bias",
             "predictor_norm.weight", "predictor_proj.weight"} <= names
     assert not pred.predictor_pos_embed.requires_grad
+
+
+def test_block_outputs_are_the_forward_pass_before_its_final_norm():
+    encoder = ijepa.vit_tiny(patch_size=8, img_size=32, depth=3).eval()
+    images = torch.randn(2, 3, 32, 32)
+    outputs = encoder.block_outputs(images, last=2)
+    assert len(outputs) == 2
+    torch.testing.assert_close(encoder.norm(outputs[-1]), encoder(images))
+    with pytest.raises(ValueError, match="last must be 1..3"):
+        encoder.block_outputs(images, last=4)

@@ -10,6 +10,7 @@ import torch
 from helpers import train_on_two_gloo_ranks
 import train.pretrain as pretrain
 from ijepa.checkpoint import load_model
+from ijepa.inference import true_features
 from train.config import parse_config
 from train.export_checkpoint import export_checkpoint, newest_checkpoint
 from train.pretrain import PretrainConfig, train
@@ -187,3 +188,24 @@ def test_asking_for_emulated_bf16_warns_but_is_honoured(monkeypatch, caplog):
     assert "no native bf16" in caplog.text
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_precision(torch.device("cpu"), "fp16")
+
+
+def test_data2vec_targets_are_what_the_exported_model_calls_truth(tmp_path):
+    """A run with instance-normed, 2-block targets learns, and its exported model computes 'truth' (what the app
+    and the probes compare predictions with) the way the loss did; the paper's target stays the default."""
+    model = train(tiny(tmp_path / "run", "--steps", "8", "--depth", "2", "--target-norm", "instance",
+                       "--target-layers", "2"))
+    assert losses(tmp_path / "run")[-1] < losses(tmp_path / "run")[0]
+    loaded = load_model(tmp_path / "run" / "model")
+    assert (loaded.config.target_norm, loaded.config.target_layers) == ("instance", 2)
+    images = torch.rand(2, 3, 32, 32)
+    blocks = loaded.target_encoder.block_outputs(loaded.normalize(images), last=2)
+    centred = [(b - b.mean(1, keepdim=True)) / (b.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt() for b in blocks]
+    expected = torch.nn.functional.layer_norm((centred[0] + centred[1]) / 2, (loaded.config.embed_dim,))
+    torch.testing.assert_close(true_features(loaded, images), expected, atol=1e-4, rtol=1e-4)
+    paper = load_model(tmp_path / "run" / "model")
+    paper.config.target_norm, paper.config.target_layers = "layer", 1
+    torch.testing.assert_close(true_features(paper, images), torch.nn.functional.layer_norm(
+        paper.target_encoder(paper.normalize(images)), (paper.config.embed_dim,)))
+    with pytest.raises(ValueError, match="needs target_norm 'instance'"):
+        train(tiny(tmp_path / "bad", "--steps", "1", "--depth", "2", "--target-layers", "2"))

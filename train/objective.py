@@ -7,20 +7,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ijepa.inference import layer_norm_features
+from ijepa.inference import layer_norm_features, target_features
 from ijepa.masks import apply_masks
 
 
 def ijepa_loss(encoder: nn.Module, predictor: nn.Module, target_encoder: nn.Module, images: torch.Tensor,
-               context_masks: list[torch.Tensor], target_masks: list[torch.Tensor]) -> torch.Tensor:
-    """Smooth-L1 between the predictor's outputs and layer-normed target-encoder features of the target blocks.
+               context_masks: list[torch.Tensor], target_masks: list[torch.Tensor], target_norm: str = "layer",
+               target_layers: int = 1) -> torch.Tensor:
+    """Smooth-L1 between the predictor's outputs and the normalised target-encoder features of the target blocks.
 
-    The target encoder sees the FULL image; its features are normalised per token (an affine-free LayerNorm)
-    before gathering, exactly as in the paper's code. One context mask per image is assumed (the official setup),
-    so predictions and gathered targets line up row for row.
+    The target encoder sees the FULL image; by default its features are normalised per token (an affine-free
+    LayerNorm) before gathering, exactly as in the paper's code (``target_features`` for the alternatives). One
+    context mask per image is assumed (the official setup), so predictions and gathered targets line up row for row.
     """
     with torch.no_grad():
-        targets = apply_masks(layer_norm_features(target_encoder(images)), target_masks)
+        targets = apply_masks(target_features(target_encoder, images, target_norm, target_layers), target_masks)
         if len(context_masks) > 1:  # predictions are ordered (target, context, image)
             b = images.size(0)
             targets = targets.view(len(target_masks), 1, b, *targets.shape[1:])

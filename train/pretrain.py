@@ -68,6 +68,10 @@ class PretrainConfig:
     context_scale: tuple[float, float] = (0.85, 1.0)
     min_keep: int = 10
     official_quirks: bool = False
+    # the target: "layer" (the paper's per-token LayerNorm) or "instance" (each feature normalised over the image's
+    # tokens first, data2vec-style); target_layers > 1 averages the last blocks' outputs (needs "instance")
+    target_norm: str = "layer"
+    target_layers: int = 1
     # emoji scenes only: passed to train/emoji.py EmojiScenes, whose defaults they take
     backgrounds: tuple[str, ...] = _SCENE_DEFAULTS["backgrounds"]
     same_base_prob: float = _SCENE_DEFAULTS["same_base_prob"]
@@ -119,7 +123,8 @@ class StepBatches(Sampler):
 
 def model_config(cfg: PretrainConfig) -> IJepaConfig:
     overrides = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, predictor_embed_dim=cfg.predictor_embed_dim,
-                     predictor_depth=cfg.predictor_depth, trained_on=cfg.trained_on)
+                     predictor_depth=cfg.predictor_depth, trained_on=cfg.trained_on,
+                     target_norm=cfg.target_norm, target_layers=cfg.target_layers)
     if cfg.depth is not None:
         overrides["depth"] = cfg.depth
     return IJepaConfig.from_arch(cfg.arch, **overrides)
@@ -203,7 +208,8 @@ def train(cfg: PretrainConfig) -> IJepa:
         context_masks = [m.to(rt.device, non_blocking=True) for m in batch["context_masks"]]
         target_masks = [m.to(rt.device, non_blocking=True) for m in batch["target_masks"]]
         with autocast(rt.device, precision):
-            loss = ijepa_loss(encoder, predictor, target_encoder, images, context_masks, target_masks)
+            loss = ijepa_loss(encoder, predictor, target_encoder, images, context_masks, target_masks,
+                              model.config.target_norm, model.config.target_layers)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
