@@ -89,11 +89,14 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
         return h // self.patch_size, w // self.patch_size
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, C, H, W] (normalised) -> patch tokens with their position table added, [B, N, D]."""
+        grid = self.grid_of(images)  # checks the size first, with a readable message
+        return self.patch_embed(images) + position_table(self.pos_embed, self.grid_size, grid)
+
     def forward(self, images: torch.Tensor, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
         """images [B, C, H, W] (normalised) -> [B, N, D], or [len(masks) * B, K, D] with keep-index masks."""
-        grid = self.grid_of(images)
-        x = self.patch_embed(images)
-        x = x + position_table(self.pos_embed, self.grid_size, grid)
+        x = self.embed(images)
         if masks is not None:
             x = apply_masks(x, masks)
         for block in self.blocks:
@@ -104,8 +107,7 @@ class VisionTransformer(nn.Module):
         """The raw outputs [B, N, D] of the last ``last`` blocks for the full image (data2vec-style targets)."""
         if not 1 <= last <= len(self.blocks):
             raise ValueError(f"last must be 1..{len(self.blocks)}, got {last}")
-        grid = self.grid_of(images)
-        x = self.patch_embed(images) + position_table(self.pos_embed, self.grid_size, grid)
+        x = self.embed(images)
         outputs = []
         for i, block in enumerate(self.blocks):
             x = block(x)

@@ -89,6 +89,12 @@ def test_model_card_quotes_the_measured_figures(smoke_run):
     metrics["pretrain_config"].update(theme_prob=0.5, theme="group")
     recipe.write_model_card(metrics, smoke_run / "themed.md", "python -m train.default --pretrain.theme-prob 0.5")
     assert "shares the main emoji's Unicode group with probability 0.5" in (smoke_run / "themed.md").read_text()
+    # So does a model trained to predict data2vec's targets instead of the paper's.
+    assert "data2vec" not in card
+    metrics["pretrain_config"].update(target_norm="instance", target_layers=3)
+    recipe.write_model_card(metrics, smoke_run / "d2v.md", "python -m train.default --target-norm instance")
+    assert "Targets: data2vec's, not the paper's. Each feature of the target encoder's last 3 blocks" in (
+        smoke_run / "d2v.md").read_text()
 
 
 def train_smoke_decoder(checkpoint, out_dir, steps):
