@@ -47,9 +47,13 @@ def target_features(target_encoder: nn.Module, images: torch.Tensor, norm: str =
     ``norm="layer", layers=1`` is the paper's target: the last block's output through the encoder's final norm,
     then an affine-free per-token LayerNorm. ``norm="instance"`` normalises each feature over the image's tokens
     before that LayerNorm; ``layers=K`` (with ``"instance"``) averages the instance-normed outputs of the last K
-    blocks first, as data2vec does. Both are departures from the official objective, measured in
-    bench/RESULTS.md ("Semantics"); a model records its choice in ``IJepaConfig.target_norm/target_layers``.
+    blocks first, as data2vec does (its end-of-block variant: each block's residual output; with K=1 the encoder's
+    own final norm comes first, as in the paper's target). Both depart from the official objective, measured in
+    bench/RESULTS.md ("Does what the predictor predicts matter?"); a model records its choice in
+    ``IJepaConfig.target_norm/target_layers``.
     """
+    if norm not in ("layer", "instance"):
+        raise ValueError(f"target norm must be 'layer' or 'instance', got {norm!r}")
     if layers == 1:
         features = target_encoder(images)
         if norm == "instance":

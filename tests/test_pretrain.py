@@ -40,6 +40,14 @@ def test_cli_yaml_and_overrides(tmp_path):
         parse_config(PretrainConfig, ["--config", str(tmp_path / "bad.yaml")])
 
 
+def test_a_checkpoint_older_than_a_setting_resumes_only_with_its_default():
+    from train.config import changed_settings, config_dict
+    saved = config_dict(PretrainConfig())
+    del saved["target_norm"]  # written before the setting existed: that run predicted the paper's target
+    assert changed_settings(saved, PretrainConfig()) == ""
+    assert changed_settings(saved, PretrainConfig(target_norm="instance")) == "target_norm: 'layer' -> 'instance'"
+
+
 def test_scene_settings_reach_the_world_the_run_trains_on(tmp_path, monkeypatch):
     built = []
     real = pretrain.build_dataset
@@ -130,6 +138,10 @@ def test_target_spread_tells_a_collapsed_encoder_from_a_healthy_one():
     collapsed = lambda x: torch.randn(32).expand(x.size(0), 16, 32) + 1e-4 * varied(x)  # noqa: E731
     assert target_spread(varied, images).item() == pytest.approx(1.0, abs=0.1)
     assert target_spread(collapsed, images).item() < 0.01
+    # every patch of an image alike, images different: the paper's target still varies, an instance-normed one not
+    per_image = lambda x: torch.randn(x.size(0), 1, 32).expand(-1, 16, -1)  # noqa: E731
+    assert target_spread(per_image, images).item() > 0.5
+    assert target_spread(per_image, images, "instance").item() < 0.1
 
 
 def test_collapse_is_logged_with_a_warning(tmp_path, monkeypatch, caplog):
@@ -137,7 +149,7 @@ def test_collapse_is_logged_with_a_warning(tmp_path, monkeypatch, caplog):
     rows = list(csv.DictReader(open(tmp_path / "ok" / "log.csv")))
     assert len(rows) == 3 and all(float(r["target_std"]) > pretrain.COLLAPSED_SPREAD for r in rows)
     assert "collapsed" not in caplog.text
-    monkeypatch.setattr(pretrain, "target_spread", lambda encoder, images: torch.tensor(0.01))
+    monkeypatch.setattr(pretrain, "target_spread", lambda encoder, images, *target: torch.tensor(0.01))
     with caplog.at_level("WARNING", logger="train.pretrain"):
         train(tiny(tmp_path / "collapsed", "--steps", "3"))
     assert caplog.text.count("collapsed") == 1  # once, not at every logging step

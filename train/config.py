@@ -83,8 +83,9 @@ RUN_ONLY_FIELDS = frozenset({"resume", "out_dir", "device", "num_workers", "log_
 
 def changed_settings(saved: dict, config) -> str:
     """The settings of ``config`` that differ from a stored ``config_dict`` (fields outside RUN_ONLY_FIELDS), as
-    "name: old -> new, ..."; empty when the run can continue exactly. Fields the stored config lacks (written
-    before they existed) count as unchanged."""
+    "name: old -> new, ..."; empty when the run can continue exactly. A field the stored config lacks (written
+    before it existed) counts as its default, which is what that run used."""
     current = config_dict(config)
-    return ", ".join(f"{name}: {saved[name]!r} -> {value!r}" for name, value in current.items()
-                     if name not in RUN_ONLY_FIELDS and name in saved and saved[name] != value)
+    stored = {**config_dict(type(config)()), **saved}
+    return ", ".join(f"{name}: {stored[name]!r} -> {value!r}" for name, value in current.items()
+                     if name not in RUN_ONLY_FIELDS and name in stored and stored[name] != value)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ijepa.inference import layer_norm_features, target_features
+from ijepa.inference import target_features
 from ijepa.masks import apply_masks
 
 
@@ -32,14 +32,16 @@ def ijepa_loss(encoder: nn.Module, predictor: nn.Module, target_encoder: nn.Modu
 
 
 @torch.no_grad()
-def target_spread(target_encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """How different a batch's layer-normed target tokens are: the standard deviation of each feature over every
-    token of every image, averaged over features (about 0.4 for the shipped emoji model).
+def target_spread(target_encoder: nn.Module, images: torch.Tensor, norm: str = "layer",
+                  layers: int = 1) -> torch.Tensor:
+    """How different a batch's target tokens are: the standard deviation of each feature over every token of every
+    image, averaged over features (about 0.4 for the shipped emoji model's layer-normed targets).
 
-    Near 0 means collapse: the encoder gives every patch the same vector, and the loss falls to ~0 as if training
-    were going well (measured on a 16 x 16 grid in bench/RESULTS.md, "Semantics").
+    Near 0 means collapse: the encoder gives every patch the same vector (with instance-normed targets, every
+    patch of an image), and the loss falls to ~0 as if training were going well (measured on a 16 x 16 grid in
+    bench/RESULTS.md, "Semantics").
     """
-    return layer_norm_features(target_encoder(images).float()).flatten(0, 1).std(0).mean()
+    return target_features(target_encoder, images, norm, layers).float().flatten(0, 1).std(0).mean()
 
 
 @torch.no_grad()

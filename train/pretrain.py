@@ -145,6 +145,7 @@ def train(cfg: PretrainConfig) -> IJepa:
     """Run (or resume) pretraining; exports ``<out_dir>/model`` and returns the trained model."""
     rt: Runtime = setup_runtime(cfg.device)
     precision = resolve_precision(rt.device, cfg.precision)
+    model_settings = model_config(cfg)  # a bad setting stops the run here, before anything is written
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     state, resumed_from = resume_state(ckpt_dir, cfg)
@@ -154,7 +155,7 @@ def train(cfg: PretrainConfig) -> IJepa:
 
     # model and optimizer
     torch.manual_seed(cfg.seed)
-    model = IJepa(model_config(cfg)).to(rt.device)
+    model = IJepa(model_settings).to(rt.device)
     use_cuda = rt.device.type == "cuda"
     set_fused_attention(model, uses_fused_attention(rt.device, precision))
     optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=cfg.lr, betas=(0.9, 0.999),
@@ -234,7 +235,8 @@ def train(cfg: PretrainConfig) -> IJepa:
             mean_loss, img_per_s = loss_sum.item() / window_steps, window_steps * images_per_step / (now - window_start)
             if rt.is_main:
                 with autocast(rt.device, precision):
-                    spread = target_spread(model.target_encoder, images).item()
+                    spread = target_spread(model.target_encoder, images, model.config.target_norm,
+                                           model.config.target_layers).item()
                 if spread < COLLAPSED_SPREAD and not warned_collapse:
                     warned_collapse = True
                     logger.warning("step %d: the target features have collapsed (spread %.3f < %.2f): the encoder "
