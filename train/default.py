@@ -427,7 +427,7 @@ outside them blanked). The gap between this table and the one above is what the 
         + (" and the blocks are averaged" if layers > 1 else "") + " before the paper's per-token LayerNorm, so what "
         "every patch of an image shares (its background) is not worth predicting. The objective is still I-JEPA's: "
         "predict the target encoder's features of hidden blocks from the visible context. At 96,000 images this "
-        "target gained 7-9 points of group kNN over the paper's; at the CPU recipe's length it scored within noise "
+        "target gained 7.2 points of group kNN over the paper's; at the CPU recipe's length it scored within noise "
         "of it, and a probe on true box features read less (bench/RESULTS.md, \"Does what the predictor predicts "
         "matter?\"). The official weights keep the paper's target.\n")
     ours = next(iter(dec.values()))
