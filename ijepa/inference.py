@@ -25,7 +25,7 @@ from torch import nn
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .masks import Box, apply_masks
-from .model import IJepa
+from .model import IJepa, check_target
 
 
 def layer_norm_features(features: torch.Tensor) -> torch.Tensor:
@@ -52,15 +52,12 @@ def target_features(target_encoder: nn.Module, images: torch.Tensor, norm: str =
     bench/RESULTS.md ("Does what the predictor predicts matter?"); a model records its choice in
     ``IJepaConfig.target_norm/target_layers``.
     """
-    if norm not in ("layer", "instance"):
-        raise ValueError(f"target norm must be 'layer' or 'instance', got {norm!r}")
+    check_target(norm, layers)
     if layers == 1:
         features = target_encoder(images)
         if norm == "instance":
             features = instance_norm_tokens(features.float())
     else:
-        if norm != "instance":
-            raise ValueError("averaging several blocks' outputs needs target_norm 'instance' (their scales differ)")
         outputs = target_encoder.block_outputs(images, last=layers)
         features = torch.stack([instance_norm_tokens(o.float()) for o in outputs]).mean(0)
     return layer_norm_features(features)

@@ -19,6 +19,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def check_target(norm: str, layers: int) -> None:
+    """The target choices that exist (``ijepa.inference.target_features`` computes them), with a readable error."""
+    if norm not in ("layer", "instance"):
+        raise ValueError(f"target_norm must be 'layer' or 'instance', got {norm!r}")
+    if layers < 1:
+        raise ValueError(f"target_layers must be at least 1, got {layers}")
+    if layers > 1 and norm != "instance":
+        raise ValueError("target_layers > 1 averages blocks of different scales: it needs target_norm 'instance'")
+
+
 @dataclass
 class IJepaConfig:
     """Everything needed to rebuild the networks, plus what a user should know about them."""
@@ -43,12 +53,9 @@ class IJepaConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self):
-        if self.target_norm not in ("layer", "instance"):
-            raise ValueError(f"target_norm must be 'layer' or 'instance', got {self.target_norm!r}")
-        if not 1 <= self.target_layers <= self.depth:
+        check_target(self.target_norm, self.target_layers)
+        if self.target_layers > self.depth:
             raise ValueError(f"target_layers must be 1..depth ({self.depth}), got {self.target_layers}")
-        if self.target_layers > 1 and self.target_norm != "instance":
-            raise ValueError("target_layers > 1 averages blocks of different scales: it needs target_norm 'instance'")
 
     @property
     def grid_size(self) -> tuple[int, int]:

@@ -88,4 +88,4 @@ def changed_settings(saved: dict, config) -> str:
     current = config_dict(config)
     stored = {**config_dict(type(config)()), **saved}
     return ", ".join(f"{name}: {stored[name]!r} -> {value!r}" for name, value in current.items()
-                     if name not in RUN_ONLY_FIELDS and name in stored and stored[name] != value)
+                     if name not in RUN_ONLY_FIELDS and stored[name] != value)
