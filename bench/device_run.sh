@@ -46,6 +46,7 @@ case $part in
         timeout "$budget" "$python" -m train.default --out-dir "$run" --profile "$profile" \
             --export "$run/assets" >> "$log" 2>&1 || status=$?
         cp "$run/stage_seconds.json" "$out/" 2>/dev/null || true  # seconds of each finished stage
+        cp "$run/pretrain/knn.csv" "$out/" 2>/dev/null || true  # held-out kNN every 1000 steps: does length pay?
         cp "$run/summary.json" "$out/" 2>/dev/null || echo "no summary.json: the recipe did not finish" >> "$log"
         if [ -f "$run/assets/MODEL_CARD.md" ]; then
             # The exported bundle, in parts under the 16 MiB a file may have on its way back.

@@ -221,3 +221,25 @@ def test_data2vec_targets_are_what_the_exported_model_calls_truth(tmp_path):
         paper.target_encoder(paper.normalize(images)), (paper.config.embed_dim,)))
     with pytest.raises(ValueError, match="needs target_norm 'instance'"):
         train(tiny(tmp_path / "bad", "--steps", "1", "--depth", "2", "--target-layers", "2"))
+
+
+def test_held_out_knn_during_training_is_what_eval_reports_and_changes_no_step(tmp_path):
+    """--knn-every logs the emoji protocol's kNN as the run goes (the semantics a loss curve hides): its last row is
+    the figure train.eval gives the exported model, and a monitored run trains exactly like an unmonitored one."""
+    from train.eval import evaluate_emoji_features
+
+    plain = train(tiny(tmp_path / "plain", "--steps", "4"))
+    monitored = train(tiny(tmp_path / "monitored", "--steps", "4", "--knn-every", "3"))
+    assert losses(tmp_path / "monitored") == losses(tmp_path / "plain")
+    for a, b in zip(plain.state_dict().values(), monitored.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with open(tmp_path / "monitored" / "knn.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["step"]), int(r["images_seen"])) for r in rows] == [(3, 24), (4, 32)]  # every 3 steps and the end
+    assert (tmp_path / "monitored" / "knn.png").stat().st_size > 0
+    protocol = evaluate_emoji_features(load_model(tmp_path / "monitored" / "model"), sources=("target_encoder",))
+    # The same fp32 features up to the attention kernel (plain while training on a CPU, fused once loaded): allow
+    # a vote or two to flip among the 640 queries (0.16 points each).
+    for key, figure in (("knn_group", protocol["features"]["target_encoder"]["knn_group"]),
+                        ("object_knn_group", protocol["object_patches_only"]["target_encoder"]["knn_group"])):
+        assert abs(float(rows[-1][key]) - figure) <= 0.35, key

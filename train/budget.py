@@ -70,7 +70,7 @@ def time_steps(pretrain_config, decoder_config: Callable[[Path, Path], object], 
         shutil.rmtree(work)  # left by a call killed while timing
     pre = dataclasses.replace(pretrain_config, out_dir=str(work / "pretrain"), steps=PRETRAIN_STEPS,
                               warmup_steps=1, log_every=PRETRAIN_SKIP, ckpt_every=10**9, resume=False,
-                              compile=False)
+                              compile=False, knn_every=0)
     logger.info("timing %d pretraining and %d decoder steps on this machine to fit the budget", PRETRAIN_STEPS,
                 DECODER_STEPS)
     pretrain.train(pre)

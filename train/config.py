@@ -78,7 +78,7 @@ def save_config(config, path: str | Path) -> None:
 
 # Fields a resumed (or reused) run may change: where and how it runs and logs, not what it computes.
 RUN_ONLY_FIELDS = frozenset({"resume", "out_dir", "device", "num_workers", "log_every", "ckpt_every", "keep_last",
-                             "compile", "sample_every"})
+                             "compile", "sample_every", "knn_every"})
 
 
 def changed_settings(saved: dict, config) -> str:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ijepa.checkpoint import load_model
 from ijepa.masks import complement_indices, rectangle_indices
 from ijepa.inference import encode, gather, pooled, predict_features, true_features
-from ijepa.model import IJepa
+from ijepa.model import IJepa, IJepaConfig
 from train.data import StackFields
 
 logger = logging.getLogger("train.eval")
@@ -82,11 +82,11 @@ def pooled_features(model: IJepa | None, dataset: Dataset, label_keys: tuple[str
     return (objects if object_only else whole), labels
 
 
-def random_init_like(model: IJepa, seed: int, device: str) -> IJepa:
-    """The same architecture, freshly initialised with a seed no training run uses (training seeds the init with
-    its --seed, so reusing it would reproduce the trained model's starting point)."""
+def random_init_like(config: IJepaConfig, seed: int, device: str) -> IJepa:
+    """A model of this architecture, freshly initialised with a seed no training run uses (training seeds the init
+    with its --seed, so reusing it would reproduce the trained model's starting point)."""
     torch.manual_seed(10_000_019 + seed)
-    return IJepa(model.config).to(device).eval()
+    return IJepa(config).to(device).eval()
 
 
 # ----- classifiers ---------------------------------------------------------------------------------------------
@@ -148,10 +148,14 @@ def save_probe(probe: LinearProbe, label_names: list[str], path: Path, **metadat
 
 # ----- the emoji protocol --------------------------------------------------------------------------------------
 
+def knn_scores(bank, bank_labels, queries, query_labels, num_classes: dict[str, int]) -> dict:
+    return {f"knn_{level}": knn_top1(bank, bank_labels[level], queries, query_labels[level], n)
+            for level, n in num_classes.items()}
+
+
 def score(bank, bank_labels, queries, query_labels, num_classes: dict[str, int]) -> dict:
-    out = {}
+    out = knn_scores(bank, bank_labels, queries, query_labels, num_classes)
     for level, n in num_classes.items():
-        out[f"knn_{level}"] = knn_top1(bank, bank_labels[level], queries, query_labels[level], n)
         probe = fit_linear_probe(bank, bank_labels[level], n)
         out[f"linear_{level}"] = accuracy(probe, queries, query_labels[level])
     return out
@@ -164,19 +168,12 @@ def evaluate_emoji_features(model: IJepa, seed: int = 0, device: str = "cpu",
                             sources: tuple[str, ...] = FEATURE_SOURCES) -> dict:
     """kNN and linear probe on held-out emoji for: raw pixels, a random-init encoder, target and context encoders
     (or the subset named in ``sources``)."""
-    from train.emoji import EmojiProbeSet, get_catalog
-
     unknown = set(sources) - set(FEATURE_SOURCES)
     if unknown:
         raise ValueError(f"unknown feature sources {sorted(unknown)}; choose from {FEATURE_SOURCES}")
-    catalog = get_catalog()
-    size, patch = model.config.img_size, model.config.patch_size
-    # Rendered once and kept in memory (~0.2 GB at 64 px): every feature source below reads the same images.
-    bank_set, query_set = (list(EmojiProbeSet(catalog, split=split, resolution=size, patch_size=patch, seed=s))
-                           for split, s in (("train", seed), ("heldout", seed + 1)))
-    keys = ("group", "subgroup")
-    num_classes = {"group": len(catalog.group_names), "subgroup": len(catalog.subgroup_names)}
-    random_model = random_init_like(model, seed, device) if "random_init" in sources else None
+    bank_set, query_set, num_classes, catalog = emoji_probe_sets(model.config.img_size, model.config.patch_size, seed)
+    keys = tuple(num_classes)
+    random_model = random_init_like(model.config, seed, device) if "random_init" in sources else None
     extractors = {"raw_pixels": (None, "target"), "random_init": (random_model, "target"),
                   "target_encoder": (model, "target"), "context_encoder": (model, "context")}
     results = {"protocol": "emoji held-out kNN k=20 T=0.07 + linear probe", "bank_size": len(bank_set),
@@ -192,10 +189,61 @@ def evaluate_emoji_features(model: IJepa, seed: int = 0, device: str = "cpu",
         results["features"][name] = score(bank, bank_labels, queries, query_labels, num_classes)
         logger.info("%s: %s", name, results["features"][name])
         if with_objects:
-            results["object_patches_only"][name] = {
-                f"knn_{level}": knn_top1(bank_objects, bank_labels[level], query_objects, query_labels[level], n)
-                for level, n in num_classes.items()}
+            results["object_patches_only"][name] = knn_scores(bank_objects, bank_labels, query_objects,
+                                                              query_labels, num_classes)
     return results
+
+
+def emoji_probe_sets(img_size: int, patch_size: int, seed: int = 0) -> tuple[list, list, dict[str, int], object]:
+    """The protocol's bank (every training base emoji) and queries (every held-out one), rendered once and kept in
+    memory (~0.2 GB at 64 px) so every feature source reads the same images; plus the label counts and catalog."""
+    from train.emoji import EmojiProbeSet, get_catalog
+
+    catalog = get_catalog()
+    bank_set, query_set = (list(EmojiProbeSet(catalog, split=split, resolution=img_size, patch_size=patch_size,
+                                              seed=s)) for split, s in (("train", seed), ("heldout", seed + 1)))
+    num_classes = {"group": len(catalog.group_names), "subgroup": len(catalog.subgroup_names)}
+    return bank_set, query_set, num_classes, catalog
+
+
+class HeldOutKnn:
+    """The protocol's kNN figures for a model in the middle of training, in seconds: a falling loss does not say
+    whether the features are learning kinds (a collapsed run's loss falls fastest), the held-out kNN does.
+
+    Scores the target encoder's whole-image features (the protocol's figure) and its emoji-only patches, with
+    raw pixels and a random-init encoder scored once as the lines to beat. kNN only (no linear probe), in fp32,
+    so the last figure equals what ``train.eval`` reports for the exported model. The global RNG is left as it was,
+    so a monitored run trains exactly like an unmonitored one.
+    """
+
+    def __init__(self, config: IJepaConfig, seed: int = 0, device: str | torch.device = "cpu"):
+        self.device = device
+        self.bank_set, self.query_set, self.num_classes, _ = emoji_probe_sets(config.img_size, config.patch_size,
+                                                                              seed)
+        device = torch.device(device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            random_model = random_init_like(config, seed, device)
+        self.baselines = {"raw_pixels": self._score(None), "random_init": self._score(random_model)}
+
+    @torch.no_grad()
+    def _score(self, model: IJepa | None) -> dict[str, float]:
+        keys = tuple(self.num_classes)
+        bank, bank_objects, bank_labels = _pool(model, self.bank_set, keys, device=self.device,
+                                                with_object_only=True)
+        queries, query_objects, query_labels = _pool(model, self.query_set, keys, device=self.device,
+                                                     with_object_only=True)
+        whole = knn_scores(bank, bank_labels, queries, query_labels, self.num_classes)
+        objects = knn_scores(bank_objects, bank_labels, query_objects, query_labels, self.num_classes)
+        return {**whole, **{f"object_{name}": value for name, value in objects.items()}}
+
+    def __call__(self, model: IJepa) -> dict[str, float]:
+        """{knn_group, knn_subgroup, object_knn_group, object_knn_subgroup} in percent; ``model`` keeps its mode."""
+        was_training = model.training
+        model.eval()  # no stochastic depth while scoring
+        try:
+            return self._score(model)
+        finally:
+            model.train(was_training)
 
 
 # ----- predictor semantics on boxes ----------------------------------------------------------------------------
@@ -330,7 +378,7 @@ def evaluate_folder(model: IJepa, root: Path, seed: int = 0, device: str = "cpu"
         order = np.random.default_rng(seed).permutation(len(full))
         cut = int(0.8 * len(full))
         bank_set, query_set = Subset(full, order[:cut].tolist()), Subset(full, order[cut:].tolist())
-    random_model = random_init_like(model, seed, device)
+    random_model = random_init_like(model.config, seed, device)
     num_classes = {"label": len(full.classes)}
     results = {"protocol": f"image folder {root}", "features": {}}
     for name, source in (("raw_pixels", None), ("random_init", random_model), ("target_encoder", model)):
@@ -358,6 +406,31 @@ def plot_results(results: dict, path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_knn_curve(csv_path: Path, baselines: dict, png_path: Path) -> None:
+    """Held-out group kNN against images seen (a ``HeldOutKnn`` log), with the lines it has to clear."""
+    import csv
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    seen = [int(r["images_seen"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    for key, label, colour in (("knn_group", "whole image (the protocol)", "C0"),
+                               ("object_knn_group", "emoji patches only", "C1")):
+        ax.plot(seen, [float(r[key]) for r in rows], "o-", color=colour, label=f"target encoder, {label}")
+        ax.axhline(baselines["raw_pixels"][key], color=colour, ls="--", lw=1, label=f"raw pixels, {label}")
+    ax.axhline(baselines["random_init"]["knn_group"], color="grey", ls=":", lw=1, label="random init, whole image")
+    ax.set(xlabel="images seen", ylabel="held-out group kNN top-1 (%)", title="Semantics during pretraining")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
     plt.close(fig)
 
 

@@ -35,6 +35,7 @@ from ijepa.vision_transformer import set_fused_attention
 from train.config import config_dict, parse_config, save_config
 from train.data import build_dataset
 from train.emoji import EmojiScenes
+from train.eval import HeldOutKnn, plot_knn_curve
 from train.objective import (ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups, target_spread,
                              set_optimizer_schedule, weight_decay)
 from train.runtime import (Runtime, autocast, list_checkpoints, plot_loss_curve, resolve_precision, resume_state,
@@ -100,6 +101,7 @@ class PretrainConfig:
     log_every: int = 20
     ckpt_every: int = 500
     keep_last: int = 2
+    knn_every: int = 0  # emoji only: score the held-out kNN protocol every N steps and at the end (0: never)
     resume: bool = False
     trained_on: str = "emoji scenes (Noto Color Emoji)"
 
@@ -189,6 +191,17 @@ def train(cfg: PretrainConfig) -> IJepa:
     if rt.is_main:
         start_csv_log(csv_path, "step,loss,target_std,lr,weight_decay,ema,img_per_s,elapsed_s", start_step)
     images_per_step = cfg.batch_size * rt.world_size
+    # the held-out emoji kNN every knn_every steps: whether the features learn kinds, which the loss does not show
+    knn, knn_path = None, out_dir / "knn.csv"
+    if cfg.knn_every and rt.is_main:
+        if cfg.data != "emoji":
+            logger.warning("knn_every scores the built-in emoji protocol; skipped for %s", cfg.data)
+        else:
+            knn = HeldOutKnn(model.config, seed=0, device=rt.device)
+            start_csv_log(knn_path, "step,images_seen,knn_group,knn_subgroup,object_knn_group,object_knn_subgroup",
+                          start_step)
+            logger.info("held-out kNN group to beat: raw pixels %.1f %%, random init %.1f %%",
+                        knn.baselines["raw_pixels"]["knn_group"], knn.baselines["random_init"]["knn_group"])
     progress = tqdm(total=cfg.steps, initial=start_step, disable=not rt.is_main, dynamic_ncols=True, unit="step")
     loss_sum = torch.zeros((), device=rt.device)
     nonfinite = torch.zeros((), device=rt.device)  # count of non-finite losses since the start
@@ -254,12 +267,23 @@ def train(cfg: PretrainConfig) -> IJepa:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
                      "config": config_dict(cfg), "elapsed_s": time.perf_counter() - run_start}
             save_checkpoint(state, ckpt_dir, done, cfg.keep_last)
+        if knn is not None and (done % cfg.knn_every == 0 or done == cfg.steps):
+            scoring_start = time.perf_counter()
+            figures = knn(model)
+            window_start += time.perf_counter() - scoring_start  # img/s counts training only
+            progress.write(f"step {done}: held-out kNN group {figures['knn_group']:.1f} % (pixels "
+                           f"{knn.baselines['raw_pixels']['knn_group']:.1f}), subgroup {figures['knn_subgroup']:.1f} %")
+            with open(knn_path, "a") as f:
+                f.write(f"{done},{done * images_per_step}," + ",".join(f"{figures[k]:.2f}" for k in
+                        ("knn_group", "knn_subgroup", "object_knn_group", "object_knn_subgroup")) + "\n")
     progress.close()
 
     export_dir = out_dir / "model"
     if rt.is_main:
         save_model(model, export_dir)
         plot_loss_curve(csv_path, out_dir / "loss.png")
+        if knn is not None:
+            plot_knn_curve(knn_path, knn.baselines, out_dir / "knn.png")
         logger.info("exported %s", export_dir)
     if rt.distributed:
         dist.barrier()
