@@ -78,6 +78,11 @@ def test_model_card_quotes_the_measured_figures(smoke_run):
     pixels = metrics["features"]["features"]["raw_pixels"]["knn_group"]
     assert f"| raw_pixels | {pixels:.1f} %" in card
     assert "--profile smoke" in card and "24 images seen" in card
+    # the kNN pretraining logged as it went ends at what the evaluation stage measured for the exported model
+    [last] = metrics["knn_during_pretraining"]
+    assert last["images_seen"] == 24
+    assert abs(last["knn_group"] - metrics["features"]["features"]["target_encoder"]["knn_group"]) <= 0.35
+    assert f"kNN group by images seen: 24: {last['knn_group']:.1f} %." in card
     assert "object_patches_only" not in card and "Diagnostic (not the protocol)" in card
     # a smoke model is far below the kNN floor: the card says whether the points are missing on the object
     objects = metrics["features"]["object_patches_only"]["target_encoder"]["knn_group"]
