@@ -22,6 +22,7 @@ outputs may outlive a model that is trained again):
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import logging
@@ -368,9 +369,9 @@ def knn_curve(csv_path: Path) -> list[dict]:
     """The held-out kNN rows pretraining logged (``--knn-every``), or none."""
     if not csv_path.exists():
         return []
-    rows = [line.split(",") for line in csv_path.read_text().splitlines()[1:]]
-    return [{"images_seen": int(row[1]), "knn_group": float(row[2]), "object_knn_group": float(row[4])}
-            for row in rows]
+    with open(csv_path) as f:
+        return [{"images_seen": int(row["images_seen"]), "knn_group": float(row["knn_group"]),
+                 "object_knn_group": float(row["object_knn_group"])} for row in csv.DictReader(f)]
 
 
 def write_model_card(summary: dict, path: Path, command: str | None = None) -> None:

@@ -215,14 +215,14 @@ class HeldOutKnn:
     so the last figure equals what ``train.eval`` reports for the exported model. The global RNG is left as it was,
     so a monitored run trains exactly like an unmonitored one.
     """
+    FIGURES = ("knn_group", "knn_subgroup", "object_knn_group", "object_knn_subgroup")  # what a call returns
 
     def __init__(self, config: IJepaConfig, seed: int = 0, device: str | torch.device = "cpu"):
-        self.device = device
+        self.device = torch.device(device)
         self.bank_set, self.query_set, self.num_classes, _ = emoji_probe_sets(config.img_size, config.patch_size,
                                                                               seed)
-        device = torch.device(device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            random_model = random_init_like(config, seed, device)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            random_model = random_init_like(config, seed, self.device)
         self.baselines = {"raw_pixels": self._score(None), "random_init": self._score(random_model)}
 
     @torch.no_grad()
@@ -237,7 +237,7 @@ class HeldOutKnn:
         return {**whole, **{f"object_{name}": value for name, value in objects.items()}}
 
     def __call__(self, model: IJepa) -> dict[str, float]:
-        """{knn_group, knn_subgroup, object_knn_group, object_knn_subgroup} in percent; ``model`` keeps its mode."""
+        """``FIGURES`` in percent; ``model`` keeps its mode."""
         was_training = model.training
         model.eval()  # no stochastic depth while scoring
         try:

@@ -198,8 +198,7 @@ def train(cfg: PretrainConfig) -> IJepa:
             logger.warning("knn_every scores the built-in emoji protocol; skipped for %s", cfg.data)
         else:
             knn = HeldOutKnn(model.config, seed=0, device=rt.device)
-            start_csv_log(knn_path, "step,images_seen,knn_group,knn_subgroup,object_knn_group,object_knn_subgroup",
-                          start_step)
+            start_csv_log(knn_path, ",".join(("step", "images_seen", *HeldOutKnn.FIGURES)), start_step)
             logger.info("held-out kNN group to beat: raw pixels %.1f %%, random init %.1f %%",
                         knn.baselines["raw_pixels"]["knn_group"], knn.baselines["random_init"]["knn_group"])
     progress = tqdm(total=cfg.steps, initial=start_step, disable=not rt.is_main, dynamic_ncols=True, unit="step")
@@ -274,8 +273,8 @@ def train(cfg: PretrainConfig) -> IJepa:
             progress.write(f"step {done}: held-out kNN group {figures['knn_group']:.1f} % (pixels "
                            f"{knn.baselines['raw_pixels']['knn_group']:.1f}), subgroup {figures['knn_subgroup']:.1f} %")
             with open(knn_path, "a") as f:
-                f.write(f"{done},{done * images_per_step}," + ",".join(f"{figures[k]:.2f}" for k in
-                        ("knn_group", "knn_subgroup", "object_knn_group", "object_knn_subgroup")) + "\n")
+                f.write(f"{done},{done * images_per_step}," + ",".join(f"{figures[k]:.2f}" for k in HeldOutKnn.FIGURES)
+                        + "\n")
     progress.close()
 
     export_dir = out_dir / "model"
