@@ -17,7 +17,7 @@ Variants (all measured in the same run, on the same device):
                   default auto: bf16 autocast where bf16 is native, fp32 on CPUs without it), with the attention
                   ``train/pretrain.py`` picks: timm's fused SDPA, except plain attention for CPU bf16 (there
                   SDPA's backward is several times slower than plain bf16 matmuls).
-  ours+compile    the same with ``torch.compile`` of encoder, predictor and target encoder (``--compile``),
+  ours+compile    the same with ``torch.compile`` of encoder, predictor and target pass (``--compile``),
                   as ``train/pretrain.py --compile true`` does.
   ours+sdpa / ours+plain-attn
                   the same with the attention ``train/pretrain.py`` does NOT pick (``--other-attention``), to
@@ -68,8 +68,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from ijepa.masks import MaskConfig, MultiBlockMaskGenerator  # noqa: E402
 from ijepa.model import IJepa, IJepaConfig  # noqa: E402
 from ijepa.vision_transformer import set_fused_attention  # noqa: E402
-from train.objective import (ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups,  # noqa: E402
-                             set_optimizer_schedule, weight_decay)
+from train.objective import (TargetFeatures, ema_momentum, ema_update, ijepa_loss,  # noqa: E402
+                             learning_rate, param_groups, set_optimizer_schedule, weight_decay)
 from train.pretrain import uses_fused_attention  # noqa: E402
 from train.runtime import PRECISIONS, autocast, fast_bf16, resolve_precision  # noqa: E402
 
@@ -221,9 +221,9 @@ def build_step(spec: ModelSpec, variant: Variant, device: torch.device, batch: i
                                       weight_decay=WD, fused=use_cuda, foreach=None if use_cuda else True)
     online = [p for p in model.encoder.parameters() if p.requires_grad]
     target = [p for p, q in zip(model.target_encoder.parameters(), model.encoder.parameters()) if q.requires_grad]
-    encoder, predictor, target_encoder = model.encoder, model.predictor, model.target_encoder
+    encoder, predictor, target_pass = model.encoder, model.predictor, TargetFeatures(model.target_encoder)
     if variant.compile:
-        encoder, predictor, target_encoder = (torch.compile(m) for m in (encoder, predictor, target_encoder))
+        encoder, predictor, target_pass = (torch.compile(m) for m in (encoder, predictor, target_pass))
     raw_images = torch.rand(batch, 3, spec.img_size, spec.img_size, device=device)
     loss_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), device=device)
@@ -248,7 +248,7 @@ def build_step(spec: ModelSpec, variant: Variant, device: torch.device, batch: i
         context_masks = [m.to(device, non_blocking=True) for m in context_cpu]
         target_masks = [m.to(device, non_blocking=True) for m in target_cpu]
         with autocast(device, variant.precision):
-            loss = ijepa_loss(encoder, predictor, target_encoder, images, context_masks, target_masks)
+            loss = ijepa_loss(encoder, predictor, target_pass, images, context_masks, target_masks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -223,6 +223,26 @@ def test_data2vec_targets_are_what_the_exported_model_calls_truth(tmp_path):
         train(tiny(tmp_path / "bad", "--steps", "1", "--depth", "2", "--target-layers", "2"))
 
 
+@pytest.mark.slow
+def test_compiled_run_trains_like_an_eager_one_and_compiles_the_target_pass(tmp_path, monkeypatch):
+    """--compile true changes speed, not the run: same losses and weights as eager, with data2vec targets too,
+    whose target pass (block_outputs, not the encoder's forward) is compiled with the rest."""
+    from train.objective import TargetFeatures
+
+    compiled, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or real_compile(module, **kw))
+    args = ("--steps", "4", "--depth", "2", "--target-norm", "instance", "--target-layers", "2")
+    eager = train(tiny(tmp_path / "eager", *args))
+    assert compiled == []
+    fast = train(tiny(tmp_path / "compiled", *args, "--compile", "true"))
+    assert [type(m).__name__ for m in compiled] == ["VisionTransformer", "VisionTransformerPredictor",
+                                                     "TargetFeatures"]
+    assert isinstance(compiled[-1], TargetFeatures) and compiled[-1].layers == 2
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+    for (name, a), b in zip(eager.state_dict().items(), fast.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=name)
+
+
 def test_held_out_knn_during_training_is_what_eval_reports_and_changes_no_step(tmp_path):
     """--knn-every logs the emoji protocol's kNN as the run goes (the semantics a loss curve hides): its last row is
     the figure train.eval gives the exported model, and a monitored run trains exactly like an unmonitored one."""

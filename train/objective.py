@@ -11,17 +11,32 @@ from ijepa.inference import target_features
 from ijepa.masks import apply_masks
 
 
-def ijepa_loss(encoder: nn.Module, predictor: nn.Module, target_encoder: nn.Module, images: torch.Tensor,
-               context_masks: list[torch.Tensor], target_masks: list[torch.Tensor], target_norm: str = "layer",
-               target_layers: int = 1) -> torch.Tensor:
+class TargetFeatures(nn.Module):
+    """The target encoder's whole pass as one module: ``target_features`` with the model's own target settings.
+
+    Why a module: ``torch.compile`` of the bare encoder covers its ``forward`` only, while data2vec-style targets
+    (``layers > 1``) read ``block_outputs``; compiling this covers every target setting. It holds no weights of its
+    own and is not part of any checkpoint.
+    """
+
+    def __init__(self, target_encoder: nn.Module, norm: str = "layer", layers: int = 1):
+        super().__init__()
+        self.target_encoder, self.norm, self.layers = target_encoder, norm, layers
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return target_features(self.target_encoder, images, self.norm, self.layers)
+
+
+def ijepa_loss(encoder: nn.Module, predictor: nn.Module, targets: nn.Module, images: torch.Tensor,
+               context_masks: list[torch.Tensor], target_masks: list[torch.Tensor]) -> torch.Tensor:
     """Smooth-L1 between the predictor's outputs and the normalised target-encoder features of the target blocks.
 
-    The target encoder sees the FULL image; by default its features are normalised per token (an affine-free
-    LayerNorm) before gathering, exactly as in the paper's code (``target_features`` for the alternatives). One
-    context mask per image is assumed (the official setup), so predictions and gathered targets line up row for row.
+    ``targets`` (a ``TargetFeatures``) sees the FULL image; with the paper's settings its features are normalised
+    per token (an affine-free LayerNorm) before gathering, exactly as in the paper's code. One context mask per
+    image is assumed (the official setup), so predictions and gathered targets line up row for row.
     """
     with torch.no_grad():
-        targets = apply_masks(target_features(target_encoder, images, target_norm, target_layers), target_masks)
+        targets = apply_masks(targets(images), target_masks)
         if len(context_masks) > 1:  # predictions are ordered (target, context, image)
             b = images.size(0)
             targets = targets.view(len(target_masks), 1, b, *targets.shape[1:])

@@ -36,8 +36,8 @@ from train.config import config_dict, parse_config, save_config
 from train.data import build_dataset
 from train.emoji import EmojiScenes
 from train.eval import HeldOutKnn, plot_knn_curve
-from train.objective import (ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups, target_spread,
-                             set_optimizer_schedule, weight_decay)
+from train.objective import (TargetFeatures, ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups,
+                             set_optimizer_schedule, target_spread, weight_decay)
 from train.runtime import (Runtime, autocast, list_checkpoints, plot_loss_curve, resolve_precision, resume_state,
                            save_checkpoint, setup_runtime, start_csv_log, teardown_runtime)
 
@@ -172,12 +172,13 @@ def train(cfg: PretrainConfig) -> IJepa:
             logger.info("resumed from %s at step %d", resumed_from, start_step)
     online = [p for p in model.encoder.parameters() if p.requires_grad]
     target = [p for p, q in zip(model.target_encoder.parameters(), model.encoder.parameters()) if q.requires_grad]
-    encoder, predictor, target_encoder = model.encoder, model.predictor, model.target_encoder
+    encoder, predictor = model.encoder, model.predictor
+    target_pass = TargetFeatures(model.target_encoder, model.config.target_norm, model.config.target_layers)
     if rt.distributed:
         ids = [rt.local_rank] if use_cuda else None
         encoder, predictor = DDP(encoder, device_ids=ids), DDP(predictor, device_ids=ids)
     if cfg.compile:
-        encoder, predictor, target_encoder = (torch.compile(m) for m in (encoder, predictor, target_encoder))
+        encoder, predictor, target_pass = (torch.compile(m) for m in (encoder, predictor, target_pass))
 
     # data: global sample indices per step; images and masks built in workers
     scene = {name: getattr(cfg, name) for name in SCENE_FIELDS} if cfg.data == "emoji" else {}
@@ -221,8 +222,7 @@ def train(cfg: PretrainConfig) -> IJepa:
         context_masks = [m.to(rt.device, non_blocking=True) for m in batch["context_masks"]]
         target_masks = [m.to(rt.device, non_blocking=True) for m in batch["target_masks"]]
         with autocast(rt.device, precision):
-            loss = ijepa_loss(encoder, predictor, target_encoder, images, context_masks, target_masks,
-                              model.config.target_norm, model.config.target_layers)
+            loss = ijepa_loss(encoder, predictor, target_pass, images, context_masks, target_masks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
