@@ -52,13 +52,13 @@ def test_scene_settings_reach_the_world_the_run_trains_on(tmp_path, monkeypatch)
     built = []
     real = pretrain.build_dataset
     monkeypatch.setattr(pretrain, "build_dataset", lambda *a, **kw: built.append(real(*a, **kw)) or built[-1])
-    train(tiny(tmp_path / "run", "--steps", "1", "--num-distractors", "0,0", "--main-scale", "0.6,0.6",
-               "--balance", "subgroup", "--theme-prob", "0.5", "--theme", "group"))
+    train(tiny(tmp_path / "run", "--steps", "1", "--num-distractors", "2,2", "--main-scale", "0.6,0.6",
+               "--distractor-scale", "0.25,0.25", "--balance", "subgroup", "--theme-prob", "0.5", "--theme", "group"))
     (scenes,) = built
     layout = scenes.layout(5)
-    assert len(layout.objects) == 1 and scenes.balance == "subgroup"
+    assert len(layout.objects) == 3 and scenes.balance == "subgroup"
     assert (scenes.theme_prob, scenes.theme) == (0.5, "group")
-    assert layout.objects[0].size == round(0.6 * 32)
+    assert sorted(o.size for o in layout.objects) == [round(0.25 * 32)] * 2 + [round(0.6 * 32)]
 
 
 class Killed(RuntimeError):

@@ -47,7 +47,8 @@ COLLAPSED_SPREAD = 0.1
 
 
 # The config fields that shape the emoji world; the decoder trains on EmojiScenes' defaults, so these start there.
-SCENE_FIELDS = ("backgrounds", "same_base_prob", "main_scale", "num_distractors", "balance", "theme_prob", "theme")
+SCENE_FIELDS = ("backgrounds", "same_base_prob", "main_scale", "num_distractors", "distractor_scale", "balance",
+                "theme_prob", "theme")
 _SCENE_DEFAULTS = {name: inspect.signature(EmojiScenes).parameters[name].default for name in SCENE_FIELDS}
 
 
@@ -78,6 +79,7 @@ class PretrainConfig:
     same_base_prob: float = _SCENE_DEFAULTS["same_base_prob"]
     main_scale: tuple[float, float] = _SCENE_DEFAULTS["main_scale"]
     num_distractors: tuple[int, int] = _SCENE_DEFAULTS["num_distractors"]
+    distractor_scale: tuple[float, float] = _SCENE_DEFAULTS["distractor_scale"]
     balance: str = _SCENE_DEFAULTS["balance"]  # or "subgroup": each subgroup equally often, then a base within it
     theme_prob: float = _SCENE_DEFAULTS["theme_prob"]  # distractors that share the main emoji's theme
     theme: str = _SCENE_DEFAULTS["theme"]  # "subgroup" or "group"
