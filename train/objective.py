@@ -27,16 +27,16 @@ class TargetFeatures(nn.Module):
         return target_features(self.target_encoder, images, self.norm, self.layers)
 
 
-def ijepa_loss(encoder: nn.Module, predictor: nn.Module, targets: nn.Module, images: torch.Tensor,
+def ijepa_loss(encoder: nn.Module, predictor: nn.Module, target_pass: nn.Module, images: torch.Tensor,
                context_masks: list[torch.Tensor], target_masks: list[torch.Tensor]) -> torch.Tensor:
     """Smooth-L1 between the predictor's outputs and the normalised target-encoder features of the target blocks.
 
-    ``targets`` (a ``TargetFeatures``) sees the FULL image; with the paper's settings its features are normalised
+    ``target_pass`` (a ``TargetFeatures``) sees the FULL image; with the paper's settings its features are normalised
     per token (an affine-free LayerNorm) before gathering, exactly as in the paper's code. One context mask per
     image is assumed (the official setup), so predictions and gathered targets line up row for row.
     """
     with torch.no_grad():
-        targets = apply_masks(targets(images), target_masks)
+        targets = apply_masks(target_pass(images), target_masks)
         if len(context_masks) > 1:  # predictions are ordered (target, context, image)
             b = images.size(0)
             targets = targets.view(len(target_masks), 1, b, *targets.shape[1:])
