@@ -132,16 +132,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 
 def test_target_spread_tells_a_collapsed_encoder_from_a_healthy_one():
-    from train.objective import target_spread
+    from train.objective import TargetFeatures, target_spread
     images = torch.randn(4, 3, 8, 8)
     varied = lambda x: torch.randn(x.size(0), 16, 32, generator=torch.Generator().manual_seed(0))  # noqa: E731
     collapsed = lambda x: torch.randn(32).expand(x.size(0), 16, 32) + 1e-4 * varied(x)  # noqa: E731
-    assert target_spread(varied, images).item() == pytest.approx(1.0, abs=0.1)
-    assert target_spread(collapsed, images).item() < 0.01
+    assert target_spread(TargetFeatures(varied), images).item() == pytest.approx(1.0, abs=0.1)
+    assert target_spread(TargetFeatures(collapsed), images).item() < 0.01
     # every patch of an image alike, images different: the paper's target still varies, an instance-normed one not
     per_image = lambda x: torch.randn(x.size(0), 1, 32).expand(-1, 16, -1)  # noqa: E731
-    assert target_spread(per_image, images).item() > 0.5
-    assert target_spread(per_image, images, "instance").item() < 0.1
+    assert target_spread(TargetFeatures(per_image), images).item() > 0.5
+    assert target_spread(TargetFeatures(per_image, "instance"), images).item() < 0.1
 
 
 def test_collapse_is_logged_with_a_warning(tmp_path, monkeypatch, caplog):
@@ -149,7 +149,7 @@ def test_collapse_is_logged_with_a_warning(tmp_path, monkeypatch, caplog):
     rows = list(csv.DictReader(open(tmp_path / "ok" / "log.csv")))
     assert len(rows) == 3 and all(float(r["target_std"]) > pretrain.COLLAPSED_SPREAD for r in rows)
     assert "collapsed" not in caplog.text
-    monkeypatch.setattr(pretrain, "target_spread", lambda encoder, images, *target: torch.tensor(0.01))
+    monkeypatch.setattr(pretrain, "target_spread", lambda target_pass, images: torch.tensor(0.01))
     with caplog.at_level("WARNING", logger="train.pretrain"):
         train(tiny(tmp_path / "collapsed", "--steps", "3"))
     assert caplog.text.count("collapsed") == 1  # once, not at every logging step

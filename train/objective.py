@@ -47,16 +47,16 @@ def ijepa_loss(encoder: nn.Module, predictor: nn.Module, target_pass: nn.Module,
 
 
 @torch.no_grad()
-def target_spread(target_encoder: nn.Module, images: torch.Tensor, norm: str = "layer",
-                  layers: int = 1) -> torch.Tensor:
-    """How different a batch's target tokens are: the standard deviation of each feature over every token of every
-    image, averaged over features (about 0.4 for the shipped emoji model's layer-normed targets).
+def target_spread(target_pass: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """How different a batch's target tokens are: the standard deviation of each feature of ``target_pass`` (a
+    ``TargetFeatures``, the loss's own target) over every token of every image, averaged over features (about 0.4
+    for the shipped emoji model's layer-normed targets).
 
     Near 0 means collapse: the encoder gives every patch the same vector (with instance-normed targets, every
     patch of an image), and the loss falls to ~0 as if training were going well (measured on a 16 x 16 grid in
     bench/RESULTS.md, "Semantics").
     """
-    return target_features(target_encoder, images, norm, layers).float().flatten(0, 1).std(0).mean()
+    return target_pass(images).float().flatten(0, 1).std(0).mean()
 
 
 @torch.no_grad()

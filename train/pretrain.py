@@ -249,8 +249,7 @@ def train(cfg: PretrainConfig) -> IJepa:
             mean_loss, img_per_s = loss_sum.item() / window_steps, window_steps * images_per_step / (now - window_start)
             if rt.is_main:
                 with autocast(rt.device, precision):
-                    spread = target_spread(model.target_encoder, images, model.config.target_norm,
-                                           model.config.target_layers).item()
+                    spread = target_spread(target_pass, images).item()
                 if spread < COLLAPSED_SPREAD and not warned_collapse:
                     warned_collapse = True
                     logger.warning("step %d: the target features have collapsed (spread %.3f < %.2f): the encoder "
