@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,6 +70,13 @@ def user_errors() -> Iterator[None]:
         yield
     except ValueError as err:
         raise gr.Error(str(err), title="Please adjust the input") from None
+
+
+def whole_number(value: float | None, what: str) -> int:
+    """A number field's value -> int. A cleared field arrives as None: say what to enter instead of failing."""
+    if value is None or not math.isfinite(float(value)) or float(value) != int(value):
+        raise ValueError(f"Enter {what} as a whole number (got {value}).")
+    return int(value)
 
 
 def annotator_input(value: dict | None) -> tuple[np.ndarray, list[list[float]]]:
@@ -127,7 +135,8 @@ class Handlers:
         with user_errors():
             image, boxes = annotator_input(value)
             analysis = engine.analyze(image, boxes)
-            num_samples, seed, steps = int(num_samples), int(seed), int(steps)
+            num_samples, seed = whole_number(num_samples, "the number of sketches"), whole_number(seed, "a seed")
+            steps = whole_number(steps, "the number of sampler steps")
             view, metrics = engine.model_view(analysis), analysis.metrics()
             explanation = engine.explain(analysis, num_samples, style)
             readout, neighbours = engine.readout_markdown(analysis), engine.neighbour_gallery(analysis)
@@ -154,7 +163,7 @@ class Handlers:
         with user_errors():
             image, _ = annotator_input(value)
             prepared = self.engine.prepare(image)
-            surprise = self.engine.surprise_map(prepared, int(window))
+            surprise = self.engine.surprise_map(prepared, whole_number(window, "a window size"))
             return surprise.figure, self.engine.feature_view(prepared)
 
     def api_sketch(self, image: str | None, boxes: str, num_samples: float, seed: float,
@@ -171,17 +180,19 @@ class Handlers:
                 raise ValueError(f"boxes must be a JSON list of [xmin, ymin, xmax, ymax] lists: {err}") from None
             if not isinstance(parsed, list):
                 raise ValueError("boxes must be a JSON list of [xmin, ymin, xmax, ymax] lists")
+            num_samples, seed = whole_number(num_samples, "the number of sketches"), whole_number(seed, "a seed")
             analysis = engine.analyze(engine.open_image(image), parsed)
             metrics: dict[str, Any] = {**analysis.metrics(), "model": engine.info.source}
             if not engine.has_decoder:
                 return [], {**metrics, "decoder": None, "sketches": self.decoder_note()}
-            update = engine.sketches(analysis, int(num_samples), int(seed), style=decoder or None)
+            update = engine.sketches(analysis, num_samples, seed, style=decoder or None)
             metrics.update(decoder=engine.info.decoder_sources[update.style], decoder_style=update.style,
-                           sketch_seconds=round(update.seconds, 3), seed=int(seed), num_samples=int(num_samples))
+                           sketch_seconds=round(update.seconds, 3), seed=seed, num_samples=num_samples)
             return engine.sketch_gallery(analysis, update), metrics
 
     def decoder_note(self) -> str:
-        return next(note for note in self.engine.notes if "decoder" in note.lower())
+        return next((note for note in self.engine.notes if "decoder" in note.lower()),
+                    "No sketch decoder is loaded: pass --decoder DIR (train one with python -m train.decoder).")
 
 
 def build_app(handlers: Handlers) -> gr.Blocks:

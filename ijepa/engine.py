@@ -40,8 +40,8 @@ from .figures import (BOX_COLORS, render_feature_view, render_surprise, render_t
                       upscale)
 from .inference import (MAX_BOXES, MAX_IMAGE_PIXELS, BoxAnalysis, BoxPrediction, LinearReadout, PreparedImage,
                         analyze_boxes, array_to_image, feature_pca, map_boxes, nearest_neighbours, open_image,
-                        parse_box, prepare_image, surprise_map, to_rgb, true_features)
-from .masks import Box, boxes_to_masks
+                        prepare_image, surprise_map, to_rgb, true_features)
+from .masks import Box, boxes_to_masks, parse_box
 from .model import IJepa
 
 logger = logging.getLogger(__name__)
@@ -112,13 +112,9 @@ class Analysis:
 
     def box_masks(self) -> list[np.ndarray]:
         """Per box, a bool [S, S] pixel mask of the patches the model hid."""
-        gh, gw = self.result.grid_size
-        masks = []
-        for box in self.result.boxes:
-            grid = np.zeros(gh * gw, dtype=bool)
-            grid[box.target_indices.numpy()] = True
-            masks.append(np.kron(grid.reshape(gh, gw), np.ones((self.patch_size, self.patch_size), dtype=bool)))
-        return masks
+        size = (self.prepared.size, self.prepared.size)
+        return [box_mask_from_indices(box.target_indices.view(1, -1), self.result.grid_size, size)[0, 0].bool().numpy()
+                for box in self.result.boxes]
 
     def metrics(self) -> dict[str, Any]:
         """A JSON-able summary: per-box prediction error, probe top-5 and neighbours."""
@@ -399,7 +395,7 @@ class Engine:
         """Sampler output [boxes, samples, 3, S, S] in [0, 1] -> per sample, the model's input with every box filled
         by its sketch. Pixels outside the boxes are copied from the input, so they are exact."""
         base = analysis.prepared.to_uint8()
-        pixels = np.round(sketches.permute(0, 1, 3, 4, 2).float().numpy() * 255).astype(np.uint8)
+        pixels = np.round(sketches.permute(0, 1, 3, 4, 2).float().cpu().numpy() * 255).astype(np.uint8)
         masks = analysis.box_masks()
         images = []
         for j in range(pixels.shape[1]):

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 # One colour per box, in box order; the app gives example boxes the same colours.
 BOX_COLORS: tuple[tuple[int, int, int], ...] = ((230, 25, 75), (60, 180, 75), (67, 99, 216), (245, 130, 49))
+# One colour map for every prediction-error picture (the surprise map and the per-box error maps).
+ERROR_CMAP = "inferno"
 
 
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:
@@ -44,6 +46,7 @@ def sketch_sheet(image: np.ndarray, analysis: Analysis, scale: int) -> np.ndarra
         crop = image[y0:y1, x0:x1]
         factor = max(1, min((slot - 6) // crop.shape[0], (side - 6) // crop.shape[1]))
         tile = Image.fromarray(upscale(crop, factor))
+        tile.thumbnail((side - 6, slot - 6), Image.Resampling.NEAREST)  # several large boxes: shrink to fit a slot
         ImageDraw.Draw(tile).rectangle([0, 0, tile.size[0] - 1, tile.size[1] - 1],
                                        outline=BOX_COLORS[b % len(BOX_COLORS)], width=2)
         panel.paste(tile, ((side - tile.size[0]) // 2, b * slot + (slot - tile.size[1]) // 2))
@@ -72,6 +75,12 @@ def _figure_to_array(fig) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+def _error_ceiling(errors: np.ndarray) -> float:
+    """Top of an error colour scale: 1.0 (the error of a blank guess) unless some error is larger, so a poorly
+    trained model's errors are not silently clipped and every error map reads the same way."""
+    return max(1.0, float(np.nanmax(errors)))
+
+
 def render_surprise(image: np.ndarray, errors: np.ndarray, window: int) -> np.ndarray:
     """The image beside its surprise map (prediction error per patch) with a colour bar."""
     size = image.shape[0]
@@ -80,8 +89,8 @@ def render_surprise(image: np.ndarray, errors: np.ndarray, window: int) -> np.nd
     left.imshow(image, interpolation="nearest")
     left.set_title("What the model saw")
     right.imshow(image, interpolation="nearest")
-    shown = right.imshow(errors, cmap="inferno", alpha=0.8, extent=_extent(size), interpolation="nearest",
-                         vmin=0.0, vmax=max(1.0, float(errors.max())))
+    shown = right.imshow(errors, cmap=ERROR_CMAP, alpha=0.8, extent=_extent(size), interpolation="nearest",
+                         vmin=0.0, vmax=_error_ceiling(errors))
     right.set_title(f"Surprise ({window}x{window}-patch window)")
     for axis in (left, right):
         axis.set_xticks([])
@@ -122,6 +131,7 @@ def render_truth_vs_prediction(analysis: Analysis, truth: np.ndarray | None, pre
     fig = _figure(2.5 * (len(columns) + 1) + 0.6, 2.6 * rows)
     axes = np.asarray(fig.subplots(rows, len(columns) + 1, squeeze=False))
     shown = None
+    ceiling = _error_ceiling(np.concatenate([box.errors.numpy() for box in analysis.result.boxes]))
     for r, box in enumerate(analysis.result.boxes):
         x0, y0, x1, y1 = _patch_bounds(box, gw, patch_size)
         color = tuple(c / 255 for c in BOX_COLORS[r % len(BOX_COLORS)])
@@ -131,8 +141,8 @@ def render_truth_vs_prediction(analysis: Analysis, truth: np.ndarray | None, pre
         grid = np.full(gh * gw, np.nan)
         grid[box.target_indices.numpy()] = box.errors.numpy()
         axes[r, -1].imshow(base // 3 + 85, interpolation="nearest")
-        shown = axes[r, -1].imshow(grid.reshape(gh, gw), cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest",
-                                   extent=_extent(size))
+        shown = axes[r, -1].imshow(grid.reshape(gh, gw), cmap=ERROR_CMAP, vmin=0.0, vmax=ceiling,
+                                   interpolation="nearest", extent=_extent(size))
         axes[r, -1].set_title(f"Error per patch (mean {box.error:.2f})", fontsize=9)
         for axis in axes[r]:
             axis.add_patch(_rectangle(x0, y0, x1, y1, color))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .masks import Box, apply_masks
+from .masks import Box, apply_masks, box_tolerance, parse_box
 from .model import IJepa, check_target
 
 
@@ -117,8 +117,6 @@ MAX_IMAGE_PIXELS = 50_000_000
 MAX_BOXES = 4
 # Boxes may be this much smaller than one patch (rounding in the drawing widget) and still count as one patch.
 _MIN_BOX_PATCH_FRACTION = 0.9
-_BOX_TOLERANCE_PX = 1.0
-_BOX_TOLERANCE_FRACTION = 0.01
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
@@ -269,26 +267,6 @@ def prepare_image(image: Image.Image | np.ndarray, size: int) -> PreparedImage:
     return PreparedImage(pixels=pixels, source_size=(width, height), crop=(float(left), float(top), float(side)))
 
 
-def parse_box(box: Box, number: int = 1) -> tuple[float, float, float, float]:
-    """A box as [xmin, ymin, xmax, ymax] or a dict with those keys -> four finite floats (ValueError otherwise)."""
-    if isinstance(box, Mapping):
-        try:
-            values = [box[k] for k in ("xmin", "ymin", "xmax", "ymax")]
-        except KeyError as err:
-            raise ValueError(f"Box {number} needs keys xmin, ymin, xmax, ymax; {err} is missing") from None
-    elif isinstance(box, (str, bytes)) or not isinstance(box, Sequence) or len(box) != 4:
-        raise ValueError(f"Box {number} must be [xmin, ymin, xmax, ymax], got {box!r}")
-    else:
-        values = list(box)
-    try:
-        coords = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise ValueError(f"Box {number} must hold four numbers [xmin, ymin, xmax, ymax], got {box!r}") from None
-    if not all(math.isfinite(c) for c in coords):
-        raise ValueError(f"Box {number} has a coordinate that is not a finite number: {box!r}")
-    return coords  # type: ignore[return-value]
-
-
 def map_boxes(prepared: PreparedImage, boxes: Sequence[Box], patch_size: int,
               max_boxes: int = MAX_BOXES) -> list[tuple[float, float, float, float]]:
     """Validate user-image boxes and map them to model pixels (clipped to the model's square).
@@ -312,7 +290,7 @@ def map_boxes(prepared: PreparedImage, boxes: Sequence[Box], patch_size: int,
             raise ValueError(f"Box {number} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty: xmax must exceed xmin and "
                              "ymax must exceed ymin.")
         for lo, hi, extent, axis in ((x0, x1, width, "x"), (y0, y1, height, "y")):
-            tol = max(_BOX_TOLERANCE_PX, _BOX_TOLERANCE_FRACTION * extent)
+            tol = box_tolerance(extent)
             if lo < -tol or hi > extent + tol:
                 raise ValueError(f"Box {number} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the {width}x{height} "
                                  f"image: {axis} coordinates must be within 0..{extent}.")

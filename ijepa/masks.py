@@ -319,25 +319,34 @@ class MaskCollator:
 Box = Union[Sequence[float], Mapping[str, float]]
 
 # Boxes may overshoot the image by this much (1 pixel or 1 % of the side, whichever is larger) and are clipped.
-_BOX_TOLERANCE_PX = 1.0
-_BOX_TOLERANCE_FRACTION = 0.01
-# A patch is covered when the box overlaps at least this fraction of its area.
+BOX_TOLERANCE_PX = 1.0
+BOX_TOLERANCE_FRACTION = 0.01
+# A patch row (column) is hidden when the box covers at least this fraction of its height (width).
 _MIN_PATCH_COVERAGE = 0.5
 
 
-def _box_coordinates(box: Box) -> Tuple[float, float, float, float]:
+def box_tolerance(side: float) -> float:
+    """How far (pixels) a box may overshoot an image side of ``side`` pixels before it counts as outside."""
+    return max(BOX_TOLERANCE_PX, BOX_TOLERANCE_FRACTION * side)
+
+
+def parse_box(box: Box, number: int = 1) -> Tuple[float, float, float, float]:
+    """A box as [xmin, ymin, xmax, ymax] or a dict with those keys -> four finite floats (ValueError otherwise)."""
     if isinstance(box, Mapping):
         try:
             values = [box[k] for k in ("xmin", "ymin", "xmax", "ymax")]
         except KeyError as err:
-            raise ValueError(f"A box dict needs keys xmin, ymin, xmax, ymax; missing {err}") from err
+            raise ValueError(f"Box {number} needs keys xmin, ymin, xmax, ymax; {err} is missing") from None
+    elif isinstance(box, (str, bytes)) or not isinstance(box, Sequence) or len(box) != 4:
+        raise ValueError(f"Box {number} must be [xmin, ymin, xmax, ymax], got {box!r}")
     else:
         values = list(box)
-        if len(values) != 4:
-            raise ValueError(f"A box is (xmin, ymin, xmax, ymax); got {len(values)} values: {box}")
-    coords = tuple(float(v) for v in values)
+    try:
+        coords = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"Box {number} must hold four numbers [xmin, ymin, xmax, ymax], got {box!r}") from None
     if not all(math.isfinite(c) for c in coords):
-        raise ValueError(f"Box coordinates must be finite numbers, got {box}")
+        raise ValueError(f"Box {number} has a coordinate that is not a finite number: {box!r}")
     return coords  # type: ignore[return-value]
 
 
@@ -350,11 +359,11 @@ def _relative_box(box: Box, image_size: Tuple[int, int]) -> Tuple[float, float, 
     width, height = image_size
     if width <= 0 or height <= 0:
         raise ValueError(f"image_size must be a positive (width, height), got {image_size}")
-    x0, y0, x1, y1 = _box_coordinates(box)
+    x0, y0, x1, y1 = parse_box(box)
     if x1 <= x0 or y1 <= y0:
         raise ValueError(f"Degenerate box {box}: need xmax > xmin and ymax > ymin (draw a box with some area)")
     for lo, hi, side, name in ((x0, x1, width, "x"), (y0, y1, height, "y")):
-        tol = max(_BOX_TOLERANCE_PX, _BOX_TOLERANCE_FRACTION * side)
+        tol = box_tolerance(side)
         if lo < -tol or hi > side + tol:
             raise ValueError(f"Box {box} lies outside the {width}x{height} image ({name} must be within 0..{side})")
     x0, x1 = _clip_fraction(x0, width), _clip_fraction(x1, width)
@@ -372,25 +381,25 @@ def _axis_coverage(lo: float, hi: float, cells: int) -> torch.Tensor:
 
 
 def box_to_patch_indices(box: Box, image_size: Tuple[int, int], grid_size: GridSize) -> torch.Tensor:
-    """Raster indices [K] of the model-grid patches a pixel box covers.
+    """Raster indices [K] of the model-grid patches a pixel box covers: always a whole rectangle of patches.
 
     Args:
-        box: (xmin, ymin, xmax, ymax) in pixels of the user's image (or a dict with those keys).
-        image_size: (width, height) of that image; the model sees it resized to the grid, so only the box's
-            position relative to the image matters.
+        box: (xmin, ymin, xmax, ymax) in pixels of an image of ``image_size`` that the model sees whole, stretched
+            to its grid (the app's model view; for a user's photo map boxes first with ``inference.map_boxes``).
+        image_size: (width, height) of that image.
         grid_size: model patch grid (height, width) or an int for a square grid.
 
-    A patch counts when the box overlaps at least half its area; the patch under the box centre always counts,
-    so even a one-pixel box selects a patch.
+    The box snaps to the patch grid: a patch row is hidden when the box covers at least half its height, a column
+    when it covers at least half its width, and the row and column under the box centre always are. So a thin
+    box across a patch border still hides a strip, and even a one-pixel box selects a patch.
     """
     gh, gw = _as_grid(grid_size)
     x0, y0, x1, y1 = _relative_box(box, image_size)
-    coverage = _axis_coverage(y0, y1, gh)[:, None] * _axis_coverage(x0, x1, gw)[None, :]
-    covered = coverage >= _MIN_PATCH_COVERAGE - 1e-9
-    centre_row = min(int((y0 + y1) / 2 * gh), gh - 1)
-    centre_col = min(int((x0 + x1) / 2 * gw), gw - 1)
-    covered[centre_row, centre_col] = True
-    return torch.nonzero(covered.flatten()).flatten()
+    rows = _axis_coverage(y0, y1, gh) >= _MIN_PATCH_COVERAGE - 1e-9
+    cols = _axis_coverage(x0, x1, gw) >= _MIN_PATCH_COVERAGE - 1e-9
+    rows[min(int((y0 + y1) / 2 * gh), gh - 1)] = True
+    cols[min(int((x0 + x1) / 2 * gw), gw - 1)] = True
+    return torch.nonzero((rows[:, None] & cols[None, :]).flatten()).flatten()
 
 
 def boxes_to_masks(boxes: Sequence[Box], image_size: Tuple[int, int], grid_size: GridSize,
@@ -416,18 +425,6 @@ def boxes_to_masks(boxes: Sequence[Box], image_size: Tuple[int, int], grid_size:
         raise ValueError(f"The target boxes cover every patch {where}, leaving no context patch for the model to "
                          "see; draw smaller boxes" + (" or a larger context box" if context_box is not None else ""))
     return torch.nonzero(visible).flatten(), targets
-
-
-def patch_indices_to_map(indices: Union[torch.Tensor, Sequence[torch.Tensor]], grid_size: GridSize) -> torch.Tensor:
-    """Bool map [gh, gw] marking every patch listed in one index tensor or a list of them (for display)."""
-    gh, gw = _as_grid(grid_size)
-    tensors = [indices] if isinstance(indices, torch.Tensor) else list(indices)
-    flat = torch.cat([t.reshape(-1).long() for t in tensors]) if tensors else torch.zeros(0, dtype=torch.long)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= gh * gw):
-        raise ValueError(f"Patch indices must lie in [0, {gh * gw}) for a {gh}x{gw} grid")
-    grid = torch.zeros(gh * gw, dtype=torch.bool)
-    grid[flat] = True
-    return grid.view(gh, gw)
 
 
 def rectangle_indices(origins: torch.Tensor, rows: int, cols: int, grid_size: GridSize) -> torch.Tensor:

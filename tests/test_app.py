@@ -121,12 +121,14 @@ def png_bytes(size: tuple[int, int]) -> bytes:
     ("ok.png", None, "[[0, 0, 100", {}, "JSON list"),
     ("ok.png", None, '{"xmin": 1}', {}, "JSON list"),
     ("ok.png", None, "[[10, 10, 150, 150]]", {"num_samples": 100}, "between 1 and 8"),
+    ("ok.png", None, "[[10, 10, 150, 150]]", {"seed": None}, "Enter a seed"),
 ])
 def test_bad_input_gets_a_clear_message_and_the_server_keeps_serving(server, client, tmp_path, name, data, boxes,
                                                                      extra, message):
     path = write(tmp_path, name, png_bytes((300, 300)) if data is None else data)
     with pytest.raises(AppError, match=message):
-        client.predict(handle_file(str(path)), boxes, extra.get("num_samples", 1), 0, api_name="/sketch")
+        client.predict(handle_file(str(path)), boxes, extra.get("num_samples", 1), extra.get("seed", 0),
+                       api_name="/sketch")
     assert httpx.get(server[0], timeout=10).status_code == 200
 
 

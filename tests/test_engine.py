@@ -20,6 +20,7 @@ from PIL import Image
 
 from ijepa.bundle import build_random_bundle, load_probe
 from ijepa.engine import Engine
+from ijepa.figures import BOX_COLORS, sketch_sheet
 from ijepa.inference import (LinearReadout, analyze_boxes, feature_pca, map_boxes, nearest_neighbours, open_image,
                              prepare_image, surprise_map, to_rgb, window_positions)
 from ijepa.masks import boxes_to_masks
@@ -331,6 +332,18 @@ def test_truth_vs_prediction_decodes_both(engine, two_box_analysis):
     assert figure.ndim == 3 and figure.shape[2] == 3 and figure.shape[0] > 200
 
 
+def test_sketch_sheet_crops_stay_in_their_own_slots(engine):
+    """At display scale 1 (models of 129 px and more) two full-height boxes must not overlap in the crop column."""
+    image = np.random.default_rng(9).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    analysis = engine.analyze(image, [[0, 0, 2 * PATCH, SIZE], [SIZE - 2 * PATCH, 0, SIZE, SIZE]])
+    sheet = sketch_sheet(image, analysis, scale=1)
+    panel = sheet[:, SIZE + 8:]
+    slot = SIZE // 2
+    for b in range(2):
+        rows = np.nonzero((panel == np.array(BOX_COLORS[b])).all(axis=-1))[0]
+        assert rows.size and b * slot <= rows.min() and rows.max() < (b + 1) * slot
+
+
 def test_the_bundle_offers_both_decoders_and_each_draws_its_own_sketches(engine, two_box_analysis):
     assert engine.sketch_styles == ("spatial_context", "pooled")  # ours is the default
     ours = engine.sketches(two_box_analysis, 1, seed=4, num_steps=STEPS)
@@ -407,3 +420,15 @@ def test_examples_load_with_their_boxes(engine):
         image = example.image()
         assert image.dtype == np.uint8 and image.shape[2] == 3
         engine.analyze(image, example.boxes)  # every shipped example works as is
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machine)")
+def test_every_panel_works_with_the_model_on_a_gpu(bundle):
+    engine = Engine.load(bundle, device="cuda")
+    image = np.random.default_rng(5).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    analysis = engine.analyze(image, [[25, 25, 75, 75]])
+    update = engine.sketches(analysis, num_samples=2, seed=1, num_steps=STEPS)
+    assert len(update.images) == 2 and update.images[0].dtype == np.uint8
+    assert engine.decode_truth(analysis, seed=1, num_steps=STEPS).shape == (SIZE, SIZE, 3)
+    assert engine.surprise_map(image).errors.shape == (GRID, GRID)
+    assert engine.feature_view(image).ndim == 3

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ijepa.masks import (MaskCollator, MaskConfig, MultiBlockMaskGenerator, apply_masks, box_to_patch_indices,
-                         boxes_to_masks, patch_indices_to_map)
+                         boxes_to_masks)
 
 # Sampling takes milliseconds; a generous deadline still catches a sampler that spins.
 SAMPLING = settings(max_examples=60, deadline=2000)
@@ -315,6 +315,28 @@ def test_half_covered_patches_count():
     assert box_to_patch_indices((0, 0, 100, 50), (200, 100), (2, 4)).tolist() == [0, 1]
 
 
+def test_boxes_across_patch_borders_hide_the_rows_and_columns_they_mostly_cover():
+    # 64 px image, 4x4 grid of 16 px patches. A full-height strip just under one patch wide, straddling the border
+    # of columns 0 and 1 (47.5 % of each): it hides a column (the one under its centre), not a single patch.
+    assert box_to_patch_indices((8.4, 0, 23.6, 64), (64, 64), 4).tolist() == [1, 5, 9, 13]
+    # 1.4 x 1.4 patches offset by 0.3: 70 % of two rows and two columns each -> a 2 x 2 block.
+    assert box_to_patch_indices((4.8, 4.8, 27.2, 27.2), (64, 64), 4).tolist() == [0, 1, 4, 5]
+
+
+@settings(max_examples=200, deadline=1000)
+@given(x0=st.floats(0, 63), y0=st.floats(0, 63), w=st.floats(0.5, 64), h=st.floats(0.5, 64),
+       gh=st.integers(1, 16), gw=st.integers(1, 16))
+def test_a_box_hides_a_whole_rectangle_of_patches_containing_its_centre(x0, y0, w, h, gh, gw):
+    x1, y1 = min(x0 + w, 64.0), min(y0 + h, 64.0)
+    indices = box_to_patch_indices((x0, y0, x1, y1), (64, 64), (gh, gw))
+    rows, cols = indices // gw, indices % gw
+    row_set, col_set = sorted(set(rows.tolist())), sorted(set(cols.tolist()))
+    assert indices.numel() == len(row_set) * len(col_set)  # every (row, col) pair: a rectangle
+    assert row_set == list(range(row_set[0], row_set[-1] + 1)) and col_set == list(range(col_set[0], col_set[-1] + 1))
+    centre_row, centre_col = min(int((y0 + y1) / 128 * gh), gh - 1), min(int((x0 + x1) / 128 * gw), gw - 1)
+    assert centre_row in row_set and centre_col in col_set
+
+
 def test_boxes_to_masks_context_and_targets():
     context, targets = boxes_to_masks([(0, 0, 16, 16), {"xmin": 48, "ymin": 48, "xmax": 64, "ymax": 64}],
                                       (64, 64), 4)
@@ -344,12 +366,3 @@ def test_invalid_boxes_are_rejected(box, message):
 
 def test_tiny_overshoot_is_clipped():
     assert torch.equal(box_to_patch_indices((-0.5, -1, 64.5, 65), (64, 64), 4), torch.arange(16))
-
-
-def test_patch_indices_to_map():
-    grid = patch_indices_to_map([torch.tensor([0, 1]), torch.tensor([[7]])], (2, 4))
-    assert grid.dtype == torch.bool and grid.tolist() == [[True, True, False, False], [False, False, False, True]]
-    _, targets = boxes_to_masks([(16, 16, 48, 48)], (64, 64), 4)
-    assert int(patch_indices_to_map(targets, 4).sum()) == 4
-    with pytest.raises(ValueError, match="lie in"):
-        patch_indices_to_map(torch.tensor([8]), (2, 4))
