@@ -71,7 +71,7 @@ from ijepa.vision_transformer import set_fused_attention  # noqa: E402
 from train.objective import (TargetFeatures, ema_momentum, ema_update, ijepa_loss,  # noqa: E402
                              learning_rate, param_groups, set_optimizer_schedule, weight_decay)
 from train.pretrain import uses_fused_attention  # noqa: E402
-from train.runtime import PRECISIONS, autocast, fast_bf16, resolve_precision  # noqa: E402
+from train.runtime import PRECISIONS, LossWindow, Runtime, autocast, fast_bf16, resolve_precision  # noqa: E402
 
 logger = logging.getLogger("bench.pretrain_throughput")
 
@@ -225,8 +225,7 @@ def build_step(spec: ModelSpec, variant: Variant, device: torch.device, batch: i
     if variant.compile:
         encoder, predictor, target_pass = (torch.compile(m) for m in (encoder, predictor, target_pass))
     raw_images = torch.rand(batch, 3, spec.img_size, spec.img_size, device=device)
-    loss_sum = torch.zeros((), device=device)
-    nonfinite = torch.zeros((), device=device)
+    window = LossWindow(Runtime(device=device), Path("checkpoints"))  # the real loop's loss bookkeeping
 
     def ema(momentum: float) -> None:
         if not variant.loop_ema:
@@ -237,7 +236,6 @@ def build_step(spec: ModelSpec, variant: Variant, device: torch.device, batch: i
                 k.mul_(momentum).add_((1.0 - momentum) * q)
 
     def step(i: int) -> None:
-        nonlocal loss_sum, nonfinite
         lr = learning_rate(i, TOTAL_STEPS, WARMUP_STEPS, START_LR, LR, FINAL_LR)
         wd = weight_decay(i, TOTAL_STEPS, WD, FINAL_WD)
         momentum = ema_momentum(i, TOTAL_STEPS, EMA_START, EMA_END)
@@ -255,8 +253,7 @@ def build_step(spec: ModelSpec, variant: Variant, device: torch.device, batch: i
         ema(momentum)
         if variant.sync_loss_every_step:
             loss.item()
-        loss_sum += loss.detach()  # the real loop's bookkeeping: read back only every log_every steps
-        nonfinite += (~torch.isfinite(loss.detach())).float()
+        window.add(loss)  # read back only every log_every steps, as in the real loop
 
     return step, model
 

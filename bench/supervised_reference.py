@@ -27,11 +27,11 @@ from tqdm import tqdm
 
 from ijepa.model import IJepa
 from train.config import parse_config
-from train.data import StackFields, build_dataset
+from train.data import StackFields, StepBatches, build_dataset
 from train.emoji import get_catalog
 from train.eval import evaluate_emoji_features
 from train.objective import learning_rate, param_groups, set_optimizer_schedule, weight_decay
-from train.pretrain import SCENE_FIELDS, PretrainConfig, StepBatches, model_config
+from train.pretrain import SCENE_FIELDS, PretrainConfig, model_config
 from train.runtime import autocast, resolve_precision
 
 

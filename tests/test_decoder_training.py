@@ -72,6 +72,22 @@ def test_killed_decoder_run_resumes_exactly_and_exports(tmp_path, tiny_ijepa, mo
     assert (tmp_path / "full" / "samples" / "step-0000004.png").is_file()
 
 
+def test_a_nan_between_log_steps_stops_the_decoder_before_it_is_checkpointed(tmp_path, tiny_ijepa, monkeypatch):
+    real, calls = decoder_training.DecoderLoss.forward, {"n": 0}
+
+    def nan_from_step_5(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = real(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 5 else loss
+
+    monkeypatch.setattr(decoder_training.DecoderLoss, "forward", nan_from_step_5)
+    # logs every 4 steps, checkpoints every 3: the NaN of step 5 must not reach the step-6 checkpoint
+    with pytest.raises(FloatingPointError, match="ckpt-00000003.pt"):
+        decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / "run", "--steps", "8", "--ckpt-every", "3",
+                                        "--log-every", "4"))
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt-*.pt")] == ["ckpt-00000003.pt"]
+
+
 def test_decoder_eval_reports_both_modes_and_exact_context(tmp_path, tiny_ijepa):
     for mode in ("spatial_context", "pooled"):
         decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / mode, "--steps", "1", "--conditioning", mode))

@@ -40,6 +40,29 @@ def test_cli_yaml_and_overrides(tmp_path):
         parse_config(PretrainConfig, ["--config", str(tmp_path / "bad.yaml")])
 
 
+def test_config_files_are_read_as_the_settings_types_and_impossible_values_refused(tmp_path):
+    # YAML reads 1e-3 (no dot) as a string: the config turns it into the float the field is
+    (tmp_path / "c.yaml").write_text("lr: 1e-3\nsteps: '40'\nmain_scale: [1, 0.9]\n")
+    cfg = parse_config(PretrainConfig, ["--config", str(tmp_path / "c.yaml")])
+    assert (cfg.lr, cfg.steps, cfg.main_scale) == (0.001, 40, (1.0, 0.9))
+    assert isinstance(cfg.main_scale[0], float)
+    (tmp_path / "bad.yaml").write_text("lr: fast\n")
+    with pytest.raises(ValueError, match="config key lr: expected float, got 'fast'"):
+        parse_config(PretrainConfig, ["--config", str(tmp_path / "bad.yaml")])
+    with pytest.raises(ValueError, match="log_every must be positive"):
+        parse_config(PretrainConfig, ["--log-every", "0"])
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
+    from train.runtime import resume_state, save_checkpoint
+    from train.config import config_dict
+    cfg = tiny(tmp_path / "run", "--resume", "true")
+    save_checkpoint({"step": 3, "config": config_dict(cfg), "world_size": 2}, tmp_path / "ckpt", 3, 2)
+    assert resume_state(tmp_path / "ckpt", cfg, world_size=2)[0]["step"] == 3
+    with pytest.raises(ValueError, match="written by 2 process.*this run has 1"):
+        resume_state(tmp_path / "ckpt", cfg, world_size=1)
+
+
 def test_a_checkpoint_older_than_a_setting_resumes_only_with_its_default():
     from train.config import changed_settings, config_dict
     saved = config_dict(PretrainConfig())

@@ -42,6 +42,29 @@ def test_variants_train_with_their_overrides_and_resume(tmp_path, monkeypatch, c
     assert [json.loads(line)["variant"] for line in lines] == ["baselines", "plain", "siblings"]
 
 
+def test_a_sweep_killed_between_training_and_scoring_continues(tmp_path, monkeypatch):
+    calls = []
+    evaluate = fake_protocol(calls)
+
+    def killed_while_scoring_the_variant(model, seed, device, sources):
+        if sources != ("raw_pixels", "random_init"):
+            raise KeyboardInterrupt
+        return evaluate(model, seed, device, sources)
+
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("plain: {}\n")
+    argv = ["--config", str(REPO / "train/configs/emoji_smoke.yaml"), "--variants", str(variants),
+            "--out-dir", str(tmp_path / "sweep"), "--steps", "2"]
+    monkeypatch.setattr(sweep.evaluation, "evaluate_emoji_features", killed_while_scoring_the_variant)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main(argv)
+    assert list((tmp_path / "sweep" / "plain" / "checkpoints").glob("ckpt-*.pt"))  # trained, not scored
+
+    monkeypatch.setattr(sweep.evaluation, "evaluate_emoji_features", evaluate)
+    rows = sweep.main(argv)  # resumes the variant from its checkpoint instead of refusing its folder
+    assert [r["variant"] for r in rows] == ["plain"] and calls[-1] == ("target_encoder", "context_encoder")
+
+
 def test_a_misspelt_override_is_refused_before_anything_trains(tmp_path):
     variants = tmp_path / "variants.yaml"
     variants.write_text("typo: {learning_rate: 0.1}\n")

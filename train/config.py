@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from pathlib import Path
 
@@ -27,14 +28,44 @@ def _parse_value(kind, text: str):
     return yaml.safe_load(text)
 
 
+def _field_kind(kind):
+    """``X | None`` -> X: the type a value of an optional field has when it is given."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        return args[0] if args else str
+    return kind
+
+
+def _coerce(name: str, kind, value):
+    """A YAML value -> the field's type. YAML reads ``1e-3`` (no dot) as a string and lists as lists; without this a
+    config file's ``lr: 1e-3`` would fail deep inside the optimiser instead of here."""
+    kind = _field_kind(kind)
+    if value is None:
+        return value
+    try:
+        if typing.get_origin(kind) is tuple and isinstance(value, (list, tuple)):
+            element = (typing.get_args(kind) or (float,))[0]
+            return tuple(_coerce(name, element, v) for v in value)
+        if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, str):
+            return int(value)
+    except ValueError:
+        raise ValueError(f"config key {name}: expected {getattr(kind, '__name__', kind)}, got {value!r}") from None
+    return value
+
+
+def require(config, condition: bool, message: str) -> None:
+    """For a config's ``__post_init__``: refuse impossible settings before anything runs."""
+    if not condition:
+        raise ValueError(f"{type(config).__name__}: {message}")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
     """One ``--field`` flag per dataclass field, parsed with the field's type (tuples as ``a,b``)."""
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
-        kind = hints[field.name]
-        if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", ())):
-            args = [a for a in typing.get_args(kind) if a is not type(None)]
-            kind = args[0] if args else str
+        kind = _field_kind(hints[field.name])
         parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None,
                             type=lambda text, k=kind: _parse_value(k, text), metavar=field.name.upper())
 
@@ -53,10 +84,7 @@ def load_config(config_cls, path: str | Path | None, overrides: dict):
             raise ValueError(f"{path}: unknown config keys {unknown}; valid keys: {sorted(known)}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     hints = typing.get_type_hints(config_cls)
-    for name, value in values.items():  # YAML lists -> tuples where the field is a tuple
-        if isinstance(value, list) and typing.get_origin(hints[name]) is tuple:
-            values[name] = tuple(value)
-    return config_cls(**values)
+    return config_cls(**{name: _coerce(name, hints[name], value) for name, value in values.items()})
 
 
 def parse_config(config_cls, argv=None, description: str = ""):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
 
 from train.emoji import BACKGROUND_KINDS, EmojiCatalog, EmojiProbeSet, EmojiScenes, get_catalog
@@ -126,6 +126,23 @@ class StackFields:
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         return {k: torch.stack([torch.as_tensor(item[k]) for item in items]) for k in self.keys}
+
+
+class StepBatches(Sampler):
+    """Global sample indices for each step from ``start_step``: step s on rank r reads
+    s * B * world + r * B + [0, B). Data order is a pure function of the step, so resuming replays nothing."""
+
+    def __init__(self, start_step: int, total_steps: int, batch_size: int, rank: int, world_size: int):
+        self.start_step, self.total_steps = start_step, total_steps
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step)
+
+    def __iter__(self):
+        for step in range(self.start_step, self.total_steps):
+            first = (step * self.world_size + self.rank) * self.batch_size
+            yield list(range(first, first + self.batch_size))
 
 
 def build_dataset(name_or_path: str | os.PathLike, resolution: int, patch_size: int, seed: int = 0,

@@ -33,11 +33,10 @@ from ijepa.checkpoint import load_model
 from ijepa.inference import gather, predict_features, true_features
 from ijepa.masks import complement_indices, rectangle_indices
 from ijepa.model import IJepa
-from train.config import config_dict, parse_config, save_config
-from train.data import build_dataset
-from train.pretrain import StepBatches
-from train.runtime import (autocast, list_checkpoints, plot_loss_curve, resolve_precision, resume_state,
-                           save_checkpoint, setup_runtime, start_csv_log, teardown_runtime)
+from train.config import config_dict, parse_config, require, save_config
+from train.data import StackFields, StepBatches, build_dataset
+from train.runtime import (LossWindow, autocast, plot_loss_curve, resolve_precision, resume_state, save_checkpoint,
+                           save_folder_atomic, setup_runtime, start_csv_log, teardown_runtime)
 
 logger = logging.getLogger("train.decoder")
 
@@ -75,6 +74,12 @@ class DecoderTrainConfig:
     ckpt_every: int = 500
     keep_last: int = 2
     resume: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "steps", "log_every", "sample_every", "ckpt_every"):
+            require(self, getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "keep_last", "num_workers"):
+            require(self, getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
 
 
 class DecoderLoss(nn.Module):
@@ -154,7 +159,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
     precision = resolve_precision(rt.device, cfg.precision)
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    state, resumed_from = resume_state(ckpt_dir, cfg)
+    state, resumed_from = resume_state(ckpt_dir, cfg, rt.world_size)
     if rt.is_main:
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -187,7 +192,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
                             seed=cfg.seed + 1)  # other scenes than pretraining saw, same world
     loader = DataLoader(dataset, batch_sampler=StepBatches(start_step, cfg.steps, cfg.batch_size, rt.rank,
                                                            rt.world_size),
-                        collate_fn=lambda items: torch.stack([it["image"] for it in items]),
+                        collate_fn=StackFields(("image",)),
                         num_workers=cfg.num_workers, pin_memory=use_cuda)
     preview = build_dataset(cfg.data, resolution=model.config.img_size, patch_size=model.config.patch_size,
                             seed=cfg.seed + 2)
@@ -198,20 +203,19 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
     if rt.is_main:
         start_csv_log(csv_path, "step,loss,lr,img_per_s,elapsed_s", start_step)
     progress = tqdm(total=cfg.steps, initial=start_step, disable=not rt.is_main, dynamic_ncols=True, unit="step")
-    loss_sum = torch.zeros((), device=rt.device)
     # elapsed_s counts on from the checkpoint, so the log (and the recipe's stage time) covers the whole run
     run_start = time.perf_counter() - resumed_seconds
-    window, window_start = 0, time.perf_counter()
+    window = LossWindow(rt, ckpt_dir)
     decoder.train()
 
-    for step, images in enumerate(loader, start=start_step):
+    for step, batch in enumerate(loader, start=start_step):
         lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
         rng = np.random.default_rng([cfg.seed, step, rt.rank])  # boxes and the truth/prediction mix
         generator = torch.Generator(rt.device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + rt.rank)
 
-        images = images.to(rt.device, non_blocking=True)
+        images = batch["image"].to(rt.device, non_blocking=True)
         targets, contexts = sample_boxes(len(images), grid, rng, cfg.target_like_fraction)
         use_true = torch.from_numpy(rng.random(len(images)) < cfg.true_fraction)
         with autocast(rt.device, precision):
@@ -223,27 +227,16 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
         optimizer.step()
         ema.step(decoder.parameters())
 
-        loss_sum += loss.detach()
-        window += 1
+        window.add(loss)
         done = step + 1
         progress.update(1)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            if rt.distributed:  # every rank sees the same mean, so a NaN on one rank stops them all together
-                dist.all_reduce(loss_sum)
-                loss_sum /= rt.world_size
-            mean_loss = loss_sum.item() / window
-            if not math.isfinite(mean_loss):
-                good = list_checkpoints(ckpt_dir)
-                raise FloatingPointError(f"decoder loss became NaN/inf by step {done}; last good checkpoint: "
-                                         f"{good[-1] if good else 'none'}")
-            now = time.perf_counter()
+        if done % cfg.log_every == 0 or done == cfg.steps or done % cfg.ckpt_every == 0:
+            mean_loss, seconds, steps = window.close(done)  # stops the run on a NaN/inf loss, before any save
             if rt.is_main:
-                img_per_s = window * cfg.batch_size * rt.world_size / (now - window_start)
+                img_per_s = steps * cfg.batch_size * rt.world_size / seconds
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.1e}", img_s=f"{img_per_s:.0f}")
                 with open(csv_path, "a") as f:
-                    f.write(f"{done},{mean_loss:.6f},{lr:.6g},{img_per_s:.1f},{now - run_start:.1f}\n")
-            loss_sum.zero_()
-            window, window_start = 0, time.perf_counter()
+                    f.write(f"{done},{mean_loss:.6f},{lr:.6g},{img_per_s:.1f},{time.perf_counter() - run_start:.1f}\n")
         if rt.is_main and (done % cfg.sample_every == 0 or done == cfg.steps):
             ema.store(decoder.parameters())
             ema.copy_to(decoder.parameters())
@@ -254,16 +247,19 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
             ema.restore(decoder.parameters())
         if rt.is_main and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             state = {"decoder": decoder.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                     "step": done, "config": config_dict(cfg), "elapsed_s": time.perf_counter() - run_start}
+                     "step": done, "config": config_dict(cfg), "elapsed_s": time.perf_counter() - run_start,
+                     "world_size": rt.world_size}
             save_checkpoint(state, ckpt_dir, done, cfg.keep_last)
     progress.close()
 
     ema.copy_to(decoder.parameters())  # export the EMA weights
     decoder.eval()
     if rt.is_main:
-        decoder.save_pretrained(out_dir / "decoder")
+        save_folder_atomic(decoder.save_pretrained, out_dir / "decoder")  # its config.json marks a finished run
         plot_loss_curve(csv_path, out_dir / "loss.png", title=f"decoder ({cfg.conditioning}) denoising loss")
         logger.info("exported %s", out_dir / "decoder")
+    if rt.distributed:
+        dist.barrier()
     teardown_runtime(rt)
     return decoder
 

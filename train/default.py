@@ -26,6 +26,7 @@ import csv
 import dataclasses
 import json
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -188,12 +189,14 @@ def build_reference_bank(model: IJepa, count: int, path: Path, thumb: int = 32, 
         crop = image[:, r0 * patch:(r0 + rows) * patch, c0 * patch:(c0 + cols) * patch]
         thumbs.append(F.interpolate(crop[None], size=(thumb, thumb), mode="bilinear", align_corners=False)[0])
     thumbnails = (torch.stack(thumbs).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    save_file({"features": boxes.true.half().contiguous(), "thumbnails": thumbnails,
-               "subgroup": boxes.subgroup.contiguous()}, path.with_suffix(".safetensors"))
     catalog = get_catalog()
-    path.with_suffix(".json").write_text(json.dumps({"labels": catalog.subgroup_names, "catalog":
-                                                     catalog.fingerprint, "features": "pooled true box features"},
-                                                    indent=2) + "\n")
+    write_json_atomic(path.with_suffix(".json"), {"labels": catalog.subgroup_names, "catalog": catalog.fingerprint,
+                                                  "features": "pooled true box features"})
+    # the .safetensors marks the stage finished (STAGE_OUTPUTS): written last, whole or not at all
+    tensors = path.with_suffix(".safetensors.tmp")
+    save_file({"features": boxes.true.half().contiguous(), "thumbnails": thumbnails,
+               "subgroup": boxes.subgroup.contiguous()}, tensors)
+    os.replace(tensors, path.with_suffix(".safetensors"))
 
 
 def decoder_config(model_dir: Path, profile: dict, run_dir: Path, mode: str,

@@ -30,6 +30,7 @@ from ijepa.masks import complement_indices, rectangle_indices
 from ijepa.inference import encode, gather, pooled, predict_features, true_features
 from ijepa.model import IJepa, IJepaConfig
 from train.data import StackFields
+from train.runtime import write_json_atomic
 
 logger = logging.getLogger("train.eval")
 
@@ -467,8 +468,8 @@ def main(argv=None) -> dict:
         results = evaluate_folder(model, Path(args.data), args.seed, args.device)
     results["checkpoint"] = str(args.checkpoint)
     results["seconds"] = round(time.perf_counter() - start, 1)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_results(results, out_dir / "results.png")
+    write_json_atomic(out_dir / "results.json", results)  # last: the recipe takes it as "evaluation finished"
     print(json.dumps(results, indent=2))
     return results
 

@@ -30,7 +30,7 @@ from ijepa.inference import gather, pooled, true_features
 from ijepa.model import IJepa
 from train.data import build_dataset
 from train.decoder import box_conditions, sample_boxes
-from train.runtime import PRECISIONS, autocast, resolve_precision
+from train.runtime import PRECISIONS, autocast, resolve_precision, write_json_atomic
 
 logger = logging.getLogger("train.eval_decoder")
 
@@ -155,11 +155,11 @@ def main(argv=None) -> dict:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report["seconds"] = round(time.perf_counter() - start, 1)
-    (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     all_images = torch.cat([g[0] for g in groups]).cpu()
     all_targets = [t.cpu() for g in groups for t in g[1]]
     plot_grids(all_images[::group_size], all_targets[::group_size],
                {k: v[::group_size].cpu() for k, v in grids.items()}, model, out_dir / "samples.png")
+    write_json_atomic(out_dir / "results.json", report)  # last: the recipe takes it as "evaluation finished"
     print(json.dumps(report, indent=2))
     return report
 

@@ -32,8 +32,9 @@ def ijepa_loss(encoder: nn.Module, predictor: nn.Module, target_pass: nn.Module,
     """Smooth-L1 between the predictor's outputs and the normalised target-encoder features of the target blocks.
 
     ``target_pass`` (a ``TargetFeatures``) sees the FULL image; with the paper's settings its features are normalised
-    per token (an affine-free LayerNorm) before gathering, exactly as in the paper's code. One context mask per
-    image is assumed (the official setup), so predictions and gathered targets line up row for row.
+    per token (an affine-free LayerNorm) before gathering, exactly as in the paper's code. With one context mask
+    per image (the official setup) predictions and gathered targets line up row for row; with several, the
+    predictions come ordered (target, context, image) and each target is repeated for every context.
     """
     with torch.no_grad():
         targets = apply_masks(target_pass(images), target_masks)

@@ -25,20 +25,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ijepa.checkpoint import save_model
 from ijepa.masks import MaskCollator, MaskConfig
 from ijepa.model import IJepa, IJepaConfig
 from ijepa.vision_transformer import set_fused_attention
-from train.config import config_dict, parse_config, save_config
-from train.data import build_dataset
+from train.config import config_dict, parse_config, require, save_config
+from train.data import StepBatches, build_dataset
 from train.emoji import EmojiScenes
 from train.eval import HeldOutKnn, plot_knn_curve
 from train.objective import (TargetFeatures, ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups,
                              set_optimizer_schedule, target_spread, weight_decay)
-from train.runtime import (Runtime, autocast, list_checkpoints, plot_loss_curve, resolve_precision, resume_state,
+from train.runtime import (LossWindow, Runtime, autocast, plot_loss_curve, resolve_precision, resume_state,
                            save_checkpoint, setup_runtime, start_csv_log, teardown_runtime)
 
 logger = logging.getLogger("train.pretrain")
@@ -107,22 +107,11 @@ class PretrainConfig:
     resume: bool = False
     trained_on: str = "emoji scenes (Noto Color Emoji)"
 
-
-class StepBatches(Sampler):
-    """Global sample indices for each step from ``start_step``: step s on rank r reads
-    s * B * world + r * B + [0, B). Data order is a pure function of the step, so resuming replays nothing."""
-
-    def __init__(self, start_step: int, total_steps: int, batch_size: int, rank: int, world_size: int):
-        self.start_step, self.total_steps = start_step, total_steps
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-
-    def __len__(self) -> int:
-        return max(0, self.total_steps - self.start_step)
-
-    def __iter__(self):
-        for step in range(self.start_step, self.total_steps):
-            first = (step * self.world_size + self.rank) * self.batch_size
-            yield list(range(first, first + self.batch_size))
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "steps", "log_every", "ckpt_every"):
+            require(self, getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "keep_last", "knn_every", "num_workers"):
+            require(self, getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
 
 
 def model_config(cfg: PretrainConfig) -> IJepaConfig:
@@ -152,7 +141,7 @@ def train(cfg: PretrainConfig) -> IJepa:
     model_settings = model_config(cfg)  # a bad setting stops the run here, before anything is written
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    state, resumed_from = resume_state(ckpt_dir, cfg)
+    state, resumed_from = resume_state(ckpt_dir, cfg, rt.world_size)
     if rt.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -205,11 +194,9 @@ def train(cfg: PretrainConfig) -> IJepa:
             logger.info("held-out kNN group to beat: raw pixels %.1f %%, random init %.1f %%",
                         knn.baselines["raw_pixels"]["knn_group"], knn.baselines["random_init"]["knn_group"])
     progress = tqdm(total=cfg.steps, initial=start_step, disable=not rt.is_main, dynamic_ncols=True, unit="step")
-    loss_sum = torch.zeros((), device=rt.device)
-    nonfinite = torch.zeros((), device=rt.device)  # count of non-finite losses since the start
     # elapsed_s counts on from the checkpoint, so the log (and the recipe's stage time) covers the whole run
     run_start = time.perf_counter() - resumed_seconds
-    window_steps, window_start = 0, time.perf_counter()
+    window = LossWindow(rt, ckpt_dir)
     warned_collapse = False
     model.train()
 
@@ -218,7 +205,9 @@ def train(cfg: PretrainConfig) -> IJepa:
         wd = weight_decay(step, cfg.steps, cfg.weight_decay, cfg.final_weight_decay)
         momentum = ema_momentum(step, cfg.steps, cfg.ema_start, cfg.ema_end)
         set_optimizer_schedule(optimizer, lr, wd)
-        torch.manual_seed(cfg.seed * 1_000_003 + step)  # stochastic depth, if enabled, is reproducible on resume
+        # the global RNG per step: nothing in today's step draws from it (no dropout or stochastic depth is
+        # configured), but anything that ever does stays exact on resume
+        torch.manual_seed(cfg.seed * 1_000_003 + step)
 
         images = model.normalize(batch["images"].to(rt.device, non_blocking=True))
         context_masks = [m.to(rt.device, non_blocking=True) for m in batch["context_masks"]]
@@ -230,23 +219,12 @@ def train(cfg: PretrainConfig) -> IJepa:
         optimizer.step()
         ema_update(target, online, momentum)
 
-        loss_sum += loss.detach()
-        nonfinite += (~torch.isfinite(loss.detach())).float()
-        window_steps += 1
+        window.add(loss)
         done = step + 1
         progress.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps or done % cfg.ckpt_every == 0:
-            if rt.distributed:
-                dist.all_reduce(loss_sum)
-                dist.all_reduce(nonfinite)
-                loss_sum /= rt.world_size
-            if nonfinite.item() > 0:  # the weights are now suspect: stop before anything is saved
-                good = list_checkpoints(ckpt_dir)
-                raise FloatingPointError(
-                    f"loss became NaN/inf by step {done}; stopping. The last good checkpoint is "
-                    f"{good[-1] if good else 'none (no checkpoint yet)'}; lower --lr or check the data, then resume.")
-            now = time.perf_counter()
-            mean_loss, img_per_s = loss_sum.item() / window_steps, window_steps * images_per_step / (now - window_start)
+            mean_loss, seconds, steps = window.close(done)  # stops the run on a NaN/inf loss
+            img_per_s = steps * images_per_step / seconds
             if rt.is_main:
                 with autocast(rt.device, precision):
                     spread = target_spread(target_pass, images).item()
@@ -260,22 +238,22 @@ def train(cfg: PretrainConfig) -> IJepa:
                                      img_s=f"{img_per_s:.0f}")
                 with open(csv_path, "a") as f:
                     f.write(f"{done},{mean_loss:.6f},{spread:.4f},{lr:.6g},{wd:.6g},{momentum:.6f},{img_per_s:.1f},"
-                            f"{now - run_start:.1f}\n")
-            loss_sum.zero_()
-            window_steps, window_start = 0, time.perf_counter()
-        if rt.is_main and (done % cfg.ckpt_every == 0 or done == cfg.steps):
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                     "config": config_dict(cfg), "elapsed_s": time.perf_counter() - run_start}
-            save_checkpoint(state, ckpt_dir, done, cfg.keep_last)
+                            f"{time.perf_counter() - run_start:.1f}\n")
+        # scored before the checkpoint: a run killed while scoring resumes from the one before and scores again
         if knn is not None and (done % cfg.knn_every == 0 or done == cfg.steps):
             scoring_start = time.perf_counter()
             figures = knn(model)
-            window_start += time.perf_counter() - scoring_start  # img/s counts training only
+            window.pause(time.perf_counter() - scoring_start)  # img/s counts training only
             progress.write(f"step {done}: held-out kNN group {figures['knn_group']:.1f} % (pixels "
                            f"{knn.baselines['raw_pixels']['knn_group']:.1f}), subgroup {figures['knn_subgroup']:.1f} %")
             with open(knn_path, "a") as f:
                 f.write(f"{done},{done * images_per_step}," + ",".join(f"{figures[k]:.2f}" for k in HeldOutKnn.FIGURES)
                         + "\n")
+        if rt.is_main and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                     "config": config_dict(cfg), "elapsed_s": time.perf_counter() - run_start,
+                     "world_size": rt.world_size}
+            save_checkpoint(state, ckpt_dir, done, cfg.keep_last)
     progress.close()
 
     export_dir = out_dir / "model"

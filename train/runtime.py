@@ -5,8 +5,11 @@ import json
 import logging
 import os
 import re
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -120,11 +123,12 @@ def load_checkpoint(path: Path) -> dict:
                            "--resume then continues from the one before.") from err
 
 
-def resume_state(ckpt_dir: Path, config) -> tuple[dict | None, Path | None]:
+def resume_state(ckpt_dir: Path, config, world_size: int = 1) -> tuple[dict | None, Path | None]:
     """(state, path) of the newest checkpoint in ``ckpt_dir`` when ``config.resume`` is set, else (None, None).
 
     Refuses, before anything is written, to start over a run's checkpoints without --resume, and to resume with
-    settings other than the ones the checkpoint was written with: either would not continue the run exactly."""
+    settings, or a number of processes, other than the ones the checkpoint was written with: either would not
+    continue the run exactly (the batch is per process, and the data order follows the process count)."""
     existing = list_checkpoints(ckpt_dir)
     if existing and not config.resume:
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume true to continue, "
@@ -137,7 +141,52 @@ def resume_state(ckpt_dir: Path, config) -> tuple[dict | None, Path | None]:
         raise ValueError(f"cannot resume from {existing[-1]}: its settings differ ({changes}), so the run would not "
                          "continue exactly. Resume with the original settings, or choose another --out-dir "
                          "(nothing was overwritten).")
+    saved_world = state.get("world_size", world_size)  # checkpoints from before it was stored: not checked
+    if saved_world != world_size:
+        raise ValueError(f"cannot resume from {existing[-1]}: it was written by {saved_world} process(es) and this "
+                         f"run has {world_size}, which changes the global batch and the data order. Resume with "
+                         f"{saved_world} process(es) in all, or choose another --out-dir.")
     return state, existing[-1]
+
+
+class LossWindow:
+    """The mean loss over the steps between two log steps, summed on the device (no host sync per step).
+
+    ``close`` is the one place a training loop learns its loss: a NaN/inf on any rank stops every rank together,
+    naming the last good checkpoint. Call it before every checkpoint, so none holds weights that are already bad.
+    """
+
+    def __init__(self, runtime: Runtime, ckpt_dir: Path):
+        self.runtime, self.ckpt_dir = runtime, ckpt_dir
+        self.total = torch.zeros((), device=runtime.device)
+        self.nonfinite = torch.zeros((), device=runtime.device)
+        self.steps, self.start = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        loss = loss.detach()
+        self.total += loss
+        self.nonfinite += (~torch.isfinite(loss)).float()
+        self.steps += 1
+
+    def pause(self, seconds: float) -> None:
+        """Leave ``seconds`` of non-training work (evaluation) out of the window's time."""
+        self.start += seconds
+
+    def close(self, step: int) -> tuple[float, float, int]:
+        """(mean loss, seconds, steps) of the window, averaged over ranks; then a fresh window."""
+        if self.runtime.distributed:
+            dist.all_reduce(self.total)
+            dist.all_reduce(self.nonfinite)
+            self.total /= self.runtime.world_size
+        if self.nonfinite.item() > 0:  # the weights are now suspect: stop before anything is saved
+            good = list_checkpoints(self.ckpt_dir)
+            raise FloatingPointError(
+                f"loss became NaN/inf by step {step}; stopping. The last good checkpoint is "
+                f"{good[-1] if good else 'none (no checkpoint yet)'}; lower --lr or check the data, then resume.")
+        result = self.total.item() / max(1, self.steps), time.perf_counter() - self.start, self.steps
+        self.total.zero_()
+        self.steps, self.start = 0, time.perf_counter()
+        return result
 
 
 def start_csv_log(path: Path, header: str, start_step: int) -> None:
@@ -169,6 +218,17 @@ def write_json_atomic(path: Path, data) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def save_folder_atomic(write: Callable[[Path], None], directory: Path) -> None:
+    """``write(folder)`` into a temporary sibling, then rename it to ``directory``: a kill mid-write never leaves
+    a half-written folder that looks finished (e.g. a diffusers folder whose config.json is written first)."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
 
 
 def plot_loss_curve(csv_path: Path, png_path: Path, title: str = "I-JEPA pretraining loss") -> None:

@@ -6,7 +6,8 @@ overrides), scored by the same held-out emoji protocol as `train.eval`; one JSON
 
 Flags after the known ones (``--steps 600``) override the base config for every variant. Raw pixels and a
 random-init encoder are scored once, on the base architecture. A variant whose line is already in
-``results.jsonl`` is skipped, so an interrupted sweep continues where it stopped.
+``results.jsonl`` is skipped and one killed mid-training resumes from its last checkpoint, so an interrupted sweep
+continues where it stopped.
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def main(argv=None) -> list[dict]:
         if name in done:
             continue
         cfg = replace(load_config(pretrain.PretrainConfig, None, {**vars(base), **overrides}),
-                      out_dir=str(out / name), device=args.device)
+                      out_dir=str(out / name), device=args.device, resume=True)
         start = time.perf_counter()
         model = pretrain.train(cfg).eval()
         seconds = time.perf_counter() - start
