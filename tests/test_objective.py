@@ -1,0 +1,62 @@
+"""The I-JEPA optimisation schedules and parameter groups: the official values, the official shapes."""
+import math
+
+import pytest
+import torch
+
+from ijepa.model import IJepa, IJepaConfig
+from train.objective import (ema_momentum, ema_update, learning_rate, param_groups, set_optimizer_schedule,
+                             weight_decay)
+
+TOTAL, WARMUP = 1000, 100
+START_LR, PEAK_LR, FINAL_LR = 2e-4, 1e-3, 1e-6  # the official ViT-H/14 run's values
+
+
+def test_lr_warms_up_linearly_then_follows_a_cosine_to_its_final_value():
+    lrs = [learning_rate(s, TOTAL, WARMUP, START_LR, PEAK_LR, FINAL_LR) for s in range(TOTAL + 1)]
+    assert lrs[0] == START_LR and lrs[WARMUP] == pytest.approx(PEAK_LR) and lrs[TOTAL] == pytest.approx(FINAL_LR)
+    assert lrs[WARMUP // 2] == pytest.approx((START_LR + PEAK_LR) / 2)  # linear warmup
+    assert lrs[WARMUP + (TOTAL - WARMUP) // 2] == pytest.approx((PEAK_LR + FINAL_LR) / 2)  # cosine midpoint
+    assert all(a < b for a, b in zip(lrs[:WARMUP], lrs[1:WARMUP + 1]))
+    assert all(a >= b for a, b in zip(lrs[WARMUP:], lrs[WARMUP + 1:]))
+    assert learning_rate(TOTAL + 50, TOTAL, WARMUP, START_LR, PEAK_LR, FINAL_LR) == pytest.approx(FINAL_LR)
+
+
+def test_weight_decay_rises_on_a_cosine_from_0_04_to_0_4():
+    wds = [weight_decay(s, TOTAL, 0.04, 0.4) for s in range(TOTAL + 1)]
+    assert wds[0] == pytest.approx(0.04) and wds[TOTAL] == pytest.approx(0.4)
+    assert wds[TOTAL // 2] == pytest.approx(0.22)
+    assert wds[TOTAL // 4] == pytest.approx(0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert all(a <= b for a, b in zip(wds, wds[1:]))
+
+
+def test_ema_momentum_rises_linearly_from_0_996_to_1():
+    assert ema_momentum(0, TOTAL, 0.996, 1.0) == 0.996
+    assert ema_momentum(TOTAL // 2, TOTAL, 0.996, 1.0) == pytest.approx(0.998)
+    assert ema_momentum(TOTAL, TOTAL, 0.996, 1.0) == 1.0
+
+
+def test_ema_update_moves_the_target_by_one_minus_momentum():
+    target, online = [torch.zeros(3), torch.ones(2, 2)], [torch.ones(3), torch.zeros(2, 2)]
+    ema_update(target, online, 0.75)
+    torch.testing.assert_close(target[0], torch.full((3,), 0.25))
+    torch.testing.assert_close(target[1], torch.full((2, 2), 0.75))
+
+
+def test_biases_and_1d_parameters_get_no_weight_decay_and_fixed_tables_no_updates():
+    model = IJepa(IJepaConfig.from_arch("vit_tiny", img_size=32, patch_size=8, depth=2, predictor_depth=1,
+                                        predictor_embed_dim=48))
+    decay, no_decay = param_groups([model.encoder, model.predictor])
+    names = {id(p): n for m in (model.encoder, model.predictor) for n, p in m.named_parameters()}
+    decayed = [names[id(p)] for p in decay["params"]]
+    assert decayed and all(p.ndim >= 2 and not names[id(p)].endswith(".bias") for p in decay["params"])
+    assert all(p.ndim == 1 or names[id(p)].endswith(".bias") for p in no_decay["params"])
+    assert any(n.endswith("norm.weight") for n in map(names.get, map(id, no_decay["params"])))
+    assert any(".qkv.weight" in n for n in decayed)
+    trainable = [p for m in (model.encoder, model.predictor) for p in m.parameters() if p.requires_grad]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)  # every trainable one, once
+    assert not any("pos_embed" in n for n in decayed + [names[id(p)] for p in no_decay["params"]])
+
+    optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=1.0, weight_decay=0.04)
+    set_optimizer_schedule(optimizer, lr=5e-4, wd=0.3)
+    assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(5e-4, 0.3), (5e-4, 0.0)]
