@@ -71,7 +71,12 @@ def load_decoder(path: str | Path, config: IJepaConfig) -> SketchDecoder:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a sketch decoder folder (no config.json); train one with "
                                 f"`{TRAIN_DECODER_HINT.format(checkpoint='<checkpoint>')}`")
-    decoder = SketchDecoder.from_pretrained(path, low_cpu_mem_usage=False).float().eval()
+    try:  # safetensors only: a decoder folder never unpickles anything
+        decoder = SketchDecoder.from_pretrained(path, low_cpu_mem_usage=False, use_safetensors=True).float().eval()
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"{path}: cannot read the sketch decoder (truncated download, or not a safetensors decoder "
+                         f"folder): {err} Copy the folder again, or train one with "
+                         f"`{TRAIN_DECODER_HINT.format(checkpoint='<checkpoint>')}`") from None
     expected = {"feature_dim": config.embed_dim, "grid_size": tuple(config.grid_size), "image_size": config.img_size}
     found = {"feature_dim": decoder.config.feature_dim, "grid_size": tuple(decoder.config.grid_size),
              "image_size": decoder.config.image_size}

@@ -412,6 +412,12 @@ def test_load_errors_say_what_to_do(bundle, tmp_path):
     build_random_bundle(tmp_path / "other", other, None, num_examples=0)
     with pytest.raises(ValueError, match="train a decoder for this model"):
         Engine.load(tmp_path / "other", decoder=bundle / "decoder", device="cpu")
+    truncated = tmp_path / "truncated_decoder"
+    shutil.copytree(bundle / "decoder", truncated)
+    weights = next(truncated.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:4000])
+    with pytest.raises(ValueError, match="cannot read the sketch decoder .*truncated"):
+        Engine.load(bundle, checkpoint=bundle / "model", decoder=truncated, device="cpu")
 
 
 def test_examples_load_with_their_boxes(engine):
