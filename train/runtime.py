@@ -95,11 +95,15 @@ CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
 
 
 def save_checkpoint(state: dict, directory: Path, step: int, keep_last: int) -> Path:
-    """Write ``ckpt-<step>.pt`` atomically (temp file + rename) and keep only the newest ``keep_last``."""
+    """Write ``ckpt-<step>.pt`` atomically (temp file, flushed to disk, then renamed) and keep only the newest
+    ``keep_last``: a killed process or a lost machine leaves the previous checkpoint whole."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"ckpt-{step:08d}.pt"
     tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
         old.unlink(missing_ok=True)
