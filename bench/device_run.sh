@@ -32,6 +32,9 @@ log="$out/$part.log"
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
     "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+    df -h /dev/shm 2>/dev/null || true  # DataLoader workers pass batches through it
+    # fail in seconds, with the reason in the log, if a carried wheel or the machine's packages do not import
+    "$python" -c "import train.default" || echo "import train.default failed: see above"
 } > "$log" 2>&1
 
 status=0
@@ -43,14 +46,20 @@ case $part in
     recipe)
         profile=${PROFILE:-gpu}
         run=runs/device_$profile
+        # The planner fits the recipe into RECIPE_MINUTES (default 7) so that it ends before `timeout` does: start-up,
+        # the kNN monitor and the export are not in its plan.
         timeout "$budget" "$python" -m train.default --out-dir "$run" --profile "$profile" \
-            --export "$run/assets" >> "$log" 2>&1 || status=$?
-        cp "$run/stage_seconds.json" "$out/" 2>/dev/null || true  # seconds of each finished stage
-        cp "$run/pretrain/knn.csv" "$out/" 2>/dev/null || true  # held-out kNN every 1000 steps: does length pay?
-        cp "$run/summary.json" "$out/" 2>/dev/null || echo "no summary.json: the recipe did not finish" >> "$log"
-        if [ -f "$run/assets/MODEL_CARD.md" ]; then
-            # The exported bundle, in parts under the 16 MiB a file may have on its way back.
-            tar -C "$run" -czf - assets | split -b 15M - "$out/assets.tar.gz.part-"
+            --budget-minutes "${RECIPE_MINUTES:-7}" --export "$run/assets" >> "$log" 2>&1 || status=$?
+        [ -f "$run/summary.json" ] || echo "no summary.json: the recipe did not finish" >> "$log"
+        # One archive in parts under the 16 MiB a file may have on its way back (8 files, 64 MiB in all): the
+        # bundle without its reference bank (rebuilt here from the model: train.default.build_reference_bank),
+        # each stage's seconds, the summary and the held-out kNN every 1000 steps (does length pay?).
+        files=()
+        for f in assets stage_seconds.json summary.json pretrain/knn.csv; do
+            [ -e "$run/$f" ] && files+=("$f")
+        done
+        if [ ${#files[@]} -gt 0 ]; then
+            tar -C "$run" -czf - --exclude=assets/bank.safetensors "${files[@]}" | split -b 15M - "$out/run.tar.gz.part-"
         fi
         ;;
     *)
@@ -58,7 +67,9 @@ case $part in
         exit 2
         ;;
 esac
-# tqdm redraws its bar in place: keep the log readable and small.
-tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -n 400 > "$log.tmp" && mv "$log.tmp" "$log"
+# tqdm redraws its bar in place: drop its redraws (keeping the header, the plans and every logged line) and
+# keep the log small.
+tr '\r' '\n' < "$log" | grep -v '^\s*$' | grep -vE '[0-9]+/[0-9]+ \[' | tail -n 400 > "$log.tmp" \
+    && mv "$log.tmp" "$log"
 echo "$part finished with status $status (124 = stopped at ${budget} s; run it again to resume)" | tee -a "$log"
 exit "$status"

@@ -32,3 +32,19 @@ def test_json_lines_for_ours_and_the_reference(capsys):
     for row in rows:
         assert row["img_per_s"] > 0 and row["step_ms"] > 0 and 0 < row["mfu"] < 1
         assert row["gflop_per_img"] == pytest.approx(9.0, rel=0.15)  # the documented ~9 GFLOP per 64 px image
+
+
+def test_a_failing_measurement_is_reported_and_the_others_still_run(capsys, monkeypatch):
+    real = bench.measure
+
+    def ours_fails(model_name, variant, *args, **kwargs):
+        if variant.name == "ours":
+            raise RuntimeError("out of memory (simulated)")
+        return real(model_name, variant, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure", ours_fails)
+    with pytest.raises(SystemExit, match="vit_tiny ours: RuntimeError: out of memory"):
+        bench.main(["--device", "cpu", "--models", "vit_tiny", "--batch", "2", "--warmup", "1", "--steps", "1",
+                    "--json"])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["variant"], "error" in r) for r in printed] == [("ours", True), ("reference", False)]

@@ -304,7 +304,9 @@ def export_assets(out: Path, model_dir: Path, decoders: dict[str, Path], target:
     model = load_model(model_dir)
     save_model(model, target / MODEL_DIR, dtype=torch.float16)
     for mode, name in DECODER_DIRS.items():
-        SketchDecoder.from_pretrained(decoders[mode], torch_dtype=torch.float16).save_pretrained(target / name)
+        # low_cpu_mem_usage=False: the same loading path with or without accelerate installed
+        decoder = SketchDecoder.from_pretrained(decoders[mode], torch_dtype=torch.float16, low_cpu_mem_usage=False)
+        decoder.save_pretrained(target / name)
     for suffix in (".safetensors", ".json"):
         for name in PROBE_NAMES:
             shutil.copy(out / "eval" / f"probe_{name}{suffix}", target / f"probe_{name}{suffix}")

@@ -94,7 +94,8 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, c
     target = bundle / DECODER_DIRS[OURS]
     staged = target.with_name(target.name + ".new")
     shutil.rmtree(staged, ignore_errors=True)
-    SketchDecoder.from_pretrained(run / "decoder", torch_dtype=torch.float16).save_pretrained(staged)
+    decoder = SketchDecoder.from_pretrained(run / "decoder", torch_dtype=torch.float16, low_cpu_mem_usage=False)
+    decoder.save_pretrained(staged)
     old = target.with_name(target.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     os.replace(target, old)
