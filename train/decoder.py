@@ -230,7 +230,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
         window.add(loss)
         done = step + 1
         progress.update(1)
-        if done % cfg.log_every == 0 or done == cfg.steps or done % cfg.ckpt_every == 0:
+        if window.due(done, cfg):
             mean_loss, seconds, steps = window.close(done)  # stops the run on a NaN/inf loss, before any save
             if rt.is_main:
                 img_per_s = steps * cfg.batch_size * rt.world_size / seconds

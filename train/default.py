@@ -26,7 +26,6 @@ import csv
 import dataclasses
 import json
 import logging
-import os
 import platform
 import shutil
 import subprocess
@@ -49,7 +48,7 @@ from train import budget
 from train import eval as evaluation
 from train import eval_decoder, pretrain
 from train.config import changed_settings, parse_config
-from train.runtime import fast_bf16, logged_training_seconds, write_json_atomic
+from train.runtime import fast_bf16, logged_training_seconds, write_file_atomic, write_json_atomic
 
 logger = logging.getLogger("train.default")
 CONFIGS = Path(__file__).parent / "configs"
@@ -192,11 +191,10 @@ def build_reference_bank(model: IJepa, count: int, path: Path, thumb: int = 32, 
     catalog = get_catalog()
     write_json_atomic(path.with_suffix(".json"), {"labels": catalog.subgroup_names, "catalog": catalog.fingerprint,
                                                   "features": "pooled true box features"})
+    tensors = {"features": boxes.true.half().contiguous(), "thumbnails": thumbnails,
+               "subgroup": boxes.subgroup.contiguous()}
     # the .safetensors marks the stage finished (STAGE_OUTPUTS): written last, whole or not at all
-    tensors = path.with_suffix(".safetensors.tmp")
-    save_file({"features": boxes.true.half().contiguous(), "thumbnails": thumbnails,
-               "subgroup": boxes.subgroup.contiguous()}, tensors)
-    os.replace(tensors, path.with_suffix(".safetensors"))
+    write_file_atomic(path.with_suffix(".safetensors"), lambda tmp: save_file(tensors, tmp))
 
 
 def decoder_config(model_dir: Path, profile: dict, run_dir: Path, mode: str,

@@ -222,7 +222,7 @@ def train(cfg: PretrainConfig) -> IJepa:
         window.add(loss)
         done = step + 1
         progress.update(1)
-        if done % cfg.log_every == 0 or done == cfg.steps or done % cfg.ckpt_every == 0:
+        if window.due(done, cfg):
             mean_loss, seconds, steps = window.close(done)  # stops the run on a NaN/inf loss
             img_per_s = steps * images_per_step / seconds
             if rt.is_main:

@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from train import eval_decoder
 from train.config import RUN_ONLY_FIELDS, config_dict
 from train.decoder import DecoderTrainConfig
 from train.default import hardware, write_model_card
-from train.runtime import logged_training_seconds, write_json_atomic
+from train.runtime import logged_training_seconds, save_folder_atomic, write_json_atomic
 
 logger = logging.getLogger("train.replace_decoder")
 OURS = "spatial_context"  # the decoder the app draws with by default; the paper-faithful one stays the baseline
@@ -90,17 +89,9 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, c
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         "train_seconds": round(train_seconds, 1) or None, "eval_seconds": round(eval_seconds, 1)})
 
-    # Write the new decoder beside the old one and swap folders, so a failure before the swap leaves the bundle whole.
-    target = bundle / DECODER_DIRS[OURS]
-    staged = target.with_name(target.name + ".new")
-    shutil.rmtree(staged, ignore_errors=True)
+    # Written beside the old decoder and swapped in, so a failure before the swap leaves the bundle whole.
     decoder = SketchDecoder.from_pretrained(run / "decoder", torch_dtype=torch.float16, low_cpu_mem_usage=False)
-    decoder.save_pretrained(staged)
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(target, old)
-    os.replace(staged, target)
-    shutil.rmtree(old)
+    save_folder_atomic(decoder.save_pretrained, bundle / DECODER_DIRS[OURS])
     shutil.copy(eval_dir / "samples.png", bundle / "samples.png")
     write_json_atomic(metrics_path, metrics)
     write_model_card(metrics, bundle / "MODEL_CARD.md")

@@ -99,12 +99,7 @@ def save_checkpoint(state: dict, directory: Path, step: int, keep_last: int) -> 
     ``keep_last``: a killed process or a lost machine leaves the previous checkpoint whole."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"ckpt-{step:08d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_file_atomic(path, lambda tmp: torch.save(state, tmp))
     for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
         old.unlink(missing_ok=True)
     return path
@@ -166,6 +161,11 @@ class LossWindow:
         self.nonfinite = torch.zeros((), device=runtime.device)
         self.steps, self.start = 0, time.perf_counter()
 
+    @staticmethod
+    def due(step: int, config) -> bool:
+        """Whether a loop closes its window after ``step``: at log steps, the last step and every checkpoint step."""
+        return step % config.log_every == 0 or step == config.steps or step % config.ckpt_every == 0
+
     def add(self, loss: torch.Tensor) -> None:
         loss = loss.detach()
         self.total += loss
@@ -217,22 +217,35 @@ def logged_training_seconds(path: Path) -> float:
     return elapsed[max(elapsed)] if elapsed else 0.0
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON through a temporary file and a rename, so a kill mid-write leaves the old file whole."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(temp file)``, flush it to disk, then rename it to ``path``: a killed process or a lost machine leaves
+    the old file whole, never a half-written one under the final name."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 
+def write_json_atomic(path: Path, data) -> None:
+    write_file_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
 def save_folder_atomic(write: Callable[[Path], None], directory: Path) -> None:
-    """``write(folder)`` into a temporary sibling, then rename it to ``directory``: a kill mid-write never leaves
-    a half-written folder that looks finished (e.g. a diffusers folder whose config.json is written first)."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
+    """``write(folder)`` into a temporary sibling, then swap it in for ``directory`` (the old one moved aside first
+    and deleted last): a kill mid-write never leaves a half-written folder that looks finished (e.g. a diffusers
+    folder, whose config.json is written before its weights), nor no folder at all."""
+    staged, old = directory.with_name(directory.name + ".new"), directory.with_name(directory.name + ".old")
+    shutil.rmtree(staged, ignore_errors=True)
+    write(staged)
+    shutil.rmtree(old, ignore_errors=True)
     if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+        os.replace(directory, old)
+    os.replace(staged, directory)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def plot_loss_curve(csv_path: Path, png_path: Path, title: str = "I-JEPA pretraining loss") -> None:
