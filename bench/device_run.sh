@@ -49,17 +49,17 @@ case $part in
         # The planner fits the recipe into RECIPE_MINUTES (default 7) so that it ends before `timeout` does: start-up,
         # the kNN monitor and the export are not in its plan.
         timeout "$budget" "$python" -m train.default --out-dir "$run" --profile "$profile" \
-            --budget-minutes "${RECIPE_MINUTES:-7}" --export "$run/assets" >> "$log" 2>&1 || status=$?
+            --budget-minutes "${RECIPE_MINUTES:-7}" >> "$log" 2>&1 || status=$?
         [ -f "$run/summary.json" ] || echo "no summary.json: the recipe did not finish" >> "$log"
         # One archive in parts under the 16 MiB a file may have on its way back (8 files, 64 MiB in all): the
         # bundle without its reference bank (rebuilt here from the model: train.default.build_reference_bank),
         # each stage's seconds, the summary and the held-out kNN every 1000 steps (does length pay?).
         files=()
-        for f in assets stage_seconds.json summary.json pretrain/knn.csv; do
+        for f in bundle stage_seconds.json summary.json pretrain/knn.csv; do
             [ -e "$run/$f" ] && files+=("$f")
         done
         if [ ${#files[@]} -gt 0 ]; then
-            tar -C "$run" -czf - --exclude=assets/bank.safetensors "${files[@]}" | split -b 15M - "$out/run.tar.gz.part-"
+            tar -C "$run" -czf - --exclude=bundle/bank.safetensors "${files[@]}" | split -b 15M - "$out/run.tar.gz.part-"
         fi
         ;;
     *)

@@ -37,6 +37,14 @@ PROBE_NAMES = ("subgroup", "group")
 BANK_NAME = "bank"
 EXAMPLES_DIR, EXAMPLES_INDEX = "examples", "examples.json"
 TRAIN_DECODER_HINT = "python -m train.decoder --checkpoint {checkpoint}"
+# What the repository's assets/ may hold in all: the default bundle ships in git and every clone downloads it.
+SHIPPED_SIZE_LIMIT = 60 * 2**20
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 @dataclass(frozen=True)

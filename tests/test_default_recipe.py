@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import assert_a_box_produces_sketches, assert_bundle_parts_agree
+from ijepa.bundle import BANK_NAME, DECODER_DIRS, MODEL_DIR, SHIPPED_SIZE_LIMIT, folder_bytes
 from train import budget
 from train import decoder as decoder_training
 from train import default as recipe
@@ -100,6 +101,64 @@ def test_model_card_quotes_the_measured_figures(smoke_run):
     recipe.write_model_card(metrics, smoke_run / "d2v.md", "python -m train.default --target-norm instance")
     assert "Targets: data2vec's, not the paper's. Each feature of the target encoder's last 3 blocks" in (
         smoke_run / "d2v.md").read_text()
+
+
+def test_the_sizes_planned_before_training_are_the_bundles(smoke_run):
+    """The check that refuses an oversized --export at the start reads sizes off the settings: they must be the
+    files' own (weights in fp16, the bank's thumbnails and features), or it refuses good bundles or passes bad ones."""
+    flags = recipe.route_flags([])
+    planned = recipe.planned_bundle_sizes(recipe.PROFILES["smoke"], smoke_run / "run", flags)
+    bundle = smoke_run / "run" / recipe.BUNDLE_DIR
+    for name in (MODEL_DIR, *DECODER_DIRS.values()):
+        weights = sum(f.stat().st_size for f in (bundle / name).glob("*.safetensors"))
+        assert planned[name] <= weights <= planned[name] + 64 * 1024, name  # + the safetensors header
+    bank = (bundle / f"{BANK_NAME}.safetensors").stat().st_size
+    assert planned[BANK_NAME] <= bank <= planned[BANK_NAME] + 1024
+    rest = sum(folder_bytes(p) for p in bundle.iterdir() if p.name not in planned)
+    assert rest <= recipe.OTHER_FILES_ESTIMATE
+    assert folder_bytes(bundle) == folder_bytes(smoke_run / "bundle")  # --export copied the run's bundle
+
+
+@pytest.mark.parametrize("profile", sorted(recipe.PROFILES))
+def test_every_profile_makes_a_bundle_that_may_ship(tmp_path, profile):
+    planned = recipe.planned_bundle_sizes(recipe.PROFILES[profile], tmp_path, recipe.route_flags([]))
+    assert sum(planned.values()) <= SHIPPED_SIZE_LIMIT, planned
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_oversized_export_is_refused_before_any_stage(tmp_path, monkeypatch):
+    monkeypatch.setattr(recipe, "SHIPPED_SIZE_LIMIT", 2**20)
+    message = r"over the 1 MB the shipped assets may hold \(model .* MB, decoder .* MB.*block-out-channels"
+    with pytest.raises(ValueError, match=message):
+        recipe.main(["--out-dir", str(tmp_path / "run"), "--profile", "cpu", "--export", str(tmp_path / "assets")])
+    assert not any(tmp_path.iterdir())
+
+
+def test_export_replaces_a_whole_bundle_or_nothing(smoke_run, tmp_path, monkeypatch):
+    bundle = smoke_run / "run" / recipe.BUNDLE_DIR
+    earlier = tmp_path / "earlier"
+    shutil.copytree(bundle, earlier)
+    (earlier / "metrics.json").write_text("{}")
+    shutil.rmtree(earlier / "examples")
+    recipe.export_bundle(bundle, earlier)
+    assert replacing.folder_digest(earlier) == replacing.folder_digest(bundle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier"]  # nothing staged or set aside is left
+
+    desktop = tmp_path / "desktop"
+    desktop.mkdir()
+    (desktop / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="desktop holds notes.txt, which the bundle does not"):
+        recipe.export_bundle(bundle, desktop)
+    assert [p.name for p in desktop.iterdir()] == ["notes.txt"]
+    with pytest.raises(ValueError, match="notes.txt is a file"):
+        recipe.export_bundle(bundle, desktop / "notes.txt")
+    assert (desktop / "notes.txt").read_text() == "mine"
+
+    monkeypatch.setattr(recipe, "SHIPPED_SIZE_LIMIT", folder_bytes(bundle) - 1)
+    (earlier / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match="the shipped assets may hold"):
+        recipe.export_bundle(bundle, earlier)
+    assert (earlier / "metrics.json").read_text() == "{}"
 
 
 def train_smoke_decoder(checkpoint, out_dir, steps):

@@ -17,7 +17,10 @@ outputs may outlive a model that is trained again):
   3. the reference bank of training-scene boxes for the app's nearest-neighbour panel
   4. two decoders on the frozen model: ours (spatial + context) and the paper-faithful one (pooled only)
   5. decoder evaluation (re-encode retrieval, diversity) for both in one run
-  6. export: fp16 safetensors + configs, probes, bank, example images with boxes, MODEL_CARD.md with the figures
+  6. the bundle, <out-dir>/bundle (python app.py --assets <out-dir>/bundle): fp16 safetensors + configs, probes,
+     bank, example images with boxes, MODEL_CARD.md with the figures; --export swaps it in for a folder, whole or not
+     at all, and only if it fits the 60 MB the shipped assets may hold (checked before any stage from the sizes
+     the settings give, and again on the files)
 """
 from __future__ import annotations
 
@@ -41,23 +44,27 @@ from safetensors.torch import save_file
 
 from decoder import SketchDecoder
 from ijepa.checkpoint import load_model, save_model
-from ijepa.bundle import BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, MODEL_DIR, PROBE_NAMES
+from ijepa.bundle import BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, MODEL_DIR, PROBE_NAMES, SHIPPED_SIZE_LIMIT, folder_bytes
 from ijepa.model import IJepa
 from train import decoder as decoder_training
 from train import budget
 from train import eval as evaluation
 from train import eval_decoder, pretrain
 from train.config import changed_settings, parse_config
-from train.runtime import fast_bf16, logged_training_seconds, write_file_atomic, write_json_atomic
+from train.runtime import (fast_bf16, logged_training_seconds, save_folder_atomic, write_file_atomic,
+                           write_json_atomic)
 
 logger = logging.getLogger("train.default")
 CONFIGS = Path(__file__).parent / "configs"
 
 # Stage settings per profile: pretraining config file, decoder/eval sizes, and the wall-clock budget (minutes) the
 # training stages are shortened to fit on the machine at hand (train/budget.py; 0: always the full lengths).
+# The GPU decoders' last level is 192 wide, not 256: two 64,128,256 decoders (11.5M parameters, 22 MB in fp16 each)
+# with the model (11 MB) and the 4096-box bank (14 MB) would be 70 MB, over SHIPPED_SIZE_LIMIT; 64,128,192 keeps
+# the two full-resolution levels and makes 7.7M parameters (15 MB) each, 56 MB in all.
 PROFILES = {
     "gpu": dict(pretrain="emoji_gpu.yaml", budget_minutes=10, decoder_steps=3000, decoder_batch=128,
-                decoder_channels="64,128,256", box_train=4000, box_test=1000, bank=4096, eval_images=256),
+                decoder_channels="64,128,192", box_train=4000, box_test=1000, bank=4096, eval_images=256),
     "cpu": dict(pretrain="emoji_cpu.yaml", budget_minutes=90, decoder_steps=500, decoder_batch=32,
                 decoder_channels="32,64,128", box_train=2000, box_test=500, bank=2048, eval_images=128),
     "smoke": dict(pretrain="emoji_smoke.yaml", budget_minutes=0, decoder_steps=2, decoder_batch=4,
@@ -66,6 +73,10 @@ PROFILES = {
 
 
 DECODER_MODES = tuple(DECODER_DIRS)  # the default first
+BANK_THUMB = 32  # side in px of each reference box's thumbnail in the bank
+BUNDLE_DIR = "bundle"  # the finished run's bundle inside --out-dir
+# Probes, example images, samples.png, card and configs: ~0.4 MB in the CPU bundle; counted as 1 MB before training
+OTHER_FILES_ESTIMATE = 2**20
 PREDICTION_NAMES = {"sample": "the clean image (x0)", "v_prediction": "v", "epsilon": "the noise (epsilon)"}
 # Below this diversity (mean pairwise RMS in the box, [0, 1] units) the card explains why our sketches look alike:
 # the recipe's 500-step CPU decoder measured 0.05, one trained on 3x the images 0.13 (bench/RESULTS.md)
@@ -176,7 +187,7 @@ def run_evaluation(model_dir: Path, profile: dict, out: Path) -> dict:
 
 
 @torch.no_grad()
-def build_reference_bank(model: IJepa, count: int, path: Path, thumb: int = 32, seed: int = 4242) -> None:
+def build_reference_bank(model: IJepa, count: int, path: Path, thumb: int = BANK_THUMB, seed: int = 4242) -> None:
     """Pooled TRUE features of boxes on training scenes + a thumbnail of each box + its subgroup."""
     from train.emoji import get_catalog
 
@@ -296,21 +307,62 @@ def render_examples(model: IJepa, directory: Path, count: int = 6, scale: int = 
     (directory / "examples.json").write_text(json.dumps(examples, indent=2) + "\n")
 
 
-def export_assets(out: Path, model_dir: Path, decoders: dict[str, Path], target: Path) -> None:
-    """fp16 weights + configs, probes, bank and examples into ``target`` (the app's bundle layout)."""
-    target.mkdir(parents=True, exist_ok=True)
+def write_bundle(folder: Path, out: Path, model_dir: Path, decoders: dict[str, Path], summary: dict) -> None:
+    """The app's bundle layout in ``folder``: fp16 weights + configs, probes, bank, examples, metrics, model card."""
+    folder.mkdir(parents=True)
     model = load_model(model_dir)
-    save_model(model, target / MODEL_DIR, dtype=torch.float16)
+    save_model(model, folder / MODEL_DIR, dtype=torch.float16)
     for mode, name in DECODER_DIRS.items():
         # low_cpu_mem_usage=False: the same loading path with or without accelerate installed
         decoder = SketchDecoder.from_pretrained(decoders[mode], torch_dtype=torch.float16, low_cpu_mem_usage=False)
-        decoder.save_pretrained(target / name)
+        decoder.save_pretrained(folder / name)
     for suffix in (".safetensors", ".json"):
         for name in PROBE_NAMES:
-            shutil.copy(out / "eval" / f"probe_{name}{suffix}", target / f"probe_{name}{suffix}")
-        shutil.copy(out / f"bank{suffix}", target / f"{BANK_NAME}{suffix}")
-    render_examples(model, target / EXAMPLES_DIR)
-    shutil.copy(out / "decoder_eval" / "samples.png", target / "samples.png")
+            shutil.copy(out / "eval" / f"probe_{name}{suffix}", folder / f"probe_{name}{suffix}")
+        shutil.copy(out / f"bank{suffix}", folder / f"{BANK_NAME}{suffix}")
+    render_examples(model, folder / EXAMPLES_DIR)
+    shutil.copy(out / "decoder_eval" / "samples.png", folder / "samples.png")
+    shutil.copy(out / "summary.json", folder / "metrics.json")
+    write_model_card(summary, folder / "MODEL_CARD.md")
+
+
+def planned_bundle_sizes(profile: dict, out: Path, flags: dict[str, list[str]]) -> dict[str, int]:
+    """Bytes the bundle's parts will take (fp16 weights, uint8 thumbnails), from the settings alone: known before any
+    training, so that a bundle too large to ship is refused at the start and not after the whole recipe."""
+    model = IJepa(pretrain.model_config(pretrain_config(profile, out / "pretrain", flags["pretrain"])))
+    sizes = {MODEL_DIR: 2 * sum(p.numel() for p in model.parameters())}
+    for mode, name in DECODER_DIRS.items():
+        cfg = decoder_config(out / "pretrain" / "model", profile, out / f"decoder_{mode}", mode, flags["decoder"])
+        sizes[name] = 2 * sum(p.numel() for p in decoder_training.build_decoder(cfg, model).parameters())
+    sizes[BANK_NAME] = profile["bank"] * (3 * BANK_THUMB**2 + 2 * model.config.embed_dim + 8)
+    sizes["other files (estimate)"] = OTHER_FILES_ESTIMATE
+    return sizes
+
+
+def check_bundle_size(sizes: dict[str, int], what: str) -> None:
+    """ValueError naming the largest parts if ``sizes`` add up to more than the shipped assets may hold."""
+    total = sum(sizes.values())
+    if total > SHIPPED_SIZE_LIMIT:
+        largest_first = sorted(sizes.items(), key=lambda kv: -kv[1])
+        parts = ", ".join(f"{name} {size / 2**20:.1f} MB" for name, size in largest_first)
+        raise ValueError(f"{what} is {total / 2**20:.1f} MB, over the {SHIPPED_SIZE_LIMIT / 2**20:.0f} MB the shipped "
+                         f"assets may hold ({parts}). Train smaller decoders (--decoder.block-out-channels), or "
+                         f"leave out --export and run the app on the run's own bundle: "
+                         f"python app.py --assets <out-dir>/{BUNDLE_DIR}")
+
+
+def export_bundle(bundle: Path, target: Path) -> None:
+    """Swap the run's bundle in for ``target``, whole or not at all; ``target`` is left untouched if the bundle is
+    over the size limit or if it holds anything a bundle does not (``--export ~/Desktop`` must not empty a desktop)."""
+    check_bundle_size({p.name: folder_bytes(p) for p in bundle.iterdir()}, f"the bundle in {bundle}")
+    if target.exists():
+        if not target.is_dir():
+            raise ValueError(f"{target} is a file: --export names the folder the bundle goes to (nothing changed)")
+        foreign = sorted(p.name for p in target.iterdir() if not (bundle / p.name).exists())
+        if foreign:
+            raise ValueError(f"{target} holds {', '.join(foreign)}, which the bundle does not: --export replaces a "
+                             "whole folder, so give it a new folder or an earlier bundle (nothing changed)")
+    save_folder_atomic(lambda staged: shutil.copytree(bundle, staged), target)
 
 
 def _pct(x: float) -> str:
@@ -563,7 +615,9 @@ def main(argv=None) -> None:
                         help="shorten the training stages to fit this wall-clock budget on this machine, timed at "
                              "the start (default: the plan of an earlier call with this --out-dir, else the "
                              "profile's: 90 for cpu, 10 for gpu; 0: the full lengths)")
-    parser.add_argument("--export", default=None, help="copy the finished bundle into this folder (e.g. assets)")
+    parser.add_argument("--export", default=None,
+                        help="replace this folder (e.g. assets) with the run's bundle, whole, if it fits the 60 MB "
+                             "the shipped assets may hold; the bundle is always in <out-dir>/bundle")
     args, extra = parser.parse_known_args(argv)  # other flags go to the training stages: see route_flags
     try:
         flags = route_flags(extra)
@@ -572,6 +626,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     profile_name = args.profile or ("gpu" if torch.cuda.is_available() else "cpu")
     profile, out = dict(PROFILES[profile_name]), Path(args.out_dir)
+    if args.export:
+        check_bundle_size(planned_bundle_sizes(profile, out, flags), "the bundle these settings make")
     stale = stale_stages(out)
     if stale:
         raise ValueError(f"{out} holds outputs of {', '.join(stale)} made from a model or decoder this call would "
@@ -600,6 +656,8 @@ def main(argv=None) -> None:
             model = load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
             build_reference_bank(model, profile["bank"], out / "bank")
 
+    if not all(finished.values()):
+        shutil.rmtree(out / BUNDLE_DIR, ignore_errors=True)  # a bundle stands for a finished run only
     plan = fit_to_budget(profile, out, flags, args.budget_minutes)
     model_dir = timed("pretrain", run_pretraining, profile, out, flags["pretrain"])
     features = timed("eval", run_evaluation, model_dir, profile, out)
@@ -617,10 +675,10 @@ def main(argv=None) -> None:
                "decoder_config": yaml.safe_load((decoders["spatial_context"].parent / "config.yaml").read_text()),
                "command": "python -m train.default " + " ".join(argv if argv is not None else sys.argv[1:])}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    save_folder_atomic(lambda folder: write_bundle(folder, out, model_dir, decoders, summary), out / BUNDLE_DIR)
+    logger.info("the app runs on this model with: python app.py --assets %s", out / BUNDLE_DIR)
     if args.export:
-        export_assets(out, model_dir, decoders, Path(args.export))
-        shutil.copy(out / "summary.json", Path(args.export) / "metrics.json")
-        write_model_card(summary, Path(args.export) / "MODEL_CARD.md")
+        export_bundle(out / BUNDLE_DIR, Path(args.export))
         logger.info("exported the bundle to %s", args.export)
 
 
