@@ -71,6 +71,16 @@ def test_a_checkpoint_older_than_a_setting_resumes_only_with_its_default():
     assert changed_settings(saved, PretrainConfig(target_norm="instance")) == "target_norm: 'layer' -> 'instance'"
 
 
+def test_a_run_continues_when_its_paths_are_written_another_way(tmp_path, monkeypatch):
+    """`--out-dir runs/x` after `--out-dir /home/me/runs/x` is the same run, not one with other settings."""
+    from train.config import changed_settings, config_dict
+    from train.decoder import DecoderTrainConfig
+    monkeypatch.chdir(tmp_path)
+    saved = config_dict(DecoderTrainConfig(checkpoint=str(tmp_path / "runs" / "model")))
+    assert changed_settings(saved, DecoderTrainConfig(checkpoint="runs/model")) == ""
+    assert changed_settings(saved, DecoderTrainConfig(checkpoint="runs/other")).startswith("checkpoint: ")
+
+
 def test_scene_settings_reach_the_world_the_run_trains_on(tmp_path, monkeypatch):
     built = []
     real = pretrain.build_dataset

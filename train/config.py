@@ -105,6 +105,7 @@ def save_config(config, path: str | Path) -> None:
 
 
 # Fields a resumed (or reused) run may change: where and how it runs and logs, not what it computes.
+PATH_FIELDS = frozenset({"checkpoint", "data"})  # compared as the files they name
 RUN_ONLY_FIELDS = frozenset({"resume", "out_dir", "device", "num_workers", "log_every", "ckpt_every", "keep_last",
                              "compile", "sample_every", "knn_every"})
 
@@ -116,4 +117,12 @@ def changed_settings(saved: dict, config) -> str:
     current = config_dict(config)
     stored = {**config_dict(type(config)()), **saved}
     return ", ".join(f"{name}: {stored[name]!r} -> {value!r}" for name, value in current.items()
-                     if name not in RUN_ONLY_FIELDS and stored[name] != value)
+                     if name not in RUN_ONLY_FIELDS and not _same_setting(name, stored[name], value))
+
+
+def _same_setting(name: str, old, new) -> bool:
+    """Equal, or the same file written another way (``runs/x/model`` and ``/home/me/runs/x/model``)."""
+    if old == new:
+        return True
+    return name in PATH_FIELDS and isinstance(old, str) and isinstance(new, str) and \
+        Path(old).resolve() == Path(new).resolve()
