@@ -608,7 +608,11 @@ def hardware() -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Any other --name value sets a training stage's setting: --pretrain.lr 5e-4 or --decoder.steps 800 name "
+               "their stage, a name only one stage has needs no prefix (--ema-start 0.995); python -m train.pretrain "
+               "--help and python -m train.decoder --help list them.")
     parser.add_argument("--out-dir", default="runs/default")
     parser.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: gpu if CUDA, else cpu")
     parser.add_argument("--budget-minutes", type=float, default=None,

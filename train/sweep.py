@@ -49,7 +49,10 @@ def summary_row(name: str, result: dict) -> str:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Any other --name value overrides the base config for every variant (--steps 600 --warmup-steps 40); "
+               "python -m train.pretrain --help lists the settings.")
     parser.add_argument("--config", required=True, help="the base pretraining YAML")
     parser.add_argument("--variants", required=True, help="YAML: variant name -> overrides of the base config")
     parser.add_argument("--out-dir", default="runs/sweep")
