@@ -73,6 +73,18 @@ def test_the_emoji_protocol_reports_every_baseline(smoke_run):
                                                    for l in ("group", "subgroup")}
 
 
+def test_the_examples_record_what_the_readout_says_of_them(smoke_run):
+    bundle = smoke_run / "bundle"
+    chosen = json.loads((bundle / "metrics.json").read_text())["examples"]
+    entries = json.loads((bundle / "examples" / "examples.json").read_text())
+    assert len(entries) == chosen["shown"] == 6 and chosen["scanned"] >= chosen["shown"]
+    right = [entry["probe_reads"] == entry["group"] for entry in entries]
+    # the ones the probe reads right come first; misses fill in only when too few were found
+    assert right == sorted(right, reverse=True) and sum(right) == min(chosen["read_right"], 6)
+    assert f"Of the {chosen['scanned']} scenes looked at, it did in {chosen['read_right']}" in \
+        (bundle / "MODEL_CARD.md").read_text()
+
+
 def test_model_card_quotes_the_measured_figures(smoke_run):
     card = (smoke_run / "bundle" / "MODEL_CARD.md").read_text()
     metrics = json.loads((smoke_run / "bundle" / "metrics.json").read_text())

@@ -238,8 +238,7 @@ def test_asking_for_emulated_bf16_warns_but_is_honoured(monkeypatch, caplog):
 def test_data2vec_targets_are_what_the_exported_model_calls_truth(tmp_path):
     """A run with instance-normed, 2-block targets learns, and its exported model computes 'truth' (what the app
     and the probes compare predictions with) the way the loss did; the paper's target stays the default."""
-    model = train(tiny(tmp_path / "run", "--steps", "8", "--depth", "2", "--target-norm", "instance",
-                       "--target-layers", "2"))
+    train(tiny(tmp_path / "run", "--steps", "8", "--depth", "2", "--target-norm", "instance", "--target-layers", "2"))
     assert losses(tmp_path / "run")[-1] < losses(tmp_path / "run")[0]
     loaded = load_model(tmp_path / "run" / "model")
     assert (loaded.config.target_norm, loaded.config.target_layers) == ("instance", 2)

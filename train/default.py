@@ -36,7 +36,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -44,13 +43,15 @@ from safetensors.torch import save_file
 
 from decoder import SketchDecoder
 from ijepa.checkpoint import load_model, save_model
-from ijepa.bundle import BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, MODEL_DIR, PROBE_NAMES, SHIPPED_SIZE_LIMIT, folder_bytes
+from ijepa.bundle import (BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, MODEL_DIR, PROBE_NAMES, SHIPPED_SIZE_LIMIT, folder_bytes,
+                          load_probe)
 from ijepa.model import IJepa
 from train import decoder as decoder_training
 from train import budget
 from train import eval as evaluation
 from train import eval_decoder, pretrain
 from train.config import changed_settings, parse_config
+from train.examples import render_examples
 from train.runtime import (fast_bf16, logged_training_seconds, save_folder_atomic, write_file_atomic,
                            write_json_atomic)
 
@@ -279,34 +280,6 @@ def run_decoder_eval(model_dir: Path, decoders: dict[str, Path], profile: dict, 
     return json.loads(results_path.read_text())
 
 
-def render_examples(model: IJepa, directory: Path, count: int = 6, scale: int = 4, seed: int = 31337) -> None:
-    """Held-out emoji scenes, upscaled for drawing, each with a box over the top half of its main emoji."""
-    from train.emoji import EmojiScenes, get_catalog
-    from PIL import Image
-
-    catalog = get_catalog()
-    size, patch = model.config.img_size, model.config.patch_size
-    scenes = EmojiScenes(catalog, resolution=size, patch_size=patch, split="heldout", seed=seed, num_distractors=(0, 1))
-    directory.mkdir(parents=True, exist_ok=True)
-    examples, index = [], 0
-    while len(examples) < count:
-        item = scenes[index]
-        index += 1
-        cells = torch.nonzero(item["patch_emoji"] == item["emoji"])
-        if len(cells) < 6:
-            continue
-        (r0, c0), (r1, c1) = cells.min(0).values.tolist(), cells.max(0).values.tolist()
-        rows = max(1, (r1 - r0 + 1) // 2)
-        if rows * (c1 - c0 + 1) >= 0.6 * (size // patch) ** 2:
-            continue
-        box = [c0 * patch * scale, r0 * patch * scale, (c1 + 1) * patch * scale, (r0 + rows) * patch * scale]
-        image = (item["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        name = f"example_{len(examples)}.png"
-        Image.fromarray(image).resize((size * scale, size * scale), Image.NEAREST).save(directory / name)
-        examples.append({"file": name, "boxes": [box], "caption": f"hide the top of the {catalog.names[item['emoji']]}"})
-    (directory / "examples.json").write_text(json.dumps(examples, indent=2) + "\n")
-
-
 def write_bundle(folder: Path, out: Path, model_dir: Path, decoders: dict[str, Path], summary: dict) -> None:
     """The app's bundle layout in ``folder``: fp16 weights + configs, probes, bank, examples, metrics, model card."""
     folder.mkdir(parents=True)
@@ -320,9 +293,11 @@ def write_bundle(folder: Path, out: Path, model_dir: Path, decoders: dict[str, P
         for name in PROBE_NAMES:
             shutil.copy(out / "eval" / f"probe_{name}{suffix}", folder / f"probe_{name}{suffix}")
         shutil.copy(out / f"bank{suffix}", folder / f"{BANK_NAME}{suffix}")
-    render_examples(model, folder / EXAMPLES_DIR)
+    shipped = load_model(folder / MODEL_DIR)  # the fp16 weights the app will run, so examples read as they will there
+    group_probe = load_probe(folder / "probe_group.safetensors", shipped.config.embed_dim)
+    summary = {**summary, "examples": render_examples(shipped, folder / EXAMPLES_DIR, group_probe)}
     shutil.copy(out / "decoder_eval" / "samples.png", folder / "samples.png")
-    shutil.copy(out / "summary.json", folder / "metrics.json")
+    write_json_atomic(folder / "metrics.json", summary)
     write_model_card(summary, folder / "MODEL_CARD.md")
 
 
@@ -427,6 +402,20 @@ def knn_curve(csv_path: Path) -> list[dict]:
     with open(csv_path) as f:
         return [{"images_seen": int(row["images_seen"]), "knn_group": float(row["knn_group"]),
                  "object_knn_group": float(row["object_knn_group"])} for row in csv.DictReader(f)]
+
+
+def examples_note(summary: dict) -> str:
+    """How the example images were chosen, from what render_examples returned (bundles before it recorded none)."""
+    chosen = summary.get("examples")
+    if not chosen or chosen.get("read_right") is None:
+        return ""
+    right, scanned, shown = chosen["read_right"], chosen["scanned"], chosen["shown"]
+    shortfall = "" if right >= shown else f", and {shown - right} it reads wrong fill the gallery"
+    return (f"- Examples (`examples/`, the app's gallery, `python -m train.examples`): held-out scenes with a box over "
+            f"the top half of the main emoji, chosen where the group probe reads the hidden emoji's group from the "
+            f"predictor's output (the app's readout). Of the {scanned} scenes looked at, it did in {right} "
+            f"({100 * right / scanned:.0f} %){shortfall}. So they show what the predictor gets right, not how often: "
+            f"that is the \"probe on predicted features\" column below.\n")
 
 
 def write_model_card(summary: dict, path: Path, command: str | None = None) -> None:
@@ -535,7 +524,7 @@ Generated by `train/default.py` from the run's own measurements ({summary['date'
   project's pipeline on **emoji scenes** (Noto Color Emoji composed on varied backgrounds), plus two sketch decoders
   (ours: spatial predicted tokens + visible context; paper-faithful: pooled predicted tokens only), a linear probe
   on true box features (Unicode subgroups and groups) and a reference bank of training-scene boxes.
-{grid_note}{theme_note}{target_note}- Files: `model/` (encoder, target encoder, predictor; fp16 safetensors + config.json), `decoder/`,
+{grid_note}{theme_note}{target_note}{examples_note(summary)}- Files: `model/` (encoder, target encoder, predictor; fp16 safetensors + config.json), `decoder/`,
   `decoder_paper/`, `probe_*.{{safetensors,json}}`, `bank.{{safetensors,json}}`, `examples/`, `metrics.json`.
 
 ## How it was made
