@@ -407,7 +407,7 @@ def knn_curve(csv_path: Path) -> list[dict]:
 def examples_note(summary: dict) -> str:
     """How the example images were chosen, from what render_examples returned (bundles before it recorded none)."""
     chosen = summary.get("examples")
-    if not chosen or chosen.get("read_right") is None:
+    if not chosen or chosen.get("read_right") is None or not chosen.get("scanned"):
         return ""
     right, scanned, shown = chosen["read_right"], chosen["scanned"], chosen["shown"]
     shortfall = "" if right >= shown else f", and {shown - right} it reads wrong fill the gallery"

@@ -42,7 +42,7 @@ def render_examples(model: IJepa, directory: Path, group_probe: LinearReadout | 
     size, patch = model.config.img_size, model.config.patch_size
     scenes = EmojiScenes(catalog, resolution=size, patch_size=patch, split="heldout", seed=seed, num_distractors=(0, 1))
     right, missed, scanned, index = [], [], 0, 0
-    while len(right) < count and scanned < max_scenes:
+    while len(right) < count and scanned < max_scenes and index < 20 * max_scenes:  # bounded for any scene settings
         item = scenes[index]
         index += 1
         cells = torch.nonzero(item["patch_emoji"] == item["emoji"])
