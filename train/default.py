@@ -43,15 +43,14 @@ from safetensors.torch import save_file
 
 from decoder import SketchDecoder
 from ijepa.checkpoint import load_model, save_model
-from ijepa.bundle import (BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, MODEL_DIR, PROBE_NAMES, SHIPPED_SIZE_LIMIT, folder_bytes,
-                          load_probe)
+from ijepa.bundle import BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, MODEL_DIR, PROBE_NAMES, SHIPPED_SIZE_LIMIT, folder_bytes
 from ijepa.model import IJepa
 from train import decoder as decoder_training
 from train import budget
 from train import eval as evaluation
 from train import eval_decoder, pretrain
 from train.config import changed_settings, parse_config
-from train.examples import render_examples
+from train.examples import choose_examples
 from train.runtime import (fast_bf16, logged_training_seconds, save_folder_atomic, write_file_atomic,
                            write_json_atomic)
 
@@ -293,9 +292,7 @@ def write_bundle(folder: Path, out: Path, model_dir: Path, decoders: dict[str, P
         for name in PROBE_NAMES:
             shutil.copy(out / "eval" / f"probe_{name}{suffix}", folder / f"probe_{name}{suffix}")
         shutil.copy(out / f"bank{suffix}", folder / f"{BANK_NAME}{suffix}")
-    shipped = load_model(folder / MODEL_DIR)  # the fp16 weights the app will run, so examples read as they will there
-    group_probe = load_probe(folder / "probe_group.safetensors", shipped.config.embed_dim)
-    summary = {**summary, "examples": render_examples(shipped, folder / EXAMPLES_DIR, group_probe)}
+    summary = {**summary, "examples": choose_examples(folder, folder / EXAMPLES_DIR)}
     shutil.copy(out / "decoder_eval" / "samples.png", folder / "samples.png")
     write_json_atomic(folder / "metrics.json", summary)
     write_model_card(summary, folder / "MODEL_CARD.md")
@@ -405,9 +402,9 @@ def knn_curve(csv_path: Path) -> list[dict]:
 
 
 def examples_note(summary: dict) -> str:
-    """How the example images were chosen, from what render_examples returned (bundles before it recorded none)."""
+    """How the example images were chosen, from what choose_examples returned (bundles before it recorded none)."""
     chosen = summary.get("examples")
-    if not chosen or chosen.get("read_right") is None or not chosen.get("scanned"):
+    if not chosen or not chosen["scanned"]:
         return ""
     right, scanned, shown = chosen["read_right"], chosen["scanned"], chosen["shown"]
     shortfall = "" if right >= shown else f", and {shown - right} it reads wrong fill the gallery"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +22,27 @@ from ijepa.checkpoint import load_model
 from ijepa.inference import LinearReadout, analyze_boxes, prepare_image
 from ijepa.masks import boxes_to_masks
 from ijepa.model import IJepa
-from train.runtime import write_json_atomic
+from train.runtime import save_folder_atomic, write_json_atomic
 
 logger = logging.getLogger("train.examples")
 
 
-def render_examples(model: IJepa, directory: Path, group_probe: LinearReadout | None = None, count: int = 6,
-                    scale: int = 4, seed: int = 31337, max_scenes: int = 300) -> dict:
+def choose_examples(bundle: Path, directory: Path) -> dict:
+    """``render_examples`` into ``directory`` for the model and group probe already in ``bundle``: the fp16 weights
+    the app will run, so the examples read there as they did here."""
+    model = load_model(bundle / MODEL_DIR)
+    probe = load_probe(bundle / "probe_group.safetensors", model.config.embed_dim)
+    return render_examples(model, directory, probe)
+
+
+def render_examples(model: IJepa, directory: Path, group_probe: LinearReadout, count: int = 6, scale: int = 4,
+                    seed: int = 31337, max_scenes: int = 300) -> dict:
     """Held-out emoji scenes, upscaled for drawing, each with a box over the top half of its main emoji.
 
-    With ``group_probe``, a scene is kept where the probe, read on the predictor's output for the box (what the app's
-    readout shows), names the hidden emoji's Unicode group, so that the first thing a user sees is what the predictor
-    does get right; scenes it misses fill in only if too few are found. Returns how many scenes were looked at and
-    how many were read right, which the model card states beside the examples."""
+    A scene is kept where ``group_probe``, read on the predictor's output for the box (what the app's readout shows),
+    names the hidden emoji's Unicode group, so that the first thing a user sees is what the predictor does get right;
+    scenes it misses fill in only if too few are found. Returns how many scenes were looked at and how many were read
+    right, which the model card states beside the examples."""
     from train.emoji import EmojiScenes, get_catalog  # the font is looked up when a bundle is written, not at import
 
     catalog = get_catalog()
@@ -57,10 +64,10 @@ def render_examples(model: IJepa, directory: Path, group_probe: LinearReadout | 
         pixels = (item["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         image = Image.fromarray(pixels).resize((size * scale, size * scale), Image.NEAREST)
         group = catalog.group_names[int(catalog.group_of[item["emoji"]])]
-        read = None if group_probe is None else predicted_group(model, group_probe, image, box)
+        read = predicted_group(model, group_probe, image, box)
         entry = {"boxes": [[v * scale for v in box]], "caption": f"hide the top of the {catalog.names[item['emoji']]}",
                  "group": group, "probe_reads": read}
-        (right if group_probe is None or read == group else missed).append((image, entry))
+        (right if read == group else missed).append((image, entry))
     shown = right + missed[:count - len(right)]
     directory.mkdir(parents=True, exist_ok=True)
     examples = []
@@ -69,7 +76,7 @@ def render_examples(model: IJepa, directory: Path, group_probe: LinearReadout | 
         image.save(directory / name)
         examples.append({"file": name, **entry})
     (directory / EXAMPLES_INDEX).write_text(json.dumps(examples, indent=2) + "\n")
-    return {"scanned": scanned, "read_right": len(right) if group_probe is not None else None, "shown": len(shown)}
+    return {"scanned": scanned, "read_right": len(right), "shown": len(shown)}
 
 
 @torch.no_grad()
@@ -93,13 +100,8 @@ def main(argv=None) -> None:
     metrics_path = bundle / "metrics.json"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{metrics_path} is missing: {bundle} is not a bundle exported by train.default")
-    model = load_model(bundle / MODEL_DIR)
-    probe = load_probe(bundle / "probe_group.safetensors", model.config.embed_dim)
-    staged = bundle / f".{EXAMPLES_DIR}.new"
-    shutil.rmtree(staged, ignore_errors=True)
-    chosen = render_examples(model, staged, probe)
-    shutil.rmtree(bundle / EXAMPLES_DIR, ignore_errors=True)
-    staged.rename(bundle / EXAMPLES_DIR)
+    chosen: dict = {}
+    save_folder_atomic(lambda staged: chosen.update(choose_examples(bundle, staged)), bundle / EXAMPLES_DIR)
     metrics = {**json.loads(metrics_path.read_text()), "examples": chosen}
     write_json_atomic(metrics_path, metrics)
     write_model_card(metrics, bundle / "MODEL_CARD.md")
