@@ -37,8 +37,10 @@ class ImageFolderDataset(Dataset):
     ``classes`` fixes the label of each class name (e.g. a val/ folder takes its train/ folder's ``classes``, so
     a class missing from one of them does not shift the others' labels).
     mode="train" applies the official I-JEPA transform, RandomResizedCrop(resolution, scale), drawn from a
-    generator seeded by (seed, index) so that ``ds[i]`` is reproducible and the global torch RNG is untouched;
-    any i >= 0 is accepted and reads file ``i % len(ds)``. mode="eval" is Resize + CenterCrop, no randomness.
+    generator seeded by (seed, index) so that ``ds[i]`` is reproducible and the global torch RNG is untouched.
+    Any i >= 0 is accepted: indices [e * n, (e + 1) * n) read every file once, in an order shuffled by (seed, e),
+    so a batch mixes classes (as the official DistributedSampler's shuffle does) while the order stays a pure
+    function of the index (exact resume). mode="eval" reads file ``i % n`` with Resize + CenterCrop, no randomness.
     Unreadable files are skipped (the next file is used) with a warning that names them.
     """
 
@@ -80,6 +82,7 @@ class ImageFolderDataset(Dataset):
             self.transform = transforms.Compose([
                 transforms.Resize(resolution), transforms.CenterCrop(resolution), transforms.ToTensor()])
         self._unreadable: set[int] = set()
+        self._epoch_order: tuple[int, np.ndarray] | None = None  # (epoch, its file permutation), cached
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -100,11 +103,22 @@ class ImageFolderDataset(Dataset):
                 logger.warning("skipping unreadable image %s (%s)", path, error)
         raise RuntimeError(f"none of the {n} image files in {self.root} could be read")
 
+    def _file_index(self, index: int) -> int:
+        """Which file a global index reads: a per-epoch shuffle in training, the index itself in evaluation."""
+        n = len(self.samples)
+        if self.mode == "eval":
+            return index % n
+        epoch, position = divmod(index, n)
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            # a seed sequence of another length than the crops' (seed, index), so the two streams never coincide
+            self._epoch_order = (epoch, np.random.default_rng([self.seed, epoch, 1]).permutation(n))
+        return int(self._epoch_order[1][position])
+
     def __getitem__(self, index: int) -> dict:
         index = int(index)
         if index < 0:
             raise IndexError(f"ImageFolderDataset indices are non-negative, got {index}")
-        image, label = self._load(index % len(self.samples))
+        image, label = self._load(self._file_index(index))
         if self.mode == "eval":
             tensor = self.transform(image)
         else:
