@@ -34,9 +34,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with a message that says why and what to do."""
 
 
-def strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
-    """Remove a DDP/compile prefix from every key that has it."""
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's, in either order
+
+
+def strip_prefix(state_dict: dict[str, torch.Tensor], prefixes: tuple[str, ...] = WRAPPER_PREFIXES
+                 ) -> dict[str, torch.Tensor]:
+    """Remove DDP/compile wrapper prefixes from every key that has them."""
+    def bare(key: str) -> str:
+        while key.startswith(prefixes):
+            key = key[len(next(p for p in prefixes if key.startswith(p))):]
+        return key
+    return {bare(k): v for k, v in state_dict.items()}
 
 
 def heads_for_width(width: int) -> int:
@@ -77,6 +85,9 @@ def infer_config(encoder: dict[str, torch.Tensor], predictor: dict[str, torch.Te
         except KeyError:
             raise CheckpointError("the predictor state dict has no 'predictor_embed.weight'") from None
         config.predictor_depth = _depth(predictor, "predictor_blocks")
+        if "predictor_blocks.0.mlp.fc1.weight" in predictor:
+            config.predictor_mlp_ratio = predictor["predictor_blocks.0.mlp.fc1.weight"].shape[0] / \
+                config.predictor_embed_dim
         config.predictor_num_heads = num_heads  # official predictors use the encoder's head count
     return config
 

@@ -38,8 +38,10 @@ _CONTEXT_RETRIES = 20
 class MaskConfig:
     """Multi-block masking hyper-parameters; the defaults are the official I-JEPA ones.
 
-    Scales are fractions of the patch grid; aspect ratios are block height / width. ``min_keep`` is the fewest
-    context patches an image may end up with. ``official_quirks`` reproduces the official collator's sampling
+    Scales are fractions of the patch grid; aspect ratios are block height / width. An image's context keeps more
+    than ``min_keep`` patches (the official rule, ``len(mask) > min_keep``; the official collator also redraws
+    target blocks that small, which never happens at its scales and would loop forever on small grids, so targets
+    are not held to it here). ``official_quirks`` reproduces the official collator's sampling
     (blocks never touch the last row/column, one random draw for scale and aspect, raster-prefix truncation);
     its unbounded retry loop is replaced by the same bounded fallbacks as the default mode.
     """
@@ -134,10 +136,10 @@ class MultiBlockMaskGenerator:
 
     One target block size and one context block size are drawn per batch (as in the official collator, so all
     target masks have the same length); positions are drawn per image and per block. Unless ``allow_overlap``,
-    target patches are removed from the context. An image whose context falls below ``min_keep`` gets new
+    target patches are removed from the context. An image whose context has ``min_keep`` patches or fewer gets new
     positions a bounded number of times, then (1) the context becomes every patch outside the targets, then
     (2) its targets are stacked onto the first target's position (with ``official_quirks`` the fallbacks also
-    keep off the last row and column). ``__init__`` checks that (2) always leaves ``min_keep`` patches, so
+    keep off the last row and column). ``__init__`` checks that (2) always leaves more than ``min_keep`` patches, so
     sampling never fails and never loops without bound.
 
     Context masks are brought to the batch's shortest length by keeping a random subset of each image's patches
@@ -172,13 +174,13 @@ class MultiBlockMaskGenerator:
                                gh, gw, cfg.target_scale, cfg.target_aspect)
             target_areas = self._target_sizes.areas().tolist()
             context_areas = self._context_sizes.areas().tolist()
-        if int(self._region.sum()) - max(target_areas) < cfg.min_keep:
+        if int(self._region.sum()) - max(target_areas) <= cfg.min_keep:
             raise ValueError(
-                f"A target block of up to {max(target_areas)} patches on a {gh}x{gw} grid can leave fewer than "
+                f"A target block of up to {max(target_areas)} patches on a {gh}x{gw} grid can leave no more than "
                 f"min_keep={cfg.min_keep} context patches; lower target_scale or min_keep, or use a larger grid.")
-        if cfg.allow_overlap and min(context_areas) < cfg.min_keep:
+        if cfg.allow_overlap and min(context_areas) <= cfg.min_keep:
             raise ValueError(
-                f"A context block of {min(context_areas)} patches on a {gh}x{gw} grid is below "
+                f"A context block of {min(context_areas)} patches on a {gh}x{gw} grid is not above "
                 f"min_keep={cfg.min_keep}; raise context_scale or lower min_keep.")
 
     def _draw_sizes(self, generator: torch.Generator) -> Tuple[Tuple[int, int], Tuple[int, int]]:
@@ -218,7 +220,7 @@ class MultiBlockMaskGenerator:
             return context, targets.transpose(0, 1).contiguous()
 
         context = context & ~targets.any(dim=1)
-        short = context.sum(-1) < cfg.min_keep
+        short = context.sum(-1) <= cfg.min_keep
         for _ in range(_CONTEXT_RETRIES):
             if not short.any():
                 break
@@ -226,18 +228,18 @@ class MultiBlockMaskGenerator:
             new_context = self._block_maps(context_size, (b,), generator) & ~new_targets.any(dim=1)
             targets = torch.where(short[:, None, None], new_targets, targets)
             context = torch.where(short[:, None], new_context, context)
-            short = context.sum(-1) < cfg.min_keep
+            short = context.sum(-1) <= cfg.min_keep
         if short.any():
-            logger.debug("%d context masks below min_keep after retries; using fallbacks", int(short.sum()))
+            logger.debug("%d context masks not above min_keep after retries; using fallbacks", int(short.sum()))
             outside = self._region & ~targets.any(dim=1)
             context = torch.where(short[:, None], outside, context)
-            short = context.sum(-1) < cfg.min_keep
+            short = context.sum(-1) <= cfg.min_keep
         if short.any():
             first = targets[:, :1].expand(-1, t, -1)
             targets = torch.where(short[:, None, None], first, targets)
             recovered = self._block_maps(context_size, (b,), generator) & ~first[:, 0]
             around = self._region & ~first[:, 0]
-            recovered = torch.where(recovered.sum(-1, keepdim=True) >= cfg.min_keep, recovered, around)
+            recovered = torch.where(recovered.sum(-1, keepdim=True) > cfg.min_keep, recovered, around)
             context = torch.where(short[:, None], recovered, context)
         return context, targets.transpose(0, 1).contiguous()
 

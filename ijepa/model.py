@@ -42,6 +42,7 @@ class IJepaConfig:
     predictor_embed_dim: int = 384
     predictor_depth: int = 6
     predictor_num_heads: int = 12
+    predictor_mlp_ratio: float = 4.0  # the official predictor's, whatever the encoder's (ViT-g: 48/11)
     has_predictor: bool = True
     # what the predictor was trained to match: "layer" = the paper's per-token LayerNorm of the last block;
     # "instance" normalises each feature over the image's tokens first; target_layers > 1 averages the last blocks
@@ -96,7 +97,8 @@ def build_encoder(config: IJepaConfig) -> VisionTransformer:
 def build_predictor(config: IJepaConfig) -> VisionTransformerPredictor:
     return VisionTransformerPredictor(grid_size=config.grid_size, embed_dim=config.embed_dim,
                                       predictor_embed_dim=config.predictor_embed_dim, depth=config.predictor_depth,
-                                      num_heads=config.predictor_num_heads, mlp_ratio=config.mlp_ratio)
+                                      num_heads=config.predictor_num_heads,
+                                      mlp_ratio=config.predictor_mlp_ratio)
 
 
 class IJepa(nn.Module):

@@ -28,9 +28,11 @@ VIT_ARCHS: dict[str, dict] = {
 }
 
 
-def init_transformer_weights(module: nn.Module, blocks: nn.ModuleList, init_std: float) -> None:
-    """Official I-JEPA init: truncated-normal weights, zero biases, unit LayerNorms, and residual
-    projections (attn.proj, mlp.fc2) of block i scaled by 1/sqrt(2 * (i + 1))."""
+def init_transformer_weights(module: nn.Module, blocks: nn.ModuleList, init_std: float,
+                             rescale_residuals: bool = True) -> None:
+    """The official model constructors' init: truncated-normal weights, zero biases, unit LayerNorms, and residual
+    projections (attn.proj, mlp.fc2) of block i scaled by 1/sqrt(2 * (i + 1)). The official training script then
+    redraws every Linear (its ``init_model``), undoing that scaling: ``rescale_residuals=False`` is that init."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             trunc_normal_(m.weight, std=init_std)
@@ -39,7 +41,7 @@ def init_transformer_weights(module: nn.Module, blocks: nn.ModuleList, init_std:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    for layer_id, block in enumerate(blocks, start=1):
+    for layer_id, block in enumerate(blocks if rescale_residuals else (), start=1):
         block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer_id))
         block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer_id))
 

@@ -57,6 +57,28 @@ def test_official_layout_loads_and_infers_the_architecture(tmp_path, model):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
+def test_giant_layout_keeps_the_predictors_own_mlp_ratio(tmp_path):
+    """ViT-g's encoder MLP is 48/11 wide while the official predictor's stays 4: IN22K-vit.g.16 must load."""
+    torch.manual_seed(2)
+    giant_like = IJepa(tiny_config(embed_dim=88, num_heads=1, predictor_num_heads=1, mlp_ratio=48 / 11)).eval()
+    assert giant_like.predictor.predictor_blocks[0].mlp.fc1.out_features == 4 * 48
+    path = tmp_path / "IN22K-vit.g.test.pth.tar"
+    write_official(path, giant_like)
+    loaded = load_model(path)
+    assert loaded.config.mlp_ratio == pytest.approx(48 / 11) and loaded.config.predictor_mlp_ratio == 4.0
+    for ours, theirs in zip(outputs(loaded), outputs(giant_like)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_compiled_and_ddp_prefixes_are_stripped(tmp_path, model):
+    path = tmp_path / "compiled.pth.tar"
+    wrapped = {name: {f"_orig_mod.module.{k}": v for k, v in getattr(model, name).state_dict().items()}
+               for name in ("encoder", "predictor", "target_encoder")}
+    torch.save(wrapped, path)
+    for ours, theirs in zip(outputs(load_model(path)), outputs(model)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
 def test_feature_encoder_choice(tmp_path, model):
     path = tmp_path / "ckpt.pth.tar"
     write_official(path, model)

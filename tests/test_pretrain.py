@@ -2,6 +2,7 @@
 where the hardware has it."""
 import csv
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -159,9 +160,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         return loss * float("nan") if calls["n"] >= 5 else loss
 
     monkeypatch.setattr(pretrain, "ijepa_loss", nan_from_step_5)
-    with pytest.raises(FloatingPointError, match="ckpt-00000004.pt"):
+    with pytest.raises(FloatingPointError, match="ckpt-00000004.pt") as stopped:
         train(tiny(tmp_path / "run", "--steps", "8", "--ckpt-every", "2"))
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")][-1] == "ckpt-00000004.pt"
+
+    # the advice the message gives works: go on from that checkpoint with a lower lr, said on purpose
+    assert "--resume true --lr <lower> --allow-changes lr" in str(stopped.value)
+    monkeypatch.setattr(pretrain, "ijepa_loss", real_loss)
+    lower = ("--steps", "8", "--ckpt-every", "2", "--resume", "true", "--lr", "5e-4")
+    with pytest.raises(ValueError, match=r"lr: 0\.001 -> 0\.0005.*--allow-changes"):
+        train(tiny(tmp_path / "run", *lower))
+    with pytest.raises(ValueError, match="only schedule settings"):
+        train(tiny(tmp_path / "run", *lower, "--allow-changes", "lr,patch_size"))
+    train(tiny(tmp_path / "run", *lower, "--allow-changes", "lr"))
+    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    assert [int(r["step"]) for r in rows][-1] == 8 and all(math.isfinite(float(r["loss"])) for r in rows)
 
 
 def test_target_spread_tells_a_collapsed_encoder_from_a_healthy_one():
@@ -295,3 +308,21 @@ def test_held_out_knn_during_training_is_what_eval_reports_and_changes_no_step(t
     for key, figure in (("knn_group", protocol["features"]["target_encoder"]["knn_group"]),
                         ("object_knn_group", protocol["object_patches_only"]["target_encoder"]["knn_group"])):
         assert abs(float(rows[-1][key]) - figure) <= 0.35, key
+
+
+def test_the_imagenet_config_starts_from_the_official_training_init():
+    """The official training script redraws every Linear after the model constructors, so residual projections
+    start unscaled; in1k_vith14.yaml asks for that, the emoji recipes keep the constructors' depth scaling."""
+    official = parse_config(PretrainConfig, ["--config", "train/configs/in1k_vith14.yaml"])
+    assert official.rescale_residual_init is False and official.official_quirks is True
+    assert parse_config(PretrainConfig, ["--config", "train/configs/emoji_cpu.yaml"]).rescale_residual_init is True
+    config = PretrainConfig(depth=6, img_size=32, patch_size=8, predictor_depth=2)
+    torch.manual_seed(0)
+    model = pretrain.IJepa(pretrain.model_config(config))
+    assert model.encoder.blocks[-1].mlp.fc2.weight.detach().std() < 0.02 / 3  # 1/sqrt(2 * 6) of the init std
+    pretrain.redraw_unscaled(model)
+    for net in (model.encoder.blocks[-1], model.predictor.predictor_blocks[-1]):
+        for weight in (net.attn.proj.weight, net.mlp.fc2.weight):
+            assert 0.018 < float(weight.detach().std()) < 0.022
+    for ours, target in zip(model.encoder.state_dict().values(), model.target_encoder.state_dict().values()):
+        assert torch.equal(ours, target)

@@ -107,17 +107,21 @@ def save_config(config, path: str | Path) -> None:
 # Fields a resumed (or reused) run may change: where and how it runs and logs, not what it computes.
 PATH_FIELDS = frozenset({"checkpoint", "data"})  # compared as the files they name
 RUN_ONLY_FIELDS = frozenset({"resume", "out_dir", "device", "num_workers", "log_every", "ckpt_every", "keep_last",
-                             "compile", "sample_every", "knn_every"})
+                             "compile", "sample_every", "knn_every", "allow_changes"})
+# What a resumed run may change when it says so (``--allow-changes lr``): the optimiser's schedules and length,
+# e.g. a lower lr after a NaN/inf loss. The run then no longer matches an uninterrupted one.
+SCHEDULE_FIELDS = frozenset({"lr", "start_lr", "final_lr", "warmup_steps", "steps", "weight_decay",
+                             "final_weight_decay", "ema_start", "ema_end", "ema_decay"})
 
 
-def changed_settings(saved: dict, config) -> str:
-    """The settings of ``config`` that differ from a stored ``config_dict`` (fields outside RUN_ONLY_FIELDS), as
-    "name: old -> new, ..."; empty when the run can continue exactly. A field the stored config lacks (written
-    before it existed) counts as its default, which is what that run used."""
+def changed_settings(saved: dict, config, allowed: frozenset[str] = frozenset()) -> str:
+    """The settings of ``config`` that differ from a stored ``config_dict`` (fields outside RUN_ONLY_FIELDS and
+    ``allowed``), as "name: old -> new, ..."; empty when the run can continue. A field the stored config lacks
+    (written before it existed) counts as its default, which is what that run used."""
     current = config_dict(config)
     stored = {**config_dict(type(config)()), **saved}
     return ", ".join(f"{name}: {stored[name]!r} -> {value!r}" for name, value in current.items()
-                     if name not in RUN_ONLY_FIELDS and not _same_setting(name, stored[name], value))
+                     if name not in RUN_ONLY_FIELDS | allowed and not _same_setting(name, stored[name], value))
 
 
 def _same_setting(name: str, old, new) -> bool:

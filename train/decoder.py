@@ -74,6 +74,7 @@ class DecoderTrainConfig:
     ckpt_every: int = 500
     keep_last: int = 2
     resume: bool = False
+    allow_changes: tuple[str, ...] = ()  # with --resume: schedule settings changed on purpose (e.g. lr)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "steps", "log_every", "sample_every", "ckpt_every"):

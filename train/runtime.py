@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from train.config import changed_settings
+from train.config import SCHEDULE_FIELDS, changed_settings
 
 logger = logging.getLogger(__name__)
 
@@ -134,12 +134,21 @@ def resume_state(ckpt_dir: Path, config, world_size: int = 1) -> tuple[dict | No
                               f"or choose another --out-dir (nothing was overwritten)")
     if not existing:
         return None, None
+    allowed = frozenset(getattr(config, "allow_changes", ()))
+    if allowed - SCHEDULE_FIELDS:
+        raise ValueError(f"--allow-changes accepts only schedule settings ({', '.join(sorted(SCHEDULE_FIELDS))}), "
+                         f"not {', '.join(sorted(allowed - SCHEDULE_FIELDS))}")
     state = load_checkpoint(existing[-1])
     changes = changed_settings(state.get("config", {}), config)
-    if changes:
-        raise ValueError(f"cannot resume from {existing[-1]}: its settings differ ({changes}), so the run would not "
+    refused = changed_settings(state.get("config", {}), config, allowed)
+    if refused:
+        raise ValueError(f"cannot resume from {existing[-1]}: its settings differ ({refused}), so the run would not "
                          "continue exactly. Resume with the original settings, or choose another --out-dir "
-                         "(nothing was overwritten).")
+                         "(nothing was overwritten). A schedule setting may change on purpose with "
+                         "--allow-changes NAME[,NAME].")
+    if changes:
+        logger.warning("resuming from %s with changed settings (%s): from here the run differs from an "
+                       "uninterrupted one", existing[-1], changes)
     saved_world = state.get("world_size", world_size)  # checkpoints from before it was stored: not checked
     if saved_world != world_size:
         raise ValueError(f"cannot resume from {existing[-1]}: it was written by {saved_world} process(es) and this "
@@ -186,7 +195,8 @@ class LossWindow:
             good = list_checkpoints(self.ckpt_dir)
             raise FloatingPointError(
                 f"loss became NaN/inf by step {step}; stopping. The last good checkpoint is "
-                f"{good[-1] if good else 'none (no checkpoint yet)'}; lower --lr or check the data, then resume.")
+                f"{good[-1] if good else 'none (no checkpoint yet)'}. Check the data, or go on from it with a lower "
+                f"learning rate: the same command with --resume true --lr <lower> --allow-changes lr.")
         result = self.total.item() / max(1, self.steps), time.perf_counter() - self.start, self.steps
         self.total.zero_()
         self.steps, self.start = 0, time.perf_counter()
