@@ -11,8 +11,9 @@ The same results are available to programs through the "/sketch" endpoint::
     sketches, metrics = client.predict(handle_file("photo.jpg"), "[[120, 80, 260, 200]]", 4, 0, api_name="/sketch")
     # optional 5th argument: the decoder, "spatial_context" (the default) or "pooled" (the I-JEPA paper's)
 
-``sketches`` is a list of gallery items (one image per sketch), ``metrics`` a dict with, per box, the prediction
-error, the probe's top-5 labels and the nearest reference boxes. Bad input comes back as ``AppError`` with a
+``sketches`` is a list of gallery items, one sheet per sketch: the sketch composited into the model's view
+(enlarged, boxes outlined) beside enlarged crops of each box. ``metrics`` is a dict with, per box, the prediction
+error, the probe's top-5 labels, the nearest reference boxes and whether the box was clipped to the model's view. Bad input comes back as ``AppError`` with a
 message saying what to change.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 import numpy as np
+from gradio import processing_utils
 from gradio_image_annotation import image_annotator
 from PIL import Image
 
@@ -42,8 +44,8 @@ QUEUE_SIZE = 32
 DRAW_HINT = "Press the box icon under the image (or C), then drag to draw a box; the hand icon (D) moves and resizes"
 
 INTRO = """# I-JEPA, visible
-Draw a box on the image. The model never sees what is inside it: it **predicts** a description of the hidden
-region from everything around it. The panels on the right show that prediction as sketches, as numbers and as
+Draw a box on the image. The model does not see what is inside it (the grid patches under the box are hidden, as
+"What the model saw" shows): it **predicts** a description of the hidden region from everything around it. The panels on the right show that prediction as sketches, as numbers and as
 maps. Pick an example to start, or upload your own image and drag a box (up to {max_boxes})."""
 
 HOW_TO_READ = """
@@ -83,7 +85,11 @@ def annotator_input(value: dict | None) -> tuple[np.ndarray, list[list[float]]]:
     """Annotator value -> (upright image, boxes in its pixels, in reading order as the model view numbers them)."""
     if not value or value.get("image") is None:
         raise ValueError("Pick an example or upload an image first.")
-    image = np.asarray(value["image"])
+    image = value["image"]
+    if isinstance(image, (str, Path)):  # our own annotator_value, not yet through the widget
+        with Image.open(image) as opened:
+            image = opened.convert("RGB")
+    image = np.asarray(image)
     turns = int(value.get("orientation") or 0) % 4
     if turns:  # the widget's rotate buttons turn its boxes but not the image it returns
         image = np.ascontiguousarray(np.rot90(image, k=-turns))
@@ -92,8 +98,12 @@ def annotator_input(value: dict | None) -> tuple[np.ndarray, list[list[float]]]:
 
 
 def annotator_value(image: np.ndarray, boxes: list | tuple = ()) -> dict:
+    """An image and its boxes for the drawing widget. The image goes as a PNG file: given an array, the widget would
+    store a lossy WebP copy and send that back, so the model would see other pixels than /sketch does."""
     boxes = sorted(boxes, key=lambda b: (b[1], b[0]))
-    return {"image": image, "orientation": 0,
+    path = processing_utils.save_img_array_to_cache(np.ascontiguousarray(image),
+                                                    cache_dir=processing_utils.get_upload_folder(), format="png")
+    return {"image": path, "orientation": 0,
             "boxes": [{"xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1, "label": "",
                        "color": list(BOX_COLORS[i % len(BOX_COLORS)])}
                       for i, (x0, y0, x1, y1) in enumerate(boxes)]}
@@ -114,18 +124,22 @@ class Handlers:
         example = self.engine.examples[0]
         return annotator_value(example.image(), example.boxes)
 
-    def load_example(self, event: gr.SelectData) -> dict:
-        example = self.engine.examples[event.index]
-        return annotator_value(example.image(), example.boxes)
+    # What every result panel shows before a run: a new image must not sit beside the last image's results.
+    # Order: model view, explanation, sketches, sketch status, truth, neighbours, readout, metrics, surprise, features.
+    CLEARED = (None, "Results appear here.", [], "", None, [], "", None, None, None)
 
-    def load_upload(self, path: str | None) -> dict:
+    def load_example(self, event: gr.SelectData) -> tuple:
+        example = self.engine.examples[event.index]
+        return (annotator_value(example.image(), example.boxes), *self.CLEARED)
+
+    def load_upload(self, path: str | None) -> tuple:
         if path is None:
             raise gr.Error("No file arrived; try the upload again.")
         with user_errors():
             image = self.engine.open_image(path)
         image.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.Resampling.LANCZOS)
         gr.Info("Image loaded. " + DRAW_HINT + ".")
-        return annotator_value(np.asarray(image))
+        return (annotator_value(np.asarray(image)), *self.CLEARED)
 
     def run(self, value: dict | None, num_samples: float, seed: float, steps: float,
             style: str | None = None) -> Iterator[tuple]:
@@ -265,16 +279,20 @@ def build_app(handlers: Handlers) -> gr.Blocks:
             api_image = gr.File(label="image file", type="filepath")
             api_boxes = gr.Textbox(label="boxes: JSON list of [xmin, ymin, xmax, ymax] in image pixels",
                                    value="[[16, 16, 48, 48]]")
-            api_samples = gr.Number(label="num_samples", value=DEFAULT_NUM_SAMPLES, precision=0)
-            api_seed = gr.Number(label="seed", value=0, precision=0)
+            api_samples = gr.Number(label="num_samples", value=DEFAULT_NUM_SAMPLES)  # whole_number checks it
+            api_seed = gr.Number(label="seed", value=0)
             api_decoder = gr.Radio(list(styles), value=styles[0] if styles else None,
                                    label="decoder: " + " or ".join(styles) if styles else "decoder (none loaded)")
             api_sketches = gr.Gallery(label="sketches", format="png")
             api_metrics = gr.JSON(label="metrics")
             api_button = gr.Button("sketch")
 
-        examples.select(handlers.load_example, None, annotator, api_visibility="private", concurrency_limit=4)
-        upload.upload(handlers.load_upload, upload, annotator, api_visibility="private", concurrency_limit=4)
+        results = [model_view, explanation, sketches, sketch_status, truth, neighbours, readout, metrics, surprise,
+                   features]
+        examples.select(handlers.load_example, None, [annotator, *results], api_visibility="private",
+                        concurrency_limit=4)
+        upload.upload(handlers.load_upload, upload, [annotator, *results], api_visibility="private",
+                      concurrency_limit=4)
         # Model work shares one concurrency group: one request at a time uses the CPU/GPU, the rest queue. A press
         # while the previous run (or its surprise map) is still going is kept and runs next, not dropped.
         model_work = dict(concurrency_id="model", concurrency_limit=1)
@@ -303,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoder", type=Path, action="append", help="a SketchDecoder folder (save_pretrained) "
                         "for that model; repeat it for a second kind (spatial_context and pooled), the first is the "
                         "default")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N or mps")
     parser.add_argument("--bf16", action="store_true", help="run the decoder under bfloat16 autocast")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -73,37 +73,49 @@ class Example:
         return np.asarray(to_rgb(open_image(self.path)))
 
 
-def load_decoder(path: str | Path, config: IJepaConfig) -> SketchDecoder:
-    """A ``save_pretrained`` folder -> SketchDecoder (float32), checked against the model it will decode."""
+def load_decoder(path: str | Path, config: IJepaConfig, checkpoint: str | Path = "<checkpoint>") -> SketchDecoder:
+    """A ``save_pretrained`` folder -> SketchDecoder (float32), checked against the model it will decode
+    (``checkpoint`` names that model in the how-to-train hint)."""
     path = Path(path)
+    hint = TRAIN_DECODER_HINT.format(checkpoint=checkpoint)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a sketch decoder folder (no config.json); train one with "
-                                f"`{TRAIN_DECODER_HINT.format(checkpoint='<checkpoint>')}`")
+                                f"`{hint}`")
     try:  # safetensors only: a decoder folder never unpickles anything
         decoder = SketchDecoder.from_pretrained(path, low_cpu_mem_usage=False, use_safetensors=True).float().eval()
     except (OSError, SafetensorError) as err:
         raise ValueError(f"{path}: cannot read the sketch decoder (truncated download, or not a safetensors decoder "
                          f"folder): {err} Copy the folder again, or train one with "
-                         f"`{TRAIN_DECODER_HINT.format(checkpoint='<checkpoint>')}`") from None
+                         f"`{hint}`") from None
     expected = {"feature_dim": config.embed_dim, "grid_size": tuple(config.grid_size), "image_size": config.img_size}
     found = {"feature_dim": decoder.config.feature_dim, "grid_size": tuple(decoder.config.grid_size),
              "image_size": decoder.config.image_size}
     if found != expected:
         raise ValueError(f"the decoder in {path} was built for {found}, but the model has {expected}; train a "
-                         f"decoder for this model with `{TRAIN_DECODER_HINT.format(checkpoint='<checkpoint>')}`")
+                         f"decoder for this model with `{hint}`")
     return decoder
 
 
 def load_readouts(assets: Path, dim: int, notes: list[str]) -> tuple[dict[str, LinearReadout], FeatureBank | None]:
-    """The bundle's probes and reference bank (each optional); appends to ``notes`` what is missing."""
-    probes = {name: load_probe(assets / f"probe_{name}.safetensors", dim) for name in PROBE_NAMES
-              if (assets / f"probe_{name}.safetensors").is_file()}
+    """The bundle's probes and reference bank (each optional); appends to ``notes`` what is missing or unreadable,
+    so a damaged part turns its panel off instead of stopping the app."""
+    probes = {}
+    for name in PROBE_NAMES:
+        path = assets / f"probe_{name}.safetensors"
+        if path.is_file():
+            try:
+                probes[name] = load_probe(path, dim)
+            except (FileNotFoundError, ValueError) as err:
+                notes.append(f"The {name} probe could not be read ({err}), so it gives no readout.")
     if not probes:
-        notes.append(f"No linear probe in {assets} (probe_subgroup.safetensors + .json from train.eval), so there "
-                     "is no label readout.")
+        notes.append(f"No usable linear probe in {assets} (probe_subgroup.safetensors + .json from train.eval), so "
+                     "there is no label readout.")
     bank = None
     if (assets / f"{BANK_NAME}.safetensors").is_file():
-        bank = load_bank(assets / f"{BANK_NAME}.safetensors", dim)
+        try:
+            bank = load_bank(assets / f"{BANK_NAME}.safetensors", dim)
+        except (FileNotFoundError, ValueError) as err:
+            notes.append(f"The reference bank could not be read ({err}), so there are no nearest neighbours.")
     else:
         notes.append(f"No reference bank in {assets} ({BANK_NAME}.safetensors + .json), so there are no nearest "
                      "neighbours.")
@@ -156,8 +168,11 @@ def load_bank(path: str | Path, dim: int) -> FeatureBank:
     return FeatureBank(features, thumbnails.numpy(), subgroup, labels)
 
 
-def load_examples(directory: str | Path) -> list[Example]:
-    """``examples/examples.json`` [{"file", "boxes", "caption"}] -> Examples (an absent folder gives none)."""
+def load_examples(directory: str | Path, notes: list[str] | None = None) -> list[Example]:
+    """``examples/examples.json`` [{"file", "boxes", "caption"}] -> Examples (an absent folder gives none).
+
+    With ``notes``, a damaged index or missing image files leave those examples out and say so there; without it
+    they raise (for tools that must not ship a bundle with holes)."""
     directory = Path(directory)
     index = directory / EXAMPLES_INDEX
     if not index.is_file():
@@ -167,12 +182,18 @@ def load_examples(directory: str | Path) -> list[Example]:
         examples = [Example(directory / e["file"], tuple(tuple(float(v) for v in b) for b in e["boxes"]),
                             str(e.get("caption", ""))) for e in entries]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{index}: expected [{{\"file\": ..., \"boxes\": [[xmin, ymin, xmax, ymax]], "
-                         f"\"caption\": ...}}]: {err}") from None
-    for example in examples:
-        if not example.path.is_file():
-            raise FileNotFoundError(f"{index} lists {example.path.name}, which is not in {directory}")
-    return examples
+        message = (f"{index}: expected [{{\"file\": ..., \"boxes\": [[xmin, ymin, xmax, ymax]], "
+                   f"\"caption\": ...}}]: {err}")
+        if notes is None:
+            raise ValueError(message) from None
+        notes.append(f"No examples: {message}")
+        return []
+    missing = [example.path.name for example in examples if not example.path.is_file()]
+    if missing and notes is None:
+        raise FileNotFoundError(f"{index} lists {missing[0]}, which is not in {directory}")
+    if missing:
+        notes.append(f"{index} lists {', '.join(missing)}, not in {directory}: those examples are left out.")
+    return [example for example in examples if example.path.is_file()]
 
 
 

@@ -88,6 +88,7 @@ class BoxReport:
     number: int
     box: tuple[float, float, float, float]  # as given, user-image pixels
     box_model: tuple[float, float, float, float]  # model pixels, clipped to the model's square
+    clipped: bool  # part of the box lay outside the image or the centre square the model sees, and was cut off
     patches: int
     error: float
     error_per_patch: tuple[float, ...]
@@ -127,6 +128,7 @@ class Analysis:
                 {
                     "box": [round(v, 2) for v in r.box],
                     "box_model_px": [round(v, 2) for v in r.box_model],
+                    "clipped": r.clipped,
                     "hidden_patches": r.patches,
                     "prediction_error": round(r.error, 4),
                     "error_per_patch": [round(v, 4) for v in r.error_per_patch],
@@ -206,7 +208,7 @@ class Engine:
             device: "cpu", "cuda", or "auto" (CUDA when available).
             bf16: run the decoder under bfloat16 autocast (for GPUs; on the project's CPU it was much slower).
         """
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        device = resolve_device(device)
         assets = Path(assets) if assets is not None else None
         if checkpoint is None and assets is not None and (assets.is_file() or (assets / CONFIG_NAME).is_file()):
             checkpoint, assets = assets, None  # Engine.load("model.pth.tar") or Engine.load("runs/x/model")
@@ -221,8 +223,8 @@ class Engine:
                     "(an official I-JEPA .pth.tar or a model folder from python -m train.pretrain), or --assets DIR "
                     "pointing at a bundle that has model/.")
             bundle_model = True
-        else:
-            bundle_model = False
+        else:  # the bundle's own model named explicitly keeps the bundle's probes and bank
+            bundle_model = assets is not None and Path(checkpoint).resolve() == (assets / MODEL_DIR).resolve()
         checkpoint = Path(checkpoint)
         model = load_model(checkpoint).to(device)
         if model.predictor is None:
@@ -234,7 +236,7 @@ class Engine:
         decoders: dict[str, SketchDecoder] = {}
         sources: dict[str, str] = {}
         for path in paths:
-            sketch_decoder = load_decoder(path, model.config).to(device)
+            sketch_decoder = load_decoder(path, model.config, checkpoint).to(device)
             style = sketch_decoder.config.conditioning
             if style in decoders:
                 raise ValueError(f"{sources[style]} and {path} are both {style!r} decoders; pass at most one of each "
@@ -251,7 +253,7 @@ class Engine:
             probes, bank = {}, None
             notes.append("Probe readout and nearest neighbours belong to the bundled model, so they are off for "
                          "--checkpoint models.")
-        examples = load_examples(assets / EXAMPLES_DIR) if assets is not None else []
+        examples = load_examples(assets / EXAMPLES_DIR, notes) if assets is not None else []
         config = model.config
         info = ModelInfo(
             source=str(checkpoint), arch=config.arch or f"ViT {config.embed_dim}-d x {config.depth}",
@@ -335,11 +337,12 @@ class Engine:
         model_boxes = map_boxes(prepared, boxes, self.patch_size, MAX_BOXES)
         context, targets = boxes_to_masks(model_boxes, (self.size, self.size), self.model.config.grid_size)
         result = analyze_boxes(self.model, prepared.pixels, context, targets)
-        reports = [self._report(n, box, model_box, prediction)
+        reports = [self._report(n, box, model_box, prediction, prepared)
                    for n, (box, model_box, prediction) in enumerate(zip(boxes, model_boxes, result.boxes), start=1)]
         return Analysis(prepared, result, reports, self.patch_size)
 
-    def _report(self, number: int, box: Box, model_box: tuple[float, ...], prediction: BoxPrediction) -> BoxReport:
+    def _report(self, number: int, box: Box, model_box: tuple[float, ...], prediction: BoxPrediction,
+                prepared: PreparedImage) -> BoxReport:
         predicted, true = prediction.pooled_predicted, prediction.pooled_true
         probe = {name: p.top_k(predicted, 5) for name, p in self.probes.items()}
         probe_on_truth = {name: p.top_k(true, 1) for name, p in self.probes.items()}
@@ -348,7 +351,8 @@ class Engine:
             indices, sims = nearest_neighbours(self.bank.features, predicted, NUM_NEIGHBOURS)
             neighbours = tuple(Neighbour(int(i), self.bank.label_of(int(i)), float(s))
                                for i, s in zip(indices.tolist(), sims.tolist()))
-        return BoxReport(number=number, box=parse_box(box, number), box_model=tuple(model_box),
+        clipped = any(abs(a - b) > 1e-6 for a, b in zip(model_box, prepared.to_model(parse_box(box, number))))
+        return BoxReport(number=number, box=parse_box(box, number), box_model=tuple(model_box), clipped=clipped,
                          patches=int(prediction.target_indices.numel()), error=prediction.error,
                          error_per_patch=tuple(prediction.errors.tolist()), probe=probe,
                          probe_on_truth=probe_on_truth, neighbours=neighbours)
@@ -573,6 +577,8 @@ class Engine:
         ]
         for report in analysis.reports:
             line = f"Box {report.number}: error **{report.error:.2f}**"
+            if report.clipped:
+                line += " (only its part inside the centre square the model sees was hidden)"
             if report.probe:
                 name = "subgroup" if "subgroup" in report.probe else next(iter(report.probe))
                 label, p = report.probe[name][0]
@@ -593,6 +599,20 @@ class Engine:
                     "paper's figures, and never the visible pixels: its sketches vary more and fit the surroundings "
                     "less; what they keep in common is what the average prediction pins down.")
         return "\n\n".join(parts)
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> CUDA when available, else CPU; a device that is not there -> ValueError saying what to pass."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda (or cuda:N) or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: torch sees no Apple GPU (MPS) here; use --device cpu (or auto)")
+    return device
 
 
 @torch.no_grad()

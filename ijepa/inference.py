@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .masks import Box, apply_masks, box_tolerance, parse_box
+from .masks import Box, apply_masks, parse_box
 from .model import IJepa, check_target
 
 
@@ -269,12 +269,16 @@ def prepare_image(image: Image.Image | np.ndarray, size: int) -> PreparedImage:
 
 def map_boxes(prepared: PreparedImage, boxes: Sequence[Box], patch_size: int,
               max_boxes: int = MAX_BOXES) -> list[tuple[float, float, float, float]]:
-    """Validate user-image boxes and map them to model pixels (clipped to the model's square).
+    """Validate user-image boxes and map them to model pixels, clipped to the model's square (so a box running past
+    the image's edge, or past the centre square the model sees, keeps its part inside; ``BoxReport.clipped``).
 
     Raises ValueError, with a message for the person who drew them, for: no box, too many boxes, malformed or
-    non-finite coordinates, coordinates outside the image, boxes outside the centre square the model sees, and
+    non-finite coordinates, boxes wholly outside the image or the centre square the model sees, and
     boxes smaller than one patch (the smallest region the model can hide).
     """
+    if isinstance(boxes, (str, bytes)):
+        raise ValueError(f"boxes must be a list of [xmin, ymin, xmax, ymax] lists, got the text {boxes!r} "
+                         "(parse JSON first)")
     if boxes is None or len(boxes) == 0:
         raise ValueError("Draw a box on the image first (click and drag): the model needs a region to hide and guess.")
     if len(boxes) > max_boxes:
@@ -290,10 +294,9 @@ def map_boxes(prepared: PreparedImage, boxes: Sequence[Box], patch_size: int,
             raise ValueError(f"Box {number} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty: xmax must exceed xmin and "
                              "ymax must exceed ymin.")
         for lo, hi, extent, axis in ((x0, x1, width, "x"), (y0, y1, height, "y")):
-            tol = box_tolerance(extent)
-            if lo < -tol or hi > extent + tol:
+            if hi <= 0 or lo >= extent:
                 raise ValueError(f"Box {number} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the {width}x{height} "
-                                 f"image: {axis} coordinates must be within 0..{extent}.")
+                                 f"image: its {axis} coordinates must overlap 0..{extent}.")
         mx0, my0, mx1, my1 = (min(max(v, 0.0), float(size)) for v in prepared.to_model((x0, y0, x1, y1)))
         if mx1 <= mx0 or my1 <= my0:
             raise ValueError(

@@ -323,8 +323,9 @@ Box = Union[Sequence[float], Mapping[str, float]]
 # Boxes may overshoot the image by this much (1 pixel or 1 % of the side, whichever is larger) and are clipped.
 BOX_TOLERANCE_PX = 1.0
 BOX_TOLERANCE_FRACTION = 0.01
-# A patch row (column) is hidden when the box covers at least this fraction of its height (width).
-_MIN_PATCH_COVERAGE = 0.5
+# A patch row (column) is hidden when the box covers more than this fraction of its height (width): all of what
+# the box holds is hidden but for slivers this thin, a hand-drawn box's overshoot past a patch border.
+_MAX_VISIBLE_SLIVER = 0.125
 
 
 def box_tolerance(side: float) -> float:
@@ -391,14 +392,15 @@ def box_to_patch_indices(box: Box, image_size: Tuple[int, int], grid_size: GridS
         image_size: (width, height) of that image.
         grid_size: model patch grid (height, width) or an int for a square grid.
 
-    The box snaps to the patch grid: a patch row is hidden when the box covers at least half its height, a column
-    when it covers at least half its width, and the row and column under the box centre always are. So a thin
-    box across a patch border still hides a strip, and even a one-pixel box selects a patch.
+    The box snaps outwards to the patch grid, so the model sees nothing inside it: a patch row is hidden when the
+    box covers more than an eighth of its height, a column likewise, and the row and column under the box centre
+    always are. Only a sliver of at most 1/8 patch along an edge can stay visible (overshoot past a border is
+    forgiven), and even a one-pixel box selects a patch.
     """
     gh, gw = _as_grid(grid_size)
     x0, y0, x1, y1 = _relative_box(box, image_size)
-    rows = _axis_coverage(y0, y1, gh) >= _MIN_PATCH_COVERAGE - 1e-9
-    cols = _axis_coverage(x0, x1, gw) >= _MIN_PATCH_COVERAGE - 1e-9
+    rows = _axis_coverage(y0, y1, gh) > _MAX_VISIBLE_SLIVER + 1e-9
+    cols = _axis_coverage(x0, x1, gw) > _MAX_VISIBLE_SLIVER + 1e-9
     rows[min(int((y0 + y1) / 2 * gh), gh - 1)] = True
     cols[min(int((x0 + x1) / 2 * gw), gw - 1)] = True
     return torch.nonzero((rows[:, None] & cols[None, :]).flatten()).flatten()
@@ -423,7 +425,7 @@ def boxes_to_masks(boxes: Sequence[Box], image_size: Tuple[int, int], grid_size:
     for target in targets:
         visible[target] = False
     if not visible.any():
-        where = "inside the context box" if context_box is not None else "in the image"
+        where = "inside the context box" if context_box is not None else "of the image the model sees"
         raise ValueError(f"The target boxes cover every patch {where}, leaving no context patch for the model to "
                          "see; draw smaller boxes" + (" or a larger context box" if context_box is not None else ""))
     return torch.nonzero(visible).flatten(), targets

@@ -116,11 +116,12 @@ def png_bytes(size: tuple[int, int]) -> bytes:
     ("ok.png", None, "[[100, 100, 102, 103]]", {}, r"smaller than one patch.*pixels"),
     ("ok.png", None, "[[0, 0, 300, 300]]", {}, "no context"),
     ("ok.png", None, json.dumps([[0, 0, 100, 100]] * 5), {}, "at most 4"),
-    ("ok.png", None, "[[-80, 0, 100, 100]]", {}, "outside the 300x300 image"),
-    ("ok.png", None, "[[0, 0, 100, 9000]]", {}, "outside the 300x300 image"),
+    ("ok.png", None, "[[-80, 0, -10, 100]]", {}, "outside the 300x300 image"),
+    ("ok.png", None, "[[0, 400, 100, 9000]]", {}, "outside the 300x300 image"),
     ("ok.png", None, "[[0, 0, 100", {}, "JSON list"),
     ("ok.png", None, '{"xmin": 1}', {}, "JSON list"),
     ("ok.png", None, "[[10, 10, 150, 150]]", {"num_samples": 100}, "between 1 and 8"),
+    ("ok.png", None, "[[10, 10, 150, 150]]", {"num_samples": 1.5}, "whole number"),
     ("ok.png", None, "[[10, 10, 150, 150]]", {"seed": None}, "Enter a seed"),
 ])
 def test_bad_input_gets_a_clear_message_and_the_server_keeps_serving(server, client, tmp_path, name, data, boxes,
@@ -197,3 +198,26 @@ def test_ui_run_streams_sketches(app_module, tmp_path):
 def test_missing_bundle_exits_with_a_clear_message(app_module, tmp_path, capsys):
     assert app_module.main(["--assets", str(tmp_path / "nothing")]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_the_widget_shows_exact_pixels_and_a_new_image_clears_the_last_results(app_module, tmp_path):
+    """The drawing widget stores what it is given and sends that back to the model: a PNG, not a lossy WebP (an
+    array would be saved as WebP, which changed pixels by up to 212 of 255 here). Picking another image empties
+    every result panel, so no panel shows the last image's results beside the new one."""
+    image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    widget = app_module.image_annotator(image_type="numpy", image_mode="RGB")
+    value = app_module.annotator_value(image, [[1, 2, 30, 40]])
+    back = widget.preprocess(widget.postprocess({**value, "boxes": []}))
+    assert np.array_equal(back["image"], image)
+    upright, boxes = app_module.annotator_input(value)  # our own value, before the widget: the same pixels
+    assert np.array_equal(upright, image) and boxes == [[1, 2, 30, 40]]
+
+    handlers = app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))
+    chosen = handlers.load_example(app_module.gr.SelectData(None, {"index": 1, "value": None}))
+    example = handlers.engine.examples[1]
+    assert np.array_equal(app_module.annotator_input(chosen[0])[0], example.image())
+    assert chosen[1:] == app_module.Handlers.CLEARED and len(chosen) == 11  # the annotator + ten result panels
+    photo = tmp_path / "photo.png"
+    Image.fromarray(image).save(photo)
+    uploaded = handlers.load_upload(str(photo))
+    assert np.array_equal(app_module.annotator_input(uploaded[0])[0], image) and uploaded[1:] == handlers.CLEARED

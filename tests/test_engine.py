@@ -176,8 +176,9 @@ def test_bad_files_are_refused_with_clear_messages(data, message):
     ([[0, 0, 40, 40]] * 5, "at most 4"),
     ([[10, 10, 13, 40]], r"smaller than one patch.*at least 30 pixels"),
     ([[0, 0, 240, 240]], "no context"),
-    ([[-50, 10, 100, 100]], "outside the 240x240 image"),
-    ([[10, 10, 100, 400]], "outside the 240x240 image"),
+    ([[-50, 10, -5, 100]], "outside the 240x240 image"),
+    ([[10, 300, 100, 400]], "outside the 240x240 image"),
+    ("[[10, 10, 100, 100]]", "parse JSON first"),
     ([[50, 50, 20, 80]], "empty"),
     ([[float("nan"), 1, 2, 3]], "finite"),
     ([[1, 2, 3]], r"\[xmin, ymin, xmax, ymax\]"),
@@ -193,6 +194,18 @@ def test_bad_boxes_are_refused_with_clear_messages(engine, boxes, message):
 def test_box_outside_the_centre_square_is_explained(engine):
     with pytest.raises(ValueError, match=r"centre square.*x 40\.\.280"):
         engine.analyze(np.zeros((240, 320, 3), np.uint8), [[0, 0, 30, 100]])
+
+
+def test_a_box_running_past_the_edge_keeps_its_inside_part_and_says_so(engine):
+    """Boxes from programs often overshoot an edge, and boxes drawn on a wide image the side strips: the part the
+    model sees is hidden, and the report, the metrics and the explanation say it was cut."""
+    image = np.zeros((240, 320, 3), np.uint8)
+    analysis = engine.analyze(image, [[0, 100, 100, 300], [120, 40, 200, 120]])
+    cut, whole = analysis.reports
+    assert cut.clipped and not whole.clipped
+    assert cut.box_model == pytest.approx((0.0, 100 * SIZE / 240, 60 * SIZE / 240, float(SIZE)))
+    assert [b["clipped"] for b in analysis.metrics()["boxes"]] == [True, False]
+    assert engine.explain(analysis).count("only its part inside the centre square") == 1
 
 
 # ----- the computations behind the panels ---------------------------------------------------------------------
@@ -391,9 +404,13 @@ def test_missing_parts_switch_panels_off_with_explanations(bundle, tmp_path):
     assert engine.neighbour_gallery(analysis) == [] and "probe" in engine.readout_markdown(analysis).lower()
 
 
-def test_checkpoint_flag_uses_only_the_given_decoders(bundle):
+def test_checkpoint_flag_uses_only_the_given_decoders(bundle, tmp_path):
     engine = Engine.load(bundle, checkpoint=bundle / "model", decoder=bundle / "decoder", device="cpu")
-    assert engine.sketch_styles == ("spatial_context",) and not engine.probes and len(engine.examples) == 2
+    assert engine.sketch_styles == ("spatial_context",) and len(engine.examples) == 2
+    assert engine.probes and engine.bank is not None  # the bundle's own model, named: its readouts still apply
+    shutil.copytree(bundle / "model", tmp_path / "other_model")
+    other = Engine.load(bundle, checkpoint=tmp_path / "other_model", device="cpu")
+    assert not other.probes and other.bank is None and "belong to the bundled model" in other.describe()
     both = Engine.load(bundle, checkpoint=bundle / "model", decoder=[bundle / "decoder_paper", bundle / "decoder"],
                        device="cpu")
     assert both.sketch_styles == ("pooled", "spatial_context")  # the first given is the default
@@ -418,6 +435,28 @@ def test_load_errors_say_what_to_do(bundle, tmp_path):
     weights.write_bytes(weights.read_bytes()[:4000])
     with pytest.raises(ValueError, match="cannot read the sketch decoder .*truncated"):
         Engine.load(bundle, checkpoint=bundle / "model", decoder=truncated, device="cpu")
+
+
+def test_damaged_optional_parts_switch_their_panel_off_instead_of_stopping_the_app(bundle, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundle, damaged)
+    (damaged / "probe_subgroup.json").unlink()
+    (damaged / "bank.json").write_text("{not json")
+    next((damaged / "examples").glob("*.png")).unlink()
+    engine = Engine.load(damaged, device="cpu")
+    assert "subgroup" not in engine.probes and engine.bank is None and len(engine.examples) == 1
+    notes = " ".join(engine.notes)
+    assert "subgroup probe could not be read" in notes and "reference bank could not be read" in notes
+    assert "those examples are left out" in notes
+    engine.analyze(engine.examples[0].image(), engine.examples[0].boxes)
+
+
+def test_a_device_that_is_not_there_is_named(bundle):
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        Engine.load(bundle, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU.*--device cpu"):
+            Engine.load(bundle, device="cuda")
 
 
 def test_examples_load_with_their_boxes(engine):

@@ -279,8 +279,8 @@ def test_collator_rejects_bad_items():
 def test_one_pixel_box_selects_one_patch(width, height, fx, fy, grid):
     x, y = int(fx * width), int(fy * height)
     indices = box_to_patch_indices((x, y, x + 1, y + 1), (width, height), grid)
-    # One pixel can only cover half a patch when the grid is at least half as fine as the image.
-    if width >= 2 * grid and height >= 2 * grid:
+    # One pixel covers at most an eighth of a patch when patches are at least 8 pixels.
+    if width >= 8 * grid and height >= 8 * grid:
         assert indices.numel() == 1
         row, col = divmod(int(indices[0]), grid)
         assert row == min(int((y + 0.5) / height * grid), grid - 1)
@@ -306,19 +306,20 @@ def test_patches_do_not_depend_on_image_resolution(x0, y0, w, h, gh, gw):
     assert bool((small[1:] > small[:-1]).all()) and int(small.max()) < gh * gw
 
 
-def test_half_covered_patches_count():
+def test_patches_the_box_covers_beyond_a_sliver_count():
     # 64 px image, 4x4 grid: 16 px patches.
     assert box_to_patch_indices((0, 0, 24, 16), (64, 64), 4).tolist() == [0, 1]  # patch 1 half covered
-    assert box_to_patch_indices((0, 0, 23, 16), (64, 64), 4).tolist() == [0]  # patch 1 under half
+    assert box_to_patch_indices((0, 0, 19, 16), (64, 64), 4).tolist() == [0, 1]  # 3/16 of patch 1
+    assert box_to_patch_indices((0, 0, 18, 16), (64, 64), 4).tolist() == [0]  # an eighth: an overshoot, forgiven
     assert box_to_patch_indices((16, 16, 48, 48), (64, 64), 4).tolist() == [5, 6, 9, 10]
     # A non-square image and grid: only the relative position matters.
     assert box_to_patch_indices((0, 0, 100, 50), (200, 100), (2, 4)).tolist() == [0, 1]
 
 
-def test_boxes_across_patch_borders_hide_the_rows_and_columns_they_mostly_cover():
+def test_boxes_across_patch_borders_hide_every_patch_they_reach_into():
     # 64 px image, 4x4 grid of 16 px patches. A full-height strip just under one patch wide, straddling the border
-    # of columns 0 and 1 (47.5 % of each): it hides a column (the one under its centre), not a single patch.
-    assert box_to_patch_indices((8.4, 0, 23.6, 64), (64, 64), 4).tolist() == [1, 5, 9, 13]
+    # of columns 0 and 1 (47.5 % of each): both columns are hidden, so the model sees none of the strip.
+    assert box_to_patch_indices((8.4, 0, 23.6, 64), (64, 64), 4).tolist() == [0, 1, 4, 5, 8, 9, 12, 13]
     # 1.4 x 1.4 patches offset by 0.3: 70 % of two rows and two columns each -> a 2 x 2 block.
     assert box_to_patch_indices((4.8, 4.8, 27.2, 27.2), (64, 64), 4).tolist() == [0, 1, 4, 5]
 
@@ -335,6 +336,10 @@ def test_a_box_hides_a_whole_rectangle_of_patches_containing_its_centre(x0, y0, 
     assert row_set == list(range(row_set[0], row_set[-1] + 1)) and col_set == list(range(col_set[0], col_set[-1] + 1))
     centre_row, centre_col = min(int((y0 + y1) / 128 * gh), gh - 1), min(int((x0 + x1) / 128 * gw), gw - 1)
     assert centre_row in row_set and centre_col in col_set
+    # the model sees nothing inside the box but slivers of at most 1/8 patch along its edges
+    sliver_y, sliver_x = 64 / gh / 8 + 1e-6, 64 / gw / 8 + 1e-6
+    assert row_set[0] * 64 / gh <= y0 + sliver_y and (row_set[-1] + 1) * 64 / gh >= y1 - sliver_y
+    assert col_set[0] * 64 / gw <= x0 + sliver_x and (col_set[-1] + 1) * 64 / gw >= x1 - sliver_x
 
 
 def test_boxes_to_masks_context_and_targets():
