@@ -94,11 +94,14 @@ class SketchSampler:
     def __init__(self, decoder: SketchDecoder, scheduler: SchedulerMixin | None = None):
         self.decoder = decoder
         self.scheduler = scheduler if scheduler is not None else make_default_scheduler(decoder)
-        for key in ("prediction_type", "num_train_timesteps", "beta_schedule"):
-            ours, theirs = decoder.config[key], self.scheduler.config.get(key)
+        # the noise schedule the decoder was trained on, every number of it, and what its output means
+        trained = {**decoder.make_train_scheduler().config, "prediction_type": decoder.config.prediction_type}
+        for key in ("prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
+                    "trained_betas"):
+            ours, theirs = trained.get(key), self.scheduler.config.get(key)
             if ours != theirs:
                 raise ValueError(
-                    f"scheduler.config.{key}={theirs!r} does not match decoder.config.{key}={ours!r}; "
+                    f"scheduler.config.{key}={theirs!r} does not match the decoder's training schedule ({key}={ours!r}); "
                     "build the scheduler from the decoder's config (or pass scheduler=None)"
                 )
 

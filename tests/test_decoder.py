@@ -272,6 +272,8 @@ def test_invalid_arguments_raise(decoder):
     with pytest.raises(ValueError, match="beta_schedule"):
         cosine = DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
         SketchSampler(decoder, cosine)
+    with pytest.raises(ValueError, match="beta_end"):  # another linear schedule is still another schedule
+        SketchSampler(decoder, DPMSolverMultistepScheduler(beta_end=0.012, prediction_type="v_prediction"))
     with pytest.raises(ValueError, match="cond.repeat"):
         decoder(torch.randn(2, 3, SIZE, SIZE), 1, cond)
     with pytest.raises(ValueError, match="first"):

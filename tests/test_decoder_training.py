@@ -100,7 +100,12 @@ def test_decoder_eval_reports_both_modes_and_exact_context(tmp_path, tiny_ijepa)
         assert metrics["gallery"] >= 64
         assert metrics["max_context_change_8bit"] == 0
         assert 0 <= metrics["retrieval_top1"] <= 100 and metrics["diversity_rms"] > 0
+        assert 0 <= metrics["grey_box_top1"] <= 100 and metrics["chance_top1"] == 100 / metrics["gallery"]
+    floors = {m["grey_box_top1"] for m in report["decoders"].values()}
+    assert len(floors) == 1  # decoder-independent: the same images, boxes and conditions for both
     assert (tmp_path / "eval" / "samples.png").is_file() and (tmp_path / "eval" / "results.json").is_file()
+    with pytest.raises(SystemExit):  # one sketch per box has no diversity to measure
+        eval_decoder_main(["--checkpoint", str(tiny_ijepa), "--decoder", "unused", "--num-samples", "1"])
 
 
 @pytest.mark.slow

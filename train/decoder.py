@@ -180,6 +180,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
     if state is not None:
         decoder.load_state_dict(state["decoder"])
         ema.load_state_dict(state["ema"])
+        ema.to(rt.device)  # its weights were loaded onto the CPU; the decoder's live on rt.device
         optimizer.load_state_dict(state["optimizer"])
         start_step, resumed_seconds = state["step"], state.get("elapsed_s", 0.0)
         del state  # the optimizer and weights hold their own copies now

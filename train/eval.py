@@ -308,7 +308,7 @@ def sample_box_features(model: IJepa, split: str, count: int, seed: int, batch_s
     scenes = EmojiScenes(catalog, resolution=model.config.img_size, patch_size=model.config.patch_size,
                          split=split, seed=seed)
     rng = np.random.default_rng(seed)
-    lo, hi = max(1, round(grid[0] / 4)), max(2, round(grid[0] / 2))
+    sizes = [(max(1, round(side / 4)), max(2, round(side / 2))) for side in grid]  # box rows, then columns
     parts: dict[str, list] = {"true": [], "predicted": [], "group": [], "subgroup": [], "images": [], "boxes": []}
     collected, index = 0, 0
     progress = tqdm(total=count, desc=f"boxes ({split})", leave=False)
@@ -317,7 +317,7 @@ def sample_box_features(model: IJepa, split: str, count: int, seed: int, batch_s
         index += batch_size
         images = torch.stack([it["image"] for it in items]).to(device)
         patch_labels = torch.stack([it["patch_emoji"] for it in items])
-        rows, cols = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+        rows, cols = (int(rng.integers(lo, hi + 1)) for lo, hi in sizes)
         origins, majority, keep = labelled_boxes(patch_labels, rows, cols, rng)
         if not keep.any():
             continue

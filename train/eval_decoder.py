@@ -7,6 +7,8 @@ For each (image, box) the decoder draws ``num_samples`` sketches from the PREDIC
 re-encoded by the target encoder and its layer-normed box features are average-pooled:
 - consistency: mean cosine between that and the pooled conditioning tokens (same layer-normed space);
 - retrieval: top-1 of finding the sketch's own conditioning among ``gallery`` candidates (>= 64) by cosine;
+  its floor is the same with the box filled grey (``grey_box_top1``): the target encoder sees the true
+  surroundings too, so they alone find some boxes, far above the uniform ``chance_top1``;
 - diversity: mean pairwise RMS pixel distance between the sketches inside the box (in [0, 1] units);
 - context: the largest 8-bit pixel change outside the box (must be exactly 0).
 Every decoder is scored on the same images, boxes and seeds, in one run.
@@ -46,10 +48,14 @@ def evaluate_decoder(model: IJepa, decoder: SketchDecoder, groups: list[tuple[to
     ``precision="bf16"`` runs the UNet under bf16 autocast (the solver state stays float32): on a 2-core CPU with
     AVX512-BF16 it is 2.1x faster at this batch size with the same metrics to three decimals (bench/RESULTS.md);
     pass a precision resolved by ``train.runtime.resolve_precision``."""
+    if num_samples < 2:
+        raise ValueError(f"diversity compares sketches of one box: num_samples must be at least 2, got {num_samples}")
     sampler = SketchSampler(decoder)
-    conditions, reencoded, sketches, diversity, outside_change = [], [], [], [], 0.0
+    conditions, reencoded, sketches, diversity, outside_change, grey_boxes = [], [], [], [], 0.0, []
     for images, targets, contexts in groups:
         cond = box_conditions(model, images, targets, contexts)
+        grey = torch.where(cond.box_mask.bool(), 0.5, images)  # the surroundings alone, nothing drawn in the box
+        grey_boxes.append(pooled(gather(true_features(model, grey), targets)))
         with autocast(images.device, precision):
             out = sampler.sample(cond, num_samples=num_samples, num_steps=num_steps, seed=seed)
         reencoded.append(pooled(gather(true_features(model, out), targets.repeat_interleave(num_samples, 0))))
@@ -67,9 +73,14 @@ def evaluate_decoder(model: IJepa, decoder: SketchDecoder, groups: list[tuple[to
     sketch_feats = F.normalize(torch.cat(reencoded).float(), dim=-1).view(len(cond_feats), num_samples, -1)
     cosine = (sketch_feats * cond_feats.unsqueeze(1)).sum(-1)
     nearest = torch.einsum("nsd,md->nsm", sketch_feats, cond_feats).argmax(-1)
-    retrieval = (nearest == torch.arange(len(cond_feats), device=nearest.device).unsqueeze(1)).float().mean()
+    own = torch.arange(len(cond_feats), device=nearest.device)
+    retrieval = (nearest == own.unsqueeze(1)).float().mean()
+    grey_feats = F.normalize(torch.cat(grey_boxes).float(), dim=-1)
+    grey_top1 = (grey_feats @ cond_feats.T).argmax(-1).eq(own).float().mean()
     metrics = {"reencode_cosine": cosine.mean().item(), "retrieval_top1": 100.0 * retrieval.item(),
                "gallery": len(cond_feats), "chance_top1": 100.0 / len(cond_feats),
+               "grey_box_top1": 100.0 * grey_top1.item(),
+               "grey_box_cosine": (grey_feats * cond_feats).sum(-1).mean().item(),
                "diversity_rms": torch.cat(diversity).mean().item(), "max_context_change_8bit": outside_change}
     return metrics, torch.cat(sketches)
 
@@ -113,7 +124,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--paper-decoder", default=None, help="the paper-faithful (pooled) decoder, same run")
     parser.add_argument("--data", default="emoji")
     parser.add_argument("--num-images", type=int, default=128, help="(image, box) pairs = retrieval gallery size")
-    parser.add_argument("--num-samples", type=int, default=4)
+    parser.add_argument("--num-samples", type=int, default=4, help="sketches per box (at least 2: diversity)")
     parser.add_argument("--num-steps", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -124,6 +135,8 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.num_images < 64:
         parser.error("--num-images must be >= 64 so retrieval has at least 64 candidates")
+    if args.num_samples < 2:
+        parser.error("--num-samples must be >= 2: diversity compares the sketches of one box")
 
     start = time.perf_counter()
     args.precision = resolve_precision(torch.device(args.device), args.precision)
