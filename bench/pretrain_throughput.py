@@ -68,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from ijepa.masks import MaskConfig, MultiBlockMaskGenerator  # noqa: E402
 from ijepa.model import IJepa, IJepaConfig  # noqa: E402
 from ijepa.vision_transformer import set_fused_attention  # noqa: E402
+from train.config import doc_summary  # noqa: E402
 from train.objective import (TargetFeatures, ema_momentum, ema_update, ijepa_loss,  # noqa: E402
                              learning_rate, param_groups, set_optimizer_schedule, weight_decay)
 from train.pretrain import uses_fused_attention  # noqa: E402
@@ -351,7 +352,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(description=doc_summary(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:N or cpu")
     parser.add_argument("--models", default=None,

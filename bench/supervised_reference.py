@@ -17,6 +17,7 @@ A diagnostic, not a recipe: it keeps no checkpoints, so a killed run starts agai
 """
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -25,11 +26,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ijepa.model import IJepa
-from train.config import parse_config
-from train.data import StackFields, StepBatches, build_dataset
-from train.emoji import get_catalog
-from train.eval import evaluate_emoji_features
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from ijepa.model import IJepa  # noqa: E402
+from train.config import doc_summary, parse_config  # noqa: E402
+from train.data import StackFields, StepBatches, build_dataset  # noqa: E402
+from train.emoji import get_catalog  # noqa: E402
+from train.eval import evaluate_emoji_features  # noqa: E402
 from train.objective import learning_rate, param_groups, set_optimizer_schedule, weight_decay
 from train.pretrain import SCENE_FIELDS, PretrainConfig, model_config
 from train.runtime import autocast, resolve_precision
@@ -80,7 +82,7 @@ def train_supervised(cfg: PretrainConfig, label: str, device: torch.device) -> t
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=doc_summary(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="train/configs/emoji_cpu.yaml", help="pretraining config (model, data)")
     parser.add_argument("--steps", type=int, help="training steps (default: the config's)")

@@ -55,6 +55,11 @@ def _coerce(name: str, kind, value):
     return value
 
 
+def doc_summary(doc: str | None) -> str:
+    """A module docstring's first paragraph on one line: a command's --help description."""
+    return " ".join((doc or "").split("\n\n")[0].split())
+
+
 def require(config, condition: bool, message: str) -> None:
     """For a config's ``__post_init__``: refuse impossible settings before anything runs."""
     if not condition:

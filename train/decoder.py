@@ -33,7 +33,7 @@ from ijepa.checkpoint import load_model
 from ijepa.inference import gather, predict_features, true_features
 from ijepa.masks import complement_indices, rectangle_indices
 from ijepa.model import IJepa
-from train.config import config_dict, parse_config, require, save_config
+from train.config import config_dict, doc_summary, parse_config, require, save_config
 from train.data import StackFields, StepBatches, build_dataset
 from train.runtime import (LossWindow, autocast, plot_loss_curve, resolve_precision, resume_state, save_checkpoint,
                            save_folder_atomic, setup_runtime, start_csv_log, teardown_runtime)
@@ -268,7 +268,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
 
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    train(parse_config(DecoderTrainConfig, argv, description=__doc__.splitlines()[0]))
+    train(parse_config(DecoderTrainConfig, argv, description=doc_summary(__doc__)))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from train import decoder as decoder_training
 from train import budget
 from train import eval as evaluation
 from train import eval_decoder, pretrain
-from train.config import changed_settings, parse_config
+from train.config import changed_settings, doc_summary, parse_config
 from train.examples import choose_examples
 from train.runtime import (fast_bf16, logged_training_seconds, save_folder_atomic, write_file_atomic,
                            write_json_atomic)
@@ -600,7 +600,7 @@ def hardware() -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
+        description=doc_summary(__doc__),
         epilog="Any other --name value sets a training stage's setting: --pretrain.lr 5e-4 or --decoder.steps 800 name "
                "their stage, a name only one stage has needs no prefix (--ema-start 0.995); python -m train.pretrain "
                "--help and python -m train.decoder --help list them.")

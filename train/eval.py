@@ -2,7 +2,7 @@
 predictor semantics (a probe trained on TRUE box features, applied to the PREDICTOR's outputs).
 
     python -m train.eval --checkpoint runs/tiny/model --out-dir runs/tiny/eval            # emoji protocol
-    python -m train.eval --checkpoint IN1K-vit.h.14-300e.pth.tar --data /path/to/images  # any image folder
+    python -m train.eval --checkpoint IN1K-vit.h.14-300e.pth.tar --data /path/to/class/folders  # class sub-folders
 
 Emoji protocol (fixed so figures compare across runs): one centred emoji per image on a random background;
 bank = every training base emoji, queries = every HELD-OUT base emoji (2 copies each); labels = Unicode group
@@ -29,6 +29,7 @@ from ijepa.checkpoint import load_model
 from ijepa.masks import complement_indices, rectangle_indices
 from ijepa.inference import encode, gather, pooled, predict_features, true_features
 from ijepa.model import IJepa, IJepaConfig
+from train.config import doc_summary
 from train.data import StackFields
 from train.runtime import write_json_atomic
 
@@ -436,7 +437,7 @@ def plot_knn_curve(csv_path: Path, baselines: dict, png_path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=doc_summary(__doc__))
     parser.add_argument("--checkpoint", required=True, help="our model folder or an official .pth.tar")
     parser.add_argument("--data", default="emoji", help="'emoji' (built-in protocol) or an image folder")
     parser.add_argument("--out-dir", default="runs/eval")

@@ -30,6 +30,7 @@ from ijepa.bundle import load_decoder
 from ijepa.checkpoint import load_model
 from ijepa.inference import gather, pooled, true_features
 from ijepa.model import IJepa
+from train.config import doc_summary
 from train.data import build_dataset
 from train.decoder import box_conditions, sample_boxes
 from train.runtime import PRECISIONS, autocast, resolve_precision, write_json_atomic
@@ -118,7 +119,7 @@ def plot_grids(images: torch.Tensor, targets: list[torch.Tensor], results: dict[
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=doc_summary(__doc__))
     parser.add_argument("--checkpoint", required=True, help="the frozen I-JEPA the decoders were trained on")
     parser.add_argument("--decoder", required=True, help="our decoder (save_pretrained folder)")
     parser.add_argument("--paper-decoder", default=None, help="the paper-faithful (pooled) decoder, same run")

@@ -32,7 +32,7 @@ from ijepa.checkpoint import save_model
 from ijepa.masks import MaskCollator, MaskConfig
 from ijepa.model import IJepa, IJepaConfig
 from ijepa.vision_transformer import init_transformer_weights, set_fused_attention
-from train.config import config_dict, parse_config, require, save_config
+from train.config import config_dict, doc_summary, parse_config, require, save_config
 from train.data import StepBatches, build_dataset
 from train.emoji import EmojiScenes
 from train.eval import HeldOutKnn, plot_knn_curve
@@ -288,7 +288,7 @@ def train(cfg: PretrainConfig) -> IJepa:
 
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    train(parse_config(PretrainConfig, argv, description=__doc__.splitlines()[0]))
+    train(parse_config(PretrainConfig, argv, description=doc_summary(__doc__)))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import yaml
 from decoder import SketchDecoder
 from ijepa.bundle import DECODER_DIRS, MODEL_DIR
 from train import eval_decoder
-from train.config import RUN_ONLY_FIELDS, config_dict
+from train.config import RUN_ONLY_FIELDS, config_dict, doc_summary
 from train.decoder import DecoderTrainConfig
 from train.default import hardware, write_model_card
 from train.runtime import logged_training_seconds, save_folder_atomic, write_json_atomic
@@ -111,7 +111,7 @@ def training_command(saved: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=doc_summary(__doc__))
     parser.add_argument("--bundle", default="assets", help="a folder exported by python -m train.default --export")
     parser.add_argument("--run", required=True, help="a train.decoder --out-dir, trained on the bundle's model")
     parser.add_argument("--eval-dir", default=None, help="where the evaluation goes (default: <run>/eval)")

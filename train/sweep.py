@@ -23,7 +23,7 @@ import yaml
 from ijepa.model import IJepa
 from train import eval as evaluation
 from train import pretrain
-from train.config import load_config, parse_config
+from train.config import doc_summary, load_config, parse_config
 
 logger = logging.getLogger("train.sweep")
 
@@ -50,7 +50,7 @@ def summary_row(name: str, result: dict) -> str:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
+        description=doc_summary(__doc__),
         epilog="Any other --name value overrides the base config for every variant (--steps 600 --warmup-steps 40); "
                "python -m train.pretrain --help lists the settings.")
     parser.add_argument("--config", required=True, help="the base pretraining YAML")
