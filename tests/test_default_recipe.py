@@ -13,6 +13,7 @@ from ijepa.bundle import BANK_NAME, DECODER_DIRS, MODEL_DIR, SHIPPED_SIZE_LIMIT,
 from train import budget
 from train import decoder as decoder_training
 from train import default as recipe
+from train.model_card import write_model_card
 from train import replace_decoder as replacing
 
 pytestmark = pytest.mark.slow
@@ -105,12 +106,12 @@ def test_model_card_quotes_the_measured_figures(smoke_run):
     assert "Themed scenes" not in card
     # A world whose scenes were composed by label says so on its card.
     metrics["pretrain_config"].update(theme_prob=0.5, theme="group")
-    recipe.write_model_card(metrics, smoke_run / "themed.md", "python -m train.default --pretrain.theme-prob 0.5")
+    write_model_card(metrics, smoke_run / "themed.md", "python -m train.default --pretrain.theme-prob 0.5")
     assert "shares the main emoji's Unicode group with probability 0.5" in (smoke_run / "themed.md").read_text()
     # So does a model trained to predict data2vec's targets instead of the paper's.
     assert "data2vec" not in card
     metrics["pretrain_config"].update(target_norm="instance", target_layers=3)
-    recipe.write_model_card(metrics, smoke_run / "d2v.md", "python -m train.default --target-norm instance")
+    write_model_card(metrics, smoke_run / "d2v.md", "python -m train.default --target-norm instance")
     assert "Targets: data2vec's, not the paper's. Each feature of the target encoder's last 3 blocks" in (
         smoke_run / "d2v.md").read_text()
 

@@ -23,6 +23,7 @@ from ijepa.inference import LinearReadout, analyze_boxes, prepare_image
 from ijepa.masks import boxes_to_masks
 from ijepa.model import IJepa
 from train.config import doc_summary
+from train.model_card import write_model_card
 from train.runtime import save_folder_atomic, write_json_atomic
 
 logger = logging.getLogger("train.examples")
@@ -91,7 +92,6 @@ def predicted_group(model: IJepa, group_probe: LinearReadout, image: Image.Image
 
 
 def main(argv=None) -> None:
-    from train.default import write_model_card  # the card is the recipe's; it reads the examples' record
 
     parser = argparse.ArgumentParser(description=doc_summary(__doc__))
     parser.add_argument("--bundle", default="assets", help="a folder exported by python -m train.default --export")

@@ -29,8 +29,8 @@ from ijepa.bundle import DECODER_DIRS, MODEL_DIR
 from train import eval_decoder
 from train.config import RUN_ONLY_FIELDS, config_dict, doc_summary
 from train.decoder import DecoderTrainConfig
-from train.default import hardware, write_model_card
-from train.runtime import logged_training_seconds, save_folder_atomic, write_json_atomic
+from train.model_card import write_model_card
+from train.runtime import hardware, logged_training_seconds, save_folder_atomic, write_json_atomic
 
 logger = logging.getLogger("train.replace_decoder")
 OURS = "spatial_context"  # the decoder the app draws with by default; the paper-faithful one stays the baseline

@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import re
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,3 +276,17 @@ def plot_loss_curve(csv_path: Path, png_path: Path, title: str = "I-JEPA pretrai
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)
+
+
+def hardware() -> str:
+    """The machine in words, for model cards and results: the GPU, or the CPU with its threads and bf16 support."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        name = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model_name = next((l.split(":", 1)[1].strip() for l in name.splitlines() if l.startswith("Model name")), "")
+    except OSError:
+        model_name = platform.processor()
+    bf16 = "native bf16" if fast_bf16(torch.device("cpu")) else "no native bf16, so fp32"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{model_name or 'CPU'} ({torch.get_num_threads()} threads, {capability}, {bf16})"
