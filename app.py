@@ -257,7 +257,7 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                                          format="png", elem_id="truth", interactive=False)
                     with gr.Tab("What it expects"):
                         readout = gr.Markdown(elem_id="readout")
-                        neighbours = gr.Gallery(label="Nearest reference boxes (label, cosine similarity)",
+                        neighbours = gr.Gallery(label="Nearest reference boxes (label, cosine similarity around the collection's average)",
                                                 columns=6, height="auto", object_fit="contain", format="png",
                                                 elem_id="neighbours", interactive=False)
                     with gr.Tab("Surprise map"):

@@ -1,7 +1,8 @@
 """Latency of the sketch sampler on CPU: 4 sketches of one box at 64 px, default SketchDecoder, DPM-Solver++.
 
-Weights are random (latency does not depend on them). Reports parameters, an analytic FLOP count per image per
-solver step (torch's FlopCounterMode on one forward), and for each step count the wall time of ``sample`` (all
+Weights are random (latency does not depend on them). Reports parameters, a FLOP count per image per solver step
+(torch's FlopCounterMode on one forward; it does not see the attention inside a CPU fused kernel, ~4 % of this
+decoder's FLOPs, so GFLOP/s is a slight underestimate), and for each step count the wall time of ``sample`` (all
 sketches) and of ``stream`` up to its first finished sketch. Median and min over --repeats runs after one
 warm-up; the 1-minute load average is printed so runs on a shared machine can be judged.
 

@@ -132,7 +132,8 @@ def flops_per_image(config: IJepaConfig, context_len: float, target_len: float, 
     patch_embed = 2 * n * (3 * config.patch_size**2) * d
     target = patch_embed + config.depth * layer_flops(n, d, r)
     context = 2 * patch_embed + 3 * config.depth * layer_flops(context_len, d, r)  # images need no gradient
-    per_block = config.predictor_depth * layer_flops(context_len + target_len, dp, r) + 2 * target_len * dp * d
+    per_block = (config.predictor_depth * layer_flops(context_len + target_len, dp, config.predictor_mlp_ratio)
+                 + 2 * target_len * dp * d)
     predictor = 3 * (2 * context_len * d * dp + num_targets * per_block)
     return target + context + predictor
 

@@ -59,6 +59,11 @@ class FeatureBank:
     def label_of(self, index: int) -> str:
         return self.labels[int(self.subgroup[index])]
 
+    @property
+    def centre(self) -> torch.Tensor:
+        """The bank's mean feature: what every box shares, taken out before comparing boxes."""
+        return self.features.mean(dim=0)
+
 
 @dataclass(frozen=True)
 class Example:

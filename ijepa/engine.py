@@ -91,6 +91,7 @@ class BoxReport:
     clipped: bool  # part of the box lay outside the image or the centre square the model sees, and was cut off
     patches: int
     error: float
+    baseline_error: float  # guessing the visible patches' average feature: the bar the prediction has to clear
     error_per_patch: tuple[float, ...]
     probe: dict[str, list[tuple[str, float]]]
     probe_on_truth: dict[str, list[tuple[str, float]]]
@@ -131,6 +132,7 @@ class Analysis:
                     "clipped": r.clipped,
                     "hidden_patches": r.patches,
                     "prediction_error": round(r.error, 4),
+                    "visible_average_error": round(r.baseline_error, 4),
                     "error_per_patch": [round(v, 4) for v in r.error_per_patch],
                     "probe": {k: [{"label": lab, "probability": round(p, 4)} for lab, p in v]
                               for k, v in r.probe.items()},
@@ -159,6 +161,7 @@ class SketchUpdate:
     done: bool
     seconds: float
     style: str = "spatial_context"  # which decoder drew them (a key of SKETCH_STYLES)
+    num_steps: int = DEFAULT_NUM_STEPS  # the solver steps that drew them
 
 
 @dataclass(frozen=True)
@@ -348,12 +351,14 @@ class Engine:
         probe_on_truth = {name: p.top_k(true, 1) for name, p in self.probes.items()}
         neighbours: tuple[Neighbour, ...] = ()
         if self.bank is not None:
-            indices, sims = nearest_neighbours(self.bank.features, predicted, NUM_NEIGHBOURS)
+            indices, sims = nearest_neighbours(self.bank.features, predicted, NUM_NEIGHBOURS,
+                                               centre=self.bank.centre)
             neighbours = tuple(Neighbour(int(i), self.bank.label_of(int(i)), float(s))
                                for i, s in zip(indices.tolist(), sims.tolist()))
         clipped = any(abs(a - b) > 1e-6 for a, b in zip(model_box, prepared.to_model(parse_box(box, number))))
         return BoxReport(number=number, box=parse_box(box, number), box_model=tuple(model_box), clipped=clipped,
                          patches=int(prediction.target_indices.numel()), error=prediction.error,
+                         baseline_error=prediction.baseline_error,
                          error_per_patch=tuple(prediction.errors.tolist()), probe=probe,
                          probe_on_truth=probe_on_truth, neighbours=neighbours)
 
@@ -434,7 +439,7 @@ class Engine:
                 continue  # the final event follows at once, with the same sketches
             order = tuple(sorted(finished))
             yield SketchUpdate([finished[i] for i in order], order, int(num_samples), int(seed), event.done,
-                               time.perf_counter() - start, style)
+                               time.perf_counter() - start, style, int(num_steps))
 
     def sketches(self, analysis: Analysis, num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0,
                  num_steps: int = DEFAULT_NUM_STEPS, style: str | None = None) -> SketchUpdate:
@@ -447,7 +452,7 @@ class Engine:
             images = sampler.sample(cond, num_samples=int(num_samples), num_steps=int(num_steps), seed=int(seed))
         images = images.view(cond.batch_size, int(num_samples), *images.shape[1:])
         return SketchUpdate(self._composite(analysis, images), tuple(range(int(num_samples))), int(num_samples),
-                            int(seed), True, time.perf_counter() - start, style)
+                            int(seed), True, time.perf_counter() - start, style, int(num_steps))
 
     def decode_truth(self, analysis: Analysis, seed: int = 0, num_steps: int = DEFAULT_NUM_STEPS,
                      style: str | None = None) -> np.ndarray:
@@ -534,15 +539,15 @@ class Engine:
         """Per box: the model's input, the decoded TRUE features, the decoded PREDICTION (same noise, same
         decoder) and the per-patch prediction error. Without a decoder only the input and the error map are shown.
 
-        ``predicted``: finished sketches with this seed and style, whose first sample is reused instead of decoding
-        again.
+        ``predicted``: finished sketches with this seed, style and step count, whose first sample is reused
+        instead of decoding again.
         """
         truth = prediction = None
         if self.has_decoder:
             style, _ = self._require_decoder(style)
             truth = self.decode_truth(analysis, seed, num_steps, style)
             if (predicted is not None and predicted.done and predicted.seed == seed and predicted.style == style
-                    and 0 in predicted.sample_indices):
+                    and predicted.num_steps == num_steps and 0 in predicted.sample_indices):
                 prediction = predicted.images[predicted.sample_indices.index(0)]
             else:
                 prediction = self.sketches(analysis, 1, seed, num_steps, style).images[0]
@@ -572,11 +577,12 @@ class Engine:
             f"{grid[0]}x{grid[1]} grid of patches. The {hidden} patches under your box{plural} were hidden (covered "
             f"in the picture); it saw the other {analysis.num_patches - hidden}.",
             "**What it guessed.** Not pixels: a list of numbers (features) describing each hidden patch, the kind "
-            "of description its encoder gives when it does see the patch. Error 0 = exact guess, 1 = no better "
-            "than a blank guess.",
+            "of description its encoder gives when it does see the patch. Error 0 = exact guess; for scale, each "
+            "box also says how far off a guess is that needs no predictor: the average description of the visible "
+            "patches, copied into every hidden one.",
         ]
         for report in analysis.reports:
-            line = f"Box {report.number}: error **{report.error:.2f}**"
+            line = f"Box {report.number}: error **{report.error:.2f}** (visible average: {report.baseline_error:.2f})"
             if report.clipped:
                 line += " (only its part inside the centre square the model sees was hidden)"
             if report.probe:

@@ -76,9 +76,9 @@ def _figure_to_array(fig) -> np.ndarray:
 
 
 def _error_ceiling(errors: np.ndarray) -> float:
-    """Top of an error colour scale: 1.0 (the error of a blank guess) unless some error is larger, so a poorly
-    trained model's errors are not silently clipped and every error map reads the same way."""
-    return max(1.0, float(np.nanmax(errors)))
+    """Top of an error colour scale: the largest error shown, so the map uses the whole scale (a fixed 1.0, the error
+    of guessing zeros, left a trained model's maps nearly black); the colour bar gives the values."""
+    return max(float(np.nanmax(errors)), 1e-6)
 
 
 def render_surprise(image: np.ndarray, errors: np.ndarray, window: int) -> np.ndarray:
@@ -95,7 +95,7 @@ def render_surprise(image: np.ndarray, errors: np.ndarray, window: int) -> np.nd
     for axis in (left, right):
         axis.set_xticks([])
         axis.set_yticks([])
-    fig.colorbar(shown, ax=right, label="prediction error (1 = blank guess)", shrink=0.9)
+    fig.colorbar(shown, ax=right, label="prediction error (0 = exact)", shrink=0.9)
     return _figure_to_array(fig)
 
 
@@ -143,12 +143,13 @@ def render_truth_vs_prediction(analysis: Analysis, truth: np.ndarray | None, pre
         axes[r, -1].imshow(base // 3 + 85, interpolation="nearest")
         shown = axes[r, -1].imshow(grid.reshape(gh, gw), cmap=ERROR_CMAP, vmin=0.0, vmax=ceiling,
                                    interpolation="nearest", extent=_extent(size))
-        axes[r, -1].set_title(f"Error per patch (mean {box.error:.2f})", fontsize=9)
+        axes[r, -1].set_title(f"Error per patch: mean {box.error:.2f}\n(visible average guess: {box.baseline_error:.2f})",
+                              fontsize=9)
         for axis in axes[r]:
             axis.add_patch(_rectangle(x0, y0, x1, y1, color))
             axis.set_xticks([])
             axis.set_yticks([])
-    fig.colorbar(shown, ax=axes[:, -1].tolist(), label="0 = exact, 1 = blank guess", shrink=0.8)
+    fig.colorbar(shown, ax=axes[:, -1].tolist(), label="prediction error (0 = exact)", shrink=0.8)
     return _figure_to_array(fig)
 
 

@@ -322,12 +322,20 @@ class BoxPrediction:
     target_indices: torch.Tensor  # [K] raster patch indices
     predicted: torch.Tensor  # [K, D] predictor outputs from the context only
     true: torch.Tensor  # [K, D] layer-normed target-encoder features of the full image
-    errors: torch.Tensor  # [K] mean squared error per patch (1.0 = no better than predicting zeros)
+    errors: torch.Tensor  # [K] mean squared error per patch
+    # [K] the error of a guess that needs no predictor: the average true feature of the visible patches. Features
+    # share a large common part, so this, not zeros (which scores 1.0), is the bar a prediction has to clear.
+    baseline_errors: torch.Tensor
 
     @property
     def error(self) -> float:
         """Mean per-patch squared error over the box."""
         return float(self.errors.mean())
+
+    @property
+    def baseline_error(self) -> float:
+        """Mean per-patch error of guessing the visible patches' average feature for every hidden patch."""
+        return float(self.baseline_errors.mean())
 
     @property
     def pooled_predicted(self) -> torch.Tensor:
@@ -355,7 +363,8 @@ class BoxAnalysis:
 def per_patch_error(predicted: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the feature dimension: [..., K, D] x2 -> [..., K].
 
-    Layer-normed targets have zero mean and unit variance per token, so 1.0 is the error of guessing zeros.
+    Layer-normed targets have zero mean and unit variance per token, so 1.0 is the error of guessing zeros; the
+    features share a large common part, so a guess of their average already scores far lower (``baseline_errors``).
     """
     return (predicted.float() - true.float()).pow(2).mean(dim=-1)
 
@@ -385,13 +394,15 @@ def analyze_boxes(model: IJepa, image: torch.Tensor, context_indices: torch.Tens
     truth = true_features(model, images)[0]
     context = context_indices.to(device).unsqueeze(0)
     context_tokens = model.encoder(model.normalize(images), [context])
+    visible_average = truth[context[0]].float().mean(dim=0, keepdim=True)
     boxes = []
     for target in target_indices:
         target = target.to(device)
         predicted = model.predictor(context_tokens, [context], [target.unsqueeze(0)], grid_size=grid)[0]
         true = truth[target]
         boxes.append(BoxPrediction(target.cpu(), predicted.float().cpu(), true.float().cpu(),
-                                   per_patch_error(predicted, true).cpu()))
+                                   per_patch_error(predicted, true).cpu(),
+                                   per_patch_error(visible_average.expand_as(true), true).cpu()))
     return BoxAnalysis(context_indices.cpu(), boxes, truth.float().cpu(), grid)
 
 
@@ -523,11 +534,17 @@ class LinearReadout:
         return [(self.labels[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
 
 
-def nearest_neighbours(bank: torch.Tensor, query: torch.Tensor, k: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine nearest neighbours of query [D] (or [B, D]) among bank [n, D]: (indices, similarities), [.., k]."""
+def nearest_neighbours(bank: torch.Tensor, query: torch.Tensor, k: int = 8, centre: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine nearest neighbours of query [D] (or [B, D]) among bank [n, D]: (indices, similarities), [.., k].
+
+    ``centre`` [D] is subtracted from both sides first: I-JEPA box features share a large common direction, so
+    raw cosines all sit near 0.9 and say little; centred on the bank's mean they spread out."""
     if bank.dim() != 2 or query.size(-1) != bank.size(1):
         raise ValueError(f"bank must be [n, D] and query [..., D] with the same D; got {tuple(bank.shape)} and "
                          f"{tuple(query.shape)}")
+    if centre is not None:
+        bank, query = bank.float() - centre.float(), query.float() - centre.float()
     sims = F.normalize(query.float(), dim=-1) @ F.normalize(bank.float(), dim=-1).T
     values, indices = sims.topk(min(k, bank.size(0)), dim=-1)
     return indices, values

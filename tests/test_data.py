@@ -108,7 +108,9 @@ def test_environment_variable_selects_emoji_test_file(catalog, tmp_path, monkeyp
              "# group: People & Body", "# subgroup: hand-fingers-closed",
              "1F44D ; fully-qualified # 👍 E0.6 thumbs up",
              "1F44D 1F3FB ; fully-qualified # 👍🏻 E1.0 thumbs up: light skin tone",
-             "1F44D 1F3FF ; fully-qualified # 👍🏿 E1.0 thumbs up: dark skin tone"]
+             "1F44D 1F3FF ; fully-qualified # 👍🏿 E1.0 thumbs up: dark skin tone",
+             "# subgroup: hand-newer-than-the-font",  # a code point the font lacks: drawn as nothing, so dropped
+             "E000 ; fully-qualified # \ue000 E99.0 private use"]
     path = tmp_path / "emoji-test.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     monkeypatch.setenv("IJEPA_EMOJI_TEST", str(path))
@@ -215,6 +217,18 @@ def test_same_base_distractors_are_siblings_of_the_main_emoji(catalog):
     assert 0.3 < share < 0.45  # 3 of 4 objects are distractors, half of them siblings: ~0.375
     with pytest.raises(ValueError, match="same_base_prob"):
         EmojiScenes(catalog, same_base_prob=1.5)
+
+
+def test_themed_scenes_load_in_spawned_workers_as_in_the_main_process(catalog):
+    """Spawn (macOS and Windows) and forkserver (Linux from Python 3.14) workers receive the dataset pickled, which
+    moves the catalog's tensors into shared memory: a numpy view of one once pointed at freed memory afterwards."""
+    scenes = EmojiScenes(catalog, theme_prob=1.0, theme="subgroup", num_distractors=(2, 3), seed=5)
+    expected = [scenes[i]["image"] for i in range(4)]
+    loader = torch.utils.data.DataLoader(scenes, batch_size=None, sampler=range(4), num_workers=1,
+                                         multiprocessing_context="spawn")
+    for got, want in zip(loader, expected):
+        assert torch.equal(got["image"], want)
+    assert all(torch.equal(scenes[i]["image"], expected[i]) for i in range(4))  # the parent's copy is intact too
 
 
 def test_themed_distractors_share_the_main_emojis_subgroup_or_group(catalog):

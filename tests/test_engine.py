@@ -302,6 +302,24 @@ def test_nearest_neighbours_finds_the_same_direction():
     indices, sims = nearest_neighbours(bank, 3.0 * bank[7], k=4)
     assert indices[0] == 7 and sims[0] == pytest.approx(1.0) and sims.shape == (4,)
     assert (sims[:-1] >= sims[1:]).all()
+    # Box features share a large common direction: raw cosines crowd near 1 for every entry, centred ones spread
+    shared = bank + 10.0
+    _, raw = nearest_neighbours(shared, shared[7] + 0.1 * torch.randn(8), k=20)
+    indices, centred = nearest_neighbours(shared, shared[7], k=20, centre=shared.mean(0))
+    assert float(raw.min()) > 0.9 and indices[0] == 7 and float(centred.min()) < 0.0
+
+
+def test_errors_come_with_a_guess_that_needs_no_predictor_for_scale(engine):
+    """Zeros score 1.0 against layer-normed features, a meaningless bar; the visible patches' average is the one
+    a prediction must clear, shown beside each box's error."""
+    image = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    analysis = engine.analyze(image, [[40, 0, 100, 60]])
+    box, truth = analysis.result.boxes[0], analysis.result.true_features
+    average = truth[analysis.result.context_indices].mean(0)
+    expected = (truth[box.target_indices] - average).pow(2).mean(-1)
+    torch.testing.assert_close(box.baseline_errors, expected, rtol=1e-5, atol=1e-6)
+    assert analysis.metrics()["boxes"][0]["visible_average_error"] == round(box.baseline_error, 4)
+    assert f"visible average: {box.baseline_error:.2f}" in engine.explain(analysis)
 
 
 # ----- sketches: streamed, exact context, reproducible ---------------------------------------------------------

@@ -181,11 +181,16 @@ class EmojiCatalog:
         return self._font
 
     def _renders_as_one_glyph(self, text: str) -> bool:
-        """Sequences the font cannot ligate come out as several glyphs side by side: compare advances.
+        """Sequences the font cannot ligate come out as several glyphs side by side: compare advances. A code point
+        the font lacks (an emoji-test.txt newer than the font) keeps the advance but draws nothing: its bbox has
+        no height.
 
-        The advance is the layout's width (what a rendered bbox would show) without rasterising anything.
+        Both come from the layout, without rasterising anything.
         """
-        return self.font.getlength(text) <= 1.5 * self._single_advance
+        if self.font.getlength(text) > 1.5 * self._single_advance:
+            return False
+        _, top, _, bottom = self.font.getbbox(text)
+        return bottom > top
 
     def _build(self, entries: list[_Entry]) -> None:
         members: dict[tuple[int, ...], list[int]] = {}
@@ -555,7 +560,7 @@ class EmojiScenes(Dataset):
         max_crop: largest fraction of the main emoji's side that may fall outside the image.
         flip_prob: probability of mirroring each emoji.
         backgrounds: background kinds drawn uniformly (see BACKGROUND_KINDS).
-        balance: "base" draws every base emoji equally often (country flags are then ~19% of scenes);
+        balance: "base" draws every base emoji equally often (country flags are then ~16% of scenes);
             "subgroup" draws a subgroup uniformly, then a base within it. Variants are always uniform within
             their base, so skin tones never dominate.
         same_base_prob: probability that a distractor is another instance (fresh variant, size, flip) of the
@@ -605,7 +610,9 @@ class EmojiScenes(Dataset):
             raise ValueError(f"theme must be 'subgroup' or 'group', got {theme!r}")
         self.theme_prob, self.theme = theme_prob, theme
         self._subgroup_members = list(self._members_by(self.catalog.subgroup_of.numpy()).values())
-        self._theme_of = {"subgroup": self.catalog.subgroup_of, "group": self.catalog.group_of}[theme].numpy()
+        # a copy, not a view: pickling the dataset for spawn/forkserver DataLoader workers moves the catalog's
+        # tensors into shared memory, which would leave a view pointing at freed memory
+        self._theme_of = {"subgroup": self.catalog.subgroup_of, "group": self.catalog.group_of}[theme].numpy().copy()
         self._theme_members = self._members_by(self._theme_of)
 
     def __len__(self) -> int:
