@@ -322,14 +322,16 @@ def main(argv: list[str] | None = None) -> int:
                         "for that model; repeat it for a second kind (spatial_context and pooled), the first is the "
                         "default")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--bf16", action="store_true", help="run the decoder under bfloat16 autocast")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="the sketch decoder's autocast: auto = bf16 where it is native (CUDA, CPUs with "
+                             "AVX512-BF16 or AMX), else fp32")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # the same limit for every decoder in this process
     try:
         engine = Engine.load(args.assets, checkpoint=args.checkpoint, decoder=args.decoder, device=args.device,
-                             bf16=args.bf16)
+                             precision=args.precision)
     except (FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

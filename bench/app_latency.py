@@ -1,14 +1,15 @@
-"""Latency of one app request on the CPU: encoder + predictor for one box, then 4 streamed sketches.
+"""Latency of one app request on the CPU: encoder + predictor for one box, 4 streamed sketches, the truth panel.
 
 Times ``Engine.analyze`` (context encoder, target encoder, predictor, probe, neighbours) plus
-``Engine.stream_sketches`` until the last sketch, and separately the time from the request to the first finished
-sketch. Reports p50/p90 over --repeats runs after --warmup runs, and the process's peak RSS. Uses the bundle in
+``Engine.stream_sketches`` until the last sketch (``p50_s``), the time from the request to the first finished
+sketch, and the whole request as the app's Run button makes it (``full_p50_s``: also the model view, the sketch
+gallery and the truth-vs-prediction panel, which decodes the true features once more). Reports p50/p90 over --repeats runs after --warmup runs, and the process's peak RSS. Uses the bundle in
 --assets; when it has no model, a random-weight bundle of the default architecture (the CPU recipe's ViT-Tiny at
 64 px, default SketchDecoder) is built in a temporary folder: latency does not depend on the weights. The 1-minute
 load average is printed so runs on a shared machine can be judged.
 
     .venv/bin/python bench/app_latency.py                      # 2 threads, 4 sketches, default steps
-    .venv/bin/python bench/app_latency.py --json --bf16        # one JSON line; decoder under bf16 autocast
+    .venv/bin/python bench/app_latency.py --json --precision fp32   # one JSON line; decoder in fp32
 """
 from __future__ import annotations
 
@@ -40,15 +41,20 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def one_request(engine: Engine, image: np.ndarray, box: list[float], samples: int, steps: int,
-                seed: int) -> tuple[float, float]:
-    """(seconds to the first sketch, seconds to all sketches) for one box, from the raw image."""
+                seed: int) -> tuple[float, float, float]:
+    """(seconds to the first sketch, to all sketches, to the end of the request) for one box, from the raw image;
+    the request's parts are those of the app's ``Handlers.run``."""
     start = time.perf_counter()
     analysis = engine.analyze(image, [box])
-    first = None
+    engine.model_view(analysis)
+    first = update = None
     for update in engine.stream_sketches(analysis, num_samples=samples, seed=seed, num_steps=steps):
         if first is None:
             first = time.perf_counter() - start
-    return first, time.perf_counter() - start
+        engine.sketch_gallery(analysis, update)
+    sketches = time.perf_counter() - start
+    engine.truth_vs_prediction(analysis, update, seed, steps, update.style)
+    return first, sketches, time.perf_counter() - start
 
 
 def main() -> None:
@@ -59,7 +65,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--bf16", action="store_true", help="decoder under CPU bfloat16 autocast")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="the decoder's autocast, as the app's --precision (auto: bf16 where native)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args()
 
@@ -69,19 +76,20 @@ def main() -> None:
         if not (assets / "model" / "config.json").is_file():
             config = IJepaConfig.from_arch("vit_tiny", **DEFAULT_ARCH)
             assets, weights = build_random_bundle(Path(scratch), config, decoder_kwargs={}, num_examples=0), "random"
-        engine = Engine.load(assets, device="cpu", bf16=args.bf16)
+        engine = Engine.load(assets, device="cpu", precision=args.precision)
         if not engine.has_decoder:
             raise SystemExit(f"{assets} has no decoder/: the benchmark times sketches")
         size = engine.size
         image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-        box = [size * 5 / 16, size * 5 / 16, size * 11 / 16, size * 11 / 16]  # 6x6 patches on a 16x16 grid
+        box = [size * 5 / 16, size * 5 / 16, size * 11 / 16, size * 11 / 16]  # the middle ~35 % of each side
         for i in range(args.warmup):
             one_request(engine, image, box, args.samples, args.steps, seed=i)
-        firsts, totals = [], []
+        firsts, totals, fulls = [], [], []
         for i in range(args.repeats):
-            first, total = one_request(engine, image, box, args.samples, args.steps, seed=100 + i)
+            first, total, full = one_request(engine, image, box, args.samples, args.steps, seed=100 + i)
             firsts.append(first)
             totals.append(total)
+            fulls.append(full)
 
     row = {
         "bench": "app_latency",
@@ -93,12 +101,14 @@ def main() -> None:
         "samples": args.samples,
         "steps": args.steps,
         "threads": args.threads,
-        "dtype": "bf16_autocast" if args.bf16 else "fp32",
+        "dtype": "bf16_autocast" if engine.bf16 else "fp32",
         "repeats": args.repeats,
         "p50_s": round(statistics.median(totals), 3),
         "p90_s": round(percentile(totals, 90), 3),
         "first_sketch_p50_s": round(statistics.median(firsts), 3),
         "first_sketch_p90_s": round(percentile(firsts, 90), 3),
+        "full_p50_s": round(statistics.median(fulls), 3),
+        "full_p90_s": round(percentile(fulls, 90), 3),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "loadavg_1m": round(os.getloadavg()[0], 2),
         "torch": torch.__version__,
@@ -108,8 +118,9 @@ def main() -> None:
     else:
         print(f"{row['arch']} at {size} px, {weights} weights, {args.samples} sketches x {args.steps} steps, "
               f"{args.threads} threads, {row['dtype']}:\n"
-              f"  request p50 {row['p50_s']:.3f} s, p90 {row['p90_s']:.3f} s; first sketch p50 "
-              f"{row['first_sketch_p50_s']:.3f} s, p90 {row['first_sketch_p90_s']:.3f} s\n"
+              f"  last sketch p50 {row['p50_s']:.3f} s, p90 {row['p90_s']:.3f} s; first sketch p50 "
+              f"{row['first_sketch_p50_s']:.3f} s, p90 {row['first_sketch_p90_s']:.3f} s; whole request with the "
+              f"truth panel p50 {row['full_p50_s']:.3f} s, p90 {row['full_p90_s']:.3f} s\n"
               f"  peak RSS {row['peak_rss_mib']:.0f} MiB (load average {row['loadavg_1m']})")
 
 

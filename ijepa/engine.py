@@ -43,6 +43,7 @@ from .inference import (MAX_BOXES, MAX_IMAGE_PIXELS, BoxAnalysis, BoxPrediction,
                         prepare_image, surprise_map, to_rgb, true_features)
 from .masks import Box, boxes_to_masks, parse_box
 from .model import IJepa
+from .precision import fast_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ class Engine:
     @classmethod
     def load(cls, assets: str | Path | None = DEFAULT_ASSETS, checkpoint: str | Path | None = None,
              decoder: str | Path | Sequence[str | Path] | None = None, device: str = "auto",
-             bf16: bool = False) -> "Engine":
+             precision: str = "auto") -> "Engine":
         """Load the bundle in ``assets`` (layout: see the app's README), or another model.
 
         Args:
@@ -209,9 +210,14 @@ class Engine:
             decoder: ``SketchDecoder.save_pretrained`` folder(s) for this model, at most one per conditioning; the
                 first is the default. For the bundle model: ``assets/decoder`` and ``assets/decoder_paper``.
             device: "cpu", "cuda", or "auto" (CUDA when available).
-            bf16: run the decoder under bfloat16 autocast (for GPUs; on the project's CPU it was much slower).
+            precision: the sketch decoders' autocast: "auto" (bf16 where it is native: CUDA, CPUs with AVX512-BF16
+                or AMX; the same sketch metrics as fp32 to three decimals and ~1.5x faster on the project's CPU,
+                bench/RESULTS.md), "bf16" or "fp32" (emulated bf16 is many times slower).
         """
         device = resolve_device(device)
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+        bf16 = fast_bf16(torch.device(device)) if precision == "auto" else precision == "bf16"
         assets = Path(assets) if assets is not None else None
         if checkpoint is None and assets is not None and (assets.is_file() or (assets / CONFIG_NAME).is_file()):
             checkpoint, assets = assets, None  # Engine.load("model.pth.tar") or Engine.load("runs/x/model")
@@ -265,8 +271,8 @@ class Engine:
             trained_on=config.trained_on or "not recorded in the checkpoint",
             decoder_sources=sources,
         )
-        logger.info("loaded %s (%s, %d px) on %s; decoders: %s", checkpoint, info.arch, info.img_size, device,
-                    sources or "none")
+        logger.info("loaded %s (%s, %d px) on %s; decoders: %s (%s)", checkpoint, info.arch, info.img_size, device,
+                    sources or "none", "bf16 autocast" if bf16 else "fp32")
         return cls(model=model, info=info, decoders=decoders, probes=probes, bank=bank, examples=examples,
                    notes=notes, bf16=bf16)
 

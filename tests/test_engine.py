@@ -469,6 +469,16 @@ def test_damaged_optional_parts_switch_their_panel_off_instead_of_stopping_the_a
     engine.analyze(engine.examples[0].image(), engine.examples[0].boxes)
 
 
+def test_the_decoder_runs_in_bf16_where_bf16_is_native(bundle):
+    from ijepa.precision import fast_bf16
+
+    assert Engine.load(bundle, device="cpu").bf16 == fast_bf16(torch.device("cpu"))  # precision "auto"
+    assert not Engine.load(bundle, device="cpu", precision="fp32").bf16
+    assert Engine.load(bundle, device="cpu", precision="bf16").bf16
+    with pytest.raises(ValueError, match="auto, bf16 or fp32"):
+        Engine.load(bundle, device="cpu", precision="half")
+
+
 def test_a_device_that_is_not_there_is_named(bundle):
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
         Engine.load(bundle, device="gpu")

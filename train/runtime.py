@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from ijepa.precision import fast_bf16
 from train.config import SCHEDULE_FIELDS, changed_settings
 
 logger = logging.getLogger(__name__)
@@ -55,19 +56,6 @@ def teardown_runtime(runtime: Runtime) -> None:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively here: CUDA GPUs that support bf16, CPUs with AVX512-BF16 or AMX.
-
-    Other CPUs (AVX2-only ones, most laptops among them) emulate bf16, and there a training step under bf16
-    autocast ran ~20-60x slower than in fp32 (bench/RESULTS.md, "CPUs without native bf16")."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu has no public query
-        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-    return False
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:
