@@ -22,10 +22,14 @@ Variants (all measured in the same run, on the same device):
   ours+sdpa / ours+plain-attn
                   the same with the attention ``train/pretrain.py`` does NOT pick (``--other-attention``), to
                   re-check that choice on new hardware or torch versions (with ``--compile``: also compiled).
-  reference       what the official code does: plain (unfused) attention on every timm block, the EMA as a
-                  per-parameter Python loop, unfused AdamW (foreach=False, fused=False), no compile, the loss read
-                  back to the host every step (the official step returns ``float(loss)``). bf16 autocast on CUDA;
-                  fp32 on CPU, because the official CUDA autocast does nothing on a CPU (``--reference-precision``).
+  reference       what the official train step does around the same loss: plain (unfused) attention on every timm
+                  block, AdamW built with torch's defaults as the official ``init_opt`` builds it (foreach on CUDA,
+                  a per-parameter loop on CPU), on CUDA with bf16 a GradScaler (scale, step, update: the official
+                  code keeps it for bf16), the gradient norm of every encoder weight matrix read back to the host
+                  (its ``grad_logger``, every step), the EMA as a per-parameter Python loop, no compile, and the loss
+                  read back every step (the step returns ``float(loss)``). bf16 autocast on CUDA; fp32 on CPU,
+                  because the official CUDA autocast does nothing on a CPU (``--reference-precision``). Not
+                  modelled: the DDP wrapper the official code puts on even a single GPU.
 
 Analytic FLOPs per image (matmuls only, multiply-add = 2 FLOPs; norms, softmax, GELU, gathers, optimizer ignored).
 A transformer layer of width d, MLP ratio r, on a sequence of n tokens costs
@@ -110,10 +114,8 @@ class Variant:
     name: str
     precision: str  # "bf16" or "fp32"
     fused_attn: bool | None = None  # None: as train/pretrain.py chooses (plain attention for CPU bf16)
-    loop_ema: bool = False  # per-parameter Python EMA loop instead of one _foreach_lerp_
-    unfused_adamw: bool = False  # foreach=False, fused=False
     compile: bool = False
-    sync_loss_every_step: bool = False  # float(loss) each step, as the official step returns it
+    official_step: bool = False  # the official train step around the loss (module docstring, "reference")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -215,9 +217,9 @@ def build_step(spec: ModelSpec, variant: Variant, device: torch.device, batch: i
     set_fused_attention(model, uses_fused_attention(device, variant.precision)
                         if variant.fused_attn is None else variant.fused_attn)
     use_cuda = device.type == "cuda"
-    if variant.unfused_adamw:
+    if variant.official_step:  # torch's defaults, as the official init_opt builds it
         optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=LR, betas=(0.9, 0.999),
-                                      weight_decay=WD, foreach=False, fused=False)
+                                      weight_decay=WD)
     else:  # exactly as train/pretrain.py builds it
         optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=LR, betas=(0.9, 0.999),
                                       weight_decay=WD, fused=use_cuda, foreach=None if use_cuda else True)
@@ -226,11 +228,13 @@ def build_step(spec: ModelSpec, variant: Variant, device: torch.device, batch: i
     encoder, predictor, target_pass = model.encoder, model.predictor, TargetFeatures(model.target_encoder)
     if variant.compile:
         encoder, predictor, target_pass = (torch.compile(m) for m in (encoder, predictor, target_pass))
+    official_bf16_cuda = variant.official_step and use_cuda and variant.precision == "bf16"
+    scaler = torch.amp.GradScaler("cuda") if official_bf16_cuda else None
     raw_images = torch.rand(batch, 3, spec.img_size, spec.img_size, device=device)
     window = LossWindow(Runtime(device=device), Path("checkpoints"))  # the real loop's loss bookkeeping
 
     def ema(momentum: float) -> None:
-        if not variant.loop_ema:
+        if not variant.official_step:
             ema_update(target, online, momentum)
             return
         with torch.no_grad():
@@ -250,10 +254,18 @@ def build_step(spec: ModelSpec, variant: Variant, device: torch.device, batch: i
         with autocast(device, variant.precision):
             loss = ijepa_loss(encoder, predictor, target_pass, images, context_masks, target_masks)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if variant.official_step:  # the official grad_logger: one host read per encoder weight matrix
+            [float(p.grad.norm()) for n, p in model.encoder.named_parameters()
+             if p.grad is not None and not (n.endswith(".bias") or p.dim() == 1)]
         ema(momentum)
-        if variant.sync_loss_every_step:
+        if variant.official_step:
             loss.item()
         window.add(loss)  # read back only every log_every steps, as in the real loop
 
@@ -334,8 +346,7 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
         precision = args.reference_precision
         if precision == "auto":
             precision = "bf16" if device.type == "cuda" else "fp32"
-        chosen.append(Variant("reference", precision, fused_attn=False, loop_ema=True, unfused_adamw=True,
-                              sync_loss_every_step=True))
+        chosen.append(Variant("reference", precision, fused_attn=False, official_step=True))
     return chosen
 
 
