@@ -50,6 +50,9 @@ class IJepaConfig:
     target_layers: int = 1
     arch: str = ""
     trained_on: str = ""
+    # the built-in emoji world's catalog (its base ids and held-out split) the model trained on, "" if none or
+    # unknown: held-out figures mean something only where the evaluating machine's catalog is the same
+    data_fingerprint: str = ""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 

@@ -63,6 +63,7 @@ def test_the_emoji_protocol_reports_every_baseline(smoke_run):
     results = json.loads((smoke_run / "run" / "eval" / "results.json").read_text())
     assert results["bank_size"] == 2 * len(catalog.split_ids("train"))
     assert results["query_size"] == 2 * len(catalog.split_ids("heldout"))
+    assert results["catalog"] == catalog.fingerprint and results["catalog_matches_training"] is True
     assert set(results["features"]) == {"raw_pixels", "random_init", "target_encoder", "context_encoder"}
     for scores in results["features"].values():
         assert set(scores) == {"knn_group", "linear_group", "knn_subgroup", "linear_subgroup"}

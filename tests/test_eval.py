@@ -146,3 +146,18 @@ def test_a_flat_folder_cannot_be_scored_and_says_why(tmp_path, tiny_model):
     _colour_images(tmp_path / "flat", (200, 200, 200), 4, np.random.default_rng(0))
     with pytest.raises(ValueError, match="at least two class sub-folders"):
         evaluation.evaluate_folder(tiny_model, tmp_path / "flat")
+
+
+def test_a_model_trained_on_another_emoji_catalog_is_flagged(caplog):
+    """The held-out split depends on emoji-test.txt, the font and Pillow's layout engine: figures from a machine
+    whose split differs from the training run's are not held-out figures, and say so."""
+    from ijepa.model import IJepaConfig
+    from train.eval import catalog_matches
+
+    config = IJepaConfig.from_arch("vit_tiny", img_size=32, patch_size=8, depth=1)
+    assert catalog_matches(config, "abc") is None  # official weights and older models do not say
+    config.data_fingerprint = "abc"
+    assert catalog_matches(config, "abc") is True
+    with caplog.at_level("WARNING"):
+        assert catalog_matches(config, "xyz") is False
+    assert "not the one the model trained on" in caplog.text

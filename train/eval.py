@@ -166,6 +166,21 @@ def score(bank, bank_labels, queries, query_labels, num_classes: dict[str, int])
 FEATURE_SOURCES = ("raw_pixels", "random_init", "target_encoder", "context_encoder")
 
 
+def catalog_matches(config: IJepaConfig, fingerprint: str) -> bool | None:
+    """Whether this machine's emoji catalog is the one the model trained on (None: the model does not say).
+
+    The held-out split follows the emoji-test.txt version, the font and Pillow's layout engine: on another machine
+    some "held-out" emoji may be ones the model trained on, so the figures would not be held-out figures."""
+    if not config.data_fingerprint:
+        return None
+    if config.data_fingerprint != fingerprint:
+        logger.warning("this machine's emoji catalog (%s) is not the one the model trained on (%s): its held-out "
+                       "split differs (another emoji-test.txt, font or Pillow layout engine), so some held-out "
+                       "queries may be emoji the model trained on", fingerprint, config.data_fingerprint)
+        return False
+    return True
+
+
 def evaluate_emoji_features(model: IJepa, seed: int = 0, device: str = "cpu",
                             sources: tuple[str, ...] = FEATURE_SOURCES) -> dict:
     """kNN and linear probe on held-out emoji for: raw pixels, a random-init encoder, target and context encoders
@@ -179,7 +194,8 @@ def evaluate_emoji_features(model: IJepa, seed: int = 0, device: str = "cpu",
     extractors = {"raw_pixels": (None, "target"), "random_init": (random_model, "target"),
                   "target_encoder": (model, "target"), "context_encoder": (model, "context")}
     results = {"protocol": "emoji held-out kNN k=20 T=0.07 + linear probe", "bank_size": len(bank_set),
-               "query_size": len(query_set), "catalog": catalog.fingerprint, "features": {},
+               "query_size": len(query_set), "catalog": catalog.fingerprint,
+               "catalog_matches_training": catalog_matches(model.config, catalog.fingerprint), "features": {},
                "object_patches_only": {}}  # a diagnostic beside the protocol: pooled over the emoji's own patches
     for name in sources:
         source, which = extractors[name]

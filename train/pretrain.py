@@ -34,7 +34,7 @@ from ijepa.model import IJepa, IJepaConfig
 from ijepa.vision_transformer import init_transformer_weights, set_fused_attention
 from train.config import config_dict, doc_summary, parse_config, require, save_config
 from train.data import StepBatches, build_dataset
-from train.emoji import EmojiScenes
+from train.emoji import EmojiScenes, get_catalog
 from train.eval import HeldOutKnn, plot_knn_curve
 from train.objective import (TargetFeatures, ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups,
                              set_optimizer_schedule, target_spread, weight_decay)
@@ -126,6 +126,8 @@ def model_config(cfg: PretrainConfig) -> IJepaConfig:
                      target_norm=cfg.target_norm, target_layers=cfg.target_layers)
     if cfg.depth is not None:
         overrides["depth"] = cfg.depth
+    if cfg.data == "emoji":
+        overrides["data_fingerprint"] = get_catalog().fingerprint
     return IJepaConfig.from_arch(cfg.arch, **overrides)
 
 
