@@ -166,7 +166,8 @@ class EmojiCatalog:
         self.heldout_fraction = heldout_fraction
         self._font: ImageFont.FreeTypeFont | None = None
         self._renders: dict[int, Image.Image] = {}
-        if not features.check("raqm"):
+        self._shaped = features.check("raqm")
+        if not self._shaped:
             logger.warning("Pillow has no raqm layout: emoji sequences (skin tones, ZWJ) cannot be shaped and "
                            "will be dropped, so base ids differ from machines that have raqm.")
         self._single_advance = self.font.getlength("\U0001F600")
@@ -189,6 +190,8 @@ class EmojiCatalog:
         """
         if self.font.getlength(text) > 1.5 * self._single_advance:
             return False
+        if not self._shaped and any(0xE0020 <= ord(c) <= 0xE007F for c in text):
+            return False  # tag sequences (England, Scotland, Wales) fall back to the plain black flag unshaped
         _, top, _, bottom = self.font.getbbox(text)
         return bottom > top
 
