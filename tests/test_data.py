@@ -172,6 +172,17 @@ def test_patch_labels_follow_known_placement(catalog):
     assert not np.array_equal(image[:, 8:24, 8:24], background[:, 8:24, 8:24])
 
 
+def test_a_patch_two_copies_of_one_emoji_mostly_cover_is_labelled_with_it(catalog):
+    renderer = SceneRenderer(catalog, resolution=16, patch_size=8)
+    layer = np.full((16, 16), -1)  # what each pixel shows: -1 background, else the index of the object on top
+    layer[:2, :8] = 0  # patch (0, 0): 16 pixels of the first copy of base 5,
+    layer[2:4, :8] = 1  # 16 of its second copy (a sibling), 8 of another base, 24 of background
+    layer[4, :8] = 2
+    patches = renderer._patch_labels(layer, [5, 5, 9])
+    assert patches[0, 0] == 5  # 32 of 64 pixels are base 5, though neither copy alone outnumbers the background
+    assert (patches.ravel()[1:] == -1).all()
+
+
 def test_main_emoji_sampling_is_balanced_over_bases(catalog):
     ds = EmojiScenes(catalog, seed=0)
     mains = [ds.layout(i) for i in range(3000)]
