@@ -13,8 +13,8 @@ The same results are available to programs through the "/sketch" endpoint::
 
 ``sketches`` is a list of gallery items, one sheet per sketch: the sketch composited into the model's view
 (enlarged, boxes outlined) beside enlarged crops of each box. ``metrics`` is a dict with, per box, the prediction
-error, the probe's top-5 labels, the nearest reference boxes and whether the box was clipped to the model's view. Bad input comes back as ``AppError`` with a
-message saying what to change.
+error, the probe's top-5 labels, the nearest reference boxes and whether the box was clipped to the model's view.
+Bad input comes back as ``AppError`` with a message saying what to change.
 """
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ DRAW_HINT = "Press the box icon under the image (or C), then drag to draw a box;
 
 INTRO = """# I-JEPA, visible
 Draw a box on the image. The model does not see what is inside it (the grid patches under the box are hidden, as
-"What the model saw" shows): it **predicts** a description of the hidden region from everything around it. The panels on the right show that prediction as sketches, as numbers and as
-maps. Pick an example to start, or upload your own image and drag a box (up to {max_boxes})."""
+"What the model saw" shows): it **predicts** a description of the hidden region from everything around it. The
+panels on the right show that prediction as sketches, as numbers and as maps. Pick an example to start, or upload your own image and drag a box (up to {max_boxes})."""
 
 HOW_TO_READ = """
 - **Sketches**: a separate decoder turns the predicted description into pictures. Each sketch is one possible
@@ -257,8 +257,8 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                                          format="png", elem_id="truth", interactive=False)
                     with gr.Tab("What it expects"):
                         readout = gr.Markdown(elem_id="readout")
-                        neighbours = gr.Gallery(label="Nearest reference boxes (label, cosine similarity around the collection's average)",
-                                                columns=6, height="auto", object_fit="contain", format="png",
+                        neighbours = gr.Gallery(label="Nearest reference boxes (label, cosine similarity around "
+                                                      "the collection's average)", columns=6, height="auto", object_fit="contain", format="png",
                                                 elem_id="neighbours", interactive=False)
                     with gr.Tab("Surprise map"):
                         surprise = gr.Image(label="Prediction error of a window sliding over the image",

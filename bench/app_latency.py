@@ -3,7 +3,8 @@
 Times ``Engine.analyze`` (context encoder, target encoder, predictor, probe, neighbours) plus
 ``Engine.stream_sketches`` until the last sketch (``p50_s``), the time from the request to the first finished
 sketch, and the whole request as the app's Run button makes it (``full_p50_s``: also the model view, the sketch
-gallery and the truth-vs-prediction panel, which decodes the true features once more). Reports p50/p90 over --repeats runs after --warmup runs, and the process's peak RSS. Uses the bundle in
+gallery and the truth-vs-prediction panel, which decodes the true features once more). Reports p50/p90 over
+--repeats runs after --warmup runs, and the process's peak RSS. Uses the bundle in
 --assets; when it has no model, a random-weight bundle of the default architecture (the CPU recipe's ViT-Tiny at
 64 px, default SketchDecoder) is built in a temporary folder: latency does not depend on the weights. The 1-minute
 load average is printed so runs on a shared machine can be judged.

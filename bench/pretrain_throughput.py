@@ -228,8 +228,8 @@ def build_step(spec: ModelSpec, variant: Variant, device: torch.device, batch: i
     encoder, predictor, target_pass = model.encoder, model.predictor, TargetFeatures(model.target_encoder)
     if variant.compile:
         encoder, predictor, target_pass = (torch.compile(m) for m in (encoder, predictor, target_pass))
-    official_bf16_cuda = variant.official_step and use_cuda and variant.precision == "bf16"
-    scaler = torch.amp.GradScaler("cuda") if official_bf16_cuda else None
+    official_scaler = variant.official_step and use_cuda and variant.precision == "bf16"  # kept for bf16, as official
+    scaler = torch.amp.GradScaler("cuda") if official_scaler else None
     raw_images = torch.rand(batch, 3, spec.img_size, spec.img_size, device=device)
     window = LossWindow(Runtime(device=device), Path("checkpoints"))  # the real loop's loss bookkeeping
 
@@ -262,8 +262,9 @@ def build_step(spec: ModelSpec, variant: Variant, device: torch.device, batch: i
             loss.backward()
             optimizer.step()
         if variant.official_step:  # the official grad_logger: one host read per encoder weight matrix
-            [float(p.grad.norm()) for n, p in model.encoder.named_parameters()
-             if p.grad is not None and not (n.endswith(".bias") or p.dim() == 1)]
+            for name, p in model.encoder.named_parameters():
+                if p.grad is not None and not (name.endswith(".bias") or p.dim() == 1):
+                    float(p.grad.norm())
         ema(momentum)
         if variant.official_step:
             loss.item()

@@ -101,7 +101,8 @@ class SketchSampler:
             ours, theirs = trained.get(key), self.scheduler.config.get(key)
             if ours != theirs:
                 raise ValueError(
-                    f"scheduler.config.{key}={theirs!r} does not match the decoder's training schedule ({key}={ours!r}); "
+                    f"scheduler.config.{key}={theirs!r} does not match the decoder's training schedule "
+                    f"({key}={ours!r}); "
                     "build the scheduler from the decoder's config (or pass scheduler=None)"
                 )
 

@@ -14,7 +14,7 @@ and how to make the part, never a bare KeyError from deep inside.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +56,14 @@ class FeatureBank:
     subgroup: torch.Tensor  # [n] long, index into labels
     labels: tuple[str, ...]
 
+    # the bank's mean feature: what every box shares, taken out before comparing boxes (computed once, at load)
+    centre: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "centre", self.features.mean(dim=0))
+
     def label_of(self, index: int) -> str:
         return self.labels[int(self.subgroup[index])]
-
-    @property
-    def centre(self) -> torch.Tensor:
-        """The bank's mean feature: what every box shares, taken out before comparing boxes."""
-        return self.features.mean(dim=0)
 
 
 @dataclass(frozen=True)
@@ -193,12 +194,13 @@ def load_examples(directory: str | Path, notes: list[str] | None = None) -> list
             raise ValueError(message) from None
         notes.append(f"No examples: {message}")
         return []
-    missing = [example.path.name for example in examples if not example.path.is_file()]
+    present = [example for example in examples if example.path.is_file()]
+    missing = [example.path.name for example in examples if example not in present]
     if missing and notes is None:
         raise FileNotFoundError(f"{index} lists {missing[0]}, which is not in {directory}")
     if missing:
         notes.append(f"{index} lists {', '.join(missing)}, not in {directory}: those examples are left out.")
-    return [example for example in examples if example.path.is_file()]
+    return present
 
 
 

@@ -361,8 +361,9 @@ class Engine:
                                                centre=self.bank.centre)
             neighbours = tuple(Neighbour(int(i), self.bank.label_of(int(i)), float(s))
                                for i, s in zip(indices.tolist(), sims.tolist()))
-        clipped = any(abs(a - b) > 1e-6 for a, b in zip(model_box, prepared.to_model(parse_box(box, number))))
-        return BoxReport(number=number, box=parse_box(box, number), box_model=tuple(model_box), clipped=clipped,
+        given = parse_box(box, number)
+        clipped = any(abs(a - b) > 1e-6 for a, b in zip(model_box, prepared.to_model(given)))
+        return BoxReport(number=number, box=given, box_model=tuple(model_box), clipped=clipped,
                          patches=int(prediction.target_indices.numel()), error=prediction.error,
                          baseline_error=prediction.baseline_error,
                          error_per_patch=tuple(prediction.errors.tolist()), probe=probe,

@@ -143,8 +143,8 @@ def render_truth_vs_prediction(analysis: Analysis, truth: np.ndarray | None, pre
         axes[r, -1].imshow(base // 3 + 85, interpolation="nearest")
         shown = axes[r, -1].imshow(grid.reshape(gh, gw), cmap=ERROR_CMAP, vmin=0.0, vmax=ceiling,
                                    interpolation="nearest", extent=_extent(size))
-        axes[r, -1].set_title(f"Error per patch: mean {box.error:.2f}\n(visible average guess: {box.baseline_error:.2f})",
-                              fontsize=9)
+        axes[r, -1].set_title(f"Error per patch: mean {box.error:.2f}\n"
+                              f"(visible average guess: {box.baseline_error:.2f})", fontsize=9)
         for axis in axes[r]:
             axis.add_patch(_rectangle(x0, y0, x1, y1, color))
             axis.set_xticks([])

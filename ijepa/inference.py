@@ -543,8 +543,9 @@ def nearest_neighbours(bank: torch.Tensor, query: torch.Tensor, k: int = 8, cent
     if bank.dim() != 2 or query.size(-1) != bank.size(1):
         raise ValueError(f"bank must be [n, D] and query [..., D] with the same D; got {tuple(bank.shape)} and "
                          f"{tuple(query.shape)}")
+    bank, query = bank.float(), query.float()
     if centre is not None:
-        bank, query = bank.float() - centre.float(), query.float() - centre.float()
-    sims = F.normalize(query.float(), dim=-1) @ F.normalize(bank.float(), dim=-1).T
+        bank, query = bank - centre.float(), query - centre.float()
+    sims = F.normalize(query, dim=-1) @ F.normalize(bank, dim=-1).T
     values, indices = sims.topk(min(k, bank.size(0)), dim=-1)
     return indices, values

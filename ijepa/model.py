@@ -92,16 +92,17 @@ class IJepaConfig:
         return cls(**args)
 
 
-def build_encoder(config: IJepaConfig) -> VisionTransformer:
+def build_encoder(config: IJepaConfig, rescale_residuals: bool = True) -> VisionTransformer:
     return VisionTransformer(img_size=config.img_size, patch_size=config.patch_size, embed_dim=config.embed_dim,
-                             depth=config.depth, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio)
+                             depth=config.depth, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
+                             rescale_residuals=rescale_residuals)
 
 
-def build_predictor(config: IJepaConfig) -> VisionTransformerPredictor:
+def build_predictor(config: IJepaConfig, rescale_residuals: bool = True) -> VisionTransformerPredictor:
     return VisionTransformerPredictor(grid_size=config.grid_size, embed_dim=config.embed_dim,
                                       predictor_embed_dim=config.predictor_embed_dim, depth=config.predictor_depth,
-                                      num_heads=config.predictor_num_heads,
-                                      mlp_ratio=config.predictor_mlp_ratio)
+                                      num_heads=config.predictor_num_heads, mlp_ratio=config.predictor_mlp_ratio,
+                                      rescale_residuals=rescale_residuals)
 
 
 class IJepa(nn.Module):
@@ -109,16 +110,17 @@ class IJepa(nn.Module):
 
     Features for evaluation and display come from the TARGET encoder by default, as the paper evaluates; the
     predictor always reads CONTEXT-encoder tokens, because that is what it was trained on.
+    ``rescale_residuals`` only shapes fresh weights (``init_transformer_weights``); loaded ones replace them.
     """
 
-    def __init__(self, config: IJepaConfig):
+    def __init__(self, config: IJepaConfig, rescale_residuals: bool = True):
         super().__init__()
         self.config = config
-        self.encoder = build_encoder(config)
+        self.encoder = build_encoder(config, rescale_residuals)
         self.target_encoder = copy.deepcopy(self.encoder)
         for p in self.target_encoder.parameters():
             p.requires_grad_(False)
-        self.predictor = build_predictor(config) if config.has_predictor else None
+        self.predictor = build_predictor(config, rescale_residuals) if config.has_predictor else None
 
     def feature_encoder(self, which: str = "target") -> VisionTransformer:
         """The encoder that supplies features: "target" (default, as the paper evaluates) or "context"."""

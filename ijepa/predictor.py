@@ -29,7 +29,7 @@ class VisionTransformerPredictor(nn.Module):
 
     def __init__(self, grid_size: tuple[int, int] = (14, 14), embed_dim: int = 768, predictor_embed_dim: int = 384,
                  depth: int = 6, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path_rate: float = 0.0, init_std: float = 0.02):
+                 drop_path_rate: float = 0.0, init_std: float = 0.02, rescale_residuals: bool = True):
         super().__init__()
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.grid_size = tuple(grid_size)
@@ -44,7 +44,7 @@ class VisionTransformerPredictor(nn.Module):
                                             drop_path_rate, norm_layer)
         self.predictor_norm = norm_layer(predictor_embed_dim)
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim, bias=True)
-        init_transformer_weights(self, self.predictor_blocks, init_std)
+        init_transformer_weights(self, self.predictor_blocks, init_std, rescale_residuals)
         trunc_normal_(self.mask_token, std=init_std)
 
     def forward(self, context_tokens: torch.Tensor, context_masks: list[torch.Tensor],

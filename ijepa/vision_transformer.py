@@ -65,12 +65,12 @@ class VisionTransformer(nn.Module):
         patch_size: square patch side in pixels.
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer shape (official defaults).
         drop_path_rate: stochastic depth at the last block.
-        init_std: std of the truncated-normal init.
+        init_std, rescale_residuals: the truncated-normal init (``init_transformer_weights``).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path_rate: float = 0.0, init_std: float = 0.02):
+                 drop_path_rate: float = 0.0, init_std: float = 0.02, rescale_residuals: bool = True):
         super().__init__()
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.embed_dim = self.num_features = embed_dim
@@ -83,7 +83,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(table, requires_grad=False)  # fixed, stored like the official one
         self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path_rate, norm_layer)
         self.norm = norm_layer(embed_dim)
-        init_transformer_weights(self, self.blocks, init_std)
+        init_transformer_weights(self, self.blocks, init_std, rescale_residuals)
 
     def grid_of(self, images: torch.Tensor) -> tuple[int, int]:
         h, w = images.shape[-2:]

@@ -2,7 +2,7 @@
 
     python -m train.examples --bundle assets     # choose them again for a bundle's model, rewrite metrics and card
 
-``train.default`` calls ``render_examples`` when it writes a bundle. A scene is kept where the bundle's group probe,
+``train.default`` calls ``choose_examples`` when it writes a bundle. A scene is kept where the bundle's group probe,
 read on the predictor's output for the box, names the hidden emoji's group: the gallery is the first thing a user
 sees, so it shows what the predictor gets right, and the model card states how many scenes that took.
 """
@@ -92,7 +92,6 @@ def predicted_group(model: IJepa, group_probe: LinearReadout, image: Image.Image
 
 
 def main(argv=None) -> None:
-
     parser = argparse.ArgumentParser(description=doc_summary(__doc__))
     parser.add_argument("--bundle", default="assets", help="a folder exported by python -m train.default --export")
     args = parser.parse_args(argv)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ijepa.checkpoint import save_model
 from ijepa.masks import MaskCollator, MaskConfig
 from ijepa.model import IJepa, IJepaConfig
-from ijepa.vision_transformer import init_transformer_weights, set_fused_attention
+from ijepa.vision_transformer import set_fused_attention
 from train.config import config_dict, doc_summary, parse_config, require, save_config
 from train.data import StepBatches, build_dataset
 from train.emoji import EmojiScenes, get_catalog
@@ -44,7 +44,6 @@ from train.runtime import (LossWindow, Runtime, autocast, plot_loss_curve, resol
 logger = logging.getLogger("train.pretrain")
 # target_spread below this at a logging step: warn that the representation has collapsed (healthy runs: ~0.4)
 COLLAPSED_SPREAD = 0.1
-INIT_STD = 0.02  # the official truncated-normal std, as the model constructors use
 
 
 # The config fields that shape the emoji world; the decoder trains on EmojiScenes' defaults, so these start there.
@@ -131,14 +130,6 @@ def model_config(cfg: PretrainConfig) -> IJepaConfig:
     return IJepaConfig.from_arch(cfg.arch, **overrides)
 
 
-def redraw_unscaled(model: IJepa) -> None:
-    """The official training script's init (``init_model``): every weight drawn again after the constructors, so
-    residual projections are not depth-scaled. The target encoder starts as a copy of the encoder again."""
-    init_transformer_weights(model.encoder, model.encoder.blocks, INIT_STD, rescale_residuals=False)
-    init_transformer_weights(model.predictor, model.predictor.predictor_blocks, INIT_STD, rescale_residuals=False)
-    model.target_encoder.load_state_dict(model.encoder.state_dict())
-
-
 def mask_config(cfg: PretrainConfig) -> MaskConfig:
     return MaskConfig(num_targets=cfg.num_targets, target_scale=cfg.target_scale, target_aspect=cfg.target_aspect,
                       context_scale=cfg.context_scale, min_keep=cfg.min_keep, official_quirks=cfg.official_quirks)
@@ -164,10 +155,7 @@ def train(cfg: PretrainConfig) -> IJepa:
 
     # model and optimizer
     torch.manual_seed(cfg.seed)
-    model = IJepa(model_settings)
-    if not cfg.rescale_residual_init:
-        redraw_unscaled(model)
-    model = model.to(rt.device)
+    model = IJepa(model_settings, rescale_residuals=cfg.rescale_residual_init).to(rt.device)
     use_cuda = rt.device.type == "cuda"
     set_fused_attention(model, uses_fused_attention(rt.device, precision))
     optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=cfg.lr, betas=(0.9, 0.999),

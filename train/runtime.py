@@ -129,13 +129,13 @@ def resume_state(ckpt_dir: Path, config, world_size: int = 1) -> tuple[dict | No
         raise ValueError(f"--allow-changes accepts only schedule settings ({', '.join(sorted(SCHEDULE_FIELDS))}), "
                          f"not {', '.join(sorted(allowed - SCHEDULE_FIELDS))}")
     state = load_checkpoint(existing[-1])
-    changes = changed_settings(state.get("config", {}), config)
     refused = changed_settings(state.get("config", {}), config, allowed)
     if refused:
         raise ValueError(f"cannot resume from {existing[-1]}: its settings differ ({refused}), so the run would not "
                          "continue exactly. Resume with the original settings, or choose another --out-dir "
                          "(nothing was overwritten). A schedule setting may change on purpose with "
                          "--allow-changes NAME[,NAME].")
+    changes = changed_settings(state.get("config", {}), config) if allowed else ""
     if changes:
         logger.warning("resuming from %s with changed settings (%s): from here the run differs from an "
                        "uninterrupted one", existing[-1], changes)
