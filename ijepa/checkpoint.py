@@ -27,11 +27,16 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_TAG = "ijepa-visible/1"
+DECODER_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what diffusers' save_pretrained writes
 PARTS = ("encoder", "target_encoder", "predictor")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with a message that says why and what to do."""
+
+
+ACCEPTED = (f"an official I-JEPA .pth.tar file or one of our model folders ({CONFIG_NAME} + {WEIGHTS_NAME}, "
+            f"e.g. assets/model)")
 
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's, in either order
@@ -94,6 +99,10 @@ def infer_config(encoder: dict[str, torch.Tensor], predictor: dict[str, torch.Te
 
 def _torch_load(path: Path) -> dict:
     """torch.load that only accepts plain tensors and containers, with readable failures."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip archive, or its legacy pickle
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint; expected {ACCEPTED}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
@@ -108,8 +117,8 @@ def _torch_load(path: Path) -> dict:
                 return torch.load(path, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as inner:
                 raise CheckpointError(f"{path}: refused to load: {str(inner).splitlines()[0]}") from None
-            except Exception as inner:  # noqa: BLE001 - re-raised with context
-                raise CheckpointError(f"{path}: cannot read this file as a PyTorch checkpoint: {inner}") from None
+            except Exception:  # noqa: BLE001 - whatever torch says about a non-checkpoint, the answer is the same
+                raise CheckpointError(f"{path}: not a PyTorch checkpoint; expected {ACCEPTED}") from None
         raise CheckpointError(
             f"{path}: cannot read this file as a PyTorch checkpoint; it is probably truncated or not a "
             f"checkpoint (download it again). Details: {text.splitlines()[0]}"
@@ -126,9 +135,13 @@ def split_official(raw: dict) -> dict[str, dict[str, torch.Tensor]]:
     if not isinstance(raw, dict):
         raise CheckpointError(f"expected a dict of state dicts, found {type(raw).__name__}")
     if "encoder" not in raw and "target_encoder" not in raw:
+        if {"model", "optimizer", "step"} <= set(raw):
+            raise CheckpointError("a training checkpoint of train.pretrain: make a model folder of it with "
+                                  "`python -m train.export_checkpoint <this file> --out <folder>` and load that")
         if any(k.endswith("patch_embed.proj.weight") for k in raw):
             return {"encoder": strip_prefix(raw)}
-        raise CheckpointError(f"no 'encoder' or 'target_encoder' in this checkpoint; its keys: {sorted(raw)[:8]}")
+        raise CheckpointError(f"no 'encoder' or 'target_encoder' in this checkpoint (its keys: {sorted(raw)[:8]}); "
+                              f"expected {ACCEPTED}")
     parts = {name: strip_prefix(raw[name]) for name in PARTS if isinstance(raw.get(name), dict)}
     parts.setdefault("encoder", parts.get("target_encoder"))
     return parts
@@ -153,7 +166,12 @@ def _load_part(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], nam
 def load_official(path: str | Path) -> IJepa:
     """An official I-JEPA checkpoint (``.pth.tar``) -> IJepa. Optimizer state is ignored and never read."""
     path = Path(path)
-    parts = split_official(_torch_load(path))
+    try:
+        parts = split_official(_torch_load(path))
+    except CheckpointError as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise CheckpointError(f"{path}: {err}") from None
     config = infer_config(parts["encoder"], parts.get("predictor"))
     config.trained_on = "official I-JEPA release (see the file name for data and epochs)"
     model = IJepa(config)
@@ -181,6 +199,11 @@ def save_model(model: IJepa, directory: str | Path, dtype: torch.dtype | None = 
 def load_ours(directory: str | Path) -> IJepa:
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not weights_path.is_file() and (directory / DECODER_WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"{directory} is a sketch decoder folder: load it with --decoder; a checkpoint is "
+                              f"{ACCEPTED}")
+    if not weights_path.is_file() and (directory / "model" / WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"{directory} is a run or bundle folder: its model is {directory / 'model'}")
     for p in (config_path, weights_path):
         if not p.is_file():
             raise CheckpointError(f"{directory}: missing {p.name}; a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")

@@ -172,5 +172,24 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no 'encoder'"):
         load_model(tmp_path / "other.pth")
     (tmp_path / "text.pth").write_text("hello")
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=r"text.pth: not a PyTorch checkpoint; expected an official"):
         load_model(tmp_path / "text.pth")
+    (tmp_path / "notes.pth.tar").write_text('{"json": "looks like pickle to torch"}')
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):  # not "refused": nothing would run code
+        load_model(tmp_path / "notes.pth.tar")
+    torch.save({"model": {}, "optimizer": {}, "step": 3}, tmp_path / "ckpt-00000003.pt")
+    with pytest.raises(CheckpointError, match=r"ckpt-00000003.pt: a training checkpoint.*train.export_checkpoint"):
+        load_model(tmp_path / "ckpt-00000003.pt")
+
+
+def test_folders_that_are_not_a_model_say_what_to_pass(tmp_path, model):
+    """--checkpoint given the bundle, a run folder or the decoder folder: each error names what to pass instead."""
+    save_model(model, tmp_path / "bundle" / "model")
+    with pytest.raises(CheckpointError, match=r"run or bundle folder: its model is .*bundle/model"):
+        load_model(tmp_path / "bundle")
+    decoder = tmp_path / "bundle" / "decoder"
+    decoder.mkdir()
+    (decoder / "config.json").write_text("{}")
+    (decoder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="sketch decoder folder: load it with --decoder"):
+        load_model(decoder)
