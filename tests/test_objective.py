@@ -60,3 +60,71 @@ def test_biases_and_1d_parameters_get_no_weight_decay_and_fixed_tables_no_update
     optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=1.0, weight_decay=0.04)
     set_optimizer_schedule(optimizer, lr=5e-4, wd=0.3)
     assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(5e-4, 0.3), (5e-4, 0.0)]
+
+
+def _masks(batch: int, num_patches: int, sizes: list[int], seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.stack([torch.randperm(num_patches, generator=g)[:k].sort().values for _ in range(batch)])
+            for k in sizes]
+
+
+@pytest.mark.parametrize("num_contexts", [1, 2])
+def test_loss_is_the_official_smooth_l1_against_layer_normed_full_image_targets(num_contexts):
+    """The official formula, written out: targets from the FULL image through an affine-free LayerNorm, gathered per
+    target block and repeated for each context ((target, context, image) order), no gradient to the target encoder."""
+    from ijepa.masks import apply_masks
+    from train.objective import TargetFeatures, ijepa_loss
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = IJepa(IJepaConfig.from_arch("vit_tiny", img_size=32, patch_size=8, depth=2, predictor_depth=1,
+                                        predictor_embed_dim=48))
+    with torch.no_grad():  # a target encoder unlike the encoder, so a swapped one would show
+        for p in model.target_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    images, n = torch.randn(3, 3, 32, 32), 16  # a 4 x 4 grid
+    contexts = _masks(3, n, [10] * num_contexts, seed=1)  # the collator cuts all to one length
+    targets = _masks(3, n, [4, 4, 4], seed=2)
+
+    loss = ijepa_loss(model.encoder, model.predictor, TargetFeatures(model.target_encoder), images, contexts, targets)
+
+    with torch.no_grad():
+        h = model.target_encoder(images)
+        h = apply_masks(F.layer_norm(h, (h.size(-1),)), targets)
+        h = torch.cat([h[i * 3:(i + 1) * 3] for i in range(len(targets)) for _ in range(num_contexts)])
+        z = model.predictor(model.encoder(images, contexts), contexts, targets)
+        expected = F.smooth_l1_loss(z, h)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+
+    loss.backward()
+    assert all(p.grad is None for p in model.target_encoder.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.predictor.predictor_proj.parameters())
+    assert model.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def _step_weights(run, step: int, part: str) -> dict[str, torch.Tensor]:
+    state = torch.load(run / "checkpoints" / f"ckpt-{step:08d}.pt", weights_only=True)["model"]
+    return {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+
+
+@pytest.mark.parametrize("momentum", [1.0, 0.0])
+def test_training_moves_the_target_encoder_only_by_its_ema(tmp_path, momentum):
+    """Momentum 1: the target never moves while the encoder does. Momentum 0: after each step the target IS the
+    encoder just updated (so the EMA follows the optimizer step, not the step before)."""
+    from train.config import parse_config
+    from train.pretrain import PretrainConfig, train
+
+    run = tmp_path / "run"
+    train(parse_config(PretrainConfig, [
+        "--img-size", "32", "--patch-size", "8", "--depth", "1", "--predictor-depth", "1", "--predictor-embed-dim",
+        "48", "--batch-size", "4", "--steps", "2", "--warmup-steps", "1", "--num-workers", "0", "--precision", "fp32",
+        "--ckpt-every", "1", "--keep-last", "5", "--ema-start", str(momentum), "--ema-end", str(momentum),
+        "--out-dir", str(run)]))
+    encoder = [_step_weights(run, s, "encoder") for s in (1, 2)]
+    target = [_step_weights(run, s, "target_encoder") for s in (1, 2)]
+    assert any(not torch.equal(encoder[0][k], encoder[1][k]) for k in encoder[0])  # the encoder trained
+    for k in target[0]:
+        if momentum == 1.0:
+            assert torch.equal(target[0][k], target[1][k]), k
+        else:
+            torch.testing.assert_close(target[1][k], encoder[1][k], rtol=0, atol=1e-7, msg=k)
