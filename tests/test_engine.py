@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from decoder.model import box_mask_from_indices
 from ijepa.bundle import build_random_bundle, load_probe
 from ijepa.engine import Engine
 from ijepa.figures import BOX_COLORS, sketch_sheet
@@ -25,6 +26,7 @@ from ijepa.inference import (LinearReadout, analyze_boxes, feature_pca, map_boxe
                              prepare_image, surprise_map, to_rgb, window_positions)
 from ijepa.masks import boxes_to_masks
 from ijepa.model import IJepaConfig
+from train.decoder import box_conditions
 
 SIZE, PATCH = 32, 4
 GRID = SIZE // PATCH
@@ -505,3 +507,33 @@ def test_every_panel_works_with_the_model_on_a_gpu(bundle):
     assert engine.decode_truth(analysis, seed=1, num_steps=STEPS).shape == (SIZE, SIZE, 3)
     assert engine.surprise_map(image).errors.shape == (GRID, GRID)
     assert engine.feature_view(image).ndim == 3
+
+
+def test_the_app_conditions_its_decoder_exactly_as_training_did(engine):
+    """For one box, the app's decoder input (tokens, patches, blanked context, box mask) is the one
+    train.decoder built for the same image and box: a decoder sees in the app what it learnt from."""
+    image = np.random.default_rng(8).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    analysis = engine.analyze(image, [[30, 20, 80, 70]])
+    app = engine._conditions(analysis, lambda box: box.predicted)
+    box = analysis.result.boxes[0]
+    trained = box_conditions(engine.model, analysis.prepared.pixels.unsqueeze(0), box.target_indices.unsqueeze(0),
+                             analysis.result.context_indices.unsqueeze(0))
+    torch.testing.assert_close(app.tokens, trained.tokens, rtol=1e-5, atol=1e-5)
+    for field in ("patch_indices", "context", "box_mask"):
+        assert torch.equal(getattr(app, field), getattr(trained, field)), field
+
+
+def test_nothing_under_the_hidden_patches_reaches_the_prediction(engine):
+    """Repaint every pixel of the hidden patches: the prediction stays bit-identical, the truth changes."""
+    image = np.random.default_rng(9).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    analysis = engine.analyze(image, [[25, 25, 75, 75], [100, 100, 175, 150]])
+    pixels = analysis.prepared.pixels.unsqueeze(0)
+    hidden = torch.cat([b.target_indices for b in analysis.result.boxes]).unsqueeze(0)
+    under = box_mask_from_indices(hidden, engine.model.config.grid_size, tuple(pixels.shape[-2:])).bool()
+    repainted = torch.where(under, torch.rand_like(pixels), pixels)
+    assert (repainted != pixels).any()
+    again = analyze_boxes(engine.model, repainted, analysis.result.context_indices,
+                          [b.target_indices for b in analysis.result.boxes])
+    for before, after in zip(analysis.result.boxes, again.boxes):
+        assert torch.equal(before.predicted, after.predicted)
+        assert not torch.allclose(before.true, after.true)
