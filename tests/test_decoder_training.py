@@ -129,3 +129,41 @@ def test_two_gloo_ranks_train_one_decoder(tmp_path, tiny_ijepa):
     assert not torch.equal(initial, rank0)  # the synchronised updates did change the weights
     exported = SketchDecoder.from_pretrained(tmp_path / "ddp" / "decoder")
     torch.testing.assert_close(torch.cat([p.detach().flatten() for p in exported.parameters()]), rank0)
+
+
+class _StubSampler:
+    """Draws a fixed thing into each box instead of diffusing: the source image's own pixels, or flat grey. Called
+    once per group, in order, as evaluate_decoder does."""
+
+    def __init__(self, groups, fill: str):
+        self.sources, self.fill = iter(g[0] for g in groups), fill
+
+    def sample(self, cond, num_samples, num_steps, seed):
+        source = next(self.sources)
+        drawn = source if self.fill == "source" else torch.full_like(source, 0.5)
+        return torch.where(cond.box_mask.bool(), drawn, source).repeat_interleave(num_samples, 0)
+
+
+def test_retrieval_finds_a_perfect_sketch_and_a_grey_box_scores_the_floor(tiny_ijepa, monkeypatch):
+    """The figure behind the model card's decoder column, checked at its ends: conditioned on the true box
+    features, a "sketch" that redraws the source pixels re-encodes to exactly its condition (cosine 1, found
+    every time), and one that fills the box grey scores exactly the reported grey-box floor."""
+    import train.eval_decoder as eval_decoder
+
+    model = load_model(tiny_ijepa)
+    generator, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+    groups = []
+    for _ in range(4):
+        targets, contexts = sample_boxes(16, model.config.grid_size, rng, target_like_fraction=0.5)
+        groups.append((torch.rand(16, 3, 32, 32, generator=generator), targets, contexts))
+    monkeypatch.setattr(eval_decoder, "box_conditions", lambda m, images, targets, contexts: decoder_training.
+                        box_conditions(m, images, targets, contexts, use_true=torch.ones(len(images), dtype=bool)))
+    results = {}
+    for fill in ("source", "grey"):
+        monkeypatch.setattr(eval_decoder, "SketchSampler", lambda decoder: _StubSampler(groups, fill))
+        results[fill], _ = eval_decoder.evaluate_decoder(model, None, groups, num_samples=2, num_steps=1)
+    assert results["source"]["retrieval_top1"] == 100.0 and results["source"]["reencode_cosine"] > 0.9999
+    assert results["source"]["diversity_rms"] == 0.0 and results["source"]["max_context_change_8bit"] == 0
+    grey = results["grey"]
+    assert grey["retrieval_top1"] == pytest.approx(grey["grey_box_top1"]) and grey["retrieval_top1"] < 100.0
+    assert grey["reencode_cosine"] == pytest.approx(grey["grey_box_cosine"], abs=1e-6)
