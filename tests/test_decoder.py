@@ -289,3 +289,21 @@ def test_default_config_fits_the_cpu_budget():
     assert [type(b).__name__ for b in model.unet.down_blocks] == ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"]
     assert model.config.prediction_type == "v_prediction"
     assert sum(p.numel() for p in model.parameters()) < 4_000_000
+
+
+def test_sketches_read_the_predicted_tokens_pooled_mode_only_their_mean():
+    """Both modes depend on the box's tokens; the paper's mode sees only their average (a permutation of the
+    box's tokens changes nothing), ours also where each token sits (the same permutation changes the output)."""
+    cond = make_condition(box_indices(1, 1, 2, 2))
+    other = SketchCondition(torch.randn_like(cond.tokens), cond.patch_indices, cond.context, cond.box_mask)
+    permuted = SketchCondition(cond.tokens[:, [3, 2, 1, 0]], cond.patch_indices, cond.context, cond.box_mask)
+    noisy = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        for conditioning in ("spatial_context", "pooled"):
+            decoder = tiny_decoder(conditioning)
+            base = decoder(noisy, 500, cond)
+            assert not torch.allclose(base, decoder(noisy, 500, other), atol=1e-4), conditioning
+            if conditioning == "pooled":
+                torch.testing.assert_close(decoder(noisy, 500, permuted), base, rtol=1e-5, atol=1e-6)
+            else:
+                assert not torch.allclose(decoder(noisy, 500, permuted), base, atol=1e-4)
