@@ -49,7 +49,7 @@ def init_transformer_weights(module: nn.Module, blocks: nn.ModuleList, init_std:
 def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path_rate: float,
                 norm_layer) -> nn.ModuleList:
     """timm transformer blocks with a linearly increasing stochastic-depth rate, as in the official code."""
-    rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth > 1 else [drop_path_rate] * depth
+    rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth > 1 else [drop_path_rate] * depth
     return nn.ModuleList(
         Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=rate,
               norm_layer=norm_layer)

@@ -193,3 +193,33 @@ def test_folders_that_are_not_a_model_say_what_to_pass(tmp_path, model):
     (decoder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="sketch decoder folder: load it with --decoder"):
         load_model(decoder)
+
+
+@pytest.mark.parametrize("arch, patch, mlp_ratio", [("vit_huge", 14, 4.0), ("vit_giant", 16, 48 / 11)])
+def test_the_released_checkpoints_architectures_are_read_off_their_shapes(arch, patch, mlp_ratio):
+    """IN1K-vit.h.14 and IN22K-vit.g.16 at their real sizes (shapes only, on the meta device: no 2.5 GB of
+    weights): the official key layout ('module.' prefixes) gives back the exact architecture to build."""
+    from ijepa.checkpoint import infer_config, split_official
+
+    expected = IJepaConfig.from_arch(arch, img_size=224, patch_size=patch, predictor_embed_dim=384,
+                                     predictor_depth=12)
+    with torch.device("meta"):
+        official = IJepa(expected)
+    raw = {name: {f"module.{k}": v for k, v in getattr(official, name).state_dict().items()}
+           for name in ("encoder", "predictor", "target_encoder")}
+    parts = split_official(raw)
+    config = infer_config(parts["encoder"], parts["predictor"])
+    got = (config.img_size, config.patch_size, config.embed_dim, config.depth, config.num_heads, config.mlp_ratio,
+           config.predictor_embed_dim, config.predictor_depth, config.predictor_num_heads, config.predictor_mlp_ratio)
+    assert got == pytest.approx((224, patch, expected.embed_dim, expected.depth, 16, mlp_ratio, 384, 12, 16, 4.0))
+    assert (expected.embed_dim, expected.depth) == {"vit_huge": (1280, 32), "vit_giant": (1408, 40)}[arch]
+
+
+def test_an_encoder_only_file_is_refused_by_the_app_with_the_reason(tmp_path, model):
+    """A bare encoder (a timm-style export) loads for features, but the app needs the predictor and says so."""
+    from ijepa.engine import Engine
+
+    torch.save({f"module.{k}": v for k, v in model.encoder.state_dict().items()}, tmp_path / "encoder.pth")
+    assert load_model(tmp_path / "encoder.pth").predictor is None
+    with pytest.raises(ValueError, match="no predictor weights"):
+        Engine.load(tmp_path / "encoder.pth", device="cpu")
