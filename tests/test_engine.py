@@ -494,7 +494,10 @@ def test_examples_load_with_their_boxes(engine):
     for example in engine.examples:
         image = example.image()
         assert image.dtype == np.uint8 and image.shape[2] == 3
-        engine.analyze(image, example.boxes)  # every shipped example works as is
+        analysis = engine.analyze(image, example.boxes)  # every shipped example works as is
+        assert len(analysis.result.boxes) == len(example.boxes)
+        for box in analysis.result.boxes:  # each box hides patches and gets a finite error against a real baseline
+            assert box.target_indices.numel() > 0 and np.isfinite(box.error) and box.baseline_error > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machine)")
