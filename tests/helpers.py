@@ -131,9 +131,14 @@ def train_on_two_gloo_ranks(setup: str, out_dir: Path) -> tuple[torch.Tensor, to
         flat = torch.cat([p.detach().flatten() for p in trained.parameters()])
         torch.save(flat, os.path.join({str(out_dir)!r}, f"params-rank{{os.environ['RANK']}}.pt"))
     """))
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(free_port()), str(script)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = run_on_two_gloo_ranks(script)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out_dir / "params-rank0.pt"), torch.load(out_dir / "params-rank1.pt")
+
+
+def run_on_two_gloo_ranks(script: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 script`` on the CPU (gloo), one thread per rank; a hang fails by timeout."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), str(script)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -3,12 +3,13 @@ where the hardware has it."""
 import csv
 import logging
 import math
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import train_on_two_gloo_ranks
+from helpers import run_on_two_gloo_ranks, train_on_two_gloo_ranks
 import train.pretrain as pretrain
 from ijepa.checkpoint import load_model
 from ijepa.inference import true_features
@@ -212,6 +213,34 @@ def test_two_gloo_ranks_stay_identical_and_learn(tmp_path):
     torch.testing.assert_close(rank0, rank1, rtol=0, atol=0)
     curve = losses(tmp_path / "ddp")
     assert curve[-1] < 0.8 * curve[0], curve
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank_and_keeps_the_last_good_checkpoint(tmp_path):
+    """Each rank checks its loss at its own logging step: were the check not collective, the rank that saw no NaN
+    would wait forever in the next all-reduce. Rank 1's loss turns NaN at step 3; both ranks must stop at step 4
+    (the window's end) with the message, before the step-4 checkpoint is written."""
+    script = tmp_path / "nan_on_rank1.py"
+    script.write_text(textwrap.dedent(f"""
+        import os
+        import train.pretrain as pretrain
+        from train.config import parse_config
+        calls = {{"n": 0}}
+        loss_of = pretrain.ijepa_loss
+        def nan_on_rank1(*args, **kwargs):
+            calls["n"] += 1
+            loss = loss_of(*args, **kwargs)
+            # a NaN value with finite gradients: rank 0's weights and losses stay finite, only rank 1 sees it
+            return loss + float("nan") if os.environ["RANK"] == "1" and calls["n"] >= 3 else loss
+        pretrain.ijepa_loss = nan_on_rank1
+        pretrain.train(parse_config(pretrain.PretrainConfig, {TINY!r} + [
+            "--out-dir", {str(tmp_path / 'run')!r}, "--steps", "10", "--log-every", "4", "--ckpt-every", "2",
+            "--device", "cpu"]))
+    """))
+    result = run_on_two_gloo_ranks(script, timeout=300)
+    assert result.returncode != 0
+    assert "loss became NaN/inf by step 4" in result.stderr, result.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt-*.pt")] == ["ckpt-00000002.pt"]
 
 
 def test_every_config_the_docs_mention_exists_and_parses():
