@@ -46,7 +46,8 @@ DRAW_HINT = "Press the box icon under the image (or C), then drag to draw a box;
 INTRO = """# I-JEPA, visible
 Draw a box on the image. The model does not see what is inside it (the grid patches under the box are hidden, as
 "What the model saw" shows): it **predicts** a description of the hidden region from everything around it. The
-panels on the right show that prediction as sketches, as numbers and as maps. Pick an example to start, or upload your own image and drag a box (up to {max_boxes})."""
+panels on the right show that prediction as sketches, as numbers and as maps. Pick an example to start, or upload
+your own image and drag a box (up to {max_boxes})."""
 
 HOW_TO_READ = """
 - **Sketches**: a separate decoder turns the predicted description into pictures. Each sketch is one possible
@@ -258,8 +259,9 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                     with gr.Tab("What it expects"):
                         readout = gr.Markdown(elem_id="readout")
                         neighbours = gr.Gallery(label="Nearest reference boxes (label, cosine similarity around "
-                                                      "the collection's average)", columns=6, height="auto", object_fit="contain", format="png",
-                                                elem_id="neighbours", interactive=False)
+                                                      "the collection's average)", columns=6, height="auto",
+                                                object_fit="contain", format="png", elem_id="neighbours",
+                                                interactive=False)
                     with gr.Tab("Surprise map"):
                         surprise = gr.Image(label="Prediction error of a window sliding over the image",
                                             format="png", elem_id="surprise", interactive=False)

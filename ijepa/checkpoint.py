@@ -166,11 +166,10 @@ def _load_part(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], nam
 def load_official(path: str | Path) -> IJepa:
     """An official I-JEPA checkpoint (``.pth.tar``) -> IJepa. Optimizer state is ignored and never read."""
     path = Path(path)
+    raw = _torch_load(path)
     try:
-        parts = split_official(_torch_load(path))
-    except CheckpointError as err:
-        if str(err).startswith(str(path)):
-            raise
+        parts = split_official(raw)
+    except CheckpointError as err:  # split_official does not know the file: name it
         raise CheckpointError(f"{path}: {err}") from None
     config = infer_config(parts["encoder"], parts.get("predictor"))
     config.trained_on = "official I-JEPA release (see the file name for data and epochs)"
@@ -199,11 +198,12 @@ def save_model(model: IJepa, directory: str | Path, dtype: torch.dtype | None = 
 def load_ours(directory: str | Path) -> IJepa:
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not weights_path.is_file() and (directory / DECODER_WEIGHTS_NAME).is_file():
-        raise CheckpointError(f"{directory} is a sketch decoder folder: load it with --decoder; a checkpoint is "
-                              f"{ACCEPTED}")
-    if not weights_path.is_file() and (directory / "model" / WEIGHTS_NAME).is_file():
-        raise CheckpointError(f"{directory} is a run or bundle folder: its model is {directory / 'model'}")
+    if not weights_path.is_file():  # a folder users often pass by mistake: say which one to pass
+        if (directory / DECODER_WEIGHTS_NAME).is_file():
+            raise CheckpointError(f"{directory} is a sketch decoder folder: load it with --decoder; a checkpoint is "
+                                  f"{ACCEPTED}")
+        if (directory / "model" / WEIGHTS_NAME).is_file():
+            raise CheckpointError(f"{directory} is a run or bundle folder: its model is {directory / 'model'}")
     for p in (config_path, weights_path):
         if not p.is_file():
             raise CheckpointError(f"{directory}: missing {p.name}; a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")

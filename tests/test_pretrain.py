@@ -16,7 +16,7 @@ from ijepa.inference import true_features
 from train.config import parse_config
 from train.export_checkpoint import export_checkpoint, newest_checkpoint
 from train.pretrain import PretrainConfig, train
-from train.runtime import list_checkpoints, resolve_precision
+from train.runtime import list_checkpoints, load_checkpoint, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--img-size", "32", "--patch-size", "4", "--depth", "1", "--predictor-depth", "1", "--predictor-embed-dim",
@@ -200,6 +200,28 @@ def test_collapse_is_logged_with_a_warning(tmp_path, monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="train.pretrain"):
         train(tiny(tmp_path / "collapsed", "--steps", "3"))
     assert caplog.text.count("collapsed") == 1  # once, not at every logging step
+
+
+def _step_weights(run, step: int, part: str) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(run / "checkpoints" / f"ckpt-{step:08d}.pt")["model"]
+    return {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+
+
+@pytest.mark.parametrize("momentum", [1.0, 0.0])
+def test_training_moves_the_target_encoder_only_by_its_ema(tmp_path, momentum):
+    """Momentum 1: the target never moves while the encoder does. Momentum 0: after each step the target IS the
+    encoder just updated (so the EMA follows the optimizer step, not the step before)."""
+    run = tmp_path / "run"
+    train(tiny(run, "--steps", "2", "--ckpt-every", "1", "--keep-last", "5", "--ema-start", str(momentum),
+               "--ema-end", str(momentum)))
+    encoder = [_step_weights(run, s, "encoder") for s in (1, 2)]
+    target = [_step_weights(run, s, "target_encoder") for s in (1, 2)]
+    assert any(not torch.equal(encoder[0][k], encoder[1][k]) for k in encoder[0])  # the encoder trained
+    for k in target[0]:
+        if momentum == 1.0:
+            assert torch.equal(target[0][k], target[1][k]), k
+        else:
+            torch.testing.assert_close(target[1][k], encoder[1][k], rtol=0, atol=1e-7, msg=k)
 
 
 @pytest.mark.slow
