@@ -242,8 +242,8 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                     steps = gr.Slider(4, 30, value=DEFAULT_NUM_STEPS, step=1, label="Decoder steps (more = finer)")
                     window = gr.Slider(1, max(1, grid // 2), value=max(1, grid // 4), step=1,
                                        label="Surprise-map window (patches)")
-                examples = gr.Gallery(value=handlers.example_items(), label="Examples (click one)", columns=4,
-                                      height=170, allow_preview=False, object_fit="contain", fit_columns=False,
+                examples = gr.Gallery(value=handlers.example_items(), label="Examples (click one)", columns=3,
+                                      allow_preview=False, object_fit="contain", fit_columns=False,
                                       elem_id="examples", format="png", interactive=False)
             with gr.Column(scale=7):
                 with gr.Tabs():
@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 CSS = """
 #model-view img, #sketches img, #neighbours img { image-rendering: pixelated; }
 #explanation { font-size: 0.95em; }
+#examples .grid-wrap { min-height: 0; height: auto; }  /* every example in view, no scrolling, no blank below */
 """
 
 if __name__ == "__main__":

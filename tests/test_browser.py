@@ -93,6 +93,12 @@ def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
     examples = json.loads((assets / "examples" / "examples.json").read_text())
     thumbnails = page.locator("#examples button.thumbnail-item")
     assert thumbnails.count() == len(examples) >= 1
+    # every example is in view with its caption at once: none hidden below the gallery's edge behind a scrollbar
+    gallery = page.locator("#examples").bounding_box()
+    for k in range(len(examples)):
+        item = thumbnails.nth(k).bounding_box()
+        assert gallery["y"] <= item["y"] and item["y"] + item["height"] <= gallery["y"] + gallery["height"], k
+    assert thumbnails.nth(0).inner_text().strip() == examples[0]["caption"]
     thumbnails.nth(len(examples) - 1).click()
     example_boxes = len(examples[-1]["boxes"])
     time.sleep(1.0)  # the annotator redraws from the new value

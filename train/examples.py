@@ -67,7 +67,7 @@ def render_examples(model: IJepa, directory: Path, group_probe: LinearReadout, c
         image = Image.fromarray(pixels).resize((size * scale, size * scale), Image.NEAREST)
         group = catalog.group_names[int(catalog.group_of[item["emoji"]])]
         read = predicted_group(model, group_probe, image, box)
-        entry = {"boxes": [[v * scale for v in box]], "caption": f"hide the top of the {catalog.names[item['emoji']]}",
+        entry = {"boxes": [[v * scale for v in box]], "caption": f"{catalog.names[item['emoji']]} (top hidden)",
                  "group": group, "probe_reads": read}
         (right if read == group else missed).append((image, entry))
     shown = right + missed[:count - len(right)]
