@@ -3,7 +3,6 @@ bundle passes the same checks as the shipped one, the model card quotes the run'
 call skips the finished stages."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -46,10 +45,10 @@ def smoke_run(tmp_path_factory):
 
 
 @pytest.fixture
-def run_copy(smoke_run, tmp_path):
+def run(smoke_run, tmp_path):
     """The finished run copied to another folder, for the tests that call the recipe on it again: no test sees
     another's edits, and a moved run folder must go on where it stopped."""
-    return Path(shutil.copytree(smoke_run / "run", tmp_path / "run"))
+    return shutil.copytree(smoke_run / "run", tmp_path / "run")
 
 
 def no_refit(*args, **kwargs):
@@ -217,8 +216,7 @@ def test_a_longer_decoder_replaces_ours_and_the_card_keeps_the_equal_length_comp
     assert_a_box_produces_sketches(bundle)
 
 
-def test_the_machine_is_timed_once_and_the_plan_kept_for_later_calls(smoke_run, run_copy, monkeypatch):
-    run = run_copy
+def test_the_machine_is_timed_once_and_the_plan_kept_for_later_calls(smoke_run, run, monkeypatch):
     plan = json.loads((run / budget.PLAN_NAME).read_text())
     assert plan["pretrain_step_s"] > 0 and plan["decoder_step_s"] > 0 and plan["fraction"] == 1.0
     assert not (run / "timing").exists()
@@ -244,8 +242,7 @@ def test_the_machine_is_timed_once_and_the_plan_kept_for_later_calls(smoke_run, 
         recipe.main(["--out-dir", str(run), "--profile", "smoke", "--budget-minutes", "45"])
 
 
-def test_a_second_call_skips_finished_stages_and_keeps_their_times(run_copy):
-    run = run_copy
+def test_a_second_call_skips_finished_stages_and_keeps_their_times(run):
     first = json.loads((run / "summary.json").read_text())
     outputs = [run / "pretrain" / "model" / "config.json", run / "bank.safetensors", run / "eval" / "results.json"]
     before = [p.stat().st_mtime_ns for p in outputs]
@@ -262,9 +259,8 @@ class Stopped(RuntimeError):
     pass
 
 
-def test_a_call_stopped_mid_recipe_keeps_the_times_of_the_stages_it_finished(run_copy, monkeypatch):
+def test_a_call_stopped_mid_recipe_keeps_the_times_of_the_stages_it_finished(run, monkeypatch):
     """The GPU recipe may take two calls (the device's per-call limit): the card must still count every stage."""
-    run = run_copy
     first = json.loads((run / "summary.json").read_text())["stage_seconds"]
     (run / "summary.json").unlink()  # the stopped call never wrote one
     (run / "decoder_eval" / "results.json").unlink()
@@ -306,8 +302,7 @@ def test_a_bad_extra_flag_stops_the_recipe_before_any_stage(tmp_path, capsys, ex
     assert not (tmp_path / "run").exists()
 
 
-def test_a_finished_stage_is_not_reused_with_other_settings(run_copy):
-    run = run_copy
+def test_a_finished_stage_is_not_reused_with_other_settings(run):
     weights = run / "pretrain" / "model" / "model.safetensors"
     before = weights.read_bytes()
     with pytest.raises(ValueError, match="steps: 3 -> 4"):

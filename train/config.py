@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -125,13 +126,18 @@ def changed_settings(saved: dict, config, allowed: frozenset[str] = frozenset())
     (written before it existed) counts as its default, which is what that run used."""
     current = config_dict(config)
     stored = {**config_dict(type(config)()), **saved}
+    runs = (stored.get("out_dir"), current.get("out_dir"))
     return ", ".join(f"{name}: {stored[name]!r} -> {value!r}" for name, value in current.items()
-                     if name not in RUN_ONLY_FIELDS | allowed and not _same_setting(name, stored[name], value))
+                     if name not in RUN_ONLY_FIELDS | allowed and not _same_setting(name, stored[name], value, runs))
 
 
-def _same_setting(name: str, old, new) -> bool:
-    """Equal, or the same file written another way (``runs/x/model`` and ``/home/me/runs/x/model``)."""
+def _same_setting(name: str, old, new, runs: tuple) -> bool:
+    """Equal, or the same file written another way (``runs/x/model`` and ``/home/me/runs/x/model``), or the same
+    place beside a run folder that was moved or copied with it (``../pretrain/model`` from the old and the new
+    ``out_dir``, as the recipe's decoders name their model)."""
     if old == new:
         return True
-    return name in PATH_FIELDS and isinstance(old, str) and isinstance(new, str) and \
-        Path(old).resolve() == Path(new).resolve()
+    if name not in PATH_FIELDS or not all(isinstance(v, str) for v in (old, new, *runs)):
+        return False
+    (old, new), (old_run, new_run) = [Path(p).resolve() for p in (old, new)], [Path(p).resolve() for p in runs]
+    return old == new or os.path.relpath(old, old_run) == os.path.relpath(new, new_run)

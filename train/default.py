@@ -148,9 +148,9 @@ def stage_done(out: Path, stage: str) -> bool:
     return all((out / marker).exists() for marker in STAGE_OUTPUTS[stage])
 
 
-def check_reusable(run_dir: Path, cfg, allowed: frozenset[str] = frozenset()) -> None:
-    """A finished training stage is reused only if it ran with the settings asked for now (``allowed`` aside)."""
-    changes = changed_settings(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, cfg, allowed)
+def check_reusable(run_dir: Path, cfg) -> None:
+    """A finished training stage is reused only if it ran with the settings asked for now."""
+    changes = changed_settings(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, cfg)
     if changes:
         raise ValueError(f"{run_dir} was trained with other settings ({changes}): choose another --out-dir, or "
                          f"delete {run_dir.parent} to train everything again")
@@ -219,9 +219,7 @@ def run_decoders(model_dir: Path, profile: dict, out: Path, extra: list[str]) ->
         run_dir = out / f"decoder_{mode}"
         cfg = decoder_config(model_dir, profile, run_dir, mode, extra)
         if (run_dir / "decoder" / "config.json").exists():
-            # The checkpoint is this run's own pretrain/model wherever the run folder now lies (moved or copied);
-            # decoders left over from a model deleted to be trained again were refused by stale_stages.
-            check_reusable(run_dir, cfg, allowed=frozenset({"checkpoint"}))
+            check_reusable(run_dir, cfg)
         else:
             decoder_training.train(cfg)
         paths[mode] = run_dir / "decoder"

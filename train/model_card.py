@@ -30,8 +30,7 @@ def object_gap(feats: dict, objects: dict, floor: float) -> str:
             "earlier scenes, length cut that cost (22 points at 57,600 images, 4 at 422,400) while the object-only "
             "figure stayed at 43-49 % up to 576,000 images (bench/RESULTS.md, \"Semantics\"), so past it the floor "
             "needs object features that tell unseen emoji apart better than their pixels do, which no I-JEPA run "
-            "here has shown (the "
-            "supervised reference's do: 56.4 % object-only).")
+            "here has shown (the supervised reference's do: 56.4 % object-only).")
 
 
 def decoder_run(config: dict) -> str:
