@@ -83,6 +83,25 @@ def test_a_run_continues_when_its_paths_are_written_another_way(tmp_path, monkey
     assert changed_settings(saved, DecoderTrainConfig(checkpoint="runs/other")).startswith("checkpoint: ")
 
 
+def test_a_run_moved_with_the_model_beside_it_continues(tmp_path):
+    """The recipe's decoders name their model ``<run>/pretrain/model``: after the whole run folder is moved (or
+    copied), a finished stage is reused and a stopped one resumes; a model at another place is still a change."""
+    from train.config import changed_settings, config_dict
+    from train.decoder import DecoderTrainConfig
+    before, after = tmp_path / "scratch" / "run", tmp_path / "home" / "run"
+    saved = config_dict(DecoderTrainConfig(checkpoint=str(before / "pretrain" / "model"),
+                                           out_dir=str(before / "decoder_spatial_context")))
+    moved = DecoderTrainConfig(checkpoint=str(after / "pretrain" / "model"),
+                               out_dir=str(after / "decoder_spatial_context"))
+    assert changed_settings(saved, moved) == ""
+    elsewhere = DecoderTrainConfig(checkpoint=str(after / "other" / "model"),
+                                   out_dir=str(after / "decoder_spatial_context"))
+    assert changed_settings(saved, elsewhere).startswith("checkpoint: ")
+    stayed = DecoderTrainConfig(checkpoint=str(after / "pretrain" / "model"),
+                                out_dir=str(before / "decoder_spatial_context"))
+    assert changed_settings(saved, stayed).startswith("checkpoint: ")  # the run did not move: another model
+
+
 def test_scene_settings_reach_the_world_the_run_trains_on(tmp_path, monkeypatch):
     built = []
     real = pretrain.build_dataset
