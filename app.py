@@ -9,12 +9,13 @@ The same results are available to programs through the "/sketch" endpoint::
     from gradio_client import Client, handle_file
     client = Client("http://127.0.0.1:7860/")
     sketches, metrics = client.predict(handle_file("photo.jpg"), "[[120, 80, 260, 200]]", 4, 0, api_name="/sketch")
-    # optional 5th argument: the decoder, "spatial_context" (the default) or "pooled" (the I-JEPA paper's)
+    # optional: decoder="spatial_context" (the default) or "pooled" (the I-JEPA paper's), steps=10 (sampler steps)
 
 ``sketches`` is a list of gallery items, one sheet per sketch: the sketch composited into the model's view
 (enlarged, boxes outlined) beside enlarged crops of each box. ``metrics`` is a dict with, per box, the prediction
 error, the probe's top-5 labels, the nearest reference boxes and whether the box was clipped to the model's view.
-Bad input comes back as ``AppError`` with a message saying what to change.
+Bad input comes back as ``AppError`` with a message saying what to change; anything else is a bug, reported as one
+and logged with its traceback.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from gradio_image_annotation import image_annotator
 from PIL import Image
 
 from ijepa.engine import (BOX_COLORS, DEFAULT_ASSETS, DEFAULT_NUM_SAMPLES, DEFAULT_NUM_STEPS, MAX_BOXES,
-                          MAX_IMAGE_PIXELS, MAX_NUM_SAMPLES, SKETCH_STYLES, CheckpointError, Engine)
+                          MAX_IMAGE_PIXELS, MAX_NUM_SAMPLES, SKETCH_STYLES, CheckpointError, Engine,
+                          InputError)
 
 logger = logging.getLogger("app")
 
@@ -68,24 +70,31 @@ HOW_TO_READ = """
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Engine ValueErrors are about the user's input: show them as messages (gr.Error), keep serving."""
+    """Show an InputError's message as it is (the user can act on it) and keep serving. Any other exception is a bug:
+    log its traceback and say so, rather than ask the user to change an input that was fine."""
     try:
         yield
-    except ValueError as err:
+    except InputError as err:
         raise gr.Error(str(err), title="Please adjust the input") from None
+    except gr.Error:
+        raise
+    except Exception as err:
+        logger.exception("internal error")
+        raise gr.Error(f"{type(err).__name__}: {err}. This is a bug in the app, not a problem with your input; the "
+                       "server's log has the details.", title="Something went wrong") from err
 
 
 def whole_number(value: float | None, what: str) -> int:
     """A number field's value -> int. A cleared field arrives as None: say what to enter instead of failing."""
     if value is None or not math.isfinite(float(value)) or float(value) != int(value):
-        raise ValueError(f"Enter {what} as a whole number (got {value}).")
+        raise InputError(f"Enter {what} as a whole number (got {value}).")
     return int(value)
 
 
 def annotator_input(value: dict | None) -> tuple[np.ndarray, list[list[float]]]:
     """Annotator value -> (upright image, boxes in its pixels, in reading order as the model view numbers them)."""
     if not value or value.get("image") is None:
-        raise ValueError("Pick an example or upload an image first.")
+        raise InputError("Pick an example or upload an image first.")
     image = value["image"]
     if isinstance(image, (str, Path)):  # our own annotator_value, not yet through the widget
         with Image.open(image) as opened:
@@ -100,7 +109,8 @@ def annotator_input(value: dict | None) -> tuple[np.ndarray, list[list[float]]]:
 
 def annotator_value(image: np.ndarray, boxes: list | tuple = ()) -> dict:
     """An image and its boxes for the drawing widget. The image goes as a PNG file: given an array, the widget would
-    store a lossy WebP copy and send that back, so the model would see other pixels than /sketch does."""
+    store a lossy WebP copy and send that back, so the model would see other pixels than /sketch does for the same
+    file (an upload larger than DISPLAY_MAX_SIDE is shown, and its boxes drawn, on a smaller copy)."""
     boxes = sorted(boxes, key=lambda b: (b[1], b[0]))
     path = processing_utils.save_img_array_to_cache(np.ascontiguousarray(image),
                                                     cache_dir=processing_utils.get_upload_folder(), format="png")
@@ -170,7 +180,8 @@ class Handlers:
                        readout, metrics)
             truth = engine.truth_vs_prediction(analysis, last, seed, steps, last.style)
             metrics = {**metrics, "sketch_seconds": round(last.seconds, 3), "seed": seed, "num_samples": num_samples,
-                       "decoder": engine.info.decoder_sources[last.style], "decoder_style": last.style}
+                       "num_steps": steps, "decoder": engine.info.decoder_sources[last.style],
+                       "decoder_style": last.style}
             yield view, explanation, engine.sketch_gallery(analysis, last), status, truth, neighbours, readout, metrics
 
     def explore(self, value: dict | None, window: float) -> tuple[np.ndarray, np.ndarray]:
@@ -182,27 +193,30 @@ class Handlers:
             return surprise.figure, self.engine.feature_view(prepared)
 
     def api_sketch(self, image: str | None, boxes: str, num_samples: float, seed: float,
-                   decoder: str | None = None) -> tuple[list, dict]:
+                   decoder: str | None = None, steps: float | None = DEFAULT_NUM_STEPS) -> tuple[list, dict]:
         """The "/sketch" endpoint: image file + JSON boxes (original-image pixels) -> sketches and metrics.
-        ``decoder``: a key of SKETCH_STYLES among the loaded ones (None or "": the default)."""
+        ``decoder``: a key of SKETCH_STYLES among the loaded ones (None or "": the default); ``steps``: the
+        sampler's steps (the UI's "Decoder steps"), so that seed and steps reproduce a UI result."""
         engine = self.engine
         with user_errors():
             if image is None:
-                raise ValueError("Send an image file (gradio_client.handle_file(path)).")
+                raise InputError("Send an image file (gradio_client.handle_file(path)).")
             try:
                 parsed = json.loads(boxes) if isinstance(boxes, str) else boxes
             except json.JSONDecodeError as err:
-                raise ValueError(f"boxes must be a JSON list of [xmin, ymin, xmax, ymax] lists: {err}") from None
+                raise InputError(f"boxes must be a JSON list of [xmin, ymin, xmax, ymax] lists: {err}") from None
             if not isinstance(parsed, list):
-                raise ValueError("boxes must be a JSON list of [xmin, ymin, xmax, ymax] lists")
+                raise InputError("boxes must be a JSON list of [xmin, ymin, xmax, ymax] lists")
             num_samples, seed = whole_number(num_samples, "the number of sketches"), whole_number(seed, "a seed")
+            steps = whole_number(DEFAULT_NUM_STEPS if steps is None else steps, "the number of sampler steps")
             analysis = engine.analyze(engine.open_image(image), parsed)
             metrics: dict[str, Any] = {**analysis.metrics(), "model": engine.info.source}
             if not engine.has_decoder:
                 return [], {**metrics, "decoder": None, "sketches": self.decoder_note()}
-            update = engine.sketches(analysis, num_samples, seed, style=decoder or None)
+            update = engine.sketches(analysis, num_samples, seed, steps, style=decoder or None)
             metrics.update(decoder=engine.info.decoder_sources[update.style], decoder_style=update.style,
-                           sketch_seconds=round(update.seconds, 3), seed=seed, num_samples=num_samples)
+                           sketch_seconds=round(update.seconds, 3), seed=seed, num_samples=num_samples,
+                           num_steps=steps)
             return engine.sketch_gallery(analysis, update), metrics
 
     def decoder_note(self) -> str:
@@ -232,8 +246,8 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                 with gr.Row():
                     num_samples = gr.Slider(1, MAX_NUM_SAMPLES, value=DEFAULT_NUM_SAMPLES, step=1,
                                             label="Sketches per box", elem_id="num-samples")
-                    seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (same seed, same sketches)",
-                                     elem_id="seed")
+                    seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - 1, elem_id="seed",
+                                     label="Seed (same seed and steps, same sketches)")
                 style = gr.Radio([(SKETCH_STYLES[s], s) for s in styles], value=styles[0] if styles else None,
                                  label="Sketch decoder", visible=len(styles) > 1, elem_id="sketch-style",
                                  info="Detailed: every predicted patch feature + the visible surroundings. Pooled: "
@@ -285,26 +299,30 @@ def build_app(handlers: Handlers) -> gr.Blocks:
             api_seed = gr.Number(label="seed", value=0)
             api_decoder = gr.Radio(list(styles), value=styles[0] if styles else None,
                                    label="decoder: " + " or ".join(styles) if styles else "decoder (none loaded)")
+            api_steps = gr.Number(label="steps", value=DEFAULT_NUM_STEPS)
             api_sketches = gr.Gallery(label="sketches", format="png")
             api_metrics = gr.JSON(label="metrics")
             api_button = gr.Button("sketch")
 
         results = [model_view, explanation, sketches, sketch_status, truth, neighbours, readout, metrics, surprise,
                    features]
-        examples.select(handlers.load_example, None, [annotator, *results], api_visibility="private",
-                        concurrency_limit=4)
-        upload.upload(handlers.load_upload, upload, [annotator, *results], api_visibility="private",
-                      concurrency_limit=4)
         # Model work shares one concurrency group: one request at a time uses the CPU/GPU, the rest queue. A press
         # while the previous run (or its surprise map) is still going is kept and runs next, not dropped.
         model_work = dict(concurrency_id="model", concurrency_limit=1)
-        run.click(handlers.run, [annotator, num_samples, seed, steps, style],
-                  [model_view, explanation, sketches, sketch_status, truth, neighbours, readout, metrics],
-                  api_visibility="private", trigger_mode="always_last", **model_work).success(
-            handlers.explore, [annotator, window], [surprise, features], api_visibility="private", **model_work)
-        window.release(handlers.explore, [annotator, window], [surprise, features], api_visibility="private",
-                       **model_work)
-        api_button.click(handlers.api_sketch, [api_image, api_boxes, api_samples, api_seed, api_decoder],
+        run_event = run.click(handlers.run, [annotator, num_samples, seed, steps, style],
+                              [model_view, explanation, sketches, sketch_status, truth, neighbours, readout, metrics],
+                              api_visibility="private", trigger_mode="always_last", **model_work)
+        explore_event = run_event.success(handlers.explore, [annotator, window], [surprise, features],
+                                          api_visibility="private", **model_work)
+        window_event = window.release(handlers.explore, [annotator, window], [surprise, features],
+                                      api_visibility="private", **model_work)
+        # A new image stops the last image's work, so its late results cannot land beside the new image.
+        last_image_work = [run_event, explore_event, window_event]
+        examples.select(handlers.load_example, None, [annotator, *results], api_visibility="private",
+                        concurrency_limit=4, cancels=last_image_work)
+        upload.upload(handlers.load_upload, upload, [annotator, *results], api_visibility="private",
+                      concurrency_limit=4, cancels=last_image_work)
+        api_button.click(handlers.api_sketch, [api_image, api_boxes, api_samples, api_seed, api_decoder, api_steps],
                          [api_sketches, api_metrics], api_name="sketch",
                          api_description="Sketches of what the predictor expects in each box, with metrics.",
                          **model_work)

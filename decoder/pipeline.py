@@ -136,7 +136,8 @@ class SketchSampler:
 
         Sample indices [0, first) are denoised alone and yielded as soon as they finish; the rest follow in one
         batch. With ``preview_every=k > 0`` each phase also yields its x0 estimate every k steps (``is_preview``).
-        The last event has ``done=True`` and holds all sketches, the same as ``sample`` with the same arguments.
+        The last event has ``done=True`` and holds all sketches: those of ``sample`` with the same arguments, in
+        reduced precision up to rounding (batches of other sizes may round differently).
         """
         self._check_counts(num_samples, num_steps)
         if not 1 <= first <= num_samples:

@@ -47,6 +47,12 @@ def folder_bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def train_decoder_hint(checkpoint: str | Path, conditioning: str | None = None) -> str:
+    """The command that trains a decoder of this kind for ``checkpoint`` (the default kind: spatial_context)."""
+    hint = TRAIN_DECODER_HINT.format(checkpoint=checkpoint)
+    return hint + f" --conditioning {conditioning}" if conditioning not in (None, "spatial_context") else hint
+
+
 @dataclass(frozen=True)
 class FeatureBank:
     """Pooled TRUE box features of labelled reference boxes, with thumbnails to show as neighbours."""
@@ -83,15 +89,24 @@ def load_decoder(path: str | Path, config: IJepaConfig, checkpoint: str | Path =
     """A ``save_pretrained`` folder -> SketchDecoder (float32), checked against the model it will decode
     (``checkpoint`` names that model in the how-to-train hint)."""
     path = Path(path)
-    hint = TRAIN_DECODER_HINT.format(checkpoint=checkpoint)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a sketch decoder folder (no config.json); train one with "
-                                f"`{hint}`")
+                                f"`{train_decoder_hint(checkpoint)}`")
+    try:
+        conditioning = json.loads((path / "config.json").read_text()).get("conditioning")
+    except (json.JSONDecodeError, AttributeError):
+        conditioning = None  # from_pretrained below says what is wrong with the file
+    hint = train_decoder_hint(checkpoint, conditioning)
     try:  # safetensors only: a decoder folder never unpickles anything
         decoder = SketchDecoder.from_pretrained(path, low_cpu_mem_usage=False, use_safetensors=True).float().eval()
-    except (OSError, SafetensorError) as err:
+    except (OSError, SafetensorError, ValueError) as err:
         raise ValueError(f"{path}: cannot read the sketch decoder (truncated download, or not a safetensors decoder "
                          f"folder): {err} Copy the folder again, or train one with "
+                         f"`{hint}`") from None
+    except RuntimeError as err:  # torch's load_state_dict: the weights are not the ones config.json describes
+        detail = " ".join(str(err).split())[:300]
+        raise ValueError(f"{path}: its weights do not fit its config.json (the two files come from different "
+                         f"decoders?): {detail}... Copy the folder again, or train one with "
                          f"`{hint}`") from None
     expected = {"feature_dim": config.embed_dim, "grid_size": tuple(config.grid_size), "image_size": config.img_size}
     found = {"feature_dim": decoder.config.feature_dim, "grid_size": tuple(decoder.config.grid_size),

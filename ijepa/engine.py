@@ -33,9 +33,11 @@ from PIL import Image, ImageDraw
 from decoder import SketchCondition, SketchDecoder, SketchSampler, box_mask_from_indices
 from decoder.pipeline import DEFAULT_NUM_STEPS
 
-from .bundle import (DECODER_DIRS, DEFAULT_ASSETS, EXAMPLES_DIR, MODEL_DIR, TRAIN_DECODER_HINT, Example, FeatureBank,
-                     build_random_bundle, load_bank, load_decoder, load_examples, load_probe, load_readouts)
+from .bundle import (DECODER_DIRS, DEFAULT_ASSETS, EXAMPLES_DIR, MODEL_DIR, Example, FeatureBank,
+                     build_random_bundle, load_bank, load_decoder, load_examples, load_probe, load_readouts,
+                     train_decoder_hint)
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_model
+from .errors import InputError
 from .figures import (BOX_COLORS, render_feature_view, render_surprise, render_truth_vs_prediction, sketch_sheet,
                       upscale)
 from .inference import (MAX_BOXES, MAX_IMAGE_PIXELS, BoxAnalysis, BoxPrediction, LinearReadout, PreparedImage,
@@ -240,12 +242,20 @@ class Engine:
             raise ValueError(f"{checkpoint} has no predictor weights; the app needs a full I-JEPA checkpoint "
                              "(encoder, target_encoder and predictor)")
         paths = [decoder] if isinstance(decoder, (str, Path)) else list(decoder or [])
-        if not paths and bundle_model and assets is not None:
+        # Decoders named on the command line must load; a bundle's own that cannot turns its sketches off instead.
+        optional = not paths and bundle_model and assets is not None
+        if optional:
             paths = [assets / name for name in DECODER_DIRS.values() if (assets / name).is_dir()]
         decoders: dict[str, SketchDecoder] = {}
         sources: dict[str, str] = {}
         for path in paths:
-            sketch_decoder = load_decoder(path, model.config, checkpoint).to(device)
+            try:
+                sketch_decoder = load_decoder(path, model.config, checkpoint).to(device)
+            except (FileNotFoundError, ValueError) as err:
+                if not optional:
+                    raise
+                notes.append(f"The sketch decoder in {path} could not be loaded, so its sketches are off: {err}")
+                continue
             style = sketch_decoder.config.conditioning
             if style in decoders:
                 raise ValueError(f"{sources[style]} and {path} are both {style!r} decoders; pass at most one of each "
@@ -254,7 +264,7 @@ class Engine:
         if not decoders:
             notes.append(
                 "No sketch decoder for this model, so the Sketches and the decoded Truth-vs-prediction images are "
-                "off (everything else works). Train one with `" + TRAIN_DECODER_HINT.format(checkpoint=checkpoint)
+                "off (everything else works). Train one with `" + train_decoder_hint(checkpoint)
                 + "` and pass its folder with --decoder.")
         if bundle_model and assets is not None:
             probes, bank = load_readouts(assets, model.config.embed_dim, notes)
@@ -388,24 +398,24 @@ class Engine:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _require_decoder(self, style: str | None) -> tuple[str, SketchSampler]:
-        """The sampler of ``style`` (None: the default decoder), or a ValueError that says what is loaded."""
+        """The sampler of ``style`` (None: the default decoder), or an InputError that says what is loaded."""
         if not self.samplers:
-            raise ValueError("No sketch decoder is loaded for this model. Train one with `"
-                             + TRAIN_DECODER_HINT.format(checkpoint=self.info.source) + "` and pass --decoder.")
+            raise InputError("No sketch decoder is loaded for this model. Train one with `"
+                             + train_decoder_hint(self.info.source) + "` and pass --decoder.")
         style = style or self.sketch_styles[0]
         if style not in self.samplers:
             loaded = ", ".join(f"{s!r} ({SKETCH_STYLES[s]})" for s in self.samplers)
-            raise ValueError(f"No {style!r} sketch decoder is loaded; choose one of: {loaded}.")
+            raise InputError(f"No {style!r} sketch decoder is loaded; choose one of: {loaded}.")
         return style, self.samplers[style]
 
     @staticmethod
     def _check_sampling(num_samples: int, num_steps: int, seed: int) -> None:
         if not 1 <= int(num_samples) <= MAX_NUM_SAMPLES:
-            raise ValueError(f"The number of sketches must be between 1 and {MAX_NUM_SAMPLES}, got {num_samples}.")
+            raise InputError(f"The number of sketches must be between 1 and {MAX_NUM_SAMPLES}, got {num_samples}.")
         if not 1 <= int(num_steps) <= MAX_NUM_STEPS:
-            raise ValueError(f"The number of sampler steps must be between 1 and {MAX_NUM_STEPS}, got {num_steps}.")
+            raise InputError(f"The number of sampler steps must be between 1 and {MAX_NUM_STEPS}, got {num_steps}.")
         if not 0 <= int(seed) < 2**31:
-            raise ValueError(f"The seed must be an integer in [0, 2^31), got {seed}.")
+            raise InputError(f"The seed must be an integer in [0, 2^31), got {seed}.")
 
     def _composite(self, analysis: Analysis, sketches: torch.Tensor) -> list[np.ndarray]:
         """Sampler output [boxes, samples, 3, S, S] in [0, 1] -> per sample, the model's input with every box filled
@@ -450,16 +460,10 @@ class Engine:
 
     def sketches(self, analysis: Analysis, num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0,
                  num_steps: int = DEFAULT_NUM_STEPS, style: str | None = None) -> SketchUpdate:
-        """All sketches at once (the last event of ``stream_sketches``)."""
-        style, sampler = self._require_decoder(style)
-        self._check_sampling(num_samples, num_steps, seed)
-        cond = self._conditions(analysis, lambda box: box.predicted)
-        start = time.perf_counter()
-        with self._autocast():
-            images = sampler.sample(cond, num_samples=int(num_samples), num_steps=int(num_steps), seed=int(seed))
-        images = images.view(cond.batch_size, int(num_samples), *images.shape[1:])
-        return SketchUpdate(self._composite(analysis, images), tuple(range(int(num_samples))), int(num_samples),
-                            int(seed), True, time.perf_counter() - start, style, int(num_steps))
+        """All sketches at once: the last update of ``stream_sketches``, so that the API and the UI give the same
+        pixels (in bf16 a sketch can differ by a level in a few pixels when drawn in a batch of another size)."""
+        *_, last = self.stream_sketches(analysis, num_samples, seed, num_steps, style)
+        return last
 
     def decode_truth(self, analysis: Analysis, seed: int = 0, num_steps: int = DEFAULT_NUM_STEPS,
                      style: str | None = None) -> np.ndarray:
@@ -479,7 +483,7 @@ class Engine:
         grid = self.model.config.grid_size
         window = window if window is not None else max(1, min(grid) // 4)
         if not 1 <= window < min(grid):
-            raise ValueError(f"The window must be 1 to {min(grid) - 1} patches wide, got {window}.")
+            raise InputError(f"The window must be 1 to {min(grid) - 1} patches wide, got {window}.")
         stride = stride if stride is not None else max(1, window // 2)
         errors = surprise_map(self.model, prepared.pixels, window, stride).numpy()
         return SurpriseMap(errors, (window, window), stride, render_surprise(prepared.to_uint8(), errors, window))
@@ -526,7 +530,8 @@ class Engine:
         pending = "" if update.done else " (the others are still being drawn)"
         for image, index in zip(update.images, update.sample_indices):
             sheet = sketch_sheet(image, analysis, self.display_scale())
-            items.append((sheet, f"Sketch {index + 1} of {update.num_samples} · seed {update.seed}{pending}"))
+            items.append((sheet, f"Sketch {index + 1} of {update.num_samples} · seed {update.seed} · "
+                                 f"{update.num_steps} steps{pending}"))
         return items
 
     def neighbour_gallery(self, analysis: Analysis) -> list[tuple[np.ndarray, str]]:
@@ -623,6 +628,10 @@ def resolve_device(device: str) -> str:
         raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda (or cuda:N) or mps")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
+    if kind == "cuda" and ":" in device:
+        index, count = device.split(":", 1)[1], torch.cuda.device_count()
+        if not index.isdigit() or int(index) >= count:
+            raise ValueError(f"--device {device}: torch sees {count} CUDA GPU(s), numbered 0 to {count - 1}")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {device}: torch sees no Apple GPU (MPS) here; use --device cpu (or auto)")
     return device
@@ -638,7 +647,7 @@ def true_features_of(model: IJepa, prepared: PreparedImage) -> torch.Tensor:
 __all__ = [
     "BOX_COLORS", "DEFAULT_ASSETS", "DEFAULT_NUM_SAMPLES", "DEFAULT_NUM_STEPS", "MAX_BOXES", "MAX_IMAGE_PIXELS",
     "MAX_NUM_SAMPLES", "MAX_NUM_STEPS", "DECODER_DIRS", "SKETCH_STYLES", "Analysis", "BoxReport", "CheckpointError",
-    "Engine", "Example", "FeatureBank", "ModelInfo", "Neighbour", "SketchUpdate", "SurpriseMap", "array_to_image",
-    "build_random_bundle", "load_bank", "load_decoder", "load_examples", "load_probe", "load_readouts", "sketch_sheet",
-    "upscale",
+    "Engine", "Example", "FeatureBank", "InputError", "ModelInfo", "Neighbour", "SketchUpdate", "SurpriseMap",
+    "array_to_image", "build_random_bundle", "load_bank", "load_decoder", "load_examples", "load_probe",
+    "load_readouts", "sketch_sheet", "upscale",
 ]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import InputError
 from .masks import Box, apply_masks, parse_box
 from .model import IJepa, check_target
 
@@ -124,7 +125,7 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 def open_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open and decode an image file, refusing anything that is not an image or is too large to decode safely.
 
-    The pixel count is checked from the header, before any pixel is decoded. Raises ValueError with a message
+    The pixel count is checked from the header, before any pixel is decoded. Raises InputError with a message
     meant for the person who supplied the file.
     """
     if isinstance(source, (bytes, bytearray)):
@@ -132,24 +133,24 @@ def open_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_IMAG
     try:
         image = Image.open(source)
     except Image.DecompressionBombError:
-        raise ValueError(f"This image has far more pixels than the limit of {max_pixels / 1e6:.0f} megapixels; "
+        raise InputError(f"This image has far more pixels than the limit of {max_pixels / 1e6:.0f} megapixels; "
                          "resize it and upload it again.") from None
     except FileNotFoundError:
-        raise ValueError(f"No such image file: {source}") from None
+        raise InputError(f"No such image file: {source}") from None
     except UnidentifiedImageError:
-        raise ValueError("This file is not an image that can be read: use PNG, JPEG, WebP, GIF, BMP or TIFF.") from None
+        raise InputError("This file is not an image that can be read: use PNG, JPEG, WebP, GIF, BMP or TIFF.") from None
     except (OSError, SyntaxError) as err:
-        raise ValueError(f"This image file cannot be read; it may be damaged. Details: {err}") from None
+        raise InputError(f"This image file cannot be read; it may be damaged. Details: {err}") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise ValueError(f"This image is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels); the limit "
+        raise InputError(f"This image is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels); the limit "
                          f"is {max_pixels / 1e6:.0f} megapixels. Resize it and upload it again.")
     if width < 1 or height < 1:
-        raise ValueError(f"This image has no pixels ({width}x{height}).")
+        raise InputError(f"This image has no pixels ({width}x{height}).")
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"This image file is damaged or truncated and cannot be decoded. Details: {err}") from None
+        raise InputError(f"This image file is damaged or truncated and cannot be decoded. Details: {err}") from None
     return image
 
 
@@ -194,7 +195,7 @@ def to_rgb(image: Image.Image | np.ndarray, background: tuple[int, int, int] = (
 def array_to_image(array: np.ndarray) -> Image.Image:
     """[H, W], [H, W, 3] or [H, W, 4] arrays (uint8, uint16, or float in [0, 1]) -> PIL image."""
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
-        raise ValueError(f"an image array must be [H, W], [H, W, 3] or [H, W, 4], got shape {array.shape}")
+        raise InputError(f"an image array must be [H, W], [H, W, 3] or [H, W, 4], got shape {array.shape}")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if array.dtype == np.uint16 and array.ndim == 2:
@@ -204,7 +205,7 @@ def array_to_image(array: np.ndarray) -> Image.Image:
     elif np.issubdtype(array.dtype, np.floating):
         array = np.round(np.clip(np.nan_to_num(array), 0, 1) * 255)
     elif array.dtype != np.uint8:
-        raise ValueError(f"unsupported image array dtype {array.dtype}: use uint8, uint16 or float in [0, 1]")
+        raise InputError(f"unsupported image array dtype {array.dtype}: use uint8, uint16 or float in [0, 1]")
     return Image.fromarray(np.ascontiguousarray(array.astype(np.uint8)))
 
 
@@ -272,17 +273,17 @@ def map_boxes(prepared: PreparedImage, boxes: Sequence[Box], patch_size: int,
     """Validate user-image boxes and map them to model pixels, clipped to the model's square (so a box running past
     the image's edge, or past the centre square the model sees, keeps its part inside; ``BoxReport.clipped``).
 
-    Raises ValueError, with a message for the person who drew them, for: no box, too many boxes, malformed or
+    Raises InputError, with a message for the person who drew them, for: no box, too many boxes, malformed or
     non-finite coordinates, boxes wholly outside the image or the centre square the model sees, and
     boxes smaller than one patch (the smallest region the model can hide).
     """
     if isinstance(boxes, (str, bytes)):
-        raise ValueError(f"boxes must be a list of [xmin, ymin, xmax, ymax] lists, got the text {boxes!r} "
+        raise InputError(f"boxes must be a list of [xmin, ymin, xmax, ymax] lists, got the text {boxes!r} "
                          "(parse JSON first)")
     if boxes is None or len(boxes) == 0:
-        raise ValueError("Draw a box on the image first (click and drag): the model needs a region to hide and guess.")
+        raise InputError("Draw a box on the image first (click and drag): the model needs a region to hide and guess.")
     if len(boxes) > max_boxes:
-        raise ValueError(f"{len(boxes)} boxes were drawn; at most {max_boxes} are allowed at once. Delete some boxes.")
+        raise InputError(f"{len(boxes)} boxes were drawn; at most {max_boxes} are allowed at once. Delete some boxes.")
     width, height = prepared.source_size
     size = prepared.size
     left, top, side = prepared.crop
@@ -291,19 +292,25 @@ def map_boxes(prepared: PreparedImage, boxes: Sequence[Box], patch_size: int,
     for number, box in enumerate(boxes, start=1):
         x0, y0, x1, y1 = parse_box(box, number)
         if x1 <= x0 or y1 <= y0:
-            raise ValueError(f"Box {number} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty: xmax must exceed xmin and "
+            raise InputError(f"Box {number} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty: xmax must exceed xmin and "
                              "ymax must exceed ymin.")
         for lo, hi, extent, axis in ((x0, x1, width, "x"), (y0, y1, height, "y")):
             if hi <= 0 or lo >= extent:
-                raise ValueError(f"Box {number} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the {width}x{height} "
+                raise InputError(f"Box {number} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the {width}x{height} "
                                  f"image: its {axis} coordinates must overlap 0..{extent}.")
-        mx0, my0, mx1, my1 = (min(max(v, 0.0), float(size)) for v in prepared.to_model((x0, y0, x1, y1)))
+        whole = prepared.to_model((x0, y0, x1, y1))
+        mx0, my0, mx1, my1 = (min(max(v, 0.0), float(size)) for v in whole)
+        square = (f"the centre square the model sees (x {left:.0f}..{left + side:.0f}, "
+                  f"y {top:.0f}..{top + side:.0f} of your image)")
         if mx1 <= mx0 or my1 <= my0:
-            raise ValueError(
-                f"Box {number} lies outside the centre square the model sees (x {left:.0f}..{left + side:.0f}, "
-                f"y {top:.0f}..{top + side:.0f} of your image). Draw it inside that square.")
-        if min(mx1 - mx0, my1 - my0) < _MIN_BOX_PATCH_FRACTION * patch_size:
-            raise ValueError(
+            raise InputError(f"Box {number} lies outside {square}. Draw it inside that square.")
+        too_small = _MIN_BOX_PATCH_FRACTION * patch_size
+        if min(mx1 - mx0, my1 - my0) < too_small <= min(whole[2] - whole[0], whole[3] - whole[1]):
+            raise InputError(
+                f"Only a sliver of box {number}, less than one patch, lies inside {square}: the model sees "
+                "nothing of the rest. Move the box into that square.")
+        if min(mx1 - mx0, my1 - my0) < too_small:
+            raise InputError(
                 f"Box {number} is smaller than one patch. The model hides whole patches of {patch_size}x{patch_size} "
                 f"pixels of its {size}x{size} view, i.e. {patch_px:.0f}x{patch_px:.0f} pixels of your image: "
                 f"draw a box at least {math.ceil(patch_px)} pixels wide and high (inside the centre square).")

@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .errors import InputError
+
 
 def apply_masks(x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
     """Gather the tokens each mask keeps: x [B, N, D], masks of [B, K] -> [len(masks) * B, K, D].
@@ -334,22 +336,23 @@ def box_tolerance(side: float) -> float:
 
 
 def parse_box(box: Box, number: int = 1) -> Tuple[float, float, float, float]:
-    """A box as [xmin, ymin, xmax, ymax] or a dict with those keys -> four finite floats (ValueError otherwise)."""
+    """A box as [xmin, ymin, xmax, ymax] (list, tuple or array) or a dict with those keys -> four finite floats
+    (InputError otherwise)."""
     if isinstance(box, Mapping):
         try:
             values = [box[k] for k in ("xmin", "ymin", "xmax", "ymax")]
         except KeyError as err:
-            raise ValueError(f"Box {number} needs keys xmin, ymin, xmax, ymax; {err} is missing") from None
-    elif isinstance(box, (str, bytes)) or not isinstance(box, Sequence) or len(box) != 4:
-        raise ValueError(f"Box {number} must be [xmin, ymin, xmax, ymax], got {box!r}")
+            raise InputError(f"Box {number} needs keys xmin, ymin, xmax, ymax; {err} is missing") from None
+    elif isinstance(box, (str, bytes)) or not hasattr(box, "__len__") or len(box) != 4:  # lists, tuples, arrays
+        raise InputError(f"Box {number} must be [xmin, ymin, xmax, ymax], got {box!r}")
     else:
         values = list(box)
     try:
         coords = tuple(float(v) for v in values)
     except (TypeError, ValueError):
-        raise ValueError(f"Box {number} must hold four numbers [xmin, ymin, xmax, ymax], got {box!r}") from None
+        raise InputError(f"Box {number} must hold four numbers [xmin, ymin, xmax, ymax], got {box!r}") from None
     if not all(math.isfinite(c) for c in coords):
-        raise ValueError(f"Box {number} has a coordinate that is not a finite number: {box!r}")
+        raise InputError(f"Box {number} has a coordinate that is not a finite number: {box!r}")
     return coords  # type: ignore[return-value]
 
 
@@ -364,15 +367,15 @@ def _relative_box(box: Box, image_size: Tuple[int, int]) -> Tuple[float, float, 
         raise ValueError(f"image_size must be a positive (width, height), got {image_size}")
     x0, y0, x1, y1 = parse_box(box)
     if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"Degenerate box {box}: need xmax > xmin and ymax > ymin (draw a box with some area)")
+        raise InputError(f"Degenerate box {box}: need xmax > xmin and ymax > ymin (draw a box with some area)")
     for lo, hi, side, name in ((x0, x1, width, "x"), (y0, y1, height, "y")):
         tol = box_tolerance(side)
         if lo < -tol or hi > side + tol:
-            raise ValueError(f"Box {box} lies outside the {width}x{height} image ({name} must be within 0..{side})")
+            raise InputError(f"Box {box} lies outside the {width}x{height} image ({name} must be within 0..{side})")
     x0, x1 = _clip_fraction(x0, width), _clip_fraction(x1, width)
     y0, y1 = _clip_fraction(y0, height), _clip_fraction(y1, height)
     if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"Box {box} has no area inside the {width}x{height} image")
+        raise InputError(f"Box {box} has no area inside the {width}x{height} image")
     return x0, y0, x1, y1
 
 
@@ -411,10 +414,10 @@ def boxes_to_masks(boxes: Sequence[Box], image_size: Tuple[int, int], grid_size:
     """Turn user boxes into (context indices [Kc], one target index tensor per box).
 
     The context is every patch outside all target boxes, or only the patches inside ``context_box`` minus the
-    targets. Raises ValueError when nothing is left for the context, since the predictor needs something to see.
+    targets. Raises InputError when nothing is left for the context, since the predictor needs something to see.
     """
     if len(boxes) == 0:
-        raise ValueError("boxes_to_masks needs at least one target box")
+        raise InputError("boxes_to_masks needs at least one target box")
     gh, gw = _as_grid(grid_size)
     targets = [box_to_patch_indices(box, image_size, (gh, gw)) for box in boxes]
     visible = torch.zeros(gh * gw, dtype=torch.bool)
@@ -426,7 +429,7 @@ def boxes_to_masks(boxes: Sequence[Box], image_size: Tuple[int, int], grid_size:
         visible[target] = False
     if not visible.any():
         where = "inside the context box" if context_box is not None else "of the image the model sees"
-        raise ValueError(f"The target boxes cover every patch {where}, leaving no context patch for the model to "
+        raise InputError(f"The target boxes cover every patch {where}, leaving no context patch for the model to "
                          "see; draw smaller boxes" + (" or a larger context box" if context_box is not None else ""))
     return torch.nonzero(visible).flatten(), targets
 

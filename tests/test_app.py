@@ -63,7 +63,7 @@ def test_server_starts_and_documents_only_the_sketch_endpoint(server, client):
     api = client.view_api(return_format="dict", print_info=False)
     assert list(api["named_endpoints"]) == ["/sketch"] and not api["unnamed_endpoints"]
     names = [p["parameter_name"] for p in api["named_endpoints"]["/sketch"]["parameters"]]
-    assert names == ["image", "boxes", "num_samples", "seed", "decoder"]
+    assert names == ["image", "boxes", "num_samples", "seed", "decoder", "steps"]
     assert "I-JEPA" in httpx.get(url, timeout=10).text
 
 
@@ -76,12 +76,17 @@ def test_sketch_endpoint_returns_sketches_and_metrics(client, photo):
     assert box["box"] == [150, 100, 250, 200] and box["hidden_patches"] > 0
     assert box["prediction_error"] > 0 and len(box["error_per_patch"]) == box["hidden_patches"]
     assert metrics["image_size"] == [400, 300] and metrics["seed"] == 5 and metrics["num_samples"] == 2
+    assert metrics["num_steps"] == 10 and sketches[0]["caption"].endswith("· 10 steps")
     if not USE_ASSETS or (ASSETS / "probe_subgroup.safetensors").is_file():
         assert len(box["probe"]["subgroup"]) == 5
     if not USE_ASSETS or (ASSETS / "bank.safetensors").is_file():
         assert len(box["neighbours"]) == 6
     again, _ = client.predict(handle_file(str(photo)), "[[150, 100, 250, 200]]", 2, 5, api_name="/sketch")
     assert np.array_equal(np.asarray(Image.open(again[1]["image"])), np.asarray(Image.open(sketches[1]["image"])))
+    fewer, metrics = client.predict(handle_file(str(photo)), "[[150, 100, 250, 200]]", 2, 5, steps=4,
+                                    api_name="/sketch")
+    assert metrics["num_steps"] == 4 and fewer[0]["caption"].endswith("· 4 steps")
+    assert not np.array_equal(np.asarray(Image.open(fewer[1]["image"])), np.asarray(Image.open(sketches[1]["image"])))
 
 
 def test_sketch_endpoint_draws_with_the_paper_decoder_when_asked(client, photo):
@@ -123,13 +128,14 @@ def png_bytes(size: tuple[int, int]) -> bytes:
     ("ok.png", None, "[[10, 10, 150, 150]]", {"num_samples": 100}, "between 1 and 8"),
     ("ok.png", None, "[[10, 10, 150, 150]]", {"num_samples": 1.5}, "whole number"),
     ("ok.png", None, "[[10, 10, 150, 150]]", {"seed": None}, "Enter a seed"),
+    ("ok.png", None, "[[10, 10, 150, 150]]", {"steps": 0}, "sampler steps must be between 1"),
 ])
 def test_bad_input_gets_a_clear_message_and_the_server_keeps_serving(server, client, tmp_path, name, data, boxes,
                                                                      extra, message):
     path = write(tmp_path, name, png_bytes((300, 300)) if data is None else data)
     with pytest.raises(AppError, match=message):
         client.predict(handle_file(str(path)), boxes, extra.get("num_samples", 1), extra.get("seed", 0),
-                       api_name="/sketch")
+                       steps=extra.get("steps", 10), api_name="/sketch")
     assert httpx.get(server[0], timeout=10).status_code == 200
 
 
@@ -221,3 +227,49 @@ def test_the_widget_shows_exact_pixels_and_a_new_image_clears_the_last_results(a
     Image.fromarray(image).save(photo)
     uploaded = handlers.load_upload(str(photo))
     assert np.array_equal(app_module.annotator_input(uploaded[0])[0], image) and uploaded[1:] == handlers.CLEARED
+
+
+def test_the_ui_and_the_endpoint_draw_the_same_sketches_for_the_same_seed_and_steps(app_module, tmp_path):
+    """In bf16 a sketch drawn alone and one drawn in a batch differed in thousands of pixel values on the shipped
+    model, so the endpoint could not reproduce what the UI showed; both now draw their sketches the same way."""
+    bundle = ASSETS if USE_ASSETS else tiny_bundle(tmp_path / "b")
+    handlers = app_module.Handlers(Engine.load(bundle, device="cpu", precision="bf16"))
+    value = handlers.initial_value()
+    *_, last = handlers.run(value, 3, 4, 6)
+    image, boxes = app_module.annotator_input(value)
+    Image.fromarray(image).save(tmp_path / "example.png")
+    api, metrics = handlers.api_sketch(str(tmp_path / "example.png"), json.dumps(boxes), 3, 4, None, 6)
+    assert last[7]["num_steps"] == metrics["num_steps"] == 6
+    for (ui_sheet, ui_caption), (api_sheet, api_caption) in zip(last[2], api, strict=True):
+        assert ui_caption == api_caption and np.array_equal(ui_sheet, api_sheet)
+
+
+def test_a_bug_is_reported_as_one_and_logged_not_blamed_on_the_input(app_module, tmp_path, monkeypatch, caplog):
+    handlers = app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))
+    value = handlers.initial_value()
+
+    def broken(*args, **kwargs):
+        raise ValueError("shapes [3, 4] and [5] do not match")
+
+    monkeypatch.setattr(handlers.engine, "analyze", broken)
+    with pytest.raises(app_module.gr.Error) as caught:
+        list(handlers.run(value, 1, 0, 4))
+    assert caught.value.title == "Something went wrong" and "bug in the app, not a problem with your input" in str(
+        caught.value) and "do not match" in str(caught.value)
+    assert any(r.exc_info and "do not match" in str(r.exc_info[1]) for r in caplog.records)  # the traceback is logged
+    monkeypatch.undo()
+    with pytest.raises(app_module.gr.Error) as caught:  # input the user can fix still reads as such
+        list(handlers.run({**value, "boxes": []}, 1, 0, 4))
+    assert caught.value.title == "Please adjust the input"
+
+
+def test_a_new_image_cancels_the_last_images_work(app_module, tmp_path):
+    """Sketches still being drawn for the last image must not land beside a newly picked or uploaded one."""
+    demo = app_module.build_app(app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))
+    dependencies = demo.config["dependencies"]
+    model_work = {d["id"] for d in dependencies if demo.fns[d["id"]].name in ("run", "explore")}
+    assert len(model_work) == 3  # the run, the maps after it, the maps after moving the window slider
+    for fn in ("load_example", "load_upload"):
+        (trigger,) = [d["targets"] for d in dependencies if demo.fns[d["id"]].name == fn]
+        cancelled = {i for d in dependencies if d["targets"] == trigger for i in d["cancels"]}
+        assert cancelled == model_work, fn

@@ -20,7 +20,7 @@ from PIL import Image
 
 from decoder.model import box_mask_from_indices
 from ijepa.bundle import build_random_bundle, load_probe
-from ijepa.engine import Engine
+from ijepa.engine import Engine, InputError
 from ijepa.figures import BOX_COLORS, sketch_sheet
 from ijepa.inference import (LinearReadout, analyze_boxes, feature_pca, map_boxes, nearest_neighbours, open_image,
                              prepare_image, surprise_map, to_rgb, window_positions)
@@ -159,7 +159,7 @@ def test_prepare_crops_the_centre_square_and_maps_boxes():
         pytest.approx((8, 8, 16, 16)), pytest.approx((0, 0, 4, 4))]
 
 
-# ----- bad input: ValueError with a message that says what to do ----------------------------------------------
+# ----- bad input: InputError with a message that says what to do ----------------------------------------------
 
 @pytest.mark.parametrize("data, message", [
     (b"this is not an image", "not an image"),
@@ -169,7 +169,7 @@ def test_prepare_crops_the_centre_square_and_maps_boxes():
 ])
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns first; we then refuse
 def test_bad_files_are_refused_with_clear_messages(data, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         open_image(data)
 
 
@@ -189,13 +189,23 @@ def test_bad_files_are_refused_with_clear_messages(data, message):
 ])
 def test_bad_boxes_are_refused_with_clear_messages(engine, boxes, message):
     image = np.zeros((240, 240, 3), np.uint8)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         engine.analyze(image, boxes)
 
 
+def test_boxes_may_come_as_arrays(engine):
+    image = np.zeros((240, 240, 3), np.uint8)
+    as_list = engine.analyze(image, [[32, 64, 160, 128]]).result.boxes[0].target_indices
+    for boxes in (np.array([[32, 64, 160, 128]]), [np.array([32, 64, 160, 128])], torch.tensor([[32, 64, 160, 128]])):
+        assert torch.equal(engine.analyze(image, boxes).result.boxes[0].target_indices, as_list)
+
+
 def test_box_outside_the_centre_square_is_explained(engine):
-    with pytest.raises(ValueError, match=r"centre square.*x 40\.\.280"):
+    with pytest.raises(InputError, match=r"centre square.*x 40\.\.280"):
         engine.analyze(np.zeros((240, 320, 3), np.uint8), [[0, 0, 30, 100]])
+    # a box big enough, with less than a patch of it inside the square: not called too small
+    with pytest.raises(InputError, match=r"Only a sliver of box 1.*x 40\.\.280.*Move the box"):
+        engine.analyze(np.zeros((240, 320, 3), np.uint8), [[0, 0, 60, 100]])
 
 
 def test_a_box_running_past_the_edge_keeps_its_inside_part_and_says_so(engine):
@@ -455,6 +465,13 @@ def test_load_errors_say_what_to_do(bundle, tmp_path):
     weights.write_bytes(weights.read_bytes()[:4000])
     with pytest.raises(ValueError, match="cannot read the sketch decoder .*truncated"):
         Engine.load(bundle, checkpoint=bundle / "model", decoder=truncated, device="cpu")
+    mismatched = tmp_path / "mismatched_decoder"
+    shutil.copytree(bundle / "decoder_paper", mismatched)
+    config = json.loads((mismatched / "config.json").read_text())
+    config["block_out_channels"] = [2 * c for c in config["block_out_channels"]]
+    (mismatched / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"weights do not fit its config\.json.*size mismatch.*--conditioning pooled"):
+        Engine.load(bundle, checkpoint=bundle / "model", decoder=mismatched, device="cpu")
 
 
 def test_damaged_optional_parts_switch_their_panel_off_instead_of_stopping_the_app(bundle, tmp_path):
@@ -463,11 +480,15 @@ def test_damaged_optional_parts_switch_their_panel_off_instead_of_stopping_the_a
     (damaged / "probe_subgroup.json").unlink()
     (damaged / "bank.json").write_text("{not json")
     next((damaged / "examples").glob("*.png")).unlink()
+    weights = next((damaged / "decoder_paper").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:4000])
     engine = Engine.load(damaged, device="cpu")
     assert "subgroup" not in engine.probes and engine.bank is None and len(engine.examples) == 1
+    assert engine.sketch_styles == ("spatial_context",)  # the damaged paper decoder is off, ours still draws
     notes = " ".join(engine.notes)
     assert "subgroup probe could not be read" in notes and "reference bank could not be read" in notes
     assert "those examples are left out" in notes
+    assert "decoder_paper could not be loaded" in notes and "--conditioning pooled" in notes
     engine.analyze(engine.examples[0].image(), engine.examples[0].boxes)
 
 
@@ -487,6 +508,17 @@ def test_a_device_that_is_not_there_is_named(bundle):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU.*--device cpu"):
             Engine.load(bundle, device="cuda")
+
+
+def test_a_gpu_number_that_is_not_there_is_named(monkeypatch):
+    from ijepa.engine import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1"
+    for device in ("cuda:2", "cuda:x"):
+        with pytest.raises(ValueError, match=r"sees 2 CUDA GPU\(s\), numbered 0 to 1"):
+            resolve_device(device)
 
 
 def test_examples_load_with_their_boxes(engine):
