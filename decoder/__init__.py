@@ -5,6 +5,7 @@ from .model import (
     SketchCondition,
     SketchDecoder,
     box_mask_from_indices,
+    largest_user_box,
     scatter_tokens,
 )
 from .pipeline import DEFAULT_NUM_STEPS, SketchProgress, SketchSampler, initial_noise, make_default_scheduler
@@ -19,6 +20,7 @@ __all__ = [
     "SketchSampler",
     "box_mask_from_indices",
     "initial_noise",
+    "largest_user_box",
     "make_default_scheduler",
     "scatter_tokens",
 ]

@@ -65,6 +65,12 @@ def scatter_tokens(
     return grid.transpose(1, 2).reshape(batch, dim, gh, gw)
 
 
+def largest_user_box(grid_size: Sequence[int]) -> tuple[int, int]:
+    """The largest user-like box (rows, cols of patches) decoder training draws: half the grid's side. Boxes beyond
+    it are outside what a decoder has learnt; the app says so rather than present such sketches as its best."""
+    return max(1, grid_size[0] // 2), max(1, grid_size[1] // 2)
+
+
 def box_mask_from_indices(
     patch_indices: torch.Tensor,
     grid_size: tuple[int, int],

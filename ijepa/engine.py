@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from decoder import SketchCondition, SketchDecoder, SketchSampler, box_mask_from_indices
+from decoder import SketchCondition, SketchDecoder, SketchSampler, box_mask_from_indices, largest_user_box
 from decoder.pipeline import DEFAULT_NUM_STEPS
 
 from .bundle import (DECODER_DIRS, DEFAULT_ASSETS, EXAMPLES_DIR, MODEL_DIR, Example, FeatureBank,
@@ -593,10 +593,16 @@ class Engine:
             "box also says how far off a guess is that needs no predictor: the average description of the visible "
             "patches, copied into every hidden one.",
         ]
-        for report in analysis.reports:
+        largest = largest_user_box(grid)
+        for report, box in zip(analysis.reports, analysis.result.boxes, strict=True):
             line = f"Box {report.number}: error **{report.error:.2f}** (visible average: {report.baseline_error:.2f})"
             if report.clipped:
                 line += " (only its part inside the centre square the model sees was hidden)"
+            rows, cols = (int(torch.unique(axis).numel()) for axis in (box.target_indices // grid[1],
+                                                                        box.target_indices % grid[1]))
+            if self.has_decoder and (rows > largest[0] or cols > largest[1]):
+                line += (f" (larger than the boxes the decoder was trained to fill, {largest[0]}x{largest[1]} patches "
+                         "at most: read its sketches as a guess beyond its training)")
             if report.probe:
                 name = "subgroup" if "subgroup" in report.probe else next(iter(report.probe))
                 label, p = report.probe[name][0]

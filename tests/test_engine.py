@@ -208,6 +208,16 @@ def test_box_outside_the_centre_square_is_explained(engine):
         engine.analyze(np.zeros((240, 320, 3), np.uint8), [[0, 0, 60, 100]])
 
 
+def test_a_box_larger_than_the_decoder_learnt_to_fill_is_flagged(engine):
+    """Decoder training draws boxes up to half the grid's side; the app accepts larger ones, and says so."""
+    image = np.zeros((SIZE, SIZE, 3), np.uint8)
+    half, patch = GRID // 2, SIZE // GRID
+    fits = engine.analyze(image, [[0, 0, half * patch, half * patch]])
+    wide = engine.analyze(image, [[0, 0, (half + 1) * patch, patch]])
+    assert "trained to fill" not in engine.explain(fits)
+    assert f"trained to fill, {half}x{half} patches at most" in engine.explain(wide)
+
+
 def test_a_box_running_past_the_edge_keeps_its_inside_part_and_says_so(engine):
     """Boxes from programs often overshoot an edge, and boxes drawn on a wide image the side strips: the part the
     model sees is hidden, and the report, the metrics and the explanation say it was cut."""

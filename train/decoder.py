@@ -6,7 +6,7 @@
     python -m train.decoder ... --resume true                                        # exact resume
 
 Each step: emoji scenes (or an image folder), one box shape per step drawn either like an I-JEPA target block or
-like a user box (one patch up to about half the image, varied aspect), context = every other patch. The frozen
+like a user box (one patch up to half the image's side, varied aspect), context = every other patch. The frozen
 predictor supplies the box tokens; for ``true_fraction`` of the samples the target encoder's layer-normed features
 of the box are used instead, so the app can render "truth" too. Both live in the same layer-normed space
 (ijepa.inference), which is exactly what the app feeds at inference time.
@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from decoder import SketchCondition, SketchDecoder, SketchSampler
+from decoder import SketchCondition, SketchDecoder, SketchSampler, largest_user_box
 from ijepa.checkpoint import load_model
 from ijepa.inference import gather, predict_features, true_features
 from ijepa.masks import complement_indices, rectangle_indices
@@ -96,7 +96,7 @@ class DecoderLoss(nn.Module):
 
 def sample_box_shape(grid: tuple[int, int], rng: np.random.Generator, target_like_fraction: float) -> tuple[int, int]:
     """(rows, cols) of this step's boxes: I-JEPA target-like (15-20 % of the grid, aspect 0.75-1.5) or user-like
-    (1 patch up to about half the image side, any aspect)."""
+    (1 patch up to half the image side, any aspect: ``largest_user_box``)."""
     gh, gw = grid
     if rng.random() < target_like_fraction:
         scale, aspect = rng.uniform(0.15, 0.2), rng.uniform(0.75, 1.5)
@@ -104,7 +104,8 @@ def sample_box_shape(grid: tuple[int, int], rng: np.random.Generator, target_lik
         rows = int(np.clip(round(math.sqrt(area * aspect)), 1, gh))
         cols = int(np.clip(round(math.sqrt(area / aspect)), 1, gw))
         return rows, cols
-    return int(rng.integers(1, max(2, gh // 2 + 1))), int(rng.integers(1, max(2, gw // 2 + 1)))
+    max_rows, max_cols = largest_user_box(grid)
+    return int(rng.integers(1, max_rows + 1)), int(rng.integers(1, max_cols + 1))
 
 
 def sample_boxes(batch: int, grid: tuple[int, int], rng: np.random.Generator,
@@ -191,7 +192,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
 
     grid = model.config.grid_size
     dataset = build_dataset(cfg.data, resolution=model.config.img_size, patch_size=model.config.patch_size,
-                            seed=cfg.seed + 1)  # other scenes than pretraining saw, same world
+                            seed=cfg.seed + 1)  # the world's default scenes, not pretraining's settings or seed
     loader = DataLoader(dataset, batch_sampler=StepBatches(start_step, cfg.steps, cfg.batch_size, rt.rank,
                                                            rt.world_size),
                         collate_fn=StackFields(("image",)),

@@ -123,7 +123,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--checkpoint", required=True, help="the frozen I-JEPA the decoders were trained on")
     parser.add_argument("--decoder", required=True, help="our decoder (save_pretrained folder)")
     parser.add_argument("--paper-decoder", default=None, help="the paper-faithful (pooled) decoder, same run")
-    parser.add_argument("--data", default="emoji")
+    parser.add_argument("--data", default="emoji", help="emoji (held-out emoji scenes) or an image folder, read "
+                        "as centre crops: pass one the decoder did not train on (e.g. a validation split)")
     parser.add_argument("--num-images", type=int, default=128, help="(image, box) pairs = retrieval gallery size")
     parser.add_argument("--num-samples", type=int, default=4, help="sketches per box (at least 2: diversity)")
     parser.add_argument("--num-steps", type=int, default=12)
@@ -142,8 +143,9 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     args.precision = resolve_precision(torch.device(args.device), args.precision)
     model = load_model(args.checkpoint).to(args.device).eval()
-    # held-out emoji, scenes no training run drew (seeds differ from pretraining and decoder training)
-    extra = {"split": "heldout"} if args.data == "emoji" else {}
+    # held-out emoji, scenes no training run drew (seeds differ from pretraining and decoder training); a folder
+    # as it is, centre-cropped, without the training crops' randomness
+    extra = {"split": "heldout"} if args.data == "emoji" else {"mode": "eval"}
     data = build_dataset(args.data, resolution=model.config.img_size, patch_size=model.config.patch_size,
                          seed=args.seed + 777, **extra)
     group_size = 16
@@ -158,7 +160,8 @@ def main(argv=None) -> dict:
         decoders["paper (pooled only)"] = args.paper_decoder
     report = {"num_images": index, "num_samples": args.num_samples, "num_steps": args.num_steps,
               "precision": args.precision,
-              "data": "held-out emoji scenes" if args.data == "emoji" else args.data, "decoders": {}}
+              "data": "held-out emoji scenes" if args.data == "emoji" else f"{args.data} (centre crops)",
+              "decoders": {}}
     grids = {}
     for name, path in decoders.items():
         decoder = load_decoder(path, model.config).to(args.device)  # checked against the model, float32
