@@ -161,9 +161,20 @@ def test_export_replaces_a_whole_bundle_or_nothing(smoke_run, tmp_path, monkeypa
     shutil.copytree(bundle, earlier)
     (earlier / "metrics.json").write_text("{}")
     shutil.rmtree(earlier / "examples")
+    for backup in ("earlier.old", "earlier.new"):  # a user's own siblings, named as the swap once named its own
+        (tmp_path / backup).mkdir()
+        (tmp_path / backup / "keep.txt").write_text("mine")
     recipe.export_bundle(bundle, earlier)
     assert replacing.folder_digest(earlier) == replacing.folder_digest(bundle)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier"]  # nothing staged or set aside is left
+    # nothing staged or set aside is left, and the siblings are untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "earlier.new", "earlier.old"]
+    assert all((tmp_path / backup / "keep.txt").read_text() == "mine" for backup in ("earlier.old", "earlier.new"))
+    with pytest.raises(OSError):  # a copy that fails part-way leaves the bundle as it was, and no swap folder
+        recipe.save_folder_atomic(lambda staged: (shutil.copytree(bundle, staged), open(staged / "x", "rb")), earlier)
+    assert replacing.folder_digest(earlier) == replacing.folder_digest(bundle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "earlier.new", "earlier.old"]
+    for backup in ("earlier.old", "earlier.new"):
+        shutil.rmtree(tmp_path / backup)
 
     desktop = tmp_path / "desktop"
     desktop.mkdir()

@@ -8,6 +8,7 @@ import platform
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,15 +238,21 @@ def write_json_atomic(path: Path, data) -> None:
 def save_folder_atomic(write: Callable[[Path], None], directory: Path) -> None:
     """``write(folder)`` into a temporary sibling, then swap it in for ``directory`` (the old one moved aside first
     and deleted last): a kill mid-write never leaves a half-written folder that looks finished (e.g. a diffusers
-    folder, whose config.json is written before its weights), nor no folder at all."""
-    staged, old = directory.with_name(directory.name + ".new"), directory.with_name(directory.name + ".old")
-    shutil.rmtree(staged, ignore_errors=True)
-    write(staged)
-    shutil.rmtree(old, ignore_errors=True)
+    folder, whose config.json is written before its weights), nor no folder at all. The swap happens in a folder
+    of its own (``<name>.swap-XXXXXX``, left behind only by a kill), so no sibling such as a user's ``<name>.old``
+    backup is ever touched."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    swap = Path(tempfile.mkdtemp(prefix=directory.name + ".swap-", dir=directory.parent))
+    staged, old = swap / directory.name, swap / (directory.name + ".old")
+    try:
+        write(staged)
+    except BaseException:
+        shutil.rmtree(swap, ignore_errors=True)
+        raise
     if directory.exists():
         os.replace(directory, old)
     os.replace(staged, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(swap)
 
 
 def plot_loss_curve(csv_path: Path, png_path: Path, title: str = "I-JEPA pretraining loss") -> None:
