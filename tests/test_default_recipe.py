@@ -313,11 +313,43 @@ def test_a_bad_extra_flag_stops_the_recipe_before_any_stage(tmp_path, capsys, ex
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_goes_on_with_its_own_profile_on_any_machine(run):
+    """Without --profile a CPU machine used to switch a GPU run to the cpu profile and refuse its stages."""
+    weights = run / "pretrain" / "model" / "model.safetensors"
+    before = weights.read_bytes()
+    recipe.main(["--out-dir", str(run)])  # the smoke run, on a machine whose default profile is another
+    assert json.loads((run / "summary.json").read_text())["profile"] == "smoke"
+    assert weights.read_bytes() == before  # every stage was finished and is reused
+    with pytest.raises(ValueError, match="is a run of the smoke profile: pass --profile smoke"):
+        recipe.main(["--out-dir", str(run), "--profile", "cpu"])
+
+
+def test_a_length_given_for_pretraining_is_not_mixed_with_a_budget_plan(tmp_path):
+    """Before, the plan's shortened warmup went with the given length, and the card reported the plan's fraction."""
+    with pytest.raises(ValueError, match="add --budget-minutes 0 to run the lengths given"):
+        recipe.main(["--out-dir", str(tmp_path / "run"), "--profile", "smoke", "--budget-minutes", "5",
+                     "--pretrain.steps", "3"])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["profile.json"]  # nothing timed or trained
+
+
+def test_the_decoder_schedule_follows_the_decoder_length_given(tmp_path):
+    """Warmup, sample grids and checkpoints follow --decoder.steps, not the profile's length."""
+    profile, model = dict(recipe.PROFILES["cpu"]), tmp_path / "model"
+    given = recipe.decoder_config(model, profile, tmp_path / "d", "pooled", ["--steps", "1500"])
+    assert (given.steps, given.warmup_steps, given.sample_every, given.ckpt_every) == (1500, 75, 375, 375)
+    assert recipe.decoder_config(model, profile, tmp_path / "d", "pooled",
+                                 ["--steps", "1500", "--warmup-steps", "10"]).warmup_steps == 10
+    default = recipe.decoder_config(model, profile, tmp_path / "d", "pooled", [])
+    assert (default.steps, default.warmup_steps, default.sample_every, default.ckpt_every) == (500, 25, 125, 125)
+
+
 def test_a_finished_stage_is_not_reused_with_other_settings(run):
     weights = run / "pretrain" / "model" / "model.safetensors"
     before = weights.read_bytes()
-    with pytest.raises(ValueError, match="steps: 3 -> 4"):
-        recipe.main(["--out-dir", str(run), "--profile", "smoke", "--pretrain.steps", "4"])
+    with pytest.raises(ValueError, match="predictor_depth: 1 -> 2"):
+        recipe.main(["--out-dir", str(run), "--profile", "smoke", "--pretrain.predictor-depth", "2"])
+    with pytest.raises(ValueError, match="--pretrain.steps fixes pretraining's length, which the budget plan sets"):
+        recipe.main(["--out-dir", str(run), "--profile", "smoke", "--pretrain.steps", "4"])  # a planned run
     assert weights.read_bytes() == before
 
 

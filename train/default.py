@@ -56,17 +56,21 @@ logger = logging.getLogger("train.default")
 CONFIGS = Path(__file__).parent / "configs"
 
 # Stage settings per profile: pretraining config file, decoder/eval sizes, and the wall-clock budget (minutes) the
-# training stages are shortened to fit on the machine at hand (train/budget.py; 0: always the full lengths).
+# training stages are shortened to fit on the machine at hand (train/budget.py; 0: always the full lengths). The GPU
+# decoders render their scenes with as many workers as pretraining (~320 scenes/s per process on a CPU core: one
+# worker would hold a batch of 128 to ~2.5 steps/s).
 # The GPU decoders' last level is 192 wide, not 256: two 64,128,256 decoders (11.5M parameters, 22 MB in fp16 each)
 # with the model (11 MB) and the 4096-box bank (14 MB) would be 70 MB, over SHIPPED_SIZE_LIMIT; 64,128,192 keeps
 # the two full-resolution levels and makes 7.7M parameters (15 MB) each, 56 MB in all.
 PROFILES = {
     "gpu": dict(pretrain="emoji_gpu.yaml", budget_minutes=10, decoder_steps=3000, decoder_batch=128,
-                decoder_channels="64,128,192", box_train=4000, box_test=1000, bank=4096, eval_images=256),
+                decoder_channels="64,128,192", decoder_workers=14, box_train=4000, box_test=1000, bank=4096,
+                eval_images=256),
     "cpu": dict(pretrain="emoji_cpu.yaml", budget_minutes=90, decoder_steps=500, decoder_batch=32,
-                decoder_channels="32,64,128", box_train=2000, box_test=500, bank=2048, eval_images=128),
+                decoder_channels="32,64,128", decoder_workers=1, box_train=2000, box_test=500, bank=2048,
+                eval_images=128),
     "smoke": dict(pretrain="emoji_smoke.yaml", budget_minutes=0, decoder_steps=2, decoder_batch=4,
-                  decoder_channels="32,32,32", box_train=64, box_test=32, bank=32, eval_images=64),
+                  decoder_channels="32,32,32", decoder_workers=1, box_train=64, box_test=32, bank=32, eval_images=64),
 }
 
 
@@ -76,6 +80,7 @@ BUNDLE_DIR = "bundle"  # the finished run's bundle inside --out-dir
 # Probes, example images, samples.png, card and configs: ~0.4 MB in the CPU bundle; counted as 1 MB before training
 OTHER_FILES_ESTIMATE = 2**20
 STAGE_TIMES = "stage_seconds.json"  # seconds per finished stage, kept across calls
+PROFILE_FILE = "profile.json"  # the profile a run was started with: later calls go on with it
 # What each stage leaves behind: a stage whose outputs all exist is skipped.
 STAGE_OUTPUTS = {"pretrain": ["pretrain/model/config.json"], "eval": ["eval/results.json"], "bank": ["bank.safetensors"],
                  "decoders": [f"decoder_{mode}/decoder/config.json" for mode in DECODER_MODES],
@@ -130,6 +135,18 @@ STAGE_PATHS = {"pretrain": ["pretrain"], "eval": ["eval"], "bank": ["bank.safete
                "decoders": [f"decoder_{mode}" for mode in DECODER_MODES], "decoder_eval": ["decoder_eval"]}
 STAGE_INPUTS = {"eval": ("pretrain",), "bank": ("pretrain",), "decoders": ("pretrain",),
                 "decoder_eval": ("pretrain", "decoders")}
+
+
+def choose_profile(out: Path, asked: str | None) -> str:
+    """The profile of the run in ``out`` if it has one (a run started on a GPU machine goes on with the gpu profile
+    anywhere), else ``asked``, else gpu where CUDA is, else cpu. Asking for another profile than the run's is refused,
+    since every stage would differ."""
+    recorded = next((json.loads((out / name).read_text()).get("profile") for name in (PROFILE_FILE, "summary.json")
+                     if (out / name).is_file()), None)
+    if recorded and asked and asked != recorded:
+        raise ValueError(f"{out} is a run of the {recorded} profile: pass --profile {recorded} (or no --profile) to "
+                         f"go on with it, or choose another --out-dir for a {asked} run")
+    return recorded or asked or ("gpu" if torch.cuda.is_available() else "cpu")
 
 
 def logged_seconds(out: Path, stage: str) -> float:
@@ -204,13 +221,17 @@ def build_reference_bank(model: IJepa, count: int, path: Path, thumb: int = BANK
 
 def decoder_config(model_dir: Path, profile: dict, run_dir: Path, mode: str,
                    extra: list[str]) -> decoder_training.DecoderTrainConfig:
+    """The profile's decoder settings; warmup, sample grids and checkpoints follow the length the decoder will
+    really have (``--decoder.steps`` included), and flags in ``extra`` win over all of them."""
     resume = ["--resume", "true"] if (run_dir / "checkpoints").exists() else []
-    steps = profile["decoder_steps"]
-    return parse_config(decoder_training.DecoderTrainConfig, [
-        "--checkpoint", str(model_dir), "--out-dir", str(run_dir), "--conditioning", mode,
-        "--steps", str(steps), "--batch-size", str(profile["decoder_batch"]),
-        "--block-out-channels", profile["decoder_channels"], "--warmup-steps", str(max(1, steps // 20)),
-        "--sample-every", str(max(1, steps // 4)), "--ckpt-every", str(max(1, steps // 4)), *resume, *extra])
+    args = ["--checkpoint", str(model_dir), "--out-dir", str(run_dir), "--conditioning", mode,
+            "--steps", str(profile["decoder_steps"]), "--batch-size", str(profile["decoder_batch"]),
+            "--block-out-channels", profile["decoder_channels"], "--num-workers", str(profile["decoder_workers"]),
+            *resume]
+    steps = parse_config(decoder_training.DecoderTrainConfig, [*args, *extra]).steps
+    derived = ["--warmup-steps", str(max(1, steps // 20)), "--sample-every", str(max(1, steps // 4)),
+               "--ckpt-every", str(max(1, steps // 4))]
+    return parse_config(decoder_training.DecoderTrainConfig, [*args, *derived, *extra])
 
 
 def run_decoders(model_dir: Path, profile: dict, out: Path, extra: list[str]) -> dict[str, Path]:
@@ -233,10 +254,17 @@ def fit_to_budget(profile: dict, out: Path, flags: dict[str, list[str]], budget_
     Returns the plan (None without a budget) and rewrites ``profile`` and ``flags`` in place; flags given on the
     command line still win over the plan."""
     planned = (out / budget.PLAN_NAME).exists()
+    explicit = budget_minutes
     if budget_minutes is None and not planned:
         budget_minutes = profile["budget_minutes"]
     if not planned and (not budget_minutes or (out / "pretrain").exists()):
+        if explicit and (out / "pretrain").exists():
+            logger.warning("%s was started without a budget plan and keeps the lengths it started with: "
+                           "--budget-minutes %s does not apply to it", out, explicit)
         return None  # no budget, or a run started without one: it keeps the lengths it started with
+    if "--steps" in flags["pretrain"]:
+        raise ValueError("--pretrain.steps fixes pretraining's length, which the budget plan sets: add "
+                         "--budget-minutes 0 to run the lengths given, or leave --steps out and let the plan fit them")
 
     def make(budget_s: float) -> dict:
         base = pretrain_config(profile, out / "pretrain", flags["pretrain"])
@@ -347,7 +375,8 @@ def main(argv=None) -> None:
                "their stage, a name only one stage has needs no prefix (--ema-start 0.995); python -m train.pretrain "
                "--help and python -m train.decoder --help list them.")
     parser.add_argument("--out-dir", default="runs/default")
-    parser.add_argument("--profile", choices=sorted(PROFILES), default=None, help="default: gpu if CUDA, else cpu")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                        help="default: the run's own in an --out-dir that has one, else gpu if CUDA, else cpu")
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help="shorten the training stages to fit this wall-clock budget on this machine, timed at "
                              "the start (default: the plan of an earlier call with this --out-dir, else the "
@@ -361,8 +390,9 @@ def main(argv=None) -> None:
     except ValueError as error:
         parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    profile_name = args.profile or ("gpu" if torch.cuda.is_available() else "cpu")
-    profile, out = dict(PROFILES[profile_name]), Path(args.out_dir)
+    out = Path(args.out_dir)
+    profile_name = choose_profile(out, args.profile)
+    profile = dict(PROFILES[profile_name])
     if args.export:
         check_bundle_size(planned_bundle_sizes(profile, out, flags), "the bundle these settings make")
     stale = stale_stages(out)
@@ -370,6 +400,7 @@ def main(argv=None) -> None:
         raise ValueError(f"{out} holds outputs of {', '.join(stale)} made from a model or decoder this call would "
                          f"train again: choose another --out-dir, or delete {out} to train everything again")
     out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / PROFILE_FILE, {"profile": profile_name})
     # A stage whose output exists is skipped; the card then reports the time it took when it ran. Each stage's time
     # is written as soon as it ends, so a call stopped later (the device's per-call limit) keeps the times of the
     # stages it finished.
