@@ -144,6 +144,9 @@ def split_official(raw: dict) -> dict[str, dict[str, torch.Tensor]]:
                               f"expected {ACCEPTED}")
     parts = {name: strip_prefix(raw[name]) for name in PARTS if isinstance(raw.get(name), dict)}
     parts.setdefault("encoder", parts.get("target_encoder"))
+    if parts["encoder"] is None:
+        found = {name: type(raw[name]).__name__ for name in PARTS if name in raw}
+        raise CheckpointError(f"its encoder entries are not state dicts (found {found}); expected {ACCEPTED}")
     return parts
 
 
@@ -209,15 +212,17 @@ def load_ours(directory: str | Path) -> IJepa:
             raise CheckpointError(f"{directory}: missing {p.name}; a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
         data = json.loads(config_path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, found {type(data).__name__}")
         data.pop("format", None)
         config = IJepaConfig.from_dict(data)
+        model = IJepa(config)  # the architecture's own checks (e.g. a width the position table cannot use)
     except (json.JSONDecodeError, ValueError, TypeError) as err:
         raise CheckpointError(f"{config_path}: not a valid I-JEPA config: {err}") from None
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights_path}: cannot read the weights (truncated or not safetensors): {err}") from None
-    model = IJepa(config)
     for name in PARTS:
         module = getattr(model, name)
         if module is None:

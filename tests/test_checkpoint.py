@@ -180,6 +180,23 @@ def test_not_a_checkpoint(tmp_path):
     torch.save({"model": {}, "optimizer": {}, "step": 3}, tmp_path / "ckpt-00000003.pt")
     with pytest.raises(CheckpointError, match=r"ckpt-00000003.pt: a training checkpoint.*train.export_checkpoint"):
         load_model(tmp_path / "ckpt-00000003.pt")
+    torch.save({"encoder": torch.zeros(3)}, tmp_path / "flat.pth")
+    with pytest.raises(CheckpointError, match=r"flat.pth: its encoder entries are not state dicts .*'Tensor'"):
+        load_model(tmp_path / "flat.pth")
+
+
+@pytest.mark.parametrize("config, message", [
+    ("null", "expected a JSON object, found NoneType"),
+    ("[1, 2]", "expected a JSON object, found list"),
+    ({"embed_dim": 190}, "embed_dim must be divisible by 4"),
+])
+def test_a_damaged_model_config_says_so(tmp_path, model, config, message):
+    save_model(model, tmp_path / "m")
+    if isinstance(config, dict):
+        config = json.dumps({**json.loads((tmp_path / "m" / "config.json").read_text()), **config})
+    (tmp_path / "m" / "config.json").write_text(config)
+    with pytest.raises(CheckpointError, match=f"config.json: not a valid I-JEPA config: .*{message}"):
+        load_model(tmp_path / "m")
 
 
 def test_folders_that_are_not_a_model_say_what_to_pass(tmp_path, model):

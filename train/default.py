@@ -1,10 +1,12 @@
-"""The built-in default model, end to end, in one command:
+"""The built-in default model, end to end, in one command: pretraining, evaluation, reference bank, two sketch
+decoders and their evaluation, then the bundle the app runs on.
 
     python -m train.default --out-dir runs/default                 # GPU if present, else the CPU recipe
     python -m train.default --out-dir runs/default --profile cpu   # force the CPU recipe (fits 90 min here)
     python -m train.default --out-dir runs/default --budget-minutes 0   # the profile's full lengths, however long
     python -m train.default --out-dir runs/default --export assets # also replace the shipped assets
-    python -m train.default --out-dir runs/try --num-workers 8 --pretrain.steps 9000 --decoder.lr 2e-4
+    python -m train.default --out-dir runs/try --num-workers 8 --pretrain.steps 9000 --decoder.lr 2e-4 \
+        --budget-minutes 0                                       # lengths given on the command line, unplanned
 
 Extra flags are the training scripts' own, routed by `route_flags`. Stages (each resumable: a finished stage is
 skipped when its output exists; a finished training stage must have the settings asked for now, and no stage's

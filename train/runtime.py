@@ -187,7 +187,9 @@ class LossWindow:
             raise FloatingPointError(
                 f"loss became NaN/inf by step {step}; stopping. The last good checkpoint is "
                 f"{good[-1] if good else 'none (no checkpoint yet)'}. Check the data, or go on from it with a lower "
-                f"learning rate: the same command with --resume true --lr <lower> --allow-changes lr.")
+                f"learning rate: the same command with --resume true --lr <lower> --allow-changes lr (in python -m "
+                f"train.default, which resumes by itself: --pretrain.lr <lower> --pretrain.allow-changes lr, or the "
+                f"same with --decoder.).")
         result = self.total.item() / max(1, self.steps), time.perf_counter() - self.start, self.steps
         self.total.zero_()
         self.steps, self.start = 0, time.perf_counter()
