@@ -258,12 +258,18 @@ def test_a_second_call_skips_finished_stages_and_keeps_their_times(run):
     outputs = [run / "pretrain" / "model" / "config.json", run / "bank.safetensors", run / "eval" / "results.json"]
     before = [p.stat().st_mtime_ns for p in outputs]
     (run / "decoder_eval" / "results.json").unlink()  # this stage alone runs again
+    machines = json.loads((run / recipe.STAGE_MACHINES).read_text())
+    assert set(machines) == set(recipe.STAGE_OUTPUTS) and len(set(machines.values())) == 1
+    (run / recipe.STAGE_MACHINES).write_text(json.dumps({**machines, "pretrain": "an H100 elsewhere"}))
     recipe.main(["--out-dir", str(run), "--profile", "smoke"])
     assert [p.stat().st_mtime_ns for p in outputs] == before
-    again = json.loads((run / "summary.json").read_text())["stage_seconds"]
+    summary = json.loads((run / "summary.json").read_text())
     for stage in ("pretrain", "eval", "bank", "decoders"):
-        assert again[stage] == first["stage_seconds"][stage]  # the time it took when it ran
+        assert summary["stage_seconds"][stage] == first["stage_seconds"][stage]  # the time it took when it ran
     assert (run / "decoder_eval" / "results.json").is_file()
+    # the card names each stage's machine, and the command that started the run before this call's
+    assert summary["hardware"].startswith("pretrain: an H100 elsewhere; eval: ")
+    assert summary["command"] == f"{first['command']} (then: python -m train.default --out-dir {run} --profile smoke)"
 
 
 class Stopped(RuntimeError):

@@ -82,7 +82,8 @@ BUNDLE_DIR = "bundle"  # the finished run's bundle inside --out-dir
 # Probes, example images, samples.png, card and configs: ~0.4 MB in the CPU bundle; counted as 1 MB before training
 OTHER_FILES_ESTIMATE = 2**20
 STAGE_TIMES = "stage_seconds.json"  # seconds per finished stage, kept across calls
-PROFILE_FILE = "profile.json"  # the profile a run was started with: later calls go on with it
+STAGE_MACHINES = "stage_hardware.json"  # the machine each stage ran on (calls may run on different machines)
+PROFILE_FILE = "profile.json"  # the profile and command a run was started with: later calls go on with the profile
 # What each stage leaves behind: a stage whose outputs all exist is skipped.
 STAGE_OUTPUTS = {"pretrain": ["pretrain/model/config.json"], "eval": ["eval/results.json"], "bank": ["bank.safetensors"],
                  "decoders": [f"decoder_{mode}/decoder/config.json" for mode in DECODER_MODES],
@@ -149,6 +150,14 @@ def choose_profile(out: Path, asked: str | None) -> str:
         raise ValueError(f"{out} is a run of the {recorded} profile: pass --profile {recorded} (or no --profile) to "
                          f"go on with it, or choose another --out-dir for a {asked} run")
     return recorded or asked or ("gpu" if torch.cuda.is_available() else "cpu")
+
+
+def stages_hardware(machines: dict[str, str]) -> str:
+    """The machine the stages ran on, or each stage's where calls ran on different machines."""
+    distinct = set(machines.values())
+    if len(distinct) > 1:
+        return "; ".join(f"{stage}: {machine}" for stage, machine in machines.items())
+    return distinct.pop() if distinct else hardware()
 
 
 def logged_seconds(out: Path, stage: str) -> float:
@@ -402,12 +411,16 @@ def main(argv=None) -> None:
         raise ValueError(f"{out} holds outputs of {', '.join(stale)} made from a model or decoder this call would "
                          f"train again: choose another --out-dir, or delete {out} to train everything again")
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / PROFILE_FILE, {"profile": profile_name})
+    command = "python -m train.default " + " ".join(argv if argv is not None else sys.argv[1:])
+    started = json.loads((out / PROFILE_FILE).read_text()) if (out / PROFILE_FILE).exists() else {}
+    first_command = started.get("command", command)
+    write_json_atomic(out / PROFILE_FILE, {"profile": profile_name, "command": first_command})
     # A stage whose output exists is skipped; the card then reports the time it took when it ran. Each stage's time
     # is written as soon as it ends, so a call stopped later (the device's per-call limit) keeps the times of the
     # stages it finished.
-    times_path = out / STAGE_TIMES
+    times_path, machines_path = out / STAGE_TIMES, out / STAGE_MACHINES
     timings = json.loads(times_path.read_text()) if times_path.exists() else {}
+    machines = json.loads(machines_path.read_text()) if machines_path.exists() else {}
     finished = {stage: stage_done(out, stage) for stage in STAGE_OUTPUTS}
 
     def timed(stage, fn, *a):
@@ -417,7 +430,9 @@ def main(argv=None) -> None:
             # A stage resumed in this call (after a kill, or the device's per-call limit) also counts the training
             # time its logs carry from earlier calls.
             timings[stage] = round(max(time.perf_counter() - t, logged_seconds(out, stage)), 1)
+            machines[stage] = hardware()
             write_json_atomic(times_path, timings)
+            write_json_atomic(machines_path, machines)
         logger.info("stage %s: %.0f s", stage, timings[stage])
         return result
 
@@ -436,14 +451,14 @@ def main(argv=None) -> None:
                            sum(timings[stage] for stage in ("pretrain", "eval", "bank")))
     decoders = timed("decoders", run_decoders, model_dir, profile, out, flags["decoder"])
     sketches = timed("decoder_eval", run_decoder_eval, model_dir, decoders, profile, out)
-    summary = {"profile": profile_name, "hardware": hardware(), "torch": torch.__version__,
+    summary = {"profile": profile_name, "hardware": stages_hardware(machines), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "stage_seconds": timings,
                "total_seconds": round(sum(timings.values()) + (plan["timing_s"] if plan else 0.0), 1),
                "plan": plan, "features": features, "decoders": sketches,
                "knn_during_pretraining": knn_curve(model_dir.parent / "knn.csv"),
                "pretrain_config": yaml.safe_load((model_dir.parent / "config.yaml").read_text()),
                "decoder_config": yaml.safe_load((decoders["spatial_context"].parent / "config.yaml").read_text()),
-               "command": "python -m train.default " + " ".join(argv if argv is not None else sys.argv[1:])}
+               "command": first_command if command == first_command else f"{first_command} (then: {command})"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     save_folder_atomic(lambda folder: write_bundle(folder, out, model_dir, decoders, summary), out / BUNDLE_DIR)
     logger.info("the app runs on this model with: python app.py --assets %s", out / BUNDLE_DIR)
