@@ -244,6 +244,8 @@ the box, in [0, 1] units.
   (`python -m train.decoder --checkpoint IN1K-vit.h.14-300e.pth.tar --data /path/to/images`).
 - The decoders were trained on one box at a time. With several boxes, each box's sketch is drawn with the other
   boxes blanked in its surroundings, an input they never saw in training: read multi-box sketches with care.
+- The decoders learnt to fill boxes of up to half the image's side; the app flags a larger box, whose sketches go
+  beyond what they were trained on.
 - Small and briefly trained: see the figures above against the floors before reading much into any one sketch.
 
 ## Attribution
