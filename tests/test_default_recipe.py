@@ -215,6 +215,7 @@ def test_a_longer_decoder_replaces_ours_and_the_card_keeps_the_equal_length_comp
     assert metrics["decoder_config"]["steps"] == 3 and metrics["recipe_decoder_config"]["steps"] == 1
     assert metrics["recipe_decoders"] == recipe_metrics["decoders"]
     assert metrics["decoders"] == json.loads((tmp_path / "long" / "eval" / "results.json").read_text())
+    assert metrics["decoders"]["decoders"]["ours (spatial + context)"]["path"].endswith("decoder_fp16")  # as shipped
     shipped = load_file(bundle / "decoder" / "diffusion_pytorch_model.safetensors")
     trained = load_file(tmp_path / "long" / "decoder" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(shipped[k], trained[k].half()) for k in trained)

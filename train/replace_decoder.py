@@ -73,8 +73,12 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, c
                          "bundle again with python -m train.default ... --export")
     config = check_run(bundle, run)
 
+    # Scored as it will ship, in fp16 like the paper decoder beside it, then swapped in from that same copy.
+    shipped = eval_dir / "decoder_fp16"
+    SketchDecoder.from_pretrained(run / "decoder", torch_dtype=torch.float16,
+                                  low_cpu_mem_usage=False).save_pretrained(shipped)
     start = time.perf_counter()
-    eval_decoder.main(["--checkpoint", str(bundle / MODEL_DIR), "--decoder", str(run / "decoder"),
+    eval_decoder.main(["--checkpoint", str(bundle / MODEL_DIR), "--decoder", str(shipped),
                        "--paper-decoder", str(bundle / DECODER_DIRS["pooled"]),
                        "--num-images", str(metrics["decoders"]["num_images"]), "--out-dir", str(eval_dir)])
     eval_seconds = time.perf_counter() - start
@@ -90,8 +94,7 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, c
         "train_seconds": round(train_seconds, 1) or None, "eval_seconds": round(eval_seconds, 1)})
 
     # Written beside the old decoder and swapped in, so a failure before the swap leaves the bundle whole.
-    decoder = SketchDecoder.from_pretrained(run / "decoder", torch_dtype=torch.float16, low_cpu_mem_usage=False)
-    save_folder_atomic(decoder.save_pretrained, bundle / DECODER_DIRS[OURS])
+    save_folder_atomic(lambda folder: shutil.copytree(shipped, folder), bundle / DECODER_DIRS[OURS])
     shutil.copy(eval_dir / "samples.png", bundle / "samples.png")
     write_json_atomic(metrics_path, metrics)
     write_model_card(metrics, bundle / "MODEL_CARD.md")
