@@ -161,6 +161,14 @@ def test_any_kept_checkpoint_exports_as_a_model_folder(tmp_path):
     for (name, a), b in zip(finished.state_dict().items(), load_model(newest).state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # the last step is the run's own export
     assert load_model(middle).config == finished.config
+
+    class OtherCatalog:  # another machine's emoji font and emoji-test.txt
+        fingerprint = "not the catalog the run trained on"
+
+    with pytest.MonkeyPatch.context() as patch:  # exported elsewhere, the model still names the data it trained on
+        patch.setattr(pretrain, "get_catalog", OtherCatalog)
+        elsewhere = export_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000002.pt", tmp_path / "elsewhere")
+    assert load_model(elsewhere).config == finished.config and finished.config.data_fingerprint
     assert any((a != b).any() for a, b in zip(finished.state_dict().values(), load_model(middle).state_dict().values()))
 
     truncated = tmp_path / "ckpt-00000009.pt"

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from ijepa.checkpoint import save_model
-from ijepa.model import IJepa
+from ijepa.model import IJepa, IJepaConfig
 from train.config import load_config
 from train.pretrain import PretrainConfig, model_config
 from train.runtime import list_checkpoints, load_checkpoint
@@ -44,7 +44,9 @@ def export_checkpoint(checkpoint: Path, out_dir: Path | None = None) -> Path:
     if dropped:  # settings of an older version of train.pretrain; the weights' shapes are checked below
         logger.warning("%s: ignoring settings this version does not know: %s", checkpoint, dropped)
     cfg = load_config(PretrainConfig, None, {k: v for k, v in state["config"].items() if k in known})
-    model = IJepa(model_config(cfg))
+    # the model's settings as the run recorded them (its data catalog's fingerprint too, not this machine's); a
+    # checkpoint from before they were recorded rebuilds them from the run's settings
+    model = IJepa(IJepaConfig.from_dict(state["model_config"]) if "model_config" in state else model_config(cfg))
     model.load_state_dict(state["model"])
     if out_dir is None:
         run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent

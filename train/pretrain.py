@@ -258,8 +258,8 @@ def train(cfg: PretrainConfig) -> IJepa:
                         + "\n")
         if rt.is_main and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                     "config": config_dict(cfg), "elapsed_s": time.perf_counter() - run_start,
-                     "world_size": rt.world_size}
+                     "config": config_dict(cfg), "model_config": model_settings.to_dict(),
+                     "elapsed_s": time.perf_counter() - run_start, "world_size": rt.world_size}
             save_checkpoint(state, ckpt_dir, done, cfg.keep_last)
     progress.close()
 
