@@ -38,8 +38,8 @@ from .bundle import (DECODER_DIRS, DEFAULT_ASSETS, EXAMPLES_DIR, MODEL_DIR, Exam
                      train_decoder_hint)
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_model
 from .errors import InputError
-from .figures import (BOX_COLORS, render_feature_view, render_surprise, render_truth_vs_prediction, sketch_sheet,
-                      upscale)
+from .figures import (BOX_COLORS, patch_bounds, render_feature_view, render_surprise, render_truth_vs_prediction,
+                      sketch_sheet, upscale)
 from .inference import (MAX_BOXES, MAX_IMAGE_PIXELS, BoxAnalysis, BoxPrediction, LinearReadout, PreparedImage,
                         analyze_boxes, array_to_image, feature_pca, map_boxes, nearest_neighbours, open_image,
                         prepare_image, surprise_map, to_rgb, true_features)
@@ -598,9 +598,8 @@ class Engine:
             line = f"Box {report.number}: error **{report.error:.2f}** (visible average: {report.baseline_error:.2f})"
             if report.clipped:
                 line += " (only its part inside the centre square the model sees was hidden)"
-            rows, cols = (int(torch.unique(axis).numel()) for axis in (box.target_indices // grid[1],
-                                                                        box.target_indices % grid[1]))
-            if self.has_decoder and (rows > largest[0] or cols > largest[1]):
+            x0, y0, x1, y1 = patch_bounds(box, grid[1], 1)
+            if self.has_decoder and (y1 - y0 > largest[0] or x1 - x0 > largest[1]):
                 line += (f" (larger than the boxes the decoder was trained to fill, {largest[0]}x{largest[1]} patches "
                          "at most: read its sketches as a guess beyond its training)")
             if report.probe:

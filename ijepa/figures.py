@@ -23,7 +23,8 @@ def upscale(image: np.ndarray, factor: int) -> np.ndarray:
     return image if factor == 1 else np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
 
 
-def _patch_bounds(box: BoxPrediction, grid_width: int, patch_size: int) -> tuple[int, int, int, int]:
+def patch_bounds(box: BoxPrediction, grid_width: int, patch_size: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the patch rectangle a box hides, in pixels of ``patch_size`` (1: in patches)."""
     rows, cols = np.divmod(box.target_indices.numpy(), grid_width)
     return (int(cols.min()) * patch_size, int(rows.min()) * patch_size,
             (int(cols.max()) + 1) * patch_size, (int(rows.max()) + 1) * patch_size)
@@ -35,7 +36,7 @@ def sketch_sheet(image: np.ndarray, analysis: Analysis, scale: int) -> np.ndarra
     big = Image.fromarray(upscale(image, scale))
     draw = ImageDraw.Draw(big)
     gw = analysis.result.grid_size[1]
-    bounds = [_patch_bounds(b, gw, analysis.patch_size) for b in analysis.result.boxes]
+    bounds = [patch_bounds(b, gw, analysis.patch_size) for b in analysis.result.boxes]
     for b, (x0, y0, x1, y1) in enumerate(bounds):
         draw.rectangle([x0 * scale - 1, y0 * scale - 1, x1 * scale, y1 * scale],
                        outline=BOX_COLORS[b % len(BOX_COLORS)], width=1)
@@ -133,7 +134,7 @@ def render_truth_vs_prediction(analysis: Analysis, truth: np.ndarray | None, pre
     shown = None
     ceiling = _error_ceiling(np.concatenate([box.errors.numpy() for box in analysis.result.boxes]))
     for r, box in enumerate(analysis.result.boxes):
-        x0, y0, x1, y1 = _patch_bounds(box, gw, patch_size)
+        x0, y0, x1, y1 = patch_bounds(box, gw, patch_size)
         color = tuple(c / 255 for c in BOX_COLORS[r % len(BOX_COLORS)])
         for c, (title, picture) in enumerate(columns):
             axes[r, c].imshow(picture, interpolation="nearest")

@@ -140,12 +140,20 @@ STAGE_INPUTS = {"eval": ("pretrain",), "bank": ("pretrain",), "decoders": ("pret
                 "decoder_eval": ("pretrain", "decoders")}
 
 
-def choose_profile(out: Path, asked: str | None) -> str:
-    """The profile of the run in ``out`` if it has one (a run started on a GPU machine goes on with the gpu profile
-    anywhere), else ``asked``, else gpu where CUDA is, else cpu. Asking for another profile than the run's is refused,
-    since every stage would differ."""
-    recorded = next((json.loads((out / name).read_text()).get("profile") for name in (PROFILE_FILE, "summary.json")
-                     if (out / name).is_file()), None)
+def run_started_with(out: Path) -> dict:
+    """What the run in ``out`` was started with: {"profile", "command"} from PROFILE_FILE; a run from before that file
+    has only its profile, in summary.json; a new run, nothing."""
+    if (out / PROFILE_FILE).is_file():
+        return json.loads((out / PROFILE_FILE).read_text())
+    if (out / "summary.json").is_file():
+        return {"profile": json.loads((out / "summary.json").read_text()).get("profile")}
+    return {}
+
+
+def choose_profile(out: Path, recorded: str | None, asked: str | None) -> str:
+    """The profile the run in ``out`` was started with if it has one (a run started on a GPU machine goes on with the
+    gpu profile anywhere), else ``asked``, else gpu where CUDA is, else cpu. Asking for another profile than the
+    run's is refused, since every stage would differ."""
     if recorded and asked and asked != recorded:
         raise ValueError(f"{out} is a run of the {recorded} profile: pass --profile {recorded} (or no --profile) to "
                          f"go on with it, or choose another --out-dir for a {asked} run")
@@ -402,7 +410,8 @@ def main(argv=None) -> None:
         parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out_dir)
-    profile_name = choose_profile(out, args.profile)
+    started = run_started_with(out)
+    profile_name = choose_profile(out, started.get("profile"), args.profile)
     profile = dict(PROFILES[profile_name])
     if args.export:
         check_bundle_size(planned_bundle_sizes(profile, out, flags), "the bundle these settings make")
@@ -412,7 +421,6 @@ def main(argv=None) -> None:
                          f"train again: choose another --out-dir, or delete {out} to train everything again")
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m train.default " + " ".join(argv if argv is not None else sys.argv[1:])
-    started = json.loads((out / PROFILE_FILE).read_text()) if (out / PROFILE_FILE).exists() else {}
     first_command = started.get("command", command)
     write_json_atomic(out / PROFILE_FILE, {"profile": profile_name, "command": first_command})
     # A stage whose output exists is skipped; the card then reports the time it took when it ran. Each stage's time
