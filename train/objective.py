@@ -82,7 +82,12 @@ def param_groups(modules: list[nn.Module]) -> list[dict]:
 
 def learning_rate(step: int, total_steps: int, warmup_steps: int, start_lr: float, peak_lr: float,
                   final_lr: float) -> float:
-    """Linear warmup start_lr -> peak_lr, then cosine decay to final_lr at total_steps."""
+    """Linear warmup start_lr -> peak_lr, then cosine decay to final_lr at total_steps.
+
+    Steps count from 0 here, as the EMA's do. The official schedulers advance before the first update, so their lr
+    and weight decay run one step ahead of these: a difference of one warmup increment at most, kept so that the
+    shipped model's command reproduces it.
+    """
     if step < warmup_steps:
         return start_lr + (peak_lr - start_lr) * step / max(1, warmup_steps)
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -96,7 +101,7 @@ def weight_decay(step: int, total_steps: int, start_wd: float, final_wd: float) 
 
 
 def ema_momentum(step: int, total_steps: int, start: float, end: float) -> float:
-    """Linear momentum schedule start -> end (official: 0.996 -> 1.0)."""
+    """Linear momentum schedule start -> end over the whole run (official: 0.996 -> 1.0, with its ipe_scale 1.0)."""
     return start + (end - start) * min(1.0, step / max(1, total_steps))
 
 
