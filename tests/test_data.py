@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from train.data import EmojiCatalog, EmojiProbeSet, EmojiScenes, ImageFolderDataset, build_dataset, get_catalog
-from train.emoji import INSTALL_HINT, Placement, SceneRenderer
+from train.emoji import INSTALL_HINT, Placement, SceneRenderer, fold_key, zwj_parts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,6 +53,11 @@ def test_variants_fold_into_their_base(catalog):
     assert catalog.names[catalog.base_of("\U0001F468\u200D\U0001F469\u200D\U0001F467")] == "family"
     assert catalog.names[catalog.base_of("\U0001F46B")] == "people holding hands"
     assert not any("skin tone" in name for name in catalog.names)
+    # "Facing right" (Emoji 15.1) is the base mirrored, and scenes flip emoji: it must never be a base of its own.
+    assert fold_key([0x1F6B6, 0x200D, 0x27A1, 0xFE0F]) == fold_key([0x1F6B6, 0x1F3FD, 0x200D, 0x27A1]) == (0x1F6B6,)
+    # A territory flying another country's flag is drawn identically: one base, so one split.
+    norway = catalog.base_of("\U0001F1F3\U0001F1F4")
+    assert catalog.base_of("\U0001F1E7\U0001F1FB") == catalog.base_of("\U0001F1F8\U0001F1EF") == norway
     assert "\U0001F44D\U0001F3FD" in catalog.variants(thumbs_up)
     assert catalog.variants(thumbs_up)[0] == "\U0001F44D"
     # Every variant maps back to the base it is listed under, so variants always share their base's split.
@@ -80,6 +85,11 @@ def test_heldout_split_is_disjoint_balanced_and_stable(catalog):
         members = set(np.flatnonzero(subgroup_of == s))
         if len(members) >= 2:
             assert members & train and members & heldout, catalog.subgroup_names[s]
+    # Training never sees a held-out emoji inside a sequence built from it (heart on fire from fire).
+    keys = set(catalog.keys)
+    for b in train:
+        parts = zwj_parts(catalog.keys[b]) & keys
+        assert not any(catalog.is_heldout[catalog.base_of("".join(map(chr, p)))] for p in parts), catalog.names[b]
     assert EmojiCatalog().fingerprint == catalog.fingerprint  # a fresh parse gives the same ids and split
     # ... and so does another process with another hash seed.
     code = "from train.emoji import EmojiCatalog; print(EmojiCatalog().fingerprint)"

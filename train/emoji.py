@@ -44,6 +44,7 @@ _VS16 = 0xFE0F
 _ZWJ = 0x200D
 _SKIN_TONES = range(0x1F3FB, 0x1F400)
 _GENDER_SIGNS = (0x2640, 0x2642)
+_RIGHTWARDS_ARROW = 0x27A1  # ZWJ + it: "facing right" (Emoji 15.1), the base mirrored, as scenes flip emoji anyway
 _PERSON, _CHILD, _OLDER_PERSON = 0x1F9D1, 0x1F9D2, 0x1F9D3
 _FAMILY = (0x1F46A,)
 _PEOPLE_HOLDING_HANDS = (_PERSON, _ZWJ, 0x1F91D, _ZWJ, _PERSON)
@@ -65,20 +66,31 @@ _ALIASES = {
     (0x1FAC3,): (0x1FAC4,),  # pregnant man -> pregnant person
     (0x1F57A,): (0x1F483,),  # man dancing -> (woman) dancing
     (0x1FAF1, _ZWJ, 0x1FAF2): (0x1F91D,),  # two-skin-tone handshake (right + left hand) -> handshake
+    # Territories that fly another country's flag: the font draws the two identically, so they are one base
+    # (otherwise a held-out flag's exact image could be a training base's).
+    (0x1F1ED, 0x1F1F2): (0x1F1E6, 0x1F1FA),  # Heard & McDonald Islands -> Australia
+    (0x1F1E7, 0x1F1FB): (0x1F1F3, 0x1F1F4),  # Bouvet Island -> Norway
+    (0x1F1F8, 0x1F1EF): (0x1F1F3, 0x1F1F4),  # Svalbard & Jan Mayen -> Norway
+    (0x1F1E8, 0x1F1F5): (0x1F1EB, 0x1F1F7),  # Clipperton Island -> France
+    (0x1F1F2, 0x1F1EB): (0x1F1EB, 0x1F1F7),  # St. Martin -> France
+    (0x1F1E9, 0x1F1EC): (0x1F1EE, 0x1F1F4),  # Diego Garcia -> British Indian Ocean Territory
+    (0x1F1EA, 0x1F1E6): (0x1F1EA, 0x1F1F8),  # Ceuta & Melilla -> Spain
+    (0x1F1FA, 0x1F1F2): (0x1F1FA, 0x1F1F8),  # U.S. Outlying Islands -> United States
 }
 
 
 def fold_key(codepoints: Sequence[int]) -> tuple[int, ...]:
     """The BASE emoji a fully-qualified sequence belongs to, as code points without FE0F.
 
-    Drops skin tones and FE0F, removes ZWJ + gender sign, maps man/woman/boy/girl to person/child,
-    turns any all-people ZWJ sequence into "family" and applies the few single-code-point aliases.
+    Drops skin tones and FE0F, removes ZWJ + gender sign and ZWJ + "facing right", maps man/woman/boy/girl to
+    person/child, turns any all-people ZWJ sequence into "family" and applies the aliases (gendered code points,
+    territories that fly another country's flag).
     """
     cps = [c for c in codepoints if c != _VS16 and c not in _SKIN_TONES]
     kept: list[int] = []
     i = 0
     while i < len(cps):
-        if cps[i] == _ZWJ and i + 1 < len(cps) and cps[i + 1] in _GENDER_SIGNS:
+        if cps[i] == _ZWJ and i + 1 < len(cps) and (cps[i + 1] in _GENDER_SIGNS or cps[i + 1] == _RIGHTWARDS_ARROW):
             i += 2
             continue
         kept.append(cps[i])
@@ -87,6 +99,20 @@ def fold_key(codepoints: Sequence[int]) -> tuple[int, ...]:
     if len(key) > 1 and set(key) <= {_PERSON, _CHILD, _ZWJ}:
         return _FAMILY
     return _ALIASES.get(key, key)
+
+
+def zwj_parts(key: Sequence[int]) -> set[tuple[int, ...]]:
+    """The base keys a ZWJ sequence is joined from (heart on fire: red heart and fire); empty for a single emoji."""
+    if _ZWJ not in key:
+        return set()
+    parts, part = set(), []
+    for c in [*key, _ZWJ]:
+        if c == _ZWJ:
+            parts.add(fold_key(part))
+            part = []
+        else:
+            part.append(c)
+    return parts
 
 
 def _codepoints_to_text(codepoints: Sequence[int]) -> str:
@@ -240,6 +266,12 @@ class EmojiCatalog:
             n_held = min(len(ids) - 1, max(1, round(self.heldout_fraction * len(ids))))
             ranked = sorted(ids, key=lambda b: _stable_hash(" ".join(f"{c:X}" for c in keys[b])))
             self.is_heldout[ranked[:n_held]] = True
+        # A base built from a held-out one (heart on fire from fire, polar bear from bear) would show training the
+        # held-out emoji: it is held out too, and so on until no training base has a held-out part.
+        parts = [zwj_parts(k) & self._base_of_key.keys() - {k} for k in keys]
+        while moved := [b for b, p in enumerate(parts)
+                        if not self.is_heldout[b] and any(self.is_heldout[self._base_of_key[q]] for q in p)]:
+            self.is_heldout[moved] = True
 
     # ----- lookups
     def __len__(self) -> int:
