@@ -239,6 +239,8 @@ class SketchDecoder(ModelMixin, ConfigMixin):
             The sampler pastes the exact context back outside the box, so those pixels only need to be
             good enough to keep the box seams coherent.
         feature_space: free-text record of what the tokens are expected to be (see module docstring).
+        model_signature: ``IJepa.feature_signature()`` of the model whose tokens the decoder learnt (empty for
+            decoders saved before it was recorded), so a decoder is not used with another model of the same shapes.
     """
 
     @register_to_config
@@ -260,6 +262,7 @@ class SketchDecoder(ModelMixin, ConfigMixin):
         prediction_type: str = "v_prediction",
         outside_box_loss_weight: float = 0.1,
         feature_space: str = FEATURE_SPACE_NOTE,
+        model_signature: tuple[float, ...] = (),
     ):
         super().__init__()
         if conditioning not in CONDITIONINGS:

@@ -47,9 +47,12 @@ def folder_bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def train_decoder_hint(checkpoint: str | Path, conditioning: str | None = None) -> str:
-    """The command that trains a decoder of this kind for ``checkpoint`` (the default kind: spatial_context)."""
+def train_decoder_hint(checkpoint: str | Path, config: IJepaConfig, conditioning: str | None = None) -> str:
+    """The command that trains a decoder of this kind for ``checkpoint`` (the default kind: spatial_context). A
+    model that did not learn the emoji world (the official weights) needs its own kind of images to decode."""
     hint = TRAIN_DECODER_HINT.format(checkpoint=checkpoint)
+    if not config.data_fingerprint:
+        hint += " --data /path/to/images"
     return hint + f" --conditioning {conditioning}" if conditioning not in (None, "spatial_context") else hint
 
 
@@ -85,18 +88,18 @@ class Example:
         return np.asarray(to_rgb(open_image(self.path)))
 
 
-def load_decoder(path: str | Path, config: IJepaConfig, checkpoint: str | Path = "<checkpoint>") -> SketchDecoder:
+def load_decoder(path: str | Path, model: IJepa, checkpoint: str | Path = "<checkpoint>") -> SketchDecoder:
     """A ``save_pretrained`` folder -> SketchDecoder (float32), checked against the model it will decode
     (``checkpoint`` names that model in the how-to-train hint)."""
-    path = Path(path)
+    path, config = Path(path), model.config
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a sketch decoder folder (no config.json); train one with "
-                                f"`{train_decoder_hint(checkpoint)}`")
+                                f"`{train_decoder_hint(checkpoint, config)}`")
     try:
         conditioning = json.loads((path / "config.json").read_text()).get("conditioning")
     except (json.JSONDecodeError, AttributeError):
         conditioning = None  # from_pretrained below says what is wrong with the file
-    hint = train_decoder_hint(checkpoint, conditioning)
+    hint = train_decoder_hint(checkpoint, config, conditioning)
     try:  # safetensors only: a decoder folder never unpickles anything
         decoder = SketchDecoder.from_pretrained(path, low_cpu_mem_usage=False, use_safetensors=True).float().eval()
     except (OSError, SafetensorError, ValueError) as err:
@@ -114,6 +117,11 @@ def load_decoder(path: str | Path, config: IJepaConfig, checkpoint: str | Path =
     if found != expected:
         raise ValueError(f"the decoder in {path} was built for {found}, but the model has {expected}; train a "
                          f"decoder for this model with `{hint}`")
+    signature = list(decoder.config.model_signature or [])
+    if signature and not torch.allclose(torch.tensor(signature), torch.tensor(model.feature_signature()), rtol=1e-3):
+        raise ValueError(f"the decoder in {path} learnt another model's features (same shapes, other weights), so "
+                         f"its sketches would not show this model's predictions; train a decoder for this model "
+                         f"with `{hint}`")
     return decoder
 
 
@@ -254,10 +262,11 @@ def build_random_bundle(directory: str | Path, config: IJepaConfig, decoder_kwar
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     config = IJepaConfig.from_dict({**config.to_dict(), "trained_on": "nothing (random weights, for testing)"})
-    save_model(IJepa(config), directory / MODEL_DIR)
+    model = IJepa(config)
+    save_model(model, directory / MODEL_DIR)
     if decoder_kwargs is not None:
         args = {"feature_dim": config.embed_dim, "grid_size": config.grid_size, "image_size": config.img_size,
-                **decoder_kwargs}
+                "model_signature": tuple(model.feature_signature()), **decoder_kwargs}
         for conditioning, name in DECODER_DIRS.items():
             SketchDecoder(**{**args, "conditioning": conditioning}).save_pretrained(directory / name)
     dim = config.embed_dim

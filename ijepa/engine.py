@@ -250,7 +250,7 @@ class Engine:
         sources: dict[str, str] = {}
         for path in paths:
             try:
-                sketch_decoder = load_decoder(path, model.config, checkpoint).to(device)
+                sketch_decoder = load_decoder(path, model, checkpoint).to(device)
             except (FileNotFoundError, ValueError) as err:
                 if not optional:
                     raise
@@ -264,8 +264,8 @@ class Engine:
         if not decoders:
             notes.append(
                 "No sketch decoder for this model, so the Sketches and the decoded Truth-vs-prediction images are "
-                "off (everything else works). Train one with `" + train_decoder_hint(checkpoint)
-                + "` and pass its folder with --decoder.")
+                "off (everything else works). Train one with `"
+                + train_decoder_hint(checkpoint, model.config) + "` and pass its folder with --decoder.")
         if bundle_model and assets is not None:
             probes, bank = load_readouts(assets, model.config.embed_dim, notes)
         else:
@@ -401,7 +401,7 @@ class Engine:
         """The sampler of ``style`` (None: the default decoder), or an InputError that says what is loaded."""
         if not self.samplers:
             raise InputError("No sketch decoder is loaded for this model. Train one with `"
-                             + train_decoder_hint(self.info.source) + "` and pass --decoder.")
+                             + train_decoder_hint(self.info.source, self.model.config) + "` and pass --decoder.")
         style = style or self.sketch_styles[0]
         if style not in self.samplers:
             loaded = ", ".join(f"{s!r} ({SKETCH_STYLES[s]})" for s in self.samplers)

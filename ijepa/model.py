@@ -146,6 +146,16 @@ class IJepa(nn.Module):
             pred.predictor_pos_embed.data = table
             pred.grid_size = grid
 
+    @torch.no_grad()
+    def feature_signature(self) -> list[float]:
+        """Identifies the feature space a sketch decoder learnt, beyond its shapes: two ViT-H/14 (IN-1K, IN-22K)
+        share every shape but not these norms of the layers that write the true and predicted tokens. Rounded
+        to 6 significant digits; ``load_decoder`` compares them with a tolerance an fp16 copy of the model passes."""
+        layers = [self.target_encoder.norm.weight, self.target_encoder.norm.bias]
+        if self.predictor is not None:
+            layers.append(self.predictor.predictor_proj.weight)
+        return [float(f"{float(p.float().norm()):.6g}") for p in layers]
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] images in [0, 1] -> the normalised input the encoders expect."""
         mean = torch.tensor(self.config.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from decoder.model import box_mask_from_indices
-from ijepa.bundle import build_random_bundle, load_probe
+from ijepa.bundle import build_random_bundle, load_probe, train_decoder_hint
+from ijepa.checkpoint import load_model, save_model
 from ijepa.engine import Engine, InputError
 from ijepa.figures import BOX_COLORS, sketch_sheet
 from ijepa.inference import (LinearReadout, analyze_boxes, feature_pca, map_boxes, nearest_neighbours, open_image,
@@ -469,6 +470,13 @@ def test_load_errors_say_what_to_do(bundle, tmp_path):
     build_random_bundle(tmp_path / "other", other, None, num_examples=0)
     with pytest.raises(ValueError, match="train a decoder for this model"):
         Engine.load(tmp_path / "other", decoder=bundle / "decoder", device="cpu")
+    # Same shapes, other weights (ViT-H/14 IN-1K vs IN-22K): the decoder would draw another model's feature space.
+    same_shapes = load_model(bundle / "model").config
+    build_random_bundle(tmp_path / "same_shapes", same_shapes, None, num_examples=0, seed=1)
+    with pytest.raises(ValueError, match="learnt another model's features"):
+        Engine.load(tmp_path / "same_shapes", decoder=bundle / "decoder", device="cpu")
+    save_model(load_model(bundle / "model"), tmp_path / "fp16_copy", dtype=torch.float16)  # as a bundle ships it
+    assert Engine.load(tmp_path / "fp16_copy", decoder=bundle / "decoder", device="cpu").has_decoder
     truncated = tmp_path / "truncated_decoder"
     shutil.copytree(bundle / "decoder", truncated)
     weights = next(truncated.glob("*.safetensors"))
@@ -482,6 +490,15 @@ def test_load_errors_say_what_to_do(bundle, tmp_path):
     (mismatched / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"weights do not fit its config\.json.*size mismatch.*--conditioning pooled"):
         Engine.load(bundle, checkpoint=bundle / "model", decoder=mismatched, device="cpu")
+
+
+def test_the_decoder_hint_asks_for_images_only_for_a_model_that_did_not_learn_the_emoji_world():
+    official = IJepaConfig.from_arch("vit_tiny", img_size=SIZE, patch_size=PATCH, depth=1)
+    assert train_decoder_hint("IN1K-vit.h.14-300e.pth.tar", official) == \
+        "python -m train.decoder --checkpoint IN1K-vit.h.14-300e.pth.tar --data /path/to/images"
+    ours = IJepaConfig.from_dict({**official.to_dict(), "data_fingerprint": "0e4d6c002657"})
+    assert train_decoder_hint("assets/model", ours, "pooled") == \
+        "python -m train.decoder --checkpoint assets/model --conditioning pooled"
 
 
 def test_damaged_optional_parts_switch_their_panel_off_instead_of_stopping_the_app(bundle, tmp_path):

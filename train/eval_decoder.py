@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
               "decoders": {}}
     grids = {}
     for name, path in decoders.items():
-        decoder = load_decoder(path, model.config).to(args.device)  # checked against the model, float32
+        decoder = load_decoder(path, model).to(args.device)  # checked against the model, float32
         metrics, grids[name] = evaluate_decoder(model, decoder, groups, args.num_samples, args.num_steps, args.seed,
                                                     args.precision)
         report["decoders"][name] = {"path": str(path), "conditioning": decoder.config.conditioning, **metrics}
