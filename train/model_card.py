@@ -123,12 +123,13 @@ outside them blanked). The gap between this table and the one above is what the 
         f"What would close the kNN gap (this run saw {images_seen:,} images) is not known yet, but it is not the "
         "encoder's size or the world: this encoder trained with cross-entropy on the main emoji's group, on 422,400 "
         "scenes of the CPU recipe's earlier world (before the still life), scores 55.8 %, 17.4 points above raw "
-        "pixels (`python bench/supervised_reference.py`, bench/RESULTS.md, \"What do labels buy\"). So features "
-        "that clear the floor exist for this model on this world, and the I-JEPA objective has not found them at "
-        "this length. Single runs do not pin a recipe down: at 422,400 images four seeds of the earlier scenes "
-        "scored 34.2-41.6 % kNN group and three of the still life 38.0-43.0 % (bench/RESULTS.md, \"How much of it "
-        "is the seed?\" and \"Does co-occurrence teach kinds\"), and the official recipe only matched pixels "
-        "after 688k images. Next to measure: the GPU profile "
+        "pixels (bench/RESULTS.md, \"What do labels buy\"; measured 2026-12-03 on the held-out split of then, with "
+        "the earlier scenes' config: `git show b62faff:train/configs/emoji_cpu.yaml > earlier_scenes.yaml`, then "
+        "`python bench/supervised_reference.py --config earlier_scenes.yaml --out runs/supervised/group_6600.json`). "
+        "So features that clear the floor exist for this model on this world, and the I-JEPA objective has not "
+        "found them at this length. Single runs do not pin a recipe down: at 422,400 images four seeds of the "
+        "earlier scenes scored 34.2-41.6 % kNN group and three of the still life 38.0-43.0 % (bench/RESULTS.md, "
+        "\"How much of it is the seed?\" and \"Does co-occurrence teach kinds\"). Next to measure: the GPU profile "
         "(`train/configs/emoji_gpu.yaml`: the same model on ~2M images in minutes, logging this kNN every 1000 "
         "steps) with several seeds, and wider encoders at that length, each judged by `python -m train.eval` (at "
         "96,000 images a 384-wide encoder scored 2.5 points below the 192-wide one, bench/RESULTS.md, "
@@ -151,10 +152,12 @@ outside them blanked). The gap between this table and the one above is what the 
         + (f"last {layers} blocks" if layers > 1 else "last block") + " is normalised over the image's tokens"
         + (" and the blocks are averaged" if layers > 1 else "") + " before the paper's per-token LayerNorm, so what "
         "every patch of an image shares (its background) is not worth predicting. The objective is still I-JEPA's: "
-        "predict the target encoder's features of hidden blocks from the visible context. At 96,000 images this "
-        "target gained 7.2 points of group kNN over the paper's; at the CPU recipe's length it scored within noise "
-        "of it, and a probe on true box features read less (bench/RESULTS.md, \"Does what the predictor predicts "
-        "matter?\"). The official weights keep the paper's target.\n")
+        "predict the target encoder's features of hidden blocks from the visible context. At 96,000 images of the "
+        "earlier scenes this target gained 7.2 points of group kNN over the paper's; at the CPU recipe's full "
+        "length with the still life it ended at 34.5 %, below the paper's target (three-seed mean 40.6 %) and raw "
+        "pixels, and a probe on true box features read 28.2 % against ~41 % (bench/RESULTS.md, \"Does what the "
+        "predictor predicts matter?\" and \"Two more at full length with the still life\"). The official weights "
+        "keep the paper's target.\n")
     ours = next(iter(dec.values()))
     x0_note = "" if decoder_cfg.get("prediction_type") != "sample" or ours["diversity_rms"] >= LOW_DIVERSITY else (
         "The decoders predict the clean image and saw few images, so they draw close to their average guess: "
@@ -240,8 +243,11 @@ the box, in [0, 1] units.
 {gap_note}
 ## Limits
 - An emoji-world model is not a photo model: its features describe emoji on flat backgrounds. For photos, load the
-  official weights (`python app.py --checkpoint IN1K-vit.h.14-300e.pth.tar`) and train a decoder for them
-  (`python -m train.decoder --checkpoint IN1K-vit.h.14-300e.pth.tar --data /path/to/images`).
+  official weights (`python app.py --checkpoint IN1K-vit.h.14-300e.pth.tar`): the prediction-error map, the
+  surprise map and the feature view work at once; the probe readout and the nearest neighbours are off (they belong
+  to this bundle's model); sketches need a decoder trained for those weights on photos (`python -m train.decoder
+  --checkpoint IN1K-vit.h.14-300e.pth.tar --data /path/to/images --out-dir runs/photo_decoder`, then add
+  `--decoder runs/photo_decoder/decoder`).
 - The decoders were trained on one box at a time. With several boxes, each box's sketch is drawn with the other
   boxes blanked in its surroundings, an input they never saw in training: read multi-box sketches with care.
 - The decoders learnt to fill boxes of up to half the image's side; the app flags a larger box, whose sketches go
@@ -249,6 +255,7 @@ the box, in [0, 1] units.
 - Small and briefly trained: see the figures above against the floors before reading much into any one sketch.
 
 ## Attribution
-Emoji images: Noto Color Emoji (Apache-2.0). Labels: Unicode emoji-test.txt. See NOTICE.
+Emoji images: rendered from Debian's fonts-noto-color-emoji, built from the Apache-2.0 image sources of
+googlefonts/noto-emoji. Labels: Unicode emoji-test.txt. See NOTICE.
 """
     path.write_text(card)
