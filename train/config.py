@@ -67,13 +67,43 @@ def require(config, condition: bool, message: str) -> None:
         raise ValueError(f"{type(config).__name__}: {message}")
 
 
+def setting(default, help: str):
+    """A config field with its ``--help`` line, which says what the setting does and any fixed set of values; the
+    flag's help adds the default. ``lr: float = setting(1e-3, "peak learning rate")``."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _shown(value) -> str:
+    """A default as it is written on the command line: tuples as ``a,b``, booleans as true/false."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value) if value else "none"
+    return str(value)
+
+
+def field_help(field: dataclasses.Field) -> str:
+    """A field's ``--help`` line: its ``setting`` help and its default (empty when it has no help)."""
+    text = field.metadata.get("help", "")
+    if not text:
+        return ""
+    default = field.default
+    if default is dataclasses.MISSING:
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else None
+    return f"{text} (default: {_shown(default)})"
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
-    """One ``--field`` flag per dataclass field, parsed with the field's type (tuples as ``a,b``)."""
+    """One ``--field`` flag per dataclass field, parsed with the field's type (tuples as ``a,b``), with the field's
+    ``setting`` help."""
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         kind = _field_kind(hints[field.name])
         parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None,
-                            type=lambda text, k=kind: _parse_value(k, text), metavar=field.name.upper())
+                            type=lambda text, k=kind: _parse_value(k, text), metavar=field.name.upper(),
+                            help=field_help(field).replace("%", "%%"))
 
 
 def load_config(config_cls, path: str | Path | None, overrides: dict):
@@ -93,11 +123,20 @@ def load_config(config_cls, path: str | Path | None, overrides: dict):
     return config_cls(**{name: _coerce(name, hints[name], value) for name, value in values.items()})
 
 
-def parse_config(config_cls, argv=None, description: str = ""):
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=None, help="YAML file; flags override its values")
+def config_parser(config_cls, description: str = "") -> argparse.ArgumentParser:
+    """The command line of a config: ``--config`` and one flag per field, with each field's help and default."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="The defaults shown are the built-in ones: a --config file overrides them, and flags override both. "
+               "Ranges and lists are written a,b; switches true or false.")
+    parser.add_argument("--config", default=None, help="YAML file of settings, keyed by the flags' names with _ "
+                        "for - (as the run folder's config.yaml); flags override its values")
     add_config_arguments(parser, config_cls)
-    args = vars(parser.parse_args(argv))
+    return parser
+
+
+def parse_config(config_cls, argv=None, description: str = ""):
+    args = vars(config_parser(config_cls, description).parse_args(argv))
     return load_config(config_cls, args.pop("config"), args)
 
 

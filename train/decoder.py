@@ -33,7 +33,7 @@ from ijepa.checkpoint import load_model
 from ijepa.inference import gather, predict_features, true_features
 from ijepa.masks import complement_indices, rectangle_indices
 from ijepa.model import IJepa
-from train.config import config_dict, doc_summary, parse_config, require, save_config
+from train.config import config_dict, doc_summary, parse_config, require, save_config, setting
 from train.data import StackFields, StepBatches, build_dataset
 from train.runtime import (LossWindow, autocast, plot_loss_curve, resolve_precision, resume_state, save_checkpoint,
                            save_folder_atomic, setup_runtime, start_csv_log, teardown_runtime)
@@ -43,38 +43,54 @@ logger = logging.getLogger("train.decoder")
 
 @dataclass
 class DecoderTrainConfig:
-    checkpoint: str = "runs/pretrain/model"  # the frozen I-JEPA (our folder or an official .pth.tar)
-    out_dir: str = "runs/decoder"
-    data: str = "emoji"
-    conditioning: str = "spatial_context"  # ours; "pooled" = the I-JEPA paper's RCDM setup
+    checkpoint: str = setting("runs/pretrain/model", "the frozen I-JEPA to draw for: one of our model folders or an "
+                              "official .pth.tar")
+    out_dir: str = setting("runs/decoder", "run folder: config.yaml, log.csv, loss.png, samples/, checkpoints/, and "
+                           "the exported decoder/ (for app.py --decoder) when the run ends")
+    data: str = setting("emoji", '"emoji" (the emoji world\'s default scenes, whatever pretraining used) or the path '
+                        "of an image folder")
+    conditioning: str = setting("spatial_context", '"spatial_context" (ours: every predicted patch feature plus the '
+                                'visible surroundings) or "pooled" (the I-JEPA paper\'s RCDM setup: the average '
+                                "predicted feature only)")
     # decoder architecture
-    block_out_channels: tuple[int, int, int] = (32, 64, 128)
-    layers_per_block: int = 1
-    feature_channels: int = 16
+    block_out_channels: tuple[int, int, int] = setting((32, 64, 128), "the UNet's channels at each of its three "
+                                                       "resolution levels")
+    layers_per_block: int = setting(1, "ResNet layers per UNet block")
+    feature_channels: int = setting(16, "channels the predicted patch features are projected to before they join "
+                                    "the image (spatial_context only)")
     # x0: a briefly trained decoder draws smooth regions instead of leftover noise (bench/RESULTS.md, "Decoder");
     # "v_prediction" keeps more sample diversity once a decoder is trained long enough
-    prediction_type: str = "sample"
+    prediction_type: str = setting("sample", 'what the UNet predicts: "sample" (the clean image, x0), '
+                                   '"v_prediction" or "epsilon"')
     # boxes
-    target_like_fraction: float = 0.5  # boxes drawn like I-JEPA targets; the rest like user boxes
-    true_fraction: float = 0.25  # samples conditioned on the target encoder's true features
+    target_like_fraction: float = setting(0.5, "fraction of steps whose boxes are drawn like I-JEPA target blocks; "
+                                          "the rest like user boxes (one patch up to half the image's side)")
+    true_fraction: float = setting(0.25, "fraction of images conditioned on the target encoder's true features "
+                                   "instead of the predictor's, so the app can render the truth too")
     # optimisation (batch_size per process)
-    batch_size: int = 64
-    steps: int = 4000
-    warmup_steps: int = 200
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    ema_decay: float = 0.999
+    batch_size: int = setting(64, "images per step in each process")
+    steps: int = setting(4000, "training steps")
+    warmup_steps: int = setting(200, "steps of linear lr warmup up to --lr, which then stays constant")
+    lr: float = setting(3e-4, "AdamW learning rate after the warmup")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    ema_decay: float = setting(0.999, "decay of the EMA of the decoder's weights; the EMA weights are exported")
     # runtime
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # bf16 where it is native (CUDA, AVX512-BF16/AMX CPUs), else fp32
-    num_workers: int = 1
-    log_every: int = 25
-    sample_every: int = 500
-    ckpt_every: int = 500
-    keep_last: int = 2
-    resume: bool = False
-    allow_changes: tuple[str, ...] = ()  # with --resume: schedule settings changed on purpose (e.g. lr)
+    seed: int = setting(0, "seed of the decoder's initial weights, the scenes, the boxes and the noise")
+    device: str = setting("auto", 'where to train: "auto" (CUDA when available, else the CPU), "cpu" or "cuda"')
+    precision: str = setting("auto", '"auto" (bf16 where it is native: CUDA, CPUs with AVX512-BF16 or AMX; else '
+                             'fp32), "bf16" or "fp32"')
+    num_workers: int = setting(1, "DataLoader worker processes per training process, which build the images "
+                               "(0: the training process itself)")
+    log_every: int = setting(25, "steps between rows of log.csv and progress updates (loss, lr, img/s)")
+    sample_every: int = setting(500, "steps between preview sheets in samples/, drawn with the EMA weights (the "
+                                "last step always draws one)")
+    ckpt_every: int = setting(500, "steps between checkpoints (the last step always writes one)")
+    keep_last: int = setting(2, "newest checkpoints kept (0: all)")
+    resume: bool = setting(False, "go on from the newest checkpoint in <out-dir>/checkpoints, with the same "
+                           "settings and number of processes")
+    allow_changes: tuple[str, ...] = setting((), "with --resume: schedule settings that may differ from the "
+                                             "checkpoint's, e.g. lr (any of lr, warmup_steps, steps, weight_decay, "
+                                             "ema_decay)")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "steps", "log_every", "sample_every", "ckpt_every"):

@@ -32,7 +32,7 @@ from ijepa.checkpoint import save_model
 from ijepa.masks import MaskCollator, MaskConfig
 from ijepa.model import IJepa, IJepaConfig
 from ijepa.vision_transformer import set_fused_attention
-from train.config import config_dict, doc_summary, parse_config, require, save_config
+from train.config import config_dict, doc_summary, parse_config, require, save_config, setting
 from train.data import StepBatches, build_dataset
 from train.emoji import EmojiScenes, get_catalog
 from train.eval import HeldOutKnn, plot_knn_curve
@@ -54,63 +54,95 @@ _SCENE_DEFAULTS = {name: inspect.signature(EmojiScenes).parameters[name].default
 
 @dataclass
 class PretrainConfig:
-    out_dir: str = "runs/pretrain"
-    data: str = "emoji"  # "emoji" (built-in world) or an image folder
-    img_size: int = 64
+    out_dir: str = setting("runs/pretrain", "run folder: config.yaml, log.csv, loss.png, checkpoints/, and the "
+                           "exported model/ when the run ends")
+    data: str = setting("emoji", '"emoji" (the built-in emoji scenes, drawn on the fly) or the path of an image '
+                        "folder (class sub-folders or flat)")
+    img_size: int = setting(64, "input side in pixels, a multiple of --patch-size")
     # model
-    arch: str = "vit_tiny"
-    patch_size: int = 4
-    depth: int | None = None  # override the family's depth (smaller CPU models)
-    predictor_embed_dim: int = 96
-    predictor_depth: int = 6
+    arch: str = setting("vit_tiny", "encoder family: vit_tiny, vit_small, vit_base, vit_large, vit_huge or vit_giant")
+    patch_size: int = setting(4, "patch side in pixels: the grid is img_size / patch_size patches on a side")
+    depth: int | None = setting(None, "encoder blocks where not the family's own (none), e.g. 6 for the CPU "
+                                "recipes' smaller model")
+    predictor_embed_dim: int = setting(96, "the predictor's width")
+    predictor_depth: int = setting(6, "the predictor's number of blocks")
     # multi-block masks (official defaults)
-    num_targets: int = 4
-    target_scale: tuple[float, float] = (0.15, 0.2)
-    target_aspect: tuple[float, float] = (0.75, 1.5)
-    context_scale: tuple[float, float] = (0.85, 1.0)
-    min_keep: int = 10
-    official_quirks: bool = False
+    num_targets: int = setting(4, "target blocks the predictor predicts per image")
+    target_scale: tuple[float, float] = setting((0.15, 0.2), "range of a target block's area, as a fraction of the "
+                                                "patch grid")
+    target_aspect: tuple[float, float] = setting((0.75, 1.5), "range of a target block's aspect ratio (height / "
+                                                 "width)")
+    context_scale: tuple[float, float] = setting((0.85, 1.0), "range of the context block's area, as a fraction of "
+                                                 "the patch grid, before the targets are taken out of it")
+    min_keep: int = setting(10, "an image's context keeps more than this many patches")
+    official_quirks: bool = setting(False, "reproduce the official collator's sampling: blocks never touch the last "
+                                    "row or column, one draw of scale and aspect, raster-prefix truncation")
     # the target: "layer" (the paper's per-token LayerNorm) or "instance" (each feature normalised over the image's
     # tokens first, data2vec-style); target_layers > 1 averages the last blocks' outputs (needs "instance")
-    target_norm: str = "layer"
-    target_layers: int = 1
+    target_norm: str = setting("layer", 'what the predictor predicts: "layer" (the paper\'s target: the target '
+                               'encoder\'s last block, layer-normed per token) or "instance" (data2vec\'s: each '
+                               "feature normalised over the image's tokens first)")
+    target_layers: int = setting(1, "average the outputs of the target encoder's last N blocks as the target "
+                                 "(N > 1 needs --target-norm instance)")
     # initial weights: the official constructors scale block i's residual projections by 1/sqrt(2 i); the official
     # training script redraws them unscaled (false, as configs/in1k_vith14.yaml). The emoji recipes were measured
     # with the scaling.
-    rescale_residual_init: bool = True
+    rescale_residual_init: bool = setting(True, "scale block i's residual projections by 1/sqrt(2 i) at init, as "
+                                          "the official constructors do (false: unscaled, as the official training "
+                                          "script redraws them)")
     # emoji scenes only: passed to train/emoji.py EmojiScenes, whose defaults they take
-    backgrounds: tuple[str, ...] = _SCENE_DEFAULTS["backgrounds"]
-    same_base_prob: float = _SCENE_DEFAULTS["same_base_prob"]
-    main_scale: tuple[float, float] = _SCENE_DEFAULTS["main_scale"]
-    num_distractors: tuple[int, int] = _SCENE_DEFAULTS["num_distractors"]
-    distractor_scale: tuple[float, float] = _SCENE_DEFAULTS["distractor_scale"]
-    balance: str = _SCENE_DEFAULTS["balance"]  # or "subgroup": each subgroup equally often, then a base within it
-    theme_prob: float = _SCENE_DEFAULTS["theme_prob"]  # distractors that share the main emoji's theme
-    theme: str = _SCENE_DEFAULTS["theme"]  # "subgroup" or "group"
+    backgrounds: tuple[str, ...] = setting(_SCENE_DEFAULTS["backgrounds"], "emoji only: the background kinds a "
+                                           "scene's is drawn from, uniformly (the default lists every kind)")
+    same_base_prob: float = setting(_SCENE_DEFAULTS["same_base_prob"], "emoji only: probability that a distractor "
+                                    "is another instance of the main emoji's base")
+    main_scale: tuple[float, float] = setting(_SCENE_DEFAULTS["main_scale"], "emoji only: range of the main "
+                                              "emoji's longer side, as a fraction of the image side")
+    num_distractors: tuple[int, int] = setting(_SCENE_DEFAULTS["num_distractors"], "emoji only: inclusive range "
+                                               "of the number of distractors beside the main emoji")
+    distractor_scale: tuple[float, float] = setting(_SCENE_DEFAULTS["distractor_scale"], "emoji only: range of a "
+                                                    "distractor's longer side, as a fraction of the image side")
+    balance: str = setting(_SCENE_DEFAULTS["balance"], 'emoji only: "base" draws every base emoji equally often; '
+                           '"subgroup" each Unicode subgroup equally often, then a base within it')
+    theme_prob: float = setting(_SCENE_DEFAULTS["theme_prob"], "emoji only: probability that a distractor shares "
+                                "the main emoji's --theme (the recipes' still life: 1.0 with 2,3 distractors)")
+    theme: str = setting(_SCENE_DEFAULTS["theme"], 'emoji only: the Unicode label a themed distractor shares with '
+                         'the main emoji, "subgroup" or "group"')
     # optimisation (batch_size is per process)
-    batch_size: int = 256
-    steps: int = 2000
-    warmup_steps: int = 200
-    start_lr: float = 2e-4
-    lr: float = 1e-3
-    final_lr: float = 1e-6
-    weight_decay: float = 0.04
-    final_weight_decay: float = 0.4
-    ema_start: float = 0.996
-    ema_end: float = 1.0
+    batch_size: int = setting(256, "images per step in each process (the global batch is this times the number "
+                              "of processes)")
+    steps: int = setting(2000, "training steps; the lr, weight-decay and EMA schedules span them")
+    warmup_steps: int = setting(200, "steps of linear lr warmup from --start-lr to --lr")
+    start_lr: float = setting(2e-4, "learning rate at the first step")
+    lr: float = setting(1e-3, "peak learning rate, reached after the warmup, then decayed by a cosine to "
+                        "--final-lr")
+    final_lr: float = setting(1e-6, "learning rate at the last step")
+    weight_decay: float = setting(0.04, "AdamW weight decay at the first step (biases and 1-D parameters get "
+                                  "none); it rises by a cosine to --final-weight-decay")
+    final_weight_decay: float = setting(0.4, "weight decay at the last step")
+    ema_start: float = setting(0.996, "momentum of the target encoder's EMA at the first step; it rises linearly "
+                               "to --ema-end over the run")
+    ema_end: float = setting(1.0, "EMA momentum at the last step")
     # runtime
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # bf16 where it is native (CUDA, AVX512-BF16/AMX CPUs), else fp32
-    compile: bool = False
-    num_workers: int = 2
-    log_every: int = 20
-    ckpt_every: int = 500
-    keep_last: int = 2
-    knn_every: int = 0  # emoji only: score the held-out kNN protocol every N steps and at the end (0: never)
-    resume: bool = False
-    allow_changes: tuple[str, ...] = ()  # with --resume: schedule settings changed on purpose (e.g. lr)
-    trained_on: str = "emoji scenes (Noto Color Emoji)"
+    seed: int = setting(0, "seed of the initial weights, the scenes (or the image folder's order) and the masks")
+    device: str = setting("auto", 'where to train: "auto" (CUDA when available, else the CPU), "cpu" or "cuda"')
+    precision: str = setting("auto", '"auto" (bf16 where it is native: CUDA, CPUs with AVX512-BF16 or AMX; else '
+                             'fp32), "bf16" or "fp32"')
+    compile: bool = setting(False, "torch.compile the encoder, the predictor and the target pass")
+    num_workers: int = setting(2, "DataLoader worker processes per training process, which build the images and "
+                               "masks (0: the training process itself)")
+    log_every: int = setting(20, "steps between rows of log.csv and progress updates (loss, target spread, lr, "
+                             "img/s)")
+    ckpt_every: int = setting(500, "steps between checkpoints (the last step always writes one)")
+    keep_last: int = setting(2, "newest checkpoints kept (0: all)")
+    knn_every: int = setting(0, "emoji only: score the held-out kNN protocol every N steps and at the end, into "
+                             "knn.csv and knn.png (0: never)")
+    resume: bool = setting(False, "go on from the newest checkpoint in <out-dir>/checkpoints, with the same "
+                           "settings and number of processes")
+    allow_changes: tuple[str, ...] = setting((), "with --resume: schedule settings that may differ from the "
+                                             "checkpoint's, e.g. lr (any of lr, start_lr, final_lr, warmup_steps, "
+                                             "steps, weight_decay, final_weight_decay, ema_start, ema_end)")
+    trained_on: str = setting("emoji scenes (Noto Color Emoji)", "what the exported model says it was trained on "
+                              "(the app shows it); set it when --data is an image folder")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "steps", "log_every", "ckpt_every"):

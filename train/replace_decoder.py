@@ -1,4 +1,6 @@
-"""Put a longer-trained sketch decoder into a finished bundle, re-score both decoders and rewrite the model card:
+"""Put a longer-trained sketch decoder into a finished bundle, re-score both decoders and rewrite the model card.
+
+Train the decoder on the bundle's own model, then swap it in:
 
     python -m train.decoder --checkpoint assets/model --steps 1500 --batch-size 32 \
         --block-out-channels 32,64,128 --warmup-steps 75 --out-dir runs/decoder_long
