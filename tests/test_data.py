@@ -339,18 +339,112 @@ def test_image_folder_flat_eval_and_errors(tmp_path, caplog):
     for i in range(3):
         _write_png(tmp_path / "flat" / f"{i}.png", seed=i)
     (tmp_path / "flat" / "broken.png").write_bytes(b"not an image")
-    ds = ImageFolderDataset(tmp_path / "flat", resolution=12, mode="eval")
-    assert ds.classes == [] and {label for _, label in ds.samples} == {-1}
-    broken = [p.name for p, _ in ds.samples].index("broken.png")
     with caplog.at_level(logging.WARNING):
-        item = ds[broken]  # skipped in favour of the next readable file, with a warning naming it
-    assert "broken.png" in caplog.text and item["image"].shape == (3, 12, 12)
+        ds = ImageFolderDataset(tmp_path / "flat", resolution=12, mode="eval")
+    # Evaluation leaves the unreadable file out when it builds the set (one warning naming it), so every item is a
+    # distinct file; reading the next file in its place would score one image twice.
+    assert "broken.png" in caplog.text and "1 of 4" in caplog.text
+    assert ds.classes == [] and {label for _, label in ds.samples} == {-1}
+    assert [p.name for p, _ in ds.samples] == ["0.png", "1.png", "2.png"] and len(ds) == 3
+    assert ds[2]["image"].shape == (3, 12, 12)
     _assert_items_equal(ds[0], ImageFolderDataset(tmp_path / "flat", resolution=12, mode="eval")[0])
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         ImageFolderDataset(tmp_path / "empty", resolution=8)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ImageFolderDataset(tmp_path / "absent", resolution=8)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_bytes(b"not an image either")
+    with pytest.raises(FileNotFoundError, match="none of the 1 image files"):
+        ImageFolderDataset(tmp_path / "junk", resolution=8, mode="eval")
+
+
+def test_image_folder_decodes_files_as_the_app_does(tmp_path):
+    """16-bit, transparent and EXIF-rotated files: training and evaluation see what the app shows (to_rgb)."""
+    ramp = np.linspace(0, 60000, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "a_ramp16.png")  # mode I;16: convert("RGB") clipped it to white
+    clear = np.zeros((16, 16, 4), dtype=np.uint8)
+    clear[..., 0] = 255  # red, but fully transparent: composited onto white, as the app does
+    Image.fromarray(clear, "RGBA").save(tmp_path / "b_clear.png")
+    halves = np.zeros((16, 16, 3), dtype=np.uint8)
+    halves[:, :8, 0] = halves[:, 8:, 2] = 255  # stored red | blue, tagged "rotate 180": shown blue | red
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    Image.fromarray(halves).save(tmp_path / "c_rotated.png", exif=exif)
+    ds = ImageFolderDataset(tmp_path, resolution=16, mode="eval")
+    assert [p.name for p, _ in ds.samples] == ["a_ramp16.png", "b_clear.png", "c_rotated.png"]
+    grey = ds[0]["image"]
+    assert grey.mean().item() == pytest.approx(30000 / 65535, abs=0.01)
+    assert torch.equal(grey[0], grey[1]) and grey[0, 0, 0] == 0 and grey[0, -1, -1] > 0.9
+    assert torch.equal(ds[1]["image"], torch.ones(3, 16, 16))
+    rotated = ds[2]["image"]
+    assert (rotated[2, :, :8] == 1).all() and (rotated[0, :, 8:] == 1).all() and rotated[0, :, :8].max() == 0
+
+
+def test_image_folder_ignores_dot_files_and_evaluates_each_readable_file_once(tmp_path, caplog):
+    """macOS copies leave ._name AppleDouble twins (not images) that sort first: each once read as the next real
+    file, so two classes of 3 images gave 12 items of 6 distinct images."""
+    for c, cls in enumerate(("ant", "cat")):
+        for i in range(3):
+            _write_png(tmp_path / cls / f"{i}.png", seed=10 * c + i)
+            (tmp_path / cls / f"._{i}.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    _write_png(tmp_path / "cat" / ".ipynb_checkpoints" / "0-checkpoint.png", seed=10)  # a copy, hidden
+    _write_png(tmp_path / ".Trashes" / "x.png", seed=99)  # a hidden folder is not a class
+    (tmp_path / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    train = ImageFolderDataset(tmp_path, resolution=8)
+    assert train.classes == ["ant", "cat"] and len(train) == 7  # nothing checked up front in training
+    with caplog.at_level(logging.WARNING):
+        ds = ImageFolderDataset(tmp_path, resolution=8, mode="eval")
+    assert ds.classes == ["ant", "cat"] and len(ds) == 6
+    assert [label for _, label in ds.samples] == [0, 0, 0, 1, 1, 1]
+    images = [ds[i]["image"] for i in range(len(ds))]
+    assert all(not torch.equal(a, b) for i, a in enumerate(images) for b in images[i + 1:])  # 6 distinct images
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "1 of 7" in warnings[0].getMessage() and "broken.png" in warnings[0].getMessage()
+
+
+def test_image_folder_training_replaces_an_unreadable_file_and_says_so_once(tmp_path, caplog, monkeypatch):
+    _write_png(tmp_path / "a.png", seed=0, size=(8, 8))
+    _write_png(tmp_path / "b.png", seed=1, size=(20, 16))
+    (tmp_path / "c.png").write_bytes(b"not an image")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # b.png (320 pixels > 2 x 100) is now a decompression bomb
+    ds = ImageFolderDataset(tmp_path, resolution=8, seed=0)
+    assert len(ds) == 3
+    with caplog.at_level(logging.WARNING):
+        items = [ds[i] for i in range(3 * len(ds))]  # three epochs: every file read three times
+    assert all(item["image"].shape == (3, 8, 8) for item in items)
+    for name in ("b.png", "c.png"):  # skipped, not raised; one warning each
+        assert sum(name in r.getMessage() for r in caplog.records) == 1, name
+    assert "DecompressionBombError" in caplog.text
+    readable = ImageFolderDataset(tmp_path, resolution=8, mode="eval")
+    assert [p.name for p, _ in readable.samples] == ["a.png"]
+
+
+def test_image_folder_evaluation_raises_rather_than_reading_another_file(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.jpg", quality=95)
+    data = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "b.jpg").write_bytes(data[:len(data) // 2])  # a valid header: passes the check, fails to decode
+    ds = ImageFolderDataset(tmp_path, resolution=8, mode="eval")
+    assert len(ds) == 2 and ds[0]["image"].shape == (3, 8, 8)
+    with pytest.raises(RuntimeError, match="b.jpg"):
+        ds[1]
+
+
+def test_image_folder_refuses_a_split_layout_as_classes(tmp_path):
+    """root/{train,test}/<class>/: the splits would become the two labels, and a model would be scored on telling
+    training images from test images."""
+    for split in ("train", "test"):
+        for c, cls in enumerate(("cat", "dog")):
+            _write_png(tmp_path / "data" / split / cls / "0.png", seed=c, size=(8, 8))
+    for mode in ("train", "eval"):
+        with pytest.raises(ValueError, match="split layout"):
+            ImageFolderDataset(tmp_path / "data", resolution=8, mode=mode)
+    assert ImageFolderDataset(tmp_path / "data" / "train", resolution=8).classes == ["cat", "dog"]
+    # Nested class folders whose inner folders differ (photo sessions) are still classes.
+    _write_png(tmp_path / "nested" / "cat" / "monday" / "0.png", seed=0, size=(8, 8))
+    _write_png(tmp_path / "nested" / "dog" / "tuesday" / "0.png", seed=1, size=(8, 8))
+    assert ImageFolderDataset(tmp_path / "nested", resolution=8).classes == ["cat", "dog"]
 
 
 def test_build_dataset(catalog, tmp_path):

@@ -160,6 +160,43 @@ def test_a_flat_folder_cannot_be_scored_and_says_why(tmp_path, tiny_model):
         evaluation.evaluate_folder(tiny_model, tmp_path / "flat")
 
 
+@pytest.mark.parametrize("heldout", ["test", "valid", "Validation"])
+def test_a_train_folder_is_scored_against_its_test_or_validation_folder(tmp_path, tiny_model, heldout):
+    """root/{train,test}/<class>/ once became two classes, 'test' and 'train': a score of telling splits apart."""
+    rng = np.random.default_rng(0)
+    colours = {"blue": (30, 30, 220), "red": (220, 30, 30)}
+    for name, colour in colours.items():
+        _colour_images(tmp_path / "train" / name, colour, 6, rng)
+        _colour_images(tmp_path / heldout / name, colour, 3, rng)
+    results = evaluation.evaluate_folder(tiny_model, tmp_path)
+    assert results["split"] == f"train/ vs {heldout}/"
+    assert (results["bank_size"], results["query_size"]) == (12, 6)
+    assert results["features"]["raw_pixels"]["knn_label"] == 100.0
+
+
+def test_an_unrecognised_split_layout_is_refused(tmp_path, tiny_model):
+    rng = np.random.default_rng(0)
+    for split in ("train", "holdout"):
+        for name, colour in (("blue", (30, 30, 220)), ("red", (220, 30, 30))):
+            _colour_images(tmp_path / split / name, colour, 3, rng)
+    with pytest.raises(ValueError, match="split layout"):
+        evaluation.evaluate_folder(tiny_model, tmp_path)
+
+
+def test_folder_evaluation_counts_each_readable_image_once(tmp_path, tiny_model):
+    """macOS ._name twins and a broken file are left out: they used to be read as the next image, scoring some
+    images twice (here 12 bank items for 6 images)."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 3), ("val", 2)):
+        for name, colour in (("blue", (30, 30, 220)), ("red", (220, 30, 30))):
+            _colour_images(tmp_path / split / name, colour, count, rng)
+            for i in range(count):
+                (tmp_path / split / name / f"._{i}.png").write_bytes(b"\x00\x05\x16\x07Mac OS X")
+    (tmp_path / "val" / "red" / "broken.png").write_bytes(b"not an image")
+    results = evaluation.evaluate_folder(tiny_model, tmp_path)
+    assert (results["bank_size"], results["query_size"]) == (6, 4)
+
+
 def test_a_model_trained_on_another_emoji_catalog_is_flagged(caplog):
     """The held-out split depends on emoji-test.txt, the font and Pillow's layout engine: figures from a machine
     whose split differs from the training run's are not held-out figures, and say so."""

@@ -16,19 +16,73 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
 
+from ijepa.inference import to_rgb
 from train.emoji import BACKGROUND_KINDS, EmojiCatalog, EmojiProbeSet, EmojiScenes, get_catalog
 
-__all__ = ["BACKGROUND_KINDS", "EmojiCatalog", "EmojiProbeSet", "EmojiScenes", "IMAGE_EXTENSIONS",
-           "ImageFolderDataset", "build_dataset", "get_catalog"]
+__all__ = ["BACKGROUND_KINDS", "EmojiCatalog", "EmojiProbeSet", "EmojiScenes", "HELDOUT_SPLIT_NAMES",
+           "IMAGE_EXTENSIONS", "ImageFolderDataset", "build_dataset", "get_catalog"]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+# Names of the held-out folder beside train/ in a split layout (root/train/<class>/, root/val/<class>/); train.eval
+# recognises any of them, in this order of preference.
+HELDOUT_SPLIT_NAMES = ("val", "valid", "validation", "test")
+# What Pillow raises for a file it cannot read: OSError covers missing, unidentified, truncated and damaged files;
+# the parsers also raise SyntaxError, ValueError and EOFError, and an oversized image DecompressionBombError.
+_READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def _hidden(path: Path, folder: Path) -> bool:
+    """Whether any part of path below folder starts with "." (macOS ._* AppleDouble twins, .ipynb_checkpoints/)."""
+    return any(part.startswith(".") for part in path.relative_to(folder).parts)
 
 
 def _images_in(folder: Path, recursive: bool) -> list[Path]:
     found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(p for p in found
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(p, folder) and p.is_file())
+
+
+def _read_rgb(path: Path) -> Image.Image:
+    """The file decoded as the app decodes uploads (ijepa.inference.to_rgb): EXIF rotation applied, 16-bit and float
+    images scaled to 8 bits, transparency composited onto white. Raises one of _READ_ERRORS."""
+    with Image.open(path) as image:
+        image.load()
+        rgb = to_rgb(image)
+        return image.copy() if rgb is image else rgb  # closing the file would destroy an image it returned as is
+
+
+def _unreadable_reason(path: Path) -> str | None:
+    """Why Pillow cannot read the file, from its header and (for PNG, GIF, ...) its checksums, without decoding
+    the pixels; None when it looks readable."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except _READ_ERRORS as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _split_layout_error(root: Path, class_files: list[tuple[str, list[Path]]]) -> str | None:
+    """A message when root's sub-folders look like splits rather than classes: none of them holds an image
+    directly, and they share the names of the sub-folders that do (train/cat/, test/cat/, ...)."""
+    if len(class_files) < 2:
+        return None
+    inner: dict[str, set[str]] = {}
+    for name, files in class_files:
+        relative = [p.relative_to(root / name).parts for p in files]
+        if any(len(parts) == 1 for parts in relative):
+            return None  # this folder holds images itself: a class folder
+        inner[name] = {parts[0] for parts in relative}
+    shared = sorted({sub for subs in inner.values() for sub in subs
+                     if sum(sub in subs_ for subs_ in inner.values()) >= 2})
+    if not shared:
+        return None  # e.g. cat/<photo session>/, dog/<another session>/: nested class folders
+    return (f"{root} looks like a split layout, not class folders: its sub-folders {sorted(inner)[:5]} hold no "
+            f"images themselves, only sub-folders with the same names ({shared[:5]}), so the split names would "
+            f"become the labels. Point at one split (e.g. {root / sorted(inner)[0]}); train.eval scores "
+            f"root/train/<class>/ against root/<{'|'.join(HELDOUT_SPLIT_NAMES)}>/<class>/")
 
 
 class ImageFolderDataset(Dataset):
@@ -41,7 +95,13 @@ class ImageFolderDataset(Dataset):
     Any i >= 0 is accepted: indices [e * n, (e + 1) * n) read every file once, in an order shuffled by (seed, e),
     so a batch mixes classes (as the official DistributedSampler's shuffle does) while the order stays a pure
     function of the index (exact resume). mode="eval" reads file ``i % n`` with Resize + CenterCrop, no randomness.
-    Unreadable files are skipped (the next file is used) with a warning that names them.
+    Files are decoded as the app decodes uploads (``ijepa.inference.to_rgb``). Names starting with "." are ignored
+    (macOS ._* twins, .ipynb_checkpoints/). mode="eval" checks every file's header when it is built and drops the
+    unreadable ones (one warning), so each item is a distinct file; a file that still fails to decode raises.
+    mode="train" checks nothing up front (a large folder would take long): a file that fails to read is replaced
+    by the next readable one, with a warning once per file (per DataLoader worker).
+    A folder whose sub-folders hold no images of their own, only sub-folders named alike (train/cat/, test/cat/),
+    is refused: it is a split layout, whose split names would become the labels.
     """
 
     def __init__(self, root: str | os.PathLike, resolution: int, scale: tuple[float, float] = (0.3, 1.0),
@@ -52,8 +112,12 @@ class ImageFolderDataset(Dataset):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         self.resolution, self.scale, self.seed, self.mode = resolution, scale, seed, mode
-        class_files = [(d.name, _images_in(d, recursive=True)) for d in sorted(self.root.iterdir()) if d.is_dir()]
+        class_files = [(d.name, _images_in(d, recursive=True)) for d in sorted(self.root.iterdir())
+                       if d.is_dir() and not d.name.startswith(".")]
         class_files = [(name, files) for name, files in class_files if files]
+        split_error = _split_layout_error(self.root, class_files)
+        if split_error:
+            raise ValueError(split_error)
         if classes is not None:
             if not class_files:
                 raise ValueError(f"{self.root} has no class sub-folders, so its images cannot take labels "
@@ -75,6 +139,8 @@ class ImageFolderDataset(Dataset):
         if not self.samples:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.root} or its "
                                     "sub-folders")
+        if mode == "eval":
+            self.samples = self._readable_samples()
         if mode == "train":
             self.transform = transforms.Compose([
                 transforms.RandomResizedCrop(resolution, scale=scale), transforms.ToTensor()])
@@ -87,20 +153,39 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _readable_samples(self) -> list[tuple[Path, int]]:
+        """The samples whose files Pillow can read (header and checksums; see _unreadable_reason)."""
+        reasons = [_unreadable_reason(path) for path, _ in self.samples]
+        bad = [(path, reason) for (path, _), reason in zip(self.samples, reasons) if reason is not None]
+        if len(bad) == len(self.samples):
+            raise FileNotFoundError(f"none of the {len(bad)} image files in {self.root} can be read, e.g. "
+                                    f"{bad[0][0]} ({bad[0][1]})")
+        if bad:
+            logger.warning("%s: leaving out %d of %d image files that cannot be read, e.g. %s (%s)", self.root,
+                           len(bad), len(self.samples), bad[0][0], bad[0][1])
+        return [sample for sample, reason in zip(self.samples, reasons) if reason is None]
+
     def _load(self, index: int) -> tuple[Image.Image, int]:
-        """The image of file index % n, or of the next readable file."""
+        """The image of file index % n; in training, of the next readable file when that one cannot be read."""
         n = len(self.samples)
+        if self.mode == "eval":
+            path, label = self.samples[index % n]
+            try:
+                return _read_rgb(path), label
+            except _READ_ERRORS as error:  # passed the header check, but the pixels do not decode
+                raise RuntimeError(f"cannot decode {path} ({type(error).__name__}: {error}); evaluation does not "
+                                   "substitute another file: remove or repair it") from error
         for offset in range(n):
             file_index = (index + offset) % n
             if file_index in self._unreadable:
                 continue
             path, label = self.samples[file_index]
             try:
-                with Image.open(path) as image:
-                    return image.convert("RGB"), label
-            except OSError as error:  # PIL.UnidentifiedImageError is an OSError too
+                return _read_rgb(path), label
+            except _READ_ERRORS as error:
                 self._unreadable.add(file_index)
-                logger.warning("skipping unreadable image %s (%s)", path, error)
+                logger.warning("skipping unreadable image %s (%s: %s); the next readable file is used instead",
+                               path, type(error).__name__, error)
         raise RuntimeError(f"none of the {n} image files in {self.root} could be read")
 
     def _file_index(self, index: int) -> int:

@@ -377,28 +377,49 @@ def evaluate_predictor_semantics(model: IJepa, num_train: int = 3000, num_test: 
 
 # ----- image folders -------------------------------------------------------------------------------------------
 
+def _split_folders(root: Path) -> tuple[Path, Path] | None:
+    """root/train/ and the held-out folder beside it (val/, valid/, validation/ or test/, preferred in that order;
+    any case), or None when root has no such pair."""
+    from train.data import HELDOUT_SPLIT_NAMES
+
+    folders = {d.name.lower(): d for d in sorted(root.iterdir()) if d.is_dir()}
+    heldout = [folders[name] for name in HELDOUT_SPLIT_NAMES if name in folders]
+    if "train" not in folders or not heldout:
+        return None
+    if len(heldout) > 1:
+        logger.info("%s has %s: scoring %s/ against %s/", root, [d.name for d in heldout], folders["train"].name,
+                    heldout[0].name)
+    return folders["train"], heldout[0]
+
+
 def evaluate_folder(model: IJepa, root: Path, seed: int = 0, device: str = "cpu") -> dict:
-    """Class sub-folders: uses train/ and val/ sub-folders when present (val/ takes train/'s labels), else a fixed
-    random 80/20 split of all images."""
+    """Class sub-folders: uses train/ and a held-out split beside it when present (val/, valid/, validation/ or
+    test/, preferred in that order; it takes train/'s labels), else a fixed random 80/20 split of all images.
+    Unreadable files are left out (see ImageFolderDataset), so bank_size and query_size count distinct images."""
     from torch.utils.data import Subset
 
     from train.data import ImageFolderDataset
 
+    root = Path(root)
     size = model.config.img_size
-    split = (root / "train").is_dir() and (root / "val").is_dir()
-    full = ImageFolderDataset(root / "train" if split else root, size, mode="eval")
+    splits = _split_folders(root)
+    train_root, heldout = splits if splits else (root, None)
+    full = ImageFolderDataset(train_root, size, mode="eval")
     if len(full.classes) < 2:
         raise ValueError(f"{full.root}: kNN and linear probes need labelled images, i.e. at least two class "
                          f"sub-folders (found {len(full.classes)}); a flat folder has no labels")
-    if split:
-        bank_set, query_set = full, ImageFolderDataset(root / "val", size, mode="eval", classes=full.classes)
+    if heldout is not None:
+        bank_set, query_set = full, ImageFolderDataset(heldout, size, mode="eval", classes=full.classes)
+        split = f"{train_root.name}/ vs {heldout.name}/"
     else:
         order = np.random.default_rng(seed).permutation(len(full))
         cut = int(0.8 * len(full))
         bank_set, query_set = Subset(full, order[:cut].tolist()), Subset(full, order[cut:].tolist())
+        split = f"random 80/20 (seed {seed})"
     random_model = random_init_like(model.config, seed, device)
     num_classes = {"label": len(full.classes)}
-    results = {"protocol": f"image folder {root}", "features": {}}
+    results = {"protocol": f"image folder {root}", "split": split, "bank_size": len(bank_set),
+               "query_size": len(query_set), "features": {}}
     for name, source in (("raw_pixels", None), ("random_init", random_model), ("target_encoder", model)):
         bank, bank_labels = pooled_features(source, bank_set, ("label",), device=device)
         queries, query_labels = pooled_features(source, query_set, ("label",), device=device)
