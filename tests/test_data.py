@@ -182,6 +182,56 @@ def test_patch_labels_follow_known_placement(catalog):
     assert not np.array_equal(image[:, 8:24, 8:24], background[:, 8:24, 8:24])
 
 
+def _brute_force_scene(renderer: SceneRenderer, background: np.ndarray, objects: list[Placement]
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """compose() pixel by pixel: each canvas pixel looks up the glyph pixel it shows (mirrored when flipped), the
+    topmost alpha > 0.5 labels it, and each patch takes its most common label (ties to the upper layer)."""
+    res, p = renderer.resolution, renderer.patch_size
+    image, layer = background.astype(np.float32).copy(), np.full((res, res), -1)
+    for index, obj in enumerate(objects):
+        rgb, alpha = renderer.glyphs.get(obj.variant, obj.size)  # unflipped, premultiplied
+        h, w = alpha.shape
+        x0, y0 = int(round(obj.cx - w / 2)), int(round(obj.cy - h / 2))
+        for y in range(res):
+            for x in range(res):
+                gy, gx = y - y0, x - x0
+                if 0 <= gy < h and 0 <= gx < w:
+                    if obj.flip:
+                        gx = w - 1 - gx
+                    image[:, y, x] = image[:, y, x] * (1 - alpha[gy, gx]) + rgb[:, gy, gx]
+                    if alpha[gy, gx] > 0.5:
+                        layer[y, x] = index
+    patches = np.full((res // p, res // p), -1)
+    for r in range(res // p):
+        for c in range(res // p):
+            labels, counts = np.unique(layer[r * p:(r + 1) * p, c * p:(c + 1) * p], return_counts=True)
+            top = labels[counts == counts.max()].max()  # ties: the upper layer
+            patches[r, c] = -1 if top < 0 else objects[top].base
+    return np.clip(image, 0, 1), patches
+
+
+def test_patch_labels_of_flipped_emoji_across_the_border_match_a_per_pixel_check(catalog):
+    renderer = SceneRenderer(catalog, resolution=64, patch_size=8)
+    background = renderer.background("noise", np.random.default_rng(1))
+    bases = [catalog.base_of(text) for text in ("\U0001F449", "\U0001F40C", "\U0001F34E")]  # pointing right, snail,
+    hand, snail, apple = (Placement(int(catalog.variant_start[b]), b, size=s, cx=cx, cy=cy, flip=f)  # apple
+                          for b, s, cx, cy, f in zip(bases, (40, 36, 24), (8.0, 58.0, 3.0), (52.0, 6.0, 60.0),
+                                                     (True, True, False)))
+    objects = [hand, snail, apple]  # the apple lies over the hand's lower left
+    for obj, (x0, y0, x1, y1) in zip(objects, [(-12, 36, 28, 69), (40, -11, 76, 23), (-8, 48, 14, 72)]):
+        h, w = renderer.glyphs.get(obj.variant, obj.size)[1].shape
+        assert (round(obj.cx - w / 2), round(obj.cy - h / 2), round(obj.cx - w / 2) + w,
+                round(obj.cy - h / 2) + h) == (x0, y0, x1, y1)  # off the left/top and past the right/bottom edge
+    image, patches = renderer.compose(background, objects)
+    want_image, want_patches = _brute_force_scene(renderer, background, objects)
+    assert np.array_equal(patches, want_patches)
+    np.testing.assert_allclose(image, want_image, atol=1e-6)
+    assert set(np.unique(patches)) == {-1, *bases}
+    # The check can tell a flip apart: unflipped, the two flipped glyphs would label other patches.
+    unflipped = [Placement(o.variant, o.base, o.size, o.cx, o.cy) for o in objects]
+    assert not np.array_equal(_brute_force_scene(renderer, background, unflipped)[1], want_patches)
+
+
 def test_a_patch_two_copies_of_one_emoji_mostly_cover_is_labelled_with_it(catalog):
     renderer = SceneRenderer(catalog, resolution=16, patch_size=8)
     layer = np.full((16, 16), -1)  # what each pixel shows: -1 background, else the index of the object on top

@@ -1,6 +1,9 @@
 """The evaluation protocol: weighted kNN, linear probe, the emoji protocol's wiring, box labels, image folders."""
 from __future__ import annotations
 
+import functools
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -36,6 +39,50 @@ def test_knn_in_blocks_matches_one_block():
     bank_labels, query_labels = torch.randint(0, 4, (300,), generator=generator), torch.randint(0, 4, (70,))
     whole = knn_top1(bank, bank_labels, queries, query_labels, num_classes=4)
     assert knn_top1(bank, bank_labels, queries, query_labels, num_classes=4, block_elements=1000) == whole  # 3 rows
+
+
+def _reference_knn(bank, bank_labels, queries, num_classes, k, temperature):
+    """The protocol's kNN by its definition: the k most cosine-similar bank items vote exp(similarity / T)."""
+    sims = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(bank, dim=1).T
+    top, idx = sims.topk(k, dim=1)
+    votes = torch.zeros(len(queries), num_classes).scatter_add_(1, bank_labels[idx], (top / temperature).exp())
+    return votes.argmax(1)
+
+
+def test_the_emoji_protocol_scores_knn_with_k_20_and_temperature_0_07(tiny_model, monkeypatch):
+    """The protocol (module docstring, results["protocol"]) is kNN k=20, T=0.07: figures compare across runs only
+    while both hold. The other kNN tests pass k and T explicitly, so they would not notice either changing."""
+    generator = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(200, 4, generator=generator), torch.randn(400, 4, generator=generator)
+    bank_labels = torch.randint(0, 5, (200,), generator=generator)
+    protocol = _reference_knn(bank, bank_labels, queries, 5, k=20, temperature=0.07)
+    for k, temperature in ((19, 0.07), (21, 0.07), (20, 0.05), (20, 0.1)):  # the data can tell them apart
+        assert not torch.equal(_reference_knn(bank, bank_labels, queries, 5, k, temperature), protocol)
+    scores = evaluation.knn_scores(bank, {"group": bank_labels}, queries, {"group": protocol}, {"group": 5})
+    assert scores == {"knn_group": 100.0}  # knn_scores, which every emoji figure goes through, predicts exactly so
+
+    # ... and the emoji evaluation and the in-training monitor call it with those settings (tiny stand-in sets).
+    calls = []
+    signature = inspect.signature(knn_top1)
+
+    def spy(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append((bound.arguments["k"], bound.arguments["temperature"]))
+        return knn_top1(*args, **kwargs)
+
+    def tiny_sets(img_size, patch_size, seed=0):
+        def items(offset):
+            return [{**_Scenes(6)[i], "group": i % 2, "subgroup": i % 3} for i in range(offset, offset + 6)]
+        return items(0), items(6), {"group": 2, "subgroup": 3}, type("Catalog", (), {"fingerprint": "x"})()
+
+    monkeypatch.setattr(evaluation, "knn_top1", spy)
+    monkeypatch.setattr(evaluation, "emoji_probe_sets", tiny_sets)
+    monkeypatch.setattr(evaluation, "fit_linear_probe", functools.partial(fit_linear_probe, steps=1))  # not tested
+    results = evaluation.evaluate_emoji_features(tiny_model, sources=("raw_pixels", "target_encoder"))
+    assert "k=20 T=0.07" in results["protocol"]
+    evaluation.HeldOutKnn(tiny_model.config)(tiny_model)
+    assert len(calls) >= 8 and set(calls) == {(20, 0.07)}
 
 
 def test_linear_probe_standardises_and_separates():
