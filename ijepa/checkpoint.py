@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import pickletools
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -71,8 +73,52 @@ def _depth(state_dict: dict, prefix: str) -> int:
     return max(ids) + 1 if ids else 0
 
 
+def _is_square(n: int) -> bool:
+    return n > 0 and int(round(n**0.5)) ** 2 == n
+
+
+def _what_else(encoder: dict[str, torch.Tensor]) -> str | None:
+    """Why ``encoder`` is not an I-JEPA image encoder, naming what it looks like instead; None if nothing tells."""
+    patch = encoder.get("patch_embed.proj.weight")
+    if patch is None:
+        nested = sorted(k[: -len("patch_embed.proj.weight")] for k in encoder if k.endswith(".patch_embed.proj.weight"))
+        if not nested:
+            return None  # the missing key itself is the message
+        prefix, shape = nested[0], tuple(encoder[nested[0] + "patch_embed.proj.weight"].shape)
+        if len(shape) == 5:
+            return (f"its encoder weights sit under {prefix!r} with a 3-D patch embedding (patch_embed.proj.weight "
+                    f"{shape}, a Conv3d over frames): a video model such as V-JEPA, not supported")
+        known = " (V-JEPA's MultiMaskWrapper layout)" if prefix == "backbone." else ""
+        return (f"its encoder weights sit under {prefix!r}{known}, where an I-JEPA encoder's keys start at "
+                f"'patch_embed.', 'pos_embed' and 'blocks.': not an I-JEPA checkpoint")
+    shape = tuple(patch.shape)
+    if len(shape) == 5:
+        return (f"3-D patch embedding (patch_embed.proj.weight {shape}, a Conv3d over frames): a video model such "
+                f"as V-JEPA, not supported")
+    if len(shape) != 4 or shape[2] != shape[3]:
+        return f"patch_embed.proj.weight has shape {shape}, not a square Conv2d patch embedding: not an I-JEPA encoder"
+    pos = encoder.get("pos_embed")
+    rows = pos.shape[1] if pos is not None and pos.dim() == 3 else None
+    extra = [k for k in ("cls_token", "dist_token", "reg_token", "register_tokens") if k in encoder]
+    if extra or (rows is not None and not _is_square(rows) and _is_square(rows - 1)):
+        found = ", ".join(extra) if extra else f"{rows} position rows = {rows - 1} patches + 1"
+        return (f"its encoder has a CLS token ({found}): a DINO/MAE/DeiT/CLIP or timm classifier ViT, not an I-JEPA "
+                f"encoder (I-JEPA encoders have none)")
+    if pos is not None and (pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[2] != shape[0]):
+        return f"pos_embed has shape {tuple(pos.shape)}, not [1, patches, {shape[0]}]: not an I-JEPA encoder"
+    if rows is not None and not _is_square(rows):
+        return f"its position table has {rows} rows, not a square patch grid: not an I-JEPA encoder"
+    return None
+
+
 def infer_config(encoder: dict[str, torch.Tensor], predictor: dict[str, torch.Tensor] | None) -> IJepaConfig:
-    """Read the architecture off the tensor shapes of an official encoder (and predictor) state dict."""
+    """Read the architecture off the tensor shapes of an official encoder (and predictor) state dict.
+
+    Raises CheckpointError (without the file's name: callers add it) for encoders of other architectures,
+    saying what they look like (a ViT with a CLS token, a video model, ...)."""
+    reason = _what_else(encoder)
+    if reason is not None:
+        raise CheckpointError(f"{reason}; expected {ACCEPTED}")
     try:
         width, _, patch, _ = encoder["patch_embed.proj.weight"].shape
         grid = grid_for(encoder["pos_embed"].shape[1])
@@ -80,6 +126,8 @@ def infer_config(encoder: dict[str, torch.Tensor], predictor: dict[str, torch.Te
         mlp_ratio = encoder["blocks.0.mlp.fc1.weight"].shape[0] / width
     except KeyError as err:
         raise CheckpointError(f"not an I-JEPA/ViT encoder state dict: missing {err.args[0]!r}") from None
+    except (ValueError, IndexError) as err:  # _what_else should have caught these shapes; still say where it failed
+        raise CheckpointError(f"not an I-JEPA/ViT encoder state dict: {err}") from None
     num_heads = heads_for_width(width)
     config = IJepaConfig(img_size=grid[0] * patch, patch_size=patch, embed_dim=width, depth=depth,
                          num_heads=num_heads, mlp_ratio=mlp_ratio, arch=arch_name(width, depth),
@@ -97,28 +145,70 @@ def infer_config(encoder: dict[str, torch.Tensor], predictor: dict[str, torch.Te
     return config
 
 
+# torch.save's legacy (non-zip) format opens with a pickled magic number: LONG1 opcode, 10 bytes, little-endian
+LEGACY_MARKER = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
+
+
+def _is_legacy_torch_file(head: bytes) -> bool:
+    """True when ``head`` (the file's first bytes) is the start of a legacy torch.save file, even a cut one."""
+    return LEGACY_MARKER in head[:64] or (0 < len(head) < 16 and (b"\x80\x02" + LEGACY_MARKER).startswith(head))
+
+
+def _legacy_pickles_whole(path: Path) -> bool:
+    """Whether the five pickles that open a legacy torch.save file (magic number, protocol, system info, the object,
+    the storage keys) are all whole. pickletools only parses opcodes: nothing in the file is run."""
+    try:
+        with open(path, "rb") as f:
+            for _ in range(5):
+                for _ in pickletools.genops(f):  # stops after STOP, raises when the file ends first
+                    pass
+    except Exception:  # noqa: BLE001 - a cut opcode fails in several ways; all mean "not whole"
+        return False
+    return True
+
+
+def _refusal_detail(err: Exception) -> str:
+    """The line of torch's weights-only refusal that names what was refused (its first line is generic advice)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else type(err).__name__)
+
+
+def _refused(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: refused to load: the file holds Python objects beyond tensors and plain containers "
+        f"(it would run code when unpickled). Only weights are accepted. Details: {_refusal_detail(err)}")
+
+
 def _torch_load(path: Path) -> dict:
     """torch.load that only accepts plain tensors and containers, with readable failures."""
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip archive, or its legacy pickle
+        head = f.read(64)
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip archive, or its legacy pickle
         raise CheckpointError(f"{path}: not a PyTorch checkpoint; expected {ACCEPTED}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path}: refused to load: the file holds Python objects beyond tensors and plain containers "
-            f"(it would run code when unpickled). Only weights are accepted. Details: {str(err).splitlines()[0]}"
-        ) from None
+        raise _refused(path, err) from None
     except RuntimeError as err:
         text = str(err)
         if "mmap" in text:  # legacy (non-zip) torch.save format: cannot be memory-mapped
             try:
                 return torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as inner:
-                raise CheckpointError(f"{path}: refused to load: {str(inner).splitlines()[0]}") from None
-            except Exception:  # noqa: BLE001 - whatever torch says about a non-checkpoint, the answer is the same
-                raise CheckpointError(f"{path}: not a PyTorch checkpoint; expected {ACCEPTED}") from None
+            except Exception as inner:  # noqa: BLE001 - EOFError, RuntimeError, struct.error, IndexError, ...
+                legacy = _is_legacy_torch_file(head)
+                if isinstance(inner, pickle.UnpicklingError):
+                    # a cut inside a pickled name reads as a refused global: an unfinished pickle tells them apart
+                    if not legacy or _legacy_pickles_whole(path):
+                        raise _refused(path, inner) from None
+                    detail = "its pickled part ends early"
+                else:
+                    detail = (str(inner).splitlines() or [""])[0] or type(inner).__name__
+                if not legacy:  # some other pickle: whatever torch says, the answer is the same
+                    raise CheckpointError(f"{path}: not a PyTorch checkpoint; expected {ACCEPTED}") from None
+                raise CheckpointError(
+                    f"{path}: a PyTorch checkpoint in the legacy (non-zip) torch.save format that cannot be read to "
+                    f"the end: it is truncated or damaged (download it again). Details: {detail}"
+                ) from None
         raise CheckpointError(
             f"{path}: cannot read this file as a PyTorch checkpoint; it is probably truncated or not a "
             f"checkpoint (download it again). Details: {text.splitlines()[0]}"
@@ -128,7 +218,8 @@ def _torch_load(path: Path) -> dict:
 
 
 def split_official(raw: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """Official top-level dict -> {"encoder", "target_encoder", "predictor"} state dicts (prefixes stripped).
+    """Official top-level dict -> the state dicts it has of "encoder", "target_encoder", "predictor" (prefixes
+    stripped); at least one of the two encoders is there. ``load_official`` decides what stands in for a missing one.
 
     Also accepts a bare encoder state dict (timm/HF-style export): then there is no predictor.
     """
@@ -143,8 +234,7 @@ def split_official(raw: dict) -> dict[str, dict[str, torch.Tensor]]:
         raise CheckpointError(f"no 'encoder' or 'target_encoder' in this checkpoint (its keys: {sorted(raw)[:8]}); "
                               f"expected {ACCEPTED}")
     parts = {name: strip_prefix(raw[name]) for name in PARTS if isinstance(raw.get(name), dict)}
-    parts.setdefault("encoder", parts.get("target_encoder"))
-    if parts["encoder"] is None:
+    if "encoder" not in parts and "target_encoder" not in parts:
         found = {name: type(raw[name]).__name__ for name in PARTS if name in raw}
         raise CheckpointError(f"its encoder entries are not state dicts (found {found}); expected {ACCEPTED}")
     return parts
@@ -167,21 +257,34 @@ def _load_part(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], nam
 
 
 def load_official(path: str | Path) -> IJepa:
-    """An official I-JEPA checkpoint (``.pth.tar``) -> IJepa. Optimizer state is ignored and never read."""
+    """An official I-JEPA checkpoint (``.pth.tar``) -> IJepa. Optimizer state is ignored and never read.
+
+    A file without ``target_encoder`` uses its context encoder for both. A file without ``encoder`` (the context
+    encoder) uses its target encoder for both and leaves its predictor out: the predictor was trained on
+    context-encoder tokens and every predictor path here feeds it ``model.encoder``, so keeping it would silently
+    predict from the wrong encoder; features (target encoder) stay exact.
+    """
     path = Path(path)
     raw = _torch_load(path)
     try:
         parts = split_official(raw)
-    except CheckpointError as err:  # split_official does not know the file: name it
+        encoder, target, predictor = parts.get("encoder"), parts.get("target_encoder"), parts.get("predictor")
+        if encoder is None and predictor is not None:
+            logger.warning(
+                "%s has target_encoder and predictor weights but no encoder (the context encoder the predictor was "
+                "trained to read): the predictor is left out, so this model gives target-encoder features but no "
+                "predictions. For predictions, use a file that keeps 'encoder' (the official releases do).", path)
+            predictor = None
+        config = infer_config(encoder if encoder is not None else target, predictor)
+    except CheckpointError as err:  # split_official and infer_config do not know the file: name it
         raise CheckpointError(f"{path}: {err}") from None
-    config = infer_config(parts["encoder"], parts.get("predictor"))
     config.trained_on = "official I-JEPA release (see the file name for data and epochs)"
     model = IJepa(config)
-    _load_part(model.encoder, parts["encoder"], "encoder", path)
-    _load_part(model.target_encoder, parts.get("target_encoder", parts["encoder"]), "target_encoder", path)
+    _load_part(model.encoder, encoder if encoder is not None else target, "encoder", path)
+    _load_part(model.target_encoder, target if target is not None else encoder, "target_encoder", path)
     if model.predictor is not None:
-        _load_part(model.predictor, parts["predictor"], "predictor", path)
-    if "target_encoder" not in parts:
+        _load_part(model.predictor, predictor, "predictor", path)
+    if target is None:
         logger.warning("%s has no target_encoder: using the context encoder for features", path)
     return model.eval()
 
@@ -196,6 +299,22 @@ def save_model(model: IJepa, directory: str | Path, dtype: torch.dtype | None = 
     config = {"format": FORMAT_TAG, **model.config.to_dict()}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def _describe_config(data: dict) -> str:
+    """What program a foreign config.json comes from, as far as its fields tell."""
+    if {"model_type", "architectures", "transformers_version"} & data.keys():
+        kind = data.get("model_type") or data.get("architectures")
+        text = f"is a Hugging Face transformers config ({kind!r})"
+        if data.get("model_type") == "ijepa":
+            text += (": transformers' IJepaModel holds only an encoder (no predictor); for the full model load the "
+                     "official .pth.tar")
+        return text
+    if {"architecture", "pretrained_cfg", "num_classes"} & data.keys():
+        return f"is a timm config ({data.get('architecture', 'architecture not named')!r})"
+    if "_class_name" in data:
+        return f"is a diffusers config ({data['_class_name']!r})"
+    return f"has fields this project does not write ({sorted(data)[:6]})"
 
 
 def load_ours(directory: str | Path) -> IJepa:
@@ -214,10 +333,17 @@ def load_ours(directory: str | Path) -> IJepa:
         data = json.loads(config_path.read_text())
         if not isinstance(data, dict):
             raise TypeError(f"expected a JSON object, found {type(data).__name__}")
-        data.pop("format", None)
+    except (ValueError, TypeError) as err:  # bad JSON (JSONDecodeError), not UTF-8, not an object
+        raise CheckpointError(f"{config_path}: not a valid I-JEPA config: {err}") from None
+    tag = data.pop("format", None)
+    if tag is None and data.keys() - {f.name for f in fields(IJepaConfig)}:  # untagged, with fields we never write
+        raise CheckpointError(
+            f"{config_path}: not an I-JEPA model folder of this project (ours are written by save_model and tagged "
+            f"\"format\": \"{FORMAT_TAG}\"): this {CONFIG_NAME} {_describe_config(data)}. Expected {ACCEPTED}")
+    try:
         config = IJepaConfig.from_dict(data)
         model = IJepa(config)  # the architecture's own checks (e.g. a width the position table cannot use)
-    except (json.JSONDecodeError, ValueError, TypeError) as err:
+    except (ValueError, TypeError) as err:
         raise CheckpointError(f"{config_path}: not a valid I-JEPA config: {err}") from None
     try:
         tensors = load_file(weights_path)

@@ -1,12 +1,21 @@
 """Loading official-layout .pth.tar files and our safetensors folders, and refusing bad ones clearly."""
 import json
+import logging
+import math
 import os
+import pickle
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
+import ijepa.checkpoint
 from ijepa.checkpoint import CheckpointError, load_model, save_model
-from ijepa.model import IJepa, IJepaConfig
+from ijepa.model import IMAGENET_MEAN, IMAGENET_STD, IJepa, IJepaConfig
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def tiny_config(**kw) -> IJepaConfig:
@@ -15,15 +24,16 @@ def tiny_config(**kw) -> IJepaConfig:
     return IJepaConfig.from_arch("vit_tiny", **args)
 
 
-def write_official(path, model: IJepa, **extra):
-    """Exactly the official layout: DDP prefixes, optimizer and scaler state, bookkeeping scalars."""
+def write_official(path, model: IJepa, legacy: bool = False, **extra):
+    """Exactly the official layout: DDP prefixes, optimizer and scaler state, bookkeeping scalars. ``legacy``: in
+    torch.save's old non-zip format, as files written before PyTorch 1.6 (or with that option) are."""
     prefixed = lambda m: {f"module.{k}": v for k, v in m.state_dict().items()}  # noqa: E731
     opt = torch.optim.AdamW(model.encoder.parameters())
     payload = {"encoder": prefixed(model.encoder), "predictor": prefixed(model.predictor),
                "target_encoder": prefixed(model.target_encoder), "opt": opt.state_dict(), "scaler": None,
                "epoch": 300, "loss": 0.1, "batch_size": 128, "world_size": 16, "lr": 1e-3}
     payload.update(extra)
-    torch.save(payload, path)
+    torch.save(payload, path, _use_new_zipfile_serialization=not legacy)
 
 
 def outputs(model: IJepa, seed=0):
@@ -212,14 +222,15 @@ def test_folders_that_are_not_a_model_say_what_to_pass(tmp_path, model):
         load_model(decoder)
 
 
-@pytest.mark.parametrize("arch, patch, mlp_ratio", [("vit_huge", 14, 4.0), ("vit_giant", 16, 48 / 11)])
-def test_the_released_checkpoints_architectures_are_read_off_their_shapes(arch, patch, mlp_ratio):
+@pytest.mark.parametrize("arch, patch, mlp_ratio, predictor_depth",
+                         [("vit_huge", 14, 4.0, 12), ("vit_giant", 16, 48 / 11, 16)])  # official configs' pred_depth
+def test_the_released_checkpoints_architectures_are_read_off_their_shapes(arch, patch, mlp_ratio, predictor_depth):
     """IN1K-vit.h.14 and IN22K-vit.g.16 at their real sizes (shapes only, on the meta device: no 2.5 GB of
     weights): the official key layout ('module.' prefixes) gives back the exact architecture to build."""
     from ijepa.checkpoint import infer_config, split_official
 
     expected = IJepaConfig.from_arch(arch, img_size=224, patch_size=patch, predictor_embed_dim=384,
-                                     predictor_depth=12)
+                                     predictor_depth=predictor_depth)
     with torch.device("meta"):
         official = IJepa(expected)
     raw = {name: {f"module.{k}": v for k, v in getattr(official, name).state_dict().items()}
@@ -228,7 +239,8 @@ def test_the_released_checkpoints_architectures_are_read_off_their_shapes(arch, 
     config = infer_config(parts["encoder"], parts["predictor"])
     got = (config.img_size, config.patch_size, config.embed_dim, config.depth, config.num_heads, config.mlp_ratio,
            config.predictor_embed_dim, config.predictor_depth, config.predictor_num_heads, config.predictor_mlp_ratio)
-    assert got == pytest.approx((224, patch, expected.embed_dim, expected.depth, 16, mlp_ratio, 384, 12, 16, 4.0))
+    assert got == pytest.approx((224, patch, expected.embed_dim, expected.depth, 16, mlp_ratio, 384, predictor_depth,
+                                 16, 4.0))
     assert (expected.embed_dim, expected.depth) == {"vit_huge": (1280, 32), "vit_giant": (1408, 40)}[arch]
 
 
@@ -240,3 +252,181 @@ def test_an_encoder_only_file_is_refused_by_the_app_with_the_reason(tmp_path, mo
     assert load_model(tmp_path / "encoder.pth").predictor is None
     with pytest.raises(ValueError, match="no predictor weights"):
         Engine.load(tmp_path / "encoder.pth", device="cpu")
+
+
+# ----- the official key layout, from a manifest written from the official model definitions (not from our code) ---
+
+def official_manifest(name: str) -> dict:
+    """tests/fixtures/official_keys_*.json: the released file's state-dict names and shapes without 'module.'
+    (written by tests/fixtures/make_official_keys.py from facebookresearch/ijepa's model definitions and configs)."""
+    return json.loads((FIXTURES / f"official_keys_{name}.json").read_text())
+
+
+def shapes(state_dict: dict) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in state_dict.items()}
+
+
+def assert_same_layout(ours: dict[str, list[int]], official: dict[str, list[int]], part: str):
+    missing, extra = sorted(official.keys() - ours.keys()), sorted(ours.keys() - official.keys())
+    assert not missing and not extra, \
+        f"{part}: official names we lack {missing[:5]}, names the official lacks {extra[:5]}"
+    wrong = {k: (ours[k], official[k]) for k in official if ours[k] != official[k]}
+    assert not wrong, f"{part}: shapes (ours, official) differ: {dict(list(wrong.items())[:5])}"
+
+
+@pytest.mark.parametrize("name, arch", [("vith14", "vit_huge"), ("vitg16", "vit_giant")])
+def test_the_loader_expects_exactly_the_official_names_and_shapes(tmp_path, monkeypatch, name, arch):
+    """An official file as the manifest describes it (meta tensors: no memory, no 10 GB download) goes through
+    load_model's key mapping and strict load, and the model it builds has exactly the official names and shapes.
+    Unlike the round trips above, this fails if our module names or shapes drift from the official ones."""
+    manifest = official_manifest(name)
+    official = {"encoder": manifest["encoder"], "target_encoder": manifest["encoder"],
+                "predictor": manifest["predictor"]}
+    raw = {part: {f"module.{k}": torch.empty(shape, device="meta") for k, shape in names.items()}
+           for part, names in official.items()}
+    raw.update({"opt": {"state": {}, "param_groups": []}, "scaler": None, "epoch": 300, "loss": 0.1,
+                "batch_size": 128, "world_size": 16, "lr": 1e-3})
+    path = tmp_path / "official.pth.tar"
+    path.write_bytes(b"PK\x03\x04 stands in for the release; torch.load is replaced below")
+    monkeypatch.setattr(ijepa.checkpoint, "_torch_load", lambda p: raw)
+    with torch.device("meta"):
+        loaded = load_model(path)
+        c = manifest["config"]
+        built = IJepa(IJepaConfig.from_arch(c["model_name"], img_size=c["crop_size"], patch_size=c["patch_size"],
+                                            predictor_depth=c["pred_depth"], predictor_embed_dim=c["pred_emb_dim"]))
+    cfg = loaded.config
+    assert (cfg.arch, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.img_size, cfg.grid_size) == \
+        (arch, c["embed_dim"], c["depth"], c["num_heads"], c["patch_size"], c["crop_size"],
+         (math.isqrt(c["num_patches"]),) * 2)
+    assert (cfg.predictor_embed_dim, cfg.predictor_depth, cfg.predictor_num_heads, cfg.predictor_mlp_ratio) == \
+        (c["pred_emb_dim"], c["pred_depth"], c["pred_num_heads"], 4.0)
+    for model in (loaded, built):  # what the loader infers, and what from_arch builds for the released config
+        for part, names in official.items():
+            assert_same_layout(shapes(getattr(model, part).state_dict()), names, part)
+    if name == "vith14":  # the released file's sizes (docs/reference notes): encoder 630.8M, predictor 22.4M
+        count = lambda names: sum(math.prod(s) for s in names.values()) / 1e6  # noqa: E731
+        assert (round(count(manifest["encoder"]), 1), round(count(manifest["predictor"]), 1)) == (630.8, 22.4)
+
+
+def test_image_normalisation_is_the_official_imagenet_one(tmp_path, model):
+    """The official transforms normalise with the ImageNet mean and std; official checkpoints load with them."""
+    official = official_manifest("vith14")["normalization"]
+    assert official == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert (list(IMAGENET_MEAN), list(IMAGENET_STD)) == (official["mean"], official["std"])
+    write_official(tmp_path / "official.pth.tar", model)
+    loaded = load_model(tmp_path / "official.pth.tar")
+    assert (list(loaded.config.mean), list(loaded.config.std)) == (official["mean"], official["std"])
+    mean, std = torch.tensor(official["mean"]).view(1, 3, 1, 1), torch.tensor(official["std"]).view(1, 3, 1, 1)
+    images = torch.stack([mean.expand(1, 3, 2, 2)[0], (mean + std).expand(1, 3, 2, 2)[0]])
+    out = loaded.normalize(images)
+    torch.testing.assert_close(out[0], torch.zeros(3, 2, 2))
+    torch.testing.assert_close(out[1], torch.ones(3, 2, 2))
+
+
+# ----- checkpoints of other architectures say what they are, and name the file ----------------------------------
+
+def foreign_encoder(model: IJepa, kind: str) -> dict[str, torch.Tensor]:
+    state = dict(model.encoder.state_dict())
+    width, rows = model.config.embed_dim, state["pos_embed"].shape[1]
+    if kind in ("cls_token", "cls_rows"):  # DINO/MAE/timm classifier ViT: one more position row for the CLS token
+        state["pos_embed"] = torch.zeros(1, rows + 1, width)
+        if kind == "cls_token":
+            state["cls_token"] = torch.zeros(1, 1, width)
+    if kind in ("video", "vjepa"):  # V-JEPA: Conv3d patch embedding over (tubelet, patch, patch)
+        state["patch_embed.proj.weight"] = torch.zeros(width, 3, 2, 4, 4)
+    if kind in ("vjepa", "backbone"):  # V-JEPA's MultiMaskWrapper puts the encoder under 'backbone.'
+        state = {f"backbone.{k}": v for k, v in state.items()}
+    return {f"module.{k}": v for k, v in state.items()}
+
+
+FOREIGN = {  # what each kind of file must be called
+    "cls_token": r"has a CLS token \(cls_token\): a DINO/MAE/DeiT/CLIP or timm classifier ViT, not an I-JEPA encoder",
+    "cls_rows": r"has a CLS token \(65 position rows = 64 patches \+ 1\).*not an I-JEPA encoder",
+    "video": r"3-D patch embedding \(patch_embed.proj.weight \(192, 3, 2, 4, 4\).*video model such as V-JEPA, "
+             r"not supported",
+    "vjepa": r"sit under 'backbone.' with a 3-D patch embedding.*video model such as V-JEPA, not supported",
+    "backbone": r"sit under 'backbone.' \(V-JEPA's MultiMaskWrapper layout\).*not an I-JEPA checkpoint",
+}
+
+
+@pytest.mark.parametrize("kind", FOREIGN)
+@pytest.mark.parametrize("layout", ["official", "bare"])
+def test_other_architectures_are_named_with_the_file(tmp_path, model, kind, layout):
+    """Before: a raw ValueError (CLS token, 5-D patch weight) or a message without the file (V-JEPA's keys)."""
+    encoder = foreign_encoder(model, kind)
+    predictor = {f"module.{k}": v for k, v in model.predictor.state_dict().items()}
+    payload = {"encoder": encoder, "target_encoder": encoder, "predictor": predictor} if layout == "official" \
+        else encoder
+    path = tmp_path / f"{kind}-{layout}.pth.tar"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: ")) as err:  # the file is named first
+        load_model(path)
+    assert err.match(FOREIGN[kind])
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"architectures": ["IJepaModel"], "model_type": "ijepa", "hidden_size": 1280, "image_size": 224,
+      "patch_size": 14, "transformers_version": "4.47.0"},
+     r"a Hugging Face transformers config \('ijepa'\): transformers' IJepaModel holds only an encoder"),
+    ({"architecture": "vit_huge_patch14_gap_224", "num_classes": 0, "num_features": 1280,
+      "pretrained_cfg": {"tag": "in1k_ijepa"}}, r"a timm config \('vit_huge_patch14_gap_224'\)"),
+], ids=["transformers", "timm"])
+def test_a_hugging_face_or_timm_folder_is_not_taken_for_ours(tmp_path, config, message):
+    """Before: 'not a valid I-JEPA config: unknown I-JEPA config fields', as if one of ours were damaged."""
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({"embeddings.patch_embeddings.projection.weight": torch.zeros(4, 3, 2, 2)}, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"hub/config.json: not an I-JEPA model folder of this project") as err:
+        load_model(folder)
+    assert err.match(message) and err.match("official I-JEPA .pth.tar")
+
+
+# ----- legacy (non-zip) torch.save files: truncated is told apart from 'not a checkpoint' ------------------------
+
+def test_a_truncated_legacy_format_file_says_truncated(tmp_path, model):
+    """Before: 'not a PyTorch checkpoint'. A legacy file opens with torch.save's pickled magic number, so a cut one
+    is still recognised, wherever the cut falls: in the header, the pickled dicts or the tensor data."""
+    full = tmp_path / "legacy.pth.tar"
+    write_official(full, model, legacy=True)
+    data = full.read_bytes()
+    assert data[:4] != b"PK\x03\x04"
+    for size in (8, 200, len(data) // 2, len(data) - 10):
+        cut = tmp_path / f"cut-{size}.pth.tar"
+        cut.write_bytes(data[:size])
+        with pytest.raises(CheckpointError, match=rf"{cut.name}: a PyTorch checkpoint in the legacy .*truncated"):
+            load_model(cut)
+    for ours, theirs in zip(outputs(load_model(full)), outputs(model)):  # the whole file loads
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_a_legacy_format_file_that_would_run_code_is_still_refused(tmp_path, model):
+    path = tmp_path / "evil-legacy.pth.tar"
+    write_official(path, model, legacy=True, epoch=Exploit())
+    with pytest.raises(CheckpointError, match="refused"):
+        load_model(path)
+
+
+def test_a_plain_pickle_is_not_called_truncated(tmp_path):
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"encoder": [1, 2, 3]}, protocol=2))
+    with pytest.raises(CheckpointError, match=r"plain.pkl: not a PyTorch checkpoint"):
+        load_model(path)
+
+
+# ----- a predictor without the context encoder it reads -------------------------------------------------------------
+
+def test_target_encoder_and_predictor_without_encoder_leave_the_predictor_out(tmp_path, model, caplog):
+    """The predictor was trained on context-encoder tokens; before, it silently got target-encoder tokens. Now the
+    file loads for features (exactly the target encoder's) with a warning, and without a predictor."""
+    prefixed = lambda m: {f"module.{k}": v for k, v in m.state_dict().items()}  # noqa: E731
+    path = tmp_path / "no-context.pth.tar"
+    torch.save({"target_encoder": prefixed(model.target_encoder), "predictor": prefixed(model.predictor)}, path)
+    with caplog.at_level(logging.WARNING, logger="ijepa.checkpoint"):
+        loaded = load_model(path)
+    assert loaded.predictor is None and not loaded.config.has_predictor
+    assert "no-context.pth.tar has target_encoder and predictor weights but no encoder" in caplog.text
+    assert "predictor is left out" in caplog.text
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.feature_encoder()(images), model.target_encoder(images), rtol=0, atol=0)
