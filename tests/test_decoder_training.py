@@ -8,6 +8,7 @@ import torch
 from helpers import train_on_two_gloo_ranks
 import train.decoder as decoder_training
 from decoder import SketchDecoder
+from ijepa.bundle import load_decoder
 from ijepa.checkpoint import load_model, save_model
 from ijepa.model import IJepa, IJepaConfig
 from train.config import parse_config
@@ -69,6 +70,9 @@ def test_killed_decoder_run_resumes_exactly_and_exports(tmp_path, tiny_ijepa, mo
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     exported = SketchDecoder.from_pretrained(tmp_path / "full" / "decoder")
     assert exported.config.grid_size in ([4, 4], (4, 4)) and exported.config.feature_dim == 192
+    model = load_model(tiny_ijepa)  # the decoder names the model it learnt, so the app can check it is used with it
+    assert list(exported.config.model_signature) == model.feature_signature()
+    assert load_decoder(tmp_path / "full" / "decoder", model).config.model_signature
     assert (tmp_path / "full" / "samples" / "step-0000004.png").is_file()
 
 

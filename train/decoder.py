@@ -149,7 +149,8 @@ def build_decoder(cfg: DecoderTrainConfig, model: IJepa) -> SketchDecoder:
     return SketchDecoder(feature_dim=model.config.embed_dim, grid_size=model.config.grid_size,
                          image_size=model.config.img_size, conditioning=cfg.conditioning,
                          feature_channels=cfg.feature_channels, block_out_channels=tuple(cfg.block_out_channels),
-                         layers_per_block=cfg.layers_per_block, prediction_type=cfg.prediction_type)
+                         layers_per_block=cfg.layers_per_block, prediction_type=cfg.prediction_type,
+                         model_signature=tuple(model.feature_signature()))
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """I-JEPA pretraining: one readable loop.
 
-Single process (CPU or one GPU):
-    python -m train.pretrain --config train/configs/emoji_gpu.yaml --out-dir runs/tiny
+Single process, on a CPU or on one GPU:
+    python -m train.pretrain --config train/configs/emoji_cpu.yaml --out-dir runs/tiny
+    python -m train.pretrain --config train/configs/emoji_gpu.yaml --out-dir runs/tiny_gpu
 Several GPUs on one node (DDP, NCCL) or several CPU processes (gloo):
     torchrun --nproc_per_node 8 -m train.pretrain --config train/configs/emoji_gpu.yaml
 Several nodes (run on every node; SLURM users: see README "Multi-node"):
