@@ -239,8 +239,9 @@ class Engine:
         checkpoint = Path(checkpoint)
         model = load_model(checkpoint).to(device)
         if model.predictor is None:
-            raise ValueError(f"{checkpoint} has no predictor weights; the app needs a full I-JEPA checkpoint "
-                             "(encoder, target_encoder and predictor)")
+            raise ValueError(f"{checkpoint} gives no predictor (no predictor weights, or no context encoder for "
+                             "them to read); the app needs a full I-JEPA checkpoint (encoder, target_encoder and "
+                             "predictor)")
         paths = [decoder] if isinstance(decoder, (str, Path)) else list(decoder or [])
         # Decoders named on the command line must load; a bundle's own that cannot turns its sketches off instead.
         optional = not paths and bundle_model and assets is not None
