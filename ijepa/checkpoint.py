@@ -240,6 +240,13 @@ def split_official(raw: dict) -> dict[str, dict[str, torch.Tensor]]:
     return parts
 
 
+def _empty_model(config: IJepaConfig) -> IJepa:
+    """The model's modules without weights (meta device): loading assigns every tensor, so a ViT-H does not first
+    fill 1.3 G random values that are thrown away."""
+    with torch.device("meta"):
+        return IJepa(config)
+
+
 def _load_part(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], name: str, path: Path) -> None:
     expected = module.state_dict()
     unexpected = [k for k in state_dict if k not in expected]
@@ -253,7 +260,8 @@ def _load_part(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], nam
         if tensor.shape != expected[key].shape:
             raise CheckpointError(f"{path}: {name}.{key} has shape {tuple(tensor.shape)}, "
                                   f"expected {tuple(expected[key].shape)}")
-    module.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    # assign: the module was built on the meta device, so the loaded tensors become its weights (no copy)
+    module.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True, assign=True)
 
 
 def load_official(path: str | Path) -> IJepa:
@@ -279,9 +287,10 @@ def load_official(path: str | Path) -> IJepa:
     except CheckpointError as err:  # split_official and infer_config do not know the file: name it
         raise CheckpointError(f"{path}: {err}") from None
     config.trained_on = "official I-JEPA release (see the file name for data and epochs)"
-    model = IJepa(config)
-    _load_part(model.encoder, encoder if encoder is not None else target, "encoder", path)
-    _load_part(model.target_encoder, target if target is not None else encoder, "target_encoder", path)
+    model = _empty_model(config)
+    copy_of = lambda part: {k: v.clone() for k, v in part.items()}  # one file part for both: no shared storage
+    _load_part(model.encoder, encoder if encoder is not None else copy_of(target), "encoder", path)
+    _load_part(model.target_encoder, target if target is not None else copy_of(encoder), "target_encoder", path)
     if model.predictor is not None:
         _load_part(model.predictor, predictor, "predictor", path)
     if target is None:
@@ -342,7 +351,7 @@ def load_ours(directory: str | Path) -> IJepa:
             f"\"format\": \"{FORMAT_TAG}\"): this {CONFIG_NAME} {_describe_config(data)}. Expected {ACCEPTED}")
     try:
         config = IJepaConfig.from_dict(data)
-        model = IJepa(config)  # the architecture's own checks (e.g. a width the position table cannot use)
+        model = _empty_model(config)  # the architecture's own checks (e.g. a width the position table cannot use)
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{config_path}: not a valid I-JEPA config: {err}") from None
     try:

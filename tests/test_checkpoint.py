@@ -104,6 +104,17 @@ def test_encoder_only_file_loads_without_predictor(tmp_path, model):
     torch.save({f"module.{k}": v for k, v in model.target_encoder.state_dict().items()}, path)
     loaded = load_model(path)
     assert loaded.predictor is None and not loaded.config.has_predictor
+    # Built on the meta device and given the file's tensors: nothing left unloaded, and the one encoder in the file
+    # became two that do not share memory, so training the context encoder leaves the target encoder alone.
+    tensors = list(loaded.state_dict().values())
+    assert not any(t.is_meta for t in tensors)
+    fresh = IJepa(loaded.config)  # which weights train (the target encoder and the sin-cos tables do not)
+    assert [p.requires_grad for p in loaded.parameters()] == [p.requires_grad for p in fresh.parameters()]
+    with torch.no_grad():
+        next(loaded.encoder.parameters()).add_(1.0)
+    for context, target in zip(loaded.encoder.parameters(), loaded.target_encoder.parameters()):
+        assert context.data_ptr() != target.data_ptr()
+    torch.testing.assert_close(next(loaded.target_encoder.parameters()), next(model.target_encoder.parameters()))
 
 
 def test_our_format_round_trip_rebuilds_without_flags(tmp_path, model):
