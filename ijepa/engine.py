@@ -19,8 +19,11 @@ The engine holds no per-request state: models are read-only after loading, so on
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 import time
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +59,7 @@ MAX_NUM_SAMPLES = 8
 MAX_NUM_STEPS = 50
 NUM_NEIGHBOURS = 6
 DISPLAY_SIDE = 256  # the model's view is enlarged (nearest) to about this many pixels for display
+SURPRISE_CACHE_SIZE = 8  # surprise maps kept (image x window), each with its figure: at most a few MB in all
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,10 @@ class Engine:
     notes: list[str] = field(default_factory=list)
     bf16: bool = False
     samplers: dict[str, SketchSampler] = field(init=False, default_factory=dict)
+    # The app redraws the surprise map after every run, but it depends only on the image and the window: a
+    # ViT-H on a CPU would otherwise repeat ~50 windowed forward passes for each new box on the same image.
+    _surprise_cache: OrderedDict[tuple, SurpriseMap] = field(init=False, default_factory=OrderedDict)
+    _surprise_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.model.eval().requires_grad_(False)
@@ -486,8 +494,18 @@ class Engine:
         if not 1 <= window < min(grid):
             raise InputError(f"The window must be 1 to {min(grid) - 1} patches wide, got {window}.")
         stride = stride if stride is not None else max(1, window // 2)
+        key = (hashlib.sha1(prepared.pixels.numpy().tobytes()).hexdigest(), window, stride)
+        with self._surprise_lock:
+            if key in self._surprise_cache:
+                self._surprise_cache.move_to_end(key)
+                return self._surprise_cache[key]
         errors = surprise_map(self.model, prepared.pixels, window, stride).numpy()
-        return SurpriseMap(errors, (window, window), stride, render_surprise(prepared.to_uint8(), errors, window))
+        result = SurpriseMap(errors, (window, window), stride, render_surprise(prepared.to_uint8(), errors, window))
+        with self._surprise_lock:
+            self._surprise_cache[key] = result
+            while len(self._surprise_cache) > SURPRISE_CACHE_SIZE:
+                self._surprise_cache.popitem(last=False)
+        return result
 
     def feature_view(self, image: Image.Image | np.ndarray | str | Path | PreparedImage) -> np.ndarray:
         """The image beside the PCA of its patch features (target encoder) shown as RGB."""

@@ -21,6 +21,7 @@ from PIL import Image
 from decoder.model import box_mask_from_indices
 from ijepa.bundle import build_random_bundle, load_probe, train_decoder_hint
 from ijepa.checkpoint import load_model, save_model
+import ijepa.engine as engine_module
 from ijepa.engine import Engine, InputError
 from ijepa.figures import BOX_COLORS, sketch_sheet
 from ijepa.inference import (LinearReadout, analyze_boxes, feature_pca, map_boxes, nearest_neighbours, open_image,
@@ -280,6 +281,20 @@ def test_surprise_map_equals_hiding_each_window_alone(engine):
     assert overview.errors.shape == (GRID, GRID) and overview.window == (2, 2) and overview.figure.ndim == 3
     with pytest.raises(ValueError, match="window"):
         engine.surprise_map(np.zeros((32, 32, 3), np.uint8), window=GRID)
+
+
+def test_the_surprise_map_of_an_image_is_computed_once_per_window(engine, monkeypatch):
+    """The app redraws it after every run; it depends only on the image and the window."""
+    calls = []
+    real = engine_module.surprise_map
+    monkeypatch.setattr(engine_module, "surprise_map", lambda *a, **k: calls.append(a[2:]) or real(*a, **k))
+    image = np.random.default_rng(5).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    first = engine.surprise_map(image)
+    assert engine.surprise_map(image.copy()) is first and len(calls) == 1  # the same pixels: no second pass
+    assert engine.surprise_map(image, window=3).window == (3, 3) and len(calls) == 2  # another window: computed
+    other = image.copy()
+    other[20, 25] ^= 255  # inside the centre square the model sees
+    assert not np.array_equal(engine.surprise_map(other).errors, first.errors) and len(calls) == 3
 
 
 def test_feature_pca_separates_distinct_regions():
