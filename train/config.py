@@ -67,6 +67,17 @@ def require(config, condition: bool, message: str) -> None:
         raise ValueError(f"{type(config).__name__}: {message}")
 
 
+# --help lines of the settings every training command has (train.pretrain, train.decoder), written once
+RUN_HELP = {
+    "device": 'where to train: "auto" (CUDA when available, else the CPU), "cpu" or "cuda"',
+    "precision": '"auto" (bf16 where it is native: CUDA, CPUs with AVX512-BF16 or AMX; else fp32), "bf16" or "fp32"',
+    "ckpt_every": "steps between checkpoints (the last step always writes one)",
+    "keep_last": "newest checkpoints kept (0: all)",
+    "resume": "go on from the newest checkpoint in <out-dir>/checkpoints, with the same settings and number of "
+              "processes",
+}
+
+
 def setting(default, help: str):
     """A config field with its ``--help`` line, which says what the setting does and any fixed set of values; the
     flag's help adds the default. ``lr: float = setting(1e-3, "peak learning rate")``."""

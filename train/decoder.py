@@ -33,7 +33,7 @@ from ijepa.checkpoint import load_model
 from ijepa.inference import gather, predict_features, true_features
 from ijepa.masks import complement_indices, rectangle_indices
 from ijepa.model import IJepa
-from train.config import config_dict, doc_summary, parse_config, require, save_config, setting
+from train.config import RUN_HELP, config_dict, doc_summary, parse_config, require, save_config, setting
 from train.data import StackFields, StepBatches, build_dataset
 from train.runtime import (LossWindow, autocast, plot_loss_curve, resolve_precision, resume_state, save_checkpoint,
                            save_folder_atomic, setup_runtime, start_csv_log, teardown_runtime)
@@ -76,18 +76,16 @@ class DecoderTrainConfig:
     ema_decay: float = setting(0.999, "decay of the EMA of the decoder's weights; the EMA weights are exported")
     # runtime
     seed: int = setting(0, "seed of the decoder's initial weights, the scenes, the boxes and the noise")
-    device: str = setting("auto", 'where to train: "auto" (CUDA when available, else the CPU), "cpu" or "cuda"')
-    precision: str = setting("auto", '"auto" (bf16 where it is native: CUDA, CPUs with AVX512-BF16 or AMX; else '
-                             'fp32), "bf16" or "fp32"')
+    device: str = setting("auto", RUN_HELP["device"])
+    precision: str = setting("auto", RUN_HELP["precision"])
     num_workers: int = setting(1, "DataLoader worker processes per training process, which build the images "
                                "(0: the training process itself)")
     log_every: int = setting(25, "steps between rows of log.csv and progress updates (loss, lr, img/s)")
     sample_every: int = setting(500, "steps between preview sheets in samples/, drawn with the EMA weights (the "
                                 "last step always draws one)")
-    ckpt_every: int = setting(500, "steps between checkpoints (the last step always writes one)")
-    keep_last: int = setting(2, "newest checkpoints kept (0: all)")
-    resume: bool = setting(False, "go on from the newest checkpoint in <out-dir>/checkpoints, with the same "
-                           "settings and number of processes")
+    ckpt_every: int = setting(500, RUN_HELP["ckpt_every"])
+    keep_last: int = setting(2, RUN_HELP["keep_last"])
+    resume: bool = setting(False, RUN_HELP["resume"])
     allow_changes: tuple[str, ...] = setting((), "with --resume: schedule settings that may differ from the "
                                              "checkpoint's, e.g. lr (any of lr, warmup_steps, steps, weight_decay, "
                                              "ema_decay)")

@@ -33,7 +33,7 @@ from ijepa.checkpoint import save_model
 from ijepa.masks import MaskCollator, MaskConfig
 from ijepa.model import IJepa, IJepaConfig
 from ijepa.vision_transformer import set_fused_attention
-from train.config import config_dict, doc_summary, parse_config, require, save_config, setting
+from train.config import RUN_HELP, config_dict, doc_summary, parse_config, require, save_config, setting
 from train.data import StepBatches, build_dataset
 from train.emoji import EmojiScenes, get_catalog
 from train.eval import HeldOutKnn, plot_knn_curve
@@ -125,20 +125,18 @@ class PretrainConfig:
     ema_end: float = setting(1.0, "EMA momentum at the last step")
     # runtime
     seed: int = setting(0, "seed of the initial weights, the scenes (or the image folder's order) and the masks")
-    device: str = setting("auto", 'where to train: "auto" (CUDA when available, else the CPU), "cpu" or "cuda"')
-    precision: str = setting("auto", '"auto" (bf16 where it is native: CUDA, CPUs with AVX512-BF16 or AMX; else '
-                             'fp32), "bf16" or "fp32"')
+    device: str = setting("auto", RUN_HELP["device"])
+    precision: str = setting("auto", RUN_HELP["precision"])
     compile: bool = setting(False, "torch.compile the encoder, the predictor and the target pass")
     num_workers: int = setting(2, "DataLoader worker processes per training process, which build the images and "
                                "masks (0: the training process itself)")
     log_every: int = setting(20, "steps between rows of log.csv and progress updates (loss, target spread, lr, "
                              "img/s)")
-    ckpt_every: int = setting(500, "steps between checkpoints (the last step always writes one)")
-    keep_last: int = setting(2, "newest checkpoints kept (0: all)")
+    ckpt_every: int = setting(500, RUN_HELP["ckpt_every"])
+    keep_last: int = setting(2, RUN_HELP["keep_last"])
     knn_every: int = setting(0, "emoji only: score the held-out kNN protocol every N steps and at the end, into "
                              "knn.csv and knn.png (0: never)")
-    resume: bool = setting(False, "go on from the newest checkpoint in <out-dir>/checkpoints, with the same "
-                           "settings and number of processes")
+    resume: bool = setting(False, RUN_HELP["resume"])
     allow_changes: tuple[str, ...] = setting((), "with --resume: schedule settings that may differ from the "
                                              "checkpoint's, e.g. lr (any of lr, start_lr, final_lr, warmup_steps, "
                                              "steps, weight_decay, final_weight_decay, ema_start, ema_end)")
