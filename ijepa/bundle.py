@@ -33,7 +33,7 @@ DEFAULT_ASSETS = Path(__file__).resolve().parents[1] / "assets"
 MODEL_DIR = "model"
 # The two kinds of sketch decoder, by their conditioning: a bundle's folder for each, the default first.
 DECODER_DIRS = {"spatial_context": "decoder", "pooled": "decoder_paper"}
-PROBE_NAMES = ("subgroup", "group")
+PROBE_NAMES = ("group", "subgroup")  # coarse first: the readout and the explanation list them in this order
 BANK_NAME = "bank"
 EXAMPLES_DIR, EXAMPLES_INDEX = "examples", "examples.json"
 TRAIN_DECODER_HINT = "python -m train.decoder --checkpoint {checkpoint}"

@@ -622,9 +622,8 @@ class Engine:
                 line += (f" (larger than the boxes the decoder was trained to fill, {largest[0]}x{largest[1]} patches "
                          "at most: read its sketches as a guess beyond its training)")
             if report.probe:
-                name = "subgroup" if "subgroup" in report.probe else next(iter(report.probe))
-                label, p = report.probe[name][0]
-                line += f"; the probe reads the guess as *{label}* ({p:.0%})"
+                readings = ", ".join(f"{name} *{top[0][0]}* ({top[0][1]:.0%})" for name, top in report.probe.items())
+                line += f"; the probes read the guess as {readings}"
             if report.neighbours:
                 line += "; closest reference boxes: " + ", ".join(dict.fromkeys(n.label for n in report.neighbours[:3]))
             parts.append("- " + line + ".")

@@ -29,8 +29,8 @@ def test_a_box_on_an_example_produces_sketches():
 
 
 def test_the_examples_show_what_the_card_says_they_show():
-    """The card says the examples were kept where the app's group readout names the hidden emoji's group: the app's
-    own engine must read each one that way (a model swapped in without new examples would fail here)."""
+    """The card says the examples were kept where the app's readout names the hidden emoji's group (and subgroup):
+    the app's own engine must read each one that way (a model swapped in without new examples would fail here)."""
     import json
 
     from ijepa.engine import Engine
@@ -42,8 +42,10 @@ def test_the_examples_show_what_the_card_says_they_show():
     engine = Engine.load(ASSETS)
     assert len(entries) == metrics["examples"]["shown"] == len(engine.examples)
     for entry, example in zip(entries, engine.examples):
-        read = engine.analyze(example.image(), example.boxes).reports[0].probe["group"][0][0]
-        assert read == entry["probe_reads"], entry["caption"]
+        probe = engine.analyze(example.image(), example.boxes).reports[0].probe
+        assert probe["group"][0][0] == entry["probe_reads"], entry["caption"]
+        if "subgroup_probe_reads" in entry:  # bundles chosen by both probes
+            assert probe["subgroup"][0][0] == entry["subgroup_probe_reads"], entry["caption"]
     read_right = sum(entry["probe_reads"] == entry["group"] for entry in entries)
     assert read_right == min(metrics["examples"]["read_right"], len(entries))
     assert f"Of the {metrics['examples']['scanned']} scenes looked at" in (ASSETS / "MODEL_CARD.md").read_text()

@@ -360,6 +360,18 @@ def test_errors_come_with_a_guess_that_needs_no_predictor_for_scale(engine):
     assert f"visible average: {box.baseline_error:.2f}" in engine.explain(analysis)
 
 
+def test_the_explanation_quotes_every_probe_coarse_first(engine):
+    """The gallery is chosen where both the group and the subgroup readings are right, so the explanation beside it
+    quotes both, group first; quoting the subgroup alone showed a wrong fine label under a right group."""
+    image = np.random.default_rng(1).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    analysis = engine.analyze(image, [[40, 0, 100, 60]])
+    probe = analysis.reports[0].probe
+    assert list(probe) == ["group", "subgroup"]
+    text = engine.explain(analysis)
+    quoted = [f"{name} *{top[0][0]}* ({top[0][1]:.0%})" for name, top in probe.items()]
+    assert f"the probes read the guess as {quoted[0]}, {quoted[1]}" in text
+
+
 # ----- sketches: streamed, exact context, reproducible ---------------------------------------------------------
 
 @pytest.fixture(scope="module")

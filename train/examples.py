@@ -2,9 +2,10 @@
 
     python -m train.examples --bundle assets     # choose them again for a bundle's model, rewrite metrics and card
 
-``train.default`` calls ``choose_examples`` when it writes a bundle. A scene is kept where the bundle's group probe,
-read on the predictor's output for the box, names the hidden emoji's group: the gallery is the first thing a user
-sees, so it shows what the predictor gets right, and the model card states how many scenes that took.
+``train.default`` calls ``choose_examples`` when it writes a bundle. A scene is kept where the bundle's probes, read
+on the predictor's output for the box, name the hidden emoji's group and subgroup (the two the app's explanation
+quotes): the gallery is the first thing a user sees, so it shows what the predictor gets right, and the model card
+states how many scenes that took.
 """
 from __future__ import annotations
 
@@ -30,28 +31,36 @@ logger = logging.getLogger("train.examples")
 
 
 def choose_examples(bundle: Path, directory: Path) -> dict:
-    """``render_examples`` into ``directory`` for the model and group probe already in ``bundle``: the fp16 weights
-    the app will run, so the examples read there as they did here."""
+    """``render_examples`` into ``directory`` for the model and probes already in ``bundle``: the fp16 weights the
+    app will run, so the examples read there as they did here. A bundle without a subgroup probe is chosen by its
+    group probe alone."""
     model = load_model(bundle / MODEL_DIR)
-    probe = load_probe(bundle / "probe_group.safetensors", model.config.embed_dim)
-    return render_examples(model, directory, probe)
+    probes = {name: load_probe(bundle / f"probe_{name}.safetensors", model.config.embed_dim)
+              for name in ("group", "subgroup") if (bundle / f"probe_{name}.safetensors").is_file()}
+    return render_examples(model, directory, probes["group"], probes.get("subgroup"))
 
 
-def render_examples(model: IJepa, directory: Path, group_probe: LinearReadout, count: int = 6, scale: int = 4,
-                    seed: int = 31337, max_scenes: int = 300) -> dict:
+def render_examples(model: IJepa, directory: Path, group_probe: LinearReadout,
+                    subgroup_probe: LinearReadout | None = None, count: int = 6, scale: int = 4, seed: int = 31337,
+                    max_scenes: int = 300) -> dict:
     """Held-out emoji scenes, upscaled for drawing, each with a box over the top half of its main emoji.
 
-    A scene is kept where ``group_probe``, read on the predictor's output for the box (what the app's readout shows),
-    names the hidden emoji's Unicode group, so that the first thing a user sees is what the predictor does get right;
-    scenes it misses fill in only if too few are found. Returns how many scenes were looked at and how many were read
-    right, which the model card states beside the examples."""
+    A scene is kept where the probes, read on the predictor's output for the box (what the app's explanation quotes),
+    name the hidden emoji's Unicode group and subgroup, so that the first thing a user sees is what the predictor
+    does get right; scenes read right by the group probe alone fill in next, misses last, only if too few are found.
+    One example per group comes before any group repeats (flags read right far more often than the rest and would
+    fill the gallery). Returns how many scenes were looked at and how many each reading got right, which the model
+    card states beside the examples."""
     from train.emoji import EmojiScenes, get_catalog  # the font is looked up when a bundle is written, not at import
 
     catalog = get_catalog()
     size, patch = model.config.img_size, model.config.patch_size
     scenes = EmojiScenes(catalog, resolution=size, patch_size=patch, split="heldout", seed=seed, num_distractors=(0, 1))
-    right, missed, scanned, index = [], [], 0, 0
-    while len(right) < count and scanned < max_scenes and index < 20 * max_scenes:  # bounded for any scene settings
+    by_rank: tuple[list, list, list] = ([], [], [])  # misses, group read right, group and subgroup read right
+    scanned, index = 0, 0
+    best = 2 if subgroup_probe is not None else 1
+    while (len({entry["group"] for _, entry in by_rank[best]}) < count and scanned < max_scenes
+           and index < 20 * max_scenes):  # bounded for any scene settings
         item = scenes[index]
         index += 1
         cells = torch.nonzero(item["patch_emoji"] == item["emoji"])
@@ -66,11 +75,16 @@ def render_examples(model: IJepa, directory: Path, group_probe: LinearReadout, c
         pixels = (item["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         image = Image.fromarray(pixels).resize((size * scale, size * scale), Image.NEAREST)
         group = catalog.group_names[int(catalog.group_of[item["emoji"]])]
-        read = predicted_group(model, group_probe, image, box)
+        subgroup = catalog.subgroup_names[int(catalog.subgroup_of[item["emoji"]])]
+        pooled = predicted_pooled(model, image, box)
         entry = {"boxes": [[v * scale for v in box]], "caption": f"{catalog.names[item['emoji']]} (top hidden)",
-                 "group": group, "probe_reads": read}
-        (right if read == group else missed).append((image, entry))
-    shown = right + missed[:count - len(right)]
+                 "group": group, "probe_reads": group_probe.top_k(pooled, 1)[0][0]}
+        rank = int(entry["probe_reads"] == group)
+        if subgroup_probe is not None:
+            entry.update(subgroup=subgroup, subgroup_probe_reads=subgroup_probe.top_k(pooled, 1)[0][0])
+            rank += int(rank == 1 and entry["subgroup_probe_reads"] == subgroup)
+        by_rank[rank].append((image, entry))
+    shown = one_per_group_first(by_rank[2] + by_rank[1], by_rank[0], count)
     directory.mkdir(parents=True, exist_ok=True)
     examples = []
     for number, (image, entry) in enumerate(shown):
@@ -78,17 +92,33 @@ def render_examples(model: IJepa, directory: Path, group_probe: LinearReadout, c
         image.save(directory / name)
         examples.append({"file": name, **entry})
     (directory / EXAMPLES_INDEX).write_text(json.dumps(examples, indent=2) + "\n")
-    return {"scanned": scanned, "read_right": len(right), "shown": len(shown)}
+    chosen = {"scanned": scanned, "read_right": len(by_rank[1]) + len(by_rank[2]), "shown": len(shown),
+              "shown_read_right": sum(entry["probe_reads"] == entry["group"] for _, entry in shown)}
+    if subgroup_probe is not None:
+        chosen["read_right_subgroup_too"] = len(by_rank[2])
+        chosen["shown_read_right_subgroup_too"] = sum(entry["probe_reads"] == entry["group"]
+                                                      and entry["subgroup_probe_reads"] == entry["subgroup"]
+                                                      for _, entry in shown)
+    return chosen
+
+
+def one_per_group_first(right: list, missed: list, count: int) -> list:
+    """``count`` of the (image, entry) pairs, best first: the right ones of groups not shown yet, then the remaining
+    right ones, then misses, each in the order given."""
+    varied, repeats, groups = [], [], set()
+    for pair in right:
+        (repeats if pair[1]["group"] in groups else varied).append(pair)
+        groups.add(pair[1]["group"])
+    return (varied + repeats + missed)[:count]
 
 
 @torch.no_grad()
-def predicted_group(model: IJepa, group_probe: LinearReadout, image: Image.Image, box: list[float]) -> str:
-    """The group the probe reads from the predictor's output for ``box`` (model pixels), seen the way the app sees
+def predicted_pooled(model: IJepa, image: Image.Image, box: list[float]) -> torch.Tensor:
+    """The predictor's pooled output for ``box`` (model pixels), which the probes read, seen the way the app sees
     the saved image."""
     prepared = prepare_image(image, model.config.img_size)
     context, targets = boxes_to_masks([box], (model.config.img_size,) * 2, model.config.grid_size)
-    prediction = analyze_boxes(model, prepared.pixels, context, targets).boxes[0]
-    return group_probe.top_k(prediction.pooled_predicted, 1)[0][0]
+    return analyze_boxes(model, prepared.pixels, context, targets).boxes[0].pooled_predicted
 
 
 def main(argv=None) -> None:
@@ -105,8 +135,9 @@ def main(argv=None) -> None:
     metrics = {**json.loads(metrics_path.read_text()), "examples": chosen}
     write_json_atomic(metrics_path, metrics)
     write_model_card(metrics, bundle / "MODEL_CARD.md")
-    logger.info("%s: %d examples, %d of %d scenes read right", bundle / EXAMPLES_DIR, chosen["shown"],
-                chosen["read_right"], chosen["scanned"])
+    logger.info("%s: %d examples; of %d scenes, %d read right by the group probe, %s by the subgroup probe too",
+                bundle / EXAMPLES_DIR, chosen["shown"], chosen["scanned"], chosen["read_right"],
+                chosen.get("read_right_subgroup_too", "none asked"))
 
 
 if __name__ == "__main__":

@@ -74,12 +74,24 @@ def examples_note(summary: dict) -> str:
     if not chosen or not chosen["scanned"]:
         return ""
     right, scanned, shown = chosen["read_right"], chosen["scanned"], chosen["shown"]
-    shortfall = "" if right >= shown else f", and {shown - right} it reads wrong fill the gallery"
+    both = chosen.get("read_right_subgroup_too")  # bundles chosen by the group probe alone have none
+    shown_right, shown_both = chosen.get("shown_read_right"), chosen.get("shown_read_right_subgroup_too")
+    if both is None:
+        which, counts = "group", f"it did in {right} ({100 * right / scanned:.0f} %)"
+    else:
+        which = "group and subgroup"
+        counts = (f"the group probe did in {right} ({100 * right / scanned:.0f} %), both probes in {both} "
+                  f"({100 * both / scanned:.0f} %)")
+    gallery = ""  # what the gallery holds, where the bundle recorded it
+    if shown_right is not None:
+        read = f"{shown_right} read right" if shown_both is None else \
+            f"{shown_both} read right by both probes, {shown_right - shown_both} by the group probe alone"
+        gallery = f" The gallery shows {shown}: {read}, {shown - shown_right} misses."
     return (f"- Examples (`examples/`, the app's gallery, `python -m train.examples`): held-out scenes with a box over "
-            f"the top half of the main emoji, chosen where the group probe reads the hidden emoji's group from the "
-            f"predictor's output (the app's readout). Of the {scanned} scenes looked at, it did in {right} "
-            f"({100 * right / scanned:.0f} %){shortfall}. So they show what the predictor gets right, not how often: "
-            f"that is the \"probe on predicted features\" column below.\n")
+            f"the top half of the main emoji, chosen where the probes read the hidden emoji's {which} from the "
+            f"predictor's output (the app's explanation), one per group before any group repeats. Of the {scanned} "
+            f"scenes looked at, {counts}.{gallery} So they show what the predictor gets right, not how often: that "
+            f"is the \"probe on predicted features\" column below.\n")
 
 
 def write_model_card(summary: dict, path: Path, command: str | None = None) -> None:
