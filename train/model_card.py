@@ -175,9 +175,9 @@ outside them blanked). The gap between this table and the one above is what the 
         "The decoders predict the clean image and saw few images, so they draw close to their average guess: "
         "blurry, and nearly the same picture for every seed (low diversity); a v-prediction decoder trained this "
         "briefly draws noise instead. Length, not the design, is what limits this: on the shipped CPU model our "
-        "decoder trained on 3x the images drew more detail and more variety, and was more faithful too "
-        "(bench/RESULTS.md, \"Decoder length\"). To get such a decoder "
-        "(~65 min on a 2-core CPU): `python -m train.decoder --checkpoint assets/model --steps 1500 --batch-size 32 "
+        "decoder trained on 3x the images drew more detail and more variety, and was more faithful too, and 6x "
+        "the images more so (bench/RESULTS.md, \"Decoder length\"). To get such a decoder "
+        "(~100 min on a 2-core CPU): `python -m train.decoder --checkpoint assets/model --steps 3000 --batch-size 32 "
         "--block-out-channels 32,64,128 --warmup-steps 75 --out-dir runs/decoder_long`, then `python -m "
         "train.replace_decoder --bundle assets --run runs/decoder_long` swaps it into the bundle and rewrites this "
         "card (or try it first: `python app.py --decoder runs/decoder_long/decoder --decoder assets/decoder_paper`).\n")
