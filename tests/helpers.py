@@ -94,9 +94,10 @@ def assert_bundle_parts_agree(bundle: Path):
     for name in ("img_size", "patch_size", "predictor_depth", "predictor_embed_dim", "arch"):
         assert trained[name] == getattr(cfg, name), name
     assert trained["depth"] in (None, cfg.depth)
-    # the recipe trains both decoders with one config; train.replace_decoder may swap ours for a longer one
+    # the recipe trains both decoders with one config; train.replace_decoder may swap either for a longer one
+    recipe_decoder = metrics.get("recipe_decoder_config", metrics["decoder_config"])
     trained_with = {"decoder": metrics["decoder_config"],
-                    "decoder_paper": metrics.get("recipe_decoder_config", metrics["decoder_config"])}
+                    "decoder_paper": metrics.get("paper_decoder_config", recipe_decoder)}
     assert metrics["decoder_config"]["conditioning"] == "spatial_context"
     for name, decoder_trained in trained_with.items():
         assert list(SketchDecoder.from_pretrained(bundle / name).config.block_out_channels) == list(

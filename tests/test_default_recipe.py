@@ -217,12 +217,13 @@ def test_export_replaces_a_whole_bundle_or_nothing(smoke_run, tmp_path, monkeypa
     assert (earlier / "metrics.json").read_text() == "{}"
 
 
-def train_smoke_decoder(checkpoint, out_dir, steps):
+def train_smoke_decoder(checkpoint, out_dir, steps, conditioning="spatial_context"):
     decoder_training.main(["--checkpoint", str(checkpoint), "--out-dir", str(out_dir), "--steps", str(steps),
-                           "--batch-size", "4", "--block-out-channels", "32,32,32", "--warmup-steps", "1"])
+                           "--batch-size", "4", "--block-out-channels", "32,32,32", "--warmup-steps", "1",
+                           "--conditioning", conditioning])
 
 
-def test_a_longer_decoder_replaces_ours_and_the_card_keeps_the_equal_length_comparison(smoke_run, tmp_path):
+def test_longer_decoders_replace_the_recipes_and_the_card_keeps_the_equal_length_comparison(smoke_run, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(smoke_run / "bundle", bundle)
     before = replacing.folder_digest(bundle)
@@ -248,8 +249,30 @@ def test_a_longer_decoder_replaces_ours_and_the_card_keeps_the_equal_length_comp
     assert f"python -m train.replace_decoder --bundle {bundle} --run {tmp_path / 'long'}" in card
     assert "At the recipe's length, both decoders trained on 4 images (1 steps x batch 4)" in card
     assert recipe_metrics["command"] in card  # the recipe's own command still heads the card
+    assert "The paper-faithful decoder is the recipe's" in card
     assert_bundle_parts_agree(bundle)
     assert_a_box_produces_sketches(bundle)
+
+    # The paper-faithful decoder trained as long, so the app compares the two at equal length: it takes the other
+    # slot, ours stays, and the recipe's equal-length figures are still the ones the card keeps.
+    ours_before = replacing.folder_digest(bundle / "decoder")
+    train_smoke_decoder(bundle / "model", tmp_path / "long_paper", 3, conditioning="pooled")
+    replacing.main(["--bundle", str(bundle), "--run", str(tmp_path / "long_paper")])
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    assert metrics["paper_decoder_config"]["conditioning"] == "pooled" and metrics["decoder_config"]["steps"] == 3
+    assert metrics["recipe_decoders"] == recipe_metrics["decoders"]
+    scored = metrics["decoders"]["decoders"]
+    assert scored["paper (pooled only)"]["path"].endswith("decoder_fp16")
+    assert scored["ours (spatial + context)"]["path"] == str(bundle / "decoder")
+    assert replacing.folder_digest(bundle / "decoder") == ours_before
+    shipped = load_file(bundle / "decoder_paper" / "diffusion_pytorch_model.safetensors")
+    trained = load_file(tmp_path / "long_paper" / "decoder" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(shipped[k], trained[k].half()) for k in trained)
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert "Then ours was trained again" in card and "Then the paper-faithful decoder was trained again" in card
+    assert "recipe's; the table below" not in card
+    assert "At the recipe's length, both decoders trained on 4 images (1 steps x batch 4)" in card
+    assert_bundle_parts_agree(bundle)
 
 
 def test_the_machine_is_timed_once_and_the_plan_kept_for_later_calls(smoke_run, run, monkeypatch):

@@ -56,16 +56,24 @@ def decoder_lead(summary: dict) -> tuple[float, str]:
 
 
 def retrained_note(summary: dict) -> str:
-    """How our decoder was trained again, longer, after the recipe (train/replace_decoder.py)."""
-    retrained = summary.get("decoder_retrained")
-    if not retrained:
+    """How each decoder was trained again, longer, after the recipe (train/replace_decoder.py)."""
+    lines, kept = [], []
+    for name, config_key, retrained_key in (("ours", "decoder_config", "decoder_retrained"),
+                                            ("the paper-faithful decoder", "paper_decoder_config",
+                                             "paper_decoder_retrained")):
+        retrained = summary.get(retrained_key)
+        if not retrained:
+            kept.append(name)
+            continue
+        seconds = f"{retrained['train_seconds']:.0f} s of training, " if retrained.get("train_seconds") else ""
+        lines.append(f"- Then {name} was trained again on this bundle's frozen model, longer: "
+                     f"{decoder_run(summary[config_key])}, `{retrained['command']}` ({retrained['hardware']}, "
+                     f"{retrained['date']}; {seconds}{retrained['eval_seconds']:.0f} s to score both decoders), and "
+                     f"swapped in with `{retrained['replaced_by']}`.")
+    if not lines:
         return ""
-    seconds = f"{retrained['train_seconds']:.0f} s of training, " if retrained.get("train_seconds") else ""
-    return (f"- Then ours was trained again on this bundle's frozen model, longer: "
-            f"{decoder_run(summary['decoder_config'])}, `{retrained['command']}` ({retrained['hardware']}, "
-            f"{retrained['date']}; {seconds}{retrained['eval_seconds']:.0f} s to score both decoders), and swapped "
-            f"in with `{retrained['replaced_by']}`. The paper-faithful decoder is the recipe's; the table below "
-            "scores the bundle's two decoders as shipped.\n")
+    table = f"{kept[0][0].upper()}{kept[0][1:]} is the recipe's; the table below" if kept else "The table below"
+    return "\n".join(lines) + f" {table} scores the bundle's two decoders as shipped.\n"
 
 
 def examples_note(summary: dict) -> str:

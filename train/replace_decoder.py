@@ -2,14 +2,15 @@
 
 Train the decoder on the bundle's own model, then swap it in:
 
-    python -m train.decoder --checkpoint assets/model --steps 1500 --batch-size 32 \
+    python -m train.decoder --checkpoint assets/model --steps 3000 --batch-size 32 \
         --block-out-channels 32,64,128 --warmup-steps 75 --out-dir runs/decoder_long
     python -m train.replace_decoder --bundle assets --run runs/decoder_long
 
 The one-command recipe (train/default.py) gives its decoders what its time budget leaves, which on a CPU is brief;
 a decoder trained longer on the same frozen model draws better sketches. This swaps it in without retraining the
-rest: the run must have been trained on exactly the bundle's model weights, the new decoder and the bundle's
-paper-faithful one are scored together by `train.eval_decoder` on the protocol the bundle was scored with, and
+rest: the run must have been trained on exactly the bundle's model weights, its conditioning says which of the two
+decoders it replaces (ours, or with ``--conditioning pooled`` the paper-faithful one, so the app can compare the two
+at equal length), both are scored together by `train.eval_decoder` on the protocol the bundle was scored with, and
 metrics.json keeps the recipe's own equal-length comparison beside the new figures, so the card can state both.
 Nothing in the bundle changes until the new evaluation has finished.
 """
@@ -35,7 +36,10 @@ from train.model_card import write_model_card
 from train.runtime import hardware, logged_training_seconds, save_folder_atomic, write_json_atomic
 
 logger = logging.getLogger("train.replace_decoder")
-OURS = "spatial_context"  # the decoder the app draws with by default; the paper-faithful one stays the baseline
+OURS = "spatial_context"  # the decoder the app draws with by default
+# where metrics.json keeps each decoder's training settings and how it was retrained (train/model_card.py reads them)
+RECORDS = {"spatial_context": ("decoder_config", "decoder_retrained"),
+           "pooled": ("paper_decoder_config", "paper_decoder_retrained")}
 
 
 def folder_digest(path: Path) -> str:
@@ -48,14 +52,14 @@ def folder_digest(path: Path) -> str:
 
 
 def check_run(bundle: Path, run: Path) -> dict:
-    """The run's training config, after checking it is a finished decoder of ours trained on the bundle's model."""
+    """The run's training config, after checking it is a finished decoder trained on the bundle's model."""
     if not (run / "decoder" / "config.json").is_file() or not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} holds no finished decoder ({run}/decoder/config.json): finish its training "
                                 f"first (python -m train.decoder ... --out-dir {run} --resume true)")
     config = yaml.safe_load((run / "config.yaml").read_text())
-    if config.get("conditioning") != OURS:
-        raise ValueError(f"{run} trained a {config.get('conditioning')!r} decoder; only ours ({OURS!r}) is replaced: "
-                         "the paper-faithful decoder stays the recipe's, the baseline the card compares against")
+    if config.get("conditioning") not in DECODER_DIRS:
+        raise ValueError(f"{run} trained a {config.get('conditioning')!r} decoder; a bundle holds "
+                         f"{' and '.join(map(repr, DECODER_DIRS))} ones")
     trained_on = Path(config["checkpoint"])
     if not trained_on.is_dir() or folder_digest(trained_on) != folder_digest(bundle / MODEL_DIR):
         raise ValueError(f"{run} was trained on {trained_on}, not on the weights in {bundle / MODEL_DIR}: its "
@@ -64,7 +68,7 @@ def check_run(bundle: Path, run: Path) -> dict:
 
 
 def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, command: str | None = None) -> dict:
-    """Score ``run``'s decoder against the bundle's paper decoder, then swap it in; returns the new metrics.
+    """Score ``run``'s decoder with the bundle's other one, then swap it in; returns the new metrics.
     ``command`` is the training command the card quotes (default: rebuilt from the run's saved settings)."""
     metrics_path = bundle / "metrics.json"
     if not metrics_path.is_file():
@@ -74,14 +78,16 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, c
         raise ValueError(f"{metrics_path} does not record the recipe's command, which the card quotes: export the "
                          "bundle again with python -m train.default ... --export")
     config = check_run(bundle, run)
+    slot = config["conditioning"]
 
-    # Scored as it will ship, in fp16 like the paper decoder beside it, then swapped in from that same copy.
+    # Scored as it will ship, in fp16 like the decoder beside it, then swapped in from that same copy.
     shipped = eval_dir / "decoder_fp16"
     SketchDecoder.from_pretrained(run / "decoder", torch_dtype=torch.float16,
                                   low_cpu_mem_usage=False).save_pretrained(shipped)
+    scored = {name: shipped if name == slot else bundle / folder for name, folder in DECODER_DIRS.items()}
     start = time.perf_counter()
-    eval_decoder.main(["--checkpoint", str(bundle / MODEL_DIR), "--decoder", str(shipped),
-                       "--paper-decoder", str(bundle / DECODER_DIRS["pooled"]),
+    eval_decoder.main(["--checkpoint", str(bundle / MODEL_DIR), "--decoder", str(scored[OURS]),
+                       "--paper-decoder", str(scored["pooled"]),
                        "--num-images", str(metrics["decoders"]["num_images"]), "--out-dir", str(eval_dir)])
     eval_seconds = time.perf_counter() - start
     results = json.loads((eval_dir / "results.json").read_text())
@@ -90,13 +96,14 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, c
     metrics.setdefault("recipe_decoders", metrics["decoders"])
     metrics.setdefault("recipe_decoder_config", metrics["decoder_config"])
     train_seconds = logged_training_seconds(run / "log.csv")
-    metrics.update(decoders=results, decoder_config=config, decoder_retrained={
+    config_key, retrained_key = RECORDS[slot]
+    metrics.update({"decoders": results, config_key: config, retrained_key: {
         "command": command or training_command(config), "replaced_by": replaced_by, "hardware": hardware(),
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-        "train_seconds": round(train_seconds, 1) or None, "eval_seconds": round(eval_seconds, 1)})
+        "train_seconds": round(train_seconds, 1) or None, "eval_seconds": round(eval_seconds, 1)}})
 
     # Written beside the old decoder and swapped in, so a failure before the swap leaves the bundle whole.
-    save_folder_atomic(lambda folder: shutil.copytree(shipped, folder), bundle / DECODER_DIRS[OURS])
+    save_folder_atomic(lambda folder: shutil.copytree(shipped, folder), bundle / DECODER_DIRS[slot])
     shutil.copy(eval_dir / "samples.png", bundle / "samples.png")
     write_json_atomic(metrics_path, metrics)
     write_model_card(metrics, bundle / "MODEL_CARD.md")
@@ -127,9 +134,11 @@ def main(argv=None) -> None:
     run = Path(args.run)
     replaced_by = f"python -m train.replace_decoder --bundle {args.bundle} --run {args.run}"
     metrics = replace_decoder(Path(args.bundle), run, Path(args.eval_dir or run / "eval"), replaced_by, args.command)
-    ours = next(iter(metrics["decoders"]["decoders"].values()))
+    slot = yaml.safe_load((run / "config.yaml").read_text())["conditioning"]  # checked by replace_decoder
+    scores = list(metrics["decoders"]["decoders"].values())  # ours, then the paper-faithful one
+    replaced = scores[0] if slot == OURS else scores[-1]
     logger.info("replaced %s/%s: retrieval %.1f %%, diversity %.3f; card rewritten", args.bundle,
-                DECODER_DIRS[OURS], ours["retrieval_top1"], ours["diversity_rms"])
+                DECODER_DIRS[slot], replaced["retrieval_top1"], replaced["diversity_rms"])
 
 
 if __name__ == "__main__":
