@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ijepa.bundle import EXAMPLES_DIR, EXAMPLES_INDEX, MODEL_DIR, load_probe
+from ijepa.bundle import EXAMPLES_DIR, EXAMPLES_INDEX, MODEL_DIR, PROBE_NAMES, load_probe
 from ijepa.checkpoint import load_model
 from ijepa.inference import LinearReadout, analyze_boxes, prepare_image
 from ijepa.masks import boxes_to_masks
@@ -36,7 +36,7 @@ def choose_examples(bundle: Path, directory: Path) -> dict:
     group probe alone."""
     model = load_model(bundle / MODEL_DIR)
     probes = {name: load_probe(bundle / f"probe_{name}.safetensors", model.config.embed_dim)
-              for name in ("group", "subgroup") if (bundle / f"probe_{name}.safetensors").is_file()}
+              for name in PROBE_NAMES if (bundle / f"probe_{name}.safetensors").is_file()}
     return render_examples(model, directory, probes["group"], probes.get("subgroup"))
 
 
@@ -75,14 +75,14 @@ def render_examples(model: IJepa, directory: Path, group_probe: LinearReadout,
         pixels = (item["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         image = Image.fromarray(pixels).resize((size * scale, size * scale), Image.NEAREST)
         group = catalog.group_names[int(catalog.group_of[item["emoji"]])]
-        subgroup = catalog.subgroup_names[int(catalog.subgroup_of[item["emoji"]])]
         pooled = predicted_pooled(model, image, box)
         entry = {"boxes": [[v * scale for v in box]], "caption": f"{catalog.names[item['emoji']]} (top hidden)",
                  "group": group, "probe_reads": group_probe.top_k(pooled, 1)[0][0]}
         rank = int(entry["probe_reads"] == group)
         if subgroup_probe is not None:
-            entry.update(subgroup=subgroup, subgroup_probe_reads=subgroup_probe.top_k(pooled, 1)[0][0])
-            rank += int(rank == 1 and entry["subgroup_probe_reads"] == subgroup)
+            entry.update(subgroup=catalog.subgroup_names[int(catalog.subgroup_of[item["emoji"]])],
+                         subgroup_probe_reads=subgroup_probe.top_k(pooled, 1)[0][0])
+            rank += int(rank == 1 and entry["subgroup_probe_reads"] == entry["subgroup"])
         by_rank[rank].append((image, entry))
     shown = one_per_group_first(by_rank[2] + by_rank[1], by_rank[0], count)
     directory.mkdir(parents=True, exist_ok=True)
