@@ -55,12 +55,16 @@ def decoder_lead(summary: dict) -> tuple[float, str]:
                   f"(paper), diversity {ours['diversity_rms']:.3f} vs {paper['diversity_rms']:.3f}.\n")
 
 
+# Per conditioning: what the card calls the decoder, and where metrics.json keeps its training settings and how it
+# was retrained (written by train/replace_decoder.py)
+DECODER_RECORDS = {"spatial_context": ("ours", "decoder_config", "decoder_retrained"),
+                   "pooled": ("the paper-faithful decoder", "paper_decoder_config", "paper_decoder_retrained")}
+
+
 def retrained_note(summary: dict) -> str:
     """How each decoder was trained again, longer, after the recipe (train/replace_decoder.py)."""
     lines, kept = [], []
-    for name, config_key, retrained_key in (("ours", "decoder_config", "decoder_retrained"),
-                                            ("the paper-faithful decoder", "paper_decoder_config",
-                                             "paper_decoder_retrained")):
+    for name, config_key, retrained_key in DECODER_RECORDS.values():
         retrained = summary.get(retrained_key)
         if not retrained:
             kept.append(name)

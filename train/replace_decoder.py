@@ -32,14 +32,11 @@ from ijepa.bundle import DECODER_DIRS, MODEL_DIR
 from train import eval_decoder
 from train.config import RUN_ONLY_FIELDS, config_dict, doc_summary
 from train.decoder import DecoderTrainConfig
-from train.model_card import write_model_card
+from train.model_card import DECODER_RECORDS, write_model_card
 from train.runtime import hardware, logged_training_seconds, save_folder_atomic, write_json_atomic
 
 logger = logging.getLogger("train.replace_decoder")
 OURS = "spatial_context"  # the decoder the app draws with by default
-# where metrics.json keeps each decoder's training settings and how it was retrained (train/model_card.py reads them)
-RECORDS = {"spatial_context": ("decoder_config", "decoder_retrained"),
-           "pooled": ("paper_decoder_config", "paper_decoder_retrained")}
 
 
 def folder_digest(path: Path) -> str:
@@ -96,7 +93,7 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, c
     metrics.setdefault("recipe_decoders", metrics["decoders"])
     metrics.setdefault("recipe_decoder_config", metrics["decoder_config"])
     train_seconds = logged_training_seconds(run / "log.csv")
-    config_key, retrained_key = RECORDS[slot]
+    _, config_key, retrained_key = DECODER_RECORDS[slot]
     metrics.update({"decoders": results, config_key: config, retrained_key: {
         "command": command or training_command(config), "replaced_by": replaced_by, "hardware": hardware(),
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -107,6 +104,9 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, c
     shutil.copy(eval_dir / "samples.png", bundle / "samples.png")
     write_json_atomic(metrics_path, metrics)
     write_model_card(metrics, bundle / "MODEL_CARD.md")
+    replaced = next(d for d in results["decoders"].values() if d["conditioning"] == slot)
+    logger.info("replaced %s/%s: retrieval %.1f %%, diversity %.3f; card rewritten", bundle, DECODER_DIRS[slot],
+                replaced["retrieval_top1"], replaced["diversity_rms"])
     return metrics
 
 
@@ -133,12 +133,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run = Path(args.run)
     replaced_by = f"python -m train.replace_decoder --bundle {args.bundle} --run {args.run}"
-    metrics = replace_decoder(Path(args.bundle), run, Path(args.eval_dir or run / "eval"), replaced_by, args.command)
-    slot = yaml.safe_load((run / "config.yaml").read_text())["conditioning"]  # checked by replace_decoder
-    scores = list(metrics["decoders"]["decoders"].values())  # ours, then the paper-faithful one
-    replaced = scores[0] if slot == OURS else scores[-1]
-    logger.info("replaced %s/%s: retrieval %.1f %%, diversity %.3f; card rewritten", args.bundle,
-                DECODER_DIRS[slot], replaced["retrieval_top1"], replaced["diversity_rms"])
+    replace_decoder(Path(args.bundle), run, Path(args.eval_dir or run / "eval"), replaced_by, args.command)
 
 
 if __name__ == "__main__":
