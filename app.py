@@ -179,9 +179,7 @@ class Handlers:
                 yield (view, explanation, engine.sketch_gallery(analysis, update), status, None, neighbours,
                        readout, metrics)
             truth = engine.truth_vs_prediction(analysis, last, seed, steps, last.style)
-            metrics = {**metrics, "sketch_seconds": round(last.seconds, 3), "seed": seed, "num_samples": num_samples,
-                       "num_steps": steps, "decoder": engine.info.decoder_sources[last.style],
-                       "decoder_style": last.style}
+            metrics = {**metrics, **engine.sketch_metrics(last)}
             yield view, explanation, engine.sketch_gallery(analysis, last), status, truth, neighbours, readout, metrics
 
     def explore(self, value: dict | None, window: float) -> tuple[np.ndarray, np.ndarray]:
@@ -214,9 +212,7 @@ class Handlers:
             if not engine.has_decoder:
                 return [], {**metrics, "decoder": None, "sketches": self.decoder_note()}
             update = engine.sketches(analysis, num_samples, seed, steps, style=decoder or None)
-            metrics.update(decoder=engine.info.decoder_sources[update.style], decoder_style=update.style,
-                           sketch_seconds=round(update.seconds, 3), seed=seed, num_samples=num_samples,
-                           num_steps=steps)
+            metrics.update(engine.sketch_metrics(update))
             return engine.sketch_gallery(analysis, update), metrics
 
     def decoder_note(self) -> str:

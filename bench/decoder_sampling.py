@@ -76,9 +76,7 @@ def forward_times(decoder: SketchDecoder, cond: SketchCondition, batch: int, rep
 
 
 def first_sketch(sampler: SketchSampler, cond: SketchCondition, num_samples: int, steps: int) -> None:
-    for event in sampler.stream(cond, num_samples=num_samples, num_steps=steps):
-        if not event.is_preview:
-            return
+    next(sampler.stream(cond, num_samples=num_samples, num_steps=steps))
 
 
 def gaussian_image_variances(size: int = 64) -> torch.Tensor:

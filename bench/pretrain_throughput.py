@@ -76,7 +76,8 @@ from train.config import doc_summary  # noqa: E402
 from train.objective import (TargetFeatures, ema_momentum, ema_update, ijepa_loss,  # noqa: E402
                              learning_rate, param_groups, set_optimizer_schedule, weight_decay)
 from train.pretrain import uses_fused_attention  # noqa: E402
-from train.runtime import PRECISIONS, LossWindow, Runtime, autocast, fast_bf16, resolve_precision  # noqa: E402
+from ijepa.device import PRECISIONS, fast_bf16, resolve_device, resolve_precision  # noqa: E402
+from train.runtime import LossWindow, Runtime, autocast  # noqa: E402
 
 logger = logging.getLogger("bench.pretrain_throughput")
 
@@ -402,19 +403,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    return device
-
-
 def main(argv=None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    device = torch.device(resolve_device(args.device))
     cuda = device.type == "cuda"
     if args.threads is not None:
         torch.set_num_threads(args.threads)

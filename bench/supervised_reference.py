@@ -34,7 +34,8 @@ from train.emoji import get_catalog  # noqa: E402
 from train.eval import evaluate_emoji_features  # noqa: E402
 from train.objective import learning_rate, param_groups, set_optimizer_schedule, weight_decay
 from train.pretrain import SCENE_FIELDS, PretrainConfig, model_config
-from train.runtime import autocast, resolve_precision
+from ijepa.device import resolve_device, resolve_precision
+from train.runtime import autocast
 
 
 def train_supervised(cfg: PretrainConfig, label: str, device: torch.device) -> tuple[IJepa, dict]:
@@ -88,7 +89,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, help="training steps (default: the config's)")
     parser.add_argument("--warmup-steps", type=int, help="lr warmup steps (default: the config's)")
     parser.add_argument("--label", choices=("group", "subgroup"), default="group", help="what the head predicts")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N or mps")
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the scores and run statistics")
     args = parser.parse_args(argv)
     overrides = ["--config", args.config]
@@ -96,7 +97,7 @@ def main(argv=None) -> dict:
         if value is not None:
             overrides += [flag, str(value)]
     cfg = parse_config(PretrainConfig, overrides)
-    device = torch.device(args.device)
+    device = torch.device(resolve_device(args.device))
     model, stats = train_supervised(cfg, args.label, device)
     results = evaluate_emoji_features(model, seed=cfg.seed, device=str(device),
                                       sources=("raw_pixels", "random_init", "target_encoder"))

@@ -228,13 +228,14 @@ class SketchDecoder(ModelMixin, ConfigMixin):
         num_train_timesteps, beta_schedule: the DDPM noise schedule, shared by training and the sampler.
             Linear betas over 1000 steps as in RCDM; unlike the cosine schedule (whose capped end reaches
             sigma/alpha ~ 2e4) its log-SNR range suits the sampler's uniform log-SNR steps (see pipeline).
-        prediction_type: "v_prediction" (default), "epsilon" or "sample" (the clean image x0). For few-step
-            sampling v beats epsilon: DPM-Solver++ integrates the x0 prediction, and with v the x0 estimate
-            ``alpha*x - sigma*v`` stays well conditioned at high noise, while epsilon's ``(x - sigma*eps)/alpha``
-            divides by alpha -> 0 (0.006 at t=999 with linear betas), where a 10-15 step sampler takes its
-            first, largest steps (Salimans & Ho 2022). "sample" predicts x0 directly: its plain MSE weights the
-            noisy timesteps most, where the layout and colours are decided, so a briefly trained decoder
-            draws smooth regions instead of leftover noise (measured in bench/RESULTS.md, "Decoder").
+        prediction_type: "sample" (default: the clean image x0), "v_prediction" or "epsilon". "sample" predicts
+            x0 directly: its plain MSE weights the noisy timesteps most, where the layout and colours are decided,
+            so a briefly trained decoder draws smooth regions instead of leftover noise (measured in
+            bench/RESULTS.md, "Decoder: predicting x0 instead of v"). For few-step sampling v beats epsilon:
+            DPM-Solver++ integrates the x0 prediction, and with v the x0 estimate ``alpha*x - sigma*v`` stays well
+            conditioned at high noise, while epsilon's ``(x - sigma*eps)/alpha`` divides by alpha -> 0 (0.006 at
+            t=999 with linear betas), where a 10-15 step sampler takes its first, largest steps (Salimans & Ho
+            2022).
         outside_box_loss_weight: spatial_context only: per-pixel loss weight outside the box (inside is 1).
             The sampler pastes the exact context back outside the box, so those pixels only need to be
             good enough to keep the box seams coherent.
@@ -259,7 +260,7 @@ class SketchDecoder(ModelMixin, ConfigMixin):
         norm_num_groups: int = 32,
         num_train_timesteps: int = 1000,
         beta_schedule: str = "linear",
-        prediction_type: str = "v_prediction",
+        prediction_type: str = "sample",
         outside_box_loss_weight: float = 0.1,
         feature_space: str = FEATURE_SPACE_NOTE,
         model_signature: tuple[float, ...] = (),

@@ -30,21 +30,13 @@ class SketchProgress:
     Attributes:
         images: composited images in [0, 1], [B * len(sample_indices), 3, H, W], condition-major like
             ``SketchSampler.sample`` (row b * len(sample_indices) + j is condition b, sample sample_indices[j]).
-        sample_indices: which samples (per condition) ``images`` holds.
-        step: solver steps done for these samples; ``step < num_steps`` means a preview (the current x0 estimate).
-        num_steps: solver steps of a finished sketch.
+        sample_indices: which samples (per condition) ``images`` holds, each a finished sketch.
         done: True only for the last event, whose images are all B * num_samples finished sketches.
     """
 
     images: torch.Tensor
     sample_indices: tuple[int, ...]
-    step: int
-    num_steps: int
     done: bool
-
-    @property
-    def is_preview(self) -> bool:
-        return self.step < self.num_steps
 
 
 def make_default_scheduler(decoder: SketchDecoder) -> DPMSolverMultistepScheduler:
@@ -119,8 +111,7 @@ class SketchSampler:
         Pixels outside the box are exactly ``(cond.context + 1) / 2``; inside is the sketch.
         """
         self._check_counts(num_samples, num_steps)
-        *_, (_, final, repeated) = self._denoise(cond, tuple(range(num_samples)), num_steps, seed, preview_every=0)
-        return self.composite(final, repeated)
+        return self.composite(*self._denoise(cond, tuple(range(num_samples)), num_steps, seed))
 
     @torch.no_grad()
     def stream(
@@ -130,35 +121,27 @@ class SketchSampler:
         num_steps: int = DEFAULT_NUM_STEPS,
         seed: int = 0,
         first: int = 1,
-        preview_every: int = 0,
     ) -> Iterator[SketchProgress]:
-        """Yield progressively better results so a UI can show something early.
+        """Yield finished sketches early so a UI can show something while the rest are drawn.
 
         Sample indices [0, first) are denoised alone and yielded as soon as they finish; the rest follow in one
-        batch. With ``preview_every=k > 0`` each phase also yields its x0 estimate every k steps (``is_preview``).
-        The last event has ``done=True`` and holds all sketches: those of ``sample`` with the same arguments, in
+        batch. The last event has ``done=True`` and holds all sketches: those of ``sample`` with the same arguments, in
         reduced precision up to rounding (batches of other sizes may round differently).
         """
         self._check_counts(num_samples, num_steps)
         if not 1 <= first <= num_samples:
             raise ValueError(f"first={first} must be in [1, num_samples={num_samples}]")
-        if preview_every < 0:
-            raise ValueError(f"preview_every must be >= 0, got {preview_every}")
         phases = [tuple(range(first)), tuple(range(first, num_samples))]
         finished = []
         for indices in phases:
             if not indices:
                 continue
-            for step, x0, repeated in self._denoise(cond, indices, num_steps, seed, preview_every):
-                images = self.composite(x0, repeated)
-                if step < num_steps:
-                    yield SketchProgress(images, indices, step, num_steps, done=False)
-                    continue
-                finished.append(images.view(cond.batch_size, len(indices), *images.shape[1:]))
-                if len(indices) < num_samples:
-                    yield SketchProgress(images, indices, step, num_steps, done=False)
+            images = self.composite(*self._denoise(cond, indices, num_steps, seed))
+            finished.append(images.view(cond.batch_size, len(indices), *images.shape[1:]))
+            if len(indices) < num_samples:
+                yield SketchProgress(images, indices, done=False)
         images = torch.cat(finished, dim=1).flatten(0, 1)
-        yield SketchProgress(images, tuple(range(num_samples)), num_steps, num_steps, done=True)
+        yield SketchProgress(images, tuple(range(num_samples)), done=True)
 
     def composite(self, sketch: torch.Tensor, cond: SketchCondition) -> torch.Tensor:
         """[-1, 1] sketch -> [0, 1] image: the sketch inside the box, the untouched context outside."""
@@ -167,13 +150,10 @@ class SketchSampler:
         return ((torch.where(inside, sketch.to(context.dtype), context) + 1) / 2).clamp(0, 1)
 
     def _denoise(
-        self, cond: SketchCondition, sample_indices: tuple[int, ...], num_steps: int, seed: int, preview_every: int
-    ) -> Iterator[tuple[int, torch.Tensor, SketchCondition]]:
-        """Run the solver for ``sample_indices`` of every condition.
-
-        Yields (step, x0 estimate in [-1, 1], repeated condition) every ``preview_every`` steps and finally
-        (num_steps, final sample, repeated condition).
-        """
+        self, cond: SketchCondition, sample_indices: tuple[int, ...], num_steps: int, seed: int
+    ) -> tuple[torch.Tensor, SketchCondition]:
+        """Run the solver for ``sample_indices`` of every condition: (sketches in [-1, 1], condition-major, and the
+        condition repeated to match them)."""
         decoder = self.decoder
         device, dtype = decoder.device, decoder.dtype
         repeated = cond.repeat(len(sample_indices)).to(device)
@@ -184,28 +164,11 @@ class SketchSampler:
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(num_steps, device=device)
         x = x * scheduler.init_noise_sigma
-        for step, t in enumerate(scheduler.timesteps, start=1):
+        for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(x, t).to(dtype)
             prediction = decoder(model_input, t, repeated).float()
-            if preview_every and step % preview_every == 0 and step < num_steps:
-                yield step, self._x0_estimate(scheduler, x, prediction, t), repeated
             x = scheduler.step(prediction, t, x).prev_sample
-        yield num_steps, x.clamp(-1, 1), repeated
-
-    def _x0_estimate(
-        self, scheduler: SchedulerMixin, x: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor
-    ) -> torch.Tensor:
-        """The model's current clean-image estimate from x_t and its epsilon / v / x0 output, clipped to [-1, 1]."""
-        alpha_bar = scheduler.alphas_cumprod.to(x.device)[t.long()]
-        alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-        kind = self.decoder.config.prediction_type
-        if kind == "sample":
-            x0 = prediction
-        elif kind == "epsilon":
-            x0 = (x - sigma * prediction) / alpha
-        else:
-            x0 = alpha * x - sigma * prediction
-        return x0.clamp(-1, 1)
+        return x.clamp(-1, 1), repeated
 
     @staticmethod
     def _check_counts(num_samples: int, num_steps: int) -> None:

@@ -106,7 +106,10 @@ def load_decoder(path: str | Path, model: IJepa, checkpoint: str | Path = "<chec
         raise ValueError(f"{path}: cannot read the sketch decoder (truncated download, or not a safetensors decoder "
                          f"folder): {err} Copy the folder again, or train one with "
                          f"`{hint}`") from None
-    except RuntimeError as err:  # torch's load_state_dict: the weights are not the ones config.json describes
+    except RuntimeError as err:
+        if "state_dict" not in str(err):  # not a weights/config mismatch: a real error, shown as it is
+            raise
+        # torch's load_state_dict: the weights are not the ones config.json describes
         detail = " ".join(str(err).split())[:300]
         raise ValueError(f"{path}: its weights do not fit its config.json (the two files come from different "
                          f"decoders?): {detail}... Copy the folder again, or train one with "

@@ -48,7 +48,7 @@ from .inference import (MAX_BOXES, MAX_IMAGE_PIXELS, BoxAnalysis, BoxPrediction,
                         prepare_image, surprise_map, to_rgb, true_features)
 from .masks import Box, boxes_to_masks, parse_box
 from .model import IJepa
-from .precision import fast_bf16
+from .device import resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class Engine:
     def load(cls, assets: str | Path | None = DEFAULT_ASSETS, checkpoint: str | Path | None = None,
              decoder: str | Path | Sequence[str | Path] | None = None, device: str = "auto",
              precision: str = "auto") -> "Engine":
-        """Load the bundle in ``assets`` (layout: see the app's README), or another model.
+        """Load the bundle in ``assets`` (layout: ``ijepa/bundle.py``), or another model.
 
         Args:
             assets: bundle folder. Its model, decoder, probes and bank are used unless ``checkpoint`` is given;
@@ -219,15 +219,13 @@ class Engine:
                 used (they describe the bundle model's features); pass ``decoder`` trained for this model.
             decoder: ``SketchDecoder.save_pretrained`` folder(s) for this model, at most one per conditioning; the
                 first is the default. For the bundle model: ``assets/decoder`` and ``assets/decoder_paper``.
-            device: "cpu", "cuda", or "auto" (CUDA when available).
+            device: "cpu", "cuda", "cuda:N", "mps", or "auto" (CUDA when available, else the CPU).
             precision: the sketch decoders' autocast: "auto" (bf16 where it is native: CUDA, CPUs with AVX512-BF16
                 or AMX; the same sketch metrics as fp32 to three decimals and ~1.5x faster on the project's CPU,
                 bench/RESULTS.md), "bf16" or "fp32" (emulated bf16 is many times slower).
         """
         device = resolve_device(device)
-        if precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-        bf16 = fast_bf16(torch.device(device)) if precision == "auto" else precision == "bf16"
+        bf16 = resolve_precision(torch.device(device), precision) == "bf16"
         assets = Path(assets) if assets is not None else None
         if checkpoint is None and assets is not None and (assets.is_file() or (assets / CONFIG_NAME).is_file()):
             checkpoint, assets = assets, None  # Engine.load("model.pth.tar") or Engine.load("runs/x/model")
@@ -359,7 +357,7 @@ class Engine:
     def analyze(self, image: Image.Image | np.ndarray | str | Path, boxes: Sequence[Box]) -> Analysis:
         """Hide the boxes (user-image pixels), predict them from the rest, compare with the truth, read out.
 
-        Raises ValueError (with a message for the user) for unusable images or boxes.
+        Raises InputError (with a message for the user) for unusable images or boxes.
         """
         prepared = self.prepare(image)
         model_boxes = map_boxes(prepared, boxes, self.patch_size, MAX_BOXES)
@@ -457,8 +455,6 @@ class Engine:
                 event = next(events, None)
             if event is None:
                 return
-            if event.is_preview:
-                continue
             images = event.images.view(boxes, len(event.sample_indices), *event.images.shape[1:])
             finished.update(zip(event.sample_indices, self._composite(analysis, images)))
             if not event.done and len(finished) == num_samples:
@@ -466,6 +462,12 @@ class Engine:
             order = tuple(sorted(finished))
             yield SketchUpdate([finished[i] for i in order], order, int(num_samples), int(seed), event.done,
                                time.perf_counter() - start, style, int(num_steps))
+
+    def sketch_metrics(self, update: SketchUpdate) -> dict[str, Any]:
+        """What drew ``update``, for a run's metrics: ``decoder`` is its kind, as a request names it."""
+        return {"decoder": update.style, "decoder_path": self.info.decoder_sources[update.style],
+                "seed": update.seed, "num_samples": update.num_samples, "num_steps": update.num_steps,
+                "sketch_seconds": round(update.seconds, 3)}
 
     def sketches(self, analysis: Analysis, num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0,
                  num_steps: int = DEFAULT_NUM_STEPS, style: str | None = None) -> SketchUpdate:
@@ -640,24 +642,6 @@ class Engine:
                     "paper's figures, and never the visible pixels: its sketches vary more and fit the surroundings "
                     "less; what they keep in common is what the average prediction pins down.")
         return "\n\n".join(parts)
-
-
-def resolve_device(device: str) -> str:
-    """"auto" -> CUDA when available, else CPU; a device that is not there -> ValueError saying what to pass."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    kind = device.split(":")[0]
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda (or cuda:N) or mps")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
-    if kind == "cuda" and ":" in device:
-        index, count = device.split(":", 1)[1], torch.cuda.device_count()
-        if not index.isdigit() or int(index) >= count:
-            raise ValueError(f"--device {device}: torch sees {count} CUDA GPU(s), numbered 0 to {count - 1}")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: torch sees no Apple GPU (MPS) here; use --device cpu (or auto)")
-    return device
 
 
 @torch.no_grad()

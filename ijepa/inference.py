@@ -469,7 +469,7 @@ def surprise_map(model: IJepa, image: torch.Tensor, window: int | tuple[int, int
         batch = ctx.size(0)
         tokens = model.encoder(normalized.expand(batch, -1, -1, -1), [ctx])
         predicted = model.predictor(tokens, [ctx], [tgt], grid_size=(gh, gw))
-        errors = per_patch_error(predicted, gather(truth.expand(batch, -1, -1), tgt)).double().cpu()
+        errors = per_patch_error(predicted, gather(truth.expand(batch, -1, -1), tgt)).cpu().double()  # MPS has no float64
         total.index_add_(0, tgt.flatten().cpu(), errors.flatten())
         count.index_add_(0, tgt.flatten().cpu(), torch.ones_like(errors.flatten()))
     return (total / count.clamp_min(1)).float().view(gh, gw)

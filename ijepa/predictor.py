@@ -75,9 +75,6 @@ class VisionTransformerPredictor(nn.Module):
         return self.predictor_proj(x)
 
 
-def vit_predictor(grid_size: tuple[int, int], embed_dim: int, predictor_embed_dim: int = 384, depth: int = 12,
-                  num_heads: int = 16, **kwargs) -> VisionTransformerPredictor:
-    model_args = dict(grid_size=grid_size, embed_dim=embed_dim, predictor_embed_dim=predictor_embed_dim,
-                      depth=depth, num_heads=num_heads)
-    model_args.update(kwargs)
-    return VisionTransformerPredictor(**model_args)
+def vit_predictor(grid_size: tuple[int, int], embed_dim: int, **kwargs) -> VisionTransformerPredictor:
+    """The predictor for an encoder of ``embed_dim`` on ``grid_size`` patches; other settings as the class's."""
+    return VisionTransformerPredictor(grid_size=grid_size, embed_dim=embed_dim, **kwargs)

@@ -93,8 +93,8 @@ def test_sketch_endpoint_draws_with_the_paper_decoder_when_asked(client, photo):
     ours, default = client.predict(handle_file(str(photo)), "[[150, 100, 250, 200]]", 1, 5, api_name="/sketch")
     paper, metrics = client.predict(handle_file(str(photo)), "[[150, 100, 250, 200]]", 1, 5, "pooled",
                                     api_name="/sketch")
-    assert (default["decoder_style"], metrics["decoder_style"]) == ("spatial_context", "pooled")
-    assert metrics["decoder"].endswith("decoder_paper")
+    assert (default["decoder"], metrics["decoder"]) == ("spatial_context", "pooled")  # as the request names it
+    assert metrics["decoder_path"].endswith("decoder_paper")
     assert not np.array_equal(np.asarray(Image.open(ours[0]["image"])), np.asarray(Image.open(paper[0]["image"])))
     with pytest.raises(AppError):
         client.predict(handle_file(str(photo)), "[[150, 100, 250, 200]]", 1, 5, "spatial", api_name="/sketch")
@@ -195,9 +195,9 @@ def test_ui_run_streams_sketches(app_module, tmp_path):
     counts = [len(o[2]) for o in outputs]
     assert counts == [0, 1, 3, 3]  # nothing yet, the first sketch, all sketches, then the truth panel
     assert outputs[1][4] is None and outputs[-1][4].ndim == 3 and outputs[-1][7]["seed"] == 1
-    assert outputs[-1][7]["decoder_style"] == "spatial_context" and outputs[-1][7]["decoder"].endswith("decoder")
+    assert outputs[-1][7]["decoder"] == "spatial_context" and outputs[-1][7]["decoder_path"].endswith("decoder")
     paper = list(handlers.run(handlers.initial_value(), 1, 1, 2, "pooled"))
-    assert paper[-1][7]["decoder_style"] == "pooled" and "average of the box" in paper[-1][1]
+    assert paper[-1][7]["decoder"] == "pooled" and "average of the box" in paper[-1][1]
     assert not np.array_equal(paper[-1][2][0][0], outputs[-1][2][0][0])
 
 

@@ -547,7 +547,7 @@ def test_damaged_optional_parts_switch_their_panel_off_instead_of_stopping_the_a
 
 
 def test_the_decoder_runs_in_bf16_where_bf16_is_native(bundle):
-    from ijepa.precision import fast_bf16
+    from ijepa.device import fast_bf16
 
     assert Engine.load(bundle, device="cpu").bf16 == fast_bf16(torch.device("cpu"))  # precision "auto"
     assert not Engine.load(bundle, device="cpu", precision="fp32").bf16
@@ -565,7 +565,7 @@ def test_a_device_that_is_not_there_is_named(bundle):
 
 
 def test_a_gpu_number_that_is_not_there_is_named(monkeypatch):
-    from ijepa.engine import resolve_device
+    from ijepa.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

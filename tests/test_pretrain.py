@@ -16,7 +16,8 @@ from ijepa.inference import true_features
 from train.config import parse_config
 from train.export_checkpoint import export_checkpoint, newest_checkpoint
 from train.pretrain import PretrainConfig, train
-from train.runtime import list_checkpoints, load_checkpoint, resolve_precision
+from ijepa.device import resolve_precision
+from train.runtime import list_checkpoints, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--img-size", "32", "--patch-size", "4", "--depth", "1", "--predictor-depth", "1", "--predictor-embed-dim",
@@ -322,7 +323,7 @@ def test_asking_for_emulated_bf16_warns_but_is_honoured(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         assert resolve_precision(torch.device("cpu"), "bf16") == "bf16"
     assert "no native bf16" in caplog.text
-    with pytest.raises(ValueError, match="precision must be one of"):
+    with pytest.raises(ValueError, match="precision must be auto, bf16 or fp32"):
         resolve_precision(torch.device("cpu"), "fp16")
 
 

@@ -30,12 +30,13 @@ from tqdm import tqdm
 
 from decoder import SketchCondition, SketchDecoder, SketchSampler, largest_user_box
 from ijepa.checkpoint import load_model
+from ijepa.device import resolve_precision
 from ijepa.inference import gather, predict_features, true_features
 from ijepa.masks import complement_indices, rectangle_indices
 from ijepa.model import IJepa
 from train.config import RUN_HELP, config_dict, doc_summary, parse_config, require, save_config, setting
 from train.data import StackFields, StepBatches, build_dataset
-from train.runtime import (LossWindow, autocast, plot_loss_curve, resolve_precision, resume_state, save_checkpoint,
+from train.runtime import (LossWindow, autocast, plot_loss_curve, resume_state, save_checkpoint,
                            save_folder_atomic, setup_runtime, start_csv_log, teardown_runtime)
 
 logger = logging.getLogger("train.decoder")
@@ -73,7 +74,9 @@ class DecoderTrainConfig:
     warmup_steps: int = setting(200, "steps of linear lr warmup up to --lr, which then stays constant")
     lr: float = setting(3e-4, "AdamW learning rate after the warmup")
     weight_decay: float = setting(0.0, "AdamW weight decay")
-    ema_decay: float = setting(0.999, "decay of the EMA of the decoder's weights; the EMA weights are exported")
+    ema_decay: float = setting(0.999, "the most decay of the EMA of the decoder's weights (the EMA weights are "
+                                    "exported); diffusers' EMAModel uses min(this, (1 + step) / (10 + step)): 0.982 "
+                                    "at step 500, 0.997 at 3000")
     # runtime
     seed: int = setting(0, "seed of the decoder's initial weights, the scenes, the boxes and the noise")
     device: str = setting("auto", RUN_HELP["device"])

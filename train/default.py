@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 
 from decoder import SketchDecoder
 from ijepa.checkpoint import load_model, save_model
+from ijepa.device import resolve_device
 from ijepa.bundle import BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, MODEL_DIR, PROBE_NAMES, SHIPPED_SIZE_LIMIT, folder_bytes
 from ijepa.model import IJepa
 from train import decoder as decoder_training
@@ -446,7 +447,7 @@ def main(argv=None) -> None:
 
     def reference_bank(model_dir: Path) -> None:
         if not finished["bank"]:
-            model = load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
+            model = load_model(model_dir).to(resolve_device("auto"))
             build_reference_bank(model, profile["bank"], out / "bank")
 
     if not all(finished.values()):

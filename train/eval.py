@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ijepa.checkpoint import load_model
+from ijepa.device import resolve_device
 from ijepa.masks import complement_indices, rectangle_indices
 from ijepa.inference import encode, gather, pooled, predict_features, true_features
 from ijepa.model import IJepa, IJepaConfig
@@ -62,10 +63,9 @@ def _pool(model: IJepa | None, dataset: Dataset, label_keys: tuple[str, ...], wh
                 objects.append((images * pixels.unsqueeze(1)).flatten(1).cpu())
         else:
             tokens = encode(model, images, which).float()
-            whole.append(tokens.mean(dim=1).cpu())
+            whole.append(pooled(tokens).cpu())
             if on_object is not None:
-                weights = on_object.flatten(1).float().unsqueeze(-1)
-                objects.append(((tokens * weights).sum(1) / weights.sum(1).clamp_min(1)).cpu())
+                objects.append(pooled(tokens, on_object.flatten(1)).cpu())
         for k in label_keys:
             labels[k].append(batch[k])
     return (torch.cat(whole), torch.cat(objects) if with_object_only else None,
@@ -482,11 +482,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--box-train", type=int, default=3000, help="boxes to fit the predictor-semantics probe")
     parser.add_argument("--box-test", type=int, default=1000, help="boxes per test set")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N or mps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     start = time.perf_counter()
+    args.device = resolve_device(args.device)
     model = load_model(args.checkpoint, img_size=args.img_size).to(args.device).eval()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

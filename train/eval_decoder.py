@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from decoder import SketchDecoder, SketchSampler, box_mask_from_indices
 from ijepa.bundle import load_decoder
 from ijepa.checkpoint import load_model
+from ijepa.device import PRECISIONS, resolve_device, resolve_precision
 from ijepa.inference import gather, pooled, true_features
 from ijepa.model import IJepa
 from train.config import doc_summary
 from train.data import build_dataset
 from train.decoder import box_conditions, sample_boxes
-from train.runtime import PRECISIONS, autocast, resolve_precision, write_json_atomic
+from train.runtime import autocast, write_json_atomic
 
 logger = logging.getLogger("train.eval_decoder")
 
@@ -48,7 +49,7 @@ def evaluate_decoder(model: IJepa, decoder: SketchDecoder, groups: list[tuple[to
 
     ``precision="bf16"`` runs the UNet under bf16 autocast (the solver state stays float32): on a 2-core CPU with
     AVX512-BF16 it is 2.1x faster at this batch size with the same metrics to three decimals (bench/RESULTS.md);
-    pass a precision resolved by ``train.runtime.resolve_precision``."""
+    pass a precision resolved by ``ijepa.device.resolve_precision``."""
     if num_samples < 2:
         raise ValueError(f"diversity compares sketches of one box: num_samples must be at least 2, got {num_samples}")
     sampler = SketchSampler(decoder)
@@ -132,7 +133,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="the UNet's autocast dtype (auto: bf16 where it is native, else fp32)")
     parser.add_argument("--out-dir", default="runs/decoder_eval")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N or mps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.num_images < 64:
@@ -141,6 +142,7 @@ def main(argv=None) -> dict:
         parser.error("--num-samples must be >= 2: diversity compares the sketches of one box")
 
     start = time.perf_counter()
+    args.device = resolve_device(args.device)
     args.precision = resolve_precision(torch.device(args.device), args.precision)
     model = load_model(args.checkpoint).to(args.device).eval()
     # held-out emoji, scenes no training run drew (seeds differ from pretraining and decoder training); a folder

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ijepa.checkpoint import save_model
+from ijepa.device import resolve_precision
 from ijepa.masks import MaskCollator, MaskConfig
 from ijepa.model import IJepa, IJepaConfig
 from ijepa.vision_transformer import set_fused_attention
@@ -39,7 +40,7 @@ from train.emoji import EmojiScenes, get_catalog
 from train.eval import HeldOutKnn, plot_knn_curve
 from train.objective import (TargetFeatures, ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups,
                              set_optimizer_schedule, target_spread, weight_decay)
-from train.runtime import (LossWindow, Runtime, autocast, plot_loss_curve, resolve_precision, resume_state,
+from train.runtime import (LossWindow, Runtime, autocast, plot_loss_curve, resume_state,
                            save_checkpoint, setup_runtime, start_csv_log, teardown_runtime)
 
 logger = logging.getLogger("train.pretrain")

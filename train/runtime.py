@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ijepa.precision import fast_bf16
+from ijepa.device import fast_bf16, resolve_device
 from train.config import SCHEDULE_FIELDS, changed_settings
 
 logger = logging.getLogger(__name__)
@@ -41,9 +41,9 @@ class Runtime:
 
 def setup_runtime(device: str = "auto") -> Runtime:
     """Single process, or DDP when launched by torchrun (RANK set): NCCL on GPUs, gloo on CPUs."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if "RANK" not in os.environ:
-        return Runtime(device=torch.device("cuda" if use_cuda else "cpu") if device == "auto" else torch.device(device))
+        return Runtime(device=torch.device(resolve_device(device)))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if use_cuda:
         torch.cuda.set_device(local)
@@ -54,24 +54,6 @@ def setup_runtime(device: str = "auto") -> Runtime:
 def teardown_runtime(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
-
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def resolve_precision(device: torch.device, precision: str) -> str:
-    """'auto' -> 'bf16' where bf16 is native (``fast_bf16``), else 'fp32'. An explicit 'bf16' is kept, with a
-    warning where it is emulated."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        chosen = "bf16" if fast_bf16(device) else "fp32"
-        logger.info("precision auto -> %s on %s", chosen, device)
-        return chosen
-    if precision == "bf16" and not fast_bf16(device):
-        logger.warning("bf16 was asked for, but %s has no native bf16 (no AVX512-BF16 or AMX on a CPU): expect a "
-                       "step many times slower than fp32; precision 'auto' picks fp32 here", device)
-    return precision
 
 
 def autocast(device: torch.device, precision: str):
