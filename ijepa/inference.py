@@ -6,14 +6,14 @@ the predictor was trained in: per-token layer-normed target-encoder features ("t
 nearest-neighbour bank be trained on truths and fed predictions.
 
 Also here, for the app and scripts: decoding any user image file safely (``open_image``, ``to_rgb``), the
-model's square view of it with the map from user pixels to model pixels (``prepare_image``, ``map_boxes``),
+model's square view of it with the map from user pixels to model pixels (``prepare_image``; boxes follow it in
+``ijepa/boxes.py``),
 per-box predictions vs truth (``analyze_boxes``), the sliding-window ``surprise_map``, ``feature_pca``, the
 linear-probe readout (``LinearReadout``) and ``nearest_neighbours`` in a feature bank.
 """
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Mapping, Sequence
@@ -25,7 +25,7 @@ from torch import nn
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
-from .masks import Box, apply_masks, parse_box
+from .masks import apply_masks
 from .model import IJepa, check_target
 
 
@@ -114,10 +114,6 @@ def pooled(tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torc
 
 # Images above this many pixels are refused before decoding (decompression bombs; a 50 MP photo is already rare).
 MAX_IMAGE_PIXELS = 50_000_000
-# Most boxes one request may ask about: each box costs a predictor forward and a decoder batch.
-MAX_BOXES = 4
-# Boxes may be this much smaller than one patch (rounding in the drawing widget) and still count as one patch.
-_MIN_BOX_PATCH_FRACTION = 0.9
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
@@ -266,56 +262,6 @@ def prepare_image(image: Image.Image | np.ndarray, size: int) -> PreparedImage:
         square = square.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
     pixels = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
     return PreparedImage(pixels=pixels, source_size=(width, height), crop=(float(left), float(top), float(side)))
-
-
-def map_boxes(prepared: PreparedImage, boxes: Sequence[Box], patch_size: int,
-              max_boxes: int = MAX_BOXES) -> list[tuple[float, float, float, float]]:
-    """Validate user-image boxes and map them to model pixels, clipped to the model's square (so a box running past
-    the image's edge, or past the centre square the model sees, keeps its part inside; ``BoxReport.clipped``).
-
-    Raises InputError, with a message for the person who drew them, for: no box, too many boxes, malformed or
-    non-finite coordinates, boxes wholly outside the image or the centre square the model sees, and
-    boxes smaller than one patch (the smallest region the model can hide).
-    """
-    if isinstance(boxes, (str, bytes)):
-        raise InputError(f"boxes must be a list of [xmin, ymin, xmax, ymax] lists, got the text {boxes!r} "
-                         "(parse JSON first)")
-    if boxes is None or len(boxes) == 0:
-        raise InputError("Draw a box on the image first (click and drag): the model needs a region to hide and guess.")
-    if len(boxes) > max_boxes:
-        raise InputError(f"{len(boxes)} boxes were drawn; at most {max_boxes} are allowed at once. Delete some boxes.")
-    width, height = prepared.source_size
-    size = prepared.size
-    left, top, side = prepared.crop
-    patch_px = patch_size / prepared.scale  # one patch, in user-image pixels
-    mapped = []
-    for number, box in enumerate(boxes, start=1):
-        x0, y0, x1, y1 = parse_box(box, number)
-        if x1 <= x0 or y1 <= y0:
-            raise InputError(f"Box {number} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty: xmax must exceed xmin and "
-                             "ymax must exceed ymin.")
-        for lo, hi, extent, axis in ((x0, x1, width, "x"), (y0, y1, height, "y")):
-            if hi <= 0 or lo >= extent:
-                raise InputError(f"Box {number} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the {width}x{height} "
-                                 f"image: its {axis} coordinates must overlap 0..{extent}.")
-        whole = prepared.to_model((x0, y0, x1, y1))
-        mx0, my0, mx1, my1 = (min(max(v, 0.0), float(size)) for v in whole)
-        square = (f"the centre square the model sees (x {left:.0f}..{left + side:.0f}, "
-                  f"y {top:.0f}..{top + side:.0f} of your image)")
-        if mx1 <= mx0 or my1 <= my0:
-            raise InputError(f"Box {number} lies outside {square}. Draw it inside that square.")
-        too_small = _MIN_BOX_PATCH_FRACTION * patch_size
-        if min(mx1 - mx0, my1 - my0) < too_small <= min(whole[2] - whole[0], whole[3] - whole[1]):
-            raise InputError(
-                f"Only a sliver of box {number}, less than one patch, lies inside {square}: the model sees "
-                "nothing of the rest. Move the box into that square.")
-        if min(mx1 - mx0, my1 - my0) < too_small:
-            raise InputError(
-                f"Box {number} is smaller than one patch. The model hides whole patches of {patch_size}x{patch_size} "
-                f"pixels of its {size}x{size} view, i.e. {patch_px:.0f}x{patch_px:.0f} pixels of your image: "
-                f"draw a box at least {math.ceil(patch_px)} pixels wide and high (inside the centre square).")
-        mapped.append((mx0, my0, mx1, my1))
-    return mapped
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Patch-index masks: gathering tokens, multi-block sampling for training, and user boxes.
+"""Patch-index masks: gathering tokens, multi-block sampling for training, and patch rectangles.
+
+User boxes become masks in ``ijepa/boxes.py``.
 
 A mask is a LongTensor [B, K] of patch indices (raster order on the model grid) to KEEP, exactly as
 in the official I-JEPA code, so masks from one place can be fed to the other.
@@ -12,7 +14,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .errors import InputError
 
 
 def apply_masks(x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
@@ -314,124 +315,6 @@ class MaskCollator:
         generator.manual_seed(_mix_seed(self.seed, int(items[0]["index"])))
         batch["context_masks"], batch["target_masks"] = self.mask_generator(len(items), generator)
         return batch
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# User boxes -> patch indices (inference / app)
-# ---------------------------------------------------------------------------------------------------------------------
-
-Box = Union[Sequence[float], Mapping[str, float]]
-
-# Boxes may overshoot the image by this much (1 pixel or 1 % of the side, whichever is larger) and are clipped.
-BOX_TOLERANCE_PX = 1.0
-BOX_TOLERANCE_FRACTION = 0.01
-# A patch row (column) is hidden when the box covers more than this fraction of its height (width): all of what
-# the box holds is hidden but for slivers this thin, a hand-drawn box's overshoot past a patch border.
-_MAX_VISIBLE_SLIVER = 0.125
-
-
-def box_tolerance(side: float) -> float:
-    """How far (pixels) a box may overshoot an image side of ``side`` pixels before it counts as outside."""
-    return max(BOX_TOLERANCE_PX, BOX_TOLERANCE_FRACTION * side)
-
-
-def parse_box(box: Box, number: int = 1) -> Tuple[float, float, float, float]:
-    """A box as [xmin, ymin, xmax, ymax] (list, tuple or array) or a dict with those keys -> four finite floats
-    (InputError otherwise)."""
-    if isinstance(box, Mapping):
-        try:
-            values = [box[k] for k in ("xmin", "ymin", "xmax", "ymax")]
-        except KeyError as err:
-            raise InputError(f"Box {number} needs keys xmin, ymin, xmax, ymax; {err} is missing") from None
-    elif isinstance(box, (str, bytes)) or not hasattr(box, "__len__") or len(box) != 4:  # lists, tuples, arrays
-        raise InputError(f"Box {number} must be [xmin, ymin, xmax, ymax], got {box!r}")
-    else:
-        values = list(box)
-    try:
-        coords = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise InputError(f"Box {number} must hold four numbers [xmin, ymin, xmax, ymax], got {box!r}") from None
-    if not all(math.isfinite(c) for c in coords):
-        raise InputError(f"Box {number} has a coordinate that is not a finite number: {box!r}")
-    return coords  # type: ignore[return-value]
-
-
-def _clip_fraction(value: float, side: float) -> float:
-    return min(max(value, 0.0), float(side)) / side
-
-
-def _relative_box(box: Box, image_size: Tuple[int, int]) -> Tuple[float, float, float, float]:
-    """Validate a pixel box and return it as fractions of the image (x0, y0, x1, y1), clipped to [0, 1]."""
-    width, height = image_size
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image_size must be a positive (width, height), got {image_size}")
-    x0, y0, x1, y1 = parse_box(box)
-    if x1 <= x0 or y1 <= y0:
-        raise InputError(f"Degenerate box {box}: need xmax > xmin and ymax > ymin (draw a box with some area)")
-    for lo, hi, side, name in ((x0, x1, width, "x"), (y0, y1, height, "y")):
-        tol = box_tolerance(side)
-        if lo < -tol or hi > side + tol:
-            raise InputError(f"Box {box} lies outside the {width}x{height} image ({name} must be within 0..{side})")
-    x0, x1 = _clip_fraction(x0, width), _clip_fraction(x1, width)
-    y0, y1 = _clip_fraction(y0, height), _clip_fraction(y1, height)
-    if x1 <= x0 or y1 <= y0:
-        raise InputError(f"Box {box} has no area inside the {width}x{height} image")
-    return x0, y0, x1, y1
-
-
-def _axis_coverage(lo: float, hi: float, cells: int) -> torch.Tensor:
-    """Fraction of each of `cells` equal cells on [0, 1] that the interval [lo, hi] covers."""
-    edges = torch.arange(cells + 1, dtype=torch.float64) / cells
-    overlap = (torch.minimum(edges[1:], torch.tensor(hi)) - torch.maximum(edges[:-1], torch.tensor(lo))).clamp_min(0)
-    return overlap * cells
-
-
-def box_to_patch_indices(box: Box, image_size: Tuple[int, int], grid_size: GridSize) -> torch.Tensor:
-    """Raster indices [K] of the model-grid patches a pixel box covers: always a whole rectangle of patches.
-
-    Args:
-        box: (xmin, ymin, xmax, ymax) in pixels of an image of ``image_size`` that the model sees whole, stretched
-            to its grid (the app's model view; for a user's photo map boxes first with ``inference.map_boxes``).
-        image_size: (width, height) of that image.
-        grid_size: model patch grid (height, width) or an int for a square grid.
-
-    The box snaps outwards to the patch grid, so the model sees nothing inside it: a patch row is hidden when the
-    box covers more than an eighth of its height, a column likewise, and the row and column under the box centre
-    always are. Only a sliver of at most 1/8 patch along an edge can stay visible (overshoot past a border is
-    forgiven), and even a one-pixel box selects a patch.
-    """
-    gh, gw = _as_grid(grid_size)
-    x0, y0, x1, y1 = _relative_box(box, image_size)
-    rows = _axis_coverage(y0, y1, gh) > _MAX_VISIBLE_SLIVER + 1e-9
-    cols = _axis_coverage(x0, x1, gw) > _MAX_VISIBLE_SLIVER + 1e-9
-    rows[min(int((y0 + y1) / 2 * gh), gh - 1)] = True
-    cols[min(int((x0 + x1) / 2 * gw), gw - 1)] = True
-    return torch.nonzero((rows[:, None] & cols[None, :]).flatten()).flatten()
-
-
-def boxes_to_masks(boxes: Sequence[Box], image_size: Tuple[int, int], grid_size: GridSize,
-                   context_box: Optional[Box] = None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """Turn user boxes into (context indices [Kc], one target index tensor per box).
-
-    The context is every patch outside all target boxes, or only the patches inside ``context_box`` minus the
-    targets. Raises InputError when nothing is left for the context, since the predictor needs something to see.
-    """
-    if len(boxes) == 0:
-        raise InputError("boxes_to_masks needs at least one target box")
-    gh, gw = _as_grid(grid_size)
-    targets = [box_to_patch_indices(box, image_size, (gh, gw)) for box in boxes]
-    visible = torch.zeros(gh * gw, dtype=torch.bool)
-    if context_box is None:
-        visible[:] = True
-    else:
-        visible[box_to_patch_indices(context_box, image_size, (gh, gw))] = True
-    for target in targets:
-        visible[target] = False
-    if not visible.any():
-        where = "inside the context box" if context_box is not None else "of the image the model sees"
-        raise InputError(f"The target boxes cover every patch {where}, leaving no context patch for the model to "
-                         "see; draw smaller boxes" + (" or a larger context box" if context_box is not None else ""))
-    return torch.nonzero(visible).flatten(), targets
 
 
 def rectangle_indices(origins: torch.Tensor, rows: int, cols: int, grid_size: GridSize) -> torch.Tensor:

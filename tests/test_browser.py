@@ -19,8 +19,8 @@ from PIL import Image
 
 from helpers import ASSETS, REPO, USE_ASSETS, serve_app, tiny_bundle
 from ijepa.engine import SKETCH_STYLES
-from ijepa.inference import map_boxes, prepare_image
-from ijepa.masks import boxes_to_masks
+from ijepa.boxes import boxes_to_masks, map_boxes
+from ijepa.inference import prepare_image
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [

@@ -24,9 +24,9 @@ from ijepa.checkpoint import load_model, save_model
 import ijepa.engine as engine_module
 from ijepa.engine import Engine, InputError
 from ijepa.figures import BOX_COLORS, sketch_sheet
-from ijepa.inference import (LinearReadout, analyze_boxes, feature_pca, map_boxes, nearest_neighbours, open_image,
-                             prepare_image, surprise_map, to_rgb, window_positions)
-from ijepa.masks import boxes_to_masks
+from ijepa.boxes import boxes_to_masks, map_boxes
+from ijepa.inference import (LinearReadout, analyze_boxes, feature_pca, nearest_neighbours, open_image, prepare_image,
+                             surprise_map, to_rgb, window_positions)
 from ijepa.model import IJepaConfig
 from train.decoder import box_conditions
 

@@ -21,7 +21,7 @@ from PIL import Image
 from ijepa.bundle import EXAMPLES_DIR, EXAMPLES_INDEX, MODEL_DIR, PROBE_NAMES, load_probe
 from ijepa.checkpoint import load_model
 from ijepa.inference import LinearReadout, analyze_boxes, prepare_image
-from ijepa.masks import boxes_to_masks
+from ijepa.boxes import boxes_to_masks
 from ijepa.model import IJepa
 from train.config import doc_summary
 from train.model_card import write_model_card
