@@ -45,8 +45,8 @@ from .boxes import MAX_BOXES, Box, boxes_to_masks, map_boxes, parse_box
 from .figures import (BOX_COLORS, patch_bounds, render_feature_view, render_surprise, render_truth_vs_prediction,
                       sketch_sheet, upscale)
 from .inference import (MAX_IMAGE_PIXELS, BoxAnalysis, BoxPrediction, LinearReadout, PreparedImage, analyze_boxes,
-                        array_to_image, feature_pca, nearest_neighbours, open_image, prepare_image, surprise_map, to_rgb,
-                        true_features)
+                        array_to_image, feature_pca, nearest_neighbours, open_image, prepare_image, surprise_map,
+                        to_rgb, true_features)
 from .model import IJepa
 from .device import resolve_device, resolve_precision
 

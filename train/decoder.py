@@ -32,7 +32,7 @@ from decoder import SketchCondition, SketchDecoder, SketchSampler, largest_user_
 from ijepa.checkpoint import load_model
 from ijepa.device import resolve_precision
 from ijepa.inference import gather, predict_features, true_features
-from ijepa.masks import complement_indices, rectangle_indices
+from ijepa.masks import MaskConfig, complement_indices, rectangle_indices
 from ijepa.model import IJepa
 from train.config import RUN_HELP, config_dict, doc_summary, parse_config, require, save_config, setting
 from train.data import StackFields, StepBatches, build_dataset
@@ -40,6 +40,7 @@ from train.runtime import (LossWindow, autocast, plot_loss_curve, resume_state, 
                            save_folder_atomic, setup_runtime, start_csv_log, teardown_runtime)
 
 logger = logging.getLogger("train.decoder")
+OFFICIAL_TARGETS = MaskConfig()  # the official I-JEPA target blocks: what "target-like" decoder boxes look like
 
 
 @dataclass
@@ -112,11 +113,12 @@ class DecoderLoss(nn.Module):
 
 
 def sample_box_shape(grid: tuple[int, int], rng: np.random.Generator, target_like_fraction: float) -> tuple[int, int]:
-    """(rows, cols) of this step's boxes: I-JEPA target-like (15-20 % of the grid, aspect 0.75-1.5) or user-like
-    (1 patch up to half the image side, any aspect: ``largest_user_box``)."""
+    """(rows, cols) of this step's boxes: I-JEPA target-like (the official target blocks, ``MaskConfig``'s defaults:
+    15-20 % of the grid, aspect 0.75-1.5) or user-like (1 patch up to half the image side, any aspect:
+    ``largest_user_box``)."""
     gh, gw = grid
     if rng.random() < target_like_fraction:
-        scale, aspect = rng.uniform(0.15, 0.2), rng.uniform(0.75, 1.5)
+        scale, aspect = rng.uniform(*OFFICIAL_TARGETS.target_scale), rng.uniform(*OFFICIAL_TARGETS.target_aspect)
         area = scale * gh * gw
         rows = int(np.clip(round(math.sqrt(area * aspect)), 1, gh))
         cols = int(np.clip(round(math.sqrt(area / aspect)), 1, gw))

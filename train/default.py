@@ -34,6 +34,7 @@ import logging
 import shutil
 import sys
 import time
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -212,8 +213,8 @@ def run_pretraining(profile: dict, out: Path, extra: list[str]) -> Path:
 def run_evaluation(model_dir: Path, profile: dict, out: Path) -> dict:
     results_path = out / "eval" / "results.json"
     if not stage_done(out, "eval"):
-        evaluation.main(["--checkpoint", str(model_dir), "--out-dir", str(out / "eval"),
-                         "--box-train", str(profile["box_train"]), "--box-test", str(profile["box_test"])])
+        evaluation.evaluate_checkpoint(model_dir, out / "eval", box_train=profile["box_train"],
+                                       box_test=profile["box_test"])
     return json.loads(results_path.read_text())
 
 
@@ -237,6 +238,12 @@ def build_reference_bank(model: IJepa, count: int, path: Path, thumb: int = BANK
                "subgroup": boxes.subgroup.contiguous()}
     # the .safetensors marks the stage finished (STAGE_OUTPUTS): written last, whole or not at all
     write_file_atomic(path.with_suffix(".safetensors"), lambda tmp: save_file(tensors, tmp))
+
+
+def run_reference_bank(model_dir: Path, profile: dict, out: Path) -> None:
+    if not stage_done(out, "bank"):
+        model = load_model(model_dir).to(resolve_device("auto"))
+        build_reference_bank(model, profile["bank"], out / "bank")
 
 
 def decoder_config(model_dir: Path, profile: dict, run_dir: Path, mode: str,
@@ -315,9 +322,8 @@ def refit_to_budget(plan: dict | None, profile: dict, full_steps: int, out: Path
 def run_decoder_eval(model_dir: Path, decoders: dict[str, Path], profile: dict, out: Path) -> dict:
     results_path = out / "decoder_eval" / "results.json"
     if not stage_done(out, "decoder_eval"):
-        eval_decoder.main(["--checkpoint", str(model_dir), "--decoder", str(decoders["spatial_context"]),
-                           "--paper-decoder", str(decoders["pooled"]), "--num-images", str(profile["eval_images"]),
-                           "--out-dir", str(out / "decoder_eval")])
+        eval_decoder.evaluate_decoders(model_dir, decoders["spatial_context"], decoders["pooled"],
+                                       out / "decoder_eval", num_images=profile["eval_images"])
     return json.loads(results_path.read_text())
 
 
@@ -379,6 +385,33 @@ def export_bundle(bundle: Path, target: Path) -> None:
     save_folder_atomic(lambda staged: shutil.copytree(bundle, staged), target)
 
 
+class StageClock:
+    """Runs the recipe's stages and keeps each one's seconds and machine in ``out``, written as soon as it ends, so a
+    call stopped later (the device's per-call limit) keeps the times of the stages it finished. A stage whose output
+    existed before this call is skipped by its own function; its recorded time stands, so the card reports the time
+    it took when it ran."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.times_path, self.machines_path = out / STAGE_TIMES, out / STAGE_MACHINES
+        self.timings = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
+        self.machines = json.loads(self.machines_path.read_text()) if self.machines_path.exists() else {}
+        self.finished = {stage: stage_done(out, stage) for stage in STAGE_OUTPUTS}
+
+    def run(self, stage: str, fn: Callable, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        if not (self.finished[stage] and stage in self.timings):
+            # A stage resumed in this call (after a kill, or the device's per-call limit) also counts the training
+            # time its logs carry from earlier calls.
+            self.timings[stage] = round(max(time.perf_counter() - start, logged_seconds(self.out, stage)), 1)
+            self.machines[stage] = hardware()
+            write_json_atomic(self.times_path, self.timings)
+            write_json_atomic(self.machines_path, self.machines)
+        logger.info("stage %s: %.0f s", stage, self.timings[stage])
+        return result
+
+
 def knn_curve(csv_path: Path) -> list[dict]:
     """The held-out kNN rows pretraining logged (``--knn-every``), or none."""
     if not csv_path.exists():
@@ -424,43 +457,19 @@ def main(argv=None) -> None:
     command = "python -m train.default " + " ".join(argv if argv is not None else sys.argv[1:])
     first_command = started.get("command", command)
     write_json_atomic(out / PROFILE_FILE, {"profile": profile_name, "command": first_command})
-    # A stage whose output exists is skipped; the card then reports the time it took when it ran. Each stage's time
-    # is written as soon as it ends, so a call stopped later (the device's per-call limit) keeps the times of the
-    # stages it finished.
-    times_path, machines_path = out / STAGE_TIMES, out / STAGE_MACHINES
-    timings = json.loads(times_path.read_text()) if times_path.exists() else {}
-    machines = json.loads(machines_path.read_text()) if machines_path.exists() else {}
-    finished = {stage: stage_done(out, stage) for stage in STAGE_OUTPUTS}
-
-    def timed(stage, fn, *a):
-        t = time.perf_counter()
-        result = fn(*a)
-        if not (finished[stage] and stage in timings):
-            # A stage resumed in this call (after a kill, or the device's per-call limit) also counts the training
-            # time its logs carry from earlier calls.
-            timings[stage] = round(max(time.perf_counter() - t, logged_seconds(out, stage)), 1)
-            machines[stage] = hardware()
-            write_json_atomic(times_path, timings)
-            write_json_atomic(machines_path, machines)
-        logger.info("stage %s: %.0f s", stage, timings[stage])
-        return result
-
-    def reference_bank(model_dir: Path) -> None:
-        if not finished["bank"]:
-            model = load_model(model_dir).to(resolve_device("auto"))
-            build_reference_bank(model, profile["bank"], out / "bank")
-
-    if not all(finished.values()):
+    clock = StageClock(out)
+    if not all(clock.finished.values()):
         shutil.rmtree(out / BUNDLE_DIR, ignore_errors=True)  # a bundle stands for a finished run only
     plan = fit_to_budget(profile, out, flags, args.budget_minutes)
-    model_dir = timed("pretrain", run_pretraining, profile, out, flags["pretrain"])
-    features = timed("eval", run_evaluation, model_dir, profile, out)
-    timed("bank", reference_bank, model_dir)
+    model_dir = clock.run("pretrain", run_pretraining, profile, out, flags["pretrain"])
+    features = clock.run("eval", run_evaluation, model_dir, profile, out)
+    clock.run("bank", run_reference_bank, model_dir, profile, out)
     plan = refit_to_budget(plan, profile, PROFILES[profile_name]["decoder_steps"], out, flags,
-                           sum(timings[stage] for stage in ("pretrain", "eval", "bank")))
-    decoders = timed("decoders", run_decoders, model_dir, profile, out, flags["decoder"])
-    sketches = timed("decoder_eval", run_decoder_eval, model_dir, decoders, profile, out)
-    summary = {"profile": profile_name, "hardware": stages_hardware(machines), "torch": torch.__version__,
+                           sum(clock.timings[stage] for stage in ("pretrain", "eval", "bank")))
+    decoders = clock.run("decoders", run_decoders, model_dir, profile, out, flags["decoder"])
+    sketches = clock.run("decoder_eval", run_decoder_eval, model_dir, decoders, profile, out)
+    timings = clock.timings
+    summary = {"profile": profile_name, "hardware": stages_hardware(clock.machines), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "stage_seconds": timings,
                "total_seconds": round(sum(timings.values()) + (plan["timing_s"] if plan else 0.0), 1),
                "plan": plan, "features": features, "decoders": sketches,

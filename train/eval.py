@@ -485,31 +485,37 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N or mps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    results = evaluate_checkpoint(args.checkpoint, Path(args.out_dir), args.data, args.box_train, args.box_test,
+                                  args.seed, args.device, args.img_size)
+    print(json.dumps(results, indent=2))
+    return results
 
+
+def evaluate_checkpoint(checkpoint: str | Path, out_dir: Path, data: str = "emoji", box_train: int = 3000,
+                        box_test: int = 1000, seed: int = 0, device: str = "auto", img_size: int | None = None) -> dict:
+    """The whole evaluation of a model: results.json and results.png in ``out_dir`` (and, on the emoji world, the
+    box probes the app reads out). results.json is written last: the recipe takes it as "evaluation finished"."""
     start = time.perf_counter()
-    args.device = resolve_device(args.device)
-    model = load_model(args.checkpoint, img_size=args.img_size).to(args.device).eval()
-    out_dir = Path(args.out_dir)
+    device = resolve_device(device)
+    model = load_model(checkpoint, img_size=img_size).to(device).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.data == "emoji":
-        results = evaluate_emoji_features(model, args.seed, args.device)
+    if data == "emoji":
+        results = evaluate_emoji_features(model, seed, device)
         if model.predictor is not None:
             from train.emoji import get_catalog
 
-            semantics, probes = evaluate_predictor_semantics(model, args.box_train, args.box_test, args.seed,
-                                                             args.device)
+            semantics, probes = evaluate_predictor_semantics(model, box_train, box_test, seed, device)
             results["predictor_semantics"] = semantics
             catalog = get_catalog()
             save_probe(probes["group"], catalog.group_names, out_dir / "probe_group", catalog=catalog.fingerprint)
             save_probe(probes["subgroup"], catalog.subgroup_names, out_dir / "probe_subgroup",
                        catalog=catalog.fingerprint)
     else:
-        results = evaluate_folder(model, Path(args.data), args.seed, args.device)
-    results["checkpoint"] = str(args.checkpoint)
+        results = evaluate_folder(model, Path(data), seed, device)
+    results["checkpoint"] = str(checkpoint)
     results["seconds"] = round(time.perf_counter() - start, 1)
     plot_results(results, out_dir / "results.png")
-    write_json_atomic(out_dir / "results.json", results)  # last: the recipe takes it as "evaluation finished"
-    print(json.dumps(results, indent=2))
+    write_json_atomic(out_dir / "results.json", results)
     return results
 
 

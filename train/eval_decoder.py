@@ -140,46 +140,55 @@ def main(argv=None) -> dict:
         parser.error("--num-images must be >= 64 so retrieval has at least 64 candidates")
     if args.num_samples < 2:
         parser.error("--num-samples must be >= 2: diversity compares the sketches of one box")
+    report = evaluate_decoders(args.checkpoint, args.decoder, args.paper_decoder, Path(args.out_dir), args.data,
+                               args.num_images, args.num_samples, args.num_steps, args.seed, args.precision,
+                               args.device)
+    print(json.dumps(report, indent=2))
+    return report
 
+
+def evaluate_decoders(checkpoint: str | Path, decoder: str | Path, paper_decoder: str | Path | None, out_dir: Path,
+                      data: str = "emoji", num_images: int = 128, num_samples: int = 4, num_steps: int = 12,
+                      seed: int = 0, precision: str = "auto", device: str = "auto") -> dict:
+    """Score our decoder (and the paper-faithful one beside it) on the same images, boxes and noise: results.json
+    (written last: the recipe takes it as "evaluation finished") and samples.png in ``out_dir``."""
+    if num_images < 64 or num_samples < 2:
+        raise ValueError(f"need num_images >= 64 (retrieval candidates) and num_samples >= 2 (diversity), got "
+                         f"{num_images} and {num_samples}")
     start = time.perf_counter()
-    args.device = resolve_device(args.device)
-    args.precision = resolve_precision(torch.device(args.device), args.precision)
-    model = load_model(args.checkpoint).to(args.device).eval()
+    device = resolve_device(device)
+    precision = resolve_precision(torch.device(device), precision)
+    model = load_model(checkpoint).to(device).eval()
     # held-out emoji, scenes no training run drew (seeds differ from pretraining and decoder training); a folder
     # as it is, centre-cropped, without the training crops' randomness
-    extra = {"split": "heldout"} if args.data == "emoji" else {"mode": "eval"}
-    data = build_dataset(args.data, resolution=model.config.img_size, patch_size=model.config.patch_size,
-                         seed=args.seed + 777, **extra)
+    extra = {"split": "heldout"} if data == "emoji" else {"mode": "eval"}
+    dataset = build_dataset(data, resolution=model.config.img_size, patch_size=model.config.patch_size,
+                            seed=seed + 777, **extra)
     group_size = 16
-    groups, rng, index = [], np.random.default_rng(args.seed), 0
-    for _ in range(-(-args.num_images // group_size)):  # one box shape per group of images
-        images = torch.stack([data[index + j]["image"] for j in range(group_size)]).to(args.device)
+    groups, rng, index = [], np.random.default_rng(seed), 0
+    for _ in range(-(-num_images // group_size)):  # one box shape per group of images
+        images = torch.stack([dataset[index + j]["image"] for j in range(group_size)]).to(device)
         targets, contexts = sample_boxes(group_size, model.config.grid_size, rng, target_like_fraction=0.5)
-        groups.append((images, targets.to(args.device), contexts.to(args.device)))
+        groups.append((images, targets.to(device), contexts.to(device)))
         index += group_size
-    decoders = {"ours (spatial + context)": args.decoder}
-    if args.paper_decoder:
-        decoders["paper (pooled only)"] = args.paper_decoder
-    report = {"num_images": index, "num_samples": args.num_samples, "num_steps": args.num_steps,
-              "precision": args.precision,
-              "data": "held-out emoji scenes" if args.data == "emoji" else f"{args.data} (centre crops)",
-              "decoders": {}}
+    decoders = {"ours (spatial + context)": decoder}
+    if paper_decoder:
+        decoders["paper (pooled only)"] = paper_decoder
+    report = {"num_images": index, "num_samples": num_samples, "num_steps": num_steps, "precision": precision,
+              "data": "held-out emoji scenes" if data == "emoji" else f"{data} (centre crops)", "decoders": {}}
     grids = {}
     for name, path in decoders.items():
-        decoder = load_decoder(path, model).to(args.device)  # checked against the model, float32
-        metrics, grids[name] = evaluate_decoder(model, decoder, groups, args.num_samples, args.num_steps, args.seed,
-                                                    args.precision)
-        report["decoders"][name] = {"path": str(path), "conditioning": decoder.config.conditioning, **metrics}
+        loaded = load_decoder(path, model).to(device)  # checked against the model, float32
+        metrics, grids[name] = evaluate_decoder(model, loaded, groups, num_samples, num_steps, seed, precision)
+        report["decoders"][name] = {"path": str(path), "conditioning": loaded.config.conditioning, **metrics}
         logger.info("%s: %s", name, metrics)
-    out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report["seconds"] = round(time.perf_counter() - start, 1)
     all_images = torch.cat([g[0] for g in groups]).cpu()
     all_targets = [t.cpu() for g in groups for t in g[1]]
     plot_grids(all_images[::group_size], all_targets[::group_size],
                {k: v[::group_size].cpu() for k, v in grids.items()}, model, out_dir / "samples.png")
-    write_json_atomic(out_dir / "results.json", report)  # last: the recipe takes it as "evaluation finished"
-    print(json.dumps(report, indent=2))
+    write_json_atomic(out_dir / "results.json", report)
     return report
 
 

@@ -83,9 +83,8 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, c
                                   low_cpu_mem_usage=False).save_pretrained(shipped)
     scored = {name: shipped if name == slot else bundle / folder for name, folder in DECODER_DIRS.items()}
     start = time.perf_counter()
-    eval_decoder.main(["--checkpoint", str(bundle / MODEL_DIR), "--decoder", str(scored[OURS]),
-                       "--paper-decoder", str(scored["pooled"]),
-                       "--num-images", str(metrics["decoders"]["num_images"]), "--out-dir", str(eval_dir)])
+    eval_decoder.evaluate_decoders(bundle / MODEL_DIR, scored[OURS], scored["pooled"], eval_dir,
+                                   num_images=metrics["decoders"]["num_images"])
     eval_seconds = time.perf_counter() - start
     results = json.loads((eval_dir / "results.json").read_text())
 
