@@ -41,15 +41,18 @@ from ijepa.engine import (BOX_COLORS, DEFAULT_ASSETS, DEFAULT_NUM_SAMPLES, DEFAU
 logger = logging.getLogger("app")
 
 MAX_FILE_SIZE = "20mb"
-DISPLAY_MAX_SIDE = 1024  # uploads are shown (and boxes drawn) on a copy at most this large
+# (width, height) the drawing widget shows an image at, enlarged or reduced with its shape kept: a 20 px icon and a
+# 4000 px portrait photo both show whole, with the box tool and the button in view. The model reads the file itself.
+DISPLAY_BOX = (512, 400)
 QUEUE_SIZE = 32
-DRAW_HINT = "Press the box icon under the image (or C), then drag to draw a box; the hand icon (D) moves and resizes"
+DRAW_HINT = ("**Draw:** press the box icon under the image (or C), then drag. **Move, resize or delete:** the hand "
+             "icon (D), click a box, then drag it or press Delete.")
 
 INTRO = """# I-JEPA, visible
 Draw a box on the image. The model does not see what is inside it (the grid patches under the box are hidden, as
 "What the model saw" shows): it **predicts** a description of the hidden region from everything around it. The
-panels on the right show that prediction as sketches, as numbers and as maps. Pick an example to start, or upload
-your own image and drag a box (up to {max_boxes})."""
+result panels show that prediction as sketches, as numbers and as maps. Pick an example under the image to start, or
+upload your own image and draw a box (up to {max_boxes})."""
 
 HOW_TO_READ = """
 - **Sketches**: a separate decoder turns the predicted description into pictures. Each sketch is one possible
@@ -69,14 +72,12 @@ HOW_TO_READ = """
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Show an InputError's message as it is (the user can act on it) and keep serving. Any other exception is a bug:
-    log its traceback and say so, rather than ask the user to change an input that was fine."""
+def bugs_reported() -> Iterator[None]:
+    """Any exception but an InputError (input the user can change) is a bug: log its traceback and say so, rather
+    than ask the user to change an input that was fine."""
     try:
         yield
-    except InputError as err:
-        raise gr.Error(str(err), title="Please adjust the input") from None
-    except gr.Error:
+    except (InputError, gr.Error):
         raise
     except Exception as err:
         logger.exception("internal error")
@@ -84,9 +85,21 @@ def user_errors() -> Iterator[None]:
                        "server's log has the details.", title="Something went wrong") from err
 
 
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """``bugs_reported``, and an InputError's message shown as it is (the user can act on it); serving goes on."""
+    try:
+        with bugs_reported():
+            yield
+    except InputError as err:
+        raise gr.Error(str(err), title="Please adjust the input", print_exception=False) from None
+
+
 def whole_number(value: float | None, what: str) -> int:
     """A number field's value -> int. A cleared field arrives as None: say what to enter instead of failing."""
-    if value is None or not math.isfinite(float(value)) or float(value) != int(value):
+    if value is None:
+        raise InputError(f"Enter {what} as a whole number: the field is empty.")
+    if not math.isfinite(float(value)) or float(value) != int(value):
         raise InputError(f"Enter {what} as a whole number (got {value}).")
     return int(value)
 
@@ -99,25 +112,37 @@ def annotator_input(value: dict | None) -> tuple[np.ndarray, list[list[float]]]:
     if isinstance(image, (str, Path)):  # our own annotator_value, not yet through the widget
         with Image.open(image) as opened:
             image = opened.convert("RGB")
-    image = np.asarray(image)
-    turns = int(value.get("orientation") or 0) % 4
-    if turns:  # the widget's rotate buttons turn its boxes but not the image it returns
-        image = np.ascontiguousarray(np.rot90(image, k=-turns))
+    # the widget's rotate buttons turn its boxes but not the image it returns
+    image = turned(np.asarray(image), int(value.get("orientation") or 0))
     boxes = [[b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for b in (value.get("boxes") or [])]
     return image, sorted(boxes, key=lambda b: (b[1], b[0]))
 
 
 def annotator_value(image: np.ndarray, boxes: list | tuple = ()) -> dict:
-    """An image and its boxes for the drawing widget. The image goes as a PNG file: given an array, the widget would
-    store a lossy WebP copy and send that back, so the model would see other pixels than /sketch does for the same
-    file (an upload larger than DISPLAY_MAX_SIDE is shown, and its boxes drawn, on a smaller copy)."""
+    """An image and its boxes for the drawing widget, numbered and coloured in reading order as the results are.
+    The image goes as a PNG file: given an array, the widget would store a lossy WebP copy and send that back."""
     boxes = sorted(boxes, key=lambda b: (b[1], b[0]))
     path = processing_utils.save_img_array_to_cache(np.ascontiguousarray(image),
                                                     cache_dir=processing_utils.get_upload_folder(), format="png")
     return {"image": path, "orientation": 0,
-            "boxes": [{"xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1, "label": "",
+            "boxes": [{"xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1, "label": str(i + 1),
                        "color": list(BOX_COLORS[i % len(BOX_COLORS)])}
                       for i, (x0, y0, x1, y1) in enumerate(boxes)]}
+
+
+def display_copy(image: np.ndarray) -> tuple[np.ndarray, float]:
+    """An image enlarged (nearest, so its pixels stay crisp) or reduced (Lanczos) to fill DISPLAY_BOX, and its
+    scale."""
+    height, width = image.shape[:2]
+    scale = min(DISPLAY_BOX[0] / width, DISPLAY_BOX[1] / height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS
+    return np.asarray(Image.fromarray(image).resize(size, resample)), scale
+
+
+def turned(image: np.ndarray, turns: int) -> np.ndarray:
+    """The image turned clockwise by ``turns`` quarter turns, as the widget's rotate button turns it."""
+    return np.ascontiguousarray(np.rot90(image, k=-turns)) if turns % 4 else image
 
 
 class Handlers:
@@ -129,11 +154,31 @@ class Handlers:
     def example_items(self) -> list[tuple[np.ndarray, str]]:
         return [(example.image(), example.caption) for example in self.engine.examples]
 
-    def initial_value(self) -> dict | None:
+    def initial_value(self) -> tuple[dict | None, dict | None]:
+        """The drawing widget's value and the image source (see ``show``) the page opens with: the first example."""
         if not self.engine.examples:
-            return None
+            return None, None
         example = self.engine.examples[0]
-        return annotator_value(example.image(), example.boxes)
+        return self.show(str(example.path), example.boxes)
+
+    def show(self, path: str, boxes: list | tuple = (), turns: int = 0) -> tuple[dict, dict]:
+        """An image file for the drawing widget: (its value, the source). The widget gets a display copy
+        (``display_copy``) with the boxes (file pixels) scaled onto it; the source, {"path", "turns"}, is what the
+        model reads, so the app sees the same pixels as the /sketch endpoint for the same file."""
+        image = turned(np.asarray(self.engine.open_image(path)), turns)
+        copy, scale = display_copy(image)
+        return annotator_value(copy, [[v * scale for v in box] for box in boxes]), {"path": path, "turns": turns}
+
+    def model_input(self, value: dict | None, source: dict | None) -> tuple[np.ndarray, list[list[float]], dict]:
+        """What the model reads: (the image, the boxes drawn on the widget in its pixels, the source as now turned).
+        Without a source (a widget value made elsewhere) the widget's own image is read."""
+        shown, boxes = annotator_input(value)
+        if source is None or source.get("path") is None:
+            return shown, boxes, {"path": None, "turns": 0}
+        source = {**source, "turns": (source["turns"] + int(value.get("orientation") or 0)) % 4}
+        image = turned(np.asarray(self.engine.open_image(source["path"])), source["turns"])
+        sx, sy = image.shape[1] / shown.shape[1], image.shape[0] / shown.shape[0]
+        return image, [[x0 * sx, y0 * sy, x1 * sx, y1 * sy] for x0, y0, x1, y1 in boxes], source
 
     # What every result panel shows before a run: a new image must not sit beside the last image's results.
     # Order: model view, explanation, sketches, sketch status, truth, neighbours, readout, metrics, surprise, features.
@@ -141,54 +186,69 @@ class Handlers:
 
     def load_example(self, event: gr.SelectData) -> tuple:
         example = self.engine.examples[event.index]
-        return (annotator_value(example.image(), example.boxes), *self.CLEARED)
+        return (*self.show(str(example.path), example.boxes), *self.CLEARED)
 
     def load_upload(self, path: str | None) -> tuple:
         if path is None:
             raise gr.Error("No file arrived; try the upload again.")
         with user_errors():
-            image = self.engine.open_image(path)
-        image.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.Resampling.LANCZOS)
-        gr.Info("Image loaded. " + DRAW_HINT + ".")
-        return (annotator_value(np.asarray(image)), *self.CLEARED)
+            shown = self.show(path)
+        gr.Info("Image loaded. The model reads the square at its centre. " + DRAW_HINT.replace("**", ""))
+        return (*shown, *self.CLEARED)
 
-    def run(self, value: dict | None, num_samples: float, seed: float, steps: float,
-            style: str | None = None) -> Iterator[tuple]:
-        """Model view, explanation, readout and neighbours first; then sketches as they finish (drawn by the
-        ``style`` decoder, None: the default); then the decoded truth beside the prediction."""
+    def run(self, value: dict | None, num_samples: float, seed: float, steps: float, style: str | None = None,
+            source: dict | None = None) -> Iterator[tuple]:
+        """The widget (its boxes numbered as the results number them), model view, explanation, readout and
+        neighbours first; then sketches as they finish (drawn by the ``style`` decoder, None: the default); then the
+        decoded truth beside the prediction. Input to change is shown in the explanation panel, not as an error."""
+        try:
+            yield from self._run(value, num_samples, seed, steps, style, source)
+        except InputError as err:
+            gr.Warning(str(err))
+            yield gr.skip(), gr.skip(), None, f"**Please adjust the input.** {err}", [], "", None, [], "", None
+
+    def _run(self, value: dict | None, num_samples: float, seed: float, steps: float, style: str | None,
+             source: dict | None) -> Iterator[tuple]:
         engine = self.engine
-        with user_errors():
-            image, boxes = annotator_input(value)
+        with bugs_reported():
+            image, boxes, source = self.model_input(value, source)
             analysis = engine.analyze(image, boxes)
             num_samples, seed = whole_number(num_samples, "the number of sketches"), whole_number(seed, "a seed")
             steps = whole_number(steps, "the number of sampler steps")
+            widget = (self.show(source["path"], boxes, source["turns"]) if source["path"] is not None
+                      else (gr.skip(), source))
             view, metrics = engine.model_view(analysis), analysis.metrics()
             explanation = engine.explain(analysis, num_samples, style)
             readout, neighbours = engine.readout_markdown(analysis), engine.neighbour_gallery(analysis)
             if not engine.has_decoder:
                 truth = engine.truth_vs_prediction(analysis)
-                yield view, explanation, [], self.decoder_note(), truth, neighbours, readout, metrics
+                yield *widget, view, explanation, [], self.decoder_note(), truth, neighbours, readout, metrics
                 return
             status = "Drawing sketches…"
-            yield view, explanation, [], status, None, neighbours, readout, metrics
+            yield *widget, view, explanation, [], status, None, neighbours, readout, metrics
             last = None
             for update in engine.stream_sketches(analysis, num_samples, seed, steps, style):
                 last = update
-                status = (f"{len(update.images)} of {num_samples} sketches in {update.seconds:.1f} s"
-                          + ("" if update.done else ", drawing the rest…"))
-                yield (view, explanation, engine.sketch_gallery(analysis, update), status, None, neighbours,
-                       readout, metrics)
+                status = (f"{len(update.images)} of {num_samples} sketch{'es' if num_samples > 1 else ''} in "
+                          f"{update.seconds:.1f} s" + ("" if update.done else ", drawing the rest…"))
+                yield (gr.skip(), gr.skip(), view, explanation, engine.sketch_gallery(analysis, update), status, None,
+                       neighbours, readout, metrics)
             truth = engine.truth_vs_prediction(analysis, last, seed, steps, last.style)
             metrics = {**metrics, **engine.sketch_metrics(last)}
-            yield view, explanation, engine.sketch_gallery(analysis, last), status, truth, neighbours, readout, metrics
+            yield (gr.skip(), gr.skip(), view, explanation, engine.sketch_gallery(analysis, last), status, truth,
+                   neighbours, readout, metrics)
 
-    def explore(self, value: dict | None, window: float) -> tuple[np.ndarray, np.ndarray]:
-        """Surprise map and feature view of the whole image (independent of the boxes)."""
-        with user_errors():
-            image, _ = annotator_input(value)
-            prepared = self.engine.prepare(image)
-            surprise = self.engine.surprise_map(prepared, whole_number(window, "a window size"))
-            return surprise.figure, self.engine.feature_view(prepared)
+    def explore(self, value: dict | None, window: float, source: dict | None = None) -> tuple:
+        """Surprise map and feature view of the whole image (independent of the boxes); nothing without an image."""
+        try:
+            with bugs_reported():
+                image, _, _ = self.model_input(value, source)
+                prepared = self.engine.prepare(image)
+                surprise = self.engine.surprise_map(prepared, whole_number(window, "a window size"))
+                return surprise.figure, self.engine.feature_view(prepared)
+        except InputError as err:
+            gr.Warning(str(err))
+            return None, None
 
     def api_sketch(self, image: str | None, boxes: str, num_samples: float, seed: float,
                    decoder: str | None = None, steps: float | None = DEFAULT_NUM_STEPS) -> tuple[list, dict]:
@@ -227,21 +287,29 @@ def build_app(handlers: Handlers) -> gr.Blocks:
     styles = engine.sketch_styles
     with gr.Blocks(title="I-JEPA, visible", analytics_enabled=False) as demo:
         gr.Markdown(INTRO.format(max_boxes=MAX_BOXES))
-        with gr.Accordion("About the loaded model", open=True):
+        with gr.Accordion("About the loaded model", open=False):
             gr.Markdown(engine.describe(), elem_id="model-info")
+        initial_value, initial_source = handlers.initial_value()
+        source = gr.State(initial_source)  # the file the widget's image shows: what the model reads (Handlers.show)
         with gr.Row():
             with gr.Column(scale=5):
+                gr.Markdown(DRAW_HINT, elem_id="draw-hint")
+                # no label: a widget's label is drawn over the top of the image, where boxes often start
                 annotator = image_annotator(
-                    value=handlers.initial_value(), label=DRAW_HINT,
+                    value=initial_value, show_label=False,
                     elem_id="annotator", sources=[], image_type="numpy", image_mode="RGB", show_clear_button=False,
-                    show_remove_button=True, show_download_button=False, disable_edit_boxes=True, height=420)
+                    show_remove_button=True, show_download_button=False, disable_edit_boxes=True)
                 with gr.Row():
                     upload = gr.UploadButton("Upload your own image", file_types=["image"], type="filepath",
                                              elem_id="upload", size="md")
                     run = gr.Button("Show what the model expects", variant="primary", elem_id="run")
+                gr.Markdown("**Examples** (click one; its box is drawn for you)")
+                examples = gr.Gallery(value=handlers.example_items(), show_label=False, columns=3,
+                                      allow_preview=False, object_fit="contain", fit_columns=False,
+                                      elem_id="examples", format="png", interactive=False)
                 with gr.Row():
                     num_samples = gr.Slider(1, MAX_NUM_SAMPLES, value=DEFAULT_NUM_SAMPLES, step=1,
-                                            label="Sketches per box", elem_id="num-samples")
+                                            label="Sketches (each fills every box)", elem_id="num-samples")
                     seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - 1, elem_id="seed",
                                      label="Seed (same seed and steps, same sketches)")
                 style = gr.Radio([(SKETCH_STYLES[s], s) for s in styles], value=styles[0] if styles else None,
@@ -252,9 +320,6 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                     steps = gr.Slider(4, 30, value=DEFAULT_NUM_STEPS, step=1, label="Decoder steps (more = finer)")
                     window = gr.Slider(1, max(1, grid // 2), value=max(1, grid // 4), step=1,
                                        label="Surprise-map window (patches)")
-                examples = gr.Gallery(value=handlers.example_items(), label="Examples (click one)", columns=3,
-                                      allow_preview=False, object_fit="contain", fit_columns=False,
-                                      elem_id="examples", format="png", interactive=False)
             with gr.Column(scale=7):
                 with gr.Tabs():
                     with gr.Tab("Sketches"):
@@ -264,23 +329,25 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                                               preview=True, selected_index=0, elem_id="sketches",
                                               interactive=False)
                     with gr.Tab("Truth vs prediction"):
-                        truth = gr.Image(label="Decoded truth vs decoded prediction, and the error per patch",
-                                         format="png", elem_id="truth", interactive=False)
+                        gr.Markdown("Decoded truth vs decoded prediction, and the error per patch")
+                        truth = gr.Image(show_label=False, format="png", elem_id="truth", interactive=False)
                     with gr.Tab("What it expects"):
                         readout = gr.Markdown(elem_id="readout")
                         neighbours = gr.Gallery(label="Nearest reference boxes (label, cosine similarity around "
-                                                      "the collection's average)", columns=6, height="auto",
+                                                      "the collection's average)", columns=3, height="auto",
                                                 object_fit="contain", format="png", elem_id="neighbours",
                                                 interactive=False)
                     with gr.Tab("Surprise map"):
-                        surprise = gr.Image(label="Prediction error of a window sliding over the image",
-                                            format="png", elem_id="surprise", interactive=False)
+                        gr.Markdown("Prediction error of a window sliding over the image")
+                        surprise = gr.Image(show_label=False, format="png", elem_id="surprise", interactive=False)
                     with gr.Tab("Feature view"):
-                        features = gr.Image(label="Patch features (PCA)", format="png", elem_id="features",
-                                            interactive=False)
+                        gr.Markdown("Patch features as colours (their top three principal components)")
+                        features = gr.Image(show_label=False, format="png", elem_id="features", interactive=False)
                 with gr.Row():
-                    model_view = gr.Image(label="What the model saw (hidden patches covered)", format="png",
-                                          elem_id="model-view", height=256, scale=2, interactive=False)
+                    with gr.Column(scale=2, min_width=160):
+                        gr.Markdown("**What the model saw** (hidden patches covered)")
+                        model_view = gr.Image(show_label=False, format="png", elem_id="model-view", height=256,
+                                              interactive=False)
                     explanation = gr.Markdown("Results appear here.", elem_id="explanation")
                 with gr.Accordion("How to read this", open=False):
                     gr.Markdown(HOW_TO_READ)
@@ -288,7 +355,7 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                     metrics = gr.JSON(label="Metrics", elem_id="metrics")
 
         with gr.Column(visible=False):  # the programmatic endpoint: plain inputs instead of the drawing widget
-            api_image = gr.File(label="image file", type="filepath")
+            api_image = gr.File(label="image file: handle_file('photo.jpg')", type="filepath")
             api_boxes = gr.Textbox(label="boxes: JSON list of [xmin, ymin, xmax, ymax] in image pixels",
                                    value="[[16, 16, 48, 48]]")
             api_samples = gr.Number(label="num_samples", value=DEFAULT_NUM_SAMPLES)  # whole_number checks it
@@ -305,22 +372,23 @@ def build_app(handlers: Handlers) -> gr.Blocks:
         # Model work shares one concurrency group: one request at a time uses the CPU/GPU, the rest queue. A press
         # while the previous run (or its surprise map) is still going is kept and runs next, not dropped.
         model_work = dict(concurrency_id="model", concurrency_limit=1)
-        run_event = run.click(handlers.run, [annotator, num_samples, seed, steps, style],
-                              [model_view, explanation, sketches, sketch_status, truth, neighbours, readout, metrics],
-                              api_visibility="private", trigger_mode="always_last", **model_work)
-        explore_event = run_event.success(handlers.explore, [annotator, window], [surprise, features],
+        run_event = run.click(handlers.run, [annotator, num_samples, seed, steps, style, source],
+                              [annotator, source, model_view, explanation, sketches, sketch_status, truth, neighbours,
+                               readout, metrics], api_visibility="private", trigger_mode="always_last", **model_work)
+        explore_event = run_event.success(handlers.explore, [annotator, window, source], [surprise, features],
                                           api_visibility="private", **model_work)
-        window_event = window.release(handlers.explore, [annotator, window], [surprise, features],
+        window_event = window.release(handlers.explore, [annotator, window, source], [surprise, features],
                                       api_visibility="private", **model_work)
         # A new image stops the last image's work, so its late results cannot land beside the new image.
         last_image_work = [run_event, explore_event, window_event]
-        examples.select(handlers.load_example, None, [annotator, *results], api_visibility="private",
+        examples.select(handlers.load_example, None, [annotator, source, *results], api_visibility="private",
                         concurrency_limit=4, cancels=last_image_work)
-        upload.upload(handlers.load_upload, upload, [annotator, *results], api_visibility="private",
+        upload.upload(handlers.load_upload, upload, [annotator, source, *results], api_visibility="private",
                       concurrency_limit=4, cancels=last_image_work)
         api_button.click(handlers.api_sketch, [api_image, api_boxes, api_samples, api_seed, api_decoder, api_steps],
                          [api_sketches, api_metrics], api_name="sketch",
-                         api_description="Sketches of what the predictor expects in each box, with metrics.",
+                         api_description="Sketches of what the predictor expects in each box, with metrics. Send "
+                                         "the image as handle_file('photo.jpg') and the boxes as JSON in its pixels.",
                          **model_work)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     return demo

@@ -64,9 +64,11 @@ def map_boxes(prepared: PreparedImage, boxes: Sequence[Box], patch_size: int,
         raise InputError(f"boxes must be a list of [xmin, ymin, xmax, ymax] lists, got the text {boxes!r} "
                          "(parse JSON first)")
     if boxes is None or len(boxes) == 0:
-        raise InputError("Draw a box on the image first (click and drag): the model needs a region to hide and guess.")
+        raise InputError("Draw a box on the image first (press the box icon under it, or C, then drag): the model "
+                         "needs a region to hide and guess.")
     if len(boxes) > max_boxes:
-        raise InputError(f"{len(boxes)} boxes were drawn; at most {max_boxes} are allowed at once. Delete some boxes.")
+        raise InputError(f"{len(boxes)} boxes were drawn; at most {max_boxes} are allowed at once. Delete some (the "
+                         "hand icon or D, click a box, then press Delete).")
     width, height = prepared.source_size
     size = prepared.size
     left, top, side = prepared.crop
@@ -160,5 +162,5 @@ def boxes_to_masks(boxes: Sequence[Box], image_size: tuple[int, int],
         visible[target] = False
     if not visible.any():
         raise InputError("The boxes cover every patch of the image the model sees, leaving no context patch for "
-                         "the model to see; draw smaller boxes")
+                         "the model to see; draw smaller boxes.")
     return torch.nonzero(visible).flatten(), targets

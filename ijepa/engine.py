@@ -606,8 +606,8 @@ class Engine:
         size = analysis.prepared.size
         plural = "es" if len(analysis.reports) > 1 else ""
         parts = [
-            f"**What the model saw.** A {size}x{size}-pixel copy of the centre of your image, as a "
-            f"{grid[0]}x{grid[1]} grid of patches. The {hidden} patches under your box{plural} were hidden (covered "
+            f"**What the model saw.** A {size}x{size}-pixel copy of the centre of your image, cut into "
+            f"{grid[0]}x{grid[1]} patches. The {hidden} patches under your box{plural} were hidden (covered "
             f"in the picture); it saw the other {analysis.num_patches - hidden}.",
             "**What it guessed.** Not pixels: a list of numbers (features) describing each hidden patch, the kind "
             "of description its encoder gives when it does see the patch. Error 0 = exact guess; for scale, each "
@@ -616,7 +616,9 @@ class Engine:
         ]
         largest = largest_user_box(grid)
         for report, box in zip(analysis.reports, analysis.result.boxes, strict=True):
-            line = f"Box {report.number}: error **{report.error:.2f}** (visible average: {report.baseline_error:.2f})"
+            verdict = "better than" if report.error < report.baseline_error else "no better than"
+            line = (f"Box {report.number}: error **{report.error:.2f}**, {verdict} copying the visible average "
+                    f"(visible average: {report.baseline_error:.2f})")
             if report.clipped:
                 line += " (only its part inside the centre square the model sees was hidden)"
             x0, y0, x1, y1 = patch_bounds(box, grid[1], 1)

@@ -175,30 +175,34 @@ def test_annotator_rotation_and_box_order(app_module):
 def test_ui_run_without_a_decoder_explains_how_to_train_one(app_module, tmp_path):
     engine = Engine.load(tiny_bundle(tmp_path / "b", with_decoder=False), device="cpu")
     handlers = app_module.Handlers(engine)
-    value = handlers.initial_value()
-    assert value is not None and len(value["boxes"]) == 2
-    (outputs,) = list(handlers.run(value, 4, 0, 4))
-    view, explanation, sketches, status, truth, neighbours, readout, metrics = outputs
+    value, source = handlers.initial_value()
+    assert len(value["boxes"]) == 2 and [b["label"] for b in value["boxes"]] == ["1", "2"]  # as the results number them
+    (outputs,) = list(handlers.run(value, 4, 0, 4, None, source))
+    widget, shown_source, view, explanation, sketches, status, truth, neighbours, readout, metrics = outputs
     assert sketches == [] and "python -m train.decoder --checkpoint" in status
     assert view.ndim == 3 and truth.ndim == 3 and len(neighbours) == 12 and "Box 2" in readout
     assert "What the model saw" in explanation and len(metrics["boxes"]) == 2
-    surprise, features = handlers.explore(value, 2)
+    assert shown_source == source and [b["label"] for b in widget["boxes"]] == ["1", "2"]
+    surprise, features = handlers.explore(value, 2, source)
     assert surprise.ndim == 3 and features.ndim == 3
-    with pytest.raises(app_module.gr.Error, match="Draw a box"):
-        list(handlers.run({**value, "boxes": []}, 4, 0, 4))
+    # input to change is said in the explanation panel (and a warning), not as an error over every panel
+    with pytest.warns(UserWarning, match="Draw a box"):  # gr.Warning outside a request
+        (outputs,) = list(handlers.run({**value, "boxes": []}, 4, 0, 4, None, source))
+    assert outputs[2] is None and "Please adjust the input" in outputs[3] and "Draw a box" in outputs[3]
 
 
 def test_ui_run_streams_sketches(app_module, tmp_path):
     engine = Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")
     handlers = app_module.Handlers(engine)
-    outputs = list(handlers.run(handlers.initial_value(), 3, 1, 2))
-    counts = [len(o[2]) for o in outputs]
+    value, source = handlers.initial_value()
+    outputs = list(handlers.run(value, 3, 1, 2, None, source))
+    counts = [len(o[4]) for o in outputs]
     assert counts == [0, 1, 3, 3]  # nothing yet, the first sketch, all sketches, then the truth panel
-    assert outputs[1][4] is None and outputs[-1][4].ndim == 3 and outputs[-1][7]["seed"] == 1
-    assert outputs[-1][7]["decoder"] == "spatial_context" and outputs[-1][7]["decoder_path"].endswith("decoder")
-    paper = list(handlers.run(handlers.initial_value(), 1, 1, 2, "pooled"))
-    assert paper[-1][7]["decoder"] == "pooled" and "average of the box" in paper[-1][1]
-    assert not np.array_equal(paper[-1][2][0][0], outputs[-1][2][0][0])
+    assert outputs[1][6] is None and outputs[-1][6].ndim == 3 and outputs[-1][9]["seed"] == 1
+    assert outputs[-1][9]["decoder"] == "spatial_context" and outputs[-1][9]["decoder_path"].endswith("decoder")
+    paper = list(handlers.run(value, 1, 1, 2, "pooled", source))
+    assert paper[-1][9]["decoder"] == "pooled" and "average of the box" in paper[-1][3]
+    assert not np.array_equal(paper[-1][4][0][0], outputs[-1][4][0][0])
 
 
 def test_missing_bundle_exits_with_a_clear_message(app_module, tmp_path, capsys):
@@ -221,12 +225,33 @@ def test_the_widget_shows_exact_pixels_and_a_new_image_clears_the_last_results(a
     handlers = app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))
     chosen = handlers.load_example(app_module.gr.SelectData(None, {"index": 1, "value": None}))
     example = handlers.engine.examples[1]
-    assert np.array_equal(app_module.annotator_input(chosen[0])[0], example.image())
-    assert chosen[1:] == app_module.Handlers.CLEARED and len(chosen) == 11  # the annotator + ten result panels
+    read, boxes, _ = handlers.model_input(*chosen[:2])  # the model reads the example's file, not the display copy
+    assert np.array_equal(read, example.image()) and np.allclose(boxes, example.boxes)
+    assert chosen[2:] == app_module.Handlers.CLEARED and len(chosen) == 12  # widget, its source, ten result panels
     photo = tmp_path / "photo.png"
     Image.fromarray(image).save(photo)
     uploaded = handlers.load_upload(str(photo))
-    assert np.array_equal(app_module.annotator_input(uploaded[0])[0], image) and uploaded[1:] == handlers.CLEARED
+    assert np.array_equal(handlers.model_input(*uploaded[:2])[0], image) and uploaded[2:] == handlers.CLEARED
+
+
+def test_any_image_is_shown_whole_and_boxes_map_back_to_the_file(app_module, tmp_path):
+    """A 20 px icon is enlarged and a tall photo reduced to fill the drawing area (both whole, the button in view);
+    boxes drawn there, also after a turn of the widget, reach the model in the file's own pixels."""
+    handlers = app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))
+    width, height = app_module.DISPLAY_BOX
+    for size in ((20, 10), (300, 900)):
+        file = tmp_path / f"{size[0]}x{size[1]}.png"
+        pixels = np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(file)
+        value, source = handlers.load_upload(str(file))[:2]
+        shown, _ = app_module.annotator_input(value)
+        assert max(shown.shape[1] / width, shown.shape[0] / height) == pytest.approx(1, abs=0.01)
+        drawn = {**value, "boxes": [{"xmin": 0, "ymin": 0, "xmax": shown.shape[1] / 2, "ymax": shown.shape[0] / 4}]}
+        read, boxes, _ = handlers.model_input(drawn, source)
+        assert np.array_equal(read, pixels) and np.allclose(boxes, [[0, 0, size[0] / 2, size[1] / 4]], atol=0.05)
+        turned = {**drawn, "orientation": 1}  # the widget turned clockwise: its boxes are on the turned image
+        read, _, now = handlers.model_input(turned, source)
+        assert np.array_equal(read, np.rot90(pixels, k=-1)) and now["turns"] == 1
 
 
 def test_the_ui_and_the_endpoint_draw_the_same_sketches_for_the_same_seed_and_steps(app_module, tmp_path):
@@ -234,33 +259,32 @@ def test_the_ui_and_the_endpoint_draw_the_same_sketches_for_the_same_seed_and_st
     model, so the endpoint could not reproduce what the UI showed; both now draw their sketches the same way."""
     bundle = ASSETS if USE_ASSETS else tiny_bundle(tmp_path / "b")
     handlers = app_module.Handlers(Engine.load(bundle, device="cpu", precision="bf16"))
-    value = handlers.initial_value()
-    *_, last = handlers.run(value, 3, 4, 6)
-    image, boxes = app_module.annotator_input(value)
-    Image.fromarray(image).save(tmp_path / "example.png")
-    api, metrics = handlers.api_sketch(str(tmp_path / "example.png"), json.dumps(boxes), 3, 4, None, 6)
-    assert last[7]["num_steps"] == metrics["num_steps"] == 6
-    for (ui_sheet, ui_caption), (api_sheet, api_caption) in zip(last[2], api, strict=True):
+    value, source = handlers.initial_value()
+    *_, last = handlers.run(value, 3, 4, 6, None, source)
+    _, boxes, _ = handlers.model_input(value, source)
+    api, metrics = handlers.api_sketch(source["path"], json.dumps(boxes), 3, 4, None, 6)
+    assert last[9]["num_steps"] == metrics["num_steps"] == 6 and last[9]["image_size"] == metrics["image_size"]
+    for (ui_sheet, ui_caption), (api_sheet, api_caption) in zip(last[4], api, strict=True):
         assert ui_caption == api_caption and np.array_equal(ui_sheet, api_sheet)
 
 
 def test_a_bug_is_reported_as_one_and_logged_not_blamed_on_the_input(app_module, tmp_path, monkeypatch, caplog):
     handlers = app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))
-    value = handlers.initial_value()
+    value, source = handlers.initial_value()
 
     def broken(*args, **kwargs):
         raise ValueError("shapes [3, 4] and [5] do not match")
 
     monkeypatch.setattr(handlers.engine, "analyze", broken)
     with pytest.raises(app_module.gr.Error) as caught:
-        list(handlers.run(value, 1, 0, 4))
+        list(handlers.run(value, 1, 0, 4, None, source))
     assert caught.value.title == "Something went wrong" and "bug in the app, not a problem with your input" in str(
         caught.value) and "do not match" in str(caught.value)
     assert any(r.exc_info and "do not match" in str(r.exc_info[1]) for r in caplog.records)  # the traceback is logged
     monkeypatch.undo()
-    with pytest.raises(app_module.gr.Error) as caught:  # input the user can fix still reads as such
-        list(handlers.run({**value, "boxes": []}, 1, 0, 4))
-    assert caught.value.title == "Please adjust the input"
+    with pytest.warns(UserWarning, match="Draw a box"):  # input the user can fix
+        (outputs,) = list(handlers.run({**value, "boxes": []}, 1, 0, 4, None, source))
+    assert outputs[3].startswith("**Please adjust the input.**")
 
 
 def test_a_new_image_cancels_the_last_images_work(app_module, tmp_path):

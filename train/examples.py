@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from decoder import largest_user_box
+from ijepa.boxes import boxes_to_masks
 from ijepa.bundle import EXAMPLES_DIR, EXAMPLES_INDEX, MODEL_DIR, PROBE_NAMES, load_probe
 from ijepa.checkpoint import load_model
 from ijepa.inference import LinearReadout, analyze_boxes, prepare_image
-from ijepa.boxes import boxes_to_masks
 from ijepa.model import IJepa
 from train.config import doc_summary
 from train.model_card import write_model_card
@@ -43,7 +44,8 @@ def choose_examples(bundle: Path, directory: Path) -> dict:
 def render_examples(model: IJepa, directory: Path, group_probe: LinearReadout,
                     subgroup_probe: LinearReadout | None = None, count: int = 6, scale: int = 4, seed: int = 31337,
                     max_scenes: int = 300) -> dict:
-    """Held-out emoji scenes, upscaled for drawing, each with a box over the top half of its main emoji.
+    """Held-out emoji scenes, upscaled for drawing, each with a box over the top half of its main emoji (its middle
+    part where the emoji is wider or taller than the boxes the sketch decoders learnt to fill, ``largest_user_box``).
 
     A scene is kept where the probes, read on the predictor's output for the box (what the app's explanation quotes),
     name the hidden emoji's Unicode group and subgroup, so that the first thing a user sees is what the predictor
@@ -59,6 +61,7 @@ def render_examples(model: IJepa, directory: Path, group_probe: LinearReadout,
     by_rank: tuple[list, list, list] = ([], [], [])  # misses, group read right, group and subgroup read right
     scanned, index = 0, 0
     best = 2 if subgroup_probe is not None else 1
+    max_rows, max_cols = largest_user_box(model.config.grid_size)
     while (len({entry["group"] for _, entry in by_rank[best]}) < count and scanned < max_scenes
            and index < 20 * max_scenes):  # bounded for any scene settings
         item = scenes[index]
@@ -67,16 +70,16 @@ def render_examples(model: IJepa, directory: Path, group_probe: LinearReadout,
         if len(cells) < 6:
             continue
         (r0, c0), (r1, c1) = cells.min(0).values.tolist(), cells.max(0).values.tolist()
-        rows = max(1, (r1 - r0 + 1) // 2)
-        if rows * (c1 - c0 + 1) >= 0.6 * (size // patch) ** 2:
-            continue
+        rows = min(max(1, (r1 - r0 + 1) // 2), max_rows)
+        cols = min(c1 - c0 + 1, max_cols)
+        c0 += (c1 - c0 + 1 - cols) // 2  # the middle of a wide emoji
         scanned += 1
-        box = [c0 * patch, r0 * patch, (c1 + 1) * patch, (r0 + rows) * patch]
+        box = [c0 * patch, r0 * patch, (c0 + cols) * patch, (r0 + rows) * patch]
         pixels = (item["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         image = Image.fromarray(pixels).resize((size * scale, size * scale), Image.NEAREST)
         group = catalog.group_names[int(catalog.group_of[item["emoji"]])]
         pooled = predicted_pooled(model, image, box)
-        entry = {"boxes": [[v * scale for v in box]], "caption": f"{catalog.names[item['emoji']]} (top hidden)",
+        entry = {"boxes": [[v * scale for v in box]], "caption": catalog.names[item["emoji"]],
                  "group": group, "probe_reads": group_probe.top_k(pooled, 1)[0][0]}
         rank = int(entry["probe_reads"] == group)
         if subgroup_probe is not None:
