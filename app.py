@@ -332,6 +332,10 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                         gr.Markdown("Decoded truth vs decoded prediction, and the error per patch")
                         truth = gr.Image(show_label=False, format="png", elem_id="truth", interactive=False)
                     with gr.Tab("What it expects"):
+                        gr.Markdown("A simple classifier (a linear probe, trained on what the model computes when it "
+                                    "*does* see a box) reads the prediction; *on the true features* is its reading "
+                                    "of what the model computes for the box itself. Below: the reference boxes "
+                                    "closest to the prediction.")
                         readout = gr.Markdown(elem_id="readout")
                         neighbours = gr.Gallery(label="Nearest reference boxes (label, cosine similarity around "
                                                       "the collection's average)", columns=3, height="auto",
