@@ -35,7 +35,7 @@ from gradio_image_annotation import image_annotator
 from PIL import Image
 
 from ijepa.engine import (BOX_COLORS, DEFAULT_ASSETS, DEFAULT_NUM_SAMPLES, DEFAULT_NUM_STEPS, MAX_BOXES,
-                          MAX_IMAGE_PIXELS, MAX_NUM_SAMPLES, SKETCH_STYLES, CheckpointError, Engine,
+                          MAX_IMAGE_PIXELS, MAX_NUM_SAMPLES, DECODER_NAMES, CheckpointError, Engine,
                           InputError)
 
 logger = logging.getLogger("app")
@@ -196,18 +196,19 @@ class Handlers:
         gr.Info("Image loaded. The model reads the square at its centre. " + DRAW_HINT.replace("**", ""))
         return (*shown, *self.CLEARED)
 
-    def run(self, value: dict | None, num_samples: float, seed: float, steps: float, style: str | None = None,
+    def run(self, value: dict | None, num_samples: float, seed: float, steps: float, conditioning: str | None = None,
             source: dict | None = None) -> Iterator[tuple]:
         """The widget (its boxes numbered as the results number them), model view, explanation, readout and
-        neighbours first; then sketches as they finish (drawn by the ``style`` decoder, None: the default); then the
-        decoded truth beside the prediction. Input to change is shown in the explanation panel, not as an error."""
+        neighbours first; then sketches as they finish (drawn by the decoder of this ``conditioning``, None: the
+        default); then the decoded truth beside the prediction. Input to change is shown in the explanation panel,
+        not as an error."""
         try:
-            yield from self._run(value, num_samples, seed, steps, style, source)
+            yield from self._run(value, num_samples, seed, steps, conditioning, source)
         except InputError as err:
             gr.Warning(str(err))
             yield gr.skip(), gr.skip(), None, f"**Please adjust the input.** {err}", [], "", None, [], "", None
 
-    def _run(self, value: dict | None, num_samples: float, seed: float, steps: float, style: str | None,
+    def _run(self, value: dict | None, num_samples: float, seed: float, steps: float, conditioning: str | None,
              source: dict | None) -> Iterator[tuple]:
         engine = self.engine
         with bugs_reported():
@@ -218,7 +219,7 @@ class Handlers:
             widget = (self.show(source["path"], boxes, source["turns"]) if source["path"] is not None
                       else (gr.skip(), source))
             view, metrics = engine.model_view(analysis), analysis.metrics()
-            explanation = engine.explain(analysis, num_samples, style)
+            explanation = engine.explain(analysis, num_samples, conditioning)
             readout, neighbours = engine.readout_markdown(analysis), engine.neighbour_gallery(analysis)
             if not engine.has_decoder:
                 truth = engine.truth_vs_prediction(analysis)
@@ -227,13 +228,13 @@ class Handlers:
             status = "Drawing sketches…"
             yield *widget, view, explanation, [], status, None, neighbours, readout, metrics
             last = None
-            for update in engine.stream_sketches(analysis, num_samples, seed, steps, style):
+            for update in engine.stream_sketches(analysis, num_samples, seed, steps, conditioning):
                 last = update
                 status = (f"{len(update.images)} of {num_samples} sketch{'es' if num_samples > 1 else ''} in "
                           f"{update.seconds:.1f} s" + ("" if update.done else ", drawing the rest…"))
                 yield (gr.skip(), gr.skip(), view, explanation, engine.sketch_gallery(analysis, update), status, None,
                        neighbours, readout, metrics)
-            truth = engine.truth_vs_prediction(analysis, last, seed, steps, last.style)
+            truth = engine.truth_vs_prediction(analysis, last, seed, steps, last.conditioning)
             metrics = {**metrics, **engine.sketch_metrics(last)}
             yield (gr.skip(), gr.skip(), view, explanation, engine.sketch_gallery(analysis, last), status, truth,
                    neighbours, readout, metrics)
@@ -253,7 +254,7 @@ class Handlers:
     def api_sketch(self, image: str | None, boxes: str, num_samples: float, seed: float,
                    decoder: str | None = None, steps: float | None = DEFAULT_NUM_STEPS) -> tuple[list, dict]:
         """The "/sketch" endpoint: image file + JSON boxes (original-image pixels) -> sketches and metrics.
-        ``decoder``: a key of SKETCH_STYLES among the loaded ones (None or "": the default); ``steps``: the
+        ``decoder``: a key of DECODER_NAMES among the loaded ones (None or "": the default); ``steps``: the
         sampler's steps (the UI's "Decoder steps"), so that seed and steps reproduce a UI result."""
         engine = self.engine
         with user_errors():
@@ -271,7 +272,7 @@ class Handlers:
             metrics: dict[str, Any] = {**analysis.metrics(), "model": engine.info.source}
             if not engine.has_decoder:
                 return [], {**metrics, "decoder": None, "sketches": self.decoder_note()}
-            update = engine.sketches(analysis, num_samples, seed, steps, style=decoder or None)
+            update = engine.sketches(analysis, num_samples, seed, steps, conditioning=decoder or None)
             metrics.update(engine.sketch_metrics(update))
             return engine.sketch_gallery(analysis, update), metrics
 
@@ -284,7 +285,7 @@ def build_app(handlers: Handlers) -> gr.Blocks:
     """The UI: inputs on the left, results on the right; every event calls one Handlers method."""
     engine = handlers.engine
     grid = engine.info.grid
-    styles = engine.sketch_styles
+    conditionings = engine.conditionings
     with gr.Blocks(title="I-JEPA, visible", analytics_enabled=False) as demo:
         gr.Markdown(INTRO.format(max_boxes=MAX_BOXES))
         with gr.Accordion("About the loaded model", open=False):
@@ -312,10 +313,12 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                                             label="Sketches (each fills every box)", elem_id="num-samples")
                     seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - 1, elem_id="seed",
                                      label="Seed (same seed and steps, same sketches)")
-                style = gr.Radio([(SKETCH_STYLES[s], s) for s in styles], value=styles[0] if styles else None,
-                                 label="Sketch decoder", visible=len(styles) > 1, elem_id="sketch-style",
-                                 info="Detailed: every predicted patch feature + the visible surroundings. Pooled: "
-                                      "only the box's average prediction, as in the I-JEPA paper (more varied).")
+                conditioning = gr.Radio([(DECODER_NAMES[c], c) for c in conditionings],
+                                        value=conditionings[0] if conditionings else None, label="Sketch decoder",
+                                        visible=len(conditionings) > 1, elem_id="sketch-decoder",
+                                        info="Detailed: every predicted patch feature + the visible surroundings. "
+                                             "Pooled: only the box's average prediction, as in the I-JEPA paper (more "
+                                             "varied).")
                 with gr.Accordion("Settings", open=False):
                     steps = gr.Slider(4, 30, value=DEFAULT_NUM_STEPS, step=1, label="Decoder steps (more = finer)")
                     window = gr.Slider(1, max(1, grid // 2), value=max(1, grid // 4), step=1,
@@ -364,8 +367,9 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                                    value="[[16, 16, 48, 48]]")
             api_samples = gr.Number(label="num_samples", value=DEFAULT_NUM_SAMPLES)  # whole_number checks it
             api_seed = gr.Number(label="seed", value=0)
-            api_decoder = gr.Radio(list(styles), value=styles[0] if styles else None,
-                                   label="decoder: " + " or ".join(styles) if styles else "decoder (none loaded)")
+            api_decoder = gr.Radio(list(conditionings), value=conditionings[0] if conditionings else None,
+                                   label=("decoder: " + " or ".join(conditionings)) if conditionings
+                                   else "decoder (none loaded)")
             api_steps = gr.Number(label="steps", value=DEFAULT_NUM_STEPS)
             api_sketches = gr.Gallery(label="sketches", format="png")
             api_metrics = gr.JSON(label="metrics")
@@ -376,7 +380,7 @@ def build_app(handlers: Handlers) -> gr.Blocks:
         # Model work shares one concurrency group: one request at a time uses the CPU/GPU, the rest queue. A press
         # while the previous run (or its surprise map) is still going is kept and runs next, not dropped.
         model_work = dict(concurrency_id="model", concurrency_limit=1)
-        run_event = run.click(handlers.run, [annotator, num_samples, seed, steps, style, source],
+        run_event = run.click(handlers.run, [annotator, num_samples, seed, steps, conditioning, source],
                               [annotator, source, model_view, explanation, sketches, sketch_status, truth, neighbours,
                                readout, metrics], api_visibility="private", trigger_mode="always_last", **model_work)
         explore_event = run_event.success(handlers.explore, [annotator, window, source], [surprise, features],

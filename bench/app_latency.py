@@ -54,7 +54,7 @@ def one_request(engine: Engine, image: np.ndarray, box: list[float], samples: in
             first = time.perf_counter() - start
         engine.sketch_gallery(analysis, update)
     sketches = time.perf_counter() - start
-    engine.truth_vs_prediction(analysis, update, seed, steps, update.style)
+    engine.truth_vs_prediction(analysis, update, seed, steps, update.conditioning)
     return first, sketches, time.perf_counter() - start
 
 
@@ -97,8 +97,8 @@ def main() -> None:
         "weights": weights,
         "img_size": size,
         "arch": engine.info.arch,
-        "decoder": engine.sketch_styles[0],  # the default one, which the app uses unless switched
-        "decoder_channels": list(engine.decoders[engine.sketch_styles[0]].config.block_out_channels),
+        "decoder": engine.conditionings[0],  # the default one, which the app uses unless switched
+        "decoder_channels": list(engine.decoders[engine.conditionings[0]].config.block_out_channels),
         "samples": args.samples,
         "steps": args.steps,
         "threads": args.threads,

@@ -53,7 +53,7 @@ from .device import resolve_device, resolve_precision
 logger = logging.getLogger(__name__)
 
 # What the app calls each kind of sketch decoder (bundle.DECODER_DIRS: where each lives).
-SKETCH_STYLES = {"spatial_context": "Detailed (ours)", "pooled": "Pooled (the I-JEPA paper's)"}
+DECODER_NAMES = {"spatial_context": "Detailed (ours)", "pooled": "Pooled (the I-JEPA paper's)"}
 DEFAULT_NUM_SAMPLES = 4
 MAX_NUM_SAMPLES = 8
 MAX_NUM_STEPS = 50
@@ -167,7 +167,7 @@ class SketchUpdate:
     seed: int
     done: bool
     seconds: float
-    style: str = "spatial_context"  # which decoder drew them (a key of SKETCH_STYLES)
+    conditioning: str = "spatial_context"  # which decoder drew them (a key of DECODER_NAMES)
     num_steps: int = DEFAULT_NUM_STEPS  # the solver steps that drew them
 
 
@@ -199,9 +199,9 @@ class Engine:
 
     def __post_init__(self) -> None:
         self.model.eval().requires_grad_(False)
-        for style, decoder in self.decoders.items():
+        for conditioning, decoder in self.decoders.items():
             decoder.eval().requires_grad_(False)
-            self.samplers[style] = SketchSampler(decoder)
+            self.samplers[conditioning] = SketchSampler(decoder)
 
     # ----- loading ---------------------------------------------------------------------------------------------
 
@@ -263,11 +263,11 @@ class Engine:
                     raise
                 notes.append(f"The sketch decoder in {path} could not be loaded, so its sketches are off: {err}")
                 continue
-            style = sketch_decoder.config.conditioning
-            if style in decoders:
-                raise ValueError(f"{sources[style]} and {path} are both {style!r} decoders; pass at most one of each "
-                                 f"kind ({', '.join(SKETCH_STYLES)})")
-            decoders[style], sources[style] = sketch_decoder, str(path)
+            conditioning = sketch_decoder.config.conditioning
+            if conditioning in decoders:
+                raise ValueError(f"{sources[conditioning]} and {path} are both {conditioning!r} decoders; pass at most "
+                                 f"one of each kind ({', '.join(DECODER_NAMES)})")
+            decoders[conditioning], sources[conditioning] = sketch_decoder, str(path)
         if not decoders:
             notes.append(
                 "No sketch decoder for this model, so the Sketches and the decoded Truth-vs-prediction images are "
@@ -302,8 +302,8 @@ class Engine:
         return bool(self.samplers)
 
     @property
-    def sketch_styles(self) -> tuple[str, ...]:
-        """Keys of SKETCH_STYLES with a loaded decoder, the default first."""
+    def conditionings(self) -> tuple[str, ...]:
+        """Keys of DECODER_NAMES with a loaded decoder, the default first."""
         return tuple(self.samplers)
 
     @property
@@ -322,8 +322,9 @@ class Engine:
             f"as a {i.grid}x{i.grid} grid of {i.patch_size}x{i.patch_size}-px patches; predictor {i.predictor}. "
             f"**Trained on:** {i.trained_on}. Loaded from `{i.source}`.",
         ]
-        for style, source in i.decoder_sources.items():
-            lines.append(f"**Sketch decoder, {SKETCH_STYLES[style]}:** `{source}` ({style} conditioning).")
+        for conditioning, source in i.decoder_sources.items():
+            lines.append(f"**Sketch decoder, {DECODER_NAMES[conditioning]}:** `{source}` ({conditioning} "
+                         "conditioning).")
         extras = [f"probe ({name}, {len(p.labels)} labels)" for name, p in self.probes.items()]
         if self.bank is not None:
             extras.append(f"reference bank ({len(self.bank.features)} boxes)")
@@ -337,8 +338,8 @@ class Engine:
         blank = np.full((self.size, self.size, 3), 128, dtype=np.uint8)
         side = self.size / 4
         analysis = self.analyze(blank, [[side, side, 2 * side, 2 * side]])
-        for style in self.sketch_styles:
-            for _ in self.stream_sketches(analysis, num_samples=1, num_steps=2, style=style):
+        for conditioning in self.conditionings:
+            for _ in self.stream_sketches(analysis, num_samples=1, num_steps=2, conditioning=conditioning):
                 pass
 
     # ----- the computations behind the panels ------------------------------------------------------------------
@@ -404,16 +405,16 @@ class Engine:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _require_decoder(self, style: str | None) -> tuple[str, SketchSampler]:
-        """The sampler of ``style`` (None: the default decoder), or an InputError that says what is loaded."""
+    def _require_decoder(self, conditioning: str | None) -> tuple[str, SketchSampler]:
+        """The sampler of ``conditioning`` (None: the default decoder), or an InputError that says what is loaded."""
         if not self.samplers:
             raise InputError("No sketch decoder is loaded for this model. Train one with `"
                              + train_decoder_hint(self.info.source, self.model.config) + "` and pass --decoder.")
-        style = style or self.sketch_styles[0]
-        if style not in self.samplers:
-            loaded = ", ".join(f"{s!r} ({SKETCH_STYLES[s]})" for s in self.samplers)
-            raise InputError(f"No {style!r} sketch decoder is loaded; choose one of: {loaded}.")
-        return style, self.samplers[style]
+        conditioning = conditioning or self.conditionings[0]
+        if conditioning not in self.samplers:
+            loaded = ", ".join(f"{s!r} ({DECODER_NAMES[s]})" for s in self.samplers)
+            raise InputError(f"No {conditioning!r} sketch decoder is loaded; choose one of: {loaded}.")
+        return conditioning, self.samplers[conditioning]
 
     @staticmethod
     def _check_sampling(num_samples: int, num_steps: int, seed: int) -> None:
@@ -439,11 +440,11 @@ class Engine:
         return images
 
     def stream_sketches(self, analysis: Analysis, num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0,
-                        num_steps: int = DEFAULT_NUM_STEPS, style: str | None = None) -> Iterator[SketchUpdate]:
+                        num_steps: int = DEFAULT_NUM_STEPS, conditioning: str | None = None) -> Iterator[SketchUpdate]:
         """Sketches of what the predictor expects in every box, yielded as they finish: first sample 0 of every
         box, then all of them (``done``). Each update holds every sketch finished so far. Sample i depends only
-        on (seed, i), so a seed reproduces its sketches. ``style``: which decoder (None: the default)."""
-        style, sampler = self._require_decoder(style)
+        on (seed, i), so a seed reproduces its sketches. ``conditioning``: which decoder (None: the default)."""
+        conditioning, sampler = self._require_decoder(conditioning)
         self._check_sampling(num_samples, num_steps, seed)
         cond = self._conditions(analysis, lambda box: box.predicted)
         boxes = cond.batch_size
@@ -461,26 +462,26 @@ class Engine:
                 continue  # the final event follows at once, with the same sketches
             order = tuple(sorted(finished))
             yield SketchUpdate([finished[i] for i in order], order, int(num_samples), int(seed), event.done,
-                               time.perf_counter() - start, style, int(num_steps))
+                               time.perf_counter() - start, conditioning, int(num_steps))
 
     def sketch_metrics(self, update: SketchUpdate) -> dict[str, Any]:
         """What drew ``update``, for a run's metrics: ``decoder`` is its kind, as a request names it."""
-        return {"decoder": update.style, "decoder_path": self.info.decoder_sources[update.style],
+        return {"decoder": update.conditioning, "decoder_path": self.info.decoder_sources[update.conditioning],
                 "seed": update.seed, "num_samples": update.num_samples, "num_steps": update.num_steps,
                 "sketch_seconds": round(update.seconds, 3)}
 
     def sketches(self, analysis: Analysis, num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0,
-                 num_steps: int = DEFAULT_NUM_STEPS, style: str | None = None) -> SketchUpdate:
+                 num_steps: int = DEFAULT_NUM_STEPS, conditioning: str | None = None) -> SketchUpdate:
         """All sketches at once: the last update of ``stream_sketches``, so that the API and the UI give the same
         pixels (in bf16 a sketch can differ by a level in a few pixels when drawn in a batch of another size)."""
-        *_, last = self.stream_sketches(analysis, num_samples, seed, num_steps, style)
+        *_, last = self.stream_sketches(analysis, num_samples, seed, num_steps, conditioning)
         return last
 
     def decode_truth(self, analysis: Analysis, seed: int = 0, num_steps: int = DEFAULT_NUM_STEPS,
-                     style: str | None = None) -> np.ndarray:
+                     conditioning: str | None = None) -> np.ndarray:
         """The decoder's rendering of the TARGET encoder's true features for every box (sample 0 of ``seed``: the
         same noise as the first predicted sketch, so the two differ only by their features)."""
-        _, sampler = self._require_decoder(style)
+        _, sampler = self._require_decoder(conditioning)
         self._check_sampling(1, num_steps, seed)
         cond = self._conditions(analysis, lambda box: box.true)
         with self._autocast():
@@ -568,22 +569,23 @@ class Engine:
         return items
 
     def truth_vs_prediction(self, analysis: Analysis, predicted: SketchUpdate | None = None, seed: int = 0,
-                            num_steps: int = DEFAULT_NUM_STEPS, style: str | None = None) -> np.ndarray:
+                            num_steps: int = DEFAULT_NUM_STEPS, conditioning: str | None = None) -> np.ndarray:
         """Per box: the model's input, the decoded TRUE features, the decoded PREDICTION (same noise, same
         decoder) and the per-patch prediction error. Without a decoder only the input and the error map are shown.
 
-        ``predicted``: finished sketches with this seed, style and step count, whose first sample is reused
+        ``predicted``: finished sketches with this seed, conditioning and step count, whose first sample is reused
         instead of decoding again.
         """
         truth = prediction = None
         if self.has_decoder:
-            style, _ = self._require_decoder(style)
-            truth = self.decode_truth(analysis, seed, num_steps, style)
-            if (predicted is not None and predicted.done and predicted.seed == seed and predicted.style == style
-                    and predicted.num_steps == num_steps and 0 in predicted.sample_indices):
+            conditioning, _ = self._require_decoder(conditioning)
+            truth = self.decode_truth(analysis, seed, num_steps, conditioning)
+            if (predicted is not None and predicted.done and predicted.seed == seed
+                    and predicted.conditioning == conditioning and predicted.num_steps == num_steps
+                    and 0 in predicted.sample_indices):
                 prediction = predicted.images[predicted.sample_indices.index(0)]
             else:
-                prediction = self.sketches(analysis, 1, seed, num_steps, style).images[0]
+                prediction = self.sketches(analysis, 1, seed, num_steps, conditioning).images[0]
         return render_truth_vs_prediction(analysis, truth, prediction, self.patch_size)
 
     def readout_markdown(self, analysis: Analysis) -> str:
@@ -599,7 +601,7 @@ class Engine:
                              f"<small>on the true features: {truth[0]} ({truth[1]:.0%})</small>")
         return "\n\n".join(lines)
 
-    def explain(self, analysis: Analysis, num_samples: int | None = None, style: str | None = None) -> str:
+    def explain(self, analysis: Analysis, num_samples: int | None = None, conditioning: str | None = None) -> str:
         """A short plain-language account of what the model saw, what it guessed and why sketches differ."""
         grid = analysis.result.grid_size
         hidden = analysis.num_patches - int(analysis.result.context_indices.numel())
@@ -638,7 +640,7 @@ class Engine:
                 "a face. The decoder draws pictures that all fit the guess: what they share, the model is sure "
                 "about; what changes, it left open. They sketch its expectation; they do not recover the hidden "
                 "pixels.")
-            if self._require_decoder(style)[0] == "pooled":
+            if self._require_decoder(conditioning)[0] == "pooled":
                 parts.append(
                     "**This decoder** gets only the average of the box's predicted features, as in the I-JEPA "
                     "paper's figures, and never the visible pixels: its sketches vary more and fit the surroundings "
@@ -655,7 +657,7 @@ def true_features_of(model: IJepa, prepared: PreparedImage) -> torch.Tensor:
 
 __all__ = [
     "BOX_COLORS", "DEFAULT_ASSETS", "DEFAULT_NUM_SAMPLES", "DEFAULT_NUM_STEPS", "MAX_BOXES", "MAX_IMAGE_PIXELS",
-    "MAX_NUM_SAMPLES", "MAX_NUM_STEPS", "DECODER_DIRS", "SKETCH_STYLES", "Analysis", "BoxReport", "CheckpointError",
+    "MAX_NUM_SAMPLES", "MAX_NUM_STEPS", "DECODER_DIRS", "DECODER_NAMES", "Analysis", "BoxReport", "CheckpointError",
     "Engine", "Example", "FeatureBank", "InputError", "ModelInfo", "Neighbour", "SketchUpdate", "SurpriseMap",
     "array_to_image", "build_random_bundle", "load_bank", "load_decoder", "load_examples", "load_probe",
     "load_readouts", "sketch_sheet", "upscale",

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from helpers import ASSETS, REPO, USE_ASSETS, serve_app, tiny_bundle
-from ijepa.engine import SKETCH_STYLES
+from ijepa.engine import DECODER_NAMES
 from ijepa.boxes import boxes_to_masks, map_boxes
 from ijepa.inference import prepare_image
 
@@ -139,5 +139,5 @@ def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
     assert f"The {targets.numel()} patches under your box were hidden" in explanation  # the drawn box, mapped
     assert "Box 2" not in explanation  # the upload cleared the example's boxes
 
-    page.get_by_label(SKETCH_STYLES["pooled"]).check()  # the paper's decoder draws the same box
+    page.get_by_label(DECODER_NAMES["pooled"]).check()  # the paper's decoder draws the same box
     run_and_wait_for_sketches(page, explanation="gets only the average")

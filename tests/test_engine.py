@@ -426,24 +426,24 @@ def test_sketch_sheet_crops_stay_in_their_own_slots(engine):
 
 
 def test_the_bundle_offers_both_decoders_and_each_draws_its_own_sketches(engine, two_box_analysis):
-    assert engine.sketch_styles == ("spatial_context", "pooled")  # ours is the default
+    assert engine.conditionings == ("spatial_context", "pooled")  # ours is the default
     ours = engine.sketches(two_box_analysis, 1, seed=4, num_steps=STEPS)
-    paper = engine.sketches(two_box_analysis, 1, seed=4, num_steps=STEPS, style="pooled")
-    assert (ours.style, paper.style) == ("spatial_context", "pooled")
+    paper = engine.sketches(two_box_analysis, 1, seed=4, num_steps=STEPS, conditioning="pooled")
+    assert (ours.conditioning, paper.conditioning) == ("spatial_context", "pooled")
     assert np.abs(ours.images[0].astype(int) - paper.images[0].astype(int)).max() > 10
-    again = engine.sketches(two_box_analysis, 1, seed=4, num_steps=STEPS, style="spatial_context")
+    again = engine.sketches(two_box_analysis, 1, seed=4, num_steps=STEPS, conditioning="spatial_context")
     assert np.abs(again.images[0].astype(int) - ours.images[0].astype(int)).max() <= 1
-    streamed = list(engine.stream_sketches(two_box_analysis, 1, seed=4, num_steps=STEPS, style="pooled"))
-    assert streamed[-1].style == "pooled"
+    streamed = list(engine.stream_sketches(two_box_analysis, 1, seed=4, num_steps=STEPS, conditioning="pooled"))
+    assert streamed[-1].conditioning == "pooled"
     assert np.abs(streamed[-1].images[0].astype(int) - paper.images[0].astype(int)).max() <= 1
     # truth vs prediction reuses the first sketch only when the same decoder drew it
-    figure = engine.truth_vs_prediction(two_box_analysis, ours, seed=4, num_steps=STEPS, style="pooled")
+    figure = engine.truth_vs_prediction(two_box_analysis, ours, seed=4, num_steps=STEPS, conditioning="pooled")
     assert figure.ndim == 3
     assert "decoder, Pooled (the I-JEPA" in engine.describe() and "decoder, Detailed" in engine.describe()
     assert "average" in engine.explain(two_box_analysis, 1, "pooled")
     assert "average of the box" not in engine.explain(two_box_analysis, 1)
     with pytest.raises(ValueError, match="No 'spatial' sketch decoder.*'pooled'"):
-        engine.sketches(two_box_analysis, 1, num_steps=STEPS, style="spatial")
+        engine.sketches(two_box_analysis, 1, num_steps=STEPS, conditioning="spatial")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -474,14 +474,14 @@ def test_missing_parts_switch_panels_off_with_explanations(bundle, tmp_path):
 
 def test_checkpoint_flag_uses_only_the_given_decoders(bundle, tmp_path):
     engine = Engine.load(bundle, checkpoint=bundle / "model", decoder=bundle / "decoder", device="cpu")
-    assert engine.sketch_styles == ("spatial_context",) and len(engine.examples) == 2
+    assert engine.conditionings == ("spatial_context",) and len(engine.examples) == 2
     assert engine.probes and engine.bank is not None  # the bundle's own model, named: its readouts still apply
     shutil.copytree(bundle / "model", tmp_path / "other_model")
     other = Engine.load(bundle, checkpoint=tmp_path / "other_model", device="cpu")
     assert not other.probes and other.bank is None and "belong to the bundled model" in other.describe()
     both = Engine.load(bundle, checkpoint=bundle / "model", decoder=[bundle / "decoder_paper", bundle / "decoder"],
                        device="cpu")
-    assert both.sketch_styles == ("pooled", "spatial_context")  # the first given is the default
+    assert both.conditionings == ("pooled", "spatial_context")  # the first given is the default
     with pytest.raises(ValueError, match="both 'pooled' decoders"):
         Engine.load(bundle, checkpoint=bundle / "model", decoder=[bundle / "decoder_paper"] * 2, device="cpu")
     assert engine.info.img_size == SIZE and "random weights" in engine.info.trained_on
@@ -538,7 +538,7 @@ def test_damaged_optional_parts_switch_their_panel_off_instead_of_stopping_the_a
     weights.write_bytes(weights.read_bytes()[:4000])
     engine = Engine.load(damaged, device="cpu")
     assert "subgroup" not in engine.probes and engine.bank is None and len(engine.examples) == 1
-    assert engine.sketch_styles == ("spatial_context",)  # the damaged paper decoder is off, ours still draws
+    assert engine.conditionings == ("spatial_context",)  # the damaged paper decoder is off, ours still draws
     notes = " ".join(engine.notes)
     assert "subgroup probe could not be read" in notes and "reference bank could not be read" in notes
     assert "those examples are left out" in notes
