@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import gradio as gr
 import numpy as np
 from gradio import processing_utils
+from gradio_client import handle_file
 from gradio_image_annotation import image_annotator
 from PIL import Image
 
@@ -46,7 +47,7 @@ MAX_FILE_SIZE = "20mb"
 DISPLAY_BOX = (512, 400)
 QUEUE_SIZE = 32
 DRAW_HINT = ("**Draw:** press the box icon under the image (or C), then drag. **Move, resize or delete:** the hand "
-             "icon (D), click a box, then drag it or press Delete.")
+             "icon (D), click a box, then drag it, or press Delete or the bin icon.")
 
 INTRO = """# I-JEPA, visible
 Draw a box on the image. The model does not see what is inside it (the grid patches under the box are hidden, as
@@ -140,9 +141,31 @@ def display_copy(image: np.ndarray) -> tuple[np.ndarray, float]:
     return np.asarray(Image.fromarray(image).resize(size, resample)), scale
 
 
+def dim_outside_centre_square(image: np.ndarray) -> np.ndarray:
+    """The image with what the model does not read (all but the centre square) dimmed, so that nobody draws there."""
+    height, width = image.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    dimmed = (image * 0.35 + 40).astype(np.uint8)
+    dimmed[top:top + side, left:left + side] = image[top:top + side, left:left + side]
+    return dimmed
+
+
 def turned(image: np.ndarray, turns: int) -> np.ndarray:
     """The image turned clockwise by ``turns`` quarter turns, as the widget's rotate button turns it."""
     return np.ascontiguousarray(np.rot90(image, k=-turns)) if turns % 4 else image
+
+
+API_IMAGE_EXAMPLE = "https://raw.githubusercontent.com/gradio-app/gradio/main/test/test_files/bus.png"
+API_BOXES_EXAMPLE = "[[120, 80, 260, 200]]"
+
+
+def with_api_example(component: gr.components.Component, value: Any, payload: Any = None) -> Any:
+    """Set what the API page suggests for an input (gr.File and gr.Textbox suggest a PDF and "Hello!!"). Set on the
+    instance: a subclass of a Gradio component makes Gradio write a .pyi file beside this one at import."""
+    component.example_value = lambda: value
+    component.example_payload = lambda: value if payload is None else payload
+    return component
 
 
 class Handlers:
@@ -167,7 +190,8 @@ class Handlers:
         model reads, so the app sees the same pixels as the /sketch endpoint for the same file."""
         image = turned(np.asarray(self.engine.open_image(path)), turns)
         copy, scale = display_copy(image)
-        return annotator_value(copy, [[v * scale for v in box] for box in boxes]), {"path": path, "turns": turns}
+        return (annotator_value(dim_outside_centre_square(copy), [[v * scale for v in box] for box in boxes]),
+                {"path": path, "turns": turns})
 
     def model_input(self, value: dict | None, source: dict | None) -> tuple[np.ndarray, list[list[float]], dict]:
         """What the model reads: (the image, the boxes drawn on the widget in its pixels, the source as now turned).
@@ -205,8 +229,18 @@ class Handlers:
         try:
             yield from self._run(value, num_samples, seed, steps, conditioning, source)
         except InputError as err:
-            gr.Warning(str(err))
-            yield gr.skip(), gr.skip(), None, f"**Please adjust the input.** {err}", [], "", None, [], "", None
+            gr.Warning(str(err), duration=8)
+            message = f"**Please adjust the input.** {err}"
+            yield *self.renumbered(value, source), None, message, [], "", None, [], "", None
+
+    def renumbered(self, value: dict | None, source: dict | None) -> tuple:
+        """The widget with its boxes numbered as the results (and messages) number them, and its source; no change
+        where there is nothing to number."""
+        try:
+            _, boxes, source = self.model_input(value, source)
+        except InputError:
+            return gr.skip(), gr.skip()
+        return (gr.skip(), gr.skip()) if source["path"] is None else self.show(source["path"], boxes, source["turns"])
 
     def _run(self, value: dict | None, num_samples: float, seed: float, steps: float, conditioning: str | None,
              source: dict | None) -> Iterator[tuple]:
@@ -216,8 +250,8 @@ class Handlers:
             analysis = engine.analyze(image, boxes)
             num_samples, seed = whole_number(num_samples, "the number of sketches"), whole_number(seed, "a seed")
             steps = whole_number(steps, "the number of sampler steps")
-            widget = (self.show(source["path"], boxes, source["turns"]) if source["path"] is not None
-                      else (gr.skip(), source))
+            widget = (gr.skip(), gr.skip()) if source["path"] is None else self.show(source["path"], boxes,
+                                                                                      source["turns"])
             view, metrics = engine.model_view(analysis), analysis.metrics()
             explanation = engine.explain(analysis, num_samples, conditioning)
             readout, neighbours = engine.readout_markdown(analysis), engine.neighbour_gallery(analysis)
@@ -230,8 +264,9 @@ class Handlers:
             last = None
             for update in engine.stream_sketches(analysis, num_samples, seed, steps, conditioning):
                 last = update
+                rest = num_samples - len(update.images)
                 status = (f"{len(update.images)} of {num_samples} sketch{'es' if num_samples > 1 else ''} in "
-                          f"{update.seconds:.1f} s" + ("" if update.done else ", drawing the rest…"))
+                          f"{update.seconds:.1f} s" + ("" if update.done else f", drawing the other {rest} at once…"))
                 yield (gr.skip(), gr.skip(), view, explanation, engine.sketch_gallery(analysis, update), status, None,
                        neighbours, readout, metrics)
             truth = engine.truth_vs_prediction(analysis, last, seed, steps, last.conditioning)
@@ -310,8 +345,11 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                                       elem_id="examples", format="png", interactive=False)
                 with gr.Row():
                     num_samples = gr.Slider(1, MAX_NUM_SAMPLES, value=DEFAULT_NUM_SAMPLES, step=1,
-                                            label="Sketches (each fills every box)", elem_id="num-samples")
-                    seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - 1, elem_id="seed",
+                                            label="Number of sketches", info="each sketch fills every box",
+                                            elem_id="num-samples")
+                    # no minimum/maximum: Gradio's own bounds check would mark every panel as failed; the
+                    # engine's check says what is wrong in the explanation panel
+                    seed = gr.Number(value=0, precision=0, elem_id="seed",
                                      label="Seed (same seed and steps, same sketches)")
                 conditioning = gr.Radio([(DECODER_NAMES[c], c) for c in conditionings],
                                         value=conditionings[0] if conditionings else None, label="Sketch decoder",
@@ -327,29 +365,33 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                 with gr.Tabs():
                     with gr.Tab("Sketches"):
                         sketch_status = gr.Markdown("", elem_id="sketch-status")
-                        sketches = gr.Gallery(label="Sketches: each box filled by the decoder, with enlarged crops",
-                                              columns=4, height=440, object_fit="contain", format="png",
-                                              preview=True, selected_index=0, elem_id="sketches",
+                        gr.Markdown("Each sketch: every box filled by the decoder, beside enlarged crops of the boxes")
+                        sketches = gr.Gallery(show_label=False, columns=4, height=440, object_fit="contain",
+                                              format="png", preview=True, selected_index=0, elem_id="sketches",
                                               interactive=False)
                     with gr.Tab("Truth vs prediction"):
                         gr.Markdown("Decoded truth vs decoded prediction, and the error per patch")
-                        truth = gr.Image(show_label=False, format="png", elem_id="truth", interactive=False)
+                        truth = gr.Image(show_label=False, format="png", elem_id="truth", interactive=False,
+                                         buttons=["download"])
                     with gr.Tab("What it expects"):
                         gr.Markdown("A simple classifier (a linear probe, trained on what the model computes when it "
                                     "*does* see a box) reads the prediction; *on the true features* is its reading "
                                     "of what the model computes for the box itself. Below: the reference boxes "
                                     "closest to the prediction.")
                         readout = gr.Markdown(elem_id="readout")
-                        neighbours = gr.Gallery(label="Nearest reference boxes (label, cosine similarity around "
-                                                      "the collection's average)", columns=3, height="auto",
+                        gr.Markdown("Nearest reference boxes: cosine similarity around the collection's average, "
+                                    "box, label")
+                        neighbours = gr.Gallery(show_label=False, columns=3, height="auto",
                                                 object_fit="contain", format="png", elem_id="neighbours",
                                                 interactive=False)
                     with gr.Tab("Surprise map"):
                         gr.Markdown("Prediction error of a window sliding over the image")
-                        surprise = gr.Image(show_label=False, format="png", elem_id="surprise", interactive=False)
+                        surprise = gr.Image(show_label=False, format="png", elem_id="surprise", interactive=False,
+                                            buttons=["download"])
                     with gr.Tab("Feature view"):
                         gr.Markdown("Patch features as colours (their top three principal components)")
-                        features = gr.Image(show_label=False, format="png", elem_id="features", interactive=False)
+                        features = gr.Image(show_label=False, format="png", elem_id="features", interactive=False,
+                                            buttons=["download"])
                 with gr.Row():
                     with gr.Column(scale=2, min_width=160):
                         gr.Markdown("**What the model saw** (hidden patches covered)")
@@ -362,10 +404,13 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                     metrics = gr.JSON(label="Metrics", elem_id="metrics")
 
         with gr.Column(visible=False):  # the programmatic endpoint: plain inputs instead of the drawing widget
-            api_image = gr.File(label="image file: handle_file('photo.jpg')", type="filepath")
-            api_boxes = gr.Textbox(label="boxes: JSON list of [xmin, ymin, xmax, ymax] in image pixels",
-                                   value="[[16, 16, 48, 48]]")
-            api_samples = gr.Number(label="num_samples", value=DEFAULT_NUM_SAMPLES)  # whole_number checks it
+            # a file, so the model reads its exact pixels (gr.Image would re-encode it)
+            api_image = with_api_example(gr.File(label="image file: handle_file('photo.jpg')", type="filepath"),
+                                         API_IMAGE_EXAMPLE, handle_file(API_IMAGE_EXAMPLE))
+            api_boxes = with_api_example(gr.Textbox(label="boxes: JSON list of [xmin, ymin, xmax, ymax] in image "
+                                                        "pixels", value="[[16, 16, 48, 48]]"), API_BOXES_EXAMPLE)
+            # no precision=0: Gradio would round 1.5 sketches to 2; whole_number says what is wrong instead
+            api_samples = gr.Number(label="num_samples", value=DEFAULT_NUM_SAMPLES)
             api_seed = gr.Number(label="seed", value=0)
             api_decoder = gr.Radio(list(conditionings), value=conditionings[0] if conditionings else None,
                                    label=("decoder: " + " or ".join(conditionings)) if conditionings
@@ -382,7 +427,8 @@ def build_app(handlers: Handlers) -> gr.Blocks:
         model_work = dict(concurrency_id="model", concurrency_limit=1)
         run_event = run.click(handlers.run, [annotator, num_samples, seed, steps, conditioning, source],
                               [annotator, source, model_view, explanation, sketches, sketch_status, truth, neighbours,
-                               readout, metrics], api_visibility="private", trigger_mode="always_last", **model_work)
+                               readout, metrics], api_visibility="private", trigger_mode="always_last",
+                              show_progress_on=[model_view, sketches], **model_work)  # the widget stays drawable
         explore_event = run_event.success(handlers.explore, [annotator, window, source], [surprise, features],
                                           api_visibility="private", **model_work)
         window_event = window.release(handlers.explore, [annotator, window, source], [surprise, features],

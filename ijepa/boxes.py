@@ -96,9 +96,10 @@ def map_boxes(prepared: PreparedImage, boxes: Sequence[Box], patch_size: int,
                 "nothing of the rest. Move the box into that square.")
         if min(mx1 - mx0, my1 - my0) < too_small:
             raise InputError(
-                f"Box {number} is smaller than one patch. The model hides whole patches of {patch_size}x{patch_size} "
-                f"pixels of its {size}x{size} view, i.e. {patch_px:.0f}x{patch_px:.0f} pixels of your image: "
-                f"draw a box at least {math.ceil(patch_px)} pixels wide and high (inside the centre square).")
+                f"Box {number} is smaller than one patch. The model hides whole patches, a grid of "
+                f"{size // patch_size}x{size // patch_size} over the centre square: draw a box at least one grid cell "
+                f"wide and high (1/{size // patch_size} of the square's side, {math.ceil(patch_px)} pixels of the "
+                "image file).")
         mapped.append((mx0, my0, mx1, my1))
     return mapped
 

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from decoder import SketchCondition, SketchDecoder, SketchSampler, box_mask_from_indices, largest_user_box
 from decoder.pipeline import DEFAULT_NUM_STEPS
@@ -536,14 +536,15 @@ class Engine:
             for index in box.target_indices.tolist():
                 r, c = divmod(index, gw)
                 draw.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1],
-                               fill=(*color, 235), outline=(255, 255, 255, 200))  # hidden: not seen
+                               fill=(*color, 255), outline=(255, 255, 255, 200))  # hidden: not seen
         view = Image.alpha_composite(view, overlay).convert("RGB")
         draw = ImageDraw.Draw(view)
-        for b, report in enumerate(analysis.reports):
-            color = BOX_COLORS[b % len(BOX_COLORS)]
+        font = ImageFont.load_default(size=max(12, 4 * scale))
+        for report in analysis.reports:
             x0, y0, x1, y1 = (v * scale for v in report.box_model)
-            draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=max(1, scale // 2))
-            draw.text((x0 + 3, y0 + 2), str(report.number), fill=(255, 255, 255), stroke_width=2, stroke_fill=color)
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(20, 20, 20), width=max(1, scale // 2))  # as drawn
+            draw.text((x0 + 4, y0 + 2), str(report.number), fill=(255, 255, 255), font=font, stroke_width=2,
+                      stroke_fill=(20, 20, 20))
         return np.asarray(view)
 
     def sketch_gallery(self, analysis: Analysis, update: SketchUpdate) -> list[tuple[np.ndarray, str]]:
@@ -565,7 +566,7 @@ class Engine:
             for n in report.neighbours:
                 thumb = self.bank.thumbnails[n.index]
                 scale = max(1, 96 // max(thumb.shape[:2]))
-                items.append((upscale(thumb, scale), f"box {report.number}: {n.label} · cos {n.similarity:.2f}"))
+                items.append((upscale(thumb, scale), f"{n.similarity:.2f} · box {report.number}: {n.label}"))
         return items
 
     def truth_vs_prediction(self, analysis: Analysis, predicted: SketchUpdate | None = None, seed: int = 0,

@@ -88,7 +88,7 @@ def render_surprise(image: np.ndarray, errors: np.ndarray, window: int) -> np.nd
     fig = _figure(7.6, 3.6)
     left, right = fig.subplots(1, 2)
     left.imshow(image, interpolation="nearest")
-    left.set_title("What the model saw")
+    left.set_title("Model input (centre square)")
     right.imshow(image, interpolation="nearest")
     shown = right.imshow(errors, cmap=ERROR_CMAP, alpha=0.8, extent=_extent(size), interpolation="nearest",
                          vmin=0.0, vmax=_error_ceiling(errors))
@@ -106,9 +106,9 @@ def render_feature_view(image: np.ndarray, pca_rgb: np.ndarray) -> np.ndarray:
     fig = _figure(7.0, 3.6)
     left, right = fig.subplots(1, 2)
     left.imshow(image, interpolation="nearest")
-    left.set_title("What the model saw")
+    left.set_title("Model input (centre square)")
     right.imshow(pca_rgb, interpolation="nearest", extent=_extent(size))
-    right.set_title("Patch features (top 3 PCA components as RGB)")
+    right.set_title("Patch features (PCA as RGB)")
     for axis in (left, right):
         axis.set_xticks([])
         axis.set_yticks([])

@@ -246,6 +246,11 @@ def test_any_image_is_shown_whole_and_boxes_map_back_to_the_file(app_module, tmp
         value, source = handlers.load_upload(str(file))[:2]
         shown, _ = app_module.annotator_input(value)
         assert max(shown.shape[1] / width, shown.shape[0] / height) == pytest.approx(1, abs=0.01)
+        copy, _ = app_module.display_copy(pixels)  # shown as it is in the centre square the model reads, dimmed around
+        side = min(copy.shape[:2])
+        top, left = (copy.shape[0] - side) // 2, (copy.shape[1] - side) // 2
+        centre = (slice(top, top + side), slice(left, left + side))
+        assert np.array_equal(shown[centre], copy[centre]) and shown.mean() < copy.mean()
         drawn = {**value, "boxes": [{"xmin": 0, "ymin": 0, "xmax": shown.shape[1] / 2, "ymax": shown.shape[0] / 4}]}
         read, boxes, _ = handlers.model_input(drawn, source)
         assert np.array_equal(read, pixels) and np.allclose(boxes, [[0, 0, size[0] / 2, size[1] / 4]], atol=0.05)
@@ -297,3 +302,14 @@ def test_a_new_image_cancels_the_last_images_work(app_module, tmp_path):
         (trigger,) = [d["targets"] for d in dependencies if demo.fns[d["id"]].name == fn]
         cancelled = {i for d in dependencies if d["targets"] == trigger for i in d["cancels"]}
         assert cancelled == model_work, fn
+
+
+def test_the_api_page_suggests_an_image_and_boxes(app_module, tmp_path):
+    """The "Use via API" snippet is copied as it is: gr.File and gr.Textbox would suggest a PDF and "Hello!!"."""
+    demo = app_module.build_app(app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))
+    parameters = demo.get_api_info()["named_endpoints"]["/sketch"]["parameters"]
+    examples = {p["parameter_name"]: p["example_input"] for p in parameters}
+    assert examples["image"]["path"].endswith(".png")
+    (box,) = json.loads(examples["boxes"])
+    assert len(box) == 4 and box[0] < box[2] and box[1] < box[3]
+    assert not list(REPO.glob("*.pyi"))  # subclassing a Gradio component would make Gradio write app.pyi

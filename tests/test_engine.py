@@ -178,7 +178,7 @@ def test_bad_files_are_refused_with_clear_messages(data, message):
 @pytest.mark.parametrize("boxes, message", [
     ([], "Draw a box"),
     ([[0, 0, 40, 40]] * 5, "at most 4"),
-    ([[10, 10, 13, 40]], r"smaller than one patch.*at least 30 pixels"),
+    ([[10, 10, 13, 40]], r"smaller than one patch.*one grid cell.*30 pixels of the image file"),
     ([[0, 0, 240, 240]], "no context"),
     ([[-50, 10, -5, 100]], "outside the 240x240 image"),
     ([[10, 300, 100, 400]], "outside the 240x240 image"),
