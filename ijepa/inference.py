@@ -78,6 +78,12 @@ def true_features(model: IJepa, images: torch.Tensor) -> torch.Tensor:
                            model.config.target_layers)
 
 
+def require_predictor(model: IJepa, what: str) -> None:
+    """ValueError unless the model has a predictor, which ``what`` needs."""
+    if model.predictor is None:
+        raise ValueError(f"{what}: this checkpoint has no predictor (use an I-JEPA file with 'predictor' weights)")
+
+
 @torch.no_grad()
 def predict_features(model: IJepa, images: torch.Tensor, context_masks: torch.Tensor,
                      target_masks: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -86,8 +92,7 @@ def predict_features(model: IJepa, images: torch.Tensor, context_masks: torch.Te
     The predictor always reads CONTEXT-encoder tokens (what it was trained on), whatever encoder supplies
     display features.
     """
-    if model.predictor is None:
-        raise ValueError("this checkpoint has no predictor: predictions need an I-JEPA file with 'predictor' weights")
+    require_predictor(model, "predictions")
     context = model.encoder(model.normalize(images), [context_masks])
     batch = images.size(0)
     grid = model.encoder.grid_of(images)
@@ -334,8 +339,7 @@ def analyze_boxes(model: IJepa, image: torch.Tensor, context_indices: torch.Tens
 
     The context is encoded once; the predictor runs once per box (boxes may differ in size).
     """
-    if model.predictor is None:
-        raise ValueError("this checkpoint has no predictor: predictions need an I-JEPA file with 'predictor' weights")
+    require_predictor(model, "predictions")
     if len(target_indices) == 0:
         raise ValueError("analyze_boxes needs at least one target box")
     images = image.unsqueeze(0) if image.dim() == 3 else image
@@ -387,8 +391,7 @@ def surprise_map(model: IJepa, image: torch.Tensor, window: int | tuple[int, int
         window: window side(s) in patches; default a quarter of the grid side.
         stride: step in patches; default half the window (every patch is still covered).
     """
-    if model.predictor is None:
-        raise ValueError("this checkpoint has no predictor: the surprise map needs 'predictor' weights")
+    require_predictor(model, "the surprise map")
     images = image.unsqueeze(0) if image.dim() == 3 else image
     device = next(model.parameters()).device
     images = images.to(device)
