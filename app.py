@@ -20,6 +20,7 @@ and logged with its traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -35,9 +36,9 @@ from gradio_client import handle_file
 from gradio_image_annotation import image_annotator
 from PIL import Image
 
-from ijepa.engine import (BOX_COLORS, DEFAULT_ASSETS, DEFAULT_NUM_SAMPLES, DEFAULT_NUM_STEPS, MAX_BOXES,
-                          MAX_IMAGE_PIXELS, MAX_NUM_SAMPLES, DECODER_NAMES, CheckpointError, Engine,
-                          InputError)
+from ijepa.engine import (BOX_COLORS, DECODER_NAMES, DEFAULT_ASSETS, DEFAULT_NUM_SAMPLES, DEFAULT_NUM_STEPS,
+                          MAX_BOXES, MAX_IMAGE_PIXELS, MAX_NUM_SAMPLES, CheckpointError, Engine, InputError,
+                          centre_square)
 
 logger = logging.getLogger("app")
 
@@ -143,12 +144,27 @@ def display_copy(image: np.ndarray) -> tuple[np.ndarray, float]:
 
 def dim_outside_centre_square(image: np.ndarray) -> np.ndarray:
     """The image with what the model does not read (all but the centre square) dimmed, so that nobody draws there."""
-    height, width = image.shape[:2]
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
+    left, top, side = centre_square(image.shape[1], image.shape[0])
     dimmed = (image * 0.35 + 40).astype(np.uint8)
     dimmed[top:top + side, left:left + side] = image[top:top + side, left:left + side]
     return dimmed
+
+
+def read_image(path: str) -> np.ndarray:
+    """An image file as upright RGB, decoded once for its load, its run and the maps after it (a photo takes a
+    noticeable part of a second to decode)."""
+    try:
+        modified = Path(path).stat().st_mtime_ns
+    except OSError:
+        modified = None  # open_image says what is wrong
+    return _read_image(path, modified)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_image(path: str, modified: int | None) -> np.ndarray:
+    image = np.asarray(Engine.open_image(path))
+    image.flags.writeable = False  # shared between requests
+    return image
 
 
 def turned(image: np.ndarray, turns: int) -> np.ndarray:
@@ -185,13 +201,20 @@ class Handlers:
         return self.show(str(example.path), example.boxes)
 
     def show(self, path: str, boxes: list | tuple = (), turns: int = 0) -> tuple[dict, dict]:
-        """An image file for the drawing widget: (its value, the source). The widget gets a display copy
-        (``display_copy``) with the boxes (file pixels) scaled onto it; the source, {"path", "turns"}, is what the
+        """An image file for the drawing widget: (its value, the source). The source, {"path", "turns"}, is what the
         model reads, so the app sees the same pixels as the /sketch endpoint for the same file."""
-        image = turned(np.asarray(self.engine.open_image(path)), turns)
+        source = {"path": path, "turns": turns}
+        return self.widget_for(turned(read_image(path), turns), boxes, source)
+
+    @staticmethod
+    def widget_for(image: np.ndarray, boxes: list | tuple, source: dict) -> tuple:
+        """(The widget's value, the source) for an image already read from the source: a display copy
+        (``display_copy``) with the boxes (image pixels) scaled onto it, numbered as the results number them. No
+        change for a widget value that has no file behind it."""
+        if source["path"] is None:
+            return gr.skip(), gr.skip()
         copy, scale = display_copy(image)
-        return (annotator_value(dim_outside_centre_square(copy), [[v * scale for v in box] for box in boxes]),
-                {"path": path, "turns": turns})
+        return annotator_value(dim_outside_centre_square(copy), [[v * scale for v in box] for box in boxes]), source
 
     def model_input(self, value: dict | None, source: dict | None) -> tuple[np.ndarray, list[list[float]], dict]:
         """What the model reads: (the image, the boxes drawn on the widget in its pixels, the source as now turned).
@@ -200,7 +223,7 @@ class Handlers:
         if source is None or source.get("path") is None:
             return shown, boxes, {"path": None, "turns": 0}
         source = {**source, "turns": (source["turns"] + int(value.get("orientation") or 0)) % 4}
-        image = turned(np.asarray(self.engine.open_image(source["path"])), source["turns"])
+        image = turned(read_image(source["path"]), source["turns"])
         sx, sy = image.shape[1] / shown.shape[1], image.shape[0] / shown.shape[0]
         return image, [[x0 * sx, y0 * sy, x1 * sx, y1 * sy] for x0, y0, x1, y1 in boxes], source
 
@@ -237,10 +260,9 @@ class Handlers:
         """The widget with its boxes numbered as the results (and messages) number them, and its source; no change
         where there is nothing to number."""
         try:
-            _, boxes, source = self.model_input(value, source)
+            return self.widget_for(*self.model_input(value, source))
         except InputError:
             return gr.skip(), gr.skip()
-        return (gr.skip(), gr.skip()) if source["path"] is None else self.show(source["path"], boxes, source["turns"])
 
     def _run(self, value: dict | None, num_samples: float, seed: float, steps: float, conditioning: str | None,
              source: dict | None) -> Iterator[tuple]:
@@ -250,8 +272,7 @@ class Handlers:
             analysis = engine.analyze(image, boxes)
             num_samples, seed = whole_number(num_samples, "the number of sketches"), whole_number(seed, "a seed")
             steps = whole_number(steps, "the number of sampler steps")
-            widget = (gr.skip(), gr.skip()) if source["path"] is None else self.show(source["path"], boxes,
-                                                                                      source["turns"])
+            widget = self.widget_for(image, boxes, source)  # the image as read: no second decode
             view, metrics = engine.model_view(analysis), analysis.metrics()
             explanation = engine.explain(analysis, num_samples, conditioning)
             readout, neighbours = engine.readout_markdown(analysis), engine.neighbour_gallery(analysis)

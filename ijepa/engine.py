@@ -19,6 +19,7 @@ The engine holds no per-request state: models are read-only after loading, so on
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -36,19 +37,19 @@ from PIL import Image, ImageDraw, ImageFont
 from decoder import SketchCondition, SketchDecoder, SketchSampler, box_mask_from_indices, largest_user_box
 from decoder.pipeline import DEFAULT_NUM_STEPS
 
+from .boxes import MAX_BOXES, Box, boxes_to_masks, map_boxes, parse_box
 from .bundle import (DECODER_DIRS, DEFAULT_ASSETS, EXAMPLES_DIR, MODEL_DIR, Example, FeatureBank,
                      build_random_bundle, load_bank, load_decoder, load_examples, load_probe, load_readouts,
                      train_decoder_hint)
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_model
+from .device import resolve_device, resolve_precision
 from .errors import InputError
-from .boxes import MAX_BOXES, Box, boxes_to_masks, map_boxes, parse_box
 from .figures import (BOX_COLORS, patch_bounds, render_feature_view, render_surprise, render_truth_vs_prediction,
                       sketch_sheet, upscale)
 from .inference import (MAX_IMAGE_PIXELS, BoxAnalysis, BoxPrediction, LinearReadout, PreparedImage, analyze_boxes,
-                        array_to_image, feature_pca, nearest_neighbours, open_image, prepare_image, surprise_map,
-                        to_rgb, true_features)
+                        array_to_image, centre_square, feature_pca, nearest_neighbours, open_image, prepare_image,
+                        surprise_map, to_rgb, true_features)
 from .model import IJepa
-from .device import resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -539,7 +540,7 @@ class Engine:
                                fill=(*color, 255), outline=(255, 255, 255, 200))  # hidden: not seen
         view = Image.alpha_composite(view, overlay).convert("RGB")
         draw = ImageDraw.Draw(view)
-        font = ImageFont.load_default(size=max(12, 4 * scale))
+        font = label_font(max(12, 4 * scale))
         for report in analysis.reports:
             x0, y0, x1, y1 = (v * scale for v in report.box_model)
             draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(20, 20, 20), width=max(1, scale // 2))  # as drawn
@@ -649,6 +650,12 @@ class Engine:
         return "\n\n".join(parts)
 
 
+@functools.lru_cache(maxsize=4)
+def label_font(size: int) -> ImageFont.FreeTypeFont:
+    """Pillow's built-in font at ``size`` px, loaded once: the model view numbers its boxes with it on every run."""
+    return ImageFont.load_default(size=size)
+
+
 @torch.no_grad()
 def true_features_of(model: IJepa, prepared: PreparedImage) -> torch.Tensor:
     """Layer-normed target features [N, D] of a prepared image."""
@@ -660,6 +667,6 @@ __all__ = [
     "BOX_COLORS", "DEFAULT_ASSETS", "DEFAULT_NUM_SAMPLES", "DEFAULT_NUM_STEPS", "MAX_BOXES", "MAX_IMAGE_PIXELS",
     "MAX_NUM_SAMPLES", "MAX_NUM_STEPS", "DECODER_DIRS", "DECODER_NAMES", "Analysis", "BoxReport", "CheckpointError",
     "Engine", "Example", "FeatureBank", "InputError", "ModelInfo", "Neighbour", "SketchUpdate", "SurpriseMap",
-    "array_to_image", "build_random_bundle", "load_bank", "load_decoder", "load_examples", "load_probe",
-    "load_readouts", "sketch_sheet", "upscale",
+    "array_to_image", "build_random_bundle", "centre_square", "load_bank", "load_decoder", "load_examples",
+    "load_probe", "load_readouts", "sketch_sheet", "upscale",
 ]

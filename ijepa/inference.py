@@ -252,6 +252,12 @@ class PreparedImage:
         return x0 / s + left, y0 / s + top, x1 / s + left, y1 / s + top
 
 
+def centre_square(width: int, height: int) -> tuple[int, int, int]:
+    """(left, top, side) of the square at an image's centre: the part the model reads."""
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side
+
+
 def prepare_image(image: Image.Image | np.ndarray, size: int) -> PreparedImage:
     """Upright RGB, centre square, resized (bicubic, antialiased) to ``size`` x ``size``.
 
@@ -259,8 +265,7 @@ def prepare_image(image: Image.Image | np.ndarray, size: int) -> PreparedImage:
     """
     rgb = to_rgb(image)
     width, height = rgb.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
+    left, top, side = centre_square(width, height)
     # Crop first: resizing with a box would blend pixels from outside the square into its border.
     square = rgb.crop((left, top, left + side, top + side))
     if side != size:
@@ -418,7 +423,8 @@ def surprise_map(model: IJepa, image: torch.Tensor, window: int | tuple[int, int
         batch = ctx.size(0)
         tokens = model.encoder(normalized.expand(batch, -1, -1, -1), [ctx])
         predicted = model.predictor(tokens, [ctx], [tgt], grid_size=(gh, gw))
-        errors = per_patch_error(predicted, gather(truth.expand(batch, -1, -1), tgt)).cpu().double()  # MPS has no float64
+        # to the CPU before float64: MPS has none
+        errors = per_patch_error(predicted, gather(truth.expand(batch, -1, -1), tgt)).cpu().double()
         total.index_add_(0, tgt.flatten().cpu(), errors.flatten())
         count.index_add_(0, tgt.flatten().cpu(), torch.ones_like(errors.flatten()))
     return (total / count.clamp_min(1)).float().view(gh, gw)

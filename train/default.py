@@ -34,8 +34,8 @@ import logging
 import shutil
 import sys
 import time
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +43,9 @@ import yaml
 from safetensors.torch import save_file
 
 from decoder import SketchDecoder
+from ijepa.bundle import BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, MODEL_DIR, PROBE_NAMES, SHIPPED_SIZE_LIMIT, folder_bytes
 from ijepa.checkpoint import load_model, save_model
 from ijepa.device import resolve_device
-from ijepa.bundle import BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, MODEL_DIR, PROBE_NAMES, SHIPPED_SIZE_LIMIT, folder_bytes
 from ijepa.model import IJepa
 from train import decoder as decoder_training
 from train import budget

@@ -136,10 +136,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N or mps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.num_images < 64:
-        parser.error("--num-images must be >= 64 so retrieval has at least 64 candidates")
-    if args.num_samples < 2:
-        parser.error("--num-samples must be >= 2: diversity compares the sketches of one box")
+    problem = gallery_problem(args.num_images, args.num_samples)
+    if problem:
+        parser.error(problem)
     report = evaluate_decoders(args.checkpoint, args.decoder, args.paper_decoder, Path(args.out_dir), args.data,
                                args.num_images, args.num_samples, args.num_steps, args.seed, args.precision,
                                args.device)
@@ -147,14 +146,23 @@ def main(argv=None) -> dict:
     return report
 
 
+def gallery_problem(num_images: int, num_samples: int) -> str | None:
+    """What makes a gallery too small to score, or None: retrieval needs 64 candidates, diversity two sketches."""
+    if num_images < 64:
+        return f"--num-images must be >= 64 so retrieval has at least 64 candidates, got {num_images}"
+    if num_samples < 2:
+        return f"--num-samples must be >= 2: diversity compares the sketches of one box, got {num_samples}"
+    return None
+
+
 def evaluate_decoders(checkpoint: str | Path, decoder: str | Path, paper_decoder: str | Path | None, out_dir: Path,
                       data: str = "emoji", num_images: int = 128, num_samples: int = 4, num_steps: int = 12,
                       seed: int = 0, precision: str = "auto", device: str = "auto") -> dict:
     """Score our decoder (and the paper-faithful one beside it) on the same images, boxes and noise: results.json
     (written last: the recipe takes it as "evaluation finished") and samples.png in ``out_dir``."""
-    if num_images < 64 or num_samples < 2:
-        raise ValueError(f"need num_images >= 64 (retrieval candidates) and num_samples >= 2 (diversity), got "
-                         f"{num_images} and {num_samples}")
+    problem = gallery_problem(num_images, num_samples)
+    if problem:
+        raise ValueError(problem)
     start = time.perf_counter()
     device = resolve_device(device)
     precision = resolve_precision(torch.device(device), precision)

@@ -100,10 +100,11 @@ def examples_note(summary: dict) -> str:
             f"{shown_both} read right by both probes, {shown_right - shown_both} by the group probe alone"
         gallery = f" The gallery shows {shown}: {read}, {shown - shown_right} misses."
     return (f"- Examples (`examples/`, the app's gallery, `python -m train.examples`): held-out scenes with a box over "
-            f"the top half of the main emoji (at most the largest box the sketch decoders learnt to fill), chosen where the probes read the hidden emoji's {which} from the "
-            f"predictor's output (the app's explanation), one per group before any group repeats. Of the {scanned} "
-            f"scenes looked at, {counts}.{gallery} So they show what the predictor gets right, not how often: that "
-            f"is the \"probe on predicted features\" column below.\n")
+            f"the top half of the main emoji (at most the largest box the sketch decoders learnt to fill), chosen "
+            f"where the probes read the hidden emoji's {which} from the predictor's output (the app's explanation), "
+            f"one per group before any group repeats. Of the {scanned} scenes looked at, {counts}.{gallery} So they "
+            f"show what the predictor gets right, not how often: that is the \"probe on predicted features\" column "
+            "below.\n")
 
 
 def write_model_card(summary: dict, path: Path, command: str | None = None) -> None:
