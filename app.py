@@ -36,6 +36,7 @@ from gradio_client import handle_file
 from gradio_image_annotation import image_annotator
 from PIL import Image
 
+from ijepa import panels
 from ijepa.engine import (BOX_COLORS, DECODER_NAMES, DEFAULT_ASSETS, DEFAULT_NUM_SAMPLES, DEFAULT_NUM_STEPS,
                           MAX_BOXES, MAX_IMAGE_PIXELS, MAX_NUM_SAMPLES, CheckpointError, Engine, InputError,
                           centre_square)
@@ -273,9 +274,10 @@ class Handlers:
             num_samples, seed = whole_number(num_samples, "the number of sketches"), whole_number(seed, "a seed")
             steps = whole_number(steps, "the number of sampler steps")
             widget = self.widget_for(image, boxes, source)  # the image as read: no second decode
-            view, metrics = engine.model_view(analysis), analysis.metrics()
-            explanation = engine.explain(analysis, num_samples, conditioning)
-            readout, neighbours = engine.readout_markdown(analysis), engine.neighbour_gallery(analysis)
+            view, metrics = panels.model_view(analysis), analysis.metrics()
+            explanation = panels.explanation(analysis, engine.conditioning_of(conditioning), num_samples)
+            readout = panels.readout_markdown(analysis, engine.note_on("probe", "No probe loaded."))
+            neighbours = panels.neighbour_gallery(analysis, engine.bank)
             if not engine.has_decoder:
                 truth = engine.truth_vs_prediction(analysis)
                 yield *widget, view, explanation, [], self.decoder_note(), truth, neighbours, readout, metrics
@@ -288,11 +290,11 @@ class Handlers:
                 rest = num_samples - len(update.images)
                 status = (f"{len(update.images)} of {num_samples} sketch{'es' if num_samples > 1 else ''} in "
                           f"{update.seconds:.1f} s" + ("" if update.done else f", drawing the other {rest} at once…"))
-                yield (gr.skip(), gr.skip(), view, explanation, engine.sketch_gallery(analysis, update), status, None,
+                yield (gr.skip(), gr.skip(), view, explanation, panels.sketch_gallery(analysis, update), status, None,
                        neighbours, readout, metrics)
             truth = engine.truth_vs_prediction(analysis, last, seed, steps, last.conditioning)
             metrics = {**metrics, **engine.sketch_metrics(last)}
-            yield (gr.skip(), gr.skip(), view, explanation, engine.sketch_gallery(analysis, last), status, truth,
+            yield (gr.skip(), gr.skip(), view, explanation, panels.sketch_gallery(analysis, last), status, truth,
                    neighbours, readout, metrics)
 
     def explore(self, value: dict | None, window: float, source: dict | None = None) -> tuple:
@@ -330,11 +332,11 @@ class Handlers:
                 return [], {**metrics, "decoder": None, "sketches": self.decoder_note()}
             update = engine.sketches(analysis, num_samples, seed, steps, conditioning=decoder or None)
             metrics.update(engine.sketch_metrics(update))
-            return engine.sketch_gallery(analysis, update), metrics
+            return panels.sketch_gallery(analysis, update), metrics
 
     def decoder_note(self) -> str:
-        return next((note for note in self.engine.notes if "decoder" in note.lower()),
-                    "No sketch decoder is loaded: pass --decoder DIR (train one with python -m train.decoder).")
+        return self.engine.note_on(
+            "decoder", "No sketch decoder is loaded: pass --decoder DIR (train one with python -m train.decoder).")
 
 
 def build_app(handlers: Handlers) -> gr.Blocks:

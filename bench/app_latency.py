@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from decoder.pipeline import DEFAULT_NUM_STEPS  # noqa: E402
+from ijepa import panels  # noqa: E402
 from ijepa.bundle import DEFAULT_ASSETS, build_random_bundle  # noqa: E402
 from ijepa.engine import Engine  # noqa: E402
 from ijepa.model import IJepaConfig  # noqa: E402
@@ -47,12 +48,12 @@ def one_request(engine: Engine, image: np.ndarray, box: list[float], samples: in
     the request's parts are those of the app's ``Handlers.run``."""
     start = time.perf_counter()
     analysis = engine.analyze(image, [box])
-    engine.model_view(analysis)
+    panels.model_view(analysis)
     first = update = None
     for update in engine.stream_sketches(analysis, num_samples=samples, seed=seed, num_steps=steps):
         if first is None:
             first = time.perf_counter() - start
-        engine.sketch_gallery(analysis, update)
+        panels.sketch_gallery(analysis, update)
     sketches = time.perf_counter() - start
     engine.truth_vs_prediction(analysis, update, seed, steps, update.conditioning)
     return first, sketches, time.perf_counter() - start

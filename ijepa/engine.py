@@ -14,12 +14,12 @@ The same API serves the Gradio app, scripts and notebooks::
     surprise = engine.surprise_map(image)                # .errors [gh, gw] float array, .figure RGB array
 
 Every bundle part except the model is optional; ``engine.notes`` says what is missing and how to add it. The
-bundle's layout and loaders are in ``ijepa/bundle.py``, the figures beside the sketches in ``ijepa/figures.py``.
+bundle's layout and loaders are in ``ijepa/bundle.py``; what the app's panels show of these results (images and
+Markdown) is made in ``ijepa/panels.py``, drawn with ``ijepa/figures.py``.
 The engine holds no per-request state: models are read-only after loading, so one engine serves many users.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import threading
@@ -32,9 +32,9 @@ from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-from decoder import SketchCondition, SketchDecoder, SketchSampler, box_mask_from_indices, largest_user_box
+from decoder import SketchCondition, SketchDecoder, SketchSampler, box_mask_from_indices
 from decoder.pipeline import DEFAULT_NUM_STEPS
 
 from .boxes import MAX_BOXES, Box, boxes_to_masks, map_boxes, parse_box
@@ -44,8 +44,7 @@ from .bundle import (DECODER_DIRS, DEFAULT_ASSETS, EXAMPLES_DIR, MODEL_DIR, Exam
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_model
 from .device import resolve_device, resolve_precision
 from .errors import InputError
-from .figures import (BOX_COLORS, patch_bounds, render_feature_view, render_surprise, render_truth_vs_prediction,
-                      sketch_sheet, upscale)
+from .figures import BOX_COLORS, render_feature_view, render_surprise, render_truth_vs_prediction
 from .inference import (MAX_IMAGE_PIXELS, BoxAnalysis, BoxPrediction, LinearReadout, PreparedImage, analyze_boxes,
                         array_to_image, centre_square, feature_pca, nearest_neighbours, open_image, prepare_image,
                         surprise_map, to_rgb, true_features)
@@ -59,7 +58,6 @@ DEFAULT_NUM_SAMPLES = 4
 MAX_NUM_SAMPLES = 8
 MAX_NUM_STEPS = 50
 NUM_NEIGHBOURS = 6
-DISPLAY_SIDE = 256  # the model's view is enlarged (nearest) to about this many pixels for display
 SURPRISE_CACHE_SIZE = 8  # surprise maps kept (image x window), each with its figure: at most a few MB in all
 
 
@@ -417,6 +415,14 @@ class Engine:
             raise InputError(f"No {conditioning!r} sketch decoder is loaded; choose one of: {loaded}.")
         return conditioning, self.samplers[conditioning]
 
+    def conditioning_of(self, requested: str | None) -> str | None:
+        """The decoder kind that draws sketches for ``requested`` (None: the default); None without a decoder."""
+        return self._require_decoder(requested)[0] if self.has_decoder else None
+
+    def note_on(self, topic: str, default: str) -> str:
+        """The loading note that mentions ``topic`` (what is missing and how to add it), else ``default``."""
+        return next((note for note in self.notes if topic in note.lower()), default)
+
     @staticmethod
     def _check_sampling(num_samples: int, num_steps: int, seed: int) -> None:
         if not 1 <= int(num_samples) <= MAX_NUM_SAMPLES:
@@ -489,6 +495,26 @@ class Engine:
             images = sampler.sample(cond, num_samples=1, num_steps=int(num_steps), seed=int(seed))
         return self._composite(analysis, images.view(cond.batch_size, 1, *images.shape[1:]))[0]
 
+    def truth_vs_prediction(self, analysis: Analysis, predicted: SketchUpdate | None = None, seed: int = 0,
+                            num_steps: int = DEFAULT_NUM_STEPS, conditioning: str | None = None) -> np.ndarray:
+        """Per box: the model's input, the decoded TRUE features, the decoded PREDICTION (same noise, same
+        decoder) and the per-patch prediction error. Without a decoder only the input and the error map are shown.
+
+        ``predicted``: finished sketches with this seed, conditioning and step count, whose first sample is reused
+        instead of decoding again.
+        """
+        truth = prediction = None
+        if self.has_decoder:
+            conditioning, _ = self._require_decoder(conditioning)
+            truth = self.decode_truth(analysis, seed, num_steps, conditioning)
+            if (predicted is not None and predicted.done and predicted.seed == seed
+                    and predicted.conditioning == conditioning and predicted.num_steps == num_steps
+                    and 0 in predicted.sample_indices):
+                prediction = predicted.images[predicted.sample_indices.index(0)]
+            else:
+                prediction = self.sketches(analysis, 1, seed, num_steps, conditioning).images[0]
+        return render_truth_vs_prediction(analysis, truth, prediction, self.patch_size)
+
     def surprise_map(self, image: Image.Image | np.ndarray | str | Path | PreparedImage,
                      window: int | None = None, stride: int | None = None) -> SurpriseMap:
         """Prediction error of a window sliding over the whole image (see ``ijepa.inference.surprise_map``)."""
@@ -518,144 +544,6 @@ class Engine:
         rgb = feature_pca(features, self.model.config.grid_size).numpy()
         return render_feature_view(prepared.to_uint8(), rgb)
 
-    # ----- display: numpy images and markdown ------------------------------------------------------------------
-
-    def display_scale(self) -> int:
-        return max(1, DISPLAY_SIDE // self.size)
-
-    def model_view(self, analysis: Analysis) -> np.ndarray:
-        """What the model saw: its input enlarged (nearest), hidden patch cells covered in the box's colour with
-        their grid drawn, the drawn boxes outlined and numbered."""
-        scale = self.display_scale()
-        view = Image.fromarray(upscale(analysis.prepared.to_uint8(), scale)).convert("RGBA")
-        overlay = Image.new("RGBA", view.size, (0, 0, 0, 0))
-        draw = ImageDraw.Draw(overlay)
-        gw = analysis.result.grid_size[1]
-        cell = self.patch_size * scale
-        for b, box in enumerate(analysis.result.boxes):
-            color = BOX_COLORS[b % len(BOX_COLORS)]
-            for index in box.target_indices.tolist():
-                r, c = divmod(index, gw)
-                draw.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1],
-                               fill=(*color, 255), outline=(255, 255, 255, 200))  # hidden: not seen
-        view = Image.alpha_composite(view, overlay).convert("RGB")
-        draw = ImageDraw.Draw(view)
-        font = label_font(max(12, 4 * scale))
-        for report in analysis.reports:
-            x0, y0, x1, y1 = (v * scale for v in report.box_model)
-            draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(20, 20, 20), width=max(1, scale // 2))  # as drawn
-            draw.text((x0 + 4, y0 + 2), str(report.number), fill=(255, 255, 255), font=font, stroke_width=2,
-                      stroke_fill=(20, 20, 20))
-        return np.asarray(view)
-
-    def sketch_gallery(self, analysis: Analysis, update: SketchUpdate) -> list[tuple[np.ndarray, str]]:
-        """Gallery items: per finished sketch, the composite (enlarged, boxes outlined) beside enlarged crops."""
-        items = []
-        pending = "" if update.done else " (the others are still being drawn)"
-        for image, index in zip(update.images, update.sample_indices):
-            sheet = sketch_sheet(image, analysis, self.display_scale())
-            items.append((sheet, f"Sketch {index + 1} of {update.num_samples} · seed {update.seed} · "
-                                 f"{update.num_steps} steps{pending}"))
-        return items
-
-    def neighbour_gallery(self, analysis: Analysis) -> list[tuple[np.ndarray, str]]:
-        """Reference-bank thumbnails nearest to each box's prediction, captioned with label and cosine similarity."""
-        if self.bank is None:
-            return []
-        items = []
-        for report in analysis.reports:
-            for n in report.neighbours:
-                thumb = self.bank.thumbnails[n.index]
-                scale = max(1, 96 // max(thumb.shape[:2]))
-                items.append((upscale(thumb, scale), f"{n.similarity:.2f} · box {report.number}: {n.label}"))
-        return items
-
-    def truth_vs_prediction(self, analysis: Analysis, predicted: SketchUpdate | None = None, seed: int = 0,
-                            num_steps: int = DEFAULT_NUM_STEPS, conditioning: str | None = None) -> np.ndarray:
-        """Per box: the model's input, the decoded TRUE features, the decoded PREDICTION (same noise, same
-        decoder) and the per-patch prediction error. Without a decoder only the input and the error map are shown.
-
-        ``predicted``: finished sketches with this seed, conditioning and step count, whose first sample is reused
-        instead of decoding again.
-        """
-        truth = prediction = None
-        if self.has_decoder:
-            conditioning, _ = self._require_decoder(conditioning)
-            truth = self.decode_truth(analysis, seed, num_steps, conditioning)
-            if (predicted is not None and predicted.done and predicted.seed == seed
-                    and predicted.conditioning == conditioning and predicted.num_steps == num_steps
-                    and 0 in predicted.sample_indices):
-                prediction = predicted.images[predicted.sample_indices.index(0)]
-            else:
-                prediction = self.sketches(analysis, 1, seed, num_steps, conditioning).images[0]
-        return render_truth_vs_prediction(analysis, truth, prediction, self.patch_size)
-
-    def readout_markdown(self, analysis: Analysis) -> str:
-        """The probe's top-5 reading of each prediction (and what it says about the truth)."""
-        if not self.probes:
-            return "*" + next((n for n in self.notes if "probe" in n.lower()), "No probe loaded.") + "*"
-        lines = []
-        for report in analysis.reports:
-            for name, top in report.probe.items():
-                ranked = " · ".join(f"{label} **{p:.0%}**" for label, p in top)
-                truth = report.probe_on_truth[name][0]
-                lines.append(f"**Box {report.number}, {name}:** {ranked}  \n"
-                             f"<small>on the true features: {truth[0]} ({truth[1]:.0%})</small>")
-        return "\n\n".join(lines)
-
-    def explain(self, analysis: Analysis, num_samples: int | None = None, conditioning: str | None = None) -> str:
-        """A short plain-language account of what the model saw, what it guessed and why sketches differ."""
-        grid = analysis.result.grid_size
-        hidden = analysis.num_patches - int(analysis.result.context_indices.numel())
-        size = analysis.prepared.size
-        plural = "es" if len(analysis.reports) > 1 else ""
-        parts = [
-            f"**What the model saw.** A {size}x{size}-pixel copy of the centre of your image, cut into "
-            f"{grid[0]}x{grid[1]} patches. The {hidden} patches under your box{plural} were hidden (covered "
-            f"in the picture); it saw the other {analysis.num_patches - hidden}.",
-            "**What it guessed.** Not pixels: a list of numbers (features) describing each hidden patch, the kind "
-            "of description its encoder gives when it does see the patch. Error 0 = exact guess; for scale, each "
-            "box also says how far off a guess is that needs no predictor: the average description of the visible "
-            "patches, copied into every hidden one.",
-        ]
-        largest = largest_user_box(grid)
-        for report, box in zip(analysis.reports, analysis.result.boxes, strict=True):
-            verdict = "better than" if report.error < report.baseline_error else "no better than"
-            line = (f"Box {report.number}: error **{report.error:.2f}**, {verdict} copying the visible average "
-                    f"(visible average: {report.baseline_error:.2f})")
-            if report.clipped:
-                line += " (only its part inside the centre square the model sees was hidden)"
-            x0, y0, x1, y1 = patch_bounds(box, grid[1], 1)
-            if self.has_decoder and (y1 - y0 > largest[0] or x1 - x0 > largest[1]):
-                line += (f" (larger than the boxes the decoder was trained to fill, {largest[0]}x{largest[1]} patches "
-                         "at most: read its sketches as a guess beyond its training)")
-            if report.probe:
-                readings = ", ".join(f"{name} *{top[0][0]}* ({top[0][1]:.0%})" for name, top in report.probe.items())
-                line += f"; the probes read the guess as {readings}"
-            if report.neighbours:
-                line += "; closest reference boxes: " + ", ".join(dict.fromkeys(n.label for n in report.neighbours[:3]))
-            parts.append("- " + line + ".")
-        if self.has_decoder:
-            count = f"{num_samples} " if num_samples else ""
-            parts.append(
-                f"**Why the {count}sketches differ.** A description leaves details open, like a sentence describing "
-                "a face. The decoder draws pictures that all fit the guess: what they share, the model is sure "
-                "about; what changes, it left open. They sketch its expectation; they do not recover the hidden "
-                "pixels.")
-            if self._require_decoder(conditioning)[0] == "pooled":
-                parts.append(
-                    "**This decoder** gets only the average of the box's predicted features, as in the I-JEPA "
-                    "paper's figures, and never the visible pixels: its sketches vary more and fit the surroundings "
-                    "less; what they keep in common is what the average prediction pins down.")
-        return "\n\n".join(parts)
-
-
-@functools.lru_cache(maxsize=4)
-def label_font(size: int) -> ImageFont.FreeTypeFont:
-    """Pillow's built-in font at ``size`` px, loaded once: the model view numbers its boxes with it on every run."""
-    return ImageFont.load_default(size=size)
-
-
 @torch.no_grad()
 def true_features_of(model: IJepa, prepared: PreparedImage) -> torch.Tensor:
     """Layer-normed target features [N, D] of a prepared image."""
@@ -668,5 +556,5 @@ __all__ = [
     "MAX_NUM_SAMPLES", "MAX_NUM_STEPS", "DECODER_DIRS", "DECODER_NAMES", "Analysis", "BoxReport", "CheckpointError",
     "Engine", "Example", "FeatureBank", "InputError", "ModelInfo", "Neighbour", "SketchUpdate", "SurpriseMap",
     "array_to_image", "build_random_bundle", "centre_square", "load_bank", "load_decoder", "load_examples",
-    "load_probe", "load_readouts", "sketch_sheet", "upscale",
+    "load_probe", "load_readouts",
 ]

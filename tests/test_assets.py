@@ -33,6 +33,7 @@ def test_the_examples_show_what_the_card_says_they_show():
     the app's own engine must read each one that way (a model swapped in without new examples would fail here)."""
     import json
 
+    from ijepa import panels
     from ijepa.engine import Engine
 
     metrics = json.loads((ASSETS / "metrics.json").read_text())
@@ -44,7 +45,8 @@ def test_the_examples_show_what_the_card_says_they_show():
     for entry, example in zip(entries, engine.examples):
         analysis = engine.analyze(example.image(), example.boxes)
         # no "a guess beyond its training" caveat on the gallery: every box within what the decoders learnt to fill
-        assert "beyond its training" not in engine.explain(analysis), entry["caption"]
+        text = panels.explanation(analysis, engine.conditioning_of(None))
+        assert "beyond its training" not in text, entry["caption"]
         probe = analysis.reports[0].probe
         assert probe["group"][0][0] == entry["probe_reads"], entry["caption"]
         if "subgroup_probe_reads" in entry:  # bundles chosen by both probes

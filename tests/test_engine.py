@@ -21,6 +21,7 @@ from PIL import Image
 from decoder.model import box_mask_from_indices
 from ijepa.bundle import build_random_bundle, load_probe, train_decoder_hint
 from ijepa.checkpoint import load_model, save_model
+from ijepa import panels
 import ijepa.engine as engine_module
 from ijepa.engine import Engine, InputError
 from ijepa.figures import BOX_COLORS, sketch_sheet
@@ -216,8 +217,9 @@ def test_a_box_larger_than_the_decoder_learnt_to_fill_is_flagged(engine):
     half, patch = GRID // 2, SIZE // GRID
     fits = engine.analyze(image, [[0, 0, half * patch, half * patch]])
     wide = engine.analyze(image, [[0, 0, (half + 1) * patch, patch]])
-    assert "trained to fill" not in engine.explain(fits)
-    assert f"trained to fill, {half}x{half} patches at most" in engine.explain(wide)
+    decoder = engine.conditioning_of(None)
+    assert "trained to fill" not in panels.explanation(fits, decoder)
+    assert f"trained to fill, {half}x{half} patches at most" in panels.explanation(wide, decoder)
 
 
 def test_a_box_running_past_the_edge_keeps_its_inside_part_and_says_so(engine):
@@ -229,7 +231,8 @@ def test_a_box_running_past_the_edge_keeps_its_inside_part_and_says_so(engine):
     assert cut.clipped and not whole.clipped
     assert cut.box_model == pytest.approx((0.0, 100 * SIZE / 240, 60 * SIZE / 240, float(SIZE)))
     assert [b["clipped"] for b in analysis.metrics()["boxes"]] == [True, False]
-    assert engine.explain(analysis).count("only its part inside the centre square") == 1
+    text = panels.explanation(analysis, engine.conditioning_of(None))
+    assert text.count("only its part inside the centre square") == 1
 
 
 # ----- the computations behind the panels ---------------------------------------------------------------------
@@ -245,8 +248,8 @@ def test_analyze_reports_every_box(engine):
         assert sum(p for _, p in report.probe["subgroup"]) <= 1.0 + 1e-6
     metrics = json.loads(json.dumps(analysis.metrics()))
     assert metrics["boxes"][1]["box"] == [160, 120, 280, 240] and metrics["boxes"][1]["hidden_patches"] == 16
-    view = engine.model_view(analysis)
-    assert view.shape == (SIZE * engine.display_scale(),) * 2 + (3,) and view.dtype == np.uint8
+    view = panels.model_view(analysis)
+    assert view.shape == (SIZE * panels.display_scale(SIZE),) * 2 + (3,) and view.dtype == np.uint8
 
 
 def test_analyze_errors_are_mse_to_layer_normed_truth(engine):
@@ -357,7 +360,8 @@ def test_errors_come_with_a_guess_that_needs_no_predictor_for_scale(engine):
     expected = (truth[box.target_indices] - average).pow(2).mean(-1)
     torch.testing.assert_close(box.baseline_errors, expected, rtol=1e-5, atol=1e-6)
     assert analysis.metrics()["boxes"][0]["visible_average_error"] == round(box.baseline_error, 4)
-    assert f"visible average: {box.baseline_error:.2f}" in engine.explain(analysis)
+    text = panels.explanation(analysis, engine.conditioning_of(None))
+    assert f"visible average: {box.baseline_error:.2f}" in text
 
 
 def test_the_explanation_quotes_every_probe_coarse_first(engine):
@@ -367,7 +371,7 @@ def test_the_explanation_quotes_every_probe_coarse_first(engine):
     analysis = engine.analyze(image, [[40, 0, 100, 60]])
     probe = analysis.reports[0].probe
     assert list(probe) == ["group", "subgroup"]
-    text = engine.explain(analysis)
+    text = panels.explanation(analysis, engine.conditioning_of(None))
     quoted = [f"{name} *{top[0][0]}* ({top[0][1]:.0%})" for name, top in probe.items()]
     assert f"the probes read the guess as {quoted[0]}, {quoted[1]}" in text
 
@@ -391,7 +395,7 @@ def test_sketches_stream_first_one_early_with_exact_context(engine, two_box_anal
         np.testing.assert_array_equal(image[outside], base[outside])
         assert not np.array_equal(image[~outside], base[~outside])
     np.testing.assert_array_equal(updates[0].images[0], updates[-1].images[0])
-    gallery = engine.sketch_gallery(two_box_analysis, updates[-1])
+    gallery = panels.sketch_gallery(two_box_analysis, updates[-1])
     assert len(gallery) == 3 and gallery[2][1].startswith("Sketch 3 of 3 · seed 7")
 
 
@@ -440,8 +444,8 @@ def test_the_bundle_offers_both_decoders_and_each_draws_its_own_sketches(engine,
     figure = engine.truth_vs_prediction(two_box_analysis, ours, seed=4, num_steps=STEPS, conditioning="pooled")
     assert figure.ndim == 3
     assert "decoder, Pooled (the I-JEPA" in engine.describe() and "decoder, Detailed" in engine.describe()
-    assert "average" in engine.explain(two_box_analysis, 1, "pooled")
-    assert "average of the box" not in engine.explain(two_box_analysis, 1)
+    assert "average" in panels.explanation(two_box_analysis, engine.conditioning_of("pooled"), 1)
+    assert "average of the box" not in panels.explanation(two_box_analysis, engine.conditioning_of(None), 1)
     with pytest.raises(ValueError, match="No 'spatial' sketch decoder.*'pooled'"):
         engine.sketches(two_box_analysis, 1, num_steps=STEPS, conditioning="spatial")
 
@@ -469,7 +473,8 @@ def test_missing_parts_switch_panels_off_with_explanations(bundle, tmp_path):
     with pytest.raises(ValueError, match="python -m train.decoder"):
         next(engine.stream_sketches(analysis))
     assert engine.truth_vs_prediction(analysis).ndim == 3  # the error map needs no decoder
-    assert engine.neighbour_gallery(analysis) == [] and "probe" in engine.readout_markdown(analysis).lower()
+    assert panels.neighbour_gallery(analysis, engine.bank) == []
+    assert "probe" in panels.readout_markdown(analysis, engine.note_on("probe", "none")).lower()
 
 
 def test_checkpoint_flag_uses_only_the_given_decoders(bundle, tmp_path):
