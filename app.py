@@ -44,9 +44,13 @@ from ijepa.engine import (BOX_COLORS, DECODER_NAMES, DEFAULT_ASSETS, DEFAULT_NUM
 logger = logging.getLogger("app")
 
 MAX_FILE_SIZE = "20mb"
-# (width, height) the drawing widget shows an image at, enlarged or reduced with its shape kept: a 20 px icon and a
-# 4000 px portrait photo both show whole, with the box tool and the button in view. The model reads the file itself.
-DISPLAY_BOX = (512, 400)
+# The drawing widget shows every image whole, enlarged or reduced with its shape kept, centred on a square canvas of
+# this side: a 20 px icon and a 4000 px portrait photo both fill it, with the box tool and the button in view, and
+# neither a very wide image nor the widget's rotate buttons change the drawing area's height. The widget writes a
+# box's number just above the box, so the image keeps LABEL_MARGIN pixels free around it. The model reads the file.
+CANVAS_SIDE = 480
+LABEL_MARGIN = 24
+CANVAS_FILL = (150, 150, 150)  # the canvas around the image: a neutral grey, unlike the dimmed part of the image
 QUEUE_SIZE = 32
 DRAW_HINT = ("**Draw:** press the box icon under the image (or C), then drag. **Move, resize or delete:** the hand "
              "icon (D), click a box, then drag it, or press Delete or the bin icon.")
@@ -133,14 +137,32 @@ def annotator_value(image: np.ndarray, boxes: list | tuple = ()) -> dict:
                       for i, (x0, y0, x1, y1) in enumerate(boxes)]}
 
 
-def display_copy(image: np.ndarray) -> tuple[np.ndarray, float]:
-    """An image enlarged (nearest, so its pixels stay crisp) or reduced (Lanczos) to fill DISPLAY_BOX, and its
-    scale."""
+def placement(width: int, height: int) -> tuple[int, int, int, int]:
+    """Where ``display_copy`` puts a width x height image on the canvas: (left, top, shown width, shown height). The
+    shown sides have the canvas side's parity, so the image is exactly centred and a quarter turn of the canvas puts
+    it where the turned image would go: boxes drawn after the widget's rotate buttons map back as well."""
+    inner = CANVAS_SIDE - 2 * LABEL_MARGIN
+    scale = min(inner / width, inner / height)
+    shown = []
+    for side in (width, height):
+        side = max(1, round(side * scale))
+        if (CANVAS_SIDE - side) % 2:
+            side = side - 1 if side > 1 else side + 1
+        shown.append(side)
+    return (CANVAS_SIDE - shown[0]) // 2, (CANVAS_SIDE - shown[1]) // 2, shown[0], shown[1]
+
+
+def display_copy(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The square canvas the widget shows: the image enlarged (nearest, so its pixels stay crisp) or reduced
+    (Lanczos) to fit, what the model does not read dimmed, centred on CANVAS_FILL; and its ``placement``."""
     height, width = image.shape[:2]
-    scale = min(DISPLAY_BOX[0] / width, DISPLAY_BOX[1] / height)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS
-    return np.asarray(Image.fromarray(image).resize(size, resample)), scale
+    left, top, shown_width, shown_height = place = placement(width, height)
+    resample = Image.Resampling.NEAREST if shown_width >= width else Image.Resampling.LANCZOS
+    resized = np.asarray(Image.fromarray(image).resize((shown_width, shown_height), resample))
+    canvas = np.empty((CANVAS_SIDE, CANVAS_SIDE, 3), np.uint8)
+    canvas[:] = CANVAS_FILL
+    canvas[top:top + shown_height, left:left + shown_width] = dim_outside_centre_square(resized)
+    return canvas, place
 
 
 def dim_outside_centre_square(image: np.ndarray) -> np.ndarray:
@@ -214,8 +236,10 @@ class Handlers:
         change for a widget value that has no file behind it."""
         if source["path"] is None:
             return gr.skip(), gr.skip()
-        copy, scale = display_copy(image)
-        return annotator_value(dim_outside_centre_square(copy), [[v * scale for v in box] for box in boxes]), source
+        canvas, (left, top, shown_width, shown_height) = display_copy(image)
+        sx, sy = shown_width / image.shape[1], shown_height / image.shape[0]
+        return annotator_value(canvas, [[left + x0 * sx, top + y0 * sy, left + x1 * sx, top + y1 * sy]
+                                        for x0, y0, x1, y1 in boxes]), source
 
     def model_input(self, value: dict | None, source: dict | None) -> tuple[np.ndarray, list[list[float]], dict]:
         """What the model reads: (the image, the boxes drawn on the widget in its pixels, the source as now turned).
@@ -225,8 +249,10 @@ class Handlers:
             return shown, boxes, {"path": None, "turns": 0}
         source = {**source, "turns": (source["turns"] + int(value.get("orientation") or 0)) % 4}
         image = turned(read_image(source["path"]), source["turns"])
-        sx, sy = image.shape[1] / shown.shape[1], image.shape[0] / shown.shape[0]
-        return image, [[x0 * sx, y0 * sy, x1 * sx, y1 * sy] for x0, y0, x1, y1 in boxes], source
+        left, top, shown_width, shown_height = placement(image.shape[1], image.shape[0])
+        sx, sy = image.shape[1] / shown_width, image.shape[0] / shown_height
+        return image, [[(x0 - left) * sx, (y0 - top) * sy, (x1 - left) * sx, (y1 - top) * sy]
+                       for x0, y0, x1, y1 in boxes], source
 
     # What every result panel shows before a run: a new image must not sit beside the last image's results.
     # Order: model view, explanation, sketches, sketch status, truth, neighbours, readout, metrics, surprise, features.

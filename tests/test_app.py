@@ -235,28 +235,43 @@ def test_the_widget_shows_exact_pixels_and_a_new_image_clears_the_last_results(a
 
 
 def test_any_image_is_shown_whole_and_boxes_map_back_to_the_file(app_module, tmp_path):
-    """A 20 px icon is enlarged and a tall photo reduced to fill the drawing area (both whole, the button in view);
-    boxes drawn there, also after a turn of the widget, reach the model in the file's own pixels."""
+    """A 20 px icon is enlarged and a tall photo reduced to fit the drawing area's square canvas (both whole, the
+    button in view, the drawing area the same size for both and after a turn), with room above the image for the
+    number the widget writes above a box; boxes drawn there, also after a turn, reach the model in the file's pixels."""
     handlers = app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))
-    width, height = app_module.DISPLAY_BOX
+    side, margin = app_module.CANVAS_SIDE, app_module.LABEL_MARGIN
     for size in ((20, 10), (300, 900)):
         file = tmp_path / f"{size[0]}x{size[1]}.png"
         pixels = np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
         Image.fromarray(pixels).save(file)
         value, source = handlers.load_upload(str(file))[:2]
         shown, _ = app_module.annotator_input(value)
-        assert max(shown.shape[1] / width, shown.shape[0] / height) == pytest.approx(1, abs=0.01)
-        copy, _ = app_module.display_copy(pixels)  # shown as it is in the centre square the model reads, dimmed around
-        side = min(copy.shape[:2])
-        top, left = (copy.shape[0] - side) // 2, (copy.shape[1] - side) // 2
-        centre = (slice(top, top + side), slice(left, left + side))
-        assert np.array_equal(shown[centre], copy[centre]) and shown.mean() < copy.mean()
-        drawn = {**value, "boxes": [{"xmin": 0, "ymin": 0, "xmax": shown.shape[1] / 2, "ymax": shown.shape[0] / 4}]}
-        read, boxes, _ = handlers.model_input(drawn, source)
+        left, top, width, height = app_module.placement(*size)
+        assert shown.shape == (side, side, 3) and max(width, height) == side - 2 * margin and min(left, top) >= margin
+        assert image_bounds(shown, app_module.CANVAS_FILL) == (left, top, width, height)
+        resample = Image.Resampling.NEAREST if width > size[0] else Image.Resampling.LANCZOS
+        copy = np.asarray(Image.fromarray(pixels).resize((width, height), resample))
+        square = min(width, height)  # shown as it is in the centre square the model reads, dimmed around it
+        y, x = top + (height - square) // 2, left + (width - square) // 2
+        inside = (slice(y, y + square), slice(x, x + square))
+        assert np.array_equal(shown[inside], copy[(slice(y - top, y - top + square), slice(x - left, x - left + square))])
+        assert shown[top:top + height, left:left + width].mean() < copy.mean()
+        box = {"xmin": left, "ymin": top, "xmax": left + width / 2, "ymax": top + height / 4}
+        read, boxes, _ = handlers.model_input({**value, "boxes": [box]}, source)
         assert np.array_equal(read, pixels) and np.allclose(boxes, [[0, 0, size[0] / 2, size[1] / 4]], atol=0.05)
-        turned = {**drawn, "orientation": 1}  # the widget turned clockwise: its boxes are on the turned image
-        read, _, now = handlers.model_input(turned, source)
+        # the widget turned clockwise: its canvas (the same size) and boxes are turned, the image inside it too
+        left, top, width, height = app_module.placement(size[1], size[0])
+        assert image_bounds(np.rot90(shown, k=-1), app_module.CANVAS_FILL) == (left, top, width, height)
+        box = {"xmin": left, "ymin": top, "xmax": left + width / 2, "ymax": top + height / 4}
+        read, boxes, now = handlers.model_input({**value, "boxes": [box], "orientation": 1}, source)
         assert np.array_equal(read, np.rot90(pixels, k=-1)) and now["turns"] == 1
+        assert np.allclose(boxes, [[0, 0, size[1] / 2, size[0] / 4]], atol=0.05)
+
+
+def image_bounds(canvas: np.ndarray, fill: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of what on a canvas is not its fill colour."""
+    rows, cols = np.nonzero((canvas != fill).any(axis=2))
+    return int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)
 
 
 def test_the_ui_and_the_endpoint_draw_the_same_sketches_for_the_same_seed_and_steps(app_module, tmp_path):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import app
 from helpers import ASSETS, REPO, USE_ASSETS, serve_app, tiny_bundle
 from ijepa.engine import DECODER_NAMES
 from ijepa.boxes import boxes_to_masks, map_boxes
@@ -34,7 +35,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 90_000
 UPLOAD_SIZE = (400, 300)
-DRAWN_BOX = (110, 60, 290, 240)  # in the uploaded photo's pixels
+DRAWN_BOX = (110, 0, 290, 180)  # in the uploaded photo's pixels, at its top edge: its number must stay in view
 
 
 @pytest.fixture(scope="module")
@@ -117,18 +118,29 @@ def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
     page.set_input_files('input[data-testid="Upload your own image-upload-button"]', str(photo(tmp_path)))
     page.wait_for_selector("text=Image loaded.")
     time.sleep(1.0)
-    canvas = page.locator("#annotator canvas.canvas-annotator").bounding_box()
-    # The canvas can be wider or taller than the image (letterboxed): map image pixels to screen pixels.
-    scale = min(canvas["width"] / UPLOAD_SIZE[0], canvas["height"] / UPLOAD_SIZE[1])
-    left = canvas["x"] + (canvas["width"] - UPLOAD_SIZE[0] * scale) / 2
-    top = canvas["y"] + (canvas["height"] - UPLOAD_SIZE[1] * scale) / 2
+    annotator = page.locator("#annotator canvas.canvas-annotator")
+    canvas = annotator.bounding_box()
+    # The widget centres the app's square canvas in its drawing area, the photo on it where app.placement says.
+    scale = min(canvas["width"], canvas["height"]) / app.CANVAS_SIDE
+    photo_left, photo_top, shown_width, _ = app.placement(*UPLOAD_SIZE)
+    scale_photo = scale * shown_width / UPLOAD_SIZE[0]
+    left = (canvas["width"] - app.CANVAS_SIDE * scale) / 2 + photo_left * scale  # from the canvas's corner
+    top = (canvas["height"] - app.CANVAS_SIDE * scale) / 2 + photo_top * scale
     page.click('#annotator button[aria-label="Create box"]')
     x0, y0, x1, y1 = DRAWN_BOX
-    page.mouse.move(left + x0 * scale, top + y0 * scale)
+    page.mouse.move(canvas["x"] + left + x0 * scale_photo, canvas["y"] + top + y0 * scale_photo)
     page.mouse.down()
-    page.mouse.move(left + x1 * scale, top + y1 * scale, steps=12)
+    page.mouse.move(canvas["x"] + left + x1 * scale_photo, canvas["y"] + top + y1 * scale_photo, steps=12)
     page.mouse.up()
     run_and_wait_for_sketches(page)
+    # the run numbered the box; the widget writes "1" on a white label just above it, on the canvas
+    shot = tmp_path / "canvas.png"
+    annotator.screenshot(path=str(shot))
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    ratio = pixels.shape[1] / canvas["width"]  # screenshot pixels per CSS pixel
+    box_left, box_top = round((left + x0 * scale_photo) * ratio), round((top + y0 * scale_photo) * ratio)
+    label = pixels[box_top - round(17 * ratio):box_top - round(3 * ratio), box_left + 1:box_left + round(14 * ratio)]
+    assert box_top >= round(20 * ratio) and (label.min(axis=2) > 230).mean() > 0.5, "the box's number is out of view"
 
     config = json.loads((assets / "model" / "config.json").read_text())
     prepared = prepare_image(Image.new("RGB", UPLOAD_SIZE), config["img_size"])
