@@ -44,12 +44,13 @@ from ijepa.engine import (BOX_COLORS, DECODER_NAMES, DEFAULT_ASSETS, DEFAULT_NUM
 logger = logging.getLogger("app")
 
 MAX_FILE_SIZE = "20mb"
-# The drawing widget shows every image whole, enlarged or reduced with its shape kept, centred on a square canvas of
-# this side: a 20 px icon and a 4000 px portrait photo both fill it, with the box tool and the button in view, and
-# neither a very wide image nor the widget's rotate buttons change the drawing area's height. The widget writes a
-# box's number just above the box, so the image keeps LABEL_MARGIN pixels free around it. The model reads the file.
+# The drawing widget shows every image whole, enlarged or reduced with its shape kept to fit a square canvas of this
+# side: a 20 px icon and a 4000 px portrait photo both show whole at the same size, with the box tool and the button
+# in view, and neither a very wide image nor the widget's rotate buttons change the drawing area's height. The widget
+# writes a box's number 20 screen pixels above the box, so the image keeps LABEL_MARGIN canvas pixels free around it:
+# enough while the widget is at least 270 px wide (it shrinks the canvas to its width). The model reads the file.
 CANVAS_SIDE = 480
-LABEL_MARGIN = 24
+LABEL_MARGIN = 36
 CANVAS_FILL = (150, 150, 150)  # the canvas around the image: a neutral grey, unlike the dimmed part of the image
 QUEUE_SIZE = 32
 DRAW_HINT = ("**Draw:** press the box icon under the image (or C), then drag. **Move, resize or delete:** the hand "
@@ -152,12 +153,23 @@ def placement(width: int, height: int) -> tuple[int, int, int, int]:
     return (CANVAS_SIDE - shown[0]) // 2, (CANVAS_SIDE - shown[1]) // 2, shown[0], shown[1]
 
 
+def canvas_boxes(boxes: list | tuple, width: int, height: int, back: bool = False) -> list[list[float]]:
+    """Boxes in a width x height image's pixels -> where ``display_copy`` shows them on the canvas; ``back``: the
+    other way, canvas -> image pixels."""
+    left, top, shown_width, shown_height = placement(width, height)
+    sx, sy = shown_width / width, shown_height / height
+    if back:
+        return [[(x0 - left) / sx, (y0 - top) / sy, (x1 - left) / sx, (y1 - top) / sy] for x0, y0, x1, y1 in boxes]
+    return [[left + x0 * sx, top + y0 * sy, left + x1 * sx, top + y1 * sy] for x0, y0, x1, y1 in boxes]
+
+
 def display_copy(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """The square canvas the widget shows: the image enlarged (nearest, so its pixels stay crisp) or reduced
     (Lanczos) to fit, what the model does not read dimmed, centred on CANVAS_FILL; and its ``placement``."""
     height, width = image.shape[:2]
     left, top, shown_width, shown_height = place = placement(width, height)
-    resample = Image.Resampling.NEAREST if shown_width >= width else Image.Resampling.LANCZOS
+    enlarged = shown_width >= width and shown_height >= height
+    resample = Image.Resampling.NEAREST if enlarged else Image.Resampling.LANCZOS
     resized = np.asarray(Image.fromarray(image).resize((shown_width, shown_height), resample))
     canvas = np.empty((CANVAS_SIDE, CANVAS_SIDE, 3), np.uint8)
     canvas[:] = CANVAS_FILL
@@ -236,23 +248,24 @@ class Handlers:
         change for a widget value that has no file behind it."""
         if source["path"] is None:
             return gr.skip(), gr.skip()
-        canvas, (left, top, shown_width, shown_height) = display_copy(image)
-        sx, sy = shown_width / image.shape[1], shown_height / image.shape[0]
-        return annotator_value(canvas, [[left + x0 * sx, top + y0 * sy, left + x1 * sx, top + y1 * sy]
-                                        for x0, y0, x1, y1 in boxes]), source
+        canvas, _ = display_copy(image)
+        return annotator_value(canvas, canvas_boxes(boxes, image.shape[1], image.shape[0])), source
 
     def model_input(self, value: dict | None, source: dict | None) -> tuple[np.ndarray, list[list[float]], dict]:
         """What the model reads: (the image, the boxes drawn on the widget in its pixels, the source as now turned).
-        Without a source (a widget value made elsewhere) the widget's own image is read."""
+        Without a source (a widget value a program built with ``annotator_value``, not ``show``) the widget's own
+        image is read as it is. InputError for a box drawn wholly on the canvas's border."""
         shown, boxes = annotator_input(value)
         if source is None or source.get("path") is None:
             return shown, boxes, {"path": None, "turns": 0}
         source = {**source, "turns": (source["turns"] + int(value.get("orientation") or 0)) % 4}
         image = turned(read_image(source["path"]), source["turns"])
-        left, top, shown_width, shown_height = placement(image.shape[1], image.shape[0])
-        sx, sy = image.shape[1] / shown_width, image.shape[0] / shown_height
-        return image, [[(x0 - left) * sx, (y0 - top) * sy, (x1 - left) * sx, (y1 - top) * sy]
-                       for x0, y0, x1, y1 in boxes], source
+        height, width = image.shape[:2]
+        mapped = canvas_boxes(boxes, width, height, back=True)
+        for number, (x0, y0, x1, y1) in enumerate(mapped, start=1):
+            if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+                raise InputError(f"Box {number} lies on the grey border around the image. Draw it on the image.")
+        return image, mapped, source
 
     # What every result panel shows before a run: a new image must not sit beside the last image's results.
     # Order: model view, explanation, sketches, sketch status, truth, neighbours, readout, metrics, surprise, features.

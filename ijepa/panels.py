@@ -88,10 +88,11 @@ def readout_markdown(analysis: Analysis, missing: str = "No probe loaded.") -> s
     return "\n\n".join(lines) if lines else f"*{missing}*"
 
 
-def explanation(analysis: Analysis, conditioning: str | None = None, num_samples: int | None = None) -> str:
+def explanation(analysis: Analysis, conditioning: str | None, num_samples: int | None = None) -> str:
     """A short plain-language account of what the model saw, what it guessed and why sketches differ.
 
-    ``conditioning``: the decoder that draws the sketches (``Engine.conditioning_of``), None when there is none.
+    ``conditioning``: the kind of the decoder that draws the sketches, ``Engine.conditioning_of(requested)``; None
+    means there is no decoder (not "the default one"), so the account says nothing about sketches.
     """
     grid = analysis.result.grid_size
     hidden = analysis.num_patches - int(analysis.result.context_indices.numel())

@@ -236,11 +236,12 @@ def test_the_widget_shows_exact_pixels_and_a_new_image_clears_the_last_results(a
 
 def test_any_image_is_shown_whole_and_boxes_map_back_to_the_file(app_module, tmp_path):
     """A 20 px icon is enlarged and a tall photo reduced to fit the drawing area's square canvas (both whole, the
-    button in view, the drawing area the same size for both and after a turn), with room above the image for the
-    number the widget writes above a box; boxes drawn there, also after a turn, reach the model in the file's pixels."""
+    button in view, the drawing area the same size for both and after any turn), with room above the image for the
+    number the widget writes above a box; boxes drawn there, also after a turn, reach the model in the file's pixels.
+    Odd sizes (7 x 5, 401 x 300) need the image's shown sides rounded to keep it exactly centred."""
     handlers = app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))
     side, margin = app_module.CANVAS_SIDE, app_module.LABEL_MARGIN
-    for size in ((20, 10), (300, 900)):
+    for size in ((20, 10), (300, 900), (7, 5), (401, 300)):
         file = tmp_path / f"{size[0]}x{size[1]}.png"
         pixels = np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
         Image.fromarray(pixels).save(file)
@@ -249,23 +250,25 @@ def test_any_image_is_shown_whole_and_boxes_map_back_to_the_file(app_module, tmp
         left, top, width, height = app_module.placement(*size)
         assert shown.shape == (side, side, 3) and max(width, height) == side - 2 * margin and min(left, top) >= margin
         assert image_bounds(shown, app_module.CANVAS_FILL) == (left, top, width, height)
-        resample = Image.Resampling.NEAREST if width > size[0] else Image.Resampling.LANCZOS
+        enlarged = width >= size[0] and height >= size[1]
+        resample = Image.Resampling.NEAREST if enlarged else Image.Resampling.LANCZOS
         copy = np.asarray(Image.fromarray(pixels).resize((width, height), resample))
         square = min(width, height)  # shown as it is in the centre square the model reads, dimmed around it
-        y, x = top + (height - square) // 2, left + (width - square) // 2
-        inside = (slice(y, y + square), slice(x, x + square))
-        assert np.array_equal(shown[inside], copy[(slice(y - top, y - top + square), slice(x - left, x - left + square))])
+        y, x = (height - square) // 2, (width - square) // 2
+        inside = shown[top + y:top + y + square, left + x:left + x + square]
+        assert np.array_equal(inside, copy[y:y + square, x:x + square])
         assert shown[top:top + height, left:left + width].mean() < copy.mean()
-        box = {"xmin": left, "ymin": top, "xmax": left + width / 2, "ymax": top + height / 4}
-        read, boxes, _ = handlers.model_input({**value, "boxes": [box]}, source)
-        assert np.array_equal(read, pixels) and np.allclose(boxes, [[0, 0, size[0] / 2, size[1] / 4]], atol=0.05)
-        # the widget turned clockwise: its canvas (the same size) and boxes are turned, the image inside it too
-        left, top, width, height = app_module.placement(size[1], size[0])
-        assert image_bounds(np.rot90(shown, k=-1), app_module.CANVAS_FILL) == (left, top, width, height)
-        box = {"xmin": left, "ymin": top, "xmax": left + width / 2, "ymax": top + height / 4}
-        read, boxes, now = handlers.model_input({**value, "boxes": [box], "orientation": 1}, source)
-        assert np.array_equal(read, np.rot90(pixels, k=-1)) and now["turns"] == 1
-        assert np.allclose(boxes, [[0, 0, size[1] / 2, size[0] / 4]], atol=0.05)
+        for turns in range(4):  # the widget turned clockwise: its canvas, its boxes and the image inside it turn
+            upright = np.rot90(pixels, k=-turns)
+            left, top, width, height = app_module.placement(upright.shape[1], upright.shape[0])
+            assert image_bounds(np.rot90(shown, k=-turns), app_module.CANVAS_FILL) == (left, top, width, height)
+            box = {"xmin": left, "ymin": top, "xmax": left + width / 2, "ymax": top + height / 4}
+            read, boxes, now = handlers.model_input({**value, "boxes": [box], "orientation": turns}, source)
+            assert np.array_equal(read, upright) and now["turns"] == turns
+            assert np.allclose(boxes, [[0, 0, upright.shape[1] / 2, upright.shape[0] / 4]], atol=1e-6)
+        border = {"xmin": 1, "ymin": 1, "xmax": margin - 1, "ymax": margin - 1}  # on the grey border only
+        with pytest.raises(app_module.InputError, match="Box 1 lies on the grey border"):
+            handlers.model_input({**value, "boxes": [border]}, source)
 
 
 def image_bounds(canvas: np.ndarray, fill: tuple[int, int, int]) -> tuple[int, int, int, int]:

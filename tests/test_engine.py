@@ -475,6 +475,9 @@ def test_missing_parts_switch_panels_off_with_explanations(bundle, tmp_path):
     assert engine.truth_vs_prediction(analysis).ndim == 3  # the error map needs no decoder
     assert panels.neighbour_gallery(analysis, engine.bank) == []
     assert "probe" in panels.readout_markdown(analysis, engine.note_on("probe", "none")).lower()
+    assert engine.conditioning_of(None) is None  # so the explanation says nothing about sketches
+    text = panels.explanation(analysis, engine.conditioning_of(None))
+    assert "What it guessed" in text and "sketch" not in text.lower()
 
 
 def test_checkpoint_flag_uses_only_the_given_decoders(bundle, tmp_path):
