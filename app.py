@@ -54,13 +54,18 @@ LABEL_MARGIN = 36
 CANVAS_FILL = (150, 150, 150)  # the canvas around the image: a neutral grey, unlike the dimmed part of the image
 QUEUE_SIZE = 32
 DRAW_HINT = ("**Draw:** press the box icon under the image (or C), then drag. **Move, resize or delete:** the hand "
-             "icon (D), click a box, then drag it, or press Delete or the bin icon.")
+             "icon (D), click a box, then drag it, or press Delete or the bin icon. The model reads the bright square "
+             "only: it never sees the dimmed sides.")
+# After an upload the widget is still in move mode (it picks its mode once, when the page loads), so a first drag on
+# the new image would draw nothing: switch it to drawing boxes, as pressing its box icon does.
+SWITCH_TO_DRAWING = "() => document.querySelector('#annotator button[aria-label=\"Create box\"]')?.click()"
 
 INTRO = """# I-JEPA, visible
 Draw a box on the image. The model does not see what is inside it (the grid patches under the box are hidden, as
 "What the model saw" shows): it **predicts** a description of the hidden region from everything around it. The
-result panels show that prediction as sketches, as numbers and as maps. Pick an example under the image to start, or
-upload your own image and draw a box (up to {max_boxes})."""
+result panels show that prediction as sketches, as numbers and as maps. The first example is ready with its box:
+press **Show what the model expects**, pick another example under the image, or upload your own image and draw a box
+(up to {max_boxes})."""
 
 HOW_TO_READ = """
 - **Sketches**: a separate decoder turns the predicted description into pictures. Each sketch is one possible
@@ -276,11 +281,17 @@ class Handlers:
         return (*self.show(str(example.path), example.boxes), *self.CLEARED)
 
     def load_upload(self, path: str | None) -> tuple:
-        if path is None:
-            raise gr.Error("No file arrived; try the upload again.")
-        with user_errors():
-            shown = self.show(path)
-        gr.Info("Image loaded. The model reads the square at its centre. " + DRAW_HINT.replace("**", ""))
+        """The uploaded image in the widget, every result panel cleared. A file that is not a usable image gets a
+        warning and changes nothing: the last image, its boxes and its results stay."""
+        try:
+            if path is None:
+                raise InputError("No file arrived; try the upload again.")
+            with bugs_reported():
+                shown = self.show(path)
+        except InputError as err:
+            gr.Warning(str(err), duration=8)
+            return (gr.skip(),) * (2 + len(self.CLEARED))
+        gr.Info("Image loaded. Drag on it to draw a box. The model reads the bright square at its centre.")
         return (*shown, *self.CLEARED)
 
     def run(self, value: dict | None, num_samples: float, seed: float, steps: float, conditioning: str | None = None,
@@ -421,8 +432,6 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                                              "varied).")
                 with gr.Accordion("Settings", open=False):
                     steps = gr.Slider(4, 30, value=DEFAULT_NUM_STEPS, step=1, label="Decoder steps (more = finer)")
-                    window = gr.Slider(1, max(1, grid // 2), value=max(1, grid // 4), step=1,
-                                       label="Surprise-map window (patches)")
             with gr.Column(scale=7):
                 with gr.Tabs():
                     with gr.Tab("Sketches"):
@@ -448,6 +457,8 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                                                 interactive=False)
                     with gr.Tab("Surprise map"):
                         gr.Markdown("Prediction error of a window sliding over the image")
+                        window = gr.Slider(1, max(1, grid // 2), value=max(1, grid // 4), step=1,
+                                           label="Window (patches)", elem_id="window")
                         surprise = gr.Image(show_label=False, format="png", elem_id="surprise", interactive=False,
                                             buttons=["download"])
                     with gr.Tab("Feature view"):
@@ -493,14 +504,15 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                               show_progress_on=[model_view, sketches], **model_work)  # the widget stays drawable
         explore_event = run_event.success(handlers.explore, [annotator, window, source], [surprise, features],
                                           api_visibility="private", **model_work)
-        window_event = window.release(handlers.explore, [annotator, window, source], [surprise, features],
-                                      api_visibility="private", **model_work)
+        # change, not release: a window typed into the slider's field counts too; only the last pending one runs
+        window_event = window.change(handlers.explore, [annotator, window, source], [surprise, features],
+                                     api_visibility="private", trigger_mode="always_last", **model_work)
         # A new image stops the last image's work, so its late results cannot land beside the new image.
         last_image_work = [run_event, explore_event, window_event]
         examples.select(handlers.load_example, None, [annotator, source, *results], api_visibility="private",
                         concurrency_limit=4, cancels=last_image_work)
         upload.upload(handlers.load_upload, upload, [annotator, source, *results], api_visibility="private",
-                      concurrency_limit=4, cancels=last_image_work)
+                      concurrency_limit=4, cancels=last_image_work).success(None, js=SWITCH_TO_DRAWING)
         api_button.click(handlers.api_sketch, [api_image, api_boxes, api_samples, api_seed, api_decoder, api_steps],
                          [api_sketches, api_metrics], api_name="sketch",
                          api_description="Sketches of what the predictor expects in each box, with metrics. Send "

@@ -86,7 +86,7 @@ def map_boxes(prepared: PreparedImage, boxes: Sequence[Box], patch_size: int,
         whole = prepared.to_model((x0, y0, x1, y1))
         mx0, my0, mx1, my1 = (min(max(v, 0.0), float(size)) for v in whole)
         square = (f"the centre square the model sees (x {left:.0f}..{left + side:.0f}, "
-                  f"y {top:.0f}..{top + side:.0f} of your image)")
+                  f"y {top:.0f}..{top + side:.0f} of your image; the app shows the rest dimmed)")
         if mx1 <= mx0 or my1 <= my0:
             raise InputError(f"Box {number} lies outside {square}. Draw it inside that square.")
         too_small = _MIN_BOX_PATCH_FRACTION * patch_size

@@ -430,7 +430,7 @@ class Engine:
         if not 1 <= int(num_steps) <= MAX_NUM_STEPS:
             raise InputError(f"The number of sampler steps must be between 1 and {MAX_NUM_STEPS}, got {num_steps}.")
         if not 0 <= int(seed) < 2**31:
-            raise InputError(f"The seed must be an integer in [0, 2^31), got {seed}.")
+            raise InputError(f"The seed must be a whole number from 0 to {2**31 - 1}, got {seed}.")
 
     def _composite(self, analysis: Analysis, sketches: torch.Tensor) -> list[np.ndarray]:
         """Sampler output [boxes, samples, 3, S, S] in [0, 1] -> per sample, the model's input with every box filled

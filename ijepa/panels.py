@@ -109,12 +109,14 @@ def explanation(analysis: Analysis, conditioning: str | None, num_samples: int |
     ]
     parts.extend("- " + _box_line(analysis, b, conditioning is not None) + "." for b in range(len(analysis.reports)))
     if conditioning is not None:
-        count = f"{num_samples} " if num_samples else ""
+        if num_samples == 1:
+            heading = "**Why sketches differ** (draw two or more to compare them)."
+        else:
+            heading = f"**Why the {f'{num_samples} ' if num_samples else ''}sketches differ.**"
         parts.append(
-            f"**Why the {count}sketches differ.** A description leaves details open, like a sentence describing "
-            "a face. The decoder draws pictures that all fit the guess: what they share, the model is sure "
-            "about; what changes, it left open. They sketch its expectation; they do not recover the hidden "
-            "pixels.")
+            f"{heading} A description leaves details open, like a sentence describing a face. The decoder draws "
+            "pictures that all fit the guess: what they share, the model is sure about; what changes, it left open. "
+            "They sketch its expectation; they do not recover the hidden pixels.")
     if conditioning == "pooled":
         parts.append(
             "**This decoder** gets only the average of the box's predicted features, as in the I-JEPA "
@@ -125,9 +127,10 @@ def explanation(analysis: Analysis, conditioning: str | None, num_samples: int |
 
 def _box_line(analysis: Analysis, b: int, has_decoder: bool) -> str:
     report, box, grid = analysis.reports[b], analysis.result.boxes[b], analysis.result.grid_size
-    verdict = "better than" if report.error < report.baseline_error else "no better than"
-    line = (f"Box {report.number}: error **{report.error:.2f}**, {verdict} copying the visible average "
-            f"(visible average: {report.baseline_error:.2f})")
+    error, bar = f"{report.error:.2f}", f"{report.baseline_error:.2f}"  # as shown: equal figures read as a tie
+    verdict = ("about as good as" if error == bar else
+               "better than" if report.error < report.baseline_error else "no better than")
+    line = f"Box {report.number}: error **{error}**, {verdict} copying the visible average (visible average: {bar})"
     if report.clipped:
         line += " (only its part inside the centre square the model sees was hidden)"
     largest = largest_user_box(grid)

@@ -310,6 +310,18 @@ def test_a_bug_is_reported_as_one_and_logged_not_blamed_on_the_input(app_module,
     assert outputs[3].startswith("**Please adjust the input.**")
 
 
+def test_a_file_that_is_not_an_image_changes_nothing(app_module, tmp_path):
+    """An unreadable upload had blanked the widget and marked every panel "Error"; now it warns and the last image,
+    its boxes and its results stay."""
+    handlers = app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    for path in (str(corrupt), None):
+        with pytest.warns(UserWarning, match="not an image|No file arrived"):
+            outputs = handlers.load_upload(path)
+        assert len(outputs) == 12 and all(o == app_module.gr.skip() for o in outputs)  # nothing on the page changes
+
+
 def test_a_new_image_cancels_the_last_images_work(app_module, tmp_path):
     """Sketches still being drawn for the last image must not land beside a newly picked or uploaded one."""
     demo = app_module.build_app(app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))

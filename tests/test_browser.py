@@ -110,6 +110,15 @@ def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
         page.get_by_role("tab", name=tab).click()
         page.wait_for_selector(selector)  # each panel rendered (the surprise map follows the sketches)
     page.wait_for_selector("#model-view img")
+    # a window typed into the slider's field (Enter) redraws the surprise map, as dragging the slider does
+    page.get_by_role("tab", name="Surprise map").click()
+    before = page.get_attribute("#surprise img", "src")
+    field = page.locator('#window input[type="number"]')
+    field.fill("3")
+    field.press("Enter")
+    page.wait_for_function("(old) => { const i = document.querySelector('#surprise img'); "
+                           "return i && i.getAttribute('src') !== old && i.complete; }", arg=before)
+    page.get_by_role("tab", name="Sketches").click()
     update = os.environ.get("UPDATE_SCREENSHOT") == "1" and USE_ASSETS  # never a random bundle's page in the README
     screenshot = README_SCREENSHOT if update else tmp_path / "screenshot.png"
     page.screenshot(path=str(screenshot), full_page=True)
@@ -126,7 +135,7 @@ def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
     scale_photo = scale * shown_width / UPLOAD_SIZE[0]
     left = (canvas["width"] - app.CANVAS_SIDE * scale) / 2 + photo_left * scale  # from the canvas's corner
     top = (canvas["height"] - app.CANVAS_SIDE * scale) / 2 + photo_top * scale
-    page.click('#annotator button[aria-label="Create box"]')
+    # no press on the box icon: after an upload the widget is already drawing boxes
     x0, y0, x1, y1 = DRAWN_BOX
     page.mouse.move(canvas["x"] + left + x0 * scale_photo, canvas["y"] + top + y0 * scale_photo)
     page.mouse.down()

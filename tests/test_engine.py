@@ -7,6 +7,8 @@ are computed correctly; missing bundle parts switch panels off with an explanati
 """
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import json
 import shutil
@@ -362,6 +364,21 @@ def test_errors_come_with_a_guess_that_needs_no_predictor_for_scale(engine):
     assert analysis.metrics()["boxes"][0]["visible_average_error"] == round(box.baseline_error, 4)
     text = panels.explanation(analysis, engine.conditioning_of(None))
     assert f"visible average: {box.baseline_error:.2f}" in text
+
+
+def test_the_explanation_verdict_agrees_with_the_figures_it_shows(engine):
+    """0.1531 against 0.1531 had read "error 0.15, better than ... (visible average: 0.15)"; and one sketch is no
+    "1 sketches" that differ."""
+    analysis = engine.analyze(np.zeros((64, 64, 3), np.uint8), [[16, 16, 40, 40]])
+    report = analysis.reports[0]
+    for error, bar, verdict in ((0.15312, 0.15314, "about as good as"), (0.12, 0.15, "better than"),
+                                (0.18, 0.15, "no better than")):
+        analysis.reports[0] = dataclasses.replace(report, error=error, baseline_error=bar)
+        assert f"error **{error:.2f}**, {verdict} copying the visible average" in panels.explanation(analysis, None)
+    decoder = engine.conditioning_of(None)
+    assert "**Why the 3 sketches differ.**" in panels.explanation(analysis, decoder, 3)
+    one = panels.explanation(analysis, decoder, 1)
+    assert "1 sketches" not in one and "draw two or more to compare them" in one
 
 
 def test_the_explanation_quotes_every_probe_coarse_first(engine):
