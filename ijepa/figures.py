@@ -125,11 +125,12 @@ def render_truth_vs_prediction(analysis: Analysis, truth: np.ndarray | None, pre
     hidden = base.copy()
     for mask in masks:
         hidden[mask] = 128
-    columns = [("What the model saw", hidden)]
+    columns = [("Box {}: the input", hidden)]
     if truth is not None and prediction is not None:
-        columns += [("Decoded from the TRUE features", truth), ("Decoded from the PREDICTION", prediction)]
+        columns += [("Decoded: true features", truth), ("Decoded: prediction", prediction)]
     rows = len(analysis.result.boxes)
-    fig = _figure(2.5 * (len(columns) + 1) + 0.6, 2.6 * rows)
+    # small panels and large type: the app shows the figure about 500 px wide, and its titles must stay readable there
+    fig = _figure(2.0 * (len(columns) + 1) + 0.7, 2.2 * rows)
     axes = np.asarray(fig.subplots(rows, len(columns) + 1, squeeze=False))
     shown = None
     ceiling = _error_ceiling(np.concatenate([box.errors.numpy() for box in analysis.result.boxes]))
@@ -138,19 +139,19 @@ def render_truth_vs_prediction(analysis: Analysis, truth: np.ndarray | None, pre
         color = tuple(c / 255 for c in BOX_COLORS[r % len(BOX_COLORS)])
         for c, (title, picture) in enumerate(columns):
             axes[r, c].imshow(picture, interpolation="nearest")
-            axes[r, c].set_title(f"Box {r + 1}: {title}" if c == 0 else title, fontsize=9)
+            axes[r, c].set_title(title.format(r + 1), fontsize=11)
         grid = np.full(gh * gw, np.nan)
         grid[box.target_indices.numpy()] = box.errors.numpy()
         axes[r, -1].imshow(base // 3 + 85, interpolation="nearest")
         shown = axes[r, -1].imshow(grid.reshape(gh, gw), cmap=ERROR_CMAP, vmin=0.0, vmax=ceiling,
                                    interpolation="nearest", extent=_extent(size))
-        axes[r, -1].set_title(f"Error per patch: mean {box.error:.2f}\n"
-                              f"(visible average guess: {box.baseline_error:.2f})", fontsize=9)
+        axes[r, -1].set_title(f"Error per patch: {box.error:.2f}\n(visible average: {box.baseline_error:.2f})",
+                              fontsize=11)
         for axis in axes[r]:
             axis.add_patch(_rectangle(x0, y0, x1, y1, color))
             axis.set_xticks([])
             axis.set_yticks([])
-    fig.colorbar(shown, ax=axes[:, -1].tolist(), label="prediction error (0 = exact)", shrink=0.8)
+    fig.colorbar(shown, ax=axes[:, -1].tolist(), label="error (0 = exact)", shrink=0.8)
     return _figure_to_array(fig)
 
 
