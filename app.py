@@ -168,18 +168,18 @@ def canvas_boxes(boxes: list | tuple, width: int, height: int, back: bool = Fals
     return [[left + x0 * sx, top + y0 * sy, left + x1 * sx, top + y1 * sy] for x0, y0, x1, y1 in boxes]
 
 
-def display_copy(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def display_copy(image: np.ndarray) -> np.ndarray:
     """The square canvas the widget shows: the image enlarged (nearest, so its pixels stay crisp) or reduced
-    (Lanczos) to fit, what the model does not read dimmed, centred on CANVAS_FILL; and its ``placement``."""
+    (Lanczos) to fit, what the model does not read dimmed, centred on CANVAS_FILL where ``placement`` says."""
     height, width = image.shape[:2]
-    left, top, shown_width, shown_height = place = placement(width, height)
+    left, top, shown_width, shown_height = placement(width, height)
     enlarged = shown_width >= width and shown_height >= height
     resample = Image.Resampling.NEAREST if enlarged else Image.Resampling.LANCZOS
     resized = np.asarray(Image.fromarray(image).resize((shown_width, shown_height), resample))
     canvas = np.empty((CANVAS_SIDE, CANVAS_SIDE, 3), np.uint8)
     canvas[:] = CANVAS_FILL
     canvas[top:top + shown_height, left:left + shown_width] = dim_outside_centre_square(resized)
-    return canvas, place
+    return canvas
 
 
 def dim_outside_centre_square(image: np.ndarray) -> np.ndarray:
@@ -253,8 +253,7 @@ class Handlers:
         change for a widget value that has no file behind it."""
         if source["path"] is None:
             return gr.skip(), gr.skip()
-        canvas, _ = display_copy(image)
-        return annotator_value(canvas, canvas_boxes(boxes, image.shape[1], image.shape[0])), source
+        return annotator_value(display_copy(image), canvas_boxes(boxes, image.shape[1], image.shape[0])), source
 
     def model_input(self, value: dict | None, source: dict | None) -> tuple[np.ndarray, list[list[float]], dict]:
         """What the model reads: (the image, the boxes drawn on the widget in its pixels, the source as now turned).

@@ -504,8 +504,8 @@ class Engine:
         instead of decoding again.
         """
         truth = prediction = None
-        if self.has_decoder:
-            conditioning, _ = self._require_decoder(conditioning)
+        conditioning = self.conditioning_of(conditioning)
+        if conditioning is not None:
             truth = self.decode_truth(analysis, seed, num_steps, conditioning)
             if (predicted is not None and predicted.done and predicted.seed == seed
                     and predicted.conditioning == conditioning and predicted.num_steps == num_steps

@@ -129,17 +129,15 @@ def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
     time.sleep(1.0)
     annotator = page.locator("#annotator canvas.canvas-annotator")
     canvas = annotator.bounding_box()
-    # The widget centres the app's square canvas in its drawing area, the photo on it where app.placement says.
+    # The widget centres the app's square canvas in its drawing area; the box goes where app.canvas_boxes puts it.
     scale = min(canvas["width"], canvas["height"]) / app.CANVAS_SIDE
-    photo_left, photo_top, shown_width, _ = app.placement(*UPLOAD_SIZE)
-    scale_photo = scale * shown_width / UPLOAD_SIZE[0]
-    left = (canvas["width"] - app.CANVAS_SIDE * scale) / 2 + photo_left * scale  # from the canvas's corner
-    top = (canvas["height"] - app.CANVAS_SIDE * scale) / 2 + photo_top * scale
+    (x0, y0, x1, y1), = app.canvas_boxes([DRAWN_BOX], *UPLOAD_SIZE)
+    left = (canvas["width"] - app.CANVAS_SIDE * scale) / 2 + x0 * scale  # the box's corner, from the canvas's
+    top = (canvas["height"] - app.CANVAS_SIDE * scale) / 2 + y0 * scale
     # no press on the box icon: after an upload the widget is already drawing boxes
-    x0, y0, x1, y1 = DRAWN_BOX
-    page.mouse.move(canvas["x"] + left + x0 * scale_photo, canvas["y"] + top + y0 * scale_photo)
+    page.mouse.move(canvas["x"] + left, canvas["y"] + top)
     page.mouse.down()
-    page.mouse.move(canvas["x"] + left + x1 * scale_photo, canvas["y"] + top + y1 * scale_photo, steps=12)
+    page.mouse.move(canvas["x"] + left + (x1 - x0) * scale, canvas["y"] + top + (y1 - y0) * scale, steps=12)
     page.mouse.up()
     run_and_wait_for_sketches(page)
     # the run numbered the box; the widget writes "1" on a white label just above it, on the canvas
@@ -147,7 +145,7 @@ def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
     annotator.screenshot(path=str(shot))
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     ratio = pixels.shape[1] / canvas["width"]  # screenshot pixels per CSS pixel
-    box_left, box_top = round((left + x0 * scale_photo) * ratio), round((top + y0 * scale_photo) * ratio)
+    box_left, box_top = round(left * ratio), round(top * ratio)
     label = pixels[box_top - round(17 * ratio):box_top - round(3 * ratio), box_left + 1:box_left + round(14 * ratio)]
     assert box_top >= round(20 * ratio) and (label.min(axis=2) > 230).mean() > 0.5, "the box's number is out of view"
 
