@@ -53,19 +53,35 @@ CANVAS_SIDE = 480
 LABEL_MARGIN = 36
 CANVAS_FILL = (150, 150, 150)  # the canvas around the image: a neutral grey, unlike the dimmed part of the image
 QUEUE_SIZE = 32
-DRAW_HINT = ("**Draw:** press the box icon under the image (or C), then drag. **Move, resize or delete:** the hand "
-             "icon (D), click a box, then drag it, or press Delete or the bin icon. The model reads the bright square "
-             "only: it never sees the dimmed sides.")
-# After an upload the widget is still in move mode (it picks its mode once, when the page loads), so a first drag on
-# the new image would draw nothing: switch it to drawing boxes, as pressing its box icon does.
+DRAW_HINT = ("**Draw:** drag on the image. **Move, resize or delete:** the hand icon, then a box (bin icon: delete). "
+             "The model reads the bright square only.")
+# The widget starts in move mode and keeps a mode until one of its icons is pressed, so a first drag would draw
+# nothing: switch it to drawing boxes, as pressing its box icon does, when the page opens and after an upload.
 SWITCH_TO_DRAWING = "() => document.querySelector('#annotator button[aria-label=\"Create box\"]')?.click()"
+# Where the columns stack (a phone, a tablet), the results lie below the examples and settings: bring them into
+# view when the button is pressed, so that the sketches are seen arriving.
+SHOW_RESULTS = """() => {
+    const results = document.querySelector('#results'), run = document.querySelector('#run');
+    if (results && run && results.getBoundingClientRect().top > run.getBoundingClientRect().bottom + 80)
+        results.scrollIntoView({behavior: 'smooth', block: 'start'});
+}"""
+# Gradio's galleries focus their selected thumbnail whenever their value changes, and focus() scrolls the page to
+# it: on a narrow screen every streamed sketch would pull the page away from where the user is. Keep the focus (for
+# the arrow keys), drop the scroll.
+HEAD = """<script>
+(() => {
+    const focus = HTMLElement.prototype.focus;
+    HTMLElement.prototype.focus = function (options) {
+        const inGallery = this.closest && this.closest('#sketches, #neighbours, #examples');
+        return focus.call(this, inGallery ? {...options, preventScroll: true} : options);
+    };
+})();
+</script>"""
 
 INTRO = """# I-JEPA, visible
-Draw a box on the image. The model does not see what is inside it (the grid patches under the box are hidden, as
-"What the model saw" shows): it **predicts** a description of the hidden region from everything around it. The
-result panels show that prediction as sketches, as numbers and as maps. The first example is ready with its box:
-press **Show what the model expects**, pick another example under the image, or upload your own image and draw a box
-(up to {max_boxes})."""
+Draw a box on the image. The model does not see inside it: it **predicts** a description of the hidden region from
+everything around it, shown here as sketches, numbers and maps. The first example is ready with its box: press **Show
+what the model expects**, pick another example, or upload your own image (up to {max_boxes} boxes)."""
 
 HOW_TO_READ = """
 - **Sketches**: a separate decoder turns the predicted description into pictures. Each sketch is one possible
@@ -79,8 +95,8 @@ HOW_TO_READ = """
   (truth), beside the one it guessed (prediction), and how far apart the two descriptions are, patch by patch.
 - **What it expects**: the most similar boxes in a reference collection, and a simple classifier's reading of
   the guess.
-- **Surprise map**: how hard each part of the image is to predict from its surroundings (bright = surprising).
-- **Feature view**: patches the model describes alike get similar colours.
+- **Surprise**: how hard each part of the image is to predict from its surroundings (bright = surprising).
+- **Features**: patches the model describes alike get similar colours.
 """
 
 
@@ -395,12 +411,11 @@ def build_app(handlers: Handlers) -> gr.Blocks:
     conditionings = engine.conditionings
     with gr.Blocks(title="I-JEPA, visible", analytics_enabled=False) as demo:
         gr.Markdown(INTRO.format(max_boxes=MAX_BOXES))
-        with gr.Accordion("About the loaded model", open=False):
-            gr.Markdown(engine.describe(), elem_id="model-info")
         initial_value, initial_source = handlers.initial_value()
         source = gr.State(initial_source)  # the file the widget's image shows: what the model reads (Handlers.show)
         with gr.Row():
-            with gr.Column(scale=5):
+            # each column keeps a usable width (the canvas, five tab names): below ~950 px they stack
+            with gr.Column(scale=5, min_width=400):
                 gr.Markdown(DRAW_HINT, elem_id="draw-hint")
                 # no label: a widget's label is drawn over the top of the image, where boxes often start
                 annotator = image_annotator(
@@ -431,7 +446,9 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                                              "varied).")
                 with gr.Accordion("Settings", open=False):
                     steps = gr.Slider(4, 30, value=DEFAULT_NUM_STEPS, step=1, label="Decoder steps (more = finer)")
-            with gr.Column(scale=7):
+                with gr.Accordion("About the loaded model", open=False):
+                    gr.Markdown(engine.describe(), elem_id="model-info")
+            with gr.Column(scale=7, min_width=480, elem_id="results"):
                 with gr.Tabs():
                     with gr.Tab("Sketches"):
                         sketch_status = gr.Markdown("", elem_id="sketch-status")
@@ -442,7 +459,7 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                     with gr.Tab("Truth vs prediction"):
                         gr.Markdown("Decoded truth vs decoded prediction, and the error per patch")
                         truth = gr.Image(show_label=False, format="png", elem_id="truth", interactive=False,
-                                         buttons=["download"])
+                                         buttons=["download", "fullscreen"])
                     with gr.Tab("What it expects"):
                         gr.Markdown("A simple classifier (a linear probe, trained on what the model computes when it "
                                     "*does* see a box) reads the prediction; *on the true features* is its reading "
@@ -454,22 +471,23 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                         neighbours = gr.Gallery(show_label=False, columns=3, height="auto",
                                                 object_fit="contain", format="png", elem_id="neighbours",
                                                 interactive=False)
-                    with gr.Tab("Surprise map"):
+                    with gr.Tab("Surprise"):
                         gr.Markdown("Prediction error of a window sliding over the image")
                         window = gr.Slider(1, max(1, grid // 2), value=max(1, grid // 4), step=1,
                                            label="Window (patches)", elem_id="window")
                         surprise = gr.Image(show_label=False, format="png", elem_id="surprise", interactive=False,
-                                            buttons=["download"])
-                    with gr.Tab("Feature view"):
+                                            buttons=["download", "fullscreen"])
+                    with gr.Tab("Features"):
                         gr.Markdown("Patch features as colours (their top three principal components)")
                         features = gr.Image(show_label=False, format="png", elem_id="features", interactive=False,
-                                            buttons=["download"])
+                                            buttons=["download", "fullscreen"])
                 with gr.Row():
                     with gr.Column(scale=2, min_width=160):
                         gr.Markdown("**What the model saw** (hidden patches covered)")
                         model_view = gr.Image(show_label=False, format="png", elem_id="model-view", height=256,
                                               interactive=False)
-                    explanation = gr.Markdown("Results appear here.", elem_id="explanation")
+                    with gr.Column(scale=3, min_width=300):  # beside the view where there is room, else below it
+                        explanation = gr.Markdown("Results appear here.", elem_id="explanation")
                 with gr.Accordion("How to read this", open=False):
                     gr.Markdown(HOW_TO_READ)
                 with gr.Accordion("Numbers (JSON)", open=False):
@@ -497,6 +515,8 @@ def build_app(handlers: Handlers) -> gr.Blocks:
         # Model work shares one concurrency group: one request at a time uses the CPU/GPU, the rest queue. A press
         # while the previous run (or its surprise map) is still going is kept and runs next, not dropped.
         model_work = dict(concurrency_id="model", concurrency_limit=1)
+        # first: a trigger's listeners start in the order they were added, and this one needs no server
+        run.click(None, js=SHOW_RESULTS, queue=False)
         run_event = run.click(handlers.run, [annotator, num_samples, seed, steps, conditioning, source],
                               [annotator, source, model_view, explanation, sketches, sketch_status, truth, neighbours,
                                readout, metrics], api_visibility="private", trigger_mode="always_last",
@@ -510,6 +530,7 @@ def build_app(handlers: Handlers) -> gr.Blocks:
         last_image_work = [run_event, explore_event, window_event]
         examples.select(handlers.load_example, None, [annotator, source, *results], api_visibility="private",
                         concurrency_limit=4, cancels=last_image_work)
+        demo.load(None, js=SWITCH_TO_DRAWING)
         upload.upload(handlers.load_upload, upload, [annotator, source, *results], api_visibility="private",
                       concurrency_limit=4, cancels=last_image_work).success(None, js=SWITCH_TO_DRAWING)
         api_button.click(handlers.api_sketch, [api_image, api_boxes, api_samples, api_seed, api_decoder, api_steps],
@@ -549,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     engine.warm_up()
     demo = build_app(Handlers(engine))
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_FILE_SIZE,
-                run_history=False, footer_links=["api", "gradio"], css=CSS)
+                run_history=False, footer_links=["api", "gradio"], css=CSS, head=HEAD)
     return 0
 
 
@@ -557,6 +578,14 @@ CSS = """
 #model-view img, #sketches img, #neighbours img { image-rendering: pixelated; }
 #explanation { font-size: 0.95em; }
 #examples .grid-wrap { min-height: 0; height: auto; }  /* every example in view, no scrolling, no blank below */
+/* whole captions, wrapped inside their thumbnail, not cut to "passport con..." */
+#examples .caption-label, #neighbours .caption-label { white-space: normal; max-width: calc(100% - 8px); }
+/* the square canvas at most half the window high, so that the button under it is in view on a laptop */
+#annotator { max-width: max(300px, 50vh); margin-left: auto; margin-right: auto; }
+/* touch screens: the drawing widget's tool icons big enough for a finger */
+@media (pointer: coarse) { #annotator .canvas-control button.icon { width: 40px; height: 40px; padding: 8px; } }
+/* phones: the page's side padding would take a sixth of the width from the canvas */
+@media (max-width: 640px) { .main.fillable.app { padding-left: 8px !important; padding-right: 8px !important; } }
 """
 
 if __name__ == "__main__":

@@ -50,18 +50,29 @@ def server(assets, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server, tmp_path_factory):
+def playwright():
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
-            headless=True, viewport={"width": 1400, "height": 1000})
-        page = context.new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        page.goto(server, wait_until="load")
-        page.wait_for_selector("#annotator canvas.canvas-annotator")
-        yield page
-        context.close()
+        yield playwright
+
+
+def open_page(playwright, server, profile: Path, **device):
+    """(A Chromium context with ``device``'s viewport and input, its page at the app with the widget drawn)."""
+    context = playwright.chromium.launch_persistent_context(
+        str(profile), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True, **device)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(server, wait_until="load")
+    page.wait_for_selector("#annotator canvas.canvas-annotator")
+    return context, page
+
+
+@pytest.fixture(scope="module")
+def page(playwright, server, tmp_path_factory):
+    context, page = open_page(playwright, server, tmp_path_factory.mktemp("chromium-profile"),
+                              viewport={"width": 1400, "height": 1000})
+    yield page
+    context.close()
 
 
 def photo(tmp_path: Path) -> Path:
@@ -105,13 +116,13 @@ def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
     time.sleep(1.0)  # the annotator redraws from the new value
     run_and_wait_for_sketches(page)
     assert f"Box {example_boxes}: error" in page.inner_text("#explanation")
-    for tab, selector in [("Surprise map", "#surprise img"), ("Feature view", "#features img"),
+    for tab, selector in [("Surprise", "#surprise img"), ("Features", "#features img"),
                           ("Truth vs prediction", "#truth img"), ("Sketches", "#sketches img")]:
         page.get_by_role("tab", name=tab).click()
         page.wait_for_selector(selector)  # each panel rendered (the surprise map follows the sketches)
     page.wait_for_selector("#model-view img")
     # a window typed into the slider's field (Enter) redraws the surprise map, as dragging the slider does
-    page.get_by_role("tab", name="Surprise map").click()
+    page.get_by_role("tab", name="Surprise").click()
     before = page.get_attribute("#surprise img", "src")
     field = page.locator('#window input[type="number"]')
     field.fill("3")
@@ -160,3 +171,44 @@ def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
 
     page.get_by_label(DECODER_NAMES["pooled"]).check()  # the paper's decoder draws the same box
     run_and_wait_for_sketches(page, explanation="gets only the average")
+
+
+def touch_drag(page, start: tuple[float, float], end: tuple[float, float], steps: int = 12) -> None:
+    """A finger dragged from ``start`` to ``end`` (CSS pixels in the viewport): real touch events, as a phone sends."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": start[0], "y": start[1]}]})
+    for i in range(1, steps + 1):
+        point = {"x": start[0] + (end[0] - start[0]) * i / steps, "y": start[1] + (end[1] - start[1]) * i / steps}
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [point]})
+        time.sleep(0.02)
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    cdp.detach()
+
+
+def test_a_phone_draws_a_box_by_touch_and_is_shown_the_results(playwright, server, tmp_path):
+    """On a phone the columns stack: the page fits the width, a first finger drag draws a box, the button brings
+    the results into view as they arrive, and the explanation reads at the screen's width, not in a strip."""
+    width, height = 390, 844
+    context, page = open_page(playwright, server, tmp_path / "profile", viewport={"width": width, "height": height},
+                              is_mobile=True, has_touch=True, device_scale_factor=2)
+    try:
+        assert page.evaluate("document.documentElement.scrollWidth") <= width  # no sideways scrolling
+        page.wait_for_selector('#annotator button[aria-label="Create box"].selected')  # the page opens drawing boxes
+        page.locator("#annotator canvas.canvas-annotator").scroll_into_view_if_needed()
+        canvas = page.locator("#annotator canvas.canvas-annotator").bounding_box()
+        side = min(canvas["width"], canvas["height"])  # the app's square canvas, centred in the drawing area
+        left, top = canvas["x"] + (canvas["width"] - side) / 2, canvas["y"] + (canvas["height"] - side) / 2
+        # the example's box is at the top: a second one lower down, drawn without pressing any icon first
+        touch_drag(page, (left + 0.3 * side, top + 0.62 * side), (left + 0.62 * side, top + 0.84 * side))
+        time.sleep(1.0)  # the widget sends its new value
+        page.locator("#run").tap()
+        page.wait_for_function("() => { const e = document.querySelector('#explanation'); "
+                               "return e && e.innerText.includes('Box 2: error'); }")
+        page.wait_for_function("() => /sketches in/.test(document.querySelector('#sketch-status').innerText)")
+        time.sleep(1.0)  # the smooth scroll settles
+        results = page.locator("#results").bounding_box()  # viewport coordinates
+        assert -2 <= results["y"] <= height / 4, "the results were not brought into view"
+        assert page.locator("#explanation").bounding_box()["width"] >= 0.8 * (width - 16)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+    finally:
+        context.close()
