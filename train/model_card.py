@@ -30,7 +30,7 @@ def object_gap(feats: dict, objects: dict, floor: float) -> str:
             "earlier scenes, length cut that cost (22 points at 57,600 images, 4 at 422,400) while the object-only "
             "figure stayed at 43-49 % up to 576,000 images (bench/RESULTS.md, \"Semantics\"), so past it the floor "
             "needs object features that tell unseen emoji apart better than their pixels do, which no I-JEPA run "
-            "here has shown (the supervised reference's do: 56.4 % object-only).")
+            "here has shown (the supervised reference's do: 58.8 % object-only).")
 
 
 def decoder_run(config: dict) -> str:
@@ -147,10 +147,10 @@ outside them blanked). The gap between this table and the one above is what the 
     gap_note = "" if margin >= 15 else (
         f"What would close the kNN gap (this run saw {images_seen:,} images) is not known yet, but it is not the "
         "encoder's size or the world: this encoder trained with cross-entropy on the main emoji's group, on 422,400 "
-        "scenes of the CPU recipe's earlier world (before the still life), scores 55.8 %, 17.4 points above raw "
-        "pixels (bench/RESULTS.md, \"What do labels buy\"; measured 2026-12-03 on the held-out split of then, with "
-        "the earlier scenes' config: `git show b62faff:train/configs/emoji_cpu.yaml > earlier_scenes.yaml`, then "
-        "`python bench/supervised_reference.py --config earlier_scenes.yaml --out runs/supervised/group_6600.json`). "
+        "scenes of the CPU recipe's world (the still life, the strict held-out split), scores 58.2 %, 21.1 points "
+        "above raw pixels, 58.8 % on the emoji's own patches (bench/RESULTS.md, \"What do labels buy\"; measured "
+        "2026-12-06 with `python bench/supervised_reference.py --out runs/supervised/still_life_strict_6600.json`; "
+        "with the earlier scenes and split, 55.8 %). "
         "So features that clear the floor exist for this model on this world, and the I-JEPA objective has not "
         "found them at this length. Single runs do not pin a recipe down: at 422,400 images four seeds of the "
         "earlier scenes scored 34.2-41.6 % kNN group and three of the still life 38.0-43.0 % (bench/RESULTS.md, "
