@@ -65,6 +65,13 @@ SHOW_RESULTS = """() => {
     if (results && run && results.getBoundingClientRect().top > run.getBoundingClientRect().bottom + 80)
         results.scrollIntoView({behavior: 'smooth', block: 'start'});
 }"""
+# An example picked below the drawing area (on a phone it is a screen further down) changes an image out of view:
+# bring the drawing area back into view.
+SHOW_DRAWING = """() => {
+    const annotator = document.querySelector('#annotator');
+    if (annotator && annotator.getBoundingClientRect().top < 0)
+        annotator.scrollIntoView({behavior: 'smooth', block: 'start'});
+}"""
 # Gradio's galleries focus their selected thumbnail whenever their value changes, and focus() scrolls the page to
 # it: on a narrow screen every streamed sketch would pull the page away from where the user is. Keep the focus (for
 # the arrow keys), drop the scroll.
@@ -528,6 +535,7 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                                      api_visibility="private", trigger_mode="always_last", **model_work)
         # A new image stops the last image's work, so its late results cannot land beside the new image.
         last_image_work = [run_event, explore_event, window_event]
+        examples.select(None, js=SHOW_DRAWING, queue=False)  # first, as SHOW_RESULTS
         examples.select(handlers.load_example, None, [annotator, source, *results], api_visibility="private",
                         concurrency_limit=4, cancels=last_image_work)
         demo.load(None, js=SWITCH_TO_DRAWING)

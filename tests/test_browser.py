@@ -210,5 +210,11 @@ def test_a_phone_draws_a_box_by_touch_and_is_shown_the_results(playwright, serve
         assert -2 <= results["y"] <= height / 4, "the results were not brought into view"
         assert page.locator("#explanation").bounding_box()["width"] >= 0.8 * (width - 16)
         assert page.evaluate("document.documentElement.scrollWidth") <= width
+        # an example tapped below the drawing area: the new image comes into view
+        example = page.locator("#examples button.thumbnail-item").nth(1)
+        example.scroll_into_view_if_needed()
+        example.tap()
+        time.sleep(1.5)  # the smooth scroll settles
+        assert -2 <= page.locator("#annotator").bounding_box()["y"] <= height / 4, "the new example is out of view"
     finally:
         context.close()
