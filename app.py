@@ -74,7 +74,7 @@ SHOW_DRAWING = """() => {
 }"""
 # Gradio's galleries focus their selected thumbnail whenever their value changes, and focus() scrolls the page to
 # it: on a narrow screen every streamed sketch would pull the page away from where the user is. Keep the focus (for
-# the arrow keys), drop the scroll.
+# the arrow keys), drop the scroll. And a phone's side padding.
 HEAD = """<script>
 (() => {
     const focus = HTMLElement.prototype.focus;
@@ -83,7 +83,12 @@ HEAD = """<script>
         return focus.call(this, inGallery ? {...options, preventScroll: true} : options);
     };
 })();
-</script>"""
+</script>
+<style>
+/* phones: the page's side padding would take a sixth of the width from the canvas (here, not in CSS: Gradio scopes
+   that to the app's container, inside this element) */
+@media (max-width: 640px) { .main.fillable.app { padding-left: 8px !important; padding-right: 8px !important; } }
+</style>"""
 
 INTRO = """# I-JEPA, visible
 Draw a box on the image. The model does not see inside it: it **predicts** a description of the hidden region from
@@ -592,8 +597,6 @@ CSS = """
 #annotator { max-width: max(300px, 50vh); margin-left: auto; margin-right: auto; }
 /* touch screens: the drawing widget's tool icons big enough for a finger */
 @media (pointer: coarse) { #annotator .canvas-control button.icon { width: 40px; height: 40px; padding: 8px; } }
-/* phones: the page's side padding would take a sixth of the width from the canvas */
-@media (max-width: 640px) { .main.fillable.app { padding-left: 8px !important; padding-right: 8px !important; } }
 """
 
 if __name__ == "__main__":
