@@ -58,20 +58,6 @@ DRAW_HINT = ("**Draw:** drag on the image. **Move, resize or delete:** the hand 
 # The widget starts in move mode and keeps a mode until one of its icons is pressed, so a first drag would draw
 # nothing: switch it to drawing boxes, as pressing its box icon does, when the page opens and after an upload.
 SWITCH_TO_DRAWING = "() => document.querySelector('#annotator button[aria-label=\"Create box\"]')?.click()"
-# Where the columns stack (a phone, a tablet), the results lie below the examples and settings: bring them into
-# view when the button is pressed, so that the sketches are seen arriving.
-SHOW_RESULTS = """() => {
-    const results = document.querySelector('#results'), run = document.querySelector('#run');
-    if (results && run && results.getBoundingClientRect().top > run.getBoundingClientRect().bottom + 80)
-        results.scrollIntoView({behavior: 'smooth', block: 'start'});
-}"""
-# An example picked below the drawing area (on a phone it is a screen further down) changes an image out of view:
-# bring the drawing area back into view.
-SHOW_DRAWING = """() => {
-    const annotator = document.querySelector('#annotator');
-    if (annotator && annotator.getBoundingClientRect().top < 0)
-        annotator.scrollIntoView({behavior: 'smooth', block: 'start'});
-}"""
 # Gradio's galleries focus their selected thumbnail whenever their value changes, and focus() scrolls the page to
 # it: on a narrow screen every streamed sketch would pull the page away from where the user is. Keep the focus (for
 # the arrow keys), drop the scroll. And a phone's side padding.
@@ -89,6 +75,22 @@ HEAD = """<script>
    that to the app's container, inside this element) */
 @media (max-width: 640px) { .main.fillable.app { padding-left: 8px !important; padding-right: 8px !important; } }
 </style>"""
+
+
+def bring_into_view(selector: str, when: str) -> str:
+    """Page script: scroll the element ``selector`` to the top of the window when the JS condition ``when`` (on that
+    element, ``e``) holds."""
+    return (f"() => {{ const e = document.querySelector('{selector}'); "
+            f"if (e && ({when})) e.scrollIntoView({{behavior: 'smooth', block: 'start'}}); }}")
+
+
+# Where the columns stack (a phone, a tablet), the results lie below the examples and settings: bring them into
+# view when the button is pressed, so that the sketches are seen arriving.
+SHOW_RESULTS = bring_into_view(
+    "#results", "e.getBoundingClientRect().top > document.querySelector('#run').getBoundingClientRect().bottom + 80")
+# An example picked below the drawing area (on a phone it is a screen further down) changes an image out of view:
+# bring the drawing area back into view.
+SHOW_DRAWING = bring_into_view("#annotator", "e.getBoundingClientRect().top < 0")
 
 INTRO = """# I-JEPA, visible
 Draw a box on the image. The model does not see inside it: it **predicts** a description of the hidden region from

@@ -84,6 +84,14 @@ def photo(tmp_path: Path) -> Path:
     return path
 
 
+def on_screen(canvas: dict, x: float, y: float) -> tuple[float, float]:
+    """Where a point of the app's square canvas (``app.CANVAS_SIDE`` pixels) is in the viewport: the widget shows it
+    as large as its drawing area (``canvas``, a bounding box) allows, centred there."""
+    scale = min(canvas["width"], canvas["height"]) / app.CANVAS_SIDE
+    return (canvas["x"] + (canvas["width"] - app.CANVAS_SIDE * scale) / 2 + x * scale,
+            canvas["y"] + (canvas["height"] - app.CANVAS_SIDE * scale) / 2 + y * scale)
+
+
 def run_and_wait_for_sketches(page, expected: int = 4, explanation: str = "") -> None:
     """Press the button, wait until the new run's explanation (containing ``explanation``) is shown, then until
     all its sketches have loaded."""
@@ -140,15 +148,13 @@ def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
     time.sleep(1.0)
     annotator = page.locator("#annotator canvas.canvas-annotator")
     canvas = annotator.bounding_box()
-    # The widget centres the app's square canvas in its drawing area; the box goes where app.canvas_boxes puts it.
-    scale = min(canvas["width"], canvas["height"]) / app.CANVAS_SIDE
+    # the box goes where app.canvas_boxes puts it on the app's canvas
     (x0, y0, x1, y1), = app.canvas_boxes([DRAWN_BOX], *UPLOAD_SIZE)
-    left = (canvas["width"] - app.CANVAS_SIDE * scale) / 2 + x0 * scale  # the box's corner, from the canvas's
-    top = (canvas["height"] - app.CANVAS_SIDE * scale) / 2 + y0 * scale
+    start, end = on_screen(canvas, x0, y0), on_screen(canvas, x1, y1)
     # no press on the box icon: after an upload the widget is already drawing boxes
-    page.mouse.move(canvas["x"] + left, canvas["y"] + top)
+    page.mouse.move(*start)
     page.mouse.down()
-    page.mouse.move(canvas["x"] + left + (x1 - x0) * scale, canvas["y"] + top + (y1 - y0) * scale, steps=12)
+    page.mouse.move(*end, steps=12)
     page.mouse.up()
     run_and_wait_for_sketches(page)
     # the run numbered the box; the widget writes "1" on a white label just above it, on the canvas
@@ -156,7 +162,7 @@ def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
     annotator.screenshot(path=str(shot))
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     ratio = pixels.shape[1] / canvas["width"]  # screenshot pixels per CSS pixel
-    box_left, box_top = round(left * ratio), round(top * ratio)
+    box_left, box_top = round((start[0] - canvas["x"]) * ratio), round((start[1] - canvas["y"]) * ratio)
     label = pixels[box_top - round(17 * ratio):box_top - round(3 * ratio), box_left + 1:box_left + round(14 * ratio)]
     assert box_top >= round(20 * ratio) and (label.min(axis=2) > 230).mean() > 0.5, "the box's number is out of view"
 
@@ -196,10 +202,9 @@ def test_a_phone_draws_a_box_by_touch_and_is_shown_the_results(playwright, serve
         page.wait_for_selector('#annotator button[aria-label="Create box"].selected')  # the page opens drawing boxes
         page.locator("#annotator canvas.canvas-annotator").scroll_into_view_if_needed()
         canvas = page.locator("#annotator canvas.canvas-annotator").bounding_box()
-        side = min(canvas["width"], canvas["height"])  # the app's square canvas, centred in the drawing area
-        left, top = canvas["x"] + (canvas["width"] - side) / 2, canvas["y"] + (canvas["height"] - side) / 2
+        side = app.CANVAS_SIDE
         # the example's box is at the top: a second one lower down, drawn without pressing any icon first
-        touch_drag(page, (left + 0.3 * side, top + 0.62 * side), (left + 0.62 * side, top + 0.84 * side))
+        touch_drag(page, on_screen(canvas, 0.3 * side, 0.62 * side), on_screen(canvas, 0.62 * side, 0.84 * side))
         time.sleep(1.0)  # the widget sends its new value
         page.locator("#run").tap()
         page.wait_for_function("() => { const e = document.querySelector('#explanation'); "
