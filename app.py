@@ -60,7 +60,7 @@ DRAW_HINT = ("**Draw:** drag on the image. **Move, resize or delete:** the hand 
 SWITCH_TO_DRAWING = "() => document.querySelector('#annotator button[aria-label=\"Create box\"]')?.click()"
 # Gradio's galleries focus their selected thumbnail whenever their value changes, and focus() scrolls the page to
 # it: on a narrow screen every streamed sketch would pull the page away from where the user is. Keep the focus (for
-# the arrow keys), drop the scroll. And a phone's side padding.
+# the arrow keys), drop the scroll. And a phone's side padding and messages.
 HEAD = """<script>
 (() => {
     const focus = HTMLElement.prototype.focus;
@@ -74,6 +74,8 @@ HEAD = """<script>
 /* phones: the page's side padding would take a sixth of the width from the canvas (here, not in CSS: Gradio scopes
    that to the app's container, inside this element) */
 @media (max-width: 640px) { .main.fillable.app { padding-left: 8px !important; padding-right: 8px !important; } }
+/* phones: messages at the bottom, not over the top of the canvas where a box is drawn next */
+@media (max-width: 640px) { .toast-wrap { top: auto !important; bottom: 12px; } }
 </style>"""
 
 
@@ -320,7 +322,8 @@ class Handlers:
         except InputError as err:
             gr.Warning(str(err), duration=8)
             return (gr.skip(),) * (2 + len(self.CLEARED))
-        gr.Info("Image loaded. Drag on it to draw a box. The model reads the bright square at its centre.")
+        gr.Info("Image loaded. Drag on it to draw a box. The model reads the bright square at its centre.",
+                duration=5)  # gone by the time the box is drawn and the button (under it on a phone) pressed
         return (*shown, *self.CLEARED)
 
     def run(self, value: dict | None, num_samples: float, seed: float, steps: float, conditioning: str | None = None,
@@ -463,7 +466,7 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                 with gr.Accordion("About the loaded model", open=False):
                     gr.Markdown(engine.describe(), elem_id="model-info")
             with gr.Column(scale=7, min_width=480, elem_id="results"):
-                with gr.Tabs():
+                with gr.Tabs(overflow_behavior="wrap"):  # on a phone: two rows of tab names, none behind a menu
                     with gr.Tab("Sketches"):
                         sketch_status = gr.Markdown("", elem_id="sketch-status")
                         gr.Markdown("Each sketch: every box filled by the decoder, beside enlarged crops of the boxes")
@@ -595,8 +598,8 @@ CSS = """
 #examples .grid-wrap { min-height: 0; height: auto; }  /* every example in view, no scrolling, no blank below */
 /* whole captions, wrapped inside their thumbnail, not cut to "passport con..." */
 #examples .caption-label, #neighbours .caption-label { white-space: normal; max-width: calc(100% - 8px); }
-/* the square canvas at most half the window high, so that the button under it is in view on a laptop */
-#annotator { max-width: max(300px, 50vh); margin-left: auto; margin-right: auto; }
+/* the square canvas at most about half the window high, so that the button under it is in view on a laptop */
+#annotator { max-width: max(300px, 50vh - 24px); margin-left: auto; margin-right: auto; }
 /* touch screens: the drawing widget's tool icons big enough for a finger */
 @media (pointer: coarse) { #annotator .canvas-control button.icon { width: 40px; height: 40px; padding: 8px; } }
 """

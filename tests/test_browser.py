@@ -215,11 +215,18 @@ def test_a_phone_draws_a_box_by_touch_and_is_shown_the_results(playwright, serve
         assert -2 <= results["y"] <= height / 4, "the results were not brought into view"
         assert page.locator("#explanation").bounding_box()["width"] >= 0.8 * (width - 16)
         assert page.evaluate("document.documentElement.scrollWidth") <= width
+        # every result tab's name is on screen (in two rows), none hidden behind a menu
+        for tab in ("Sketches", "Truth vs prediction", "What it expects", "Surprise", "Features"):
+            assert page.get_by_role("tab", name=tab).is_visible(), tab
         # an example tapped below the drawing area: the new image comes into view
         example = page.locator("#examples button.thumbnail-item").nth(1)
         example.scroll_into_view_if_needed()
         example.tap()
         time.sleep(1.5)  # the smooth scroll settles
         assert -2 <= page.locator("#annotator").bounding_box()["y"] <= height / 4, "the new example is out of view"
+        # an upload's message shows at the bottom, not over the top of the canvas where the next box is drawn
+        page.set_input_files('input[data-testid="Upload your own image-upload-button"]', str(photo(tmp_path)))
+        page.wait_for_selector("text=Image loaded.")
+        assert page.locator(".toast-wrap").bounding_box()["y"] > height / 2, "the message covers the canvas"
     finally:
         context.close()
