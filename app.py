@@ -51,6 +51,9 @@ MAX_FILE_SIZE = "20mb"
 # enough while the widget is at least 270 px wide (it shrinks the canvas to its width). The model reads the file.
 CANVAS_SIDE = 480
 LABEL_MARGIN = 36
+# An upload whose centre square (what the model reads) is less than this share of its longer side gets a warning: on
+# the canvas that square is too small to draw in.
+MIN_SQUARE_SHARE = 0.25
 CANVAS_FILL = (150, 150, 150)  # the canvas around the image: a neutral grey, unlike the dimmed part of the image
 QUEUE_SIZE = 32
 DRAW_HINT = ("**Draw:** drag on the image. **Move, resize or delete:** the hand icon, then a box (bin icon: delete). "
@@ -161,6 +164,15 @@ def annotator_input(value: dict | None) -> tuple[np.ndarray, list[list[float]]]:
     image = turned(np.asarray(image), int(value.get("orientation") or 0))
     boxes = [[b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for b in (value.get("boxes") or [])]
     return image, sorted(boxes, key=lambda b: (b[1], b[0]))
+
+
+def check_drawn(boxes: list) -> None:
+    """The box count checks the model makes (``ijepa.boxes``, worded for any caller), worded for the drawing widget."""
+    if not boxes:
+        raise InputError("Draw a box on the image first: drag on it. The model needs a region to hide and guess.")
+    if len(boxes) > MAX_BOXES:
+        raise InputError(f"{len(boxes)} boxes are drawn; at most {MAX_BOXES} at once. Delete some: the hand icon, a "
+                         "box, then the bin icon.")
 
 
 def annotator_value(image: np.ndarray, boxes: list | tuple = ()) -> dict:
@@ -287,15 +299,22 @@ class Handlers:
             return gr.skip(), gr.skip()
         return annotator_value(display_copy(image), canvas_boxes(boxes, image.shape[1], image.shape[0])), source
 
-    def model_input(self, value: dict | None, source: dict | None) -> tuple[np.ndarray, list[list[float]], dict]:
-        """What the model reads: (the image, the boxes drawn on the widget in its pixels, the source as now turned).
-        Without a source (a widget value a program built with ``annotator_value``, not ``show``) the widget's own
-        image is read as it is. InputError for a box drawn wholly on the canvas's border."""
+    def model_image(self, value: dict | None, source: dict | None) -> tuple[np.ndarray, list[list[float]], dict]:
+        """What the model reads: (the image, the boxes as drawn on the widget, the source as now turned). Without a
+        source (a widget value a program built with ``annotator_value``, not ``show``) the widget's own image is
+        read as it is."""
         shown, boxes = annotator_input(value)
         if source is None or source.get("path") is None:
             return shown, boxes, {"path": None, "turns": 0}
         source = {**source, "turns": (source["turns"] + int(value.get("orientation") or 0)) % 4}
-        image = turned(read_image(source["path"]), source["turns"])
+        return turned(read_image(source["path"]), source["turns"]), boxes, source
+
+    def model_input(self, value: dict | None, source: dict | None) -> tuple[np.ndarray, list[list[float]], dict]:
+        """``model_image`` with the boxes in the image's pixels. InputError for a box drawn wholly on the canvas's
+        border."""
+        image, boxes, source = self.model_image(value, source)
+        if source["path"] is None:
+            return image, boxes, source
         height, width = image.shape[:2]
         mapped = canvas_boxes(boxes, width, height, back=True)
         for number, (x0, y0, x1, y1) in enumerate(mapped, start=1):
@@ -322,8 +341,15 @@ class Handlers:
         except InputError as err:
             gr.Warning(str(err), duration=8)
             return (gr.skip(),) * (2 + len(self.CLEARED))
-        gr.Info("Image loaded. Drag on it to draw a box. The model reads the bright square at its centre.",
-                duration=5)  # gone by the time the box is drawn and the button (under it on a phone) pressed
+        height, width = read_image(path).shape[:2]
+        if min(width, height) < MIN_SQUARE_SHARE * max(width, height):
+            side = min(width, height)
+            gr.Warning(f"Image loaded, but the model reads only its centre square, {side}x{side} of its {width}x"
+                       f"{height} pixels (bright on the canvas), which is small here. Crop the image to the part you "
+                       "want to study and upload that.", duration=10)
+        else:
+            gr.Info("Image loaded. Drag on it to draw a box. The model reads the bright square at its centre.",
+                    duration=5)  # gone by the time the box is drawn and the button (under it on a phone) pressed
         return (*shown, *self.CLEARED)
 
     def run(self, value: dict | None, num_samples: float, seed: float, steps: float, conditioning: str | None = None,
@@ -331,13 +357,14 @@ class Handlers:
         """The widget (its boxes numbered as the results number them), model view, explanation, readout and
         neighbours first; then sketches as they finish (drawn by the decoder of this ``conditioning``, None: the
         default); then the decoded truth beside the prediction. Input to change is shown in the explanation panel,
-        not as an error."""
+        not as an error. Last in each update: whether the run got past its input checks."""
         try:
-            yield from self._run(value, num_samples, seed, steps, conditioning, source)
+            for update in self._run(value, num_samples, seed, steps, conditioning, source):
+                yield *update, True
         except InputError as err:
             gr.Warning(str(err), duration=8)
             message = f"**Please adjust the input.** {err}"
-            yield *self.renumbered(value, source), None, message, [], "", None, [], "", None
+            yield *self.renumbered(value, source), None, message, [], "", None, [], "", None, False
 
     def renumbered(self, value: dict | None, source: dict | None) -> tuple:
         """The widget with its boxes numbered as the results (and messages) number them, and its source; no change
@@ -352,6 +379,7 @@ class Handlers:
         engine = self.engine
         with bugs_reported():
             image, boxes, source = self.model_input(value, source)
+            check_drawn(boxes)
             analysis = engine.analyze(image, boxes)
             num_samples, seed = whole_number(num_samples, "the number of sketches"), whole_number(seed, "a seed")
             steps = whole_number(steps, "the number of sampler steps")
@@ -379,11 +407,15 @@ class Handlers:
             yield (gr.skip(), gr.skip(), view, explanation, panels.sketch_gallery(analysis, last), status, truth,
                    neighbours, readout, metrics)
 
+    def explore_after_run(self, value: dict | None, window: float, source: dict | None, ran: bool) -> tuple:
+        """``explore`` after a run, unless the run stopped at its input checks (its message stands alone)."""
+        return self.explore(value, window, source) if ran else (gr.skip(), gr.skip())
+
     def explore(self, value: dict | None, window: float, source: dict | None = None) -> tuple:
         """Surprise map and feature view of the whole image (independent of the boxes); nothing without an image."""
         try:
             with bugs_reported():
-                image, _, _ = self.model_input(value, source)
+                image, _, _ = self.model_image(value, source)
                 prepared = self.engine.prepare(image)
                 surprise = self.engine.surprise_map(prepared, whole_number(window, "a window size"))
                 return surprise.figure, self.engine.feature_view(prepared)
@@ -430,6 +462,7 @@ def build_app(handlers: Handlers) -> gr.Blocks:
         gr.Markdown(INTRO.format(max_boxes=MAX_BOXES))
         initial_value, initial_source = handlers.initial_value()
         source = gr.State(initial_source)  # the file the widget's image shows: what the model reads (Handlers.show)
+        ran = gr.State(False)  # whether the last run got past its input checks (Handlers.run)
         with gr.Row():
             # each column keeps a usable width (the canvas, five tab names): below ~950 px they stack
             with gr.Column(scale=5, min_width=400):
@@ -536,10 +569,10 @@ def build_app(handlers: Handlers) -> gr.Blocks:
         run.click(None, js=SHOW_RESULTS, queue=False)
         run_event = run.click(handlers.run, [annotator, num_samples, seed, steps, conditioning, source],
                               [annotator, source, model_view, explanation, sketches, sketch_status, truth, neighbours,
-                               readout, metrics], api_visibility="private", trigger_mode="always_last",
+                               readout, metrics, ran], api_visibility="private", trigger_mode="always_last",
                               show_progress_on=[model_view, sketches], **model_work)  # the widget stays drawable
-        explore_event = run_event.success(handlers.explore, [annotator, window, source], [surprise, features],
-                                          api_visibility="private", **model_work)
+        explore_event = run_event.success(handlers.explore_after_run, [annotator, window, source, ran],
+                                          [surprise, features], api_visibility="private", **model_work)
         # change, not release: a window typed into the slider's field counts too; only the last pending one runs
         window_event = window.change(handlers.explore, [annotator, window, source], [surprise, features],
                                      api_visibility="private", trigger_mode="always_last", **model_work)

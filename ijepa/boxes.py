@@ -64,11 +64,9 @@ def map_boxes(prepared: PreparedImage, boxes: Sequence[Box], patch_size: int,
         raise InputError(f"boxes must be a list of [xmin, ymin, xmax, ymax] lists, got the text {boxes!r} "
                          "(parse JSON first)")
     if boxes is None or len(boxes) == 0:
-        raise InputError("Draw a box on the image first (press the box icon under it, or C, then drag): the model "
-                         "needs a region to hide and guess.")
+        raise InputError("No box was given: the model needs a region to hide and guess.")
     if len(boxes) > max_boxes:
-        raise InputError(f"{len(boxes)} boxes were drawn; at most {max_boxes} are allowed at once. Delete some (the "
-                         "hand icon or D, click a box, then press Delete).")
+        raise InputError(f"{len(boxes)} boxes were given; at most {max_boxes} are allowed at once.")
     width, height = prepared.source_size
     size = prepared.size
     left, top, side = prepared.crop
@@ -86,7 +84,7 @@ def map_boxes(prepared: PreparedImage, boxes: Sequence[Box], patch_size: int,
         whole = prepared.to_model((x0, y0, x1, y1))
         mx0, my0, mx1, my1 = (min(max(v, 0.0), float(size)) for v in whole)
         square = (f"the centre square the model sees (x {left:.0f}..{left + side:.0f}, "
-                  f"y {top:.0f}..{top + side:.0f} of your image; the app shows the rest dimmed)")
+                  f"y {top:.0f}..{top + side:.0f} of your image)")
         if mx1 <= mx0 or my1 <= my0:
             raise InputError(f"Box {number} lies outside {square}. Draw it inside that square.")
         too_small = _MIN_BOX_PATCH_FRACTION * patch_size

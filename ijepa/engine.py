@@ -318,11 +318,11 @@ class Engine:
         i = self.info
         lines = [
             f"**Model:** {i.arch} ({i.depth} blocks, {i.embed_dim}-d features), sees {i.img_size}x{i.img_size} px "
-            f"as a {i.grid}x{i.grid} grid of {i.patch_size}x{i.patch_size}-px patches; predictor {i.predictor}. "
-            f"**Trained on:** {i.trained_on}. Loaded from `{i.source}`.",
+            f"in {i.grid}x{i.grid} patches of {i.patch_size}x{i.patch_size} px; predictor {i.predictor}. "
+            f"**Trained on:** {i.trained_on}. Loaded from `{shown_path(i.source)}`.",
         ]
         for conditioning, source in i.decoder_sources.items():
-            lines.append(f"**Sketch decoder, {DECODER_NAMES[conditioning]}:** `{source}` ({conditioning} "
+            lines.append(f"**Sketch decoder, {DECODER_NAMES[conditioning]}:** `{shown_path(source)}` ({conditioning} "
                          "conditioning).")
         extras = [f"probe ({name}, {len(p.labels)} labels)" for name, p in self.probes.items()]
         if self.bank is not None:
@@ -545,6 +545,13 @@ class Engine:
         return render_feature_view(prepared.to_uint8(), rgb)
 
 @torch.no_grad()
+def shown_path(path: str) -> str:
+    """A path as the page shows it: relative to the working folder when inside it (a shared page need not show where
+    the server keeps its files), else as given."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else path
+
+
 def true_features_of(model: IJepa, prepared: PreparedImage) -> torch.Tensor:
     """Layer-normed target features [N, D] of a prepared image."""
     device = next(model.parameters()).device

@@ -14,6 +14,7 @@ linear-probe readout (``LinearReadout``) and ``nearest_neighbours`` in a feature
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Mapping, Sequence
@@ -132,7 +133,9 @@ def open_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_IMAG
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     try:
-        image = Image.open(source)
+        with warnings.catch_warnings():  # Pillow warns of sizes it still opens; the size check below refuses them
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
     except Image.DecompressionBombError:
         raise InputError(f"This image has far more pixels than the limit of {max_pixels / 1e6:.0f} megapixels; "
                          "resize it and upload it again.") from None

@@ -9,6 +9,7 @@ import io
 import json
 import struct
 import sys
+import warnings
 
 import zlib
 from pathlib import Path
@@ -117,7 +118,7 @@ def png_bytes(size: tuple[int, int]) -> bytes:
     ("broken.png", png_bytes((300, 300))[:80], "[[10, 10, 100, 100]]", {}, "damaged"),
     ("bomb.png", png_header_only(100_000, 100_000), "[[10, 10, 100, 100]]", {}, "megapixels"),
     ("big.png", png_header_only(9_000, 8_000), "[[10, 10, 100, 100]]", {}, "limit"),
-    ("ok.png", None, "[]", {}, "Draw a box"),
+    ("ok.png", None, "[]", {}, "No box was given"),
     ("ok.png", None, "[[100, 100, 102, 103]]", {}, r"smaller than one patch.*pixels"),
     ("ok.png", None, "[[0, 0, 300, 300]]", {}, "no context"),
     ("ok.png", None, json.dumps([[0, 0, 100, 100]] * 5), {}, "at most 4"),
@@ -178,8 +179,8 @@ def test_ui_run_without_a_decoder_explains_how_to_train_one(app_module, tmp_path
     value, source = handlers.initial_value()
     assert len(value["boxes"]) == 2 and [b["label"] for b in value["boxes"]] == ["1", "2"]  # as the results number them
     (outputs,) = list(handlers.run(value, 4, 0, 4, None, source))
-    widget, shown_source, view, explanation, sketches, status, truth, neighbours, readout, metrics = outputs
-    assert sketches == [] and "python -m train.decoder --checkpoint" in status
+    widget, shown_source, view, explanation, sketches, status, truth, neighbours, readout, metrics, ran = outputs
+    assert ran and sketches == [] and "python -m train.decoder --checkpoint" in status
     assert view.ndim == 3 and truth.ndim == 3 and len(neighbours) == 12 and "Box 2" in readout
     assert "What the model saw" in explanation and len(metrics["boxes"]) == 2
     assert shown_source == source and [b["label"] for b in widget["boxes"]] == ["1", "2"]
@@ -189,6 +190,10 @@ def test_ui_run_without_a_decoder_explains_how_to_train_one(app_module, tmp_path
     with pytest.warns(UserWarning, match="Draw a box"):  # gr.Warning outside a request
         (outputs,) = list(handlers.run({**value, "boxes": []}, 4, 0, 4, None, source))
     assert outputs[2] is None and "Please adjust the input" in outputs[3] and "Draw a box" in outputs[3]
+    # the maps do not follow a run stopped at its input checks: its message stands alone, and no work is spent
+    assert outputs[-1] is False
+    assert handlers.explore_after_run(value, 2, source, outputs[-1]) == (app_module.gr.skip(), app_module.gr.skip())
+    assert handlers.explore_after_run(value, 2, source, True)[0].ndim == 3
 
 
 def test_ui_run_streams_sketches(app_module, tmp_path):
@@ -269,6 +274,22 @@ def test_any_image_is_shown_whole_and_boxes_map_back_to_the_file(app_module, tmp
         border = {"xmin": 1, "ymin": 1, "xmax": margin - 1, "ymax": margin - 1}  # on the grey border only
         with pytest.raises(app_module.InputError, match="Box 1 lies on the grey border"):
             handlers.model_input({**value, "boxes": [border]}, source)
+        with warnings.catch_warnings():  # the maps are of the whole image: a box there is no concern of theirs
+            warnings.simplefilter("error")
+            assert all(m.ndim == 3 for m in handlers.explore({**value, "boxes": [border]}, 1, source))
+
+
+def test_a_panorama_is_loaded_with_a_warning_that_the_model_reads_a_small_square(app_module, tmp_path):
+    """An 8000x200 panorama's centre square is a sliver of the canvas, too small to draw a box in: say so at once."""
+    handlers = app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))
+    for size, warned in (((800, 20), True), ((20, 800), True), ((400, 100), False), ((400, 300), False)):
+        file = tmp_path / f"{size[0]}x{size[1]}.png"
+        Image.new("RGB", size, (20, 120, 200)).save(file)
+        with warnings.catch_warnings(record=True) as caught:  # gr.Warning outside a request
+            warnings.simplefilter("always")
+            value, source = handlers.load_upload(str(file))[:2]
+        assert any("Crop the image" in str(w.message) for w in caught) == warned, size
+        assert source["path"] == str(file)  # loaded all the same: the model can read it
 
 
 def image_bounds(canvas: np.ndarray, fill: tuple[int, int, int]) -> tuple[int, int, int, int]:
@@ -326,7 +347,7 @@ def test_a_new_image_cancels_the_last_images_work(app_module, tmp_path):
     """Sketches still being drawn for the last image must not land beside a newly picked or uploaded one."""
     demo = app_module.build_app(app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))
     dependencies = demo.config["dependencies"]
-    model_work = {d["id"] for d in dependencies if demo.fns[d["id"]].name in ("run", "explore")}
+    model_work = {d["id"] for d in dependencies if demo.fns[d["id"]].name in ("run", "explore", "explore_after_run")}
     assert len(model_work) == 3  # the run, the maps after it, the maps after moving the window slider
     for fn in ("load_example", "load_upload"):
         (trigger,) = [d["targets"] for d in dependencies if demo.fns[d["id"]].name == fn]

@@ -13,6 +13,7 @@ import io
 import json
 import shutil
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -25,7 +26,7 @@ from ijepa.bundle import build_random_bundle, load_probe, train_decoder_hint
 from ijepa.checkpoint import load_model, save_model
 from ijepa import panels
 import ijepa.engine as engine_module
-from ijepa.engine import Engine, InputError
+from ijepa.engine import MAX_IMAGE_PIXELS, Engine, InputError
 from ijepa.figures import BOX_COLORS, sketch_sheet
 from ijepa.boxes import boxes_to_masks, map_boxes
 from ijepa.inference import (LinearReadout, analyze_boxes, feature_pca, nearest_neighbours, open_image, prepare_image,
@@ -178,8 +179,18 @@ def test_bad_files_are_refused_with_clear_messages(data, message):
         open_image(data)
 
 
+def test_an_image_over_the_limit_is_refused_in_our_words_only(monkeypatch):
+    """app.py lowers Pillow's limit to ours, and Pillow then warns of 50-100 megapixel files before our refusal:
+    a server log entry for every such upload."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InputError, match="72 megapixels"):
+            open_image(png_header_only(9_000, 8_000))
+
+
 @pytest.mark.parametrize("boxes, message", [
-    ([], "Draw a box"),
+    ([], "No box was given"),
     ([[0, 0, 40, 40]] * 5, "at most 4"),
     ([[10, 10, 13, 40]], r"smaller than one patch.*one grid cell.*30 pixels of the image file"),
     ([[0, 0, 240, 240]], "no context"),
