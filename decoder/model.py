@@ -275,6 +275,9 @@ class SketchDecoder(ModelMixin, ConfigMixin):
                 f"attention_levels {tuple(attention_levels)} needs one entry per block_out_channels "
                 f"level {tuple(block_out_channels)}"
             )
+        if any(channels % norm_num_groups for channels in block_out_channels):
+            raise ValueError(f"every block_out_channels entry must be a multiple of norm_num_groups "
+                             f"({norm_num_groups}, the UNet's GroupNorm), got {tuple(block_out_channels)}")
         gh, gw = grid_size
         if image_size % gh or image_size % gw:
             raise ValueError(f"image_size {image_size} must be a multiple of grid_size {tuple(grid_size)}")

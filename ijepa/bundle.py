@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from decoder import SketchDecoder
 
-from .checkpoint import save_model
+from .checkpoint import DECODER_WEIGHTS_NAME, WEIGHTS_NAME, save_model
 from .inference import LinearReadout, open_image, to_rgb
 from .model import IJepa, IJepaConfig
 
@@ -100,6 +100,9 @@ def load_decoder(path: str | Path, model: IJepa, checkpoint: str | Path = "<chec
     except (json.JSONDecodeError, AttributeError):
         conditioning = None  # from_pretrained below says what is wrong with the file
     hint = train_decoder_hint(checkpoint, config, conditioning)
+    if (path / WEIGHTS_NAME).is_file() and not (path / DECODER_WEIGHTS_NAME).is_file():
+        raise ValueError(f"{path} is a model folder ({WEIGHTS_NAME}), not a sketch decoder: load it with "
+                         f"--checkpoint. A decoder folder holds {DECODER_WEIGHTS_NAME} (train one with `{hint}`)")
     try:  # safetensors only: a decoder folder never unpickles anything
         decoder = SketchDecoder.from_pretrained(path, low_cpu_mem_usage=False, use_safetensors=True).float().eval()
     except (OSError, SafetensorError, ValueError) as err:

@@ -37,6 +37,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with a message that says why and what to do."""
 
 
+# What every config.json this project has written holds (later fields, e.g. target_norm, default to what runs
+# before them used).
+ARCHITECTURE_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "predictor_embed_dim",
+                     "predictor_depth", "predictor_num_heads")
 ACCEPTED = (f"an official I-JEPA .pth.tar file or one of our model folders ({CONFIG_NAME} + {WEIGHTS_NAME}, "
             f"e.g. assets/model)")
 
@@ -179,14 +183,16 @@ def _refused(path: Path, err: Exception) -> CheckpointError:
         f"(it would run code when unpickled). Only weights are accepted. Details: {_refusal_detail(err)}")
 
 
-def _torch_load(path: Path) -> dict:
-    """torch.load that only accepts plain tensors and containers, with readable failures."""
+def load_weights_only(path: Path, expected: str = ACCEPTED, mmap: bool = True) -> dict:
+    """torch.load that only accepts plain tensors and containers, with readable failures (CheckpointError, saying
+    what was ``expected``). ``mmap``: map the weights instead of reading them (a training checkpoint is not mapped:
+    pruning old checkpoints deletes files, which Windows refuses while they are mapped)."""
     with open(path, "rb") as f:
         head = f.read(64)
     if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip archive, or its legacy pickle
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint; expected {ACCEPTED}")
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint; expected {expected}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise _refused(path, err) from None
     except RuntimeError as err:
@@ -204,7 +210,7 @@ def _torch_load(path: Path) -> dict:
                 else:
                     detail = (str(inner).splitlines() or [""])[0] or type(inner).__name__
                 if not legacy:  # some other pickle: whatever torch says, the answer is the same
-                    raise CheckpointError(f"{path}: not a PyTorch checkpoint; expected {ACCEPTED}") from None
+                    raise CheckpointError(f"{path}: not a PyTorch checkpoint; expected {expected}") from None
                 raise CheckpointError(
                     f"{path}: a PyTorch checkpoint in the legacy (non-zip) torch.save format that cannot be read to "
                     f"the end: it is truncated or damaged (download it again). Details: {detail}"
@@ -273,7 +279,7 @@ def load_official(path: str | Path) -> IJepa:
     predict from the wrong encoder; features (target encoder) stay exact.
     """
     path = Path(path)
-    raw = _torch_load(path)
+    raw = load_weights_only(path)
     try:
         parts = split_official(raw)
         encoder, target, predictor = parts.get("encoder"), parts.get("target_encoder"), parts.get("predictor")
@@ -349,6 +355,10 @@ def load_ours(directory: str | Path) -> IJepa:
         raise CheckpointError(
             f"{config_path}: not an I-JEPA model folder of this project (ours are written by save_model and tagged "
             f"\"format\": \"{FORMAT_TAG}\"): this {CONFIG_NAME} {_describe_config(data)}. Expected {ACCEPTED}")
+    missing = [key for key in ARCHITECTURE_KEYS if key not in data]
+    if missing:  # the defaults would build another network and blame the weights for not fitting it
+        raise CheckpointError(f"{config_path} lacks {', '.join(missing)}: every model folder's {CONFIG_NAME} names "
+                              "its architecture (save_model writes them all); restore the file from the run or bundle")
     try:
         config = IJepaConfig.from_dict(data)
         model = _empty_model(config)  # the architecture's own checks (e.g. a width the position table cannot use)

@@ -220,6 +220,17 @@ def test_a_damaged_model_config_says_so(tmp_path, model, config, message):
         load_model(tmp_path / "m")
 
 
+@pytest.mark.parametrize("key", ["depth", "embed_dim", "img_size"])
+def test_a_config_without_an_architecture_key_says_which(tmp_path, model, key):
+    """The defaults would have built another network and blamed the weights ("missing keys blocks.1...")."""
+    save_model(model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    del config[key]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"config.json lacks {key}: "):
+        load_model(tmp_path / "m")
+
+
 def test_folders_that_are_not_a_model_say_what_to_pass(tmp_path, model):
     """--checkpoint given the bundle, a run folder or the decoder folder: each error names what to pass instead."""
     save_model(model, tmp_path / "bundle" / "model")
@@ -299,7 +310,7 @@ def test_the_loader_expects_exactly_the_official_names_and_shapes(tmp_path, monk
                 "batch_size": 128, "world_size": 16, "lr": 1e-3})
     path = tmp_path / "official.pth.tar"
     path.write_bytes(b"PK\x03\x04 stands in for the release; torch.load is replaced below")
-    monkeypatch.setattr(ijepa.checkpoint, "_torch_load", lambda p: raw)
+    monkeypatch.setattr(ijepa.checkpoint, "load_weights_only", lambda p: raw)
     with torch.device("meta"):
         loaded = load_model(path)
         c = manifest["config"]

@@ -273,6 +273,8 @@ def test_invalid_arguments_raise(decoder):
         next(SketchSampler(decoder).stream(cond, num_samples=2, first=3))
     with pytest.raises(ValueError, match="conditioning"):
         SketchDecoder(conditioning="cross_attention")
+    with pytest.raises(ValueError, match=r"multiple of norm_num_groups \(32.*\(8, 16, 32\)"):  # not torch's GroupNorm
+        SketchDecoder(block_out_channels=(8, 16, 32))
 
 
 def test_default_config_fits_the_cpu_budget():

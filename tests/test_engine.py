@@ -546,6 +546,8 @@ def test_load_errors_say_what_to_do(bundle, tmp_path):
     weights.write_bytes(weights.read_bytes()[:4000])
     with pytest.raises(ValueError, match="cannot read the sketch decoder .*truncated"):
         Engine.load(bundle, checkpoint=bundle / "model", decoder=truncated, device="cpu")
+    with pytest.raises(ValueError, match="is a model folder .*not a sketch decoder: load it with --checkpoint"):
+        Engine.load(bundle, decoder=bundle / "model", device="cpu")  # the folders mixed up
     mismatched = tmp_path / "mismatched_decoder"
     shutil.copytree(bundle / "decoder_paper", mismatched)
     config = json.loads((mismatched / "config.json").read_text())

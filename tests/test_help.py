@@ -1,10 +1,18 @@
-"""The training commands' --help: every flag says what it does, and each description reads as a sentence."""
+"""The training commands' --help: every flag says what it does, and each description reads as a sentence; a wrong file
+or setting is said in one line."""
 import importlib
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from train import decoder, pretrain
-from train.config import config_parser, doc_summary
+from train.config import config_parser, doc_summary, run_command
+from train.objective import ema_update
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("config_cls", [pretrain.PretrainConfig, decoder.DecoderTrainConfig])
@@ -29,3 +37,33 @@ def test_help_prints_each_flag_with_its_default(module, capsys):
 def test_command_descriptions_are_whole_sentences(name):
     summary = doc_summary(importlib.import_module(f"train.{name}").__doc__)
     assert summary and summary.endswith("."), summary
+
+
+# ----- a mistake in what was given: one line, exit 2; a bug keeps its traceback ----------------------------------
+
+@pytest.mark.parametrize("name, argv, message", [
+    ("pretrain", ["--config", "no/such.yaml"], "error: config file not found: no/such.yaml"),
+    ("pretrain", ["--steps", "0"], "error: PretrainConfig: steps must be positive, got 0"),
+    ("eval", ["--checkpoint", "tests"], "error: tests: missing config.json; a model folder holds"),
+    ("export_checkpoint", ["README.md"], "error: README.md: not a PyTorch checkpoint"),
+])
+def test_a_command_given_a_wrong_file_or_setting_says_so_in_one_line(name, argv, message):
+    result = subprocess.run([sys.executable, "-m", f"train.{name}", *argv], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+
+
+def test_a_bug_keeps_its_traceback_even_in_our_code():
+    def shapes_do_not_match():  # torch raises from inside a line of ours: a bug, not a message for the user
+        ema_update([torch.zeros(2)], [torch.zeros(3)], 0.99)
+
+    with pytest.raises(RuntimeError, match="must match"):
+        run_command(shapes_do_not_match)
+    assert run_command(lambda: pretrain.main(["--steps", "0"])) == 2  # a raise statement of ours: its message
+    assert run_command(lambda: None) == 0
+
+
+def test_a_flag_of_the_wrong_type_is_named_with_the_type_it_needs(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.main(["--lr", "abc"])
+    assert "argument --lr: expected float, got 'abc'" in capsys.readouterr().err

@@ -3,6 +3,7 @@ where the hardware has it."""
 import csv
 import logging
 import math
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from helpers import run_on_two_gloo_ranks, train_on_two_gloo_ranks
 import train.pretrain as pretrain
-from ijepa.checkpoint import load_model
+from ijepa.checkpoint import CheckpointError, load_model
 from ijepa.inference import true_features
 from train.config import parse_config
 from train.export_checkpoint import export_checkpoint, newest_checkpoint
@@ -154,6 +155,31 @@ def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+def test_a_truncated_newest_checkpoint_resumes_from_the_one_before(tmp_path, caplog):
+    """Checkpoints are written whole or not at all, but a copied or damaged run folder can end in a cut one: the
+    run continues from the one before it (as if the bad file had been deleted by hand) and still matches."""
+    full = train(tiny(tmp_path / "full", "--steps", "6", "--ckpt-every", "2", "--keep-last", "3"))
+    shutil.copytree(tmp_path / "full", tmp_path / "copy")
+    checkpoints = tmp_path / "copy" / "checkpoints"
+    (checkpoints / "ckpt-00000006.pt").unlink()
+    newest = checkpoints / "ckpt-00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:4000])
+    with caplog.at_level(logging.WARNING):
+        resumed = train(tiny(tmp_path / "copy", "--steps", "6", "--ckpt-every", "2", "--keep-last", "3",
+                             "--resume", "true"))
+    assert "ckpt-00000004.pt: cannot read" in caplog.text and "resuming from the checkpoint before it" in caplog.text
+    assert losses(tmp_path / "copy") == losses(tmp_path / "full")
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert load_checkpoint(newest)["step"] == 4  # written again, whole
+
+
+def test_resume_in_an_empty_folder_says_it_starts_a_new_run(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        train(tiny(tmp_path / "new", "--steps", "1", "--resume", "true"))
+    assert "no checkpoint in" in caplog.text and "starting the run from step 0" in caplog.text
+
+
 def test_any_kept_checkpoint_exports_as_a_model_folder(tmp_path):
     finished = train(tiny(tmp_path / "run", "--steps", "4", "--ckpt-every", "2"))
     middle = export_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000002.pt")
@@ -174,10 +200,15 @@ def test_any_kept_checkpoint_exports_as_a_model_folder(tmp_path):
 
     truncated = tmp_path / "ckpt-00000009.pt"
     truncated.write_bytes((tmp_path / "run" / "checkpoints" / "ckpt-00000004.pt").read_bytes()[:5000])
-    with pytest.raises(RuntimeError, match="cannot read the training checkpoint .*ckpt-00000009.pt"):
+    with pytest.raises(CheckpointError, match="ckpt-00000009.pt: cannot read this file as a PyTorch checkpoint"):
         export_checkpoint(truncated)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="is a model folder already"):
         newest_checkpoint(tmp_path / "last")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        newest_checkpoint(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        newest_checkpoint(tmp_path / "no_such_run")
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import linecache
 import os
+import sys
 import types
 import typing
 from pathlib import Path
 
 import yaml
+
+from ijepa.checkpoint import CheckpointError
 
 
 def _parse_value(kind, text: str):
@@ -21,11 +25,16 @@ def _parse_value(kind, text: str):
         if text.lower() in ("0", "false", "no", "off"):
             return False
         raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-    if typing.get_origin(kind) is tuple or kind is tuple:
-        element = (typing.get_args(kind) or (float,))[0]
-        return tuple(element(x) for x in text.split(","))
-    if kind in (int, float, str):
-        return kind(text)
+    try:
+        if typing.get_origin(kind) is tuple or kind is tuple:
+            element = (typing.get_args(kind) or (float,))[0]
+            return tuple(element(x) for x in text.split(","))
+        if kind in (int, float, str):
+            return kind(text)
+    except ValueError:  # argparse would name the parser function: "invalid <lambda> value"
+        element = (typing.get_args(kind) or (float,))[0] if typing.get_origin(kind) is tuple or kind is tuple else kind
+        what = f"{element.__name__}s written a,b" if element is not kind else kind.__name__
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
     return yaml.safe_load(text)
 
 
@@ -54,6 +63,44 @@ def _coerce(name: str, kind, value):
     except ValueError:
         raise ValueError(f"config key {name}: expected {getattr(kind, '__name__', kind)}, got {value!r}") from None
     return value
+
+
+# Errors whose message is written for the person who ran the command: files and settings they gave.
+_THEIR_INPUT = (CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError)
+_OUR_CODE = tuple(str(Path(__file__).resolve().parents[1] / package) + os.sep
+                  for package in ("ijepa", "train", "decoder"))
+
+
+def raised_by_our_code(err: BaseException) -> bool:
+    """Whether ``err`` came from a raise statement of this project (whose messages say what to change), not from
+    inside torch or another library, nor from an operation of ours that failed (a bug, read with its traceback)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or not tb.tb_frame.f_code.co_filename.startswith(_OUR_CODE):
+        return False
+    return linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).lstrip().startswith("raise ")
+
+
+RESUME_HINT = "the last checkpoint is kept: the same command with --resume true continues the run"
+
+
+def run_command(main, interrupted: str = "") -> int:
+    """Run a command's ``main()`` and return its exit status: a mistake in what was given (a missing file, a setting
+    the command refuses, an unreadable checkpoint) prints as one ``error:`` line and exits 2, as argparse does for a
+    bad flag; anything else keeps its traceback. ``interrupted``: what to do after Ctrl-C (e.g. how to resume)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted" + (f": {interrupted}" if interrupted else ""), file=sys.stderr)  # after a progress bar
+        return 130
+    except (ValueError, RuntimeError, ArithmeticError, OSError) as err:
+        if not (isinstance(err, _THEIR_INPUT) or raised_by_our_code(err)):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def doc_summary(doc: str | None) -> str:

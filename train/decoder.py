@@ -34,7 +34,8 @@ from ijepa.device import resolve_precision
 from ijepa.inference import gather, predict_features, true_features
 from ijepa.masks import MaskConfig, complement_indices, rectangle_indices
 from ijepa.model import IJepa
-from train.config import RUN_HELP, config_dict, doc_summary, parse_config, require, save_config, setting
+from train.config import (RESUME_HINT, RUN_HELP, config_dict, doc_summary, parse_config, require, run_command,
+                          save_config, setting)
 from train.data import StackFields, StepBatches, build_dataset
 from train.runtime import (LossWindow, autocast, plot_loss_curve, resume_state, save_checkpoint,
                            save_folder_atomic, setup_runtime, start_csv_log, teardown_runtime)
@@ -293,4 +294,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_command(main, interrupted=RESUME_HINT))

@@ -51,7 +51,7 @@ from train import decoder as decoder_training
 from train import budget
 from train import eval as evaluation
 from train import eval_decoder, pretrain
-from train.config import changed_settings, doc_summary, parse_config
+from train.config import changed_settings, doc_summary, parse_config, run_command
 from train.examples import choose_examples
 from train.model_card import write_model_card
 from train.runtime import hardware, logged_training_seconds, save_folder_atomic, write_file_atomic, write_json_atomic
@@ -486,4 +486,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_command(main, interrupted="the same command again skips finished stages and resumes training"))

@@ -30,7 +30,7 @@ from ijepa.device import resolve_device
 from ijepa.masks import complement_indices, rectangle_indices
 from ijepa.inference import encode, gather, pooled, predict_features, true_features
 from ijepa.model import IJepa, IJepaConfig
-from train.config import doc_summary
+from train.config import doc_summary, run_command
 from train.data import StackFields
 from train.runtime import write_json_atomic
 
@@ -520,4 +520,4 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: Path, data: str = "emoj
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_command(main))

@@ -31,7 +31,7 @@ from ijepa.checkpoint import load_model
 from ijepa.device import PRECISIONS, resolve_device, resolve_precision
 from ijepa.inference import gather, pooled, true_features
 from ijepa.model import IJepa
-from train.config import doc_summary
+from train.config import doc_summary, run_command
 from train.data import build_dataset
 from train.decoder import box_conditions, sample_boxes
 from train.runtime import autocast, write_json_atomic
@@ -201,4 +201,4 @@ def evaluate_decoders(checkpoint: str | Path, decoder: str | Path, paper_decoder
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_command(main))

@@ -24,7 +24,7 @@ from ijepa.bundle import EXAMPLES_DIR, EXAMPLES_INDEX, MODEL_DIR, PROBE_NAMES, l
 from ijepa.checkpoint import load_model
 from ijepa.inference import LinearReadout, analyze_boxes, prepare_image
 from ijepa.model import IJepa
-from train.config import doc_summary
+from train.config import doc_summary, run_command
 from train.model_card import write_model_card
 from train.runtime import save_folder_atomic, write_json_atomic
 
@@ -144,4 +144,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_command(main))

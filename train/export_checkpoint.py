@@ -14,9 +14,9 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from ijepa.checkpoint import save_model
+from ijepa.checkpoint import WEIGHTS_NAME, save_model
 from ijepa.model import IJepa, IJepaConfig
-from train.config import load_config
+from train.config import load_config, run_command
 from train.pretrain import PretrainConfig, model_config
 from train.runtime import list_checkpoints, load_checkpoint
 
@@ -27,7 +27,12 @@ def newest_checkpoint(path: Path) -> Path:
     """``path`` itself when it is a checkpoint file, else the newest complete checkpoint of the run folder."""
     if path.is_file():
         return path
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass a ckpt-<step>.pt file or a train.pretrain run folder")
     found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+    if not found and (path / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{path} is a model folder already: train.eval, train.decoder and the app load it as "
+                                "it is")
     if not found:
         raise FileNotFoundError(f"{path}: no checkpoint (ckpt-<step>.pt) in it or in {path / 'checkpoints'}")
     return found[-1]
@@ -66,4 +71,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_command(main))

@@ -30,7 +30,7 @@ import yaml
 from decoder import SketchDecoder
 from ijepa.bundle import DECODER_DIRS, MODEL_DIR
 from train import eval_decoder
-from train.config import RUN_ONLY_FIELDS, config_dict, doc_summary
+from train.config import RUN_ONLY_FIELDS, config_dict, doc_summary, run_command
 from train.decoder import DecoderTrainConfig
 from train.model_card import DECODER_RECORDS, write_model_card
 from train.runtime import hardware, logged_training_seconds, save_folder_atomic, write_json_atomic
@@ -136,4 +136,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_command(main))

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from ijepa.checkpoint import CheckpointError, load_weights_only
 from ijepa.device import fast_bf16, resolve_device
 from train.config import SCHEDULE_FIELDS, changed_settings
 
@@ -87,12 +88,10 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A training checkpoint: tensors and plain values only (``weights_only=True``)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name and what to do
-        raise RuntimeError(f"cannot read the training checkpoint {path}: {err}. If it is truncated, delete it: "
-                           "--resume then continues from the one before.") from err
+    """A training checkpoint: tensors and plain values only (``weights_only=True``); CheckpointError, saying which
+    file and why, for anything else."""
+    return load_weights_only(path, expected="a ckpt-<step>.pt file written by train.pretrain or train.decoder",
+                             mmap=False)
 
 
 def resume_state(ckpt_dir: Path, config, world_size: int = 1) -> tuple[dict | None, Path | None]:
@@ -106,28 +105,43 @@ def resume_state(ckpt_dir: Path, config, world_size: int = 1) -> tuple[dict | No
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume true to continue, "
                               f"or choose another --out-dir (nothing was overwritten)")
     if not existing:
+        if config.resume:
+            logger.info("no checkpoint in %s yet: starting the run from step 0", ckpt_dir)
         return None, None
     allowed = frozenset(getattr(config, "allow_changes", ()))
     if allowed - SCHEDULE_FIELDS:
         raise ValueError(f"--allow-changes accepts only schedule settings ({', '.join(sorted(SCHEDULE_FIELDS))}), "
                          f"not {', '.join(sorted(allowed - SCHEDULE_FIELDS))}")
-    state = load_checkpoint(existing[-1])
+    state, path = newest_readable(existing)
     refused = changed_settings(state.get("config", {}), config, allowed)
     if refused:
-        raise ValueError(f"cannot resume from {existing[-1]}: its settings differ ({refused}), so the run would not "
+        raise ValueError(f"cannot resume from {path}: its settings differ ({refused}), so the run would not "
                          "continue exactly. Resume with the original settings, or choose another --out-dir "
                          "(nothing was overwritten). A schedule setting may change on purpose with "
                          "--allow-changes NAME[,NAME].")
     changes = changed_settings(state.get("config", {}), config) if allowed else ""
     if changes:
         logger.warning("resuming from %s with changed settings (%s): from here the run differs from an "
-                       "uninterrupted one", existing[-1], changes)
+                       "uninterrupted one", path, changes)
     saved_world = state.get("world_size", world_size)  # checkpoints from before it was stored: not checked
     if saved_world != world_size:
-        raise ValueError(f"cannot resume from {existing[-1]}: it was written by {saved_world} process(es) and this "
+        raise ValueError(f"cannot resume from {path}: it was written by {saved_world} process(es) and this "
                          f"run has {world_size}, which changes the global batch and the data order. Resume with "
                          f"{saved_world} process(es) in all, or choose another --out-dir.")
-    return state, existing[-1]
+    return state, path
+
+
+def newest_readable(checkpoints: list[Path]) -> tuple[dict, Path]:
+    """(state, path) of the newest checkpoint that can be read. Ours are written whole or not at all, but a copied
+    or damaged run folder can end in a truncated one: the run continues from the one before it, as it would have
+    had the bad file been deleted, and the bad file stays until the run writes that step again."""
+    for path in reversed(checkpoints):
+        try:
+            return load_checkpoint(path), path
+        except CheckpointError as err:
+            logger.warning("%s; resuming from the checkpoint before it", err)
+    raise CheckpointError(f"none of the {len(checkpoints)} checkpoints in {checkpoints[0].parent} can be read (see "
+                          "above): choose another --out-dir, or move them aside to start the run again")
 
 
 class LossWindow:

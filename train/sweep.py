@@ -23,7 +23,7 @@ import yaml
 from ijepa.model import IJepa
 from train import eval as evaluation
 from train import pretrain
-from train.config import doc_summary, load_config, parse_config
+from train.config import doc_summary, load_config, parse_config, run_command
 
 logger = logging.getLogger("train.sweep")
 
@@ -107,4 +107,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_command(main))
