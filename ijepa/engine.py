@@ -329,6 +329,9 @@ class Engine:
             extras.append(f"reference bank ({len(self.bank.features)} boxes)")
         if extras:
             lines.append("**Readout:** " + ", ".join(extras) + ".")
+        card = Path(i.source).parent / "MODEL_CARD.md"  # a bundle's, beside its model folder
+        if card.is_file():
+            lines.append(f"**Model card:** `{shown_path(str(card))}`: how it was trained, its measured figures, limits.")
         lines.extend(f"*{note}*" for note in self.notes)
         return "\n\n".join(lines)
 

@@ -496,6 +496,9 @@ def test_missing_parts_switch_panels_off_with_explanations(bundle, tmp_path):
     assert not engine.has_decoder and not engine.probes and engine.bank is None and engine.examples == []
     text = engine.describe()
     assert "python -m train.decoder --checkpoint" in text and "probe" in text and "bank" in text
+    assert "Model card" not in text
+    (partial / "MODEL_CARD.md").write_text("# card\n")
+    assert "**Model card:** `" in Engine.load(partial, device="cpu").describe()  # named where the page can say it
     analysis = engine.analyze(np.zeros((64, 64, 3), np.uint8), [[16, 16, 40, 40]])
     assert analysis.reports[0].probe == {} and analysis.reports[0].neighbours == ()
     with pytest.raises(ValueError, match="python -m train.decoder"):
