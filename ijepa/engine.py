@@ -547,7 +547,7 @@ class Engine:
         rgb = feature_pca(features, self.model.config.grid_size).numpy()
         return render_feature_view(prepared.to_uint8(), rgb)
 
-@torch.no_grad()
+
 def shown_path(path: str) -> str:
     """A path as the page shows it: relative to the working folder when inside it (a shared page need not show where
     the server keeps its files), else as given."""
@@ -555,6 +555,7 @@ def shown_path(path: str) -> str:
     return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else path
 
 
+@torch.no_grad()
 def true_features_of(model: IJepa, prepared: PreparedImage) -> torch.Tensor:
     """Layer-normed target features [N, D] of a prepared image."""
     device = next(model.parameters()).device

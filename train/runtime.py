@@ -133,8 +133,8 @@ def resume_state(ckpt_dir: Path, config, world_size: int = 1) -> tuple[dict | No
 
 def newest_readable(checkpoints: list[Path]) -> tuple[dict, Path]:
     """(state, path) of the newest checkpoint that can be read. Ours are written whole or not at all, but a copied
-    or damaged run folder can end in a truncated one: the run continues from the one before it, as it would have
-    had the bad file been deleted, and the bad file stays until the run writes that step again."""
+    or damaged run folder can end in a truncated one: the run continues from the one before it, as it would if the
+    bad file had been deleted, and the bad file stays until the run writes that step again."""
     for path in reversed(checkpoints):
         try:
             return load_checkpoint(path), path
