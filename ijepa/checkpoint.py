@@ -183,10 +183,12 @@ def _refused(path: Path, err: Exception) -> CheckpointError:
         f"(it would run code when unpickled). Only weights are accepted. Details: {_refusal_detail(err)}")
 
 
-def load_weights_only(path: Path, expected: str = ACCEPTED, mmap: bool = True) -> dict:
+def load_weights_only(path: Path, expected: str = ACCEPTED, mmap: bool = True,
+                      remedy: str = "download it again") -> dict:
     """torch.load that only accepts plain tensors and containers, with readable failures (CheckpointError, saying
-    what was ``expected``). ``mmap``: map the weights instead of reading them (a training checkpoint is not mapped:
-    pruning old checkpoints deletes files, which Windows refuses while they are mapped)."""
+    what was ``expected``, and the ``remedy`` for a damaged file). ``mmap``: map the weights instead of reading them
+    (a training checkpoint is not mapped: pruning old checkpoints deletes files, which Windows refuses while they are
+    mapped)."""
     with open(path, "rb") as f:
         head = f.read(64)
     if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip archive, or its legacy pickle
@@ -213,11 +215,11 @@ def load_weights_only(path: Path, expected: str = ACCEPTED, mmap: bool = True) -
                     raise CheckpointError(f"{path}: not a PyTorch checkpoint; expected {expected}") from None
                 raise CheckpointError(
                     f"{path}: a PyTorch checkpoint in the legacy (non-zip) torch.save format that cannot be read to "
-                    f"the end: it is truncated or damaged (download it again). Details: {detail}"
+                    f"the end: it is truncated or damaged ({remedy}). Details: {detail}"
                 ) from None
         raise CheckpointError(
             f"{path}: cannot read this file as a PyTorch checkpoint; it is probably truncated or not a "
-            f"checkpoint (download it again). Details: {text.splitlines()[0]}"
+            f"checkpoint ({remedy}). Details: {text.splitlines()[0]}"
         ) from None
     except (EOFError, ValueError, OSError) as err:
         raise CheckpointError(f"{path}: cannot read this file as a PyTorch checkpoint (truncated?): {err}") from None

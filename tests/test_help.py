@@ -63,6 +63,14 @@ def test_a_bug_keeps_its_traceback_even_in_our_code():
     assert run_command(lambda: None) == 0
 
 
+def test_a_config_file_that_is_not_yaml_settings_says_so(tmp_path):
+    (tmp_path / "bad.yaml").write_text("steps: [1, 2\n")
+    (tmp_path / "list.yaml").write_text("- steps\n")
+    for name, message in (("bad.yaml", "is not valid YAML"), ("list.yaml", "holds list, not settings")):
+        with pytest.raises(ValueError, match=message):
+            pretrain.main(["--config", str(tmp_path / name)])
+
+
 def test_a_flag_of_the_wrong_type_is_named_with_the_type_it_needs(capsys):
     with pytest.raises(SystemExit):
         pretrain.main(["--lr", "abc"])

@@ -157,7 +157,7 @@ def test_killed_run_resumes_exactly(tmp_path, monkeypatch):
 
 def test_a_truncated_newest_checkpoint_resumes_from_the_one_before(tmp_path, caplog):
     """Checkpoints are written whole or not at all, but a copied or damaged run folder can end in a cut one: the
-    run continues from the one before it (as if the bad file had been deleted by hand) and still matches."""
+    run continues from the one before it and still matches. The bad file is kept aside, out of keep_last's count."""
     full = train(tiny(tmp_path / "full", "--steps", "6", "--ckpt-every", "2", "--keep-last", "3"))
     shutil.copytree(tmp_path / "full", tmp_path / "copy")
     checkpoints = tmp_path / "copy" / "checkpoints"
@@ -167,7 +167,8 @@ def test_a_truncated_newest_checkpoint_resumes_from_the_one_before(tmp_path, cap
     with caplog.at_level(logging.WARNING):
         resumed = train(tiny(tmp_path / "copy", "--steps", "6", "--ckpt-every", "2", "--keep-last", "3",
                              "--resume", "true"))
-    assert "ckpt-00000004.pt: cannot read" in caplog.text and "resuming from the checkpoint before it" in caplog.text
+    assert "ckpt-00000004.pt: cannot read" in caplog.text and "trying the checkpoint before it" in caplog.text
+    assert len((checkpoints / "ckpt-00000004.pt.unreadable").read_bytes()) == 4000  # kept as it was
     assert losses(tmp_path / "copy") == losses(tmp_path / "full")
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

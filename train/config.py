@@ -78,12 +78,17 @@ def raised_by_our_code(err: BaseException) -> bool:
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    if tb is None or not tb.tb_frame.f_code.co_filename.startswith(_OUR_CODE):
+    if tb is None:
         return False
-    return linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).lstrip().startswith("raise ")
+    filename = tb.tb_frame.f_code.co_filename
+    if not str(Path(filename).resolve()).startswith(_OUR_CODE):
+        return False
+    line = linecache.getline(filename, tb.tb_lineno).lstrip()
+    # the class named there: an error raised while building the message (a bad format spec) is a bug
+    return line.startswith("raise ") and type(err).__name__ in line
 
 
-RESUME_HINT = "the last checkpoint is kept: the same command with --resume true continues the run"
+RESUME_HINT = "the checkpoints written so far are kept: the same command with --resume true continues the run"
 
 
 def run_command(main, interrupted: str = "") -> int:
@@ -171,7 +176,12 @@ def load_config(config_cls, path: str | Path | None, overrides: dict):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} holds {type(values).__name__}, not settings (name: value lines)")
         known = {f.name for f in dataclasses.fields(config_cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -91,7 +91,7 @@ def load_checkpoint(path: Path) -> dict:
     """A training checkpoint: tensors and plain values only (``weights_only=True``); CheckpointError, saying which
     file and why, for anything else."""
     return load_weights_only(path, expected="a ckpt-<step>.pt file written by train.pretrain or train.decoder",
-                             mmap=False)
+                             mmap=False, remedy="move it aside and resume: the run continues from the one before")
 
 
 def resume_state(ckpt_dir: Path, config, world_size: int = 1) -> tuple[dict | None, Path | None]:
@@ -112,7 +112,7 @@ def resume_state(ckpt_dir: Path, config, world_size: int = 1) -> tuple[dict | No
     if allowed - SCHEDULE_FIELDS:
         raise ValueError(f"--allow-changes accepts only schedule settings ({', '.join(sorted(SCHEDULE_FIELDS))}), "
                          f"not {', '.join(sorted(allowed - SCHEDULE_FIELDS))}")
-    state, path = newest_readable(existing)
+    state, path = newest_readable(existing) if world_size == 1 else (load_checkpoint(existing[-1]), existing[-1])
     refused = changed_settings(state.get("config", {}), config, allowed)
     if refused:
         raise ValueError(f"cannot resume from {path}: its settings differ ({refused}), so the run would not "
@@ -133,15 +133,19 @@ def resume_state(ckpt_dir: Path, config, world_size: int = 1) -> tuple[dict | No
 
 def newest_readable(checkpoints: list[Path]) -> tuple[dict, Path]:
     """(state, path) of the newest checkpoint that can be read. Ours are written whole or not at all, but a copied
-    or damaged run folder can end in a truncated one: the run continues from the one before it, as it would if the
-    bad file had been deleted, and the bad file stays until the run writes that step again."""
+    or damaged run folder can end in a truncated one: it is renamed ``<name>.unreadable`` (kept, but no longer
+    listed, resumed from or counted by ``keep_last``) and the run continues from the one before. One process only:
+    ranks that each chose for themselves could resume from different steps (``resume_state``)."""
     for path in reversed(checkpoints):
         try:
             return load_checkpoint(path), path
         except CheckpointError as err:
-            logger.warning("%s; resuming from the checkpoint before it", err)
+            aside = path.with_name(path.name + ".unreadable")
+            path.rename(aside)
+            logger.warning("%s; moved aside to %s, trying the checkpoint before it", err, aside.name)
     raise CheckpointError(f"none of the {len(checkpoints)} checkpoints in {checkpoints[0].parent} can be read (see "
-                          "above): choose another --out-dir, or move them aside to start the run again")
+                          "above; each was renamed *.unreadable): choose another --out-dir, or rename one back to "
+                          "retry it")
 
 
 class LossWindow:
