@@ -552,9 +552,11 @@ def build_app(handlers: Handlers) -> gr.Blocks:
             # no precision=0: Gradio would round 1.5 sketches to 2; whole_number says what is wrong instead
             api_samples = gr.Number(label="num_samples", value=DEFAULT_NUM_SAMPLES)
             api_seed = gr.Number(label="seed", value=0)
-            api_decoder = gr.Radio(list(conditionings), value=conditionings[0] if conditionings else None,
-                                   label=("decoder: " + " or ".join(conditionings)) if conditionings
-                                   else "decoder (none loaded)")
+            # text, not a gr.Radio: a name not loaded gets the engine's message (which ones are), not Gradio's
+            # "not in the list of choices" and a traceback in the server's log
+            api_decoder = gr.Textbox(value=conditionings[0] if conditionings else "",
+                                     label=("decoder: " + " or ".join(conditionings)) if conditionings
+                                     else "decoder (none loaded)")
             api_steps = gr.Number(label="steps", value=DEFAULT_NUM_STEPS)
             api_sketches = gr.Gallery(label="sketches", format="png")
             api_metrics = gr.JSON(label="metrics")

@@ -130,13 +130,14 @@ def png_bytes(size: tuple[int, int]) -> bytes:
     ("ok.png", None, "[[10, 10, 150, 150]]", {"num_samples": 1.5}, "whole number"),
     ("ok.png", None, "[[10, 10, 150, 150]]", {"seed": None}, "Enter a seed"),
     ("ok.png", None, "[[10, 10, 150, 150]]", {"steps": 0}, "sampler steps must be between 1"),
+    ("ok.png", None, "[[10, 10, 150, 150]]", {"decoder": "bogus"}, r"No 'bogus' sketch decoder is loaded; choose one"),
 ])
 def test_bad_input_gets_a_clear_message_and_the_server_keeps_serving(server, client, tmp_path, name, data, boxes,
                                                                      extra, message):
     path = write(tmp_path, name, png_bytes((300, 300)) if data is None else data)
     with pytest.raises(AppError, match=message):
         client.predict(handle_file(str(path)), boxes, extra.get("num_samples", 1), extra.get("seed", 0),
-                       steps=extra.get("steps", 10), api_name="/sketch")
+                       steps=extra.get("steps", 10), decoder=extra.get("decoder", ""), api_name="/sketch")
     assert httpx.get(server[0], timeout=10).status_code == 200
 
 
