@@ -341,9 +341,9 @@ class Handlers:
         except InputError as err:
             gr.Warning(str(err), duration=8)
             return (gr.skip(),) * (2 + len(self.CLEARED))
-        height, width = read_image(path).shape[:2]
-        if min(width, height) < MIN_SQUARE_SHARE * max(width, height):
-            side = min(width, height)
+        height, width = read_image(path).shape[:2]  # cached: the decode of ``show``
+        _, _, side = centre_square(width, height)
+        if side < MIN_SQUARE_SHARE * max(width, height):
             gr.Warning(f"Image loaded, but the model reads only its centre square, {side}x{side} of its {width}x"
                        f"{height} pixels (bright on the canvas), which is small here. Crop the image to the part you "
                        "want to study and upload that.", duration=10)

@@ -35,6 +35,7 @@ MODEL_DIR = "model"
 DECODER_DIRS = {"spatial_context": "decoder", "pooled": "decoder_paper"}
 PROBE_NAMES = ("group", "subgroup")  # coarse first: the readout and the explanation list them in this order
 BANK_NAME = "bank"
+MODEL_CARD_NAME = "MODEL_CARD.md"
 EXAMPLES_DIR, EXAMPLES_INDEX = "examples", "examples.json"
 TRAIN_DECODER_HINT = "python -m train.decoder --checkpoint {checkpoint}"
 # What the repository's assets/ may hold in all: the default bundle ships in git and every clone downloads it.

@@ -38,7 +38,7 @@ from decoder import SketchCondition, SketchDecoder, SketchSampler, box_mask_from
 from decoder.pipeline import DEFAULT_NUM_STEPS
 
 from .boxes import MAX_BOXES, Box, boxes_to_masks, map_boxes, parse_box
-from .bundle import (DECODER_DIRS, DEFAULT_ASSETS, EXAMPLES_DIR, MODEL_DIR, Example, FeatureBank,
+from .bundle import (DECODER_DIRS, DEFAULT_ASSETS, EXAMPLES_DIR, MODEL_CARD_NAME, MODEL_DIR, Example, FeatureBank,
                      build_random_bundle, load_bank, load_decoder, load_examples, load_probe, load_readouts,
                      train_decoder_hint)
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_model
@@ -329,9 +329,10 @@ class Engine:
             extras.append(f"reference bank ({len(self.bank.features)} boxes)")
         if extras:
             lines.append("**Readout:** " + ", ".join(extras) + ".")
-        card = Path(i.source).parent / "MODEL_CARD.md"  # a bundle's, beside its model folder
+        card = Path(i.source).parent / MODEL_CARD_NAME  # a bundle's, beside its model folder
         if card.is_file():
-            lines.append(f"**Model card:** `{shown_path(str(card))}`: how it was trained, its measured figures, limits.")
+            lines.append(f"**Model card:** `{shown_path(str(card))}`: how it was trained, its measured figures, "
+                         "limits.")
         lines.extend(f"*{note}*" for note in self.notes)
         return "\n\n".join(lines)
 

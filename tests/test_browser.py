@@ -35,6 +35,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 90_000
 UPLOAD_SIZE = (400, 300)
+UPLOAD_INPUT = 'input[data-testid="Upload your own image-upload-button"]'  # the upload button's file input
 DRAWN_BOX = (110, 0, 290, 180)  # in the uploaded photo's pixels, at its top edge: its number must stay in view
 
 
@@ -143,7 +144,7 @@ def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
     page.screenshot(path=str(screenshot), full_page=True)
     assert Image.open(screenshot).size[0] >= 1000  # the whole page, not an empty capture
 
-    page.set_input_files('input[data-testid="Upload your own image-upload-button"]', str(photo(tmp_path)))
+    page.set_input_files(UPLOAD_INPUT, str(photo(tmp_path)))
     page.wait_for_selector("text=Image loaded.")
     time.sleep(1.0)
     annotator = page.locator("#annotator canvas.canvas-annotator")
@@ -225,7 +226,7 @@ def test_a_phone_draws_a_box_by_touch_and_is_shown_the_results(playwright, serve
         time.sleep(1.5)  # the smooth scroll settles
         assert -2 <= page.locator("#annotator").bounding_box()["y"] <= height / 4, "the new example is out of view"
         # an upload's message shows at the bottom, not over the top of the canvas where the next box is drawn
-        page.set_input_files('input[data-testid="Upload your own image-upload-button"]', str(photo(tmp_path)))
+        page.set_input_files(UPLOAD_INPUT, str(photo(tmp_path)))
         page.wait_for_selector("text=Image loaded.")
         assert page.locator(".toast-wrap").bounding_box()["y"] > height / 2, "the message covers the canvas"
     finally:

@@ -25,15 +25,15 @@ def _parse_value(kind, text: str):
         if text.lower() in ("0", "false", "no", "off"):
             return False
         raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    is_tuple = typing.get_origin(kind) is tuple or kind is tuple
+    element = (typing.get_args(kind) or (float,))[0] if is_tuple else kind
     try:
-        if typing.get_origin(kind) is tuple or kind is tuple:
-            element = (typing.get_args(kind) or (float,))[0]
+        if is_tuple:
             return tuple(element(x) for x in text.split(","))
         if kind in (int, float, str):
             return kind(text)
     except ValueError:  # argparse would name the parser function: "invalid <lambda> value"
-        element = (typing.get_args(kind) or (float,))[0] if typing.get_origin(kind) is tuple or kind is tuple else kind
-        what = f"{element.__name__}s written a,b" if element is not kind else kind.__name__
+        what = f"{element.__name__}s written a,b" if is_tuple else kind.__name__
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
     return yaml.safe_load(text)
 

@@ -43,7 +43,8 @@ import yaml
 from safetensors.torch import save_file
 
 from decoder import SketchDecoder
-from ijepa.bundle import BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, MODEL_DIR, PROBE_NAMES, SHIPPED_SIZE_LIMIT, folder_bytes
+from ijepa.bundle import (BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, MODEL_CARD_NAME, MODEL_DIR, PROBE_NAMES,
+                          SHIPPED_SIZE_LIMIT, folder_bytes)
 from ijepa.checkpoint import load_model, save_model
 from ijepa.device import resolve_device
 from ijepa.model import IJepa
@@ -343,7 +344,7 @@ def write_bundle(folder: Path, out: Path, model_dir: Path, decoders: dict[str, P
     summary = {**summary, "examples": choose_examples(folder, folder / EXAMPLES_DIR)}
     shutil.copy(out / "decoder_eval" / "samples.png", folder / "samples.png")
     write_json_atomic(folder / "metrics.json", summary)
-    write_model_card(summary, folder / "MODEL_CARD.md")
+    write_model_card(summary, folder / MODEL_CARD_NAME)
 
 
 def planned_bundle_sizes(profile: dict, out: Path, flags: dict[str, list[str]]) -> dict[str, int]:

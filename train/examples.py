@@ -20,7 +20,7 @@ from PIL import Image
 
 from decoder import largest_user_box
 from ijepa.boxes import boxes_to_masks
-from ijepa.bundle import EXAMPLES_DIR, EXAMPLES_INDEX, MODEL_DIR, PROBE_NAMES, load_probe
+from ijepa.bundle import EXAMPLES_DIR, EXAMPLES_INDEX, MODEL_CARD_NAME, MODEL_DIR, PROBE_NAMES, load_probe
 from ijepa.checkpoint import load_model
 from ijepa.inference import LinearReadout, analyze_boxes, prepare_image
 from ijepa.model import IJepa
@@ -137,7 +137,7 @@ def main(argv=None) -> None:
     save_folder_atomic(lambda staged: chosen.update(choose_examples(bundle, staged)), bundle / EXAMPLES_DIR)
     metrics = {**json.loads(metrics_path.read_text()), "examples": chosen}
     write_json_atomic(metrics_path, metrics)
-    write_model_card(metrics, bundle / "MODEL_CARD.md")
+    write_model_card(metrics, bundle / MODEL_CARD_NAME)
     logger.info("%s: %d examples; of %d scenes, %d read right by the group probe, %s by the subgroup probe too",
                 bundle / EXAMPLES_DIR, chosen["shown"], chosen["scanned"], chosen["read_right"],
                 chosen.get("read_right_subgroup_too", "none asked"))

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from decoder import SketchDecoder
-from ijepa.bundle import DECODER_DIRS, MODEL_DIR
+from ijepa.bundle import DECODER_DIRS, MODEL_CARD_NAME, MODEL_DIR
 from train import eval_decoder
 from train.config import RUN_ONLY_FIELDS, config_dict, doc_summary, run_command
 from train.decoder import DecoderTrainConfig
@@ -102,7 +102,7 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, c
     save_folder_atomic(lambda folder: shutil.copytree(shipped, folder), bundle / DECODER_DIRS[slot])
     shutil.copy(eval_dir / "samples.png", bundle / "samples.png")
     write_json_atomic(metrics_path, metrics)
-    write_model_card(metrics, bundle / "MODEL_CARD.md")
+    write_model_card(metrics, bundle / MODEL_CARD_NAME)
     replaced = next(d for d in results["decoders"].values() if d["conditioning"] == slot)
     logger.info("replaced %s/%s: retrieval %.1f %%, diversity %.3f; card rewritten", bundle, DECODER_DIRS[slot],
                 replaced["retrieval_top1"], replaced["diversity_rms"])
