@@ -243,6 +243,17 @@ def test_a_patch_two_copies_of_one_emoji_mostly_cover_is_labelled_with_it(catalo
     assert (patches.ravel()[1:] == -1).all()
 
 
+def test_a_patch_split_evenly_goes_to_the_emoji_on_top(catalog):
+    """Ties: an emoji beats the background, and of two emoji the one drawn later (on top) wins."""
+    renderer = SceneRenderer(catalog, resolution=16, patch_size=8)
+    layer = np.full((16, 16), -1)
+    layer[:4, :8] = 0  # patch (0, 0): 32 pixels of the first emoji (base 5), 32 of background
+    layer[8:12, :8] = 0  # patch (1, 0): 32 pixels of the first emoji, 32 of the second (base 9), drawn over it
+    layer[12:, :8] = 1
+    patches = renderer._patch_labels(layer, [5, 9])
+    assert patches[0, 0] == 5 and patches[1, 0] == 9
+
+
 def test_main_emoji_sampling_is_balanced_over_bases(catalog):
     ds = EmojiScenes(catalog, seed=0)
     mains = [ds.layout(i) for i in range(3000)]
@@ -519,3 +530,6 @@ def test_ranks_read_disjoint_batches_that_cover_every_sample_once_and_resume_whe
     assert all(len(b) == batch for b in StepBatches(0, steps, batch, 0, 2))
     resumed = list(StepBatches(3, steps, batch, 1, 2))
     assert len(resumed) == 2 and resumed == list(StepBatches(0, steps, batch, 1, 2))[3:]
+    # together the ranks read, step by step, what one process with their combined batch reads
+    together = [a + b for a, b in zip(StepBatches(0, steps, batch, 0, 2), StepBatches(0, steps, batch, 1, 2))]
+    assert together == list(StepBatches(0, steps, 2 * batch, 0, 1))

@@ -276,6 +276,58 @@ def test_analyze_errors_are_mse_to_layer_normed_truth(engine):
     torch.testing.assert_close(box.errors, (box.predicted - box.true).pow(2).mean(-1))
 
 
+@pytest.fixture(scope="module")
+def trained_like_engine(bundle):
+    """An engine whose target encoder differs from its context encoder, as after any training (in the random
+    bundle they are copies), and whose bank shares a large common direction, as real box features do."""
+    engine = Engine.load(bundle, device="cpu")
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in engine.model.target_encoder.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=generator))
+    bank = engine.bank
+    shared = bank.features + 4.0 * torch.randn(bank.features.size(1), generator=generator)
+    engine.bank = dataclasses.replace(bank, features=shared)  # its centre is recomputed from the new features
+    return engine
+
+
+def test_predictions_read_the_context_encoder_and_the_truth_reads_the_target_encoder(trained_like_engine):
+    """"Prediction vs truth" compares the predictor (from the context encoder's view) with the target encoder."""
+    model = trained_like_engine.model
+    image = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(8))
+    context, targets = boxes_to_masks([(8, 8, 20, 16)], (SIZE, SIZE), GRID)
+    box = analyze_boxes(model, image, context, targets).boxes[0]
+    pixels = model.normalize(image[None])
+    with torch.no_grad():
+        ctx = context.unsqueeze(0)
+        predicted = model.predictor(model.encoder(pixels, [ctx]), [ctx], [targets[0].unsqueeze(0)],
+                                    grid_size=(GRID, GRID))[0]
+        on_target = torch.nn.functional.layer_norm(model.target_encoder(pixels)[0], (192,))[targets[0]]
+        on_context = torch.nn.functional.layer_norm(model.encoder(pixels)[0], (192,))[targets[0]]
+    torch.testing.assert_close(box.predicted, predicted, atol=1e-5, rtol=0)
+    torch.testing.assert_close(box.true, on_target, atol=1e-5, rtol=0)
+    assert (on_context - on_target).abs().max() > 0.1  # the two encoders really differ here
+
+
+def test_probe_and_neighbours_read_the_prediction_and_the_truth_row_reads_the_truth(trained_like_engine):
+    """The Probe and Neighbours panels say what the PREDICTOR expects; only "on the truth" reads the real box."""
+    engine = trained_like_engine
+    image = np.random.default_rng(9).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    analysis = engine.analyze(image, [[8, 8, 24, 20]])
+    report, box = analysis.reports[0], analysis.result.boxes[0]
+    predicted, true = box.pooled_predicted, box.pooled_true
+    assert report.probe == {name: p.top_k(predicted, 5) for name, p in engine.probes.items()}
+    assert report.probe_on_truth == {name: p.top_k(true, 1) for name, p in engine.probes.items()}
+    assert report.probe != {name: p.top_k(true, 5) for name, p in engine.probes.items()}  # they tell apart
+    bank = engine.bank
+    expected, _ = nearest_neighbours(bank.features, predicted, 6, centre=bank.centre)
+    assert [n.index for n in report.neighbours] == expected.tolist()
+    assert [n.label for n in report.neighbours] == [bank.label_of(i) for i in expected.tolist()]
+    uncentred, _ = nearest_neighbours(bank.features, predicted, 6)
+    from_truth, _ = nearest_neighbours(bank.features, true, 6, centre=bank.centre)
+    assert uncentred.tolist() != expected.tolist() and from_truth.tolist() != expected.tolist()
+
+
 def test_window_positions_cover_every_patch():
     for grid, window, stride in [((8, 8), (2, 2), 1), ((16, 16), (4, 4), 2), ((7, 9), (3, 2), 3)]:
         covered = np.zeros(grid, bool)
@@ -293,6 +345,17 @@ def test_surprise_map_equals_hiding_each_window_alone(engine):
                                           (SIZE, SIZE), GRID)
         alone = analyze_boxes(engine.model, image, context, targets).boxes[0].errors.view(4, 4)
         torch.testing.assert_close(errors[top:top + 4, left:left + 4], alone, atol=1e-4, rtol=1e-4)
+    # overlapping windows (stride 1): each patch gets the MEAN error of the windows that hid it
+    overlapping = surprise_map(engine.model, image, window=2, stride=1)
+
+    def hidden_alone(top: int, left: int) -> torch.Tensor:
+        context, targets = boxes_to_masks([(left * PATCH, top * PATCH, (left + 2) * PATCH, (top + 2) * PATCH)],
+                                          (SIZE, SIZE), GRID)
+        return analyze_boxes(engine.model, image, context, targets).boxes[0].errors.view(2, 2)
+
+    torch.testing.assert_close(overlapping[0, 0], hidden_alone(0, 0)[0, 0], atol=1e-4, rtol=1e-4)  # one window
+    covering = [hidden_alone(3, 4)[1, 1], hidden_alone(3, 5)[1, 0], hidden_alone(4, 4)[0, 1], hidden_alone(4, 5)[0, 0]]
+    torch.testing.assert_close(overlapping[4, 5], torch.stack(covering).mean(), atol=1e-4, rtol=1e-4)
     overview = engine.surprise_map(np.asarray(image.permute(1, 2, 0) * 255, dtype=np.uint8))
     assert overview.errors.shape == (GRID, GRID) and overview.window == (2, 2) and overview.figure.ndim == 3
     with pytest.raises(ValueError, match="window"):
@@ -323,6 +386,20 @@ def test_feature_pca_separates_distinct_regions():
     assert first[:8].max() - first[:8].min() < 0.05 and first[8:].max() - first[8:].min() < 0.05
     assert (first[:8].mean() - first[8:].mean()).abs() > 0.9
     torch.testing.assert_close(feature_pca(features, (4, 4)), rgb)
+
+
+def test_feature_pca_is_the_top_three_components_with_fixed_signs():
+    """The PCA view's colours are the patches' scores on the top three principal components (over patches),
+    each with its largest loading made positive, so the same features always give the same colours."""
+    features = torch.randn(16, 12, generator=torch.Generator().manual_seed(6)) * torch.linspace(3, 0.5, 12)
+    centred = features.double().numpy() - features.double().numpy().mean(axis=0)
+    _, _, vh = np.linalg.svd(centred, full_matrices=False)
+    components = vh[:3] * np.sign(vh[:3][np.arange(3), np.abs(vh[:3]).argmax(axis=1)])[:, None]
+    projected = centred @ components.T
+    expected = (projected - projected.min(0)) / (projected.max(0) - projected.min(0))
+    np.testing.assert_allclose(feature_pca(features, (4, 4)).view(16, 3).numpy(), expected, atol=1e-5)
+    flipped = centred @ -components.T  # what either sign choice of an SVD could give without the fix
+    assert not np.allclose(expected, (flipped - flipped.min(0)) / (flipped.max(0) - flipped.min(0)), atol=1e-3)
 
 
 def test_feature_view_renders(engine):

@@ -276,12 +276,36 @@ def test_training_moves_the_target_encoder_only_by_its_ema(tmp_path, momentum):
                "--ema-end", str(momentum)))
     encoder = [_step_weights(run, s, "encoder") for s in (1, 2)]
     target = [_step_weights(run, s, "target_encoder") for s in (1, 2)]
+    predictor = [_step_weights(run, s, "predictor") for s in (1, 2)]
     assert any(not torch.equal(encoder[0][k], encoder[1][k]) for k in encoder[0])  # the encoder trained
+    unchanged = [k for k in predictor[0] if torch.equal(predictor[0][k], predictor[1][k])]
+    assert unchanged == ["predictor_pos_embed"]  # the predictor trained: all but its fixed sin-cos positions
     for k in target[0]:
         if momentum == 1.0:
             assert torch.equal(target[0][k], target[1][k]), k
         else:
             torch.testing.assert_close(target[1][k], encoder[1][k], rtol=0, atol=1e-7, msg=k)
+
+
+def test_schedules_run_from_their_start_to_their_final_values(tmp_path):
+    """lr warms up from --start-lr to --lr and decays towards --final-lr; weight decay rises from --weight-decay to
+    --final-weight-decay; the EMA momentum rises from --ema-start to --ema-end. The log says so, and the optimizer
+    really used the logged values (its saved state at the last step)."""
+    run = tmp_path / "run"
+    cfg = tiny(run, "--steps", "6", "--warmup-steps", "2", "--start-lr", "1e-4", "--lr", "1e-3", "--final-lr", "1e-5",
+               "--weight-decay", "0.05", "--final-weight-decay", "0.3", "--ema-start", "0.9", "--ema-end", "0.99")
+    train(cfg)
+    with open(run / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]  # row n: the values step n trained with (from 0)
+    lrs, wds, emas = ([float(r[key]) for r in rows] for key in ("lr", "weight_decay", "ema"))
+    assert lrs[0] == pytest.approx(1e-4) and lrs[2] == pytest.approx(1e-3) and lrs[1] < lrs[2]  # warmup to peak
+    assert lrs[2] > lrs[3] > lrs[4] > lrs[5] > 1e-5  # cosine decay towards --final-lr, reached after the last step
+    assert wds[0] == pytest.approx(0.05) and all(a < b for a, b in zip(wds, wds[1:])) and wds[-1] < 0.3
+    assert emas[0] == pytest.approx(0.9) and all(a < b for a, b in zip(emas, emas[1:])) and emas[-1] < 0.99
+    groups = load_checkpoint(run / "checkpoints" / "ckpt-00000006.pt")["optimizer"]["param_groups"]
+    assert all(g["lr"] == pytest.approx(lrs[-1], rel=1e-4) for g in groups)
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, pytest.approx(wds[-1], rel=1e-4)]
 
 
 @pytest.mark.slow
