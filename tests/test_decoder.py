@@ -11,6 +11,7 @@ from decoder import (
     SketchProgress,
     SketchSampler,
     box_mask_from_indices,
+    initial_noise,
     scatter_tokens,
 )
 
@@ -158,6 +159,14 @@ def test_seed_controls_the_sketch(decoder):
     assert torch.equal(first, sampler.sample(cond, 2, STEPS, seed=7))
     assert not torch.allclose(first, sampler.sample(cond, 2, STEPS, seed=8))
     assert not torch.allclose(first[0], first[1])  # samples of one condition differ only by their noise
+
+
+def test_neighbouring_seeds_draw_unrelated_sketches(decoder):
+    """Seed 12 is a fresh draw, not seed 11's sketches shifted by one: each (seed, sample) pair has its own noise."""
+    assert not torch.equal(initial_noise(11, (1,), SIZE), initial_noise(12, (0,), SIZE))
+    sampler = SketchSampler(decoder)
+    cond = make_condition(box_indices(0, 0, 2, 2))
+    assert not torch.allclose(sampler.sample(cond, 2, STEPS, seed=11)[1], sampler.sample(cond, 2, STEPS, seed=12)[0])
 
 
 def test_batching_boxes_and_samples_matches_separate_calls(decoder):

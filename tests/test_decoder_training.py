@@ -171,3 +171,71 @@ def test_retrieval_finds_a_perfect_sketch_and_a_grey_box_scores_the_floor(tiny_i
     grey = results["grey"]
     assert grey["retrieval_top1"] == pytest.approx(grey["grey_box_top1"]) and grey["retrieval_top1"] < 100.0
     assert grey["reencode_cosine"] == pytest.approx(grey["grey_box_cosine"], abs=1e-6)
+
+
+def record_training_steps(monkeypatch) -> list[dict]:
+    """Per training step, in order: the boxes and truth/prediction choices ``box_conditions`` gets and the state of
+    the noise generator the loss gets. Preview sheets are skipped (they call box_conditions too)."""
+    steps, real_conditions, real_forward = [], decoder_training.box_conditions, decoder_training.DecoderLoss.forward
+
+    def conditions(model, images, targets, contexts, use_true=None):
+        steps.append({"targets": targets.clone(), "use_true": use_true.clone()})
+        return real_conditions(model, images, targets, contexts, use_true)
+
+    def forward(self, images, cond, generator):
+        steps[-1]["noise_state"] = generator.get_state().clone()
+        return real_forward(self, images, cond, generator)
+
+    monkeypatch.setattr(decoder_training, "box_conditions", conditions)
+    monkeypatch.setattr(decoder_training.DecoderLoss, "forward", forward)
+    monkeypatch.setattr(decoder_training, "save_sample_grid", lambda *args, **kwargs: None)
+    return steps
+
+
+def test_true_fraction_sets_the_share_of_images_drawn_from_true_features(tmp_path, tiny_ijepa, monkeypatch):
+    """--true-fraction is the share of images conditioned on the target encoder's truth (0: the predictor only)."""
+    steps = record_training_steps(monkeypatch)
+    decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / "quarter", "--steps", "8", "--batch-size", "8",
+                                    "--true-fraction", "0.25"))
+    chosen = torch.cat([s["use_true"] for s in steps])
+    assert len(chosen) == 64 and 0.1 <= chosen.float().mean().item() <= 0.4
+    steps.clear()
+    decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / "none", "--steps", "2", "--true-fraction", "0"))
+    assert len(steps) == 2 and not any(s["use_true"].any() for s in steps)
+
+
+def test_lr_warms_up_linearly_from_its_first_step(tmp_path, tiny_ijepa):
+    """The first step already trains (lr / warmup_steps, not 0) and step warmup_steps reaches --lr, as documented."""
+    decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / "run", "--steps", "5", "--warmup-steps", "4",
+                                    "--lr", "1e-3"))
+    with open(tmp_path / "run" / "log.csv") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert lrs == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3, 1e-3, 1e-3], rel=1e-6)
+
+
+def test_exported_decoder_holds_the_ema_weights(tmp_path, tiny_ijepa):
+    """decoder/ (what the app loads) is the EMA of the weights, not the last raw training weights."""
+    decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / "run", "--steps", "3", "--lr", "1e-2"))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "ckpt-00000003.pt", weights_only=True)
+    exported = SketchDecoder.from_pretrained(tmp_path / "run" / "decoder")
+    assert len(list(exported.parameters())) == len(state["ema"]["shadow_params"])
+    for (name, p), shadow in zip(exported.named_parameters(), state["ema"]["shadow_params"]):
+        torch.testing.assert_close(p.detach(), shadow, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(p.detach(), state["decoder"][name]) for name, p in exported.named_parameters())
+
+
+def test_each_step_draws_its_own_boxes_and_noise_from_its_step_number(tmp_path, tiny_ijepa, monkeypatch):
+    """Steps see fresh boxes and noise, and a resumed run draws exactly the uninterrupted run's for the same step."""
+    steps = record_training_steps(monkeypatch)
+    decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / "full", "--steps", "3"))
+    full = list(steps)
+    steps.clear()
+    decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / "cut", "--steps", "2"))
+    decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / "cut", "--steps", "3", "--resume", "true",
+                                    "--allow-changes", "steps"))
+    assert len(full) == len(steps) == 3
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        assert not torch.equal(full[i]["targets"], full[j]["targets"]), (i, j)
+        assert not torch.equal(full[i]["noise_state"], full[j]["noise_state"]), (i, j)
+    for a, b in zip(full, steps):  # step 2 of the resumed run included
+        assert all(torch.equal(a[key], b[key]) for key in ("targets", "use_true", "noise_state"))
