@@ -109,6 +109,32 @@ def test_only_spatial_mode_reads_the_context():
         assert not torch.allclose(spatial(noisy, 500, cond), spatial(noisy, 500, other))
 
 
+def test_spatial_decoder_reads_the_box_mask(decoder):
+    """The box-mask channel is how the decoder knows which pixels to draw; moving only the mask must matter."""
+    cond = make_condition(box_indices(1, 1, 2, 2))
+    moved = make_condition(box_indices(0, 2, 2, 2)).box_mask
+    other = SketchCondition(cond.tokens, cond.patch_indices, cond.context, moved)
+    noisy = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert not torch.allclose(decoder(noisy, 500, cond), decoder(noisy, 500, other), atol=1e-4)
+
+
+def test_feature_map_gives_each_patch_exactly_its_own_token(decoder):
+    """Shipped decoders were trained with nearest upsampling: every pixel of a patch carries that patch's token."""
+    cond = make_condition(box_indices(1, 1, 2, 2))
+    weight, bias = decoder.feature_proj.weight[:, :, 0, 0], decoder.feature_proj.bias
+    expected = bias.expand(GRID[0] * GRID[1], -1).clone()  # empty patches: the projection of a zero token
+    expected[cond.patch_indices[0]] = cond.tokens[0] @ weight.T + bias
+    patch = SIZE // GRID[0]
+    with torch.no_grad():
+        fmap = decoder.feature_map(cond)[0]
+        for r in range(GRID[0]):
+            for c in range(GRID[1]):
+                pixels = fmap[:, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+                want = expected[r * GRID[1] + c, :, None, None].expand_as(pixels)
+                torch.testing.assert_close(pixels, want, atol=1e-6, rtol=1e-5)
+
+
 def test_save_pretrained_round_trip(tmp_path, decoder):
     decoder.save_pretrained(tmp_path)
     assert (tmp_path / "config.json").is_file()

@@ -49,6 +49,13 @@ def _reference_knn(bank, bank_labels, queries, num_classes, k, temperature):
     return votes.argmax(1)
 
 
+def _tiny_probe_sets(img_size, patch_size, seed=0):
+    """A stand-in for ``emoji_probe_sets``: 6 bank and 6 query items, 2 groups and 3 subgroups."""
+    def items(offset):
+        return [{**_Scenes(6)[i], "group": i % 2, "subgroup": i % 3} for i in range(offset, offset + 6)]
+    return items(0), items(6), {"group": 2, "subgroup": 3}, type("Catalog", (), {"fingerprint": "x"})()
+
+
 def test_the_emoji_protocol_scores_knn_with_k_20_and_temperature_0_07(tiny_model, monkeypatch):
     """The protocol (module docstring, results["protocol"]) is kNN k=20, T=0.07: figures compare across runs only
     while both hold. The other kNN tests pass k and T explicitly, so they would not notice either changing."""
@@ -71,18 +78,60 @@ def test_the_emoji_protocol_scores_knn_with_k_20_and_temperature_0_07(tiny_model
         calls.append((bound.arguments["k"], bound.arguments["temperature"]))
         return knn_top1(*args, **kwargs)
 
-    def tiny_sets(img_size, patch_size, seed=0):
-        def items(offset):
-            return [{**_Scenes(6)[i], "group": i % 2, "subgroup": i % 3} for i in range(offset, offset + 6)]
-        return items(0), items(6), {"group": 2, "subgroup": 3}, type("Catalog", (), {"fingerprint": "x"})()
-
     monkeypatch.setattr(evaluation, "knn_top1", spy)
-    monkeypatch.setattr(evaluation, "emoji_probe_sets", tiny_sets)
+    monkeypatch.setattr(evaluation, "emoji_probe_sets", _tiny_probe_sets)
     monkeypatch.setattr(evaluation, "fit_linear_probe", functools.partial(fit_linear_probe, steps=1))  # not tested
     results = evaluation.evaluate_emoji_features(tiny_model, sources=("raw_pixels", "target_encoder"))
     assert "k=20 T=0.07" in results["protocol"]
     evaluation.HeldOutKnn(tiny_model.config)(tiny_model)
     assert len(calls) >= 8 and set(calls) == {(20, 0.07)}
+
+
+def _record_pool_calls(monkeypatch) -> list[tuple]:
+    """(model, which, first item of the dataset) for every ``_pool`` call of the evaluation."""
+    calls, real = [], evaluation._pool
+
+    def spy(model, dataset, *args, **kwargs):
+        which = kwargs.get("which", args[1] if len(args) > 1 else "target")
+        calls.append((model, which, dataset[0]))
+        return real(model, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "_pool", spy)
+    return calls
+
+
+def _is_fresh_random_init(model, config) -> bool:
+    expected = evaluation.random_init_like(config, 0, "cpu").state_dict()
+    return isinstance(model, IJepa) and all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
+def test_every_row_of_the_emoji_protocol_reads_the_features_it_is_named_for(tiny_model, monkeypatch):
+    """The floors compare the trained target encoder with raw pixels and a FRESH random init: a row that silently
+    read another source (or the query set as the bank) would make the comparison meaningless."""
+    calls = _record_pool_calls(monkeypatch)
+    monkeypatch.setattr(evaluation, "emoji_probe_sets", _tiny_probe_sets)
+    monkeypatch.setattr(evaluation, "fit_linear_probe", functools.partial(fit_linear_probe, steps=1))
+    evaluation.evaluate_emoji_features(tiny_model)
+    bank_first, query_first = _tiny_probe_sets(32, 8)[0][0], _tiny_probe_sets(32, 8)[1][0]
+    assert len(calls) == 2 * len(evaluation.FEATURE_SOURCES)  # per row: the bank, then the queries
+    for (bank_call, query_call), name in zip(zip(calls[::2], calls[1::2]), evaluation.FEATURE_SOURCES):
+        assert bank_call[0] is query_call[0] and bank_call[1] == query_call[1], name  # one source per row
+        assert torch.equal(bank_call[2]["image"], bank_first["image"]), name  # the bank is the training emoji
+        assert torch.equal(query_call[2]["image"], query_first["image"]), name  # the queries the held-out ones
+    rows = dict(zip(evaluation.FEATURE_SOURCES, calls[::2]))
+    assert rows["raw_pixels"][0] is None
+    assert rows["target_encoder"][:2] == (tiny_model, "target") and rows["context_encoder"][:2] == (tiny_model, "context")
+    random_row = rows["random_init"][0]
+    assert random_row is not tiny_model and rows["random_init"][1] == "target"
+    assert _is_fresh_random_init(random_row, tiny_model.config)
+
+    calls.clear()  # the in-training monitor's lines to beat: pixels and the same fresh random init
+    monitor = evaluation.HeldOutKnn(tiny_model.config)
+    assert [c[0] is None for c in calls] == [True, True, False, False]
+    assert _is_fresh_random_init(calls[2][0], tiny_model.config) and calls[2][0] is calls[3][0]
+    calls.clear()
+    monitor(tiny_model)
+    assert [c[0] for c in calls] == [tiny_model, tiny_model]
 
 
 def test_linear_probe_standardises_and_separates():
@@ -181,13 +230,22 @@ def _colour_images(folder, colour, count, rng):
         Image.fromarray(pixels).save(folder / f"{i}.png")
 
 
-def test_image_folder_classes(tmp_path, tiny_model):
+def test_image_folder_classes(tmp_path, tiny_model, monkeypatch):
     rng = np.random.default_rng(0)
     for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
         _colour_images(tmp_path / name, colour, 10, rng)
+    seen = []
+    real = evaluation.pooled_features
+    monkeypatch.setattr(evaluation, "pooled_features", lambda model, data, *a, **k: seen.append((model, data))
+                        or real(model, data, *a, **k))
     results = evaluation.evaluate_folder(tiny_model, tmp_path)
     assert set(results["features"]) == {"raw_pixels", "random_init", "target_encoder"}
     assert results["features"]["raw_pixels"]["knn_label"] == 100.0
+    # no query is in the bank (it would find itself), and the two split every image: 16 + 4
+    bank, queries = seen[0][1].indices, seen[1][1].indices
+    assert not set(bank) & set(queries) and sorted(bank + queries) == list(range(20)) and len(queries) == 4
+    assert [m for m, _ in seen[::2]] == [m for m, _ in seen[1::2]]  # each row: bank and queries from one source
+    assert seen[0][0] is None and seen[4][0] is tiny_model and _is_fresh_random_init(seen[2][0], tiny_model.config)
 
 
 def test_a_val_folder_missing_a_class_keeps_the_train_labels(tmp_path, tiny_model):

@@ -106,9 +106,9 @@ def reference_block(block, x):
     return x + block.mlp.fc2(F.gelu(block.mlp.fc1(block.norm2(x))))
 
 
-def reference_predictor(pred, context_tokens, context_idx, target_idx):
+def reference_predictor(pred, context_tokens, context_idx, target_idx, pos=None):
     """One image, one context, one target block: embed, add positions, append queries, run, read queries."""
-    pos = pred.predictor_pos_embed[0]
+    pos = pred.predictor_pos_embed[0] if pos is None else pos
     x = pred.predictor_embed(context_tokens) + pos[context_idx]
     queries = pred.mask_token[0] + pos[target_idx]
     x = torch.cat([x, queries])[None]
@@ -136,6 +136,18 @@ def test_predictor_equals_plain_reference(num_context_masks):
                     ref = reference_predictor(pred, tokens[c * batch + b], ctx[b], tgt[b])
                     torch.testing.assert_close(out[row], ref, atol=1e-5, rtol=1e-5)
                     row += 1
+
+
+def test_predictor_at_another_grid_uses_that_grids_positions():
+    """Predicting at a resolution other than the model's own must place tokens with that grid's sin-cos positions."""
+    torch.manual_seed(0)
+    pred = ijepa.vit_predictor(grid_size=(6, 6), embed_dim=24, predictor_embed_dim=16, depth=2, num_heads=2).eval()
+    ctx, tgt = torch.randperm(32)[:10].sort().values, torch.randperm(32)[:5].sort().values
+    tokens = torch.randn(1, 10, 24)
+    with torch.no_grad():
+        out = pred(tokens, [ctx[None]], [tgt[None]], grid_size=(4, 8))
+        ref = reference_predictor(pred, tokens[0], ctx, tgt, pos=sincos_2d(16, (4, 8)))
+    torch.testing.assert_close(out[0], ref, atol=1e-5, rtol=1e-5)
 
 
 def test_predictions_line_up_with_gathered_targets():
