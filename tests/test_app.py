@@ -5,6 +5,7 @@ The server runs the bundle in assets/ when it has a model, otherwise a tiny rand
 """
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import struct
@@ -209,6 +210,23 @@ def test_ui_run_streams_sketches(app_module, tmp_path):
     paper = list(handlers.run(value, 1, 1, 2, "pooled", source))
     assert paper[-1][9]["decoder"] == "pooled" and "average of the box" in paper[-1][3]
     assert not np.array_equal(paper[-1][4][0][0], outputs[-1][4][0][0])
+
+
+def test_the_truth_panel_decodes_with_the_decoder_the_user_chose(app_module, tmp_path, monkeypatch):
+    """Truth vs prediction must be drawn by the chosen decoder, or it contradicts the sketches beside it."""
+    engine = Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")
+    handlers = app_module.Handlers(engine)
+    value, source = handlers.initial_value()
+    calls, original = [], engine.truth_vs_prediction
+    signature = inspect.signature(original)
+
+    def spy(*args, **kwargs):
+        calls.append(signature.bind(*args, **kwargs).arguments.get("conditioning"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "truth_vs_prediction", spy)
+    list(handlers.run(value, 1, 1, 1, "pooled", source))
+    assert [engine.conditioning_of(c) for c in calls] == ["pooled"]
 
 
 def test_missing_bundle_exits_with_a_clear_message(app_module, tmp_path, capsys):

@@ -19,7 +19,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from decoder.model import box_mask_from_indices
 from ijepa.bundle import build_random_bundle, load_probe, train_decoder_hint
@@ -263,6 +263,59 @@ def test_analyze_reports_every_box(engine):
     assert metrics["boxes"][1]["box"] == [160, 120, 280, 240] and metrics["boxes"][1]["hidden_patches"] == 16
     view = panels.model_view(analysis)
     assert view.shape == (SIZE * panels.display_scale(SIZE),) * 2 + (3,) and view.dtype == np.uint8
+
+
+@pytest.fixture(scope="module")
+def clipped_and_whole(engine):
+    """Two boxes on a wide image: box 1 (4 patches, top left) runs past the centre square, box 2 (16 patches) not."""
+    image = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    return engine.analyze(image, [[0, 0, 100, 60], [160, 120, 280, 240]])
+
+
+def test_the_model_view_fills_each_box_in_its_own_colour(clipped_and_whole):
+    """The model view's box colours must match the widget's, so a user can tell which hidden cells are box 2's."""
+    scale = panels.display_scale(SIZE)
+    view = panels.model_view(clipped_and_whole)
+    for b, box in enumerate(clipped_and_whole.result.boxes):
+        r, c = divmod(int(box.target_indices[-1]), GRID)  # its last cell: away from the number at its corner
+        y, x = ((r + 0.5) * PATCH * scale, (c + 0.5) * PATCH * scale)
+        assert tuple(view[int(y), int(x)]) == BOX_COLORS[b], b
+
+
+def test_the_model_view_numbers_each_box_at_its_own_corner(clipped_and_whole, monkeypatch):
+    """The results say "Box 1", "Box 2": the model view must write each number on the box it names."""
+    drawn = []
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, *a, **k: drawn.append((xy, text)))
+    panels.model_view(clipped_and_whole)
+    scale = panels.display_scale(SIZE)
+    corners = [(r.box_model[0] * scale + 4, r.box_model[1] * scale + 2) for r in clipped_and_whole.reports]
+    assert sorted(drawn, key=lambda d: d[1]) == [(pytest.approx(corners[0]), "1"), (pytest.approx(corners[1]), "2")]
+
+
+def test_the_explanation_counts_the_patches_the_model_saw(clipped_and_whole):
+    """The explanation's patch counts tell a user how much context the model had."""
+    text = panels.explanation(clipped_and_whole, None)
+    assert f"The 20 patches under your boxes were hidden (covered in the picture); it saw the other {GRID * GRID - 20}." \
+        in text
+
+
+def test_the_clipping_note_is_on_the_clipped_box_only(clipped_and_whole):
+    """A user reads the clipping note beside the box that was cut, not beside another one."""
+    assert [r.clipped for r in clipped_and_whole.reports] == [True, False]
+    lines = panels.explanation(clipped_and_whole, None).split("\n\n")
+    (first,) = [line for line in lines if line.startswith("- Box 1:")]
+    (second,) = [line for line in lines if line.startswith("- Box 2:")]
+    assert "only its part inside the centre square" in first and "centre square" not in second
+
+
+def test_the_readout_shows_the_probe_on_the_true_features_in_its_truth_row(clipped_and_whole):
+    """The truth row lets a user check the probe against the real features; it must not repeat the guess."""
+    report = clipped_and_whole.reports[0]
+    label = report.probe["subgroup"][1][0]  # a label other than the guess's top one
+    truth = {**report.probe_on_truth, "subgroup": [(label, 0.42)]}
+    analysis = dataclasses.replace(clipped_and_whole, reports=[dataclasses.replace(report, probe_on_truth=truth)])
+    (row,) = [r for r in panels.readout_markdown(analysis).split("\n\n") if r.startswith("**Box 1, subgroup:**")]
+    assert row.endswith(f"<small>on the true features: {label} (42%)</small>")
 
 
 def test_analyze_errors_are_mse_to_layer_normed_truth(engine):
