@@ -345,7 +345,7 @@ def trained_like_engine(bundle):
 
 
 def test_predictions_read_the_context_encoder_and_the_truth_reads_the_target_encoder(trained_like_engine):
-    """"Prediction vs truth" compares the predictor (from the context encoder's view) with the target encoder."""
+    """The panels compare the predictor (from the context encoder's view) with the target encoder's truth."""
     model = trained_like_engine.model
     image = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(8))
     context, targets = boxes_to_masks([(8, 8, 20, 16)], (SIZE, SIZE), GRID)
