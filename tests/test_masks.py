@@ -140,6 +140,19 @@ def test_mean_target_scale_over_many_draws(side):
     assert float(scales.std()) > 0.01
 
 
+def test_target_aspect_is_drawn_uniformly_as_in_the_official_code():
+    """Aspect ratios are uniform in 0.75-1.5 (mean 1.125), as the official sampler draws them; a log-uniform draw
+    (mean 1.082) would make target blocks wider on average."""
+    side = 64  # fine enough that rounding to whole patches moves the mean by little
+    sampler = MultiBlockMaskGenerator(side)
+    generator = torch.Generator().manual_seed(0)
+    aspects = []
+    for _ in range(1200):
+        rows, cols = _rows_cols(sampler(1, generator)[1][0][0], side)
+        aspects.append((int(rows.max() - rows.min()) + 1) / (int(cols.max() - cols.min()) + 1))
+    assert abs(sum(aspects) / len(aspects) - 1.125) < 0.02  # three standard errors of 1200 draws
+
+
 def _scale_aspect_correlation(config, draws=400):
     side = 32
     sampler = MultiBlockMaskGenerator(side, config)
