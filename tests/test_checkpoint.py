@@ -220,7 +220,8 @@ def test_a_damaged_model_config_says_so(tmp_path, model, config, message):
         load_model(tmp_path / "m")
 
 
-@pytest.mark.parametrize("key", ["depth", "embed_dim", "img_size"])
+@pytest.mark.parametrize("key", ["img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                                 "predictor_embed_dim", "predictor_depth", "predictor_num_heads"])
 def test_a_config_without_an_architecture_key_says_which(tmp_path, model, key):
     """The defaults would have built another network and blamed the weights ("missing keys blocks.1...")."""
     save_model(model, tmp_path / "m")
