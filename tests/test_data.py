@@ -331,6 +331,53 @@ def test_themed_distractors_share_the_main_emojis_subgroup_or_group(catalog):
         EmojiScenes(catalog, theme="colour")
 
 
+def test_heldout_scenes_show_only_heldout_emoji(catalog):
+    """Held-out scores mean something only if split="heldout" scenes never show a training emoji."""
+    heldout, train = set(catalog.split_ids("heldout").tolist()), set(catalog.split_ids("train").tolist())
+    scenes = EmojiScenes(catalog, resolution=32, patch_size=4, seed=1, split="heldout", num_distractors=(2, 2))
+    for i in range(20):
+        item = scenes[i]
+        assert item["emoji"] in heldout and item["emoji"] not in train
+        shown = set(item["patch_emoji"].unique().tolist()) - {-1}
+        assert shown and shown <= heldout  # distractors too
+        layout = scenes.layout(i)
+        assert {o.base for o in layout.objects} <= heldout
+        assert all(catalog.variant_base[o.variant] in heldout for o in layout.objects)
+
+
+def test_neighbouring_seeds_do_not_replay_each_others_scenes(catalog):
+    """An eval stream seeded seed+1 must not replay the training stream shifted by one index."""
+    a, b = EmojiScenes(catalog, seed=3), EmojiScenes(catalog, seed=4)
+    for i in range(7, 10):
+        assert a.layout(i + 1) != b.layout(i)
+        assert not torch.equal(a[i + 1]["image"], b[i]["image"])
+
+
+def test_scene_layouts_vary_as_documented(catalog):
+    """Pretraining relies on the documented variety: several backgrounds, ~half flips, distractors in front of and
+    behind the main emoji, and a main emoji cropped by the border at most max_crop of its side."""
+    scenes = EmojiScenes(catalog, seed=6, num_distractors=(1, 3))
+    layouts = [scenes.layout(i) for i in range(300)]
+    kinds = {layout.background for layout in layouts}
+    assert len(kinds) >= 5 and kinds <= {"solid", "linear", "radial", "stripes", "checker", "dots", "noise"}
+    flips = [o.flip for layout in layouts for o in layout.objects]
+    assert 0.3 < np.mean(flips) < 0.7
+    front = [(len(layout.objects) - 1 - layout.main) / (len(layout.objects) - 1) for layout in layouts]
+    assert 0.3 < np.mean(front) < 0.7  # distractor_front_prob=0.5: both in front and behind
+    assert any(layout.main == 0 for layout in layouts) and any(layout.main > 0 for layout in layouts)
+    res = scenes.resolution
+    for layout in layouts:  # default max_crop=0.25: at most a quarter of the side falls outside
+        m = layout.objects[layout.main]
+        for c in (m.cx, m.cy):
+            assert c - m.size / 2 >= -0.25 * m.size - 1e-6 and c + m.size / 2 <= res + 0.25 * m.size + 1e-6
+    inside = EmojiScenes(catalog, seed=6, max_crop=0.0)
+    for i in range(300):
+        layout = inside.layout(i)
+        m = layout.objects[layout.main]
+        for c in (m.cx, m.cy):
+            assert m.size / 2 - 1e-6 <= c <= res - m.size / 2 + 1e-6  # max_crop=0: never cut by the border
+
+
 # ----- probe set
 
 
@@ -373,6 +420,28 @@ def test_image_folder_with_class_subfolders(tmp_path):
     assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
     _assert_items_equal(item, ImageFolderDataset(tmp_path, resolution=8, seed=0)[2])  # deterministic crops
     assert not torch.equal(ImageFolderDataset(tmp_path, resolution=8, seed=1)[2]["image"], item["image"])
+
+
+def test_image_folder_training_crops_use_the_official_scale(tmp_path):
+    """I-JEPA's recipe crops 30-100% of the image; torchvision's default 8% would train on far smaller crops."""
+    _write_png(tmp_path / "a.png", seed=0)
+    ds = ImageFolderDataset(tmp_path, resolution=8)
+    crop = ds.transform.transforms[0]
+    assert type(crop).__name__ == "RandomResizedCrop" and tuple(crop.scale) == (0.3, 1.0)
+    assert tuple(ImageFolderDataset(tmp_path, resolution=8, scale=(0.5, 0.9)).transform.transforms[0].scale) == (
+        0.5, 0.9)
+
+
+def test_image_folder_eval_centre_crops_rather_than_stretches(tmp_path):
+    """Evaluation resizes the short side and centre-crops, as the official recipe does: a wide image is cropped,
+    not squashed, so its left and right quarters are not shown."""
+    pixels = np.zeros((16, 32, 3), dtype=np.uint8)  # 32 wide, 16 high
+    pixels[:, :8, 0] = 255  # left quarter red
+    pixels[:, 8:, 2] = 255  # the rest blue
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    image = ImageFolderDataset(tmp_path, resolution=16, mode="eval")[0]["image"]
+    assert image.shape == (3, 16, 16)
+    assert image[0].max() == 0 and (image[2] == 1).all()
 
 
 def test_image_folder_training_order_is_shuffled_per_epoch_and_reproducible(tmp_path):

@@ -337,3 +337,25 @@ def test_sketches_read_the_predicted_tokens_pooled_mode_only_their_mean():
                 torch.testing.assert_close(decoder(noisy, 500, permuted), base, rtol=1e-5, atol=1e-6)
             else:
                 assert not torch.allclose(decoder(noisy, 500, permuted), base, atol=1e-4)
+
+
+def test_sample_runs_the_model_once_per_requested_step(decoder):
+    """The app's Steps slider sets num_steps: every step must reach the model, none silently dropped. Samples and
+    boxes are batched into one model call per step, so 2 boxes x 3 samples still cost exactly num_steps calls."""
+    timesteps = []
+    handle = decoder.register_forward_hook(lambda module, args, output: timesteps.append(int(args[1])))
+    try:
+        cond = SketchCondition.cat([make_condition(box_indices(0, 0, 2, 2)), make_condition(box_indices(1, 1, 2, 2))])
+        SketchSampler(decoder).sample(cond, num_samples=3, num_steps=5)
+    finally:
+        handle.remove()
+    assert len(timesteps) == 5 and len(set(timesteps)) == 5, timesteps
+
+
+def test_default_scheduler_keeps_its_documented_solver_settings(decoder):
+    """The default sampler's accuracy at few steps rests on DPM-Solver++ (2M), log-SNR-uniform steps and x0
+    clipped to [-1, 1], as make_default_scheduler documents; a silent change would degrade every sketch."""
+    config = SketchSampler(decoder).scheduler.config
+    assert config.algorithm_type == "dpmsolver++" and config.solver_order == 2
+    assert config.use_lu_lambdas is True
+    assert config.thresholding is True and config.sample_max_value == 1.0

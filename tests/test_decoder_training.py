@@ -239,3 +239,51 @@ def test_each_step_draws_its_own_boxes_and_noise_from_its_step_number(tmp_path, 
         assert not torch.equal(full[i]["noise_state"], full[j]["noise_state"]), (i, j)
     for a, b in zip(full, steps):  # step 2 of the resumed run included
         assert all(torch.equal(a[key], b[key]) for key in ("targets", "use_true", "noise_state"))
+
+
+class _ConstantBoxSampler:
+    """Fills sample s's box with the constant levels[s] and everything outside with fresh noise per sample."""
+
+    def __init__(self, levels):
+        self.levels = torch.tensor(levels)
+
+    def sample(self, cond, num_samples, num_steps, seed):
+        b, (h, w) = cond.batch_size, cond.box_mask.shape[-2:]
+        inside = cond.box_mask.bool().repeat_interleave(num_samples, 0).expand(-1, 3, -1, -1)
+        levels = self.levels[:num_samples].repeat(b).view(-1, 1, 1, 1).expand(-1, 3, h, w)
+        return torch.where(inside, levels, torch.rand(b * num_samples, 3, h, w))
+
+
+def test_diversity_is_the_mean_pairwise_rms_distance_inside_the_box(tiny_ijepa, monkeypatch):
+    """diversity_rms in results.json means the average RMS [0, 1]-pixel gap between two sketches of one box,
+    untouched by what lies outside the box: levels 0, 0.25, 0.75 give pairwise 0.25, 0.75, 0.5, mean 0.5."""
+    import train.eval_decoder as eval_decoder
+
+    model = load_model(tiny_ijepa)
+    generator, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+    groups = []
+    for _ in range(2):
+        targets, contexts = sample_boxes(4, model.config.grid_size, rng, target_like_fraction=0.5)
+        groups.append((torch.rand(4, 3, 32, 32, generator=generator), targets, contexts))
+    monkeypatch.setattr(eval_decoder, "SketchSampler", lambda decoder: _ConstantBoxSampler([0.0, 0.25, 0.75]))
+    metrics, _ = eval_decoder.evaluate_decoder(model, None, groups, num_samples=3, num_steps=1)
+    assert metrics["diversity_rms"] == pytest.approx(0.5, abs=1e-6)
+    metrics, _ = eval_decoder.evaluate_decoder(model, None, groups, num_samples=2, num_steps=1)
+    assert metrics["diversity_rms"] == pytest.approx(0.25, abs=1e-6)
+
+
+def test_decoder_eval_draws_held_out_emoji_scenes(tmp_path, tiny_ijepa, monkeypatch):
+    """The decoder scores claim held-out scenes: the emoji data must be built with split="heldout", never the
+    scenes the decoder trained on."""
+    import train.eval_decoder as eval_decoder
+
+    asked = {}
+
+    def build_dataset(name, **kwargs):
+        asked.update(kwargs, name=name)
+        raise RuntimeError("stop after the dataset is chosen")
+
+    monkeypatch.setattr(eval_decoder, "build_dataset", build_dataset)
+    with pytest.raises(RuntimeError, match="stop after"):
+        eval_decoder.evaluate_decoders(tiny_ijepa, "unused", None, tmp_path / "eval", data="emoji", device="cpu")
+    assert asked["name"] == "emoji" and asked["split"] == "heldout"
