@@ -229,6 +229,31 @@ def test_the_truth_panel_decodes_with_the_decoder_the_user_chose(app_module, tmp
     assert [engine.conditioning_of(c) for c in calls] == ["pooled"]
 
 
+def test_the_truth_panel_decodes_with_the_seed_the_user_chose(app_module, tmp_path, monkeypatch):
+    """Truth vs prediction must reuse the chosen seed, or its prediction is not the sketch 1 shown beside it."""
+    engine = Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")
+    handlers = app_module.Handlers(engine)
+    value, source = handlers.initial_value()
+    seeds, original = [], engine.truth_vs_prediction
+    signature = inspect.signature(original)
+
+    def spy(*args, **kwargs):
+        seeds.append(signature.bind(*args, **kwargs).arguments.get("seed"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "truth_vs_prediction", spy)
+    list(handlers.run(value, 1, 7, 1, None, source))  # value, sketches, seed, steps, decoder, source
+    assert seeds == [7]
+
+
+def test_the_app_accepts_as_many_boxes_as_it_promises_and_no_more(app_module):
+    """The intro says at most MAX_BOXES boxes: drawing exactly that many must run, one more must be refused."""
+    box = [0, 0, 10, 10]
+    app_module.check_drawn([box] * app_module.MAX_BOXES)
+    with pytest.raises(app_module.InputError, match=f"at most {app_module.MAX_BOXES}"):
+        app_module.check_drawn([box] * (app_module.MAX_BOXES + 1))
+
+
 def test_missing_bundle_exits_with_a_clear_message(app_module, tmp_path, capsys):
     assert app_module.main(["--assets", str(tmp_path / "nothing")]) == 2
     assert "--checkpoint" in capsys.readouterr().err

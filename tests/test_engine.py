@@ -27,8 +27,8 @@ from ijepa.checkpoint import load_model, save_model
 from ijepa import panels
 import ijepa.engine as engine_module
 from ijepa.engine import MAX_IMAGE_PIXELS, Engine, InputError
-from ijepa.figures import BOX_COLORS, sketch_sheet
-from ijepa.boxes import boxes_to_masks, map_boxes
+from ijepa.figures import BOX_COLORS, render_surprise, render_truth_vs_prediction, sketch_sheet
+from ijepa.boxes import MAX_BOXES, boxes_to_masks, map_boxes
 from ijepa.inference import (LinearReadout, analyze_boxes, feature_pca, nearest_neighbours, open_image, prepare_image,
                              surprise_map, to_rgb, window_positions)
 from ijepa.model import IJepaConfig
@@ -797,3 +797,69 @@ def test_nothing_under_the_hidden_patches_reaches_the_prediction(engine):
     for before, after in zip(analysis.result.boxes, again.boxes):
         assert torch.equal(before.predicted, after.predicted)
         assert not torch.allclose(before.true, after.true)
+
+
+# ----- limits and figures: what the user sees matches the data ---------------------------------------------------
+
+def test_the_most_boxes_allowed_are_all_analysed(engine):
+    """The intro promises MAX_BOXES boxes at once: exactly that many must be accepted, and one more refused."""
+    image = np.zeros((SIZE, SIZE, 3), np.uint8)
+    # one patch each, side by side, staggered so that no two touch
+    row = [[PATCH * i, PATCH * (i % 2), PATCH * (i + 1), PATCH * (i % 2 + 1)] for i in range(MAX_BOXES + 1)]
+    assert len(engine.analyze(image, row[:MAX_BOXES]).reports) == MAX_BOXES
+    with pytest.raises(InputError, match=f"at most {MAX_BOXES}"):
+        engine.analyze(image, row)
+
+
+@pytest.fixture
+def colorbar_tops(monkeypatch):
+    """The top (norm.vmax) of every colour bar a figure draws, in order."""
+    from matplotlib.figure import Figure
+
+    tops, original = [], Figure.colorbar
+
+    def spy(self, mappable, *args, **kwargs):
+        tops.append(float(mappable.norm.vmax))
+        return original(self, mappable, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "colorbar", spy)
+    return tops
+
+
+def test_the_surprise_colour_bar_spans_the_maps_own_errors(colorbar_tops):
+    """A fixed 1.0 top left a trained model's small errors all dark (or clipped large ones): the bar must span the map."""
+    errors = np.linspace(0.0, 0.37, GRID * GRID).reshape(GRID, GRID)
+    render_surprise(np.zeros((SIZE, SIZE, 3), np.uint8), errors, 2)
+    render_surprise(np.zeros((SIZE, SIZE, 3), np.uint8), errors * 10, 2)
+    assert colorbar_tops == pytest.approx([0.37, 3.7])
+
+
+def test_the_error_maps_share_a_scale_that_reaches_every_boxs_largest_error(engine, two_box_analysis, colorbar_tops):
+    """The error maps share one colour bar: its top must be the largest error of any box, or box 2's saturate."""
+    first, second = two_box_analysis.result.boxes
+    louder = dataclasses.replace(second, errors=second.errors + float(first.errors.max()) + 1.0)
+    analysis = dataclasses.replace(two_box_analysis,
+                                   result=dataclasses.replace(two_box_analysis.result, boxes=[first, louder]))
+    render_truth_vs_prediction(analysis, None, None, PATCH)
+    assert colorbar_tops == pytest.approx([float(louder.errors.max())])
+
+
+def test_truth_and_prediction_are_drawn_under_their_own_titles(engine, monkeypatch):
+    """Readers compare the decoded truth with the prediction by their titles: swapped columns reverse the verdict."""
+    import ijepa.figures as figures
+
+    analysis = engine.analyze(np.zeros((SIZE, SIZE, 3), np.uint8), [[0, 0, 2 * PATCH, 2 * PATCH]])
+    red, blue = np.zeros((SIZE, SIZE, 3), np.uint8), np.zeros((SIZE, SIZE, 3), np.uint8)
+    red[..., 0], blue[..., 2] = 255, 255
+    kept, to_array = [], figures._figure_to_array
+    monkeypatch.setattr(figures, "_figure_to_array", lambda fig: kept.append(fig) or to_array(fig))
+    pixels = render_truth_vs_prediction(analysis, red, blue, PATCH)
+    (fig,) = kept
+    height = pixels.shape[0]
+    centres = {}
+    for axis in fig.axes:
+        box = axis.get_window_extent()
+        centres[axis.get_title()] = tuple(pixels[int(height - (box.y0 + box.y1) / 2), int((box.x0 + box.x1) / 2)])
+    assert centres["Decoded: true features"] == (255, 0, 0)
+    assert centres["Decoded: prediction"] == (0, 0, 255)
+
