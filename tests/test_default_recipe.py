@@ -240,6 +240,8 @@ def test_longer_decoders_replace_the_recipes_and_the_card_keeps_the_equal_length
     assert metrics["decoder_config"]["steps"] == 3 and metrics["recipe_decoder_config"]["steps"] == 1
     assert metrics["recipe_decoders"] == recipe_metrics["decoders"]
     assert metrics["decoders"] == json.loads((tmp_path / "long" / "eval" / "results.json").read_text())
+    assert metrics["decoders"]["num_images"] == recipe_metrics["decoders"]["num_images"]  # the same gallery, chance
+    assert (bundle / "samples.png").read_bytes() == (tmp_path / "long" / "eval" / "samples.png").read_bytes()
     assert metrics["decoders"]["decoders"]["ours (spatial + context)"]["path"].endswith("decoder_fp16")  # as shipped
     shipped = load_file(bundle / "decoder" / "diffusion_pytorch_model.safetensors")
     trained = load_file(tmp_path / "long" / "decoder" / "diffusion_pytorch_model.safetensors")
@@ -376,6 +378,14 @@ def test_a_run_goes_on_with_its_own_profile_on_any_machine(run):
     assert weights.read_bytes() == before  # every stage was finished and is reused
     with pytest.raises(ValueError, match="is a run of the smoke profile: pass --profile smoke"):
         recipe.main(["--out-dir", str(run), "--profile", "cpu"])
+
+
+def test_a_new_run_takes_the_gpu_profile_where_cuda_is_and_the_cpu_one_elsewhere(tmp_path, monkeypatch):
+    """`python -m train.default` with no --profile must use the GPU a user has (and not ask for one they lack)."""
+    for cuda, expected in ((True, "gpu"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert recipe.choose_profile(tmp_path, None, None) == expected
+        assert recipe.choose_profile(tmp_path, None, "smoke") == "smoke"  # asked for: taken as asked
 
 
 def test_a_length_given_for_pretraining_is_not_mixed_with_a_budget_plan(tmp_path):
