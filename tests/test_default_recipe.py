@@ -396,6 +396,14 @@ def test_a_length_given_for_pretraining_is_not_mixed_with_a_budget_plan(tmp_path
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["profile.json"]  # nothing timed or trained
 
 
+def test_a_decoder_length_given_is_not_refitted_to_the_budget(tmp_path, monkeypatch):
+    """--decoder.steps wins over the budget planner, so the plan (and the card it feeds) keeps the length given."""
+    monkeypatch.setattr(budget, "refit_decoders", lambda *args, **kwargs: pytest.fail("a given length was refitted"))
+    plan, profile = {"decoder_steps": 40}, {"decoder_steps": 40}
+    kept = recipe.refit_to_budget(plan, profile, 100, tmp_path, {"decoder": ["--steps", "7"]}, spent_s=12.0)
+    assert kept is plan and profile["decoder_steps"] == 40
+
+
 def test_the_decoder_schedule_follows_the_decoder_length_given(tmp_path):
     """Warmup, sample grids and checkpoints follow --decoder.steps, not the profile's length."""
     profile, model = dict(recipe.PROFILES["cpu"]), tmp_path / "model"
