@@ -212,8 +212,8 @@ def test_ui_run_streams_sketches(app_module, tmp_path):
     assert not np.array_equal(paper[-1][4][0][0], outputs[-1][4][0][0])
 
 
-def test_the_truth_panel_decodes_with_the_decoder_the_user_chose(app_module, tmp_path, monkeypatch):
-    """Truth vs prediction must be drawn by the chosen decoder, or it contradicts the sketches beside it."""
+def test_the_truth_panel_is_drawn_with_the_decoder_and_seed_the_user_chose(app_module, tmp_path, monkeypatch):
+    """Truth vs prediction must use the chosen decoder and seed, or its prediction is not the sketch 1 beside it."""
     engine = Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")
     handlers = app_module.Handlers(engine)
     value, source = handlers.initial_value()
@@ -221,29 +221,13 @@ def test_the_truth_panel_decodes_with_the_decoder_the_user_chose(app_module, tmp
     signature = inspect.signature(original)
 
     def spy(*args, **kwargs):
-        calls.append(signature.bind(*args, **kwargs).arguments.get("conditioning"))
+        arguments = signature.bind(*args, **kwargs).arguments
+        calls.append((engine.conditioning_of(arguments.get("conditioning")), arguments.get("seed")))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(engine, "truth_vs_prediction", spy)
-    list(handlers.run(value, 1, 1, 1, "pooled", source))
-    assert [engine.conditioning_of(c) for c in calls] == ["pooled"]
-
-
-def test_the_truth_panel_decodes_with_the_seed_the_user_chose(app_module, tmp_path, monkeypatch):
-    """Truth vs prediction must reuse the chosen seed, or its prediction is not the sketch 1 shown beside it."""
-    engine = Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")
-    handlers = app_module.Handlers(engine)
-    value, source = handlers.initial_value()
-    seeds, original = [], engine.truth_vs_prediction
-    signature = inspect.signature(original)
-
-    def spy(*args, **kwargs):
-        seeds.append(signature.bind(*args, **kwargs).arguments.get("seed"))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "truth_vs_prediction", spy)
-    list(handlers.run(value, 1, 7, 1, None, source))  # value, sketches, seed, steps, decoder, source
-    assert seeds == [7]
+    list(handlers.run(value, 1, 7, 1, "pooled", source))  # value, sketches, seed, steps, decoder, source
+    assert calls == [("pooled", 7)]
 
 
 def test_the_app_accepts_as_many_boxes_as_it_promises_and_no_more(app_module):

@@ -148,6 +148,16 @@ class _StubSampler:
         return torch.where(cond.box_mask.bool(), drawn, source).repeat_interleave(num_samples, 0)
 
 
+def box_groups(model, count: int, batch: int) -> list[tuple]:
+    """``count`` evaluation groups of ``batch`` random 32 px images, each with one sampled box (seeded)."""
+    generator, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+    groups = []
+    for _ in range(count):
+        targets, contexts = sample_boxes(batch, model.config.grid_size, rng, target_like_fraction=0.5)
+        groups.append((torch.rand(batch, 3, 32, 32, generator=generator), targets, contexts))
+    return groups
+
+
 def test_retrieval_finds_a_perfect_sketch_and_a_grey_box_scores_the_floor(tiny_ijepa, monkeypatch):
     """The figure behind the model card's decoder column, checked at its ends: conditioned on the true box
     features, a "sketch" that redraws the source pixels re-encodes to exactly its condition (cosine 1, found
@@ -155,11 +165,7 @@ def test_retrieval_finds_a_perfect_sketch_and_a_grey_box_scores_the_floor(tiny_i
     import train.eval_decoder as eval_decoder
 
     model = load_model(tiny_ijepa)
-    generator, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
-    groups = []
-    for _ in range(4):
-        targets, contexts = sample_boxes(16, model.config.grid_size, rng, target_like_fraction=0.5)
-        groups.append((torch.rand(16, 3, 32, 32, generator=generator), targets, contexts))
+    groups = box_groups(model, 4, 16)
     monkeypatch.setattr(eval_decoder, "box_conditions", lambda m, images, targets, contexts: decoder_training.
                         box_conditions(m, images, targets, contexts, use_true=torch.ones(len(images), dtype=bool)))
     results = {}
@@ -260,11 +266,7 @@ def test_diversity_is_the_mean_pairwise_rms_distance_inside_the_box(tiny_ijepa, 
     import train.eval_decoder as eval_decoder
 
     model = load_model(tiny_ijepa)
-    generator, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
-    groups = []
-    for _ in range(2):
-        targets, contexts = sample_boxes(4, model.config.grid_size, rng, target_like_fraction=0.5)
-        groups.append((torch.rand(4, 3, 32, 32, generator=generator), targets, contexts))
+    groups = box_groups(model, 2, 4)
     monkeypatch.setattr(eval_decoder, "SketchSampler", lambda decoder: _ConstantBoxSampler([0.0, 0.25, 0.75]))
     metrics, _ = eval_decoder.evaluate_decoder(model, None, groups, num_samples=3, num_steps=1)
     assert metrics["diversity_rms"] == pytest.approx(0.5, abs=1e-6)
