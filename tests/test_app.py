@@ -238,6 +238,22 @@ def test_the_app_accepts_as_many_boxes_as_it_promises_and_no_more(app_module):
         app_module.check_drawn([box] * (app_module.MAX_BOXES + 1))
 
 
+def test_command_line_flags_reach_the_engine(app_module, tmp_path, monkeypatch, capsys):
+    """`python app.py --assets/--checkpoint/--decoder (twice)/--device/--precision` must load what was asked for."""
+    calls = []
+
+    def load(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise ValueError("recorded")
+
+    monkeypatch.setattr(app_module.Engine, "load", load)
+    argv = ["--assets", str(tmp_path / "a"), "--checkpoint", str(tmp_path / "c"), "--decoder", str(tmp_path / "d1"),
+            "--decoder", str(tmp_path / "d2"), "--device", "cpu", "--precision", "fp32"]
+    assert app_module.main(argv) == 2 and "error: recorded" in capsys.readouterr().err
+    assert calls == [((tmp_path / "a",), {"checkpoint": tmp_path / "c", "decoder": [tmp_path / "d1", tmp_path / "d2"],
+                                          "device": "cpu", "precision": "fp32"})]
+
+
 def test_missing_bundle_exits_with_a_clear_message(app_module, tmp_path, capsys):
     assert app_module.main(["--assets", str(tmp_path / "nothing")]) == 2
     assert "--checkpoint" in capsys.readouterr().err

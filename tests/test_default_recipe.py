@@ -171,6 +171,13 @@ def test_every_profile_makes_a_bundle_that_may_ship(tmp_path, profile):
     assert not any(tmp_path.iterdir())
 
 
+def test_the_size_limit_is_on_the_bundles_total_not_its_largest_part():
+    """Two parts under 60 MB each can still make a bundle over it: the sum is what ships."""
+    recipe.check_bundle_size({"model": 20 * 2**20, "decoder": 20 * 2**20}, "the bundle")
+    with pytest.raises(ValueError, match="over the 60 MB"):
+        recipe.check_bundle_size({"model": 40 * 2**20, "decoder": 30 * 2**20}, "the bundle")
+
+
 def test_an_oversized_export_is_refused_before_any_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(recipe, "SHIPPED_SIZE_LIMIT", 2**20)
     message = r"over the 1 MB the shipped assets may hold \(model .* MB, decoder .* MB.*block-out-channels"

@@ -717,6 +717,31 @@ def test_damaged_optional_parts_switch_their_panel_off_instead_of_stopping_the_a
     engine.analyze(engine.examples[0].image(), engine.examples[0].boxes)
 
 
+def test_a_probe_or_bank_that_does_not_fit_its_labels_switches_its_panel_off(bundle, tmp_path):
+    """A garbled probe file, or a bank naming a label that is not there, turns its panel off with a note."""
+    from safetensors.torch import load_file, save_file
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundle, damaged)
+    (damaged / "probe_group.safetensors").write_bytes(b"not a safetensors file")
+    bank = load_file(damaged / "bank.safetensors")
+    labels = json.loads((damaged / "bank.json").read_text())["labels"]
+    bank["subgroup"][0] = len(labels)  # one past the last label
+    save_file(bank, damaged / "bank.safetensors")
+    engine = Engine.load(damaged, device="cpu")
+    assert "group" not in engine.probes and "subgroup" in engine.probes and engine.bank is None
+    notes = " ".join(engine.notes)
+    assert "group probe could not be read" in notes and "reference bank could not be read" in notes
+
+
+def test_bank_entries_are_labelled_by_their_own_subgroup(engine):
+    """Neighbours are captioned with the label their bank entry records, whatever the entries' order."""
+    bank = engine.bank
+    shuffled = dataclasses.replace(bank, subgroup=bank.subgroup.flip(0))
+    assert [shuffled.label_of(i) for i in range(len(bank.subgroup))] == [
+        bank.labels[int(k)] for k in bank.subgroup.flip(0)]
+
+
 def test_the_decoder_runs_in_bf16_where_bf16_is_native(bundle):
     from ijepa.device import fast_bf16
 

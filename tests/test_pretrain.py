@@ -212,6 +212,61 @@ def test_any_kept_checkpoint_exports_as_a_model_folder(tmp_path):
         newest_checkpoint(tmp_path / "no_such_run")
 
 
+def test_checkpoints_keep_the_newest_and_a_failed_write_leaves_the_last_one_whole(tmp_path, monkeypatch):
+    """--keep-last prunes the OLDEST; a write killed midway never replaces or hides the previous checkpoint."""
+    from train.runtime import save_checkpoint
+
+    for step in (1, 2, 3):
+        save_checkpoint({"step": step}, tmp_path, step, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
+
+    def dies_midway(state, path):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"step": 4}, tmp_path, 4, keep_last=2)
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
+    assert load_checkpoint(tmp_path / "ckpt-00000003.pt")["step"] == 3
+
+
+def test_a_multi_process_run_resumes_from_its_newest_checkpoint(tmp_path):
+    """Under torchrun every rank must continue from the latest step, not an older checkpoint."""
+    from train.config import config_dict
+    from train.runtime import resume_state, save_checkpoint
+
+    cfg = tiny(tmp_path, "--resume", "true")
+    for step in (3, 6):
+        save_checkpoint({"step": step, "config": config_dict(cfg), "world_size": 2}, tmp_path / "ckpt", step, 5)
+    state, path = resume_state(tmp_path / "ckpt", cfg, world_size=2)
+    assert state["step"] == 6 and path.name == "ckpt-00000006.pt"
+
+
+@pytest.mark.parametrize("losses", [[float("inf")], [1.0, float("nan")], [0.5, 0.5, float("-inf"), 0.5]])
+def test_one_non_finite_loss_in_a_window_stops_the_run(tmp_path, losses):
+    """A single NaN or inf step (not only a NaN, not only a majority) makes the weights suspect."""
+    from train.runtime import LossWindow, Runtime
+
+    window = LossWindow(Runtime(device=torch.device("cpu")), tmp_path)
+    for loss in losses:
+        window.add(torch.tensor(loss))
+    with pytest.raises(FloatingPointError, match="NaN/inf"):
+        window.close(len(losses))
+
+
+def test_settings_are_read_as_their_types_and_a_changed_batch_size_refuses_to_resume():
+    """Typos in booleans are refused, integer tuples stay integers, and batch size is part of what a run is."""
+    from train.config import changed_settings, config_dict
+
+    with pytest.raises(SystemExit):
+        parse_config(PretrainConfig, ["--compile", "flase"])
+    assert all(type(v) is int for v in parse_config(PretrainConfig, ["--num-distractors", "2,3"]).num_distractors)
+    saved = config_dict(PretrainConfig())
+    assert "batch_size" in changed_settings(saved, PretrainConfig(batch_size=PretrainConfig().batch_size + 1))
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real_loss, calls = pretrain.ijepa_loss, {"n": 0}
 
