@@ -7,13 +7,13 @@ import torch
 
 from helpers import train_on_two_gloo_ranks
 import train.decoder as decoder_training
+import train.eval_decoder as eval_decoder
 from decoder import SketchDecoder
 from ijepa.bundle import load_decoder
 from ijepa.checkpoint import load_model, save_model
 from ijepa.model import IJepa, IJepaConfig
 from train.config import parse_config
 from train.decoder import DecoderTrainConfig, sample_boxes, sample_box_shape
-from train.eval_decoder import main as eval_decoder_main
 
 
 
@@ -95,7 +95,7 @@ def test_a_nan_between_log_steps_stops_the_decoder_before_it_is_checkpointed(tmp
 def test_decoder_eval_reports_both_modes_and_exact_context(tmp_path, tiny_ijepa):
     for mode in ("spatial_context", "pooled"):
         decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / mode, "--steps", "1", "--conditioning", mode))
-    report = eval_decoder_main(["--checkpoint", str(tiny_ijepa), "--decoder", str(tmp_path / "spatial_context" /
+    report = eval_decoder.main(["--checkpoint", str(tiny_ijepa), "--decoder", str(tmp_path / "spatial_context" /
                                 "decoder"), "--paper-decoder", str(tmp_path / "pooled" / "decoder"),
                                 "--num-images", "64", "--num-samples", "2", "--num-steps", "2",
                                 "--out-dir", str(tmp_path / "eval"), "--device", "cpu"])
@@ -109,7 +109,7 @@ def test_decoder_eval_reports_both_modes_and_exact_context(tmp_path, tiny_ijepa)
     assert len(floors) == 1  # decoder-independent: the same images, boxes and conditions for both
     assert (tmp_path / "eval" / "samples.png").is_file() and (tmp_path / "eval" / "results.json").is_file()
     with pytest.raises(SystemExit):  # one sketch per box has no diversity to measure
-        eval_decoder_main(["--checkpoint", str(tiny_ijepa), "--decoder", "unused", "--num-samples", "1"])
+        eval_decoder.main(["--checkpoint", str(tiny_ijepa), "--decoder", "unused", "--num-samples", "1"])
 
 
 @pytest.mark.slow
@@ -162,8 +162,6 @@ def test_retrieval_finds_a_perfect_sketch_and_a_grey_box_scores_the_floor(tiny_i
     """The figure behind the model card's decoder column, checked at its ends: conditioned on the true box
     features, a "sketch" that redraws the source pixels re-encodes to exactly its condition (cosine 1, found
     every time), and one that fills the box grey scores exactly the reported grey-box floor."""
-    import train.eval_decoder as eval_decoder
-
     model = load_model(tiny_ijepa)
     groups = box_groups(model, 4, 16)
     monkeypatch.setattr(eval_decoder, "box_conditions", lambda m, images, targets, contexts: decoder_training.
@@ -263,8 +261,6 @@ class _ConstantBoxSampler:
 def test_diversity_is_the_mean_pairwise_rms_distance_inside_the_box(tiny_ijepa, monkeypatch):
     """diversity_rms in results.json means the average RMS [0, 1]-pixel gap between two sketches of one box,
     untouched by what lies outside the box: levels 0, 0.25, 0.75 give pairwise 0.25, 0.75, 0.5, mean 0.5."""
-    import train.eval_decoder as eval_decoder
-
     model = load_model(tiny_ijepa)
     groups = box_groups(model, 2, 4)
     monkeypatch.setattr(eval_decoder, "SketchSampler", lambda decoder: _ConstantBoxSampler([0.0, 0.25, 0.75]))
@@ -277,8 +273,6 @@ def test_diversity_is_the_mean_pairwise_rms_distance_inside_the_box(tiny_ijepa, 
 def test_decoder_eval_draws_held_out_emoji_scenes(tmp_path, tiny_ijepa, monkeypatch):
     """The decoder scores claim held-out scenes: the emoji data must be built with split="heldout", never the
     scenes the decoder trained on."""
-    import train.eval_decoder as eval_decoder
-
     asked = {}
 
     def build_dataset(name, **kwargs):

@@ -19,12 +19,14 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
 
 from decoder.model import box_mask_from_indices
 from ijepa.bundle import build_random_bundle, load_probe, train_decoder_hint
 from ijepa.checkpoint import load_model, save_model
-from ijepa import panels
+from ijepa import figures, panels
 import ijepa.engine as engine_module
 from ijepa.engine import MAX_IMAGE_PIXELS, Engine, InputError
 from ijepa.figures import BOX_COLORS, render_surprise, render_truth_vs_prediction, sketch_sheet
@@ -719,8 +721,6 @@ def test_damaged_optional_parts_switch_their_panel_off_instead_of_stopping_the_a
 
 def test_a_probe_or_bank_that_does_not_fit_its_labels_switches_its_panel_off(bundle, tmp_path):
     """A garbled probe file, or a bank naming a label that is not there, turns its panel off with a note."""
-    from safetensors.torch import load_file, save_file
-
     damaged = tmp_path / "damaged"
     shutil.copytree(bundle, damaged)
     (damaged / "probe_group.safetensors").write_bytes(b"not a safetensors file")
@@ -839,8 +839,6 @@ def test_the_most_boxes_allowed_are_all_analysed(engine):
 @pytest.fixture
 def colorbar_tops(monkeypatch):
     """The top (norm.vmax) of every colour bar a figure draws, in order."""
-    from matplotlib.figure import Figure
-
     tops, original = [], Figure.colorbar
 
     def spy(self, mappable, *args, **kwargs):
@@ -871,8 +869,6 @@ def test_the_error_maps_share_a_scale_that_reaches_every_boxs_largest_error(engi
 
 def test_truth_and_prediction_are_drawn_under_their_own_titles(engine, monkeypatch):
     """Readers compare the decoded truth with the prediction by their titles: swapped columns reverse the verdict."""
-    import ijepa.figures as figures
-
     analysis = engine.analyze(np.zeros((SIZE, SIZE, 3), np.uint8), [[0, 0, 2 * PATCH, 2 * PATCH]])
     red, blue = np.zeros((SIZE, SIZE, 3), np.uint8), np.zeros((SIZE, SIZE, 3), np.uint8)
     red[..., 0], blue[..., 2] = 255, 255

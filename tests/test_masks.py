@@ -24,6 +24,12 @@ def _rows_cols(indices, grid_w):
     return indices // grid_w, indices % grid_w
 
 
+def _block_aspect(indices, grid_w) -> float:
+    """Height over width of the rectangle a block's patch indices span."""
+    rows, cols = _rows_cols(indices, grid_w)
+    return (int(rows.max() - rows.min()) + 1) / (int(cols.max() - cols.min()) + 1)
+
+
 def _assert_valid_index_mask(mask, batch_size, num_patches):
     assert mask.dtype == torch.long and mask.dim() == 2 and mask.shape[0] == batch_size
     assert mask.shape[1] >= 1
@@ -148,8 +154,7 @@ def test_target_aspect_is_drawn_uniformly_as_in_the_official_code():
     generator = torch.Generator().manual_seed(0)
     aspects = []
     for _ in range(1200):
-        rows, cols = _rows_cols(sampler(1, generator)[1][0][0], side)
-        aspects.append((int(rows.max() - rows.min()) + 1) / (int(cols.max() - cols.min()) + 1))
+        aspects.append(_block_aspect(sampler(1, generator)[1][0][0], side))
     assert abs(sum(aspects) / len(aspects) - 1.125) < 0.02  # three standard errors of 1200 draws
 
 
@@ -160,9 +165,8 @@ def _scale_aspect_correlation(config, draws=400):
     scales, aspects = [], []
     for _ in range(draws):
         target = sampler(1, generator)[1][0][0]
-        rows, cols = _rows_cols(target, side)
         scales.append(target.numel())
-        aspects.append((int(rows.max() - rows.min()) + 1) / (int(cols.max() - cols.min()) + 1))
+        aspects.append(_block_aspect(target, side))
     return float(torch.corrcoef(torch.tensor([scales, aspects], dtype=torch.float64))[0, 1])
 
 

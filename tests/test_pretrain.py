@@ -14,11 +14,12 @@ from helpers import run_on_two_gloo_ranks, train_on_two_gloo_ranks
 import train.pretrain as pretrain
 from ijepa.checkpoint import CheckpointError, load_model
 from ijepa.inference import true_features
-from train.config import parse_config
+from train.config import changed_settings, config_dict, parse_config
 from train.export_checkpoint import export_checkpoint, newest_checkpoint
 from train.pretrain import PretrainConfig, train
 from ijepa.device import resolve_precision
-from train.runtime import list_checkpoints, load_checkpoint
+from train.decoder import DecoderTrainConfig
+from train.runtime import LossWindow, Runtime, list_checkpoints, load_checkpoint, resume_state, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--img-size", "32", "--patch-size", "4", "--depth", "1", "--predictor-depth", "1", "--predictor-embed-dim",
@@ -58,17 +59,18 @@ def test_config_files_are_read_as_the_settings_types_and_impossible_values_refus
 
 
 def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
-    from train.runtime import resume_state, save_checkpoint
-    from train.config import config_dict
     cfg = tiny(tmp_path / "run", "--resume", "true")
     save_checkpoint({"step": 3, "config": config_dict(cfg), "world_size": 2}, tmp_path / "ckpt", 3, 2)
     assert resume_state(tmp_path / "ckpt", cfg, world_size=2)[0]["step"] == 3
     with pytest.raises(ValueError, match="written by 2 process.*this run has 1"):
         resume_state(tmp_path / "ckpt", cfg, world_size=1)
+    # under torchrun every rank continues from the newest checkpoint, not an older one
+    save_checkpoint({"step": 6, "config": config_dict(cfg), "world_size": 2}, tmp_path / "ckpt", 6, 2)
+    state, path = resume_state(tmp_path / "ckpt", cfg, world_size=2)
+    assert state["step"] == 6 and path.name == "ckpt-00000006.pt"
 
 
 def test_a_checkpoint_older_than_a_setting_resumes_only_with_its_default():
-    from train.config import changed_settings, config_dict
     saved = config_dict(PretrainConfig())
     del saved["target_norm"]  # written before the setting existed: that run predicted the paper's target
     assert changed_settings(saved, PretrainConfig()) == ""
@@ -77,8 +79,6 @@ def test_a_checkpoint_older_than_a_setting_resumes_only_with_its_default():
 
 def test_a_run_continues_when_its_paths_are_written_another_way(tmp_path, monkeypatch):
     """`--out-dir runs/x` after `--out-dir /home/me/runs/x` is the same run, not one with other settings."""
-    from train.config import changed_settings, config_dict
-    from train.decoder import DecoderTrainConfig
     monkeypatch.chdir(tmp_path)
     saved = config_dict(DecoderTrainConfig(checkpoint=str(tmp_path / "runs" / "model")))
     assert changed_settings(saved, DecoderTrainConfig(checkpoint="runs/model")) == ""
@@ -88,8 +88,6 @@ def test_a_run_continues_when_its_paths_are_written_another_way(tmp_path, monkey
 def test_a_run_moved_with_the_model_beside_it_continues(tmp_path):
     """The recipe's decoders name their model ``<run>/pretrain/model``: after the whole run folder is moved (or
     copied), a finished stage is reused and a stopped one resumes; a model at another place is still a change."""
-    from train.config import changed_settings, config_dict
-    from train.decoder import DecoderTrainConfig
     before, after = tmp_path / "scratch" / "run", tmp_path / "home" / "run"
     saved = config_dict(DecoderTrainConfig(checkpoint=str(before / "pretrain" / "model"),
                                            out_dir=str(before / "decoder_spatial_context")))
@@ -214,7 +212,6 @@ def test_any_kept_checkpoint_exports_as_a_model_folder(tmp_path):
 
 def test_checkpoints_keep_the_newest_and_a_failed_write_leaves_the_last_one_whole(tmp_path, monkeypatch):
     """--keep-last prunes the OLDEST; a write killed midway never replaces or hides the previous checkpoint."""
-    from train.runtime import save_checkpoint
 
     for step in (1, 2, 3):
         save_checkpoint({"step": step}, tmp_path, step, keep_last=2)
@@ -232,33 +229,19 @@ def test_checkpoints_keep_the_newest_and_a_failed_write_leaves_the_last_one_whol
     assert load_checkpoint(tmp_path / "ckpt-00000003.pt")["step"] == 3
 
 
-def test_a_multi_process_run_resumes_from_its_newest_checkpoint(tmp_path):
-    """Under torchrun every rank must continue from the latest step, not an older checkpoint."""
-    from train.config import config_dict
-    from train.runtime import resume_state, save_checkpoint
-
-    cfg = tiny(tmp_path, "--resume", "true")
-    for step in (3, 6):
-        save_checkpoint({"step": step, "config": config_dict(cfg), "world_size": 2}, tmp_path / "ckpt", step, 5)
-    state, path = resume_state(tmp_path / "ckpt", cfg, world_size=2)
-    assert state["step"] == 6 and path.name == "ckpt-00000006.pt"
-
-
-@pytest.mark.parametrize("losses", [[float("inf")], [1.0, float("nan")], [0.5, 0.5, float("-inf"), 0.5]])
-def test_one_non_finite_loss_in_a_window_stops_the_run(tmp_path, losses):
+@pytest.mark.parametrize("window_losses", [[float("inf")], [1.0, float("nan")], [0.5, 0.5, float("-inf"), 0.5]])
+def test_one_non_finite_loss_in_a_window_stops_the_run(tmp_path, window_losses):
     """A single NaN or inf step (not only a NaN, not only a majority) makes the weights suspect."""
-    from train.runtime import LossWindow, Runtime
 
     window = LossWindow(Runtime(device=torch.device("cpu")), tmp_path)
-    for loss in losses:
+    for loss in window_losses:
         window.add(torch.tensor(loss))
     with pytest.raises(FloatingPointError, match="NaN/inf"):
-        window.close(len(losses))
+        window.close(len(window_losses))
 
 
 def test_settings_are_read_as_their_types_and_a_changed_batch_size_refuses_to_resume():
     """Typos in booleans are refused, integer tuples stay integers, and batch size is part of what a run is."""
-    from train.config import changed_settings, config_dict
 
     with pytest.raises(SystemExit):
         parse_config(PretrainConfig, ["--compile", "flase"])
