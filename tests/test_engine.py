@@ -297,8 +297,8 @@ def test_the_model_view_numbers_each_box_at_its_own_corner(clipped_and_whole, mo
 def test_the_explanation_counts_the_patches_the_model_saw(clipped_and_whole):
     """The explanation's patch counts tell a user how much context the model had."""
     text = panels.explanation(clipped_and_whole, None)
-    assert f"The 20 patches under your boxes were hidden (covered in the picture); it saw the other {GRID * GRID - 20}." \
-        in text
+    hidden = "The 20 patches under your boxes were hidden (covered in the picture)"
+    assert f"{hidden}; it saw the other {GRID * GRID - 20}." in text
 
 
 def test_the_clipping_note_is_on_the_clipped_box_only(clipped_and_whole):
@@ -357,8 +357,9 @@ def test_predictions_read_the_context_encoder_and_the_truth_reads_the_target_enc
         ctx = context.unsqueeze(0)
         predicted = model.predictor(model.encoder(pixels, [ctx]), [ctx], [targets[0].unsqueeze(0)],
                                     grid_size=(GRID, GRID))[0]
-        on_target = torch.nn.functional.layer_norm(model.target_encoder(pixels)[0], (192,))[targets[0]]
-        on_context = torch.nn.functional.layer_norm(model.encoder(pixels)[0], (192,))[targets[0]]
+        width = (model.config.embed_dim,)
+        on_target = torch.nn.functional.layer_norm(model.target_encoder(pixels)[0], width)[targets[0]]
+        on_context = torch.nn.functional.layer_norm(model.encoder(pixels)[0], width)[targets[0]]
     torch.testing.assert_close(box.predicted, predicted, atol=1e-5, rtol=0)
     torch.testing.assert_close(box.true, on_target, atol=1e-5, rtol=0)
     assert (on_context - on_target).abs().max() > 0.1  # the two encoders really differ here
@@ -850,7 +851,8 @@ def colorbar_tops(monkeypatch):
 
 
 def test_the_surprise_colour_bar_spans_the_maps_own_errors(colorbar_tops):
-    """A fixed 1.0 top left a trained model's small errors all dark (or clipped large ones): the bar must span the map."""
+    """A fixed 1.0 top left a trained model's small errors all dark (or clipped large ones): the bar must span the
+    map."""
     errors = np.linspace(0.0, 0.37, GRID * GRID).reshape(GRID, GRID)
     render_surprise(np.zeros((SIZE, SIZE, 3), np.uint8), errors, 2)
     render_surprise(np.zeros((SIZE, SIZE, 3), np.uint8), errors * 10, 2)

@@ -112,7 +112,8 @@ def test_every_row_of_the_emoji_protocol_reads_the_features_it_is_named_for(tiny
     monkeypatch.setattr(evaluation, "emoji_probe_sets", _tiny_probe_sets)
     monkeypatch.setattr(evaluation, "fit_linear_probe", functools.partial(fit_linear_probe, steps=1))
     evaluation.evaluate_emoji_features(tiny_model)
-    bank_first, query_first = _tiny_probe_sets(32, 8)[0][0], _tiny_probe_sets(32, 8)[1][0]
+    bank, queries, _, _ = _tiny_probe_sets(32, 8)
+    bank_first, query_first = bank[0], queries[0]
     assert len(calls) == 2 * len(evaluation.FEATURE_SOURCES)  # per row: the bank, then the queries
     for (bank_call, query_call), name in zip(zip(calls[::2], calls[1::2]), evaluation.FEATURE_SOURCES):
         assert bank_call[0] is query_call[0] and bank_call[1] == query_call[1], name  # one source per row
@@ -120,7 +121,8 @@ def test_every_row_of_the_emoji_protocol_reads_the_features_it_is_named_for(tiny
         assert torch.equal(query_call[2]["image"], query_first["image"]), name  # the queries the held-out ones
     rows = dict(zip(evaluation.FEATURE_SOURCES, calls[::2]))
     assert rows["raw_pixels"][0] is None
-    assert rows["target_encoder"][:2] == (tiny_model, "target") and rows["context_encoder"][:2] == (tiny_model, "context")
+    assert rows["target_encoder"][:2] == (tiny_model, "target")
+    assert rows["context_encoder"][:2] == (tiny_model, "context")
     random_row = rows["random_init"][0]
     assert random_row is not tiny_model and rows["random_init"][1] == "target"
     assert _is_fresh_random_init(random_row, tiny_model.config)

@@ -212,7 +212,6 @@ def test_any_kept_checkpoint_exports_as_a_model_folder(tmp_path):
 
 def test_checkpoints_keep_the_newest_and_a_failed_write_leaves_the_last_one_whole(tmp_path, monkeypatch):
     """--keep-last prunes the OLDEST; a write killed midway never replaces or hides the previous checkpoint."""
-
     for step in (1, 2, 3):
         save_checkpoint({"step": step}, tmp_path, step, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
@@ -232,7 +231,6 @@ def test_checkpoints_keep_the_newest_and_a_failed_write_leaves_the_last_one_whol
 @pytest.mark.parametrize("window_losses", [[float("inf")], [1.0, float("nan")], [0.5, 0.5, float("-inf"), 0.5]])
 def test_one_non_finite_loss_in_a_window_stops_the_run(tmp_path, window_losses):
     """A single NaN or inf step (not only a NaN, not only a majority) makes the weights suspect."""
-
     window = LossWindow(Runtime(device=torch.device("cpu")), tmp_path)
     for loss in window_losses:
         window.add(torch.tensor(loss))
@@ -242,7 +240,6 @@ def test_one_non_finite_loss_in_a_window_stops_the_run(tmp_path, window_losses):
 
 def test_settings_are_read_as_their_types_and_a_changed_batch_size_refuses_to_resume():
     """Typos in booleans are refused, integer tuples stay integers, and batch size is part of what a run is."""
-
     with pytest.raises(SystemExit):
         parse_config(PretrainConfig, ["--compile", "flase"])
     assert all(type(v) is int for v in parse_config(PretrainConfig, ["--num-distractors", "2,3"]).num_distractors)
