@@ -15,12 +15,14 @@ first, then ``--steps`` steps are timed between two device synchronisations.
 Variants (all measured in the same run, on the same device):
   ours            the training step as above, in the precision ``train/pretrain.py`` picks (``--precision``,
                   default auto: bf16 autocast where bf16 is native, fp32 on CPUs without it), with the attention
-                  ``train/pretrain.py`` picks: timm's fused SDPA, except plain attention for CPU bf16 (there
-                  SDPA's backward is several times slower than plain bf16 matmuls).
+                  ``train/pretrain.py`` picks (``set_training_attention``): fused SDPA for the target pass (no
+                  backward), and for encoder and predictor timm's fused SDPA except plain attention for CPU bf16
+                  (there SDPA's backward is several times slower than plain bf16 matmuls).
   ours+compile    the same with ``torch.compile`` of encoder, predictor and target pass (``--compile``),
                   as ``train/pretrain.py --compile true`` does.
   ours+sdpa / ours+plain-attn
-                  the same with the attention ``train/pretrain.py`` does NOT pick (``--other-attention``), to
+                  the same with the encoder and predictor attention ``train/pretrain.py`` does NOT pick
+                  (``--other-attention``; the target pass stays fused), to
                   re-check that choice on new hardware or torch versions (with ``--compile``: also compiled).
   reference       what the official train step does around the same loss: plain (unfused) attention on every timm
                   block, AdamW built with torch's defaults as the official ``init_opt`` builds it (foreach on CUDA,
@@ -75,7 +77,7 @@ from ijepa.vision_transformer import set_fused_attention  # noqa: E402
 from train.config import doc_summary  # noqa: E402
 from train.objective import (TargetFeatures, ema_momentum, ema_update, ijepa_loss,  # noqa: E402
                              learning_rate, param_groups, set_optimizer_schedule, weight_decay)
-from train.pretrain import uses_fused_attention  # noqa: E402
+from train.pretrain import set_training_attention, uses_fused_attention  # noqa: E402
 from ijepa.device import PRECISIONS, fast_bf16, resolve_device, resolve_precision  # noqa: E402
 from train.runtime import LossWindow, Runtime, autocast  # noqa: E402
 
@@ -215,8 +217,10 @@ def build_step(spec: ModelSpec, variant: Variant, device: torch.device, batch: i
     torch.manual_seed(0)
     model = IJepa(spec.config()).to(device)
     model.train()
-    set_fused_attention(model, uses_fused_attention(device, variant.precision)
-                        if variant.fused_attn is None else variant.fused_attn)
+    if variant.official_step:  # plain attention in every block, the target pass included
+        set_fused_attention(model, False)
+    else:
+        set_training_attention(model, device, variant.precision, variant.fused_attn)
     use_cuda = device.type == "cuda"
     if variant.official_step:  # torch's defaults, as the official init_opt builds it
         optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=LR, betas=(0.9, 0.999),

@@ -7,14 +7,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import pretrain_throughput as bench
+from ijepa.vision_transformer import set_fused_attention
 
 
 def test_analytic_flops_match_the_matmuls_of_a_real_step():
     spec = bench.ModelSpec("vit_tiny", 8, 64, 48, 2, cuda_batch=2, cpu_batch=2)  # the CPU recipe's 8 x 8 grid
     config = spec.config()
     masks = bench.pregenerate_masks(config, batch=2, count=1, seed=0, pin=False)
-    variant = bench.Variant("plain fp32", "fp32", fused_attn=False)  # plain attention: its matmuls are counted
-    step, _ = bench.build_step(spec, variant, torch.device("cpu"), 2, masks)
+    variant = bench.Variant("plain fp32", "fp32", fused_attn=False)
+    step, model = bench.build_step(spec, variant, torch.device("cpu"), 2, masks)
+    set_fused_attention(model, False)  # the target pass too: FlopCounterMode counts plain matmuls, not CPU SDPA
     with FlopCounterMode(display=False) as counter:
         step(0)
     context, targets = masks[0]

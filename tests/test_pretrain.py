@@ -286,6 +286,25 @@ def test_target_spread_tells_a_collapsed_encoder_from_a_healthy_one():
     assert target_spread(TargetFeatures(per_image, "instance"), images).item() < 0.1
 
 
+def test_cpu_bf16_training_runs_the_target_pass_fused_with_the_same_targets():
+    """Plain attention where a backward runs (faster on CPU bf16), fused SDPA in the target pass, whose targets
+    must not change by it."""
+    from ijepa.model import IJepa, IJepaConfig
+    from ijepa.vision_transformer import set_fused_attention
+    from train.objective import TargetFeatures
+
+    model = IJepa(IJepaConfig.from_arch("vit_tiny", img_size=32, patch_size=4, depth=2, predictor_depth=1)).eval()
+    pretrain.set_training_attention(model, torch.device("cpu"), "bf16")
+    fused = {name: m.fused_attn for name, m in model.named_modules() if hasattr(m, "fused_attn")}
+    assert fused and all(on == name.startswith("target_encoder.") for name, on in fused.items())
+    images = model.normalize(torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        targets_fused = TargetFeatures(model.target_encoder)(images)
+        set_fused_attention(model.target_encoder, False)
+        targets_plain = TargetFeatures(model.target_encoder)(images)
+    torch.testing.assert_close(targets_fused, targets_plain, atol=1e-5, rtol=1e-5)
+
+
 def test_collapse_is_logged_with_a_warning(tmp_path, monkeypatch, caplog):
     train(tiny(tmp_path / "ok", "--steps", "3"))
     rows = list(csv.DictReader(open(tmp_path / "ok" / "log.csv")))

@@ -10,8 +10,8 @@ Several nodes (run on every node; SLURM users: see README "Multi-node"):
 Resume exactly (same step, schedules, data order and masks) after an interruption:
     python -m train.pretrain --config ... --out-dir runs/tiny --resume true
 
-Why it is fast: bf16 autocast (no GradScaler), timm's fused SDPA attention (plain attention for CPU bf16,
-where it is faster), fused/foreach AdamW, the EMA as one
+Why it is fast: bf16 autocast (no GradScaler), timm's fused SDPA attention (for CPU bf16 only in the target
+pass, plain attention elsewhere, where it is faster), fused/foreach AdamW, the EMA as one
 ``torch._foreach_lerp_``, masks built in DataLoader workers, optional torch.compile, and no host sync per step
 (the loss is read only every ``log_every`` steps).
 """
@@ -169,9 +169,18 @@ def mask_config(cfg: PretrainConfig) -> MaskConfig:
 
 
 def uses_fused_attention(device: torch.device, precision: str) -> bool:
-    """Fused SDPA everywhere except CPU bf16 training, where plain attention is 1.4-1.5x faster
-    (bench/RESULTS.md)."""
+    """Fused SDPA for the trained encoder and predictor everywhere except CPU bf16 training, where SDPA's backward
+    is so slow that plain attention is 1.4-1.5x faster (bench/RESULTS.md)."""
     return not (device.type == "cpu" and precision == "bf16")
+
+
+def set_training_attention(model: IJepa, device: torch.device, precision: str, fused: bool | None = None) -> None:
+    """The attention each part of the training step runs: ``uses_fused_attention`` (or ``fused``) for the encoder
+    and predictor, and always fused SDPA for the target encoder. The target pass runs no backward, so the slow CPU
+    backward does not apply, and SDPA never builds the [B, heads, N, N] score tensor: 3-4x faster per layer on a
+    2-core CPU (bench/RESULTS.md). Same numbers up to rounding."""
+    set_fused_attention(model, uses_fused_attention(device, precision) if fused is None else fused)
+    set_fused_attention(model.target_encoder, True)
 
 
 def train(cfg: PretrainConfig) -> IJepa:
@@ -190,7 +199,7 @@ def train(cfg: PretrainConfig) -> IJepa:
     torch.manual_seed(cfg.seed)
     model = IJepa(model_settings, rescale_residuals=cfg.rescale_residual_init).to(rt.device)
     use_cuda = rt.device.type == "cuda"
-    set_fused_attention(model, uses_fused_attention(rt.device, precision))
+    set_training_attention(model, rt.device, precision)
     optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=cfg.lr, betas=(0.9, 0.999),
                                   weight_decay=cfg.weight_decay, fused=use_cuda, foreach=None if use_cuda else True)
     start_step, resumed_seconds = 0, 0.0
