@@ -6,7 +6,7 @@
 
 What is timed is the step ``train/pretrain.py`` runs, built from the same functions (imported, not copied):
 schedules + ``set_optimizer_schedule``, ``IJepa.normalize``, ``train.runtime.autocast``, ``ijepa_loss``,
-``zero_grad`` / ``backward`` / AdamW step (fused on CUDA, foreach on CPU, over ``param_groups``), ``ema_update``.
+``zero_grad`` / ``backward`` / AdamW step (``fused_adamw`` over ``param_groups``), ``ema_update``.
 Images are random and resident on the device; masks use the official config (4 targets, scale .15-.2, aspect
 .75-1.5, context .85-1.0) and are pre-generated outside the timed region, one distinct set per step (the real loop
 builds them in DataLoader workers, so mask lengths vary from step to step as in training). ``--warmup`` steps run
@@ -79,7 +79,7 @@ from train.objective import (TargetFeatures, ema_momentum, ema_update, ijepa_los
                              learning_rate, param_groups, set_optimizer_schedule, weight_decay)
 from train.pretrain import set_training_attention, uses_fused_attention  # noqa: E402
 from ijepa.device import PRECISIONS, fast_bf16, resolve_device, resolve_precision  # noqa: E402
-from train.runtime import LossWindow, Runtime, autocast  # noqa: E402
+from train.runtime import LossWindow, Runtime, autocast, fused_adamw  # noqa: E402
 
 logger = logging.getLogger("bench.pretrain_throughput")
 
@@ -226,8 +226,7 @@ def build_step(spec: ModelSpec, variant: Variant, device: torch.device, batch: i
         optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=LR, betas=(0.9, 0.999),
                                       weight_decay=WD)
     else:  # exactly as train/pretrain.py builds it
-        optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=LR, betas=(0.9, 0.999),
-                                      weight_decay=WD, fused=use_cuda, foreach=None if use_cuda else True)
+        optimizer = fused_adamw(param_groups([model.encoder, model.predictor]), LR, WD)
     online = [p for p in model.encoder.parameters() if p.requires_grad]
     target = [p for p, q in zip(model.target_encoder.parameters(), model.encoder.parameters()) if q.requires_grad]
     encoder, predictor, target_pass = model.encoder, model.predictor, TargetFeatures(model.target_encoder)

@@ -35,7 +35,7 @@ from train.eval import evaluate_emoji_features  # noqa: E402
 from train.objective import learning_rate, param_groups, set_optimizer_schedule, weight_decay
 from train.pretrain import SCENE_FIELDS, PretrainConfig, model_config
 from ijepa.device import resolve_device, resolve_precision
-from train.runtime import autocast
+from train.runtime import autocast, fused_adamw
 
 
 def train_supervised(cfg: PretrainConfig, label: str, device: torch.device) -> tuple[IJepa, dict]:
@@ -48,8 +48,7 @@ def train_supervised(cfg: PretrainConfig, label: str, device: torch.device) -> t
     model.to(device)
     head.to(device)
     precision = resolve_precision(device, cfg.precision)
-    optimizer = torch.optim.AdamW(param_groups([model.encoder, head]), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  foreach=True)
+    optimizer = fused_adamw(param_groups([model.encoder, head]), cfg.lr, cfg.weight_decay)
     scenes = build_dataset("emoji", resolution=cfg.img_size, patch_size=cfg.patch_size, seed=cfg.seed,
                            **{name: getattr(cfg, name) for name in SCENE_FIELDS})
     loader = DataLoader(scenes, batch_sampler=StepBatches(0, cfg.steps, cfg.batch_size, 0, 1),

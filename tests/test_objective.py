@@ -64,6 +64,33 @@ def test_biases_and_1d_parameters_get_no_weight_decay_and_fixed_tables_no_update
     assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(5e-4, 0.3), (5e-4, 0.0)]
 
 
+def test_the_fused_optimizer_steps_as_adamw_over_each_tensor():
+    """Training uses torch's fused AdamW on a CPU too: the same weights as the per-tensor loop the official code
+    runs, through the schedule's changing lr and weight decay, up to float rounding."""
+    from train.runtime import fused_adamw
+
+    def trained(make_optimizer) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = IJepa(IJepaConfig.from_arch("vit_tiny", img_size=16, patch_size=8, depth=1, predictor_depth=1,
+                                            predictor_embed_dim=48)).double()
+        optimizer = make_optimizer(param_groups([model.encoder, model.predictor]))
+        # float64: gradients that are rounding noise (the key bias's) stay far below eps instead of becoming steps
+        images, weights = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.randn(2, 4, 192, dtype=torch.float64)
+        for step in range(5):
+            set_optimizer_schedule(optimizer, lr=1e-3 * (step + 1), wd=0.04 + 0.05 * step)
+            optimizer.zero_grad()
+            (model.encoder(images) * weights).sum().backward()
+            optimizer.step()
+        return [p.detach().clone() for p in model.encoder.parameters()]
+
+    fused = trained(lambda groups: fused_adamw(groups, lr=1e-3, weight_decay=0.04))
+    loop = trained(lambda groups: torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.04, foreach=False))
+    start = trained(lambda groups: torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0))
+    assert any(not torch.equal(a, b) for a, b in zip(fused, start))  # it trained
+    for a, b in zip(fused, loop):
+        torch.testing.assert_close(a, b, atol=1e-8, rtol=0)  # steps are 1e-3 to 5e-3
+
+
 def _masks(batch: int, num_patches: int, sizes: list[int], seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.stack([torch.randperm(num_patches, generator=g)[:k].sort().values for _ in range(batch)])

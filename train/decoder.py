@@ -37,7 +37,7 @@ from ijepa.model import IJepa
 from train.config import (RESUME_HINT, RUN_HELP, config_dict, doc_summary, parse_config, require, run_command,
                           save_config, setting)
 from train.data import StackFields, StepBatches, build_dataset
-from train.runtime import (LossWindow, autocast, plot_loss_curve, resume_state, save_checkpoint,
+from train.runtime import (LossWindow, autocast, fused_adamw, plot_loss_curve, resume_state, save_checkpoint,
                            save_folder_atomic, setup_runtime, start_csv_log, teardown_runtime)
 
 logger = logging.getLogger("train.decoder")
@@ -196,8 +196,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
     decoder = build_decoder(cfg, model).to(rt.device)
     ema = EMAModel(decoder.parameters(), decay=cfg.ema_decay, foreach=True)
     use_cuda = rt.device.type == "cuda"
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=use_cuda, foreach=None if use_cuda else True)
+    optimizer = fused_adamw(decoder.parameters(), cfg.lr, cfg.weight_decay)
     start_step, resumed_seconds = 0, 0.0
     if state is not None:
         decoder.load_state_dict(state["decoder"])

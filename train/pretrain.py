@@ -11,7 +11,7 @@ Resume exactly (same step, schedules, data order and masks) after an interruptio
     python -m train.pretrain --config ... --out-dir runs/tiny --resume true
 
 Why it is fast: bf16 autocast (no GradScaler), timm's fused SDPA attention (for CPU bf16 only in the target
-pass, plain attention elsewhere, where it is faster), fused/foreach AdamW, the EMA as one
+pass, plain attention elsewhere, where it is faster), fused AdamW, the EMA as one
 ``torch._foreach_lerp_``, masks built in DataLoader workers, optional torch.compile, and no host sync per step
 (the loss is read only every ``log_every`` steps).
 """
@@ -41,7 +41,7 @@ from train.emoji import EmojiScenes, get_catalog
 from train.eval import HeldOutKnn, plot_knn_curve
 from train.objective import (TargetFeatures, ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups,
                              set_optimizer_schedule, target_spread, weight_decay)
-from train.runtime import (LossWindow, Runtime, autocast, plot_loss_curve, resume_state,
+from train.runtime import (LossWindow, Runtime, autocast, fused_adamw, plot_loss_curve, resume_state,
                            save_checkpoint, setup_runtime, start_csv_log, teardown_runtime)
 
 logger = logging.getLogger("train.pretrain")
@@ -200,8 +200,7 @@ def train(cfg: PretrainConfig) -> IJepa:
     model = IJepa(model_settings, rescale_residuals=cfg.rescale_residual_init).to(rt.device)
     use_cuda = rt.device.type == "cuda"
     set_training_attention(model, rt.device, precision)
-    optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=cfg.lr, betas=(0.9, 0.999),
-                                  weight_decay=cfg.weight_decay, fused=use_cuda, foreach=None if use_cuda else True)
+    optimizer = fused_adamw(param_groups([model.encoder, model.predictor]), cfg.lr, cfg.weight_decay)
     start_step, resumed_seconds = 0, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
