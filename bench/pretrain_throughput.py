@@ -116,7 +116,7 @@ MODELS: dict[str, ModelSpec] = {
 class Variant:
     name: str
     precision: str  # "bf16" or "fp32"
-    fused_attn: bool | None = None  # None: as train/pretrain.py chooses (plain attention for CPU bf16)
+    fused_attn: bool | None = None  # encoder and predictor; None: as train/pretrain.py chooses
     compile: bool = False
     official_step: bool = False  # the official train step around the loss (module docstring, "reference")
 
@@ -386,8 +386,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also measure ours with torch.compile (on a 2-core CPU the first, uncached compile "
                              "takes minutes; it happens in the warm-up steps)")
     parser.add_argument("--other-attention", action="store_true",
-                        help="also measure ours with the attention train/pretrain.py does not pick here "
-                             "(fused SDPA for CPU bf16, plain attention elsewhere)")
+                        help="also measure ours with the encoder and predictor attention train/pretrain.py does "
+                             "not pick here (fused SDPA for CPU bf16, plain attention elsewhere; the target pass "
+                             "stays fused)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="autocast for ours (auto: bf16 where it is native, else fp32, as train/pretrain.py)")
     parser.add_argument("--reference-precision", choices=PRECISIONS, default="auto",
