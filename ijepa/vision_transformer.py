@@ -152,7 +152,8 @@ def set_fused_attention(module: nn.Module, enabled: bool) -> None:
     """Switch timm's fused SDPA attention on or off in every block below ``module``.
 
     Fused SDPA is the right choice on GPUs and for fp32 on CPUs; under CPU bf16 autocast its backward is 2-5x
-    slower than plain ``softmax(q k^T) v`` attention (bench/RESULTS.md), so CPU bf16 training turns it off.
+    slower than plain ``softmax(q k^T) v`` attention (bench/RESULTS.md), so CPU bf16 training turns it off where a
+    backward runs (``train.pretrain.set_training_attention``).
     """
     for m in module.modules():
         if hasattr(m, "fused_attn"):

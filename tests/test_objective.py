@@ -1,5 +1,7 @@
 """The I-JEPA objective, its optimisation schedules and parameter groups: the official values, the official shapes."""
+import io
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -69,26 +71,51 @@ def test_the_fused_optimizer_steps_as_adamw_over_each_tensor():
     runs, through the schedule's changing lr and weight decay, up to float rounding."""
     from train.runtime import fused_adamw
 
-    def trained(make_optimizer) -> list[torch.Tensor]:
+    def trained(make_optimizer, steps: int = 5) -> tuple[list[torch.Tensor], bool]:
         torch.manual_seed(0)
         model = IJepa(IJepaConfig.from_arch("vit_tiny", img_size=16, patch_size=8, depth=1, predictor_depth=1,
                                             predictor_embed_dim=48)).double()
         optimizer = make_optimizer(param_groups([model.encoder, model.predictor]))
         # float64: gradients that are rounding noise (the key bias's) stay far below eps instead of becoming steps
         images, weights = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.randn(2, 4, 192, dtype=torch.float64)
-        for step in range(5):
+        for step in range(steps):
             set_optimizer_schedule(optimizer, lr=1e-3 * (step + 1), wd=0.04 + 0.05 * step)
             optimizer.zero_grad()
             (model.encoder(images) * weights).sum().backward()
             optimizer.step()
-        return [p.detach().clone() for p in model.encoder.parameters()]
+        trainable = [p.detach().clone() for p in model.encoder.parameters() if p.requires_grad]
+        return trainable, optimizer.param_groups[0]["fused"]
 
-    fused = trained(lambda groups: fused_adamw(groups, lr=1e-3, weight_decay=0.04))
-    loop = trained(lambda groups: torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.04, foreach=False))
-    start = trained(lambda groups: torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0))
-    assert any(not torch.equal(a, b) for a, b in zip(fused, start))  # it trained
+    (fused, kernel), (loop, _) = (trained(partial(fused_adamw, lr=1e-3, weight_decay=0.04)),
+                                  trained(partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.04, foreach=False)))
+    start, _ = trained(partial(fused_adamw, lr=1e-3, weight_decay=0.04), steps=0)
+    assert kernel is True
+    assert all(not torch.equal(a, b) for a, b in zip(fused, start))  # every tensor trained
     for a, b in zip(fused, loop):
         torch.testing.assert_close(a, b, atol=1e-8, rtol=0)  # steps are 1e-3 to 5e-3
+
+
+def test_a_checkpoint_of_the_foreach_loop_resumes_on_the_fused_kernel():
+    """Checkpoints written before CPU training used the fused kernel saved ``foreach=True``, which plain
+    ``load_state_dict`` would restore for the rest of the run; the state itself must come back unchanged."""
+    from train.runtime import fused_adamw, load_optimizer_state
+
+    weights = torch.nn.Parameter(torch.randn(4, 3))
+    old = torch.optim.AdamW([weights], lr=1e-3, foreach=True)
+    weights.grad = torch.randn(4, 3)
+    old.step()
+    checkpoint = io.BytesIO()
+    torch.save(old.state_dict(), checkpoint)
+    checkpoint.seek(0)
+    resumed = fused_adamw([torch.nn.Parameter(weights.detach().clone())], lr=1e-3, weight_decay=0.0)
+    load_optimizer_state(resumed, torch.load(checkpoint, weights_only=True))
+    assert (resumed.param_groups[0]["fused"], resumed.param_groups[0]["foreach"]) == (True, None)
+    for key, value in old.state_dict()["state"][0].items():
+        torch.testing.assert_close(resumed.state_dict()["state"][0][key], value, rtol=0, atol=0)
+    weights.grad = resumed.param_groups[0]["params"][0].grad = torch.ones(4, 3)
+    old.step()
+    resumed.step()  # the fused kernel takes the loaded state and steps as the loop does
+    torch.testing.assert_close(resumed.param_groups[0]["params"][0], weights, rtol=1e-6, atol=1e-7)
 
 
 def _masks(batch: int, num_patches: int, sizes: list[int], seed: int) -> list[torch.Tensor]:

@@ -305,6 +305,25 @@ def test_cpu_bf16_training_runs_the_target_pass_fused_with_the_same_targets():
     torch.testing.assert_close(targets_fused, targets_plain, atol=1e-5, rtol=1e-5)
 
 
+def test_a_run_trains_on_the_fast_kernels_and_an_older_checkpoint_resumes_onto_them(tmp_path):
+    """What train() builds on a CPU in bf16: fused attention only in the target pass, fused AdamW, and the fused
+    kernel again after resuming a checkpoint whose optimizer was saved with the foreach loop (runs before
+    2026-12-07), which load_state_dict alone would bring back."""
+    model = train(tiny(tmp_path / "run", "--steps", "2", "--ckpt-every", "1", "--precision", "bf16"))
+    flags = {name: m.fused_attn for name, m in model.named_modules() if hasattr(m, "fused_attn")}
+    assert flags and all(on == name.startswith("target_encoder.") for name, on in flags.items())
+    checkpoints = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert all(g["fused"] for g in load_checkpoint(checkpoints[-1])["optimizer"]["param_groups"])
+    older = load_checkpoint(checkpoints[0])
+    for group in older["optimizer"]["param_groups"]:
+        group.update(fused=None, foreach=True)
+    torch.save(older, checkpoints[0])
+    checkpoints[-1].unlink()
+    train(tiny(tmp_path / "run", "--steps", "2", "--ckpt-every", "1", "--precision", "bf16", "--resume", "true"))
+    groups = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])["optimizer"]["param_groups"]
+    assert [(g["fused"], g["foreach"]) for g in groups] == [(True, None)] * 2
+
+
 def test_collapse_is_logged_with_a_warning(tmp_path, monkeypatch, caplog):
     train(tiny(tmp_path / "ok", "--steps", "3"))
     rows = list(csv.DictReader(open(tmp_path / "ok" / "log.csv")))
@@ -492,8 +511,8 @@ def test_held_out_knn_during_training_is_what_eval_reports_and_changes_no_step(t
     assert [(int(r["step"]), int(r["images_seen"])) for r in rows] == [(3, 24), (4, 32)]  # every 3 steps and the end
     assert (tmp_path / "monitored" / "knn.png").stat().st_size > 0
     protocol = evaluate_emoji_features(load_model(tmp_path / "monitored" / "model"), sources=("target_encoder",))
-    # The same fp32 features, up to the attention kernel where they differ (a bf16 CPU run trains with plain
-    # attention, a loaded model runs fused): allow a vote or two to flip among the 640 queries (0.16 points each).
+    # The same fp32 features through the same fused attention (a training run's target encoder runs fused too):
+    # allow a vote or two to flip among the 640 queries (0.16 points each) for rounding.
     for key, figure in (("knn_group", protocol["features"]["target_encoder"]["knn_group"]),
                         ("object_knn_group", protocol["object_patches_only"]["target_encoder"]["knn_group"])):
         assert abs(float(rows[-1][key]) - figure) <= 0.35, key

@@ -37,8 +37,8 @@ from ijepa.model import IJepa
 from train.config import (RESUME_HINT, RUN_HELP, config_dict, doc_summary, parse_config, require, run_command,
                           save_config, setting)
 from train.data import StackFields, StepBatches, build_dataset
-from train.runtime import (LossWindow, autocast, fused_adamw, plot_loss_curve, resume_state, save_checkpoint,
-                           save_folder_atomic, setup_runtime, start_csv_log, teardown_runtime)
+from train.runtime import (LossWindow, autocast, fused_adamw, load_optimizer_state, plot_loss_curve, resume_state,
+                           save_checkpoint, save_folder_atomic, setup_runtime, start_csv_log, teardown_runtime)
 
 logger = logging.getLogger("train.decoder")
 OFFICIAL_TARGETS = MaskConfig()  # the official I-JEPA target blocks: what "target-like" decoder boxes look like
@@ -202,7 +202,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
         decoder.load_state_dict(state["decoder"])
         ema.load_state_dict(state["ema"])
         ema.to(rt.device)  # its weights were loaded onto the CPU; the decoder's live on rt.device
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         start_step, resumed_seconds = state["step"], state.get("elapsed_s", 0.0)
         del state  # the optimizer and weights hold their own copies now
         logger.info("resumed from %s at step %d", resumed_from, start_step)

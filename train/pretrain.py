@@ -41,8 +41,8 @@ from train.emoji import EmojiScenes, get_catalog
 from train.eval import HeldOutKnn, plot_knn_curve
 from train.objective import (TargetFeatures, ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups,
                              set_optimizer_schedule, target_spread, weight_decay)
-from train.runtime import (LossWindow, Runtime, autocast, fused_adamw, plot_loss_curve, resume_state,
-                           save_checkpoint, setup_runtime, start_csv_log, teardown_runtime)
+from train.runtime import (LossWindow, Runtime, autocast, fused_adamw, load_optimizer_state, plot_loss_curve,
+                           resume_state, save_checkpoint, setup_runtime, start_csv_log, teardown_runtime)
 
 logger = logging.getLogger("train.pretrain")
 # target_spread below this at a logging step: warn that the representation has collapsed (healthy runs: ~0.4)
@@ -170,7 +170,7 @@ def mask_config(cfg: PretrainConfig) -> MaskConfig:
 
 def uses_fused_attention(device: torch.device, precision: str) -> bool:
     """Fused SDPA for the trained encoder and predictor everywhere except CPU bf16 training, where SDPA's backward
-    is so slow that plain attention is 1.4-1.5x faster (bench/RESULTS.md)."""
+    is so slow that plain attention is 1.4-1.7x faster (bench/RESULTS.md)."""
     return not (device.type == "cpu" and precision == "bf16")
 
 
@@ -204,7 +204,7 @@ def train(cfg: PretrainConfig) -> IJepa:
     start_step, resumed_seconds = 0, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         start_step, resumed_seconds = state["step"], state.get("elapsed_s", 0.0)
         del state  # the optimizer and weights hold their own copies now
         if rt.is_main:

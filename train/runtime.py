@@ -71,6 +71,14 @@ def fused_adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, fused=True)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a checkpoint's optimizer state but keep this optimizer's kernel (``fused``/``foreach``):
+    ``load_state_dict`` would restore the saved one, so a run resumed from a checkpoint written before training
+    used the fused kernel on a CPU would stay on the slower foreach loop, and so would every checkpoint after it."""
+    kernel = {key: optimizer.defaults[key] for key in ("fused", "foreach")}
+    optimizer.load_state_dict({**saved, "param_groups": [{**group, **kernel} for group in saved["param_groups"]]})
+
+
 CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
 
 
