@@ -217,15 +217,13 @@ def build_step(spec: ModelSpec, variant: Variant, device: torch.device, batch: i
     torch.manual_seed(0)
     model = IJepa(spec.config()).to(device)
     model.train()
-    if variant.official_step:  # plain attention in every block, the target pass included
-        set_fused_attention(model, False)
-    else:
-        set_training_attention(model, device, variant.precision, variant.fused_attn)
     use_cuda = device.type == "cuda"
-    if variant.official_step:  # torch's defaults, as the official init_opt builds it
+    if variant.official_step:  # plain attention in every block (the target pass too), AdamW as init_opt builds it
+        set_fused_attention(model, False)
         optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=LR, betas=(0.9, 0.999),
                                       weight_decay=WD)
-    else:  # exactly as train/pretrain.py builds it
+    else:  # exactly as train/pretrain.py builds them
+        set_training_attention(model, device, variant.precision, variant.fused_attn)
         optimizer = fused_adamw(param_groups([model.encoder, model.predictor]), LR, WD)
     online = [p for p in model.encoder.parameters() if p.requires_grad]
     target = [p for p, q in zip(model.target_encoder.parameters(), model.encoder.parameters()) if q.requires_grad]

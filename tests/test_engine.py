@@ -885,4 +885,3 @@ def test_truth_and_prediction_are_drawn_under_their_own_titles(engine, monkeypat
         centres[axis.get_title()] = tuple(pixels[int(height - (box.y0 + box.y1) / 2), int((box.x0 + box.x1) / 2)])
     assert centres["Decoded: true features"] == (255, 0, 0)
     assert centres["Decoded: prediction"] == (0, 0, 255)
-

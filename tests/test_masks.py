@@ -152,9 +152,7 @@ def test_target_aspect_is_drawn_uniformly_as_in_the_official_code():
     side = 64  # fine enough that rounding to whole patches moves the mean by little
     sampler = MultiBlockMaskGenerator(side)
     generator = torch.Generator().manual_seed(0)
-    aspects = []
-    for _ in range(1200):
-        aspects.append(_block_aspect(sampler(1, generator)[1][0][0], side))
+    aspects = [_block_aspect(sampler(1, generator)[1][0][0], side) for _ in range(1200)]
     assert abs(sum(aspects) / len(aspects) - 1.125) < 0.02  # three standard errors of 1200 draws
 
 

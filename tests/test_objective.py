@@ -11,6 +11,7 @@ from ijepa.masks import apply_masks
 from ijepa.model import IJepa, IJepaConfig
 from train.objective import (TargetFeatures, ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups,
                              set_optimizer_schedule, weight_decay)
+from train.runtime import fused_adamw, load_optimizer_state
 
 TOTAL, WARMUP = 1000, 100
 START_LR, PEAK_LR, FINAL_LR = 2e-4, 1e-3, 1e-6  # the official ViT-H/14 run's values
@@ -69,8 +70,6 @@ def test_biases_and_1d_parameters_get_no_weight_decay_and_fixed_tables_no_update
 def test_the_fused_optimizer_steps_as_adamw_over_each_tensor():
     """Training uses torch's fused AdamW on a CPU too: the same weights as the per-tensor loop the official code
     runs, through the schedule's changing lr and weight decay, up to float rounding."""
-    from train.runtime import fused_adamw
-
     def trained(make_optimizer, steps: int = 5) -> tuple[list[torch.Tensor], bool]:
         torch.manual_seed(0)
         model = IJepa(IJepaConfig.from_arch("vit_tiny", img_size=16, patch_size=8, depth=1, predictor_depth=1,
@@ -86,9 +85,9 @@ def test_the_fused_optimizer_steps_as_adamw_over_each_tensor():
         trainable = [p.detach().clone() for p in model.encoder.parameters() if p.requires_grad]
         return trainable, optimizer.param_groups[0]["fused"]
 
-    (fused, kernel), (loop, _) = (trained(partial(fused_adamw, lr=1e-3, weight_decay=0.04)),
-                                  trained(partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.04, foreach=False)))
-    start, _ = trained(partial(fused_adamw, lr=1e-3, weight_decay=0.04), steps=0)
+    make_fused = partial(fused_adamw, lr=1e-3, weight_decay=0.04)
+    (fused, kernel), (start, _) = trained(make_fused), trained(make_fused, steps=0)
+    loop, _ = trained(partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.04, foreach=False))
     assert kernel is True
     assert all(not torch.equal(a, b) for a, b in zip(fused, start))  # every tensor trained
     for a, b in zip(fused, loop):
@@ -98,8 +97,6 @@ def test_the_fused_optimizer_steps_as_adamw_over_each_tensor():
 def test_a_checkpoint_of_the_foreach_loop_resumes_on_the_fused_kernel():
     """Checkpoints written before CPU training used the fused kernel saved ``foreach=True``, which plain
     ``load_state_dict`` would restore for the rest of the run; the state itself must come back unchanged."""
-    from train.runtime import fused_adamw, load_optimizer_state
-
     weights = torch.nn.Parameter(torch.randn(4, 3))
     old = torch.optim.AdamW([weights], lr=1e-3, foreach=True)
     weights.grad = torch.randn(4, 3)
@@ -110,8 +107,9 @@ def test_a_checkpoint_of_the_foreach_loop_resumes_on_the_fused_kernel():
     resumed = fused_adamw([torch.nn.Parameter(weights.detach().clone())], lr=1e-3, weight_decay=0.0)
     load_optimizer_state(resumed, torch.load(checkpoint, weights_only=True))
     assert (resumed.param_groups[0]["fused"], resumed.param_groups[0]["foreach"]) == (True, None)
+    loaded = resumed.state_dict()["state"][0]
     for key, value in old.state_dict()["state"][0].items():
-        torch.testing.assert_close(resumed.state_dict()["state"][0][key], value, rtol=0, atol=0)
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
     weights.grad = resumed.param_groups[0]["params"][0].grad = torch.ones(4, 3)
     old.step()
     resumed.step()  # the fused kernel takes the loaded state and steps as the loop does

@@ -286,6 +286,12 @@ def test_target_spread_tells_a_collapsed_encoder_from_a_healthy_one():
     assert target_spread(TargetFeatures(per_image, "instance"), images).item() < 0.1
 
 
+def fused_only_in_the_target_pass(model) -> bool:
+    """Whether exactly the target encoder's blocks run fused SDPA (what CPU bf16 training picks)."""
+    fused = {name: m.fused_attn for name, m in model.named_modules() if hasattr(m, "fused_attn")}
+    return bool(fused) and all(on == name.startswith("target_encoder.") for name, on in fused.items())
+
+
 def test_cpu_bf16_training_runs_the_target_pass_fused_with_the_same_targets():
     """Plain attention where a backward runs (faster on CPU bf16), fused SDPA in the target pass, whose targets
     must not change by it."""
@@ -295,8 +301,7 @@ def test_cpu_bf16_training_runs_the_target_pass_fused_with_the_same_targets():
 
     model = IJepa(IJepaConfig.from_arch("vit_tiny", img_size=32, patch_size=4, depth=2, predictor_depth=1)).eval()
     pretrain.set_training_attention(model, torch.device("cpu"), "bf16")
-    fused = {name: m.fused_attn for name, m in model.named_modules() if hasattr(m, "fused_attn")}
-    assert fused and all(on == name.startswith("target_encoder.") for name, on in fused.items())
+    assert fused_only_in_the_target_pass(model)
     images = model.normalize(torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():
         targets_fused = TargetFeatures(model.target_encoder)(images)
@@ -310,8 +315,7 @@ def test_a_run_trains_on_the_fast_kernels_and_an_older_checkpoint_resumes_onto_t
     kernel again after resuming a checkpoint whose optimizer was saved with the foreach loop (runs before
     2026-12-07), which load_state_dict alone would bring back."""
     model = train(tiny(tmp_path / "run", "--steps", "2", "--ckpt-every", "1", "--precision", "bf16"))
-    flags = {name: m.fused_attn for name, m in model.named_modules() if hasattr(m, "fused_attn")}
-    assert flags and all(on == name.startswith("target_encoder.") for name, on in flags.items())
+    assert fused_only_in_the_target_pass(model)
     checkpoints = list_checkpoints(tmp_path / "run" / "checkpoints")
     assert all(g["fused"] for g in load_checkpoint(checkpoints[-1])["optimizer"]["param_groups"])
     older = load_checkpoint(checkpoints[0])
