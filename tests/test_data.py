@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from train.data import EmojiCatalog, EmojiProbeSet, EmojiScenes, ImageFolderDataset, build_dataset, get_catalog
-from train.emoji import INSTALL_HINT, Placement, SceneRenderer, fold_key, zwj_parts
+from train.emoji import BACKGROUND_KINDS, INSTALL_HINT, Placement, SceneRenderer, fold_key, zwj_parts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,6 +180,20 @@ def test_patch_labels_follow_known_placement(catalog):
     assert np.array_equal(image[:, :, 40:], background[:, :, 40:])  # ... show the untouched background
     assert np.array_equal(image[:, 40:, :], background[:, 40:, :])
     assert not np.array_equal(image[:, 8:24, 8:24], background[:, 8:24, 8:24])
+
+
+def test_a_patchwork_background_gives_every_patch_its_own_colour(catalog):
+    renderer = SceneRenderer(catalog, resolution=64, patch_size=8)
+    background = renderer.background("patchwork", np.random.default_rng(0))
+    cells = background.reshape(3, 8, 8, 8, 8)  # channel, patch row, pixel row, patch column, pixel column
+    assert background.shape == (3, 64, 64) and 0.0 <= background.min() and background.max() <= 1.0
+    assert (cells == cells[:, :, :1, :, :1]).all()  # one colour inside each patch
+    colours = cells[:, :, 0, :, 0].reshape(3, 64).T
+    assert len({tuple(c) for c in colours.tolist()}) == 64  # and no two patches alike
+    # a kind scenes may ask for, never drawn by default, so the evaluation's probe images stay as they were
+    assert "patchwork" not in BACKGROUND_KINDS and "patchwork" not in EmojiProbeSet(catalog).backgrounds
+    ds = EmojiScenes(catalog, seed=0, backgrounds=("patchwork",))
+    assert ds.layout(0).background == "patchwork"
 
 
 def _brute_force_scene(renderer: SceneRenderer, background: np.ndarray, objects: list[Placement]

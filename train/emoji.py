@@ -38,6 +38,10 @@ INSTALL_HINT = "apt-get install fonts-noto-color-emoji unicode-data"
 RENDER_SIZE = 109  # the only size at which the bitmap-only Noto Color Emoji font loads in Pillow
 SPLITS = ("train", "heldout", "all")
 BACKGROUND_KINDS = ("solid", "linear", "radial", "stripes", "checker", "dots", "noise")
+# Kinds a scene may use but that are not drawn by default (so the evaluation's probe images never change):
+# "patchwork" gives every patch its own random colour, a background no patch can predict from its neighbours.
+EXTRA_BACKGROUND_KINDS = ("patchwork",)
+_KNOWN_BACKGROUNDS = BACKGROUND_KINDS + EXTRA_BACKGROUND_KINDS
 
 # Code points used by the variant folding.
 _VS16 = 0xFE0F
@@ -472,6 +476,9 @@ class SceneRenderer:
         c1 = _random_colour(rng)
         if kind == "solid":
             return np.broadcast_to(c1[:, None, None], (3, res, res)).copy()
+        if kind == "patchwork":
+            cells = rng.random((3, res // self.patch_size, res // self.patch_size), dtype=np.float32)
+            return np.repeat(np.repeat(cells, self.patch_size, axis=1), self.patch_size, axis=2)
         if kind == "noise":
             amplitude = np.float32(rng.uniform(0.03, 0.12))
             noise = rng.random((3, res, res), dtype=np.float32) - np.float32(0.5)
@@ -502,7 +509,7 @@ class SceneRenderer:
             dx2, dy2 = (u - np.floor(u) - 0.5) ** 2, (v - np.floor(v) - 0.5) ** 2
             t = (dx2 + dy2 < rng.uniform(0.15, 0.4) ** 2).astype(np.float32)
         else:
-            raise ValueError(f"unknown background kind {kind!r}; choose from {BACKGROUND_KINDS}")
+            raise ValueError(f"unknown background kind {kind!r}; choose from {_KNOWN_BACKGROUNDS}")
         image = np.empty((3, res, res), dtype=np.float32)
         for c in range(3):  # per channel: much faster than broadcasting over a trailing axis of 3
             np.multiply(t, c2[c] - c1[c], out=image[c])
@@ -571,9 +578,9 @@ def _item(image: np.ndarray, patches: np.ndarray, index: int, base: int, catalog
 
 def _check_backgrounds(backgrounds: Sequence[str]) -> tuple[str, ...]:
     backgrounds = tuple(backgrounds)
-    unknown = [b for b in backgrounds if b not in BACKGROUND_KINDS]
+    unknown = [b for b in backgrounds if b not in _KNOWN_BACKGROUNDS]
     if not backgrounds or unknown:
-        raise ValueError(f"backgrounds must be a non-empty subset of {BACKGROUND_KINDS}, got {backgrounds}")
+        raise ValueError(f"backgrounds must be a non-empty subset of {_KNOWN_BACKGROUNDS}, got {backgrounds}")
     return backgrounds
 
 
@@ -598,7 +605,7 @@ class EmojiScenes(Dataset):
         distractor_front_prob: probability that a distractor is drawn over the main emoji.
         max_crop: largest fraction of the main emoji's side that may fall outside the image.
         flip_prob: probability of mirroring each emoji.
-        backgrounds: background kinds drawn uniformly (see BACKGROUND_KINDS).
+        backgrounds: background kinds drawn uniformly (BACKGROUND_KINDS, or EXTRA_BACKGROUND_KINDS).
         balance: "base" draws every base emoji equally often (country flags are then ~16% of scenes);
             "subgroup" draws a subgroup uniformly, then a base within it. Variants are always uniform within
             their base, so skin tones never dominate.

@@ -95,7 +95,8 @@ class PretrainConfig:
                                           "script redraws them)")
     # emoji scenes only: passed to train/emoji.py EmojiScenes, whose defaults they take
     backgrounds: tuple[str, ...] = setting(_SCENE_DEFAULTS["backgrounds"], "emoji only: the background kinds a "
-                                           "scene's is drawn from, uniformly (the default lists every kind)")
+                                           "scene's is drawn from, uniformly (the default lists the seven "
+                                           "the probes use; 'patchwork' may be added)")
     same_base_prob: float = setting(_SCENE_DEFAULTS["same_base_prob"], "emoji only: probability that a distractor "
                                     "is another instance of the main emoji's base")
     main_scale: tuple[float, float] = setting(_SCENE_DEFAULTS["main_scale"], "emoji only: range of the main "
