@@ -3,6 +3,7 @@ where the hardware has it."""
 import csv
 import logging
 import math
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -14,8 +15,12 @@ from helpers import run_on_two_gloo_ranks, train_on_two_gloo_ranks
 import train.pretrain as pretrain
 from ijepa.checkpoint import CheckpointError, load_model
 from ijepa.inference import true_features
+from ijepa.model import IJepa, IJepaConfig
+from ijepa.vision_transformer import set_fused_attention
 from train.config import changed_settings, config_dict, parse_config
+from train.eval import evaluate_emoji_features
 from train.export_checkpoint import export_checkpoint, newest_checkpoint
+from train.objective import TargetFeatures, target_spread
 from train.pretrain import PretrainConfig, train
 from ijepa.device import resolve_precision
 from train.decoder import DecoderTrainConfig
@@ -274,7 +279,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 
 def test_target_spread_tells_a_collapsed_encoder_from_a_healthy_one():
-    from train.objective import TargetFeatures, target_spread
     images = torch.randn(4, 3, 8, 8)
     varied = lambda x: torch.randn(x.size(0), 16, 32, generator=torch.Generator().manual_seed(0))  # noqa: E731
     collapsed = lambda x: torch.randn(32).expand(x.size(0), 16, 32) + 1e-4 * varied(x)  # noqa: E731
@@ -295,10 +299,6 @@ def fused_only_in_the_target_pass(model) -> bool:
 def test_cpu_bf16_training_runs_the_target_pass_fused_with_the_same_targets():
     """Plain attention where a backward runs (faster on CPU bf16), fused SDPA in the target pass, whose targets
     must not change by it."""
-    from ijepa.model import IJepa, IJepaConfig
-    from ijepa.vision_transformer import set_fused_attention
-    from train.objective import TargetFeatures
-
     model = IJepa(IJepaConfig.from_arch("vit_tiny", img_size=32, patch_size=4, depth=2, predictor_depth=1)).eval()
     pretrain.set_training_attention(model, torch.device("cpu"), "bf16")
     assert fused_only_in_the_target_pass(model)
@@ -427,8 +427,6 @@ def test_a_nan_on_one_rank_stops_every_rank_and_keeps_the_last_good_checkpoint(t
 
 
 def test_every_config_the_docs_mention_exists_and_parses():
-    import re
-
     texts = [(REPO / "README.md").read_text()] + [p.read_text() for p in (REPO / "train").glob("*.py")]
     mentioned = {m for text in texts for m in re.findall(r"train/configs/[\w.]+\.yaml", text)}
     assert "train/configs/emoji_cpu.yaml" in mentioned
@@ -484,8 +482,6 @@ def test_data2vec_targets_are_what_the_exported_model_calls_truth(tmp_path):
 def test_compiled_run_trains_like_an_eager_one_and_compiles_the_target_pass(tmp_path, monkeypatch):
     """--compile true changes speed, not the run: same losses and weights as eager, with data2vec targets too,
     whose target pass (block_outputs, not the encoder's forward) is compiled with the rest."""
-    from train.objective import TargetFeatures
-
     compiled, real_compile = [], torch.compile
     monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or real_compile(module, **kw))
     args = ("--steps", "4", "--depth", "2", "--target-norm", "instance", "--target-layers", "2")
@@ -503,8 +499,6 @@ def test_compiled_run_trains_like_an_eager_one_and_compiles_the_target_pass(tmp_
 def test_held_out_knn_during_training_is_what_eval_reports_and_changes_no_step(tmp_path):
     """--knn-every logs the emoji protocol's kNN as the run goes (the semantics a loss curve hides): its last row is
     the figure train.eval gives the exported model, and a monitored run trains exactly like an unmonitored one."""
-    from train.eval import evaluate_emoji_features
-
     plain = train(tiny(tmp_path / "plain", "--steps", "4"))
     monitored = train(tiny(tmp_path / "monitored", "--steps", "4", "--knn-every", "3"))
     assert losses(tmp_path / "monitored") == losses(tmp_path / "plain")
