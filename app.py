@@ -143,13 +143,18 @@ def user_errors() -> Iterator[None]:
         raise gr.Error(str(err), title="Please adjust the input", print_exception=False) from None
 
 
-def whole_number(value: float | None, what: str) -> int:
-    """A number field's value -> int. A cleared field arrives as None: say what to enter instead of failing."""
+def whole_number(value: float | str | None, what: str) -> int:
+    """A number field's value -> int. A cleared field arrives as None, and API callers may send a string ("5",
+    "5.0") or a number too large for a float: say what to enter instead of failing."""
     if value is None:
         raise InputError(f"Enter {what} as a whole number: the field is empty.")
-    if not math.isfinite(float(value)) or float(value) != int(value):
-        raise InputError(f"Enter {what} as a whole number (got {value}).")
-    return int(value)
+    try:
+        number = float(value)
+        if math.isfinite(number) and number == int(number):
+            return int(number)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    raise InputError(f"Enter {what} as a whole number (got {str(value)[:40]}).")
 
 
 def annotator_input(value: dict | None) -> tuple[np.ndarray, list[list[float]]]:
@@ -434,8 +439,9 @@ class Handlers:
                 raise InputError("Send an image file (gradio_client.handle_file(path)).")
             try:
                 parsed = json.loads(boxes) if isinstance(boxes, str) else boxes
-            except json.JSONDecodeError as err:
-                raise InputError(f"boxes must be a JSON list of [xmin, ymin, xmax, ymax] lists: {err}") from None
+            except (ValueError, RecursionError) as err:  # JSONDecodeError, an over-long integer, deep nesting
+                raise InputError(f"boxes must be a JSON list of [xmin, ymin, xmax, ymax] lists: {str(err)[:200]}") \
+                    from None
             if not isinstance(parsed, list):
                 raise InputError("boxes must be a JSON list of [xmin, ymin, xmax, ymax] lists")
             num_samples, seed = whole_number(num_samples, "the number of sketches"), whole_number(seed, "a seed")

@@ -44,8 +44,9 @@ def parse_box(box: Box, number: int = 1) -> ModelBox:
         values = list(box)
     try:
         coords = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise InputError(f"Box {number} must hold four numbers [xmin, ymin, xmax, ymax], got {box!r}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer too large for a float
+        raise InputError(f"Box {number} must hold four numbers [xmin, ymin, xmax, ymax], got {box!r:.200}") \
+            from None
     if not all(math.isfinite(c) for c in coords):
         raise InputError(f"Box {number} has a coordinate that is not a finite number: {box!r}")
     return coords  # type: ignore[return-value]

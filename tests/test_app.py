@@ -83,7 +83,8 @@ def test_sketch_endpoint_returns_sketches_and_metrics(client, photo):
         assert len(box["probe"]["subgroup"]) == 5
     if not USE_ASSETS or (ASSETS / "bank.safetensors").is_file():
         assert len(box["neighbours"]) == 6
-    again, _ = client.predict(handle_file(str(photo)), "[[150, 100, 250, 200]]", 2, 5, api_name="/sketch")
+    # a script may send the seed as a string: the same sketches
+    again, _ = client.predict(handle_file(str(photo)), "[[150, 100, 250, 200]]", 2, "5.0", api_name="/sketch")
     assert np.array_equal(np.asarray(Image.open(again[1]["image"])), np.asarray(Image.open(sketches[1]["image"])))
     fewer, metrics = client.predict(handle_file(str(photo)), "[[150, 100, 250, 200]]", 2, 5, steps=4,
                                     api_name="/sketch")
@@ -130,6 +131,11 @@ def png_bytes(size: tuple[int, int]) -> bytes:
     ("ok.png", None, "[[10, 10, 150, 150]]", {"num_samples": 100}, "between 1 and 8"),
     ("ok.png", None, "[[10, 10, 150, 150]]", {"num_samples": 1.5}, "whole number"),
     ("ok.png", None, "[[10, 10, 150, 150]]", {"seed": None}, "Enter a seed"),
+    ("ok.png", None, "[[10, 10, 150, 150]]", {"seed": "abc"}, r"Enter a seed as a whole number \(got abc\)"),
+    ("ok.png", None, "[[10, 10, 150, 150]]", {"seed": 10 ** 400}, "Enter a seed as a whole number"),
+    ("ok.png", None, "[[10, 10, 1" + "0" * 400 + ", 150]]", {}, "must hold four numbers"),
+    ("ok.png", None, "[[10, 10, 1" + "0" * 5000 + ", 150]]", {}, "JSON list"),  # json's integer-length limit
+    ("ok.png", None, "[" * 100_000 + "]" * 100_000, {}, "JSON list"),  # nesting past the recursion limit
     ("ok.png", None, "[[10, 10, 150, 150]]", {"steps": 0}, "sampler steps must be between 1"),
     ("ok.png", None, "[[10, 10, 150, 150]]", {"decoder": "bogus"}, r"No 'bogus' sketch decoder is loaded; choose one"),
 ])
