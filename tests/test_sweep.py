@@ -75,3 +75,16 @@ def test_a_misspelt_override_is_refused_before_anything_trains(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "train/configs").glob("sweep_*.yaml")), ids=lambda p: p.name)
 def test_shipped_variant_files_name_only_real_settings(path):
     assert sweep.load_variants(path), f"{path.name} lists no variants"
+
+
+def test_an_unknown_variant_in_only_is_refused_with_one_error_line(tmp_path, capsys):
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("plain: {}\n")
+    argv = ["--config", str(REPO / "train/configs/emoji_smoke.yaml"), "--variants", str(variants),
+            "--out-dir", str(tmp_path / "sweep"), "--only", "plain,zzz"]
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --only names variants" in err and "['zzz']" in err
+    assert not (tmp_path / "sweep").exists()  # refused before anything is written

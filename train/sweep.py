@@ -67,7 +67,7 @@ def main(argv=None) -> list[dict]:
         wanted = args.only.split(",")
         unknown = sorted(set(wanted) - set(variants))
         if unknown:
-            raise SystemExit(f"--only names variants {args.variants} does not have: {unknown}")
+            parser.error(f"--only names variants {args.variants} does not have: {unknown}")
         variants = {name: variants[name] for name in wanted}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
