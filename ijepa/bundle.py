@@ -125,7 +125,7 @@ def load_decoder(path: str | Path, model: IJepa, checkpoint: str | Path = "<chec
         raise ValueError(f"the decoder in {path} was built for {found}, but the model has {expected}; train a "
                          f"decoder for this model with `{hint}`")
     signature = list(decoder.config.model_signature or [])
-    if signature and not torch.allclose(torch.tensor(signature), torch.tensor(model.feature_signature()), rtol=1e-3):
+    if signature and not model.has_signature(signature):
         raise ValueError(f"the decoder in {path} learnt another model's features (same shapes, other weights), so "
                          f"its sketches would not show this model's predictions; train a decoder for this model "
                          f"with `{hint}`")

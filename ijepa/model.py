@@ -156,6 +156,12 @@ class IJepa(nn.Module):
             layers.append(self.predictor.predictor_proj.weight)
         return [float(f"{float(p.float().norm()):.6g}") for p in layers]
 
+    def has_signature(self, signature) -> bool:
+        """Whether a stored ``feature_signature`` is this model's, up to the rounding of an fp16 copy."""
+        mine = self.feature_signature()
+        return len(signature) == len(mine) and torch.allclose(torch.tensor(list(signature), dtype=torch.float64),
+                                                              torch.tensor(mine, dtype=torch.float64), rtol=1e-3)
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] images in [0, 1] -> the normalised input the encoders expect."""
         mean = torch.tensor(self.config.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)

@@ -1,5 +1,6 @@
 """Decoder training and its evaluation on a tiny frozen I-JEPA: export, exact resume, metrics."""
 import csv
+import shutil
 
 import numpy as np
 import pytest
@@ -74,6 +75,24 @@ def test_killed_decoder_run_resumes_exactly_and_exports(tmp_path, tiny_ijepa, mo
     assert list(exported.config.model_signature) == model.feature_signature()
     assert load_decoder(tmp_path / "full" / "decoder", model).config.model_signature
     assert (tmp_path / "full" / "samples" / "step-0000004.png").is_file()
+
+
+def test_a_decoder_run_does_not_resume_onto_other_weights_at_its_model_path(tmp_path, tiny_ijepa):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_ijepa, model_dir)
+    decoder_training.train(tiny_cfg(model_dir, tmp_path / "run", "--steps", "2", "--ckpt-every", "1"))
+    shutil.rmtree(model_dir)  # the folder exported again, from another run: same shapes, other weights
+    torch.manual_seed(1)
+    save_model(IJepa(load_model(tiny_ijepa).config), model_dir)
+    more = ("--steps", "3", "--ckpt-every", "1", "--resume", "true", "--allow-changes", "steps")
+    with pytest.raises(ValueError, match="no longer the model this decoder was trained on"):
+        decoder_training.train(tiny_cfg(model_dir, tmp_path / "run", *more))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["ckpt-00000001.pt",
+                                                                                    "ckpt-00000002.pt"]
+    shutil.rmtree(model_dir)
+    shutil.copytree(tiny_ijepa, model_dir)  # the model it was trained on: the run goes on
+    decoder_training.train(tiny_cfg(model_dir, tmp_path / "run", *more))
+    assert (tmp_path / "run" / "decoder" / "config.json").is_file()
 
 
 def test_a_nan_between_log_steps_stops_the_decoder_before_it_is_checkpointed(tmp_path, tiny_ijepa, monkeypatch):

@@ -199,6 +199,12 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
     optimizer = fused_adamw(decoder.parameters(), cfg.lr, cfg.weight_decay)
     start_step, resumed_seconds = 0, 0.0
     if state is not None:
+        # the same path can hold other weights by now (a model folder exported again): the checkpoint names its own
+        if "model_signature" in state and not model.has_signature(state["model_signature"]):
+            raise ValueError(f"cannot resume from {resumed_from}: {cfg.checkpoint} is no longer the model this "
+                             "decoder was trained on (its weights changed since), so the run would not continue "
+                             "exactly. Point --checkpoint at that model, or choose another --out-dir (nothing was "
+                             "overwritten).")
         decoder.load_state_dict(state["decoder"])
         ema.load_state_dict(state["ema"])
         ema.to(rt.device)  # its weights were loaded onto the CPU; the decoder's live on rt.device
@@ -271,7 +277,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
         if rt.is_main and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             state = {"decoder": decoder.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "step": done, "config": config_dict(cfg), "elapsed_s": time.perf_counter() - run_start,
-                     "world_size": rt.world_size}
+                     "world_size": rt.world_size, "model_signature": model.feature_signature()}
             save_checkpoint(state, ckpt_dir, done, cfg.keep_last)
     progress.close()
 
