@@ -33,6 +33,19 @@ def tiny_cfg(checkpoint, out_dir, *extra) -> DecoderTrainConfig:
         "--sample-every", "100", "--precision", "fp32", "--warmup-steps", "1", *extra])
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "-1", "lr must be a positive number"),
+    ("--true-fraction", "2", "true_fraction must be between 0 and 1"),
+    ("--target-like-fraction", "-1", "target_like_fraction must be between 0 and 1"),
+    ("--feature-channels", "0", "feature_channels must be positive"),
+    ("--layers-per-block", "0", "layers_per_block must be positive"),
+    ("--block-out-channels", "32,0,32", "block_out_channels must be positive"),
+])
+def test_impossible_decoder_settings_are_refused_before_anything_runs(tmp_path, flag, value, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_cfg(tmp_path / "model", tmp_path / "run", flag, value)
+
+
 def test_box_sampling_covers_target_like_and_user_like_boxes():
     rng = np.random.default_rng(0)
     shapes = {sample_box_shape((16, 16), rng, 0.5) for _ in range(400)}

@@ -56,9 +56,28 @@ def test_config_files_are_read_as_the_settings_types_and_impossible_values_refus
     cfg = parse_config(PretrainConfig, ["--config", str(tmp_path / "c.yaml")])
     assert (cfg.lr, cfg.steps, cfg.main_scale) == (0.001, 40, (1.0, 0.9))
     assert isinstance(cfg.main_scale[0], float)
-    (tmp_path / "bad.yaml").write_text("lr: fast\n")
-    with pytest.raises(ValueError, match="config key lr: expected float, got 'fast'"):
-        parse_config(PretrainConfig, ["--config", str(tmp_path / "bad.yaml")])
+    # text where YAML users write it so, and lists written as flags write them
+    (tmp_path / "c.yaml").write_text("steps: 1e4\nresume: 'false'\ntarget_scale: 0.1,0.2\nallow_changes: lr\n")
+    cfg = parse_config(PretrainConfig, ["--config", str(tmp_path / "c.yaml")])
+    assert (cfg.steps, cfg.resume, cfg.target_scale, cfg.allow_changes) == (10000, False, (0.1, 0.2), ("lr",))
+    for text, message in [("lr: fast", "config key lr: expected a number, got 'fast'"),
+                          ("steps: 3.5", "config key steps: expected a whole number, got 3.5"),
+                          ("steps: null", "config key steps: expected a whole number, got null"),
+                          ("batch_size: [1, 2]", "config key batch_size: expected a whole number"),
+                          ("target_scale: 0.5", "config key target_scale: expected 2 values written a,b"),
+                          ("data: 5", "config key data: expected text, got 5"),
+                          ("compile: maybe", "config key compile: expected true or false")]:
+        (tmp_path / "bad.yaml").write_text(text + "\n")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_config(PretrainConfig, ["--config", str(tmp_path / "bad.yaml")])
+    with pytest.raises(ValueError, match="config key context_scale: expected 2 values"):
+        parse_config(PretrainConfig, ["--context-scale", "0.9"])  # a flag, like the file
+    for flags, message in [(["--lr", "nan"], "lr must be a positive number, got nan"),
+                            (["--lr", "-1"], "lr must be a positive number"),
+                            (["--final-weight-decay", "-0.1"], "final_weight_decay must be 0 or more"),
+                            (["--ema-start", "2"], "ema_start must be between 0 and 1, got 2.0")]:
+        with pytest.raises(ValueError, match=message):
+            parse_config(PretrainConfig, flags)
     with pytest.raises(ValueError, match="log_every must be positive"):
         parse_config(PretrainConfig, ["--log-every", "0"])
 

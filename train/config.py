@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import linecache
+import math
 import os
 import sys
 import types
@@ -38,6 +39,10 @@ def _parse_value(kind, text: str):
     return yaml.safe_load(text)
 
 
+def _is_optional(kind) -> bool:
+    return typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind)
+
+
 def _field_kind(kind):
     """``X | None`` -> X: the type a value of an optional field has when it is given."""
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
@@ -46,23 +51,47 @@ def _field_kind(kind):
     return kind
 
 
+_KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
 def _coerce(name: str, kind, value):
-    """A YAML value -> the field's type. YAML reads ``1e-3`` (no dot) as a string and lists as lists; without this a
-    config file's ``lr: 1e-3`` would fail deep inside the optimiser instead of here."""
-    kind = _field_kind(kind)
+    """A YAML or flag value -> the field's type, or a ValueError that names the key. YAML reads ``1e-3`` (no dot)
+    as text and lists as lists; without this a config file's ``lr: 1e-3``, ``steps: 3.5``, ``steps: null`` or a
+    range given as one number (``target_scale: 0.5``) would fail deep inside the run instead of here. Lists may
+    also be written as flags write them, ``a,b``."""
     if value is None:
+        if _is_optional(kind):
+            return None
+        raise ValueError(f"config key {name}: expected {_KIND_NAMES.get(_field_kind(kind), 'a value')}, got null")
+    kind = _field_kind(kind)
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        values = value.split(",") if isinstance(value, str) else value
+        fixed = bool(args) and args[-1] is not Ellipsis
+        if not isinstance(values, (list, tuple)) or (fixed and len(values) != len(args)):
+            count = f"{len(args)} values" if fixed else "values"
+            raise ValueError(f"config key {name}: expected {count} written a,b (a list in YAML), got {value!r}")
+        return tuple(_coerce(name, args[0] if args else float, v) for v in values)
+    expected = _KIND_NAMES.get(kind)
+    if expected is None:
         return value
-    try:
-        if typing.get_origin(kind) is tuple and isinstance(value, (list, tuple)):
-            element = (typing.get_args(kind) or (float,))[0]
-            return tuple(_coerce(name, element, v) for v in value)
-        if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-            return float(value)
-        if kind is int and isinstance(value, str):
-            return int(value)
-    except ValueError:
-        raise ValueError(f"config key {name}: expected {getattr(kind, '__name__', kind)}, got {value!r}") from None
-    return value
+    if kind is bool and isinstance(value, str):
+        try:
+            return _parse_value(bool, value)
+        except argparse.ArgumentTypeError:
+            pass
+    if kind is str and isinstance(value, str) or kind is bool and isinstance(value, bool):
+        return value
+    if kind in (int, float) and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        try:
+            number = float(value)
+            if kind is float:
+                return number
+            if number.is_integer():  # steps: 1e4 (YAML text) or 2000.0
+                return int(number)
+        except (ValueError, OverflowError):
+            pass
+    raise ValueError(f"config key {name}: expected {expected}, got {value!r}")
 
 
 # Errors whose message is written for the person who ran the command: files and settings they gave.
@@ -117,6 +146,15 @@ def require(config, condition: bool, message: str) -> None:
     """For a config's ``__post_init__``: refuse impossible settings before anything runs."""
     if not condition:
         raise ValueError(f"{type(config).__name__}: {message}")
+
+
+def require_between(config, names: tuple[str, ...], low: float, high: float | None = None) -> None:
+    """For ``__post_init__``: each named setting a finite number from ``low`` up to ``high`` (NaN refused)."""
+    for name in names:
+        value = getattr(config, name)
+        fits = math.isfinite(value) and low <= value and (high is None or value <= high)
+        require(config, fits, f"{name} must be " + (f"{low} or more" if high is None else f"between {low} and {high}")
+                + f", got {value}")
 
 
 # --help lines of the settings every training command has (train.pretrain, train.decoder), written once
