@@ -1,6 +1,9 @@
 """The training commands' --help: every flag says what it does, and each description reads as a sentence; a wrong file
 or setting is said in one line."""
+import errno
 import importlib
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import decoder, pretrain
+from train import decoder, pretrain, runtime
 from train.config import config_parser, doc_summary, run_command
 from train.objective import ema_update
+from train.runtime import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,6 +65,33 @@ def test_a_bug_keeps_its_traceback_even_in_our_code():
         run_command(shapes_do_not_match)
     assert run_command(lambda: pretrain.main(["--steps", "0"])) == 2  # a raise statement of ours: its message
     assert run_command(lambda: None) == 0
+
+
+def test_a_full_or_read_only_disk_is_named_in_one_line(capsys):
+    for code in (errno.ENOSPC, errno.EROFS):
+        def writes_nowhere():
+            raise OSError(code, os.strerror(code), "runs/x/log.csv")  # as open() or mkdir() raise it
+
+        assert run_command(writes_nowhere) == 2
+        assert capsys.readouterr().err.startswith(f"error: [Errno {code}] {os.strerror(code)}: 'runs/x/log.csv'")
+
+
+def test_a_checkpoint_that_does_not_fit_on_the_disk_leaves_no_temp_file_and_says_why(tmp_path, monkeypatch):
+    save_checkpoint({"step": 1}, tmp_path, 1, keep_last=2)
+
+    def torch_save_on_a_full_disk(state, path):  # what torch.save raises when the disk fills mid-write
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4194304 vs 4194200")
+
+    monkeypatch.setattr(torch, "save", torch_save_on_a_full_disk)
+    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    with pytest.raises(OSError, match="No space left on device for .*ckpt-00000002.pt") as raised:
+        save_checkpoint({"step": 2}, tmp_path, 2, keep_last=2)
+    assert raised.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001.pt"]  # the good one kept, no .tmp left
+    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 0, 10**9))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with room on the disk it is not a full disk
+        save_checkpoint({"step": 2}, tmp_path, 2, keep_last=2)
 
 
 def test_a_config_file_that_is_not_yaml_settings_says_so(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import linecache
 import math
 import os
@@ -97,6 +98,8 @@ def _coerce(name: str, kind, value):
 # Errors whose message is written for the person who ran the command: files and settings they gave.
 _THEIR_INPUT = (CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                 PermissionError)
+# and where the output goes: a full disk, a read-only file system
+_THEIR_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 _OUR_CODE = tuple(str(Path(__file__).resolve().parents[1] / package) + os.sep
                   for package in ("ijepa", "train", "decoder"))
 
@@ -130,7 +133,8 @@ def run_command(main, interrupted: str = "") -> int:
         print("\ninterrupted" + (f": {interrupted}" if interrupted else ""), file=sys.stderr)  # after a progress bar
         return 130
     except (ValueError, RuntimeError, ArithmeticError, OSError) as err:
-        if not (isinstance(err, _THEIR_INPUT) or raised_by_our_code(err)):
+        theirs = isinstance(err, _THEIR_INPUT) or isinstance(err, OSError) and err.errno in _THEIR_DISK
+        if not (theirs or raised_by_our_code(err)):
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -484,6 +484,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N or mps")
     args = parser.parse_args(argv)
+    for flag, count in (("--box-train", args.box_train), ("--box-test", args.box_test)):
+        if count < 1:  # checked before the minutes of feature evaluation that come first
+            parser.error(f"{flag} must be at least 1, got {count}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     results = evaluate_checkpoint(args.checkpoint, Path(args.out_dir), args.data, args.box_train, args.box_test,
                                   args.seed, args.device, args.img_size)

@@ -1,6 +1,7 @@
 """What every training script needs around its loop: devices, distributed setup, atomic checkpoints."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -238,12 +239,21 @@ def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """``write(temp file)``, flush it to disk, then rename it to ``path``: a killed process or a lost machine leaves
     the old file whole, never a half-written one under the final name."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    fd = os.open(tmp, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException as err:
+        # torch.save reports a full disk as "RuntimeError: [enforce fail at inline_container.cc] unexpected pos"
+        full = isinstance(err, RuntimeError) and tmp.exists() and shutil.disk_usage(tmp.parent).free < 2**20
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, f"No space left on device for {path} (the files written before it are "
+                          "kept; free some space and resume)") from err
+        raise
     os.replace(tmp, path)
 
 
