@@ -197,6 +197,18 @@ def test_a_truncated_newest_checkpoint_resumes_from_the_one_before(tmp_path, cap
     assert load_checkpoint(newest)["step"] == 4  # written again, whole
 
 
+def test_a_run_whose_every_checkpoint_is_unreadable_is_not_restarted_by_a_second_resume(tmp_path):
+    cfg = tiny(tmp_path / "run", "--resume", "true")
+    path = save_checkpoint({"step": 3, "config": config_dict(cfg), "world_size": 1}, tmp_path / "ckpt", 3, 2)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="none of the 1 checkpoints"):
+        resume_state(tmp_path / "ckpt", cfg)
+    with pytest.raises(CheckpointError, match="holds only checkpoints that could not be read.*ckpt-00000003.pt"):
+        resume_state(tmp_path / "ckpt", cfg)  # the same command again (a requeued job): not from step 0 silently
+    (tmp_path / "ckpt" / "ckpt-00000003.pt.unreadable").unlink()
+    assert resume_state(tmp_path / "ckpt", cfg) == (None, None)  # deleted on purpose: a new run
+
+
 def test_resume_in_an_empty_folder_says_it_starts_a_new_run(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         train(tiny(tmp_path / "new", "--steps", "1", "--resume", "true"))
@@ -227,6 +239,11 @@ def test_any_kept_checkpoint_exports_as_a_model_folder(tmp_path):
         export_checkpoint(truncated)
     with pytest.raises(FileNotFoundError, match="is a model folder already"):
         newest_checkpoint(tmp_path / "last")
+    for taken in (tmp_path / "last", tmp_path / "run" / "checkpoints"):  # another export, the run's own files
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in taken.iterdir())
+        with pytest.raises(FileExistsError, match="already exists and is not an empty folder"):
+            export_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000002.pt", taken)
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in taken.iterdir()) == before
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         newest_checkpoint(tmp_path / "empty")

@@ -56,6 +56,9 @@ def export_checkpoint(checkpoint: Path, out_dir: Path | None = None) -> Path:
     if out_dir is None:
         run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
         out_dir = run_dir / f"model_{state['step']}"
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):  # another model's, or a run's files
+        raise FileExistsError(f"{out_dir} already exists and is not an empty folder: choose another --out, or "
+                              "remove it to export again (nothing was written)")
     save_model(model, out_dir)
     logger.info("exported step %d of %s to %s", state["step"], checkpoint, out_dir)
     return out_dir

@@ -121,6 +121,12 @@ def resume_state(ckpt_dir: Path, config, world_size: int = 1) -> tuple[dict | No
                               f"or choose another --out-dir (nothing was overwritten)")
     if not existing:
         if config.resume:
+            set_aside = sorted(ckpt_dir.glob("ckpt-*.pt.unreadable")) if ckpt_dir.is_dir() else []
+            if set_aside:  # a run that got somewhere: starting it again from step 0 must be asked for
+                raise CheckpointError(f"{ckpt_dir} holds only checkpoints that could not be read "
+                                      f"({', '.join(p.name for p in set_aside)}), so this run cannot continue. "
+                                      "Rename one back to retry it, delete them to train again from step 0, or "
+                                      "choose another --out-dir")
             logger.info("no checkpoint in %s yet: starting the run from step 0", ckpt_dir)
         return None, None
     allowed = frozenset(getattr(config, "allow_changes", ()))
