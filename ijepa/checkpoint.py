@@ -172,9 +172,14 @@ def _legacy_pickles_whole(path: Path) -> bool:
 
 
 def _refusal_detail(err: Exception) -> str:
-    """The line of torch's weights-only refusal that names what was refused (its first line is generic advice)."""
+    """What torch's weights-only refusal names as refused ("Trying to load unsupported GLOBAL posix.system ...",
+    "Unsupported operand 149"), without the advice around it, which is for torch's own users (re-run with
+    weights_only=False, file an issue, read the docs), not ours."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else type(err).__name__)
+    marker = "WeightsUnpickler error:"
+    facts = [line.split(marker, 1)[1].strip() if marker in line else line for line in lines
+             if not line.startswith(("Weights only load failed", "Check the documentation"))]
+    return next((fact for fact in facts if fact), lines[0] if lines else type(err).__name__)
 
 
 def _refused(path: Path, err: Exception) -> CheckpointError:

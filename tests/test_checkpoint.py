@@ -149,9 +149,16 @@ def test_pickle_that_runs_code_is_refused(tmp_path, model):
         os.remove("/tmp/ijepa_pwned")
     path = tmp_path / "evil.pth.tar"
     write_official(path, model, epoch=Exploit())
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError, match="refused") as refused:
         load_model(path)
     assert not os.path.exists("/tmp/ijepa_pwned")
+    detail = str(refused.value).split("Details: ")[1]  # what was refused, not torch's advice to its own users
+    assert "system" in detail and "weights_only" not in detail and "file an issue" not in detail
+    with open(tmp_path / "plain.pkl", "wb") as f:  # a pickle, not torch.save's format
+        pickle.dump({"a": 1}, f, protocol=4)
+    with pytest.raises(CheckpointError, match="refused") as refused:
+        load_model(tmp_path / "plain.pkl")
+    assert "file an issue" not in str(refused.value) and "Unsupported operand" in str(refused.value)
 
 
 def test_missing_empty_and_truncated_files(tmp_path, model):
