@@ -8,8 +8,10 @@ import shutil
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers import run_on_two_gloo_ranks, train_on_two_gloo_ranks
 import train.pretrain as pretrain
@@ -207,6 +209,23 @@ def test_a_run_whose_every_checkpoint_is_unreadable_is_not_restarted_by_a_second
         resume_state(tmp_path / "ckpt", cfg)  # the same command again (a requeued job): not from step 0 silently
     (tmp_path / "ckpt" / "ckpt-00000003.pt.unreadable").unlink()
     assert resume_state(tmp_path / "ckpt", cfg) == (None, None)  # deleted on purpose: a new run
+
+
+def test_a_resume_on_an_image_folder_whose_files_changed_says_the_run_now_differs(tmp_path, caplog):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((40, 40, 3), 40 * i, np.uint8)).save(images / f"{i}.png")
+    args = ("--data", str(images), "--ckpt-every", "1", "--allow-changes", "steps")
+    train(tiny(tmp_path / "run", "--steps", "1", *args))
+    with caplog.at_level(logging.WARNING):
+        train(tiny(tmp_path / "run", "--steps", "2", "--resume", "true", *args))  # the same files: nothing said
+    assert "image folder changed" not in caplog.text
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(images / "new.png")
+    with caplog.at_level(logging.WARNING):
+        train(tiny(tmp_path / "run", "--steps", "3", "--resume", "true", *args))
+    assert "image folder changed since" in caplog.text and "(6 images, sha1" in caplog.text
+    assert "7 images, sha1" in caplog.text and "differs from an uninterrupted run" in caplog.text
 
 
 def test_resume_in_an_empty_folder_says_it_starts_a_new_run(tmp_path, caplog):

@@ -6,6 +6,7 @@ global sample indices and a resumed run sees exactly the images it would have se
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -153,6 +154,13 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def fingerprint(self) -> str:
+        """The folder's file list and labels (not the pixels, which would take minutes to hash on a large folder):
+        the data order follows it, so a resumed run compares it with its checkpoint's (``warn_if_data_changed``)."""
+        listing = "\n".join(f"{path.relative_to(self.root).as_posix()}\t{label}" for path, label in self.samples)
+        return f"{len(self.samples)} images, sha1 {hashlib.sha1(listing.encode()).hexdigest()[:12]}"
+
     def _readable_samples(self) -> list[tuple[Path, int]]:
         """The samples whose files Pillow can read (header and checksums; see _unreadable_reason)."""
         reasons = [_unreadable_reason(path) for path, _ in self.samples]
@@ -254,3 +262,12 @@ def build_dataset(name_or_path: str | os.PathLike, resolution: int, patch_size: 
     if Path(name_or_path).is_dir():
         return ImageFolderDataset(name_or_path, resolution, seed=seed, **kwargs)
     raise ValueError(f"unknown dataset {str(name_or_path)!r}: pass 'emoji' or the path of an existing image folder")
+
+
+def warn_if_data_changed(saved: str | None, dataset: Dataset, checkpoint: Path | None) -> None:
+    """A resumed run on an image folder whose files changed since its checkpoint goes on (a large folder may lose
+    or gain a file), but says that from here it differs from an uninterrupted run: the data order follows the list."""
+    current = getattr(dataset, "fingerprint", None)
+    if saved and current and saved != current:
+        logger.warning("the image folder changed since %s (%s then, %s now): the run goes on, but from here its data "
+                       "order differs from an uninterrupted run's", checkpoint, saved, current)

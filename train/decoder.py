@@ -36,7 +36,7 @@ from ijepa.masks import MaskConfig, complement_indices, rectangle_indices
 from ijepa.model import IJepa
 from train.config import (RESUME_HINT, RUN_HELP, config_dict, doc_summary, parse_config, require, require_between,
                           run_command, save_config, setting)
-from train.data import StackFields, StepBatches, build_dataset
+from train.data import StackFields, StepBatches, build_dataset, warn_if_data_changed
 from train.runtime import (LossWindow, autocast, fused_adamw, load_optimizer_state, plot_loss_curve, resume_state,
                            save_checkpoint, save_folder_atomic, setup_runtime, start_csv_log, teardown_runtime)
 
@@ -204,7 +204,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
     ema = EMAModel(decoder.parameters(), decay=cfg.ema_decay, foreach=True)
     use_cuda = rt.device.type == "cuda"
     optimizer = fused_adamw(decoder.parameters(), cfg.lr, cfg.weight_decay)
-    start_step, resumed_seconds = 0, 0.0
+    start_step, resumed_seconds, saved_data = 0, 0.0, None
     if state is not None:
         # the same path can hold other weights by now (a model folder exported again): the checkpoint names its own
         if "model_signature" in state and not model.has_signature(state["model_signature"]):
@@ -217,6 +217,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
         ema.to(rt.device)  # its weights were loaded onto the CPU; the decoder's live on rt.device
         load_optimizer_state(optimizer, state["optimizer"])
         start_step, resumed_seconds = state["step"], state.get("elapsed_s", 0.0)
+        saved_data = state.get("data_fingerprint")
         del state  # the optimizer and weights hold their own copies now
         logger.info("resumed from %s at step %d", resumed_from, start_step)
     loss_module = DecoderLoss(decoder)
@@ -226,6 +227,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
     grid = model.config.grid_size
     dataset = build_dataset(cfg.data, resolution=model.config.img_size, patch_size=model.config.patch_size,
                             seed=cfg.seed + 1)  # the world's default scenes, not pretraining's settings or seed
+    warn_if_data_changed(saved_data, dataset, resumed_from)
     loader = DataLoader(dataset, batch_sampler=StepBatches(start_step, cfg.steps, cfg.batch_size, rt.rank,
                                                            rt.world_size),
                         collate_fn=StackFields(("image",)),
@@ -284,7 +286,8 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
         if rt.is_main and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             state = {"decoder": decoder.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "step": done, "config": config_dict(cfg), "elapsed_s": time.perf_counter() - run_start,
-                     "world_size": rt.world_size, "model_signature": model.feature_signature()}
+                     "world_size": rt.world_size, "model_signature": model.feature_signature(),
+                     "data_fingerprint": getattr(dataset, "fingerprint", None)}
             save_checkpoint(state, ckpt_dir, done, cfg.keep_last)
     progress.close()
 

@@ -37,7 +37,7 @@ from ijepa.model import IJepa, IJepaConfig
 from ijepa.vision_transformer import set_fused_attention
 from train.config import (RESUME_HINT, RUN_HELP, config_dict, doc_summary, parse_config, require, require_between,
                           run_command, save_config, setting)
-from train.data import StepBatches, build_dataset
+from train.data import StepBatches, build_dataset, warn_if_data_changed
 from train.emoji import EmojiScenes, get_catalog
 from train.eval import HeldOutKnn, plot_knn_curve
 from train.objective import (TargetFeatures, ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups,
@@ -206,11 +206,12 @@ def train(cfg: PretrainConfig) -> IJepa:
     use_cuda = rt.device.type == "cuda"
     set_training_attention(model, rt.device, precision)
     optimizer = fused_adamw(param_groups([model.encoder, model.predictor]), cfg.lr, cfg.weight_decay)
-    start_step, resumed_seconds = 0, 0.0
+    start_step, resumed_seconds, saved_data = 0, 0.0, None
     if state is not None:
         model.load_state_dict(state["model"])
         load_optimizer_state(optimizer, state["optimizer"])
         start_step, resumed_seconds = state["step"], state.get("elapsed_s", 0.0)
+        saved_data = state.get("data_fingerprint")
         del state  # the optimizer and weights hold their own copies now
         if rt.is_main:
             logger.info("resumed from %s at step %d", resumed_from, start_step)
@@ -227,6 +228,7 @@ def train(cfg: PretrainConfig) -> IJepa:
     # data: global sample indices per step; images and masks built in workers
     scene = {name: getattr(cfg, name) for name in SCENE_FIELDS} if cfg.data == "emoji" else {}
     dataset = build_dataset(cfg.data, resolution=cfg.img_size, patch_size=cfg.patch_size, seed=cfg.seed, **scene)
+    warn_if_data_changed(saved_data, dataset, resumed_from)
     collate = MaskCollator(model.config.grid_size, mask_config(cfg), seed=cfg.seed)
     sampler = StepBatches(start_step, cfg.steps, cfg.batch_size, rt.rank, rt.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
@@ -305,7 +307,8 @@ def train(cfg: PretrainConfig) -> IJepa:
         if rt.is_main and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
                      "config": config_dict(cfg), "model_config": model_settings.to_dict(),
-                     "elapsed_s": time.perf_counter() - run_start, "world_size": rt.world_size}
+                     "elapsed_s": time.perf_counter() - run_start, "world_size": rt.world_size,
+                     "data_fingerprint": getattr(dataset, "fingerprint", None)}
             save_checkpoint(state, ckpt_dir, done, cfg.keep_last)
     progress.close()
 
