@@ -34,7 +34,7 @@ def tiny_cfg(checkpoint, out_dir, *extra) -> DecoderTrainConfig:
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--lr", "-1", "lr must be a positive number"),
+    ("--lr", "-1", "lr must be positive"),
     ("--true-fraction", "2", "true_fraction must be between 0 and 1"),
     ("--target-like-fraction", "-1", "target_like_fraction must be between 0 and 1"),
     ("--feature-channels", "0", "feature_channels must be positive"),

@@ -74,8 +74,8 @@ def test_config_files_are_read_as_the_settings_types_and_impossible_values_refus
             parse_config(PretrainConfig, ["--config", str(tmp_path / "bad.yaml")])
     with pytest.raises(ValueError, match="config key context_scale: expected 2 values"):
         parse_config(PretrainConfig, ["--context-scale", "0.9"])  # a flag, like the file
-    for flags, message in [(["--lr", "nan"], "lr must be a positive number, got nan"),
-                            (["--lr", "-1"], "lr must be a positive number"),
+    for flags, message in [(["--lr", "nan"], "lr must be positive, got nan"),
+                            (["--lr", "-1"], "lr must be positive"),
                             (["--final-weight-decay", "-0.1"], "final_weight_decay must be 0 or more"),
                             (["--ema-start", "2"], "ema_start must be between 0 and 1, got 2.0")]:
         with pytest.raises(ValueError, match=message):

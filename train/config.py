@@ -81,7 +81,7 @@ def _coerce(name: str, kind, value):
             return _parse_value(bool, value)
         except argparse.ArgumentTypeError:
             pass
-    if kind is str and isinstance(value, str) or kind is bool and isinstance(value, bool):
+    if (kind is str and isinstance(value, str)) or (kind is bool and isinstance(value, bool)):
         return value
     if kind in (int, float) and not isinstance(value, bool) and isinstance(value, (int, float, str)):
         try:
@@ -150,6 +150,13 @@ def require(config, condition: bool, message: str) -> None:
     """For a config's ``__post_init__``: refuse impossible settings before anything runs."""
     if not condition:
         raise ValueError(f"{type(config).__name__}: {message}")
+
+
+def require_positive(config, names: tuple[str, ...]) -> None:
+    """For ``__post_init__``: each named setting a finite number above 0 (NaN refused)."""
+    for name in names:
+        value = getattr(config, name)
+        require(config, math.isfinite(value) and value > 0, f"{name} must be positive, got {value}")
 
 
 def require_between(config, names: tuple[str, ...], low: float, high: float | None = None) -> None:

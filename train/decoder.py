@@ -35,7 +35,7 @@ from ijepa.inference import gather, predict_features, true_features
 from ijepa.masks import MaskConfig, complement_indices, rectangle_indices
 from ijepa.model import IJepa
 from train.config import (RESUME_HINT, RUN_HELP, config_dict, doc_summary, parse_config, require, require_between,
-                          run_command, save_config, setting)
+                          require_positive, run_command, save_config, setting)
 from train.data import StackFields, StepBatches, build_dataset, warn_if_data_changed
 from train.runtime import (LossWindow, autocast, fused_adamw, load_optimizer_state, plot_loss_curve, resume_state,
                            save_checkpoint, save_folder_atomic, setup_runtime, start_csv_log, teardown_runtime)
@@ -96,16 +96,11 @@ class DecoderTrainConfig:
                                              "ema_decay)")
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "steps", "log_every", "sample_every", "ckpt_every"):
-            require(self, getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "keep_last", "num_workers"):
-            require(self, getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
-        for name in ("layers_per_block", "feature_channels"):
-            require(self, getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, ("batch_size", "steps", "log_every", "sample_every", "ckpt_every", "layers_per_block",
+                                "feature_channels", "lr"))
         require(self, all(c > 0 for c in self.block_out_channels),
                 f"block_out_channels must be positive, got {self.block_out_channels}")
-        require(self, math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}")
-        require_between(self, ("weight_decay",), 0)
+        require_between(self, ("warmup_steps", "keep_last", "num_workers", "weight_decay"), 0)
         require_between(self, ("target_like_fraction", "true_fraction", "ema_decay"), 0, 1)
 
 

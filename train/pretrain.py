@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from ijepa.device import resolve_precision
 from ijepa.masks import MaskCollator, MaskConfig
 from ijepa.model import IJepa, IJepaConfig
 from ijepa.vision_transformer import set_fused_attention
-from train.config import (RESUME_HINT, RUN_HELP, config_dict, doc_summary, parse_config, require, require_between,
+from train.config import (RESUME_HINT, RUN_HELP, config_dict, doc_summary, parse_config, require_between, require_positive,
                           run_command, save_config, setting)
 from train.data import StepBatches, build_dataset, warn_if_data_changed
 from train.emoji import EmojiScenes, get_catalog
@@ -148,12 +147,9 @@ class PretrainConfig:
                               "(the app shows it); set it when --data is an image folder")
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "steps", "log_every", "ckpt_every"):
-            require(self, getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "keep_last", "knn_every", "num_workers"):
-            require(self, getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
-        require_between(self, ("start_lr", "final_lr", "weight_decay", "final_weight_decay"), 0)
-        require(self, math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}")
+        require_positive(self, ("batch_size", "steps", "log_every", "ckpt_every", "lr"))
+        require_between(self, ("warmup_steps", "keep_last", "knn_every", "num_workers", "start_lr", "final_lr",
+                               "weight_decay", "final_weight_decay"), 0)
         require_between(self, ("ema_start", "ema_end", "same_base_prob", "theme_prob"), 0, 1)
 
 
