@@ -3,10 +3,10 @@ or setting is said in one line."""
 import errno
 import importlib
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -84,14 +84,15 @@ def test_a_checkpoint_that_does_not_fit_on_the_disk_leaves_no_temp_file_and_says
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4194304 vs 4194200")
 
     monkeypatch.setattr(torch, "save", torch_save_on_a_full_disk)
-    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
     with pytest.raises(OSError, match="No space left on device for .*ckpt-00000002.pt") as raised:
         save_checkpoint({"step": 2}, tmp_path, 2, keep_last=2)
     assert raised.value.errno == errno.ENOSPC
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001.pt"]  # the good one kept, no .tmp left
-    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 0, 10**9))
+    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda path: SimpleNamespace(free=10**9))
     with pytest.raises(RuntimeError, match="unexpected pos"):  # with room on the disk it is not a full disk
         save_checkpoint({"step": 2}, tmp_path, 2, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001.pt"]
 
 
 def test_a_config_file_that_is_not_yaml_settings_says_so(tmp_path):
