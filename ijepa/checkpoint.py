@@ -13,6 +13,7 @@ import logging
 import pickle
 import pickletools
 import re
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -188,6 +189,14 @@ def _refused(path: Path, err: Exception) -> CheckpointError:
         f"(it would run code when unpickled). Only weights are accepted. Details: {_refusal_detail(err)}")
 
 
+def _torch_load(path: Path, mmap: bool) -> dict:
+    with warnings.catch_warnings():
+        # a pickle of another protocol than torch.save's: torch warns (and asks for an issue) before it refuses or
+        # reads the file; what we then say, or load, is the whole story
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
 def load_weights_only(path: Path, expected: str = ACCEPTED, mmap: bool = True,
                       remedy: str = "download it again") -> dict:
     """torch.load that only accepts plain tensors and containers, with readable failures (CheckpointError, saying
@@ -199,14 +208,14 @@ def load_weights_only(path: Path, expected: str = ACCEPTED, mmap: bool = True,
     if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip archive, or its legacy pickle
         raise CheckpointError(f"{path}: not a PyTorch checkpoint; expected {expected}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return _torch_load(path, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise _refused(path, err) from None
     except RuntimeError as err:
         text = str(err)
         if "mmap" in text:  # legacy (non-zip) torch.save format: cannot be memory-mapped
             try:
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return _torch_load(path, mmap=False)
             except Exception as inner:  # noqa: BLE001 - EOFError, RuntimeError, struct.error, IndexError, ...
                 legacy = _is_legacy_torch_file(head)
                 if isinstance(inner, pickle.UnpicklingError):
