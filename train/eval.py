@@ -77,8 +77,9 @@ def pooled_features(model: IJepa | None, dataset: Dataset, label_keys: tuple[str
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Average-pooled encoder features (or flattened pixels when model is None) and labels of a whole dataset.
 
-    ``object_only`` (a diagnostic, emoji datasets only) pools over the patches an emoji covers and blanks the
-    other pixels: it shows how much of a gap comes from the background diluting the average.
+    ``object_only`` (a diagnostic, emoji datasets only) pools over the patches an emoji covers (an encoder still
+    sees the whole image; raw pixels keep only the emoji's): it shows how much of a gap comes from the background
+    diluting the average.
     """
     whole, objects, labels = _pool(model, dataset, label_keys, which, batch_size, device, object_only)
     return (objects if object_only else whole), labels

@@ -131,8 +131,9 @@ def write_model_card(summary: dict, path: Path, command: str | None = None) -> N
     object_rows = "\n".join(f"| {name} | {_pct(m['knn_group'])} | {_pct(m['knn_subgroup'])} |"
                              for name, m in objects.items())
     object_note = "" if not objects else f"""
-Diagnostic (not the protocol): the same kNN with features pooled over the emoji's own patches only (pixels
-outside them blanked). The gap between this table and the one above is what the background costs the average.
+Diagnostic (not the protocol): the same kNN with features pooled over the emoji's own patches only (the encoders
+still see the whole image; raw pixels keep only the emoji's). The gap between this table and the one above is what
+the background costs the average.
 
 | features | kNN group | kNN subgroup |
 |---|---|---|
