@@ -60,11 +60,11 @@ def _coerce(name: str, kind, value):
     as text and lists as lists; without this a config file's ``lr: 1e-3``, ``steps: 3.5``, ``steps: null`` or a
     range given as one number (``target_scale: 0.5``) would fail deep inside the run instead of here. Lists may
     also be written as flags write them, ``a,b``."""
+    optional, kind = _is_optional(kind), _field_kind(kind)
     if value is None:
-        if _is_optional(kind):
+        if optional:
             return None
-        raise ValueError(f"config key {name}: expected {_KIND_NAMES.get(_field_kind(kind), 'a value')}, got null")
-    kind = _field_kind(kind)
+        raise ValueError(f"config key {name}: expected {_KIND_NAMES.get(kind, 'a value')}, got null")
     if typing.get_origin(kind) is tuple:
         args = typing.get_args(kind)
         values = value.split(",") if isinstance(value, str) else value
@@ -133,7 +133,7 @@ def run_command(main, interrupted: str = "") -> int:
         print("\ninterrupted" + (f": {interrupted}" if interrupted else ""), file=sys.stderr)  # after a progress bar
         return 130
     except (ValueError, RuntimeError, ArithmeticError, OSError) as err:
-        theirs = isinstance(err, _THEIR_INPUT) or isinstance(err, OSError) and err.errno in _THEIR_DISK
+        theirs = isinstance(err, _THEIR_INPUT) or (isinstance(err, OSError) and err.errno in _THEIR_DISK)
         if not (theirs or raised_by_our_code(err)):
             raise
         print(f"error: {err}", file=sys.stderr)

@@ -34,8 +34,8 @@ from ijepa.device import resolve_precision
 from ijepa.masks import MaskCollator, MaskConfig
 from ijepa.model import IJepa, IJepaConfig
 from ijepa.vision_transformer import set_fused_attention
-from train.config import (RESUME_HINT, RUN_HELP, config_dict, doc_summary, parse_config, require_between, require_positive,
-                          run_command, save_config, setting)
+from train.config import (RESUME_HINT, RUN_HELP, config_dict, doc_summary, parse_config, require_between,
+                          require_positive, run_command, save_config, setting)
 from train.data import StepBatches, build_dataset, warn_if_data_changed
 from train.emoji import EmojiScenes, get_catalog
 from train.eval import HeldOutKnn, plot_knn_curve
