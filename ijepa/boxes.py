@@ -119,7 +119,7 @@ def _relative_box(box: Box, image_size: tuple[int, int]) -> ModelBox:
 def _axis_coverage(lo: float, hi: float, cells: int) -> torch.Tensor:
     """Fraction of each of `cells` equal cells on [0, 1] that the interval [lo, hi] covers."""
     edges = torch.arange(cells + 1, dtype=torch.float64) / cells
-    overlap = (torch.minimum(edges[1:], torch.tensor(hi)) - torch.maximum(edges[:-1], torch.tensor(lo))).clamp_min(0)
+    overlap = (edges[1:].clamp(max=hi) - edges[:-1].clamp(min=lo)).clamp_min(0)  # float64 throughout
     return overlap * cells
 
 

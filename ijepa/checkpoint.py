@@ -14,6 +14,7 @@ import pickle
 import pickletools
 import re
 import warnings
+import zipfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -208,7 +209,7 @@ def load_weights_only(path: Path, expected: str = ACCEPTED, mmap: bool = True,
     if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip archive, or its legacy pickle
         raise CheckpointError(f"{path}: not a PyTorch checkpoint; expected {expected}")
     try:
-        return _torch_load(path, mmap=mmap)
+        raw = _torch_load(path, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise _refused(path, err) from None
     except RuntimeError as err:
@@ -236,7 +237,29 @@ def load_weights_only(path: Path, expected: str = ACCEPTED, mmap: bool = True,
             f"checkpoint ({remedy}). Details: {text.splitlines()[0]}"
         ) from None
     except (EOFError, ValueError, OSError) as err:
-        raise CheckpointError(f"{path}: cannot read this file as a PyTorch checkpoint (truncated?): {err}") from None
+        raise CheckpointError(
+            f"{path}: cannot read this file as a PyTorch checkpoint; it is probably truncated ({remedy}): {err}"
+        ) from None
+    if mmap and head[:4] == b"PK\x03\x04":
+        _check_zip_headers(path, remedy)
+    return raw
+
+
+def _check_zip_headers(path: Path, remedy: str) -> None:
+    """Mapped, torch reads each tensor at the offset the archive's directory gives and never looks at the entry's
+    own header, so a file with a zeroed stretch (a download that pre-allocated the file and then stopped) loads as
+    zeros. Read without mapping, torch checks those headers and refuses it; this is the same check, and reads only
+    the headers. Like torch, it does not check the checksums: that would read the whole file, optimizer state
+    included, so a stretch that falls inside one tensor's data is not caught."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for entry in archive.infolist():
+                with archive.open(entry):
+                    pass
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: a PyTorch checkpoint with damaged parts: it is truncated or damaged ({remedy}). Details: {err}"
+        ) from None
 
 
 def split_official(raw: dict) -> dict[str, dict[str, torch.Tensor]]:

@@ -49,6 +49,15 @@ def test_patches_the_box_covers_beyond_a_sliver_count():
     # A non-square image and grid: only the relative position matters.
     assert box_to_patch_indices((0, 0, 100, 50), (200, 100), (2, 4)).tolist() == [0, 1]
 
+    # Exactly an eighth over, anywhere on a ViT-H grid: forgiven in every column alike (float32 rounding of the
+    # box's edges once hid the next column at some positions and not at others).
+    for size, grid in ((224, 14), (224, 16), (448, 28)):
+        patch = size // grid
+        for k in range(grid - 1):
+            right = box_to_patch_indices((patch * k, 0, patch * (k + 1) + patch / 8, patch), (size, size), grid)
+            left = box_to_patch_indices((patch * (k + 1) - patch / 8, 0, patch * (k + 2), patch), (size, size), grid)
+            assert right.tolist() == [k] and left.tolist() == [k + 1], (size, grid, k)
+
 
 def test_boxes_across_patch_borders_hide_every_patch_they_reach_into():
     # 64 px image, 4x4 grid of 16 px patches. A full-height strip just under one patch wide, straddling the border

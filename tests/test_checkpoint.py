@@ -182,6 +182,19 @@ def test_missing_empty_and_truncated_files(tmp_path, model):
         load_model(tmp_path / "m")
 
 
+
+def test_a_zeroed_stretch_is_not_loaded_as_zero_weights(tmp_path, model):
+    """A download that pre-allocated the file and stopped leaves zeros: mapped, torch loaded them as weights."""
+    full = tmp_path / "full.pth.tar"
+    write_official(full, model)
+    data = bytearray(full.read_bytes())
+    middle = len(data) // 2
+    data[middle: middle + len(data) // 4] = bytes(len(data) // 4)
+    (tmp_path / "holed.pth.tar").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"holed.pth.tar: .*damaged \(download it again\)"):
+        load_model(tmp_path / "holed.pth.tar")
+    load_model(full)  # the check passes an intact file
+
 def test_unexpected_keys_and_shape_mismatch_are_named(tmp_path, model):
     state = {f"module.{k}": v for k, v in model.encoder.state_dict().items()}
     state["module.blocks.0.attn.extra_scale"] = torch.ones(1)
