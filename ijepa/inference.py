@@ -262,8 +262,12 @@ def centre_square(width: int, height: int) -> tuple[int, int, int]:
 
 
 def prepare_image(image: Image.Image | np.ndarray, size: int) -> PreparedImage:
-    """Upright RGB, centre square, resized (bicubic, antialiased) to ``size`` x ``size``.
+    """Upright RGB, centre square, resized to ``size`` x ``size`` by area (each model pixel averages the image
+    pixels it covers; enlarged, it repeats them).
 
+    The area filter keeps what is under a box out of the patches the model sees: bicubic reaches two image pixels
+    beyond a model pixel (over a whole patch for a small image being enlarged), so pixels inside a box changed the
+    context. An example scene saved at 4x with nearest-neighbour comes back exactly as it was rendered.
     Boxes in the user's pixels map to the model's with ``PreparedImage.to_model``.
     """
     rgb = to_rgb(image)
@@ -272,7 +276,7 @@ def prepare_image(image: Image.Image | np.ndarray, size: int) -> PreparedImage:
     # Crop first: resizing with a box would blend pixels from outside the square into its border.
     square = rgb.crop((left, top, left + side, top + side))
     if side != size:
-        square = square.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        square = square.resize((size, size), Image.Resampling.BOX)
     pixels = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
     return PreparedImage(pixels=pixels, source_size=(width, height), crop=(float(left), float(top), float(side)))
 

@@ -825,6 +825,25 @@ def test_nothing_under_the_hidden_patches_reaches_the_prediction(engine):
         assert not torch.allclose(before.true, after.true)
 
 
+
+@pytest.mark.parametrize("side, box", [
+    (200, (25, 25, 75, 75)),  # shrunk 6.25x: the box is model pixels 4-12, patches 1-2
+    (250, (31.25, 31.25, 125, 125)),  # shrunk 7.8125x, patch borders between image pixels
+    (12, (3, 3, 9, 9)),  # a small upload, enlarged 2.67x
+])
+def test_nothing_under_a_box_in_the_users_image_reaches_the_prediction(engine, side, box):
+    """Repaint the user's pixels inside a box that lies on patch borders: the resize to the model's size must not
+    carry them into the context (bicubic did, by up to 2 image pixels, and by over a patch when enlarging)."""
+    rng = np.random.default_rng(side)
+    image = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+    repainted = image.copy()
+    x0, y0, x1, y1 = (int(np.ceil(box[0])), int(np.ceil(box[1])), int(box[2]), int(box[3]))  # whole pixels inside
+    repainted[y0:y1, x0:x1] = rng.integers(0, 256, (y1 - y0, x1 - x0, 3), dtype=np.uint8)
+    before, after = engine.analyze(image, [list(box)]), engine.analyze(repainted, [list(box)])
+    assert torch.equal(before.result.context_indices, after.result.context_indices)
+    assert torch.equal(before.result.boxes[0].predicted, after.result.boxes[0].predicted)
+    assert not torch.equal(before.result.boxes[0].true, after.result.boxes[0].true)
+
 # ----- limits and figures: what the user sees matches the data ---------------------------------------------------
 
 def test_the_most_boxes_allowed_are_all_analysed(engine):
