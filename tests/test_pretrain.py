@@ -228,6 +228,31 @@ def test_a_resume_on_an_image_folder_whose_files_changed_says_the_run_now_differ
     assert "7 images, sha1" in caplog.text and "differs from an uninterrupted run" in caplog.text
 
 
+
+def test_a_resume_after_the_emoji_catalog_changed_refuses(tmp_path, monkeypatch):
+    """An updated emoji-test.txt (or font) moves emoji in or out of the held-out split: going on would train on
+    emoji the evaluation holds out, so the run stops and says why, also from a checkpoint written before the
+    catalog's fingerprint was stored beside the data's."""
+    from train.emoji import DEFAULT_EMOJI_TEST_PATH, EMOJI_TEST_ENV
+    lines = Path(DEFAULT_EMOJI_TEST_PATH).read_text(encoding="utf-8").splitlines()
+    older = tmp_path / "emoji-test-older.txt"  # one emoji fewer: another catalog, another split
+    older.write_text("\n".join(line for line in lines if "smiling face with halo" not in line) + "\n",
+                     encoding="utf-8")
+    monkeypatch.setenv(EMOJI_TEST_ENV, str(older))
+    train(tiny(tmp_path / "run", "--steps", "1", "--ckpt-every", "1"))
+    monkeypatch.delenv(EMOJI_TEST_ENV)
+    resumed = tiny(tmp_path / "run", "--steps", "2", "--resume", "true", "--allow-changes", "steps")
+    with pytest.raises(ValueError, match=r"ckpt-00000001.pt: the emoji catalog changed since .*held-out split"):
+        train(resumed)
+    checkpoint = tmp_path / "run" / "checkpoints" / "ckpt-00000001.pt"
+    state = load_checkpoint(checkpoint)
+    assert state["data_fingerprint"] == state["model_config"]["data_fingerprint"]
+    del state["data_fingerprint"]  # as checkpoints were written before
+    torch.save(state, checkpoint)
+    with pytest.raises(ValueError, match="the emoji catalog changed since"):
+        train(resumed)
+    assert load_checkpoint(checkpoint)["step"] == 1  # nothing lost
+
 def test_resume_in_an_empty_folder_says_it_starts_a_new_run(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         train(tiny(tmp_path / "new", "--steps", "1", "--resume", "true"))

@@ -157,7 +157,7 @@ class ImageFolderDataset(Dataset):
     @property
     def fingerprint(self) -> str:
         """The folder's file list and labels (not the pixels, which would take minutes to hash on a large folder):
-        the data order follows it, so a resumed run compares it with its checkpoint's (``warn_if_data_changed``)."""
+        the data order follows it, so a resumed run compares it with its checkpoint's (``check_resumed_data``)."""
         listing = "\n".join(f"{path.relative_to(self.root).as_posix()}\t{label}" for path, label in self.samples)
         return f"{len(self.samples)} images, sha1 {hashlib.sha1(listing.encode()).hexdigest()[:12]}"
 
@@ -264,10 +264,19 @@ def build_dataset(name_or_path: str | os.PathLike, resolution: int, patch_size: 
     raise ValueError(f"unknown dataset {str(name_or_path)!r}: pass 'emoji' or the path of an existing image folder")
 
 
-def warn_if_data_changed(saved: str | None, dataset: Dataset, checkpoint: Path | None) -> None:
-    """A resumed run on an image folder whose files changed since its checkpoint goes on (a large folder may lose
-    or gain a file), but says that from here it differs from an uninterrupted run: the data order follows the list."""
+def check_resumed_data(saved: str | None, dataset: Dataset, checkpoint: Path | None) -> None:
+    """A resumed run's data against its checkpoint's ``fingerprint``. An image folder whose files changed goes on (a
+    large folder may lose or gain a file), saying that from here the run differs from an uninterrupted one: the data
+    order follows the list. A changed emoji catalog (the font or emoji-test.txt updated) stops it: its held-out split
+    changed too, so the run would train on emoji that its evaluation holds out."""
     current = getattr(dataset, "fingerprint", None)
-    if saved and current and saved != current:
-        logger.warning("the image folder changed since %s (%s then, %s now): the run goes on, but from here its data "
-                       "order differs from an uninterrupted run's", checkpoint, saved, current)
+    if not saved or not current or saved == current:
+        return
+    if isinstance(dataset, EmojiScenes):
+        raise ValueError(
+            f"cannot resume from {checkpoint}: the emoji catalog changed since ({saved} then, {current} now: the font "
+            "or emoji-test.txt was updated), and its held-out split with it, so the run would train on emoji its "
+            "evaluation holds out. Point IJEPA_EMOJI_FONT and IJEPA_EMOJI_TEST at the files the run started with, "
+            "or start a new run in another --out-dir (nothing was overwritten).")
+    logger.warning("the image folder changed since %s (%s then, %s now): the run goes on, but from here its data "
+                   "order differs from an uninterrupted run's", checkpoint, saved, current)

@@ -36,7 +36,7 @@ from ijepa.masks import MaskConfig, complement_indices, rectangle_indices
 from ijepa.model import IJepa
 from train.config import (RESUME_HINT, RUN_HELP, config_dict, doc_summary, parse_config, require, require_between,
                           require_positive, run_command, save_config, setting)
-from train.data import StackFields, StepBatches, build_dataset, warn_if_data_changed
+from train.data import StackFields, StepBatches, build_dataset, check_resumed_data
 from train.runtime import (LossWindow, autocast, fused_adamw, load_optimizer_state, plot_loss_curve, resume_state,
                            save_checkpoint, save_folder_atomic, setup_runtime, start_csv_log, teardown_runtime)
 
@@ -222,7 +222,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
     grid = model.config.grid_size
     dataset = build_dataset(cfg.data, resolution=model.config.img_size, patch_size=model.config.patch_size,
                             seed=cfg.seed + 1)  # the world's default scenes, not pretraining's settings or seed
-    warn_if_data_changed(saved_data, dataset, resumed_from)
+    check_resumed_data(saved_data, dataset, resumed_from)
     loader = DataLoader(dataset, batch_sampler=StepBatches(start_step, cfg.steps, cfg.batch_size, rt.rank,
                                                            rt.world_size),
                         collate_fn=StackFields(("image",)),

@@ -664,6 +664,12 @@ class EmojiScenes(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    @property
+    def fingerprint(self) -> str:
+        """The catalog's (its bases, ids and held-out split): a resumed run must find the same one
+        (``train.data.check_resumed_data``)."""
+        return self.catalog.fingerprint
+
     def _members_by(self, label_of: np.ndarray) -> dict[int, np.ndarray]:
         """label -> this split's base ids with that label (labels in increasing order)."""
         labels = label_of[self.base_ids]

@@ -36,7 +36,7 @@ from ijepa.model import IJepa, IJepaConfig
 from ijepa.vision_transformer import set_fused_attention
 from train.config import (RESUME_HINT, RUN_HELP, config_dict, doc_summary, parse_config, require_between,
                           require_positive, run_command, save_config, setting)
-from train.data import StepBatches, build_dataset, warn_if_data_changed
+from train.data import StepBatches, build_dataset, check_resumed_data
 from train.emoji import EmojiScenes, get_catalog
 from train.eval import HeldOutKnn, plot_knn_curve
 from train.objective import (TargetFeatures, ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups,
@@ -207,7 +207,8 @@ def train(cfg: PretrainConfig) -> IJepa:
         model.load_state_dict(state["model"])
         load_optimizer_state(optimizer, state["optimizer"])
         start_step, resumed_seconds = state["step"], state.get("elapsed_s", 0.0)
-        saved_data = state.get("data_fingerprint")
+        # before 2026-12-07 emoji runs stored their catalog's fingerprint only in the model's settings
+        saved_data = state.get("data_fingerprint") or state.get("model_config", {}).get("data_fingerprint")
         del state  # the optimizer and weights hold their own copies now
         if rt.is_main:
             logger.info("resumed from %s at step %d", resumed_from, start_step)
@@ -224,7 +225,7 @@ def train(cfg: PretrainConfig) -> IJepa:
     # data: global sample indices per step; images and masks built in workers
     scene = {name: getattr(cfg, name) for name in SCENE_FIELDS} if cfg.data == "emoji" else {}
     dataset = build_dataset(cfg.data, resolution=cfg.img_size, patch_size=cfg.patch_size, seed=cfg.seed, **scene)
-    warn_if_data_changed(saved_data, dataset, resumed_from)
+    check_resumed_data(saved_data, dataset, resumed_from)
     collate = MaskCollator(model.config.grid_size, mask_config(cfg), seed=cfg.seed)
     sampler = StepBatches(start_step, cfg.steps, cfg.batch_size, rt.rank, rt.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
