@@ -109,6 +109,20 @@ def test_missing_files_raise_with_install_hint(tmp_path, monkeypatch):
     assert INSTALL_HINT in str(error.value)
 
 
+
+def test_a_font_that_is_not_the_colour_emoji_font_is_refused(tmp_path):
+    """Any font loads at the render size, and another one draws every emoji as the same box: a world of identical
+    images. It is refused up front with the install hint, as is a file that is no font at all."""
+    from PIL import ImageFont
+    from train.emoji import _require_colour_emoji
+    with pytest.raises(ValueError, match="does not draw emoji in colour") as error:
+        _require_colour_emoji(ImageFont.load_default(size=109), Path("plain.ttf"))  # Pillow's own (Aileron)
+    assert INSTALL_HINT in str(error.value)
+    (tmp_path / "notes.ttf").write_text("not a font")
+    with pytest.raises(ValueError, match="notes.ttf: cannot be read as the Noto Color Emoji font") as error:
+        EmojiCatalog(font_path=tmp_path / "notes.ttf")
+    assert INSTALL_HINT in str(error.value)
+
 def test_environment_variable_selects_emoji_test_file(catalog, tmp_path, monkeypatch):
     lines = ["# group: Smileys & Emotion", "# subgroup: face-smiling",
              "1F600 ; fully-qualified # 😀 E1.0 grinning face",
@@ -297,6 +311,11 @@ def test_scene_knobs_are_respected(catalog):
         EmojiScenes(catalog, resolution=64, patch_size=5)
     with pytest.raises(ValueError, match="backgrounds"):
         EmojiScenes(catalog, backgrounds=("plaid",))
+    # numpy takes no negative seed: said at once, not at the first item in a DataLoader worker
+    with pytest.raises(ValueError, match="seed must be at least 0, got -1"):
+        EmojiScenes(catalog, seed=-1)
+    with pytest.raises(ValueError, match="seed must be at least 0, got -1"):
+        EmojiProbeSet(catalog, seed=-1)
 
 
 def test_same_base_distractors_are_siblings_of_the_main_emoji(catalog):
@@ -501,6 +520,8 @@ def test_image_folder_flat_eval_and_errors(tmp_path, caplog):
     (tmp_path / "junk" / "a.png").write_bytes(b"not an image either")
     with pytest.raises(FileNotFoundError, match="none of the 1 image files"):
         ImageFolderDataset(tmp_path / "junk", resolution=8, mode="eval")
+    with pytest.raises(ValueError, match="seed must be at least 0, got -1"):
+        ImageFolderDataset(tmp_path / "flat", resolution=8, seed=-1)
 
 
 def test_image_folder_decodes_files_as_the_app_does(tmp_path):
@@ -589,6 +610,15 @@ def test_image_folder_refuses_a_split_layout_as_classes(tmp_path):
     _write_png(tmp_path / "nested" / "cat" / "monday" / "0.png", seed=0, size=(8, 8))
     _write_png(tmp_path / "nested" / "dog" / "tuesday" / "0.png", seed=1, size=(8, 8))
     assert ImageFolderDataset(tmp_path / "nested", resolution=8).classes == ["cat", "dog"]
+    # So are class folders that share an inner folder's name (cat/images/, dog/images/): they were refused.
+    _write_png(tmp_path / "shared" / "cat" / "images" / "0.png", seed=0, size=(8, 8))
+    _write_png(tmp_path / "shared" / "dog" / "images" / "0.png", seed=1, size=(8, 8))
+    assert ImageFolderDataset(tmp_path / "shared", resolution=8).classes == ["cat", "dog"]
+    # Split names are read in any case: Train/, Val/ as well as train/, val/.
+    for split in ("Train", "Val"):
+        _write_png(tmp_path / "capital" / split / "cat" / "0.png", seed=0, size=(8, 8))
+    with pytest.raises(ValueError, match="split layout"):
+        ImageFolderDataset(tmp_path / "capital", resolution=8)
 
 
 def test_build_dataset(catalog, tmp_path):

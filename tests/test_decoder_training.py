@@ -142,6 +142,8 @@ def test_decoder_eval_reports_both_modes_and_exact_context(tmp_path, tiny_ijepa)
     assert (tmp_path / "eval" / "samples.png").is_file() and (tmp_path / "eval" / "results.json").is_file()
     with pytest.raises(SystemExit):  # one sketch per box has no diversity to measure
         eval_decoder.main(["--checkpoint", str(tiny_ijepa), "--decoder", "unused", "--num-samples", "1"])
+    with pytest.raises(SystemExit):  # numpy takes no negative seed: refused before the models load
+        eval_decoder.main(["--checkpoint", str(tiny_ijepa), "--decoder", "unused", "--seed", "-1"])
 
 
 @pytest.mark.slow

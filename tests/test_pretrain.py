@@ -77,7 +77,8 @@ def test_config_files_are_read_as_the_settings_types_and_impossible_values_refus
     for flags, message in [(["--lr", "nan"], "lr must be positive, got nan"),
                             (["--lr", "-1"], "lr must be positive"),
                             (["--final-weight-decay", "-0.1"], "final_weight_decay must be 0 or more"),
-                            (["--ema-start", "2"], "ema_start must be between 0 and 1, got 2.0")]:
+                            (["--ema-start", "2"], "ema_start must be between 0 and 1, got 2.0"),
+                            (["--seed", "-1"], "seed must be 0 or more, got -1")]:  # numpy takes no negative seed
         with pytest.raises(ValueError, match=message):
             parse_config(PretrainConfig, flags)
     with pytest.raises(ValueError, match="log_every must be positive"):

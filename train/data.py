@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
 
 from ijepa.inference import to_rgb
-from train.emoji import BACKGROUND_KINDS, EmojiCatalog, EmojiProbeSet, EmojiScenes, get_catalog
+from train.emoji import BACKGROUND_KINDS, EmojiCatalog, EmojiProbeSet, EmojiScenes, get_catalog, require_seed
 
 __all__ = ["BACKGROUND_KINDS", "EmojiCatalog", "EmojiProbeSet", "EmojiScenes", "HELDOUT_SPLIT_NAMES",
            "IMAGE_EXTENSIONS", "ImageFolderDataset", "build_dataset", "get_catalog"]
@@ -29,6 +29,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 # Names of the held-out folder beside train/ in a split layout (root/train/<class>/, root/val/<class>/); train.eval
 # recognises any of them, in this order of preference.
 HELDOUT_SPLIT_NAMES = ("val", "valid", "validation", "test")
+SPLIT_NAMES = {"train", "training", "eval", "dev", *HELDOUT_SPLIT_NAMES}  # how a split layout names its folders
 # What Pillow raises for a file it cannot read: OSError covers missing, unidentified, truncated and damaged files;
 # the parsers also raise SyntaxError, ValueError and EOFError, and an oversized image DecompressionBombError.
 _READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -66,9 +67,10 @@ def _unreadable_reason(path: Path) -> str | None:
 
 
 def _split_layout_error(root: Path, class_files: list[tuple[str, list[Path]]]) -> str | None:
-    """A message when root's sub-folders look like splits rather than classes: none of them holds an image
-    directly, and they share the names of the sub-folders that do (train/cat/, test/cat/, ...)."""
-    if len(class_files) < 2:
+    """A message when root's sub-folders look like splits rather than classes: one of them is named like a split,
+    none of them holds an image directly, and they share the names of the sub-folders that do (train/cat/,
+    test/cat/, ...). Class folders with a common inner folder (cat/images/, dog/images/) are classes."""
+    if len(class_files) < 2 or not any(name.lower() in SPLIT_NAMES for name, _ in class_files):
         return None
     inner: dict[str, set[str]] = {}
     for name, files in class_files:
@@ -112,6 +114,7 @@ class ImageFolderDataset(Dataset):
             raise FileNotFoundError(f"image folder {self.root} does not exist (or is not a directory)")
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        require_seed(seed)
         self.resolution, self.scale, self.seed, self.mode = resolution, scale, seed, mode
         class_files = [(d.name, _images_in(d, recursive=True)) for d in sorted(self.root.iterdir())
                        if d.is_dir() and not d.name.startswith(".")]

@@ -100,7 +100,7 @@ class DecoderTrainConfig:
                                 "feature_channels", "lr"))
         require(self, all(c > 0 for c in self.block_out_channels),
                 f"block_out_channels must be positive, got {self.block_out_channels}")
-        require_between(self, ("warmup_steps", "keep_last", "num_workers", "weight_decay"), 0)
+        require_between(self, ("seed", "warmup_steps", "keep_last", "num_workers", "weight_decay"), 0)
         require_between(self, ("target_like_fraction", "true_fraction", "ema_decay"), 0, 1)
 
 

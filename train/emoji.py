@@ -174,6 +174,27 @@ def parse_emoji_test(path: str | os.PathLike) -> list[_Entry]:
     return entries
 
 
+def _require_colour_emoji(font: ImageFont.FreeTypeFont, path: Path) -> None:
+    """Another font loads too, and draws every emoji as the same missing-glyph box or in one colour: a world of
+    identical images. Two emoji drawn in colour and told apart are the evidence that this is an emoji font."""
+    drawn = []
+    for text in ("\U0001F600", "\U0001F436"):  # grinning face, dog face
+        canvas = Image.new("RGBA", (2 * RENDER_SIZE, 2 * RENDER_SIZE))
+        ImageDraw.Draw(canvas).text((0, 0), text, font=font, embedded_color=True)
+        drawn.append(np.asarray(canvas, dtype=np.int16))
+    seen = drawn[0][..., 3] > 0
+    coloured = bool(seen.any()) and bool((np.ptp(drawn[0][..., :3], axis=-1)[seen] > 32).any())
+    if not coloured or np.array_equal(drawn[0], drawn[1]):
+        raise ValueError(f"{path} does not draw emoji in colour (is it the Noto Color Emoji font?). Install it with: "
+                         f"{INSTALL_HINT}, or point {FONT_ENV} at its .ttf")
+
+
+def require_seed(seed: int) -> None:
+    """numpy's generators take no negative seed; say so before the first item, in a worker, would."""
+    if seed < 0:
+        raise ValueError(f"seed must be at least 0, got {seed}")
+
+
 class EmojiCatalog:
     """Base emoji with their variants, Unicode group/subgroup ids, a held-out split and lazy rendering.
 
@@ -208,7 +229,13 @@ class EmojiCatalog:
     @property
     def font(self) -> ImageFont.FreeTypeFont:
         if self._font is None:
-            self._font = ImageFont.truetype(str(self.font_path), RENDER_SIZE)
+            try:
+                font = ImageFont.truetype(str(self.font_path), RENDER_SIZE)
+            except OSError as err:  # not a font, or a colour bitmap font without this size
+                raise ValueError(f"{self.font_path}: cannot be read as the Noto Color Emoji font ({err}). Install it "
+                                 f"with: {INSTALL_HINT}, or point {FONT_ENV} at its .ttf") from None
+            _require_colour_emoji(font, self.font_path)
+            self._font = font
         return self._font
 
     def _renders_as_one_glyph(self, text: str) -> bool:
@@ -627,6 +654,7 @@ class EmojiScenes(Dataset):
                  theme: str = "subgroup", glyph_cache_mb: float = 64.0):
         if length < 1:
             raise ValueError(f"length must be positive, got {length}")
+        require_seed(seed)
         for name, (lo, hi) in (("main_scale", main_scale), ("distractor_scale", distractor_scale)):
             if not 0 < lo <= hi:
                 raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
@@ -747,6 +775,7 @@ class EmojiProbeSet(Dataset):
                  backgrounds: Sequence[str] = BACKGROUND_KINDS):
         if copies < 1:
             raise ValueError(f"copies must be at least 1, got {copies}")
+        require_seed(seed)
         if not 0 < scale <= 1:
             raise ValueError(f"scale must be in (0, 1], got {scale}")
         self.catalog = catalog if catalog is not None else get_catalog()

@@ -488,6 +488,8 @@ def main(argv=None) -> dict:
     for flag, count in (("--box-train", args.box_train), ("--box-test", args.box_test)):
         if count < 1:  # checked before the minutes of feature evaluation that come first
             parser.error(f"{flag} must be at least 1, got {count}")
+    if args.seed < 0:
+        parser.error(f"--seed must be at least 0, got {args.seed}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     results = evaluate_checkpoint(args.checkpoint, Path(args.out_dir), args.data, args.box_train, args.box_test,
                                   args.seed, args.device, args.img_size)

@@ -139,6 +139,8 @@ def main(argv=None) -> dict:
     problem = gallery_problem(args.num_images, args.num_samples)
     if problem:
         parser.error(problem)
+    if args.seed < 0:
+        parser.error(f"--seed must be at least 0, got {args.seed}")
     report = evaluate_decoders(args.checkpoint, args.decoder, args.paper_decoder, Path(args.out_dir), args.data,
                                args.num_images, args.num_samples, args.num_steps, args.seed, args.precision,
                                args.device)

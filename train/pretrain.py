@@ -148,7 +148,7 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         require_positive(self, ("batch_size", "steps", "log_every", "ckpt_every", "lr"))
-        require_between(self, ("warmup_steps", "keep_last", "knn_every", "num_workers", "start_lr", "final_lr",
+        require_between(self, ("seed", "warmup_steps", "keep_last", "knn_every", "num_workers", "start_lr", "final_lr",
                                "weight_decay", "final_weight_decay"), 0)
         require_between(self, ("ema_start", "ema_end", "same_base_prob", "theme_prob"), 0, 1)
 
