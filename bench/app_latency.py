@@ -71,6 +71,9 @@ def main() -> None:
                         help="the decoder's autocast, as the app's --precision (auto: bf16 where native)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args()
+    for name, low in (("samples", 1), ("steps", 1), ("repeats", 1), ("warmup", 0), ("threads", 1)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name} must be at least {low}, got {getattr(args, name)}")
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:

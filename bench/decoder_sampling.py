@@ -129,6 +129,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON line per measurement")
     parser.add_argument("--solver-error", action="store_true", help="only measure step-spacing error (see above)")
     args = parser.parse_args()
+    for name, low in (("samples", 1), ("box_patches", 1), ("repeats", 1), ("threads", 1)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    if min(args.steps) < 1:
+        parser.error(f"--steps must be at least 1, got {min(args.steps)}")
     if args.solver_error:
         for row in solver_error_rows(SketchDecoder(), args.steps):
             print(json.dumps(row) if args.json else f"{row['spacing']:16s} {row['steps']:3d} steps: RMS {row['rms']}")

@@ -50,7 +50,11 @@ On a CPU without native bf16 (no AVX512-BF16 or AMX) bf16 matmuls are emulated, 
 a variant runs in bf16, and MFU is against the fp32 peak (``mfu_basis`` in the JSON says which).
 
 Peak memory: CUDA ``max_memory_allocated`` over the timed steps; CPU: the process's resident-set high-water mark
-(VmHWM, reset through /proc/self/clear_refs before the timed steps), so it includes Python and the libraries.
+(VmHWM, reset through /proc/self/clear_refs before the timed steps), so it includes Python and the libraries. The
+mark cannot be reset below what the process holds, which on a CPU includes what earlier variants of the run freed
+and the allocator kept: ``held_mem_gib`` is that level, so compare variants by ``peak - held`` or run one alone
+(``--only``). ``graphs_compiled_while_timed`` counts torch.compile graphs captured during the timed steps (a
+warning says to raise ``--warmup`` when it is not 0).
 """
 from __future__ import annotations
 
@@ -180,6 +184,29 @@ def _resident_high_water_gib() -> float:
     raise RuntimeError("VmHWM missing from /proc/self/status")
 
 
+def _resident_gib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    raise RuntimeError("VmRSS missing from /proc/self/status")
+
+
+def held_memory_gib(device: torch.device) -> float | None:
+    """What the process holds as the timed steps start. On a CPU the high-water mark cannot be reset below it, and
+    it includes what earlier variants freed but the allocator kept, so a variant's own peak is only comparable
+    within a run as ``peak - held``, or alone (``--only``)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**30
+    return _resident_gib() if os.path.exists("/proc/self/status") else None
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has captured in this process: a rise inside the timed steps means compile time was
+    timed (mask lengths change from step to step, and each new length compiles once before dynamic shapes)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -218,10 +245,10 @@ def build_step(spec: ModelSpec, variant: Variant, device: torch.device, batch: i
     model = IJepa(spec.config()).to(device)
     model.train()
     use_cuda = device.type == "cuda"
-    if variant.official_step:  # plain attention in every block (the target pass too), AdamW as init_opt builds it
-        set_fused_attention(model, False)
-        optimizer = torch.optim.AdamW(param_groups([model.encoder, model.predictor]), lr=LR, betas=(0.9, 0.999),
-                                      weight_decay=WD)
+    if variant.official_step:  # plain attention in every block (the target pass too), AdamW as init_opt builds it:
+        set_fused_attention(model, False)  # four groups (decayed and not, of encoder and of predictor), each its own
+        groups = [*param_groups([model.encoder]), *param_groups([model.predictor])]  # foreach call on CUDA
+        optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.999), weight_decay=WD)
     else:  # exactly as train/pretrain.py builds them
         set_training_attention(model, device, variant.precision, variant.fused_attn)
         optimizer = fused_adamw(param_groups([model.encoder, model.predictor]), LR, WD)
@@ -286,12 +313,16 @@ def measure(spec_name: str, variant: Variant, device: torch.device, batch: int, 
         step(i)
     synchronize(device)
     reset_peak_memory(device)
+    held_mem, graphs = held_memory_gib(device), compiled_graphs()
     start = time.perf_counter()
     for i in range(warmup, warmup + steps):
         step(i)
     synchronize(device)
     elapsed = time.perf_counter() - start
-    peak_mem = peak_memory_gib(device)
+    peak_mem, graphs = peak_memory_gib(device), compiled_graphs() - graphs
+    if graphs:
+        logger.warning("%s %s: %d graph(s) compiled during the timed steps, so compile time is in the figures: "
+                       "raise --warmup", spec_name, variant.name, graphs)
 
     timed = mask_sets[warmup:]
     flops = sum(flops_per_image(config, ctx[0].size(1), tgt[0].size(1), len(tgt)) for ctx, tgt in timed) * batch
@@ -301,7 +332,9 @@ def measure(spec_name: str, variant: Variant, device: torch.device, batch: int, 
         "predictor": f"{spec.predictor_depth}x{spec.predictor_embed_dim}", "device": device.type,
         "device_name": device_name(device), "variant": variant.name, "precision": variant.precision,
         "batch": batch, "img_per_s": round(batch * steps / elapsed, 2), "step_ms": round(1e3 * elapsed / steps, 2),
-        "peak_mem_gib": None if peak_mem is None else round(peak_mem, 3), "tflops": round(tflops, 4),
+        "peak_mem_gib": None if peak_mem is None else round(peak_mem, 3),
+        "held_mem_gib": None if held_mem is None else round(held_mem, 3), "graphs_compiled_while_timed": graphs,
+        "tflops": round(tflops, 4),
         "gflop_per_img": round(flops / (batch * steps) / 1e9, 3), "mfu": round(tflops / peaks[mfu_basis], 4),
         "mfu_basis": mfu_basis, "peak_tflops_bf16": round(peaks["bf16"], 4) if "bf16" in peaks else None,
         "mean_context_tokens": round(sum(c[0].size(1) for c, _ in timed) / steps, 1),
@@ -409,6 +442,8 @@ def main(argv=None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = parse_args(argv)
     device = torch.device(resolve_device(args.device))
+    if device.type not in ("cpu", "cuda"):  # only these two are synchronised around the timed steps
+        raise SystemExit(f"error: --device {args.device}: the benchmark times cpu or cuda only")
     cuda = device.type == "cuda"
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -84,7 +84,8 @@ def train_supervised(cfg: PretrainConfig, label: str, device: torch.device) -> t
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=doc_summary(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="train/configs/emoji_cpu.yaml", help="pretraining config (model, data)")
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "train/configs/emoji_cpu.yaml"),
+                        help="pretraining config (model, data; default: the CPU recipe's)")
     parser.add_argument("--steps", type=int, help="training steps (default: the config's)")
     parser.add_argument("--warmup-steps", type=int, help="lr warmup steps (default: the config's)")
     parser.add_argument("--label", choices=("group", "subgroup"), default="group", help="what the head predicts")

@@ -34,6 +34,35 @@ def test_json_lines_for_ours_and_the_reference(capsys):
     for row in rows:
         assert row["img_per_s"] > 0 and row["step_ms"] > 0 and 0 < row["mfu"] < 1
         assert row["gflop_per_img"] == pytest.approx(9.0, rel=0.15)  # the documented ~9 GFLOP per 64 px image
+        assert 0 < row["held_mem_gib"] <= row["peak_mem_gib"] and row["graphs_compiled_while_timed"] == 0
+
+
+def test_compile_time_inside_the_timed_steps_is_counted_and_said(capsys, caplog, monkeypatch):
+    """Mask lengths change from step to step and each new length compiles once: without warm-up the timed steps
+    include compile time, which the row and a warning must say (inductor's compile is replaced by dynamo's eager
+    backend, which captures the same graphs in seconds)."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager"))
+    with caplog.at_level("WARNING"):
+        rows = bench.main(["--device", "cpu", "--models", "vit_tiny", "--batch", "2", "--warmup", "0", "--steps",
+                           "2", "--compile", "--only", "ours", "--json"])
+    counts = {row["variant"]: row["graphs_compiled_while_timed"] for row in rows}
+    assert counts["ours"] == 0 and counts["ours+compile"] > 0
+    assert "compiled during the timed steps" in caplog.text and "raise --warmup" in caplog.text
+
+
+def test_the_reference_builds_adamw_as_the_official_init_opt_does():
+    """Four groups (encoder and predictor, each decayed and not): torch runs one update per group."""
+    spec = bench.MODELS["vit_tiny"]
+    masks = bench.pregenerate_masks(spec.config(), 2, 1, seed=0, pin=False)
+    step, model = bench.build_step(spec, bench.Variant("reference", "fp32", fused_attn=False, official_step=True),
+                                   torch.device("cpu"), 2, masks)
+    step(0)
+    groups = step.__closure__  # the optimizer lives in the closure
+    optimizer = next(c.cell_contents for c in groups if isinstance(c.cell_contents, torch.optim.Optimizer))
+    assert [g["weight_decay"] == 0.0 for g in optimizer.param_groups] == [False, True, False, True]
+    trained = [p for part in (model.encoder, model.predictor) for p in part.parameters() if p.requires_grad]
+    assert sorted(id(p) for g in optimizer.param_groups for p in g["params"]) == sorted(map(id, trained))
 
 
 def test_a_failing_measurement_is_reported_and_the_others_still_run(capsys, monkeypatch):
