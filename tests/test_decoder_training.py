@@ -58,6 +58,16 @@ def test_box_sampling_covers_target_like_and_user_like_boxes():
         assert not set(t.tolist()) & set(c.tolist())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machine)")
+def test_a_decoder_trains_and_draws_its_sample_grid_on_a_gpu(tmp_path, tiny_ijepa):
+    """The sample grid (every --sample-every steps and at the end) once built CPU tensors beside CUDA ones, which
+    would have stopped the GPU recipe in its first minute."""
+    decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / "gpu", "--steps", "2", "--sample-every", "1",
+                                    "--device", "cuda", "--precision", "bf16"))
+    assert [p.name for p in sorted((tmp_path / "gpu" / "samples").glob("*.png"))] == ["step-0000001.png",
+                                                                                      "step-0000002.png"]
+
+
 def test_killed_decoder_run_resumes_exactly_and_exports(tmp_path, tiny_ijepa, monkeypatch):
     full = decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / "full", "--steps", "4", "--ckpt-every", "2"))
     real, calls = decoder_training.box_conditions, {"n": 0}

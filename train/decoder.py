@@ -166,14 +166,15 @@ def save_sample_grid(decoder: SketchDecoder, model: IJepa, images: torch.Tensor,
     from torchvision.utils import save_image
 
     predicted = box_conditions(model, images, targets, contexts)
-    truth = box_conditions(model, images, targets, contexts, use_true=torch.ones(len(images), dtype=torch.bool))
+    every = torch.ones(len(images), dtype=torch.bool, device=images.device)
+    truth = box_conditions(model, images, targets, contexts, use_true=every)
     sampler = SketchSampler(decoder)
     sketches = sampler.sample(predicted, num_samples=num_samples, seed=0).view(len(images), num_samples, 3,
                                                                                 *images.shape[-2:])
     rendered = sampler.sample(truth, num_samples=1, seed=0).view(len(images), 1, 3, *images.shape[-2:])
     shown = images.clone()
-    shown = torch.where(predicted.box_mask.bool(), 0.5 * shown + 0.5 * torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1),
-                        shown)
+    red = torch.tensor([1.0, 0, 0], device=images.device).view(1, 3, 1, 1)
+    shown = torch.where(predicted.box_mask.bool(), 0.5 * shown + 0.5 * red, shown)
     grid = torch.cat([shown.unsqueeze(1), sketches, rendered], dim=1).flatten(0, 1)
     save_image(grid, path, nrow=num_samples + 2, padding=2, pad_value=1.0)
 
