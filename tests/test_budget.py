@@ -35,8 +35,12 @@ def test_short_stages_stop_at_their_floors_and_a_hopeless_budget_is_refused():
     plan = budget.plan_lengths(1380, timings, **short)
     assert plan["fraction"] == pytest.approx(0.463, abs=0.001)
     assert (plan["pretrain_steps"], plan["pretrain_warmup_steps"], plan["decoder_steps"]) == (190, 10, 20)
-    with pytest.raises(ValueError, match="budget is too small on this machine"):
+    with pytest.raises(ValueError, match="budget of 5 minutes is too small on this machine") as refused:
         budget.plan_lengths(5 * 60, timings, **CPU_FULL)
+    needed = int(str(refused.value).split("shortest run needs ~")[1].split(" minutes")[0])
+    budget.plan_lengths(needed * 60 + 60, timings, **CPU_FULL)  # the budget the message asks for is enough
+    with pytest.raises(ValueError, match=r"a budget of 3 s is too small .* needs ~\d+ minutes \(evaluation stages ~"):
+        budget.plan_lengths(3, timings, **CPU_FULL)  # not "a 0-minute budget ... need ~0 minutes"
 
 
 def test_step_times_come_from_the_training_log_after_the_warm_up(tmp_path):

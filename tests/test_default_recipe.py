@@ -162,6 +162,7 @@ def test_the_sizes_planned_before_training_are_the_bundles(smoke_run):
     rest = sum(folder_bytes(p) for p in bundle.iterdir() if p.name not in planned)
     assert rest <= recipe.OTHER_FILES_ESTIMATE
     assert folder_bytes(bundle) == folder_bytes(smoke_run / "bundle")  # --export copied the run's bundle
+    assert {p.name for p in bundle.iterdir()} == recipe.BUNDLE_NAMES  # what an --export target is checked against
 
 
 @pytest.mark.parametrize("profile", sorted(recipe.PROFILES))
@@ -184,6 +185,20 @@ def test_an_oversized_export_is_refused_before_any_stage(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=message):
         recipe.main(["--out-dir", str(tmp_path / "run"), "--profile", "cpu", "--export", str(tmp_path / "assets")])
     assert not any(tmp_path.iterdir())
+
+
+def test_an_export_target_that_holds_other_files_is_refused_before_any_stage(tmp_path):
+    """Not after the recipe's 90 minutes, as it once was."""
+    desktop = tmp_path / "desktop"
+    desktop.mkdir()
+    (desktop / "notes.txt").write_text("mine")
+    (desktop / "metrics.json").write_text("{}")  # a bundle's own names are fine
+    with pytest.raises(ValueError, match="desktop holds notes.txt, which the bundle does not"):
+        recipe.main(["--out-dir", str(tmp_path / "run"), "--profile", "smoke", "--export", str(desktop)])
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="notes.txt is a file"):
+        recipe.main(["--out-dir", str(tmp_path / "run"), "--profile", "smoke", "--export", str(desktop / "notes.txt")])
+    assert not (tmp_path / "run").exists() and (desktop / "notes.txt").read_text() == "mine"
 
 
 def test_export_replaces_a_whole_bundle_or_nothing(smoke_run, tmp_path, monkeypatch):
@@ -400,7 +415,8 @@ def test_a_length_given_for_pretraining_is_not_mixed_with_a_budget_plan(tmp_path
     with pytest.raises(ValueError, match="add --budget-minutes 0 to run the lengths given"):
         recipe.main(["--out-dir", str(tmp_path / "run"), "--profile", "smoke", "--budget-minutes", "5",
                      "--pretrain.steps", "3"])
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["profile.json"]  # nothing timed or trained
+    # nothing timed or trained, and no command recorded: the card quoted a refused call as the run's first
+    assert not any((tmp_path / "run").iterdir())
 
 
 def test_a_decoder_length_given_is_not_refitted_to_the_budget(tmp_path, monkeypatch):

@@ -37,6 +37,11 @@ PRETRAIN_STEPS, PRETRAIN_SKIP = 9, 3
 DECODER_STEPS, DECODER_SKIP = 5, 2
 
 
+def duration(seconds: float) -> str:
+    """"45 s" below two minutes, else "12 minutes": a sub-minute budget is not written "0 minutes"."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} minutes"
+
+
 def usable_seconds(budget_s: float, timing_s: float) -> float:
     """What a budget leaves for the stages once the margin and the timing itself are taken off."""
     return budget_s * (1 - MARGIN) - timing_s
@@ -96,9 +101,12 @@ def plan_lengths(budget_s: float, timings: dict, pretrain_steps: int, warmup_ste
     shortest = (min(pretrain_steps, MIN_PRETRAIN_STEPS) * t_pre
                 + num_decoders * min(decoder_steps, MIN_DECODER_STEPS) * t_dec)
     if available < shortest:
-        raise ValueError(f"a {budget_s / 60:.0f}-minute budget is too small on this machine: its evaluation stages "
-                         f"alone need ~{reserved / 60:.0f} minutes (pretraining step {t_pre:.2f} s, decoder step "
-                         f"{t_dec:.2f} s); give a larger --budget-minutes, or 0 for the profile's full lengths")
+        needed = (shortest + reserved + timings.get("timing_s", 0.0)) / (1 - MARGIN)  # the smallest budget that fits
+        raise ValueError(
+            f"a budget of {duration(budget_s)} is too small on this machine: the shortest run needs ~{duration(needed)} "
+            f"(evaluation stages ~{duration(reserved)}, the shortest training ~{duration(shortest)}, the timing "
+            f"{duration(timings.get('timing_s', 0.0))} and a {MARGIN:.0%} margin; pretraining step {t_pre:.2f} s, "
+            f"decoder step {t_dec:.2f} s); give a larger --budget-minutes, or 0 for the profile's full lengths")
     fraction = min(1.0, available / full)
     plan = {"budget_s": budget_s, **timings, "full_training_s": round(full, 1), "fraction": round(fraction, 4),
             "pretrain_steps": pretrain_steps, "pretrain_warmup_steps": warmup_steps, "decoder_steps": decoder_steps}

@@ -35,7 +35,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -328,6 +328,13 @@ def run_decoder_eval(model_dir: Path, decoders: dict[str, Path], profile: dict, 
     return json.loads(results_path.read_text())
 
 
+# What write_bundle puts in a bundle: an --export target holding anything else is refused before the first stage
+BUNDLE_NAMES = frozenset({
+    MODEL_DIR, *DECODER_DIRS.values(), EXAMPLES_DIR, "samples.png", "metrics.json", MODEL_CARD_NAME,
+    *(f"{stem}{suffix}" for stem in (*(f"probe_{name}" for name in PROBE_NAMES), BANK_NAME)
+      for suffix in (".safetensors", ".json"))})
+
+
 def write_bundle(folder: Path, out: Path, model_dir: Path, decoders: dict[str, Path], summary: dict) -> None:
     """The app's bundle layout in ``folder``: fp16 weights + configs, probes, bank, examples, metrics, model card."""
     folder.mkdir(parents=True)
@@ -372,17 +379,23 @@ def check_bundle_size(sizes: dict[str, int], what: str) -> None:
                          f"python app.py --assets <out-dir>/{BUNDLE_DIR}")
 
 
-def export_bundle(bundle: Path, target: Path) -> None:
-    """Swap the run's bundle in for ``target``, whole or not at all; ``target`` is left untouched if the bundle is
-    over the size limit or if it holds anything a bundle does not (``--export ~/Desktop`` must not empty a desktop)."""
-    check_bundle_size({p.name: folder_bytes(p) for p in bundle.iterdir()}, f"the bundle in {bundle}")
+def check_export_target(target: Path, names: Collection[str]) -> None:
+    """ValueError unless ``target`` may be replaced by a bundle of these ``names``: a new folder, or one that holds
+    nothing else (``--export ~/Desktop`` must not empty a desktop)."""
     if target.exists():
         if not target.is_dir():
             raise ValueError(f"{target} is a file: --export names the folder the bundle goes to (nothing changed)")
-        foreign = sorted(p.name for p in target.iterdir() if not (bundle / p.name).exists())
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in names)
         if foreign:
             raise ValueError(f"{target} holds {', '.join(foreign)}, which the bundle does not: --export replaces a "
                              "whole folder, so give it a new folder or an earlier bundle (nothing changed)")
+
+
+def export_bundle(bundle: Path, target: Path) -> None:
+    """Swap the run's bundle in for ``target``, whole or not at all; ``target`` is left untouched if the bundle is
+    over the size limit or ``check_export_target`` refuses it."""
+    check_bundle_size({p.name: folder_bytes(p) for p in bundle.iterdir()}, f"the bundle in {bundle}")
+    check_export_target(target, {p.name for p in bundle.iterdir()})
     save_folder_atomic(lambda staged: shutil.copytree(bundle, staged), target)
 
 
@@ -448,8 +461,9 @@ def main(argv=None) -> None:
     started = run_started_with(out)
     profile_name = choose_profile(out, started.get("profile"), args.profile)
     profile = dict(PROFILES[profile_name])
-    if args.export:
+    if args.export:  # now, not after the recipe's 90 minutes
         check_bundle_size(planned_bundle_sizes(profile, out, flags), "the bundle these settings make")
+        check_export_target(Path(args.export), BUNDLE_NAMES)
     stale = stale_stages(out)
     if stale:
         raise ValueError(f"{out} holds outputs of {', '.join(stale)} made from a model or decoder this call would "
@@ -457,11 +471,12 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m train.default " + " ".join(argv if argv is not None else sys.argv[1:])
     first_command = started.get("command", command)
+    plan = fit_to_budget(profile, out, flags, args.budget_minutes)
+    # after the plan: a call it refuses trained nothing, so the card must not quote it as the run's command
     write_json_atomic(out / PROFILE_FILE, {"profile": profile_name, "command": first_command})
     clock = StageClock(out)
     if not all(clock.finished.values()):
         shutil.rmtree(out / BUNDLE_DIR, ignore_errors=True)  # a bundle stands for a finished run only
-    plan = fit_to_budget(profile, out, flags, args.budget_minutes)
     model_dir = clock.run("pretrain", run_pretraining, profile, out, flags["pretrain"])
     features = clock.run("eval", run_evaluation, model_dir, profile, out)
     clock.run("bank", run_reference_bank, model_dir, profile, out)
