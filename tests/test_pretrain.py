@@ -3,6 +3,7 @@ where the hardware has it."""
 import csv
 import logging
 import math
+import os
 import re
 import shutil
 import textwrap
@@ -26,7 +27,8 @@ from train.objective import TargetFeatures, target_spread
 from train.pretrain import PretrainConfig, train
 from ijepa.device import resolve_precision
 from train.decoder import DecoderTrainConfig
-from train.runtime import LossWindow, Runtime, list_checkpoints, load_checkpoint, resume_state, save_checkpoint
+from train.runtime import (LossWindow, Runtime, list_checkpoints, load_checkpoint, resume_state, save_checkpoint,
+                           save_folder_atomic)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--img-size", "32", "--patch-size", "4", "--depth", "1", "--predictor-depth", "1", "--predictor-embed-dim",
@@ -253,6 +255,47 @@ def test_a_resume_after_the_emoji_catalog_changed_refuses(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="the emoji catalog changed since"):
         train(resumed)
     assert load_checkpoint(checkpoint)["step"] == 1  # nothing lost
+
+
+def test_a_kill_during_a_folder_swap_is_finished_or_cleaned_by_the_next_save(tmp_path, monkeypatch):
+    """Killed between its two renames, a swap left no folder at all (the app would find no assets); killed mid-write
+    it left a swap folder for good. The next save of the same folder finishes the one and removes the other."""
+    target = tmp_path / "assets"
+    save_folder_atomic(lambda folder: (folder.mkdir(), (folder / "v").write_text("1")), target)
+    real_replace, calls = os.replace, {"n": 0}
+
+    def killed_at_the_second_rename(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_folder_atomic(lambda folder: (folder.mkdir(), (folder / "v").write_text("2")), target)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not target.exists() and len(list(tmp_path.glob("assets.swap-*"))) == 1
+    with pytest.raises(KeyboardInterrupt):  # the next save is itself killed mid-write, but finishes the swap first
+        save_folder_atomic(lambda folder: (_ for _ in ()).throw(KeyboardInterrupt), target)
+    assert (target / "v").read_text() == "2" and not list(tmp_path.glob("assets.swap-*"))
+    (tmp_path / "assets.swap-left").mkdir()  # a kill mid-write in an older version left this
+    save_folder_atomic(lambda folder: (folder.mkdir(), (folder / "v").write_text("3")), target)
+    assert (target / "v").read_text() == "3" and sorted(p.name for p in tmp_path.iterdir()) == ["assets"]
+
+
+def test_a_kill_while_the_model_is_exported_leaves_no_folder_that_looks_finished(tmp_path, monkeypatch):
+    """config.json marks pretraining finished for train.default: written in place, a kill left it empty and every
+    later call stopped on it."""
+    monkeypatch.setattr(pretrain, "plot_loss_curve", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # stopped right after the export: the folder is whole
+        train(tiny(tmp_path / "run", "--steps", "1"))
+    assert load_model(tmp_path / "run" / "model").config.depth == 1
+    import ijepa.checkpoint
+    monkeypatch.setattr(ijepa.checkpoint, "save_file", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # stopped while writing the weights: the whole folder stays as it was
+        train(tiny(tmp_path / "again", "--steps", "1"))
+    assert not (tmp_path / "again" / "model").exists() and not list((tmp_path / "again").glob("model.swap-*"))
+
 
 def test_resume_in_an_empty_folder_says_it_starts_a_new_run(tmp_path, caplog):
     with caplog.at_level(logging.INFO):

@@ -18,7 +18,7 @@ from ijepa.checkpoint import WEIGHTS_NAME, save_model
 from ijepa.model import IJepa, IJepaConfig
 from train.config import load_config, run_command
 from train.pretrain import PretrainConfig, model_config
-from train.runtime import list_checkpoints, load_checkpoint
+from train.runtime import list_checkpoints, load_checkpoint, save_folder_atomic
 
 logger = logging.getLogger("train.export_checkpoint")
 
@@ -59,7 +59,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path | None = None) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):  # another model's, or a run's files
         raise FileExistsError(f"{out_dir} already exists and is not an empty folder: choose another --out, or "
                               "remove it to export again (nothing was written)")
-    save_model(model, out_dir)
+    save_folder_atomic(lambda folder: save_model(model, folder), out_dir)  # whole or not at all
     logger.info("exported step %d of %s to %s", state["step"], checkpoint, out_dir)
     return out_dir
 

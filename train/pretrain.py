@@ -42,7 +42,8 @@ from train.eval import HeldOutKnn, plot_knn_curve
 from train.objective import (TargetFeatures, ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups,
                              set_optimizer_schedule, target_spread, weight_decay)
 from train.runtime import (LossWindow, Runtime, autocast, fused_adamw, load_optimizer_state, plot_loss_curve,
-                           resume_state, save_checkpoint, setup_runtime, start_csv_log, teardown_runtime)
+                           resume_state, save_checkpoint, save_folder_atomic, setup_runtime, start_csv_log,
+                           teardown_runtime)
 
 logger = logging.getLogger("train.pretrain")
 # target_spread below this at a logging step: warn that the representation has collapsed (healthy runs: ~0.4)
@@ -311,7 +312,8 @@ def train(cfg: PretrainConfig) -> IJepa:
 
     export_dir = out_dir / "model"
     if rt.is_main:
-        save_model(model, export_dir)
+        # whole or not at all: its config.json tells train.default that pretraining finished
+        save_folder_atomic(lambda folder: save_model(model, folder), export_dir)
         plot_loss_curve(csv_path, out_dir / "loss.png")
         if knn is not None:
             plot_knn_curve(knn_path, knn.baselines, out_dir / "knn.png")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import logging
 import os
@@ -270,9 +271,11 @@ def write_json_atomic(path: Path, data) -> None:
 def save_folder_atomic(write: Callable[[Path], None], directory: Path) -> None:
     """``write(folder)`` into a temporary sibling, then swap it in for ``directory`` (the old one moved aside first
     and deleted last): a kill mid-write never leaves a half-written folder that looks finished (e.g. a diffusers
-    folder, whose config.json is written before its weights), nor no folder at all. The swap happens in a folder
-    of its own (``<name>.swap-XXXXXX``, left behind only by a kill), so no sibling such as a user's ``<name>.old``
-    backup is ever touched."""
+    folder, whose config.json is written before its weights). The swap happens in a folder of its own
+    (``<name>.swap-XXXXXX``), so no sibling such as a user's ``<name>.old`` backup is ever touched. A kill can leave
+    that folder behind, and one between the two renames leaves no ``directory``: the next call for the same
+    ``directory`` first finishes or undoes such a swap (``recover_swaps``)."""
+    recover_swaps(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     swap = Path(tempfile.mkdtemp(prefix=directory.name + ".swap-", dir=directory.parent))
     staged, old = swap / directory.name, swap / (directory.name + ".old")
@@ -285,6 +288,20 @@ def save_folder_atomic(write: Callable[[Path], None], directory: Path) -> None:
         os.replace(directory, old)
     os.replace(staged, directory)
     shutil.rmtree(swap)
+
+
+def recover_swaps(directory: Path) -> None:
+    """Clean up after ``save_folder_atomic`` calls for ``directory`` that a kill stopped. Where the old folder was
+    moved aside but the new one not yet moved in, the new one was complete (it is moved only once written), so the
+    swap is finished; every other swap folder holds an unfinished write or a finished swap's leftovers, and goes."""
+    if not directory.parent.is_dir():
+        return
+    for swap in sorted(directory.parent.glob(glob.escape(directory.name) + ".swap-*")):
+        staged, old = swap / directory.name, swap / (directory.name + ".old")
+        if not directory.exists() and old.exists():
+            os.replace(staged if staged.exists() else old, directory)
+            logger.warning("finished the replacement of %s that a stopped run had left half done", directory)
+        shutil.rmtree(swap, ignore_errors=True)
 
 
 def plot_loss_curve(csv_path: Path, png_path: Path, title: str = "I-JEPA pretraining loss") -> None:
