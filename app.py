@@ -82,6 +82,21 @@ HEAD = """<script>
 </style>"""
 
 
+def clamped(slider: gr.Slider) -> gr.Slider:
+    """``slider`` with a value typed into its field outside its range read as the nearest end: Gradio's own check
+    raises before the handler runs and marks every output of the event as failed (a window of 9 replaced the
+    surprise map by an error badge). The results say the value used (the surprise map's title, the sketches' count
+    and captions). On the instance: a subclass of a Gradio component is served as a custom component, whose
+    frontend code does not exist."""
+    check = slider.preprocess
+
+    def preprocess(payload: float | None) -> float | None:
+        return check(payload if payload is None else min(max(payload, slider.minimum), slider.maximum))
+
+    slider.preprocess = preprocess
+    return slider
+
+
 def bring_into_view(selector: str, when: str) -> str:
     """Page script: scroll the element ``selector`` to the top of the window when the JS condition ``when`` (on that
     element, ``e``) holds."""
@@ -314,16 +329,17 @@ class Handlers:
         source = {**source, "turns": (source["turns"] + int(value.get("orientation") or 0)) % 4}
         return turned(read_image(source["path"]), source["turns"]), boxes, source
 
-    def model_input(self, value: dict | None, source: dict | None) -> tuple[np.ndarray, list[list[float]], dict]:
+    def model_input(self, value: dict | None, source: dict | None,
+                    check_border: bool = True) -> tuple[np.ndarray, list[list[float]], dict]:
         """``model_image`` with the boxes in the image's pixels. InputError for a box drawn wholly on the canvas's
-        border."""
+        border (unless not ``check_border``)."""
         image, boxes, source = self.model_image(value, source)
         if source["path"] is None:
             return image, boxes, source
         height, width = image.shape[:2]
         mapped = canvas_boxes(boxes, width, height, back=True)
         for number, (x0, y0, x1, y1) in enumerate(mapped, start=1):
-            if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+            if check_border and (x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height):
                 raise InputError(f"Box {number} lies on the grey border around the image. Draw it on the image.")
         return image, mapped, source
 
@@ -373,9 +389,9 @@ class Handlers:
 
     def renumbered(self, value: dict | None, source: dict | None) -> tuple:
         """The widget with its boxes numbered as the results (and messages) number them, and its source; no change
-        where there is nothing to number."""
+        where there is nothing to number. A box on the border is numbered too: the message names it."""
         try:
-            return self.widget_for(*self.model_input(value, source))
+            return self.widget_for(*self.model_input(value, source, check_border=False))
         except InputError:
             return gr.skip(), gr.skip()
 
@@ -487,12 +503,13 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                                       allow_preview=False, object_fit="contain", fit_columns=False,
                                       elem_id="examples", format="png", interactive=False)
                 with gr.Row():
-                    num_samples = gr.Slider(1, MAX_NUM_SAMPLES, value=DEFAULT_NUM_SAMPLES, step=1,
-                                            label="Number of sketches", info="each sketch fills every box",
-                                            elem_id="num-samples")
+                    num_samples = clamped(gr.Slider(1, MAX_NUM_SAMPLES, value=DEFAULT_NUM_SAMPLES, step=1,
+                                                    label="Number of sketches", info="each sketch fills every box",
+                                                    elem_id="num-samples"))
                     # no minimum/maximum: Gradio's own bounds check would mark every panel as failed; the
-                    # engine's check says what is wrong in the explanation panel
-                    seed = gr.Number(value=0, precision=0, elem_id="seed",
+                    # engine's check says what is wrong in the explanation panel. No precision=0 either: Gradio
+                    # would round 2.5 to 2 (and 3.5 to 4) while the field kept showing 2.5; whole_number says so
+                    seed = gr.Number(value=0, elem_id="seed",
                                      label="Seed (same seed and steps, same sketches)")
                 conditioning = gr.Radio([(DECODER_NAMES[c], c) for c in conditionings],
                                         value=conditionings[0] if conditionings else None, label="Sketch decoder",
@@ -501,7 +518,8 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                                              "Pooled: only the box's average prediction, as in the I-JEPA paper (more "
                                              "varied).")
                 with gr.Accordion("Settings", open=False):
-                    steps = gr.Slider(4, 30, value=DEFAULT_NUM_STEPS, step=1, label="Decoder steps (more = finer)")
+                    steps = clamped(gr.Slider(4, 30, value=DEFAULT_NUM_STEPS, step=1,
+                                              label="Decoder steps (more = finer)"))
                 with gr.Accordion("About the loaded model", open=False):
                     gr.Markdown(engine.describe(), elem_id="model-info")
             with gr.Column(scale=7, min_width=480, elem_id="results"):
@@ -529,8 +547,8 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                                                 interactive=False)
                     with gr.Tab("Surprise"):
                         gr.Markdown("Prediction error of a window sliding over the image")
-                        window = gr.Slider(1, max(1, grid // 2), value=max(1, grid // 4), step=1,
-                                           label="Window (patches)", elem_id="window")
+                        window = clamped(gr.Slider(1, max(1, grid // 2), value=max(1, grid // 4), step=1,
+                                                   label="Window (patches)", elem_id="window"))
                         surprise = gr.Image(show_label=False, format="png", elem_id="surprise", interactive=False,
                                             buttons=["download", "fullscreen"])
                     with gr.Tab("Features"):
@@ -636,11 +654,17 @@ def main(argv: list[str] | None = None) -> int:
 CSS = """
 #model-view img, #sketches img, #neighbours img { image-rendering: pixelated; }
 #explanation { font-size: 0.95em; }
-#examples .grid-wrap { min-height: 0; height: auto; }  /* every example in view, no scrolling, no blank below */
+/* every example, and every box's neighbours, in view: no scrolling inside the gallery, no blank below */
+#examples .grid-wrap, #neighbours .grid-wrap { min-height: 0; height: auto; max-height: none; }
 /* whole captions, wrapped inside their thumbnail, not cut to "passport con..." */
 #examples .caption-label, #neighbours .caption-label { white-space: normal; max-width: calc(100% - 8px); }
 /* the square canvas at most about half the window high, so that the button under it is in view on a laptop */
 #annotator { max-width: max(300px, 50vh - 24px); margin-left: auto; margin-right: auto; }
+/* phones: the figures' download and fullscreen buttons above them, not over their titles and figures */
+@media (max-width: 640px) {
+  #truth .icon-button-wrapper.top-panel, #surprise .icon-button-wrapper.top-panel,
+  #features .icon-button-wrapper.top-panel { position: static; width: fit-content; margin: 0 0 4px auto; }
+}
 /* touch screens: the drawing widget's tool icons big enough for a finger */
 @media (pointer: coarse) { #annotator .canvas-control button.icon { width: 40px; height: 40px; padding: 8px; } }
 """
