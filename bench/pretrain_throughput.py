@@ -176,20 +176,13 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int, min_
 # Memory
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _resident_high_water_gib() -> float:
+def _process_memory_gib(field: str) -> float:
+    """A field of Linux's /proc/self/status in GiB: VmRSS (resident now), VmHWM (its high-water mark)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 2**20
-    raise RuntimeError("VmHWM missing from /proc/self/status")
-
-
-def _resident_gib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20
-    raise RuntimeError("VmRSS missing from /proc/self/status")
+    raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
 def held_memory_gib(device: torch.device) -> float | None:
@@ -198,7 +191,7 @@ def held_memory_gib(device: torch.device) -> float | None:
     within a run as ``peak - held``, or alone (``--only``)."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**30
-    return _resident_gib() if os.path.exists("/proc/self/status") else None
+    return _process_memory_gib("VmRSS") if os.path.exists("/proc/self/status") else None
 
 
 def compiled_graphs() -> int:
@@ -218,7 +211,7 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory_gib(device: torch.device) -> float | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return _resident_high_water_gib() if os.path.exists("/proc/self/status") else None
+    return _process_memory_gib("VmHWM") if os.path.exists("/proc/self/status") else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
