@@ -273,7 +273,7 @@ def prepare_image(image: Image.Image | np.ndarray, size: int) -> PreparedImage:
     rgb = to_rgb(image)
     width, height = rgb.size
     left, top, side = centre_square(width, height)
-    # Crop first: resizing with a box would blend pixels from outside the square into its border.
+    # Crop first: resizing with Pillow's box= argument would blend pixels from outside the square into its border.
     square = rgb.crop((left, top, left + side, top + side))
     if side != size:
         square = square.resize((size, size), Image.Resampling.BOX)

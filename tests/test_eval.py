@@ -322,8 +322,8 @@ def test_a_model_trained_on_another_emoji_catalog_is_flagged(caplog):
 @pytest.mark.parametrize("flag, value, message", [("--box-train", "0", "--box-train must be at least 1, got 0"),
                                                   ("--box-test", "0", "--box-test must be at least 1, got 0"),
                                                   ("--seed", "-1", "--seed must be at least 0, got -1")])
-def test_box_counts_below_one_and_a_negative_seed_are_refused_before_the_evaluation_runs(tmp_path, flag, value, message, monkeypatch,
-                                                                     capsys):
+def test_bad_counts_and_seeds_are_refused_before_the_evaluation_runs(tmp_path, flag, value, message, monkeypatch,
+                                                                    capsys):
     monkeypatch.setattr(evaluation, "evaluate_checkpoint", lambda *a, **k: pytest.fail("the evaluation ran"))
     with pytest.raises(SystemExit) as stop:
         evaluation.main(["--checkpoint", str(tmp_path / "model"), "--out-dir", str(tmp_path / "eval"), flag, value])

@@ -103,8 +103,8 @@ def plan_lengths(budget_s: float, timings: dict, pretrain_steps: int, warmup_ste
     if available < shortest:
         needed = (shortest + reserved + timings.get("timing_s", 0.0)) / (1 - MARGIN)  # the smallest budget that fits
         raise ValueError(
-            f"a budget of {duration(budget_s)} is too small on this machine: the shortest run needs ~{duration(needed)} "
-            f"(evaluation stages ~{duration(reserved)}, the shortest training ~{duration(shortest)}, the timing "
+            f"a budget of {duration(budget_s)} is too small on this machine: the shortest run needs "
+            f"~{duration(needed)} (evaluation stages ~{duration(reserved)}, the shortest training ~{duration(shortest)}, the timing "
             f"{duration(timings.get('timing_s', 0.0))} and a {MARGIN:.0%} margin; pretraining step {t_pre:.2f} s, "
             f"decoder step {t_dec:.2f} s); give a larger --budget-minutes, or 0 for the profile's full lengths")
     fraction = min(1.0, available / full)

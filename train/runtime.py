@@ -299,8 +299,10 @@ def recover_swaps(directory: Path) -> None:
     for swap in sorted(directory.parent.glob(glob.escape(directory.name) + ".swap-*")):
         staged, old = swap / directory.name, swap / (directory.name + ".old")
         if not directory.exists() and old.exists():
-            os.replace(staged if staged.exists() else old, directory)
-            logger.warning("finished the replacement of %s that a stopped run had left half done", directory)
+            kept = staged if staged.exists() else old
+            os.replace(kept, directory)
+            logger.warning("%s had been moved aside by a stopped run: %s", directory,
+                           "its replacement, already written, is in place now" if kept == staged else "it is back")
         shutil.rmtree(swap, ignore_errors=True)
 
 
