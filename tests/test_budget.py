@@ -51,6 +51,15 @@ def test_step_times_come_from_the_training_log_after_the_warm_up(tmp_path):
         budget.seconds_per_step(log, 9)
 
 
+def test_timing_waits_out_the_workers_first_batches_and_spans_two_more_rounds():
+    """14 workers (the GPU profile) deliver their first 14 batches together: a fast GPU timed on those measured
+    itself, not the rate the workers keep up, and the plan kept every step."""
+    assert budget.timing_lengths(6, 3, num_workers=1) == (12, 4)  # the CPU recipe: one worker
+    steps, skip = budget.timing_lengths(6, 3, num_workers=14)
+    assert skip > 14 and steps - skip >= 2 * 14 and (steps - skip) % skip == 0
+    assert budget.timing_lengths(3, 2, num_workers=0) == (6, 3)  # data made in the training process
+
+
 def test_decoders_are_refitted_to_the_time_the_stages_before_them_really_took(tmp_path):
     timings = {"pretrain_step_s": 0.67, "decoder_step_s": 2.33, "timing_s": 35.0}  # the Intel AMX CPU's timing
     plan = budget.plan_lengths(90 * 60, timings, **CPU_FULL)

@@ -33,8 +33,19 @@ EVAL_DECODER_STEPS = 134
 MARGIN = 0.08  # of the budget, for a machine that slows down mid-run (25-step windows vary by +-20 % here)
 MIN_PRETRAIN_STEPS, MIN_DECODER_STEPS = 100, 20
 # Calibration lengths: the first steps (workers starting, allocator warming up) are not timed.
-PRETRAIN_STEPS, PRETRAIN_SKIP = 9, 3
-DECODER_STEPS, DECODER_SKIP = 5, 2
+PRETRAIN_STEPS, PRETRAIN_SKIP = 6, 3
+DECODER_STEPS, DECODER_SKIP = 3, 2
+
+
+def timing_lengths(timed: int, skip: int, num_workers: int) -> tuple[int, int]:
+    """(total steps, untimed first steps) of a timing run whose data comes from ``num_workers`` DataLoader workers.
+    Each worker builds whole batches, so their first batches arrive together: a GPU that outruns them would take
+    those in a burst and time itself, not the rate the workers keep up (the step time of the long run). So the
+    first round is not timed, and the timed steps span two more rounds. The timed steps are a whole number of
+    ``skip``-step log windows."""
+    skip = max(skip, num_workers + 3)
+    timed = max(timed, 2 * num_workers)
+    return skip + -(-timed // skip) * skip, skip
 
 
 def duration(seconds: float) -> str:
@@ -73,17 +84,18 @@ def time_steps(pretrain_config, decoder_config: Callable[[Path, Path], object], 
     start = time.perf_counter()
     if work.exists():
         shutil.rmtree(work)  # left by a call killed while timing
-    pre = dataclasses.replace(pretrain_config, out_dir=str(work / "pretrain"), steps=PRETRAIN_STEPS,
-                              warmup_steps=1, log_every=PRETRAIN_SKIP, ckpt_every=10**9, resume=False,
+    pre_steps, pre_skip = timing_lengths(PRETRAIN_STEPS, PRETRAIN_SKIP, pretrain_config.num_workers)
+    pre = dataclasses.replace(pretrain_config, out_dir=str(work / "pretrain"), steps=pre_steps,
+                              warmup_steps=1, log_every=pre_skip, ckpt_every=10**9, resume=False,
                               compile=False, knn_every=0)
-    logger.info("timing %d pretraining and %d decoder steps on this machine to fit the budget", PRETRAIN_STEPS,
-                DECODER_STEPS)
+    dec = decoder_config(work / "pretrain" / "model", work / "decoder")
+    dec_steps, dec_skip = timing_lengths(DECODER_STEPS, DECODER_SKIP, dec.num_workers)
+    dec = dataclasses.replace(dec, steps=dec_steps, log_every=1, sample_every=10**9, ckpt_every=10**9, resume=False)
+    logger.info("timing %d pretraining and %d decoder steps on this machine to fit the budget", pre_steps, dec_steps)
     pretrain.train(pre)
-    dec = dataclasses.replace(decoder_config(work / "pretrain" / "model", work / "decoder"), steps=DECODER_STEPS,
-                              log_every=1, sample_every=10**9, ckpt_every=10**9, resume=False)
     decoder_training.train(dec)
-    timings = {"pretrain_step_s": seconds_per_step(work / "pretrain" / "log.csv", PRETRAIN_SKIP),
-               "decoder_step_s": seconds_per_step(work / "decoder" / "log.csv", DECODER_SKIP)}
+    timings = {"pretrain_step_s": seconds_per_step(work / "pretrain" / "log.csv", pre_skip),
+               "decoder_step_s": seconds_per_step(work / "decoder" / "log.csv", dec_skip)}
     shutil.rmtree(work)
     timings["timing_s"] = time.perf_counter() - start
     return timings
