@@ -23,6 +23,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from helpers import ASSETS, REPO, USE_ASSETS, serve_app, tiny_bundle
+from ijepa import panels
 from ijepa.engine import Engine
 
 
@@ -223,17 +224,28 @@ def test_the_truth_panel_is_drawn_with_the_decoder_and_seed_the_user_chose(app_m
     engine = Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")
     handlers = app_module.Handlers(engine)
     value, source = handlers.initial_value()
-    calls, original = [], engine.truth_vs_prediction
+    calls, drawn, original = [], [], engine.truth_vs_prediction
     signature = inspect.signature(original)
 
     def spy(*args, **kwargs):
         arguments = signature.bind(*args, **kwargs).arguments
         calls.append((engine.conditioning_of(arguments.get("conditioning")), arguments.get("seed")))
-        return original(*args, **kwargs)
+        drawn.append(original(*args, **kwargs))
+        return drawn[-1]
 
     monkeypatch.setattr(engine, "truth_vs_prediction", spy)
-    list(handlers.run(value, 1, 7, 1, "pooled", source))  # value, sketches, seed, steps, decoder, source
+    updates = list(handlers.run(value, 1, 7, 1, "pooled", source))  # value, sketches, seed, steps, decoder, source
     assert calls == [("pooled", 7)]
+    # each figure reaches its own panel: the run's outputs are wired (build_app) in the order its updates come
+    final = updates[-1]
+    assert final[6] is drawn[0]
+    image, boxes, _ = handlers.model_input(value, source)
+    assert np.array_equal(final[2], panels.model_view(engine.analyze(image, boxes)))
+    demo = app_module.build_app(handlers)
+    run = next(d for d in demo.config["dependencies"] if d["api_name"] == "run")
+    ids = {block._id: getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    assert [ids[i] for i in run["outputs"]][:10] == ["annotator", None, "model-view", "explanation", "sketches",
+                                                     "sketch-status", "truth", "neighbours", "readout", "metrics"]
 
 
 def test_the_app_accepts_as_many_boxes_as_it_promises_and_no_more(app_module):

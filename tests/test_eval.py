@@ -319,6 +319,15 @@ def test_a_model_trained_on_another_emoji_catalog_is_flagged(caplog):
     assert "not the one the model trained on" in caplog.text
 
 
+def test_the_protocols_bank_is_the_training_emoji_and_its_queries_the_held_out_ones():
+    """Every other protocol test replaces these sets; a bank holding the queries would score near 100 %."""
+    bank, queries, num_classes, catalog = evaluation.emoji_probe_sets(16, 8)
+    bank_bases, query_bases = {int(item["emoji"]) for item in bank}, {int(item["emoji"]) for item in queries}
+    assert bank_bases == set(catalog.split_ids("train").tolist())
+    assert query_bases == set(catalog.split_ids("heldout").tolist()) and not bank_bases & query_bases
+    assert num_classes == {"group": len(catalog.group_names), "subgroup": len(catalog.subgroup_names)}
+
+
 @pytest.mark.parametrize("flag, value, message", [("--box-train", "0", "--box-train must be at least 1, got 0"),
                                                   ("--box-test", "0", "--box-test must be at least 1, got 0"),
                                                   ("--seed", "-1", "--seed must be at least 0, got -1")])

@@ -1,6 +1,7 @@
 """The pretraining loop: loss falls, a killed run resumes exactly, NaNs stop it, DDP ranks stay identical; bf16 only
 where the hardware has it."""
 import csv
+import json
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ from train.pretrain import PretrainConfig, train
 from ijepa.device import resolve_precision
 from train.decoder import DecoderTrainConfig
 from train.runtime import (LossWindow, Runtime, list_checkpoints, load_checkpoint, resume_state, save_checkpoint,
-                           save_folder_atomic)
+                           save_folder_atomic, write_file_atomic, write_json_atomic)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--img-size", "32", "--patch-size", "4", "--depth", "1", "--predictor-depth", "1", "--predictor-embed-dim",
@@ -255,6 +256,21 @@ def test_a_resume_after_the_emoji_catalog_changed_refuses(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="the emoji catalog changed since"):
         train(resumed)
     assert load_checkpoint(checkpoint)["step"] == 1  # nothing lost
+
+
+def test_an_interrupted_overwrite_leaves_the_old_file_whole(tmp_path):
+    """metrics.json, the probes, the budget plan: a write stopped half-way never shows under the final name."""
+    target = tmp_path / "metrics.json"
+    write_json_atomic(target, {"a": 1})
+
+    def stopped_half_way(tmp):
+        assert tmp != target and json.loads(target.read_text()) == {"a": 1}  # not written in place
+        tmp.write_text('{"a": ')
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        write_file_atomic(target, stopped_half_way)
+    assert json.loads(target.read_text()) == {"a": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
 def test_a_kill_during_a_folder_swap_is_finished_or_cleaned_by_the_next_save(tmp_path, monkeypatch):
