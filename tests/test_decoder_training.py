@@ -108,8 +108,10 @@ def test_a_decoder_run_does_not_resume_onto_other_weights_at_its_model_path(tmp_
     torch.manual_seed(1)
     save_model(IJepa(load_model(tiny_ijepa).config), model_dir)
     more = ("--steps", "3", "--ckpt-every", "1", "--resume", "true", "--allow-changes", "steps")
+    recorded = (tmp_path / "run" / "config.yaml").read_text()
     with pytest.raises(ValueError, match="no longer the model this decoder was trained on"):
         decoder_training.train(tiny_cfg(model_dir, tmp_path / "run", *more))
+    assert (tmp_path / "run" / "config.yaml").read_text() == recorded  # "nothing was overwritten" holds
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["ckpt-00000001.pt",
                                                                                     "ckpt-00000002.pt"]
     shutil.rmtree(model_dir)
@@ -132,6 +134,22 @@ def test_a_nan_between_log_steps_stops_the_decoder_before_it_is_checkpointed(tmp
         decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / "run", "--steps", "8", "--ckpt-every", "3",
                                         "--log-every", "4"))
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt-*.pt")] == ["ckpt-00000003.pt"]
+
+
+def test_a_finite_loss_with_nan_gradients_stops_the_decoder_before_it_is_checkpointed(tmp_path, tiny_ijepa,
+                                                                                       monkeypatch):
+    real, calls = decoder_training.DecoderLoss.forward, {"n": 0}
+
+    def nan_gradient_at_step_2(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = real(self, *args, **kwargs)
+        return loss + torch.sqrt(loss * 0) if calls["n"] == 2 else loss  # finite value, NaN gradient
+
+    monkeypatch.setattr(decoder_training.DecoderLoss, "forward", nan_gradient_at_step_2)
+    with pytest.raises(FloatingPointError, match="weights became NaN/inf by step 3"):
+        decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / "run", "--steps", "6", "--ckpt-every", "3",
+                                        "--log-every", "3"))
+    assert not list((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))
 
 
 def test_decoder_eval_reports_both_modes_and_exact_context(tmp_path, tiny_ijepa):

@@ -246,8 +246,10 @@ def test_a_resume_after_the_emoji_catalog_changed_refuses(tmp_path, monkeypatch)
     train(tiny(tmp_path / "run", "--steps", "1", "--ckpt-every", "1"))
     monkeypatch.delenv(EMOJI_TEST_ENV)
     resumed = tiny(tmp_path / "run", "--steps", "2", "--resume", "true", "--allow-changes", "steps")
+    recorded = (tmp_path / "run" / "config.yaml").read_text()
     with pytest.raises(ValueError, match=r"ckpt-00000001.pt: the emoji catalog changed since .*held-out split"):
         train(resumed)
+    assert (tmp_path / "run" / "config.yaml").read_text() == recorded  # "nothing was overwritten" holds
     checkpoint = tmp_path / "run" / "checkpoints" / "ckpt-00000001.pt"
     state = load_checkpoint(checkpoint)
     assert state["data_fingerprint"] == state["model_config"]["data_fingerprint"]
@@ -390,6 +392,24 @@ def test_settings_are_read_as_their_types_and_a_changed_batch_size_refuses_to_re
     assert all(type(v) is int for v in parse_config(PretrainConfig, ["--num-distractors", "2,3"]).num_distractors)
     saved = config_dict(PretrainConfig())
     assert "batch_size" in changed_settings(saved, PretrainConfig(batch_size=PretrainConfig().batch_size + 1))
+
+
+def test_a_finite_loss_with_nan_gradients_is_not_checkpointed(tmp_path, monkeypatch):
+    """Step 3's loss stays finite but its gradient is NaN (as an overflow in the backward gives): its update makes
+    every weight NaN. The step-4 checkpoint would have held them and been named the last good one."""
+    real_loss, calls = pretrain.ijepa_loss, {"n": 0}
+
+    def nan_gradient_at_step_3(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss + torch.sqrt(loss * 0) if calls["n"] == 3 else loss  # value unchanged, d/dloss = inf * 0
+
+    monkeypatch.setattr(pretrain, "ijepa_loss", nan_gradient_at_step_3)
+    with pytest.raises(FloatingPointError, match=r"weights became NaN/inf by step 4.*ckpt-00000002.pt"):
+        train(tiny(tmp_path / "run", "--steps", "8", "--ckpt-every", "2", "--log-every", "4"))
+    saved = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in saved] == ["ckpt-00000002.pt"]
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(saved[-1])["model"].values())
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -562,7 +582,7 @@ def test_a_nan_on_one_rank_stops_every_rank_and_keeps_the_last_good_checkpoint(t
     """))
     result = run_on_two_gloo_ranks(script, timeout=300)
     assert result.returncode != 0
-    assert "loss became NaN/inf by step 4" in result.stderr, result.stderr[-3000:]
+    assert "loss or weights became NaN/inf by step 4" in result.stderr, result.stderr[-3000:]
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt-*.pt")] == ["ckpt-00000002.pt"]
 
 

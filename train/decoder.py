@@ -186,9 +186,6 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     state, resumed_from = resume_state(ckpt_dir, cfg, rt.world_size)
-    if rt.is_main:
-        (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
 
     model = load_model(cfg.checkpoint).to(rt.device).eval()
     if model.predictor is None:
@@ -224,6 +221,9 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
     dataset = build_dataset(cfg.data, resolution=model.config.img_size, patch_size=model.config.patch_size,
                             seed=cfg.seed + 1)  # the world's default scenes, not pretraining's settings or seed
     check_resumed_data(saved_data, dataset, resumed_from)
+    if rt.is_main:  # only now: a resume refused above leaves the run's config as it was
+        (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
     loader = DataLoader(dataset, batch_sampler=StepBatches(start_step, cfg.steps, cfg.batch_size, rt.rank,
                                                            rt.world_size),
                         collate_fn=StackFields(("image",)),
@@ -265,7 +265,8 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
         done = step + 1
         progress.update(1)
         if window.due(done, cfg):
-            mean_loss, seconds, steps = window.close(done)  # stops the run on a NaN/inf loss, before any save
+            # stops the run on a NaN/inf loss or weight, before any save
+            mean_loss, seconds, steps = window.close(done, [*decoder.parameters(), *ema.shadow_params])
             if rt.is_main:
                 img_per_s = steps * cfg.batch_size * rt.world_size / seconds
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.1e}", img_s=f"{img_per_s:.0f}")

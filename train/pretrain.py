@@ -193,9 +193,6 @@ def train(cfg: PretrainConfig) -> IJepa:
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     state, resumed_from = resume_state(ckpt_dir, cfg, rt.world_size)
-    if rt.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
 
     # model and optimizer
     torch.manual_seed(cfg.seed)
@@ -227,6 +224,9 @@ def train(cfg: PretrainConfig) -> IJepa:
     scene = {name: getattr(cfg, name) for name in SCENE_FIELDS} if cfg.data == "emoji" else {}
     dataset = build_dataset(cfg.data, resolution=cfg.img_size, patch_size=cfg.patch_size, seed=cfg.seed, **scene)
     check_resumed_data(saved_data, dataset, resumed_from)
+    if rt.is_main:  # only now: a resume refused above leaves the run's config as it was
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
     collate = MaskCollator(model.config.grid_size, mask_config(cfg), seed=cfg.seed)
     sampler = StepBatches(start_step, cfg.steps, cfg.batch_size, rt.rank, rt.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
@@ -276,7 +276,7 @@ def train(cfg: PretrainConfig) -> IJepa:
         done = step + 1
         progress.update(1)
         if window.due(done, cfg):
-            mean_loss, seconds, steps = window.close(done)  # stops the run on a NaN/inf loss
+            mean_loss, seconds, steps = window.close(done, model.parameters())  # stops the run on NaN/inf
             img_per_s = steps * images_per_step / seconds
             if rt.is_main:
                 with autocast(rt.device, precision):

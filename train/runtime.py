@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -174,7 +174,9 @@ class LossWindow:
     """The mean loss over the steps between two log steps, summed on the device (no host sync per step).
 
     ``close`` is the one place a training loop learns its loss: a NaN/inf on any rank stops every rank together,
-    naming the last good checkpoint. Call it before every checkpoint, so none holds weights that are already bad.
+    naming the last good checkpoint. Call it before every checkpoint with the weights that checkpoint would hold,
+    so none holds weights that are already bad: a step can give a finite loss and NaN gradients (an overflow in
+    the backward), which its update spreads to every weight and, through DDP's averaging, to every rank.
     """
 
     def __init__(self, runtime: Runtime, ckpt_dir: Path):
@@ -198,8 +200,12 @@ class LossWindow:
         """Leave ``seconds`` of non-training work (evaluation) out of the window's time."""
         self.start += seconds
 
-    def close(self, step: int) -> tuple[float, float, int]:
-        """(mean loss, seconds, steps) of the window, averaged over ranks; then a fresh window."""
+    def close(self, step: int, weights: Iterable[torch.Tensor] = ()) -> tuple[float, float, int]:
+        """(mean loss, seconds, steps) of the window, averaged over ranks; then a fresh window. A NaN/inf in any of
+        ``weights`` stops the run as a NaN/inf loss does."""
+        weights = list(weights)
+        if weights:  # one reduction on the device, no host sync of its own
+            self.nonfinite += (~torch.stack([torch.isfinite(w).all() for w in weights])).sum()
         if self.runtime.distributed:
             dist.all_reduce(self.total)
             dist.all_reduce(self.nonfinite)
@@ -207,7 +213,7 @@ class LossWindow:
         if self.nonfinite.item() > 0:  # the weights are now suspect: stop before anything is saved
             good = list_checkpoints(self.ckpt_dir)
             raise FloatingPointError(
-                f"loss became NaN/inf by step {step}; stopping. The last good checkpoint is "
+                f"loss or weights became NaN/inf by step {step}; stopping. The last good checkpoint is "
                 f"{good[-1] if good else 'none (no checkpoint yet)'}. Check the data, or go on from it with a lower "
                 f"learning rate: the same command with --resume true --lr <lower> --allow-changes lr (in python -m "
                 f"train.default, which resumes by itself: --pretrain.lr <lower> --pretrain.allow-changes lr, or the "
