@@ -89,15 +89,17 @@ def gaussian_image_variances(size: int = 64) -> torch.Tensor:
 
 
 def solve_exact_denoiser(scheduler, num_steps: int, variances: torch.Tensor, num_images: int = 16) -> torch.Tensor:
-    """Run ``scheduler`` with the exact v-prediction for N(0, diag(variances)) data from fixed noise."""
+    """Run ``scheduler`` with the exact denoiser of N(0, diag(variances)) data from fixed noise, given in the
+    scheduler's own ``prediction_type`` (the clean image, v or the noise)."""
     scheduler.set_timesteps(num_steps)
     x = torch.randn(num_images, variances.numel(), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     for t in scheduler.timesteps:
         alpha_bar = scheduler.alphas_cumprod[t].double()
         alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
         x0 = alpha * variances / (alpha_bar * variances + sigma**2) * x
-        v = (alpha * x - x0) / sigma
-        x = scheduler.step(v.float(), t, x.float()).prev_sample.double()
+        output = {"sample": x0, "v_prediction": (alpha * x - x0) / sigma,
+                  "epsilon": (x - alpha * x0) / sigma}[scheduler.config.prediction_type]
+        x = scheduler.step(output.float(), t, x.float()).prev_sample.double()
     return x
 
 
