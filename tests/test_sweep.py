@@ -41,6 +41,15 @@ def test_variants_train_with_their_overrides_and_resume(tmp_path, monkeypatch, c
     lines = (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()
     assert [json.loads(line)["variant"] for line in lines] == ["baselines", "plain", "siblings"]
 
+    # other settings are not answered with the old rows (a rerun with --steps 6 printed the 2-step figures)
+    with pytest.raises(ValueError, match=r"already scores variant 'plain' with other settings \(steps: 2 -> 6\)"):
+        sweep.main(argv[:-1] + ["6"])
+    # a last line cut by a kill: that variant runs again, the others are kept
+    results = tmp_path / "sweep" / "results.jsonl"
+    results.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])
+    sweep.main(argv)
+    assert len(calls) == 4 and len(results.read_text().splitlines()) == 3
+
 
 def test_a_sweep_killed_between_training_and_scoring_continues(tmp_path, monkeypatch):
     calls = []
@@ -70,6 +79,24 @@ def test_a_misspelt_override_is_refused_before_anything_trains(tmp_path):
     variants.write_text("typo: {learning_rate: 0.1}\n")
     with pytest.raises(ValueError, match="'typo' sets unknown config keys \\['learning_rate'\\]"):
         sweep.load_variants(variants)
+    # a name is a folder under --out-dir: '../x' trained outside it; 'baselines' is the baseline row's
+    for name in ("../escaped", ".hidden", "baselines", "a/b"):
+        variants.write_text(f"'{name}': {{}}\n")
+        with pytest.raises(ValueError, match="variant name"):
+            sweep.load_variants(variants)
+    variants.write_text("plain: {steps: [1\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        sweep.load_variants(variants)
+
+
+def test_a_bad_value_in_a_variant_is_refused_before_the_baselines(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep.evaluation, "evaluate_emoji_features", lambda *a, **k: pytest.fail("scored"))
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("plain: {}\nbad: {steps: abc}\n")
+    with pytest.raises(ValueError, match="steps: expected a whole number"):
+        sweep.main(["--config", str(REPO / "train/configs/emoji_smoke.yaml"), "--variants", str(variants),
+                    "--out-dir", str(tmp_path / "sweep"), "--device", "auto"])
+    assert not (tmp_path / "sweep").exists()
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "train/configs").glob("sweep_*.yaml")), ids=lambda p: p.name)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import time
 from dataclasses import fields, replace
 from pathlib import Path
@@ -23,21 +24,51 @@ import yaml
 from ijepa.model import IJepa
 from train import eval as evaluation
 from train import pretrain
-from train.config import doc_summary, load_config, parse_config, run_command
+from ijepa.device import resolve_device
+from train.config import (RESUME_HINT, changed_settings, config_dict, doc_summary, load_config, parse_config,
+                          run_command)
 
 logger = logging.getLogger("train.sweep")
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 
 def load_variants(path: Path) -> dict[str, dict]:
-    variants = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        variants = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(variants, dict) or not all(isinstance(v, dict) or v is None for v in variants.values()):
         raise ValueError(f"{path}: expected a mapping of variant name -> config overrides")
     known = {f.name for f in fields(pretrain.PretrainConfig)}
     for name, overrides in variants.items():
+        # each variant trains in <out-dir>/<name>, and "baselines" names the baseline row of results.jsonl
+        if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name) or name == "baselines":
+            raise ValueError(f"{path}: variant name {name!r}: use letters, digits, '_', '-' and '.', not starting "
+                             "with '.', and not 'baselines'")
         unknown = sorted(set(overrides or {}) - known)
         if unknown:
             raise ValueError(f"{path}: variant {name!r} sets unknown config keys {unknown}")
     return {name: dict(overrides or {}) for name, overrides in variants.items()}
+
+
+def read_results(lines: Path) -> dict[str, dict]:
+    """The rows of ``results.jsonl`` by variant; a last line cut short by a kill is dropped (its variant runs again,
+    resuming from its checkpoints)."""
+    if not lines.exists():
+        return {}
+    rows, text = {}, lines.read_text().splitlines()
+    for number, line in enumerate(text, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number < len(text):
+                raise ValueError(f"{lines}: line {number} is not JSON; fix or delete that line") from None
+            logger.warning("%s: its last line was cut short (a run stopped while writing it); that variant runs "
+                           "again", lines)
+            lines.write_text("".join(f"{kept}\n" for kept in text[:-1]))
+            continue
+        rows[row["variant"]] = row
+    return rows
 
 
 def summary_row(name: str, result: dict) -> str:
@@ -56,7 +87,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--config", required=True, help="the base pretraining YAML")
     parser.add_argument("--variants", required=True, help="YAML: variant name -> overrides of the base config")
     parser.add_argument("--out-dir", default="runs/sweep")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N or mps")
     parser.add_argument("--only", default=None,
                         help="comma-separated variant names to run (e.g. to split a sweep over parallel processes)")
     args, extra = parser.parse_known_args(argv)
@@ -69,31 +100,40 @@ def main(argv=None) -> list[dict]:
         if unknown:
             parser.error(f"--only names variants {args.variants} does not have: {unknown}")
         variants = {name: variants[name] for name in wanted}
+    device = resolve_device(args.device)
     out = Path(args.out_dir)
+    # every variant's settings, checked now and not after the minutes of baselines
+    configs = {name: replace(load_config(pretrain.PretrainConfig, None, {**vars(base), **overrides}),
+                             out_dir=str(out / name), device=device, resume=True)
+               for name, overrides in variants.items()}
     out.mkdir(parents=True, exist_ok=True)
     lines = out / "results.jsonl"
-    done = {row["variant"]: row for row in map(json.loads, lines.read_text().splitlines())} if lines.exists() else {}
+    done = read_results(lines)
+    for name, cfg in configs.items():
+        changed = changed_settings(done[name]["config"], cfg) if "config" in done.get(name, {}) else ""
+        if changed:
+            raise ValueError(f"{lines} already scores variant {name!r} with other settings ({changed}): use another "
+                             f"--out-dir, or delete its line to train it again")
 
     if "baselines" not in done:
         baseline = evaluation.evaluate_emoji_features(IJepa(pretrain.model_config(base)).eval(), base.seed,
-                                                      args.device, sources=("raw_pixels", "random_init"))
+                                                      device, sources=("raw_pixels", "random_init"))
         done["baselines"] = {"variant": "baselines", **baseline}
         with open(lines, "a") as f:
             f.write(json.dumps(done["baselines"]) + "\n")
     for name, overrides in variants.items():
         if name in done:
             continue
-        cfg = replace(load_config(pretrain.PretrainConfig, None, {**vars(base), **overrides}),
-                      out_dir=str(out / name), device=args.device, resume=True)
+        cfg = configs[name]
         start = time.perf_counter()
         model = pretrain.train(cfg).eval()
         seconds = time.perf_counter() - start
-        result = evaluation.evaluate_emoji_features(model, base.seed, args.device,
+        result = evaluation.evaluate_emoji_features(model, base.seed, device,
                                                     sources=("target_encoder", "context_encoder"))
         with open(out / name / "log.csv") as f:
             final_loss = float(f.read().strip().splitlines()[-1].split(",")[1])
-        done[name] = {"variant": name, "overrides": overrides, "seconds": round(seconds, 1),
-                      "final_loss": final_loss, **result}
+        done[name] = {"variant": name, "overrides": overrides, "config": config_dict(cfg),
+                      "seconds": round(seconds, 1), "final_loss": final_loss, **result}
         with open(lines, "a") as f:
             f.write(json.dumps(done[name]) + "\n")
 
@@ -107,4 +147,5 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_command(main))
+    raise SystemExit(run_command(main, interrupted=f"{RESUME_HINT} (the sweep goes on from the variant it stopped "
+                                                   "in; finished ones are kept in results.jsonl)"))
