@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import math
+import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -619,6 +620,17 @@ def build_app(handlers: Handlers) -> gr.Blocks:
     return demo
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why the app could not listen on ``host:port`` (another server has it, or the address is not this machine's),
+    or None."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            return f"cannot listen on {host}:{port} ({err.strerror}): pass another --port (or --host)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="I-JEPA, visible: draw a box, see what the predictor expects.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
@@ -635,7 +647,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the sketch decoder's autocast: auto = bf16 where it is native (CUDA, CPUs with "
                              "AVX512-BF16 or AMX), else fp32")
     args = parser.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port must be between 1 and 65535, got {args.port}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    problem = port_problem(args.host, args.port)  # now, not after the models have loaded
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # the same limit for every decoder in this process
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import socket
 import struct
 import sys
 import warnings
@@ -22,7 +23,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from helpers import ASSETS, REPO, USE_ASSETS, serve_app, tiny_bundle
+from helpers import ASSETS, REPO, USE_ASSETS, free_port, serve_app, tiny_bundle
 from ijepa import panels
 from ijepa.engine import Engine
 
@@ -266,15 +267,30 @@ def test_command_line_flags_reach_the_engine(app_module, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(app_module.Engine, "load", load)
     argv = ["--assets", str(tmp_path / "a"), "--checkpoint", str(tmp_path / "c"), "--decoder", str(tmp_path / "d1"),
-            "--decoder", str(tmp_path / "d2"), "--device", "cpu", "--precision", "fp32"]
+            "--decoder", str(tmp_path / "d2"), "--device", "cpu", "--precision", "fp32", "--port", str(free_port())]
     assert app_module.main(argv) == 2 and "error: recorded" in capsys.readouterr().err
     assert calls == [((tmp_path / "a",), {"checkpoint": tmp_path / "c", "decoder": [tmp_path / "d1", tmp_path / "d2"],
                                           "device": "cpu", "precision": "fp32"})]
 
 
 def test_missing_bundle_exits_with_a_clear_message(app_module, tmp_path, capsys):
-    assert app_module.main(["--assets", str(tmp_path / "nothing")]) == 2
+    assert app_module.main(["--assets", str(tmp_path / "nothing"), "--port", str(free_port())]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_a_port_in_use_or_out_of_range_is_refused_before_the_models_load(app_module, monkeypatch, capsys):
+    """Gradio's traceback came after loading and warming up the models; --port 70000 gave an OverflowError."""
+    monkeypatch.setattr(app_module.Engine, "load", lambda *a, **k: pytest.fail("the models were loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert app_module.main(["--port", str(port)]) == 2
+    assert f"error: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    for port in ("70000", "-1", "0"):
+        with pytest.raises(SystemExit) as stop:
+            app_module.main(["--port", port])
+        assert stop.value.code == 2 and "--port must be between 1 and 65535" in capsys.readouterr().err
 
 
 def test_the_widget_shows_exact_pixels_and_a_new_image_clears_the_last_results(app_module, tmp_path):
