@@ -152,7 +152,7 @@ def test_a_finite_loss_with_nan_gradients_stops_the_decoder_before_it_is_checkpo
     assert not list((tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"))
 
 
-def test_decoder_eval_reports_both_modes_and_exact_context(tmp_path, tiny_ijepa):
+def test_decoder_eval_reports_both_modes_and_exact_context(tmp_path, tiny_ijepa, monkeypatch):
     for mode in ("spatial_context", "pooled"):
         decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / mode, "--steps", "1", "--conditioning", mode))
     report = eval_decoder.main(["--checkpoint", str(tiny_ijepa), "--decoder", str(tmp_path / "spatial_context" /
@@ -172,6 +172,17 @@ def test_decoder_eval_reports_both_modes_and_exact_context(tmp_path, tiny_ijepa)
         eval_decoder.main(["--checkpoint", str(tiny_ijepa), "--decoder", "unused", "--num-samples", "1"])
     with pytest.raises(SystemExit):  # numpy takes no negative seed: refused before the models load
         eval_decoder.main(["--checkpoint", str(tiny_ijepa), "--decoder", "unused", "--seed", "-1"])
+    # the two decoders given the other way round: refused, not reported under each other's names
+    swapped = ["--checkpoint", str(tiny_ijepa), "--decoder", str(tmp_path / "pooled" / "decoder"),
+               "--paper-decoder", str(tmp_path / "spatial_context" / "decoder"), "--out-dir", str(tmp_path / "e2")]
+    with pytest.raises(ValueError, match="is a pooled decoder, but --decoder takes ours"):
+        eval_decoder.main(swapped)
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(eval_decoder, "evaluate_decoder", lambda *a, **k: pytest.fail("scored"))
+    with pytest.raises(OSError):  # an --out-dir that is a file: refused before the minutes of scoring
+        eval_decoder.main(["--checkpoint", str(tiny_ijepa), "--decoder", str(tmp_path / "spatial_context" /
+                                                                             "decoder"), "--out-dir",
+                           str(tmp_path / "a_file")])
 
 
 @pytest.mark.slow

@@ -330,7 +330,8 @@ def test_the_protocols_bank_is_the_training_emoji_and_its_queries_the_held_out_o
 
 @pytest.mark.parametrize("flag, value, message", [("--box-train", "0", "--box-train must be at least 1, got 0"),
                                                   ("--box-test", "0", "--box-test must be at least 1, got 0"),
-                                                  ("--seed", "-1", "--seed must be at least 0, got -1")])
+                                                  ("--seed", "-1", "--seed must be at least 0, got -1"),
+                                                  ("--img-size", "0", "--img-size must be at least 1, got 0")])
 def test_bad_counts_and_seeds_are_refused_before_the_evaluation_runs(tmp_path, flag, value, message, monkeypatch,
                                                                     capsys):
     monkeypatch.setattr(evaluation, "evaluate_checkpoint", lambda *a, **k: pytest.fail("the evaluation ran"))

@@ -490,6 +490,8 @@ def main(argv=None) -> dict:
             parser.error(f"{flag} must be at least 1, got {count}")
     if args.seed < 0:
         parser.error(f"--seed must be at least 0, got {args.seed}")
+    if args.img_size is not None and args.img_size < 1:
+        parser.error(f"--img-size must be at least 1, got {args.img_size}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     results = evaluate_checkpoint(args.checkpoint, Path(args.out_dir), args.data, args.box_train, args.box_test,
                                   args.seed, args.device, args.img_size)

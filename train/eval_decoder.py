@@ -165,6 +165,7 @@ def evaluate_decoders(checkpoint: str | Path, decoder: str | Path, paper_decoder
     problem = gallery_problem(num_images, num_samples)
     if problem:
         raise ValueError(problem)
+    out_dir.mkdir(parents=True, exist_ok=True)  # a file there is refused now, not after minutes of scoring
     start = time.perf_counter()
     device = resolve_device(device)
     precision = resolve_precision(torch.device(device), precision)
@@ -189,6 +190,11 @@ def evaluate_decoders(checkpoint: str | Path, decoder: str | Path, paper_decoder
     grids = {}
     for name, path in decoders.items():
         loaded = load_decoder(path, model).to(device)  # checked against the model, float32
+        expected = "pooled" if name.startswith("paper") else None
+        if (loaded.config.conditioning == "pooled") != (expected == "pooled"):
+            flag = "--paper-decoder" if expected else "--decoder"
+            raise ValueError(f"{path} is a {loaded.config.conditioning} decoder, but {flag} takes "
+                             f"{'the paper-faithful (pooled) one' if expected else 'ours (not pooled)'}: swap the two")
         metrics, grids[name] = evaluate_decoder(model, loaded, groups, num_samples, num_steps, seed, precision)
         report["decoders"][name] = {"path": str(path), "conditioning": loaded.config.conditioning, **metrics}
         logger.info("%s: %s", name, metrics)
