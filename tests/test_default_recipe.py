@@ -2,6 +2,7 @@
 bundle passes the same checks as the shipped one, the model card quotes the run's own figures, and a second
 call skips the finished stages."""
 import json
+import shlex
 import shutil
 
 import pytest
@@ -13,6 +14,7 @@ from ijepa.bundle import BANK_NAME, DECODER_DIRS, MODEL_DIR, SHIPPED_SIZE_LIMIT,
 from train import budget
 from train import decoder as decoder_training
 from train import default as recipe
+from train.config import config_dict
 from train.model_card import write_model_card
 from train import replace_decoder as replacing
 
@@ -455,3 +457,15 @@ def test_outputs_made_from_a_model_about_to_be_retrained_stop_the_recipe(tmp_pat
     with pytest.raises(ValueError, match="holds outputs of eval made from a model"):
         recipe.main(["--out-dir", str(run), "--profile", "smoke"])
     assert sorted(p.name for p in run.iterdir()) == ["eval"]
+
+
+def test_the_commands_the_card_quotes_can_be_pasted_into_a_shell(tmp_path):
+    """A run folder with a space in its path was quoted as two arguments; a damaged metrics.json is one error."""
+    saved = {**config_dict(decoder_training.DecoderTrainConfig()), "checkpoint": "my runs/model",
+             "out_dir": "my runs/dec", "steps": 7}
+    command = replacing.training_command(saved)
+    parsed = shlex.split(command)
+    assert parsed[parsed.index("--checkpoint") + 1] == "my runs/model" and parsed[parsed.index("--steps") + 1] == "7"
+    (tmp_path / "metrics.json").write_text('{"command": ')
+    with pytest.raises(ValueError, match="metrics.json is not valid JSON"):
+        replacing.replace_decoder(tmp_path, tmp_path / "run", tmp_path / "eval", "x")

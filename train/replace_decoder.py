@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import logging
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -70,7 +71,11 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, c
     metrics_path = bundle / "metrics.json"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{metrics_path} is missing: {bundle} is not a bundle exported by train.default")
-    metrics = json.loads(metrics_path.read_text())
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{metrics_path} is not valid JSON ({err}): restore it from the bundle's copy in git or "
+                         "export the bundle again") from None
     if "command" not in metrics:
         raise ValueError(f"{metrics_path} does not record the recipe's command, which the card quotes: export the "
                          "bundle again with python -m train.default ... --export")
@@ -116,8 +121,8 @@ def training_command(saved: dict) -> str:
     for name, value in saved.items():
         if (name in RUN_ONLY_FIELDS and name != "out_dir") or value == defaults.get(name):
             continue
-        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-        flags.append(f"--{name.replace('_', '-')} {shown}")
+        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        flags.append(f"--{name.replace('_', '-')} {shlex.quote(shown)}")  # a path with a space stays one argument
     return "python -m train.decoder " + " ".join(flags)
 
 
@@ -131,7 +136,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run = Path(args.run)
-    replaced_by = f"python -m train.replace_decoder --bundle {args.bundle} --run {args.run}"
+    replaced_by = shlex.join(["python", "-m", "train.replace_decoder", "--bundle", args.bundle, "--run", args.run])
     replace_decoder(Path(args.bundle), run, Path(args.eval_dir or run / "eval"), replaced_by, args.command)
 
 
