@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from decoder.pipeline import DEFAULT_NUM_STEPS  # noqa: E402
 from ijepa import panels  # noqa: E402
 from ijepa.bundle import DEFAULT_ASSETS, build_random_bundle  # noqa: E402
-from ijepa.engine import Engine  # noqa: E402
+from ijepa.engine import MAX_NUM_SAMPLES, MAX_NUM_STEPS, Engine  # noqa: E402
 from ijepa.model import IJepaConfig  # noqa: E402
 
 # The CPU recipe's model (train/configs/emoji_cpu.yaml): what assets/model holds by default.
@@ -74,6 +74,11 @@ def main() -> None:
     for name, low in (("samples", 1), ("steps", 1), ("repeats", 1), ("warmup", 0), ("threads", 1)):
         if getattr(args, name) < low:
             parser.error(f"--{name} must be at least {low}, got {getattr(args, name)}")
+    for name, high in (("samples", MAX_NUM_SAMPLES), ("steps", MAX_NUM_STEPS)):  # what the app accepts
+        if getattr(args, name) > high:
+            parser.error(f"--{name} must be at most {high} (the app's limit), got {getattr(args, name)}")
+    if args.assets != DEFAULT_ASSETS and not (args.assets / "model" / "config.json").is_file():
+        parser.error(f"--assets {args.assets} is not a bundle (no model/config.json)")
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:

@@ -469,3 +469,14 @@ def test_the_commands_the_card_quotes_can_be_pasted_into_a_shell(tmp_path):
     (tmp_path / "metrics.json").write_text('{"command": ')
     with pytest.raises(ValueError, match="metrics.json is not valid JSON"):
         replacing.replace_decoder(tmp_path, tmp_path / "run", tmp_path / "eval", "x")
+
+
+def test_choosing_examples_without_a_group_probe_says_what_is_missing(tmp_path):
+    from helpers import tiny_bundle
+    from train.examples import choose_examples
+
+    bundle = tiny_bundle(tmp_path / "b")
+    for path in bundle.glob("probe_group.*"):
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match="probe_group.safetensors is missing"):  # was KeyError: 'group'
+        choose_examples(bundle, tmp_path / "examples")

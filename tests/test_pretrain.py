@@ -343,6 +343,10 @@ def test_any_kept_checkpoint_exports_as_a_model_folder(tmp_path):
     truncated.write_bytes((tmp_path / "run" / "checkpoints" / "ckpt-00000004.pt").read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="ckpt-00000009.pt: cannot read this file as a PyTorch checkpoint"):
         export_checkpoint(truncated)
+    copied = tmp_path / "copied"  # a run copied while its newest checkpoint was being written
+    shutil.copytree(tmp_path / "run" / "checkpoints", copied / "checkpoints")
+    shutil.copy(truncated, copied / "checkpoints")
+    assert newest_checkpoint(copied) == copied / "checkpoints" / "ckpt-00000004.pt"  # the newest complete one
     with pytest.raises(FileNotFoundError, match="is a model folder already"):
         newest_checkpoint(tmp_path / "last")
     for taken in (tmp_path / "last", tmp_path / "run" / "checkpoints"):  # another export, the run's own files

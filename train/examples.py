@@ -1,4 +1,5 @@
-"""The bundle's example images: held-out emoji scenes with a box the app's gallery pre-draws.
+"""The bundle's example images: held-out emoji scenes with a box the app's gallery pre-draws. Replaces the bundle's
+examples/ and rewrites its metrics.json and MODEL_CARD.md (the default bundle is the shipped assets/).
 
     python -m train.examples --bundle assets     # choose them again for a bundle's model, rewrite metrics and card
 
@@ -38,6 +39,9 @@ def choose_examples(bundle: Path, directory: Path) -> dict:
     model = load_model(bundle / MODEL_DIR)
     probes = {name: load_probe(bundle / f"probe_{name}.safetensors", model.config.embed_dim)
               for name in PROBE_NAMES if (bundle / f"probe_{name}.safetensors").is_file()}
+    if "group" not in probes:
+        raise FileNotFoundError(f"{bundle / 'probe_group.safetensors'} is missing: the examples are chosen by what the "
+                                "group probe reads (python -m train.eval writes it; train.default puts it in a bundle)")
     return render_examples(model, directory, probes["group"], probes.get("subgroup"))
 
 

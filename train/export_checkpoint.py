@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import zipfile
 from pathlib import Path
 
 from ijepa.checkpoint import WEIGHTS_NAME, save_model
@@ -35,7 +36,13 @@ def newest_checkpoint(path: Path) -> Path:
                                 "it is")
     if not found:
         raise FileNotFoundError(f"{path}: no checkpoint (ckpt-<step>.pt) in it or in {path / 'checkpoints'}")
-    return found[-1]
+    for newest in reversed(found):  # a copied run's newest file may be cut short: the one before it then
+        try:  # torch.save's zip archive keeps its directory at the end: a cut file has none (read in milliseconds)
+            with zipfile.ZipFile(newest):
+                return newest
+        except (zipfile.BadZipFile, OSError) as err:
+            logger.warning("skipping %s, which is cut short or damaged: %s", newest, err)
+    raise FileNotFoundError(f"{path}: none of its {len(found)} checkpoints is complete")
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path | None = None) -> Path:
