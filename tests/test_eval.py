@@ -250,6 +250,23 @@ def test_image_folder_classes(tmp_path, tiny_model, monkeypatch):
     assert seen[0][0] is None and seen[4][0] is tiny_model and _is_fresh_random_init(seen[2][0], tiny_model.config)
 
 
+def test_a_folders_raw_pixels_are_read_small_enough_for_imagenet(tiny_model):
+    """224 px photos kept whole would take 600 KB per image (770 GB for ImageNet's 1.28M images); the baseline is
+    area-averaged to at most FOLDER_PIXEL_SIDE on a side, and the emoji protocol's 64 px images stay whole."""
+    class Photos(Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {"image": torch.full((3, 224, 224), float(i)), "label": torch.tensor(i)}
+
+    side = evaluation.FOLDER_PIXEL_SIDE
+    features, _ = evaluation.pooled_features(None, Photos(), ("label",), pixel_side=side)
+    assert features.shape == (3, 3 * side * side) and torch.equal(features[2], torch.full((3 * side * side,), 2.0))
+    whole, _ = evaluation.pooled_features(None, Photos(), ("label",))
+    assert whole.shape == (3, 3 * 224 * 224)
+
+
 def test_a_val_folder_missing_a_class_keeps_the_train_labels(tmp_path, tiny_model):
     rng = np.random.default_rng(0)
     colours = {"blue": (30, 30, 220), "green": (30, 200, 30), "red": (220, 30, 30)}

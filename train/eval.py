@@ -35,27 +35,34 @@ from train.data import StackFields
 from train.runtime import write_json_atomic
 
 logger = logging.getLogger("train.eval")
+# An image folder's raw-pixel baseline is read at most this many pixels on a side (area-averaged), as tiny-image
+# baselines are: 224 px photos would keep 600 KB per image (770 GB for ImageNet's 1.28M) and a 150,528-wide probe
+FOLDER_PIXEL_SIDE = 32
 
 
 # ----- feature extraction --------------------------------------------------------------------------------------
 
 def collect(dataset: Dataset, keys: tuple[str, ...], batch_size: int = 256):
-    """Iterate a dataset in batches (in this process), yielding dicts of stacked tensors for ``keys``."""
+    """Iterate a dataset in batches (in this process), yielding dicts of stacked tensors for ``keys``; a progress
+    bar on a terminal (an image folder can take hours)."""
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=StackFields(keys))
-    yield from loader
+    yield from tqdm(loader, desc="features", unit="batch", leave=False, disable=None)
 
 
 @torch.no_grad()
 def _pool(model: IJepa | None, dataset: Dataset, label_keys: tuple[str, ...], which: str = "target",
-          batch_size: int = 256, device: str = "cpu", with_object_only: bool = False
+          batch_size: int = 256, device: str = "cpu", with_object_only: bool = False, pixel_side: int | None = None
           ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
-    """One pass over the dataset: whole-image pooled features, optionally object-only ones, and labels."""
+    """One pass over the dataset: whole-image pooled features, optionally object-only ones, and labels. Raw pixels
+    (model None) are area-averaged down to ``pixel_side`` first where the images are larger."""
     whole, objects, labels = [], [], {k: [] for k in label_keys}
     keys = ("image", "patch_emoji") + label_keys if with_object_only else ("image",) + label_keys
     for batch in collect(dataset, keys, batch_size):
         images = batch["image"].to(device)
         on_object = (batch["patch_emoji"] >= 0).to(device) if with_object_only else None
         if model is None:
+            if pixel_side is not None and images.shape[-1] > pixel_side:
+                images = F.adaptive_avg_pool2d(images, pixel_side)
             whole.append(images.flatten(1).cpu())
             if on_object is not None:
                 patch = images.shape[-1] // on_object.shape[-1]
@@ -73,15 +80,15 @@ def _pool(model: IJepa | None, dataset: Dataset, label_keys: tuple[str, ...], wh
 
 
 def pooled_features(model: IJepa | None, dataset: Dataset, label_keys: tuple[str, ...], which: str = "target",
-                    batch_size: int = 256, device: str = "cpu", object_only: bool = False
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    batch_size: int = 256, device: str = "cpu", object_only: bool = False,
+                    pixel_side: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Average-pooled encoder features (or flattened pixels when model is None) and labels of a whole dataset.
 
     ``object_only`` (a diagnostic, emoji datasets only) pools over the patches an emoji covers (an encoder still
     sees the whole image; raw pixels keep only the emoji's): it shows how much of a gap comes from the background
     diluting the average.
     """
-    whole, objects, labels = _pool(model, dataset, label_keys, which, batch_size, device, object_only)
+    whole, objects, labels = _pool(model, dataset, label_keys, which, batch_size, device, object_only, pixel_side)
     return (objects if object_only else whole), labels
 
 
@@ -420,10 +427,12 @@ def evaluate_folder(model: IJepa, root: Path, seed: int = 0, device: str = "cpu"
     random_model = random_init_like(model.config, seed, device)
     num_classes = {"label": len(full.classes)}
     results = {"protocol": f"image folder {root}", "split": split, "bank_size": len(bank_set),
-               "query_size": len(query_set), "features": {}}
+               "query_size": len(query_set), "raw_pixels_side": min(size, FOLDER_PIXEL_SIDE), "features": {}}
     for name, source in (("raw_pixels", None), ("random_init", random_model), ("target_encoder", model)):
-        bank, bank_labels = pooled_features(source, bank_set, ("label",), device=device)
-        queries, query_labels = pooled_features(source, query_set, ("label",), device=device)
+        logger.info("%s: %d bank and %d query images", name, len(bank_set), len(query_set))
+        bank, bank_labels = pooled_features(source, bank_set, ("label",), device=device, pixel_side=FOLDER_PIXEL_SIDE)
+        queries, query_labels = pooled_features(source, query_set, ("label",), device=device,
+                                                pixel_side=FOLDER_PIXEL_SIDE)
         results["features"][name] = score(bank, bank_labels, queries, query_labels, num_classes)
     return results
 
