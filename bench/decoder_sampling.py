@@ -144,6 +144,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     decoder = SketchDecoder().eval()
+    if args.box_patches >= min(decoder.config.grid_size):  # a box must leave context around it
+        parser.error(f"--box-patches must be below the decoder's grid side {min(decoder.config.grid_size)}, got "
+                     f"{args.box_patches}")
     sampler = SketchSampler(decoder)
     cond = box_condition(decoder, args.box_patches)
     params = sum(p.numel() for p in decoder.parameters())
