@@ -126,7 +126,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(row), flush=True)
     else:
-        print(f"{row['arch']} at {size} px, {weights} weights, {args.samples} sketches x {args.steps} steps, "
+        print(f"{row['arch']} at {size} px, {weights} weights, the {row['decoder']} decoder, {args.samples} sketches x "
+              f"{args.steps} steps, "
               f"{args.threads} threads, {row['dtype']}:\n"
               f"  last sketch p50 {row['p50_s']:.3f} s, p90 {row['p90_s']:.3f} s; first sketch p50 "
               f"{row['first_sketch_p50_s']:.3f} s, p90 {row['first_sketch_p90_s']:.3f} s; whole request with the "

@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers import train_on_two_gloo_ranks
 import train.decoder as decoder_training
@@ -179,6 +180,14 @@ def test_decoder_eval_reports_both_modes_and_exact_context(tmp_path, tiny_ijepa,
         eval_decoder.main(swapped)
     (tmp_path / "a_file").write_text("")
     monkeypatch.setattr(eval_decoder, "evaluate_decoder", lambda *a, **k: pytest.fail("scored"))
+    few = tmp_path / "few"  # read round again, 5 files made a 64-image gallery of repeated (image, box) pairs
+    few.mkdir()
+    for i in range(5):
+        Image.new("RGB", (40, 40), (50 * i, 20, 200)).save(few / f"{i}.png")
+    with pytest.raises(ValueError, match="holds 5 images and --num-images 64 needs 64 distinct"):
+        eval_decoder.main(["--checkpoint", str(tiny_ijepa), "--decoder", str(tmp_path / "spatial_context" /
+                                                                             "decoder"), "--data", str(few),
+                           "--num-images", "64", "--out-dir", str(tmp_path / "e3")])
     with pytest.raises(OSError):  # an --out-dir that is a file: refused before the minutes of scoring
         eval_decoder.main(["--checkpoint", str(tiny_ijepa), "--decoder", str(tmp_path / "spatial_context" /
                                                                              "decoder"), "--out-dir",

@@ -126,7 +126,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--paper-decoder", default=None, help="the paper-faithful (pooled) decoder, same run")
     parser.add_argument("--data", default="emoji", help="emoji (held-out emoji scenes) or an image folder, read "
                         "as centre crops: pass one the decoder did not train on (e.g. a validation split)")
-    parser.add_argument("--num-images", type=int, default=128, help="(image, box) pairs = retrieval gallery size")
+    parser.add_argument("--num-images", type=int, default=128, help="(image, box) pairs = retrieval gallery size "
+                        "(rounded up to a multiple of 16: one box shape per 16 images)")
     parser.add_argument("--num-samples", type=int, default=4, help="sketches per box (at least 2: diversity)")
     parser.add_argument("--num-steps", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
@@ -176,6 +177,11 @@ def evaluate_decoders(checkpoint: str | Path, decoder: str | Path, paper_decoder
     dataset = build_dataset(data, resolution=model.config.img_size, patch_size=model.config.patch_size,
                             seed=seed + 777, **extra)
     group_size = 16
+    needed = -(-num_images // group_size) * group_size
+    if len(dataset) < needed:  # a folder read round again would put the same (image, box) pairs in the gallery
+        raise ValueError(f"{data} holds {len(dataset)} images and --num-images {num_images} needs {needed} distinct "
+                         f"ones: pass --num-images {len(dataset) // group_size * group_size} or less, or a larger "
+                         "folder")
     groups, rng, index = [], np.random.default_rng(seed), 0
     for _ in range(-(-num_images // group_size)):  # one box shape per group of images
         images = torch.stack([dataset[index + j]["image"] for j in range(group_size)]).to(device)
