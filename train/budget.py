@@ -108,17 +108,19 @@ def plan_lengths(budget_s: float, timings: dict, pretrain_steps: int, warmup_ste
     Raises ValueError when even the stages that train nothing would not fit."""
     t_pre, t_dec = timings["pretrain_step_s"], timings["decoder_step_s"]
     reserved = EVAL_PRETRAIN_STEPS * t_pre + EVAL_DECODER_STEPS * t_dec
-    available = usable_seconds(budget_s, timings.get("timing_s", 0.0)) - reserved
+    timing_s = timings.get("timing_s", 0.0)
+    available = usable_seconds(budget_s, timing_s) - reserved
     full = pretrain_steps * t_pre + num_decoders * decoder_steps * t_dec
     shortest = (min(pretrain_steps, MIN_PRETRAIN_STEPS) * t_pre
                 + num_decoders * min(decoder_steps, MIN_DECODER_STEPS) * t_dec)
     if available < shortest:
-        needed = (shortest + reserved + timings.get("timing_s", 0.0)) / (1 - MARGIN)  # the smallest budget that fits
+        needed = (shortest + reserved + timing_s) / (1 - MARGIN)  # the smallest budget that fits
         raise ValueError(
             f"a budget of {duration(budget_s)} is too small on this machine: the shortest run needs "
-            f"~{duration(needed)} (evaluation stages ~{duration(reserved)}, the shortest training ~{duration(shortest)}, the timing "
-            f"{duration(timings.get('timing_s', 0.0))} and a {MARGIN:.0%} margin; pretraining step {t_pre:.2f} s, "
-            f"decoder step {t_dec:.2f} s); give a larger --budget-minutes, or 0 for the profile's full lengths")
+            f"~{duration(needed)} (evaluation stages ~{duration(reserved)}, the shortest training "
+            f"~{duration(shortest)}, the timing {duration(timing_s)} and a {MARGIN:.0%} margin; pretraining step "
+            f"{t_pre:.2f} s, decoder step {t_dec:.2f} s); give a larger --budget-minutes, or 0 for the profile's full "
+            "lengths")
     fraction = min(1.0, available / full)
     plan = {"budget_s": budget_s, **timings, "full_training_s": round(full, 1), "fraction": round(fraction, 4),
             "pretrain_steps": pretrain_steps, "pretrain_warmup_steps": warmup_steps, "decoder_steps": decoder_steps}

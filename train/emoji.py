@@ -128,13 +128,15 @@ def _stable_hash(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
+def _how_to_install(env: str) -> str:
+    return f"Install it with `{INSTALL_HINT}`, or point {env} (or the argument) at a copy of the file."
+
+
 def _resolve(path: str | os.PathLike | None, env: str, default: str, what: str) -> Path:
     """Explicit argument > environment variable (read now, not at import) > Debian default; must exist."""
     chosen = Path(path if path is not None else os.environ.get(env) or default)
     if not chosen.is_file():
-        raise FileNotFoundError(
-            f"{what} not found at {chosen}. Install it with `{INSTALL_HINT}`, or point {env} (or the "
-            f"argument) at a copy of the file.")
+        raise FileNotFoundError(f"{what} not found at {chosen}. {_how_to_install(env)}")
     return chosen
 
 
@@ -185,8 +187,8 @@ def _require_colour_emoji(font: ImageFont.FreeTypeFont, path: Path) -> None:
     seen = drawn[0][..., 3] > 0
     coloured = bool(seen.any()) and bool((np.ptp(drawn[0][..., :3], axis=-1)[seen] > 32).any())
     if not coloured or np.array_equal(drawn[0], drawn[1]):
-        raise ValueError(f"{path} does not draw emoji in colour (is it the Noto Color Emoji font?). Install it with: "
-                         f"{INSTALL_HINT}, or point {FONT_ENV} at its .ttf")
+        raise ValueError(f"{path} does not draw emoji in colour (is it the Noto Color Emoji font?). "
+                         f"{_how_to_install(FONT_ENV)}")
 
 
 def require_seed(seed: int) -> None:
@@ -232,8 +234,8 @@ class EmojiCatalog:
             try:
                 font = ImageFont.truetype(str(self.font_path), RENDER_SIZE)
             except OSError as err:  # not a font, or a colour bitmap font without this size
-                raise ValueError(f"{self.font_path}: cannot be read as the Noto Color Emoji font ({err}). Install it "
-                                 f"with: {INSTALL_HINT}, or point {FONT_ENV} at its .ttf") from None
+                raise ValueError(f"{self.font_path}: cannot be read as the Noto Color Emoji font ({err}). "
+                                 f"{_how_to_install(FONT_ENV)}") from None
             _require_colour_emoji(font, self.font_path)
             self._font = font
         return self._font

@@ -188,19 +188,19 @@ def evaluate_decoders(checkpoint: str | Path, decoder: str | Path, paper_decoder
         targets, contexts = sample_boxes(group_size, model.config.grid_size, rng, target_like_fraction=0.5)
         groups.append((images, targets.to(device), contexts.to(device)))
         index += group_size
-    decoders = {"ours (spatial + context)": decoder}
+    decoders = {"ours (spatial + context)": (decoder, False)}  # name -> (path, whether it must be the pooled kind)
     if paper_decoder:
-        decoders["paper (pooled only)"] = paper_decoder
+        decoders["paper (pooled only)"] = (paper_decoder, True)
     report = {"num_images": index, "num_samples": num_samples, "num_steps": num_steps, "precision": precision,
               "data": "held-out emoji scenes" if data == "emoji" else f"{data} (centre crops)", "decoders": {}}
     grids = {}
-    for name, path in decoders.items():
+    for name, (path, must_pool) in decoders.items():
         loaded = load_decoder(path, model).to(device)  # checked against the model, float32
-        expected = "pooled" if name.startswith("paper") else None
-        if (loaded.config.conditioning == "pooled") != (expected == "pooled"):
-            flag = "--paper-decoder" if expected else "--decoder"
-            raise ValueError(f"{path} is a {loaded.config.conditioning} decoder, but {flag} takes "
-                             f"{'the paper-faithful (pooled) one' if expected else 'ours (not pooled)'}: swap the two")
+        if (loaded.config.conditioning == "pooled") != must_pool:
+            flag, takes = (("--paper-decoder", "the paper-faithful (pooled) one") if must_pool
+                           else ("--decoder", "ours (not pooled)"))
+            raise ValueError(f"{path} is a {loaded.config.conditioning} decoder, but {flag} takes {takes}: swap "
+                             "the two")
         metrics, grids[name] = evaluate_decoder(model, loaded, groups, num_samples, num_steps, seed, precision)
         report["decoders"][name] = {"path": str(path), "conditioning": loaded.config.conditioning, **metrics}
         logger.info("%s: %s", name, metrics)
