@@ -14,7 +14,7 @@ from timm.layers import trunc_normal_
 
 from .masks import apply_masks
 from .pos_embed import position_table, sincos_2d
-from .vision_transformer import init_transformer_weights, make_blocks
+from .vision_transformer import block_output_rows, init_transformer_weights, make_blocks
 
 
 class VisionTransformerPredictor(nn.Module):
@@ -46,6 +46,10 @@ class VisionTransformerPredictor(nn.Module):
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim, bias=True)
         init_transformer_weights(self, self.predictor_blocks, init_std, rescale_residuals)
         trunc_normal_(self.mask_token, std=init_std)
+        # The last block computes the query rows only, since the context rows' outputs are thrown away (the same
+        # predictions, ~3 % less work per training step). False runs every row through every block, as the
+        # official code does: the throughput benchmark's stand-in for it.
+        self.last_block_queries_only = True
 
     def forward(self, context_tokens: torch.Tensor, context_masks: list[torch.Tensor],
                 target_masks: list[torch.Tensor], grid_size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -69,10 +73,12 @@ class VisionTransformerPredictor(nn.Module):
 
         x = x.repeat(num_tgt, 1, 1)
         x = torch.cat([x, queries], dim=1)
-        for block in self.predictor_blocks:
+        blocks = self.predictor_blocks
+        cut = self.last_block_queries_only and len(blocks) > 0
+        for block in blocks[:-1] if cut else blocks:
             x = block(x)
-        x = self.predictor_norm(x[:, num_context_tokens:])
-        return self.predictor_proj(x)
+        x = block_output_rows(blocks[-1], x, queries.size(1)) if cut else x[:, num_context_tokens:]
+        return self.predictor_proj(self.predictor_norm(x))
 
 
 def vit_predictor(grid_size: tuple[int, int], embed_dim: int, **kwargs) -> VisionTransformerPredictor:

@@ -10,6 +10,7 @@ import math
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
@@ -55,6 +56,27 @@ def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias
               norm_layer=norm_layer)
         for rate in rates
     )
+
+
+def block_output_rows(block: Block, x: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``block(x)[:, -num_rows:]``, computing only those rows: every row is still a key and a value, but only the
+    last ``num_rows`` are queries and go through the projection and the MLP.
+
+    Why: the predictor throws its last block's context rows away, and computing them is ~3 % of a training step
+    (bench/RESULTS.md). For the blocks ``make_blocks`` builds (no attention gate; dropouts off in training).
+    """
+    attn = block.attn
+    b, n, _ = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q[:, :, n - num_rows:]), attn.k_norm(k)
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    else:
+        out = attn.attn_drop((q * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(b, num_rows, attn.attn_dim))))
+    rows = x[:, n - num_rows:] + block.drop_path1(block.ls1(out))
+    return rows + block.drop_path2(block.ls2(block.mlp(block.norm2(rows))))
 
 
 class VisionTransformer(nn.Module):

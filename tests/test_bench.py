@@ -11,17 +11,27 @@ from ijepa.vision_transformer import set_fused_attention
 
 
 def test_analytic_flops_match_the_matmuls_of_a_real_step():
+    """The analytic count is the official step's work to the FLOP; ours leaves out exactly the context rows of the
+    predictor's last block (their attention, projection and MLP; the fused qkv still runs on every row)."""
     spec = bench.ModelSpec("vit_tiny", 8, 64, 48, 2, cuda_batch=2, cpu_batch=2)  # the CPU recipe's 8 x 8 grid
     config = spec.config()
     masks = bench.pregenerate_masks(config, batch=2, count=1, seed=0, pin=False)
     variant = bench.Variant("plain fp32", "fp32", fused_attn=False)
     step, model = bench.build_step(spec, variant, torch.device("cpu"), 2, masks)
     set_fused_attention(model, False)  # the target pass too: FlopCounterMode counts plain matmuls, not CPU SDPA
-    with FlopCounterMode(display=False) as counter:
-        step(0)
+    counted = {}
+    for queries_only in (False, True):
+        model.predictor.last_block_queries_only = queries_only
+        with FlopCounterMode(display=False) as counter:
+            step(0)
+        counted[queries_only] = counter.get_total_flops()
     context, targets = masks[0]
-    analytic = 2 * bench.flops_per_image(config, context[0].size(1), targets[0].size(1), len(targets))
-    assert counter.get_total_flops() == pytest.approx(analytic, rel=1e-6)  # exact
+    kc, kt, num_targets = context[0].size(1), targets[0].size(1), len(targets)
+    dp, r = config.predictor_embed_dim, config.predictor_mlp_ratio
+    analytic = 2 * bench.flops_per_image(config, kc, kt, num_targets)
+    left_out = 2 * 3 * num_targets * (2 * kc * dp * dp * (1 + 2 * r) + 2 * 2 * kc * (kc + kt) * dp)
+    assert counted[False] == pytest.approx(analytic, rel=1e-6)  # exact
+    assert counted[True] == pytest.approx(analytic - left_out, rel=1e-6)
 
 
 @pytest.mark.slow

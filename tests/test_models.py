@@ -129,6 +129,8 @@ def test_predictor_equals_plain_reference(num_context_masks):
     with torch.no_grad():
         out = pred(tokens, context_masks, target_masks)
         assert out.shape == (4 * num_context_masks * batch, 5, 24)
+        pred.last_block_queries_only = False  # the official way, every row through every block (bench reference)
+        torch.testing.assert_close(pred(tokens, context_masks, target_masks), out, atol=1e-5, rtol=1e-5)
         row = 0
         for tgt in target_masks:
             for c, ctx in enumerate(context_masks):
@@ -136,6 +138,29 @@ def test_predictor_equals_plain_reference(num_context_masks):
                     ref = reference_predictor(pred, tokens[c * batch + b], ctx[b], tgt[b])
                     torch.testing.assert_close(out[row], ref, atol=1e-5, rtol=1e-5)
                     row += 1
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_last_block_computing_only_its_query_rows_matches_the_whole_block(fused):
+    """The predictor's last block skips the context rows it would throw away: the kept rows and every gradient
+    must be the whole block's, in training mode (stochastic depth on, same seed) and with either attention."""
+    from ijepa.vision_transformer import block_output_rows, make_blocks, set_fused_attention
+    block = make_blocks(16, 1, 2, 4.0, True, 0.3, torch.nn.LayerNorm)[0].train()
+    set_fused_attention(block, fused)
+    x = torch.randn(5, 11, 16, requires_grad=True)
+    outputs, grads = [], []
+    for run in (lambda: block(x)[:, -4:], lambda: block_output_rows(block, x, 4)):
+        torch.manual_seed(3)
+        out = run()
+        out.pow(2).sum().backward()
+        outputs.append(out.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in block.parameters()])
+        x.grad = None
+        block.zero_grad()
+    assert outputs[0].shape == outputs[1].shape == (5, 4, 16)
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_predictor_at_another_grid_uses_that_grids_positions():
