@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from decoder import SketchDecoder
 
-from .checkpoint import DECODER_WEIGHTS_NAME, WEIGHTS_NAME, save_model
+from .checkpoint import DECODER_WEIGHTS_NAME, WEIGHTS_NAME, save_model, save_safetensors
 from .inference import LinearReadout, open_image, to_rgb
 from .model import IJepa, IJepaConfig
 
@@ -281,11 +281,11 @@ def build_random_bundle(directory: str | Path, config: IJepaConfig, decoder_kwar
     for name in PROBE_NAMES:
         state = {"mean": torch.randn(dim) * 0.1, "std": torch.rand(dim) + 0.5,
                  "linear.weight": torch.randn(num_labels, dim) * 0.2, "linear.bias": torch.zeros(num_labels)}
-        save_file(state, directory / f"probe_{name}.safetensors")
+        save_safetensors(state, directory / f"probe_{name}.safetensors")
         (directory / f"probe_{name}.json").write_text(json.dumps({"labels": labels}) + "\n")
-    save_file({"features": torch.randn(bank_size, dim).half(),
-               "thumbnails": torch.from_numpy(rng.integers(0, 256, (bank_size, 16, 16, 3), dtype=np.uint8)),
-               "subgroup": torch.arange(bank_size) % num_labels}, directory / f"{BANK_NAME}.safetensors")
+    save_safetensors({"features": torch.randn(bank_size, dim).half(),
+                      "thumbnails": torch.from_numpy(rng.integers(0, 256, (bank_size, 16, 16, 3), dtype=np.uint8)),
+                      "subgroup": torch.arange(bank_size) % num_labels}, directory / f"{BANK_NAME}.safetensors")
     (directory / f"{BANK_NAME}.json").write_text(json.dumps({"labels": labels}) + "\n")
     examples_dir = directory / EXAMPLES_DIR
     examples_dir.mkdir(parents=True, exist_ok=True)

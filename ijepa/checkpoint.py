@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import pickletools
 import re
+import stat
 import warnings
 import zipfile
 from dataclasses import fields
@@ -343,13 +345,31 @@ def load_official(path: str | Path) -> IJepa:
     return model.eval()
 
 
+def share_as_umask_allows(path: str | Path) -> None:
+    """Give the file ``path``, or every file under the folder ``path``, the read and write bits a plain ``open``
+    gives (0666 less the umask). Why: safetensors, and so diffusers' ``save_pretrained``, writes its files 0600,
+    and a model saved on a shared machine could then be read by its owner only."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path = Path(path)
+    for file in path.rglob("*") if path.is_dir() else [path]:
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, stat.S_IMODE(file.stat().st_mode) | (0o666 & ~mask))
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file`` with the permissions a plain ``open`` gives (``share_as_umask_allows``)."""
+    save_file(tensors, path, metadata=metadata)
+    share_as_umask_allows(path)
+
+
 def save_model(model: IJepa, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (optionally cast, e.g. fp16 to ship small)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
-    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": FORMAT_TAG})
+    save_safetensors(tensors, directory / WEIGHTS_NAME, metadata={"format": FORMAT_TAG})
     config = {"format": FORMAT_TAG, **model.config.to_dict()}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return directory

@@ -17,12 +17,12 @@ from PIL import Image
 
 from helpers import run_on_two_gloo_ranks, train_on_two_gloo_ranks
 import train.pretrain as pretrain
-from ijepa.checkpoint import CheckpointError, load_model
+from ijepa.checkpoint import CheckpointError, load_model, save_model
 from ijepa.inference import true_features
 from ijepa.model import IJepa, IJepaConfig
 from ijepa.vision_transformer import set_fused_attention
 from train.config import changed_settings, config_dict, parse_config
-from train.eval import evaluate_emoji_features
+from train.eval import LinearProbe, evaluate_emoji_features, save_probe
 from train.export_checkpoint import export_checkpoint, newest_checkpoint
 from train.objective import TargetFeatures, target_spread
 from train.pretrain import PretrainConfig, train
@@ -299,6 +299,24 @@ def test_a_kill_during_a_folder_swap_is_finished_or_cleaned_by_the_next_save(tmp
     (tmp_path / "assets.swap-left").mkdir()  # a kill mid-write in an older version left this
     save_folder_atomic(lambda folder: (folder.mkdir(), (folder / "v").write_text("3")), target)
     assert (target / "v").read_text() == "3" and sorted(p.name for p in tmp_path.iterdir()) == ["assets"]
+
+
+def test_saved_weights_are_readable_as_the_umask_allows(tmp_path):
+    """safetensors (so diffusers' save_pretrained too) writes its files 0600: on a shared machine a model, a probe
+    or a decoder someone trained was unreadable by the colleague meant to run the app on it."""
+    from safetensors.torch import save_file
+    old = os.umask(0o022)
+    try:
+        save_model_dir = tmp_path / "model"
+        save_model(IJepa(IJepaConfig(img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=2,
+                                     predictor_embed_dim=8, predictor_depth=1, predictor_num_heads=2)), save_model_dir)
+        save_probe(LinearProbe(8, 3), ["a", "b", "c"], tmp_path / "probe")
+        save_folder_atomic(lambda folder: (folder.mkdir(), save_file({"w": torch.zeros(2)}, folder / "weights")),
+                           tmp_path / "decoder")  # what save_pretrained does inside train.decoder's save
+        files = [save_model_dir / "model.safetensors", tmp_path / "probe.safetensors", tmp_path / "decoder" / "weights"]
+        assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o644" for f in files}
+    finally:
+        os.umask(old)
 
 
 def test_a_kill_while_the_model_is_exported_leaves_no_folder_that_looks_finished(tmp_path, monkeypatch):

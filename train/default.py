@@ -40,12 +40,11 @@ from typing import Callable, Collection
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import save_file
 
 from decoder import SketchDecoder
 from ijepa.bundle import (BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, MODEL_CARD_NAME, MODEL_DIR, PROBE_NAMES,
                           SHIPPED_SIZE_LIMIT, folder_bytes)
-from ijepa.checkpoint import load_model, save_model
+from ijepa.checkpoint import load_model, save_model, save_safetensors
 from ijepa.device import resolve_device
 from ijepa.model import IJepa
 from train import decoder as decoder_training
@@ -238,7 +237,7 @@ def build_reference_bank(model: IJepa, count: int, path: Path, thumb: int = BANK
     tensors = {"features": boxes.true.half().contiguous(), "thumbnails": thumbnails,
                "subgroup": boxes.subgroup.contiguous()}
     # the .safetensors marks the stage finished (STAGE_OUTPUTS): written last, whole or not at all
-    write_file_atomic(path.with_suffix(".safetensors"), lambda tmp: save_file(tensors, tmp))
+    write_file_atomic(path.with_suffix(".safetensors"), lambda tmp: save_safetensors(tensors, tmp))
 
 
 def run_reference_bank(model_dir: Path, profile: dict, out: Path) -> None:

@@ -20,12 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ijepa.checkpoint import load_model
+from ijepa.checkpoint import load_model, save_safetensors
 from ijepa.device import resolve_device
 from ijepa.masks import complement_indices, rectangle_indices
 from ijepa.inference import encode, gather, pooled, predict_features, true_features
@@ -152,7 +151,7 @@ def accuracy(probe: LinearProbe, features: torch.Tensor, labels: torch.Tensor) -
 
 def save_probe(probe: LinearProbe, label_names: list[str], path: Path, **metadata) -> None:
     """``<path>.safetensors`` weights + ``<path>.json`` label names, for the app's readout panel."""
-    save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, path.with_suffix(".safetensors"))
+    save_safetensors({k: v.contiguous() for k, v in probe.state_dict().items()}, path.with_suffix(".safetensors"))
     path.with_suffix(".json").write_text(json.dumps({"labels": label_names, **metadata}, indent=2) + "\n")
 
 

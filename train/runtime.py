@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from ijepa.checkpoint import CheckpointError, load_weights_only
+from ijepa.checkpoint import CheckpointError, load_weights_only, share_as_umask_allows
 from ijepa.device import fast_bf16, resolve_device
 from train.config import SCHEDULE_FIELDS, changed_settings
 
@@ -287,6 +287,7 @@ def save_folder_atomic(write: Callable[[Path], None], directory: Path) -> None:
     staged, old = swap / directory.name, swap / (directory.name + ".old")
     try:
         write(staged)
+        share_as_umask_allows(staged)  # diffusers' save_pretrained writes its weights 0600
     except BaseException:
         shutil.rmtree(swap, ignore_errors=True)
         raise
