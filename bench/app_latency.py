@@ -59,7 +59,7 @@ def one_request(engine: Engine, image: np.ndarray, box: list[float], samples: in
     return first, sketches, time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets", type=Path, default=DEFAULT_ASSETS, help="bundle folder (default: assets/)")
     parser.add_argument("--samples", type=int, default=4)
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="the decoder's autocast, as the app's --precision (auto: bf16 where native)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for name, low in (("samples", 1), ("steps", 1), ("repeats", 1), ("warmup", 0), ("threads", 1)):
         if getattr(args, name) < low:
             parser.error(f"--{name} must be at least {low}, got {getattr(args, name)}")
@@ -87,6 +87,8 @@ def main() -> None:
             config = IJepaConfig.from_arch("vit_tiny", **DEFAULT_ARCH)
             assets, weights = build_random_bundle(Path(scratch), config, decoder_kwargs={}, num_examples=0), "random"
         engine = Engine.load(assets, device="cpu", precision=args.precision)
+        for note in engine.notes:  # e.g. the default decoder is damaged, so another one is timed
+            print(f"note: {note}", file=sys.stderr)
         if not engine.has_decoder:
             raise SystemExit(f"{assets} has no decoder/: the benchmark times sketches")
         size = engine.size
@@ -133,6 +135,7 @@ def main() -> None:
               f"{row['first_sketch_p50_s']:.3f} s, p90 {row['first_sketch_p90_s']:.3f} s; whole request with the "
               f"truth panel p50 {row['full_p50_s']:.3f} s, p90 {row['full_p90_s']:.3f} s\n"
               f"  peak RSS {row['peak_rss_mib']:.0f} MiB (load average {row['loadavg_1m']})")
+    return row
 
 
 if __name__ == "__main__":

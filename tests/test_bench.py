@@ -101,3 +101,19 @@ def test_the_solver_error_is_measured_in_the_decoders_own_prediction_type():
         SketchDecoder(prediction_type=kind), [10])} for kind in ("sample", "v_prediction")}
     assert rows["sample"] == pytest.approx(rows["v_prediction"], abs=1e-3)
     assert rows["sample"][("uniform_log_snr", 10)] < 0.03 < rows["sample"][("uniform_t", 10)] < 0.15
+
+
+def test_app_latency_says_when_the_bundles_default_decoder_is_damaged_and_names_the_one_it_timed(tmp_path, capsys):
+    """With decoder/ damaged the app falls back to decoder_paper, and so does the benchmark: its figures are then the
+    other decoder's, which it must say rather than report them as the default's."""
+    from bench import app_latency
+    from ijepa.bundle import build_random_bundle
+    from ijepa.model import IJepaConfig
+    config = IJepaConfig.from_arch("vit_tiny", **app_latency.DEFAULT_ARCH)
+    bundle = build_random_bundle(tmp_path / "assets", config, decoder_kwargs={}, num_examples=0)
+    weights = bundle / "decoder" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    row = app_latency.main(["--assets", str(bundle), "--samples", "1", "--steps", "1", "--repeats", "1",
+                            "--warmup", "0", "--json"])
+    err = capsys.readouterr().err
+    assert row["decoder"] == "pooled" and "note: The sketch decoder in" in err and "could not be loaded" in err
