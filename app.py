@@ -184,7 +184,12 @@ def annotator_input(value: dict | None) -> tuple[np.ndarray, list[list[float]]]:
     # the widget's rotate buttons turn its boxes but not the image it returns
     image = turned(np.asarray(image), int(value.get("orientation") or 0))
     boxes = [[b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for b in (value.get("boxes") or [])]
-    return image, sorted(boxes, key=lambda b: (b[1], b[0]))
+    return image, in_reading_order(boxes)
+
+
+def in_reading_order(boxes: list) -> list:
+    """(xmin, ymin, xmax, ymax) boxes top to bottom, then left to right: how boxes are numbered everywhere."""
+    return sorted(boxes, key=lambda b: (b[1], b[0]))
 
 
 def check_drawn(boxes: list) -> None:
@@ -199,7 +204,7 @@ def check_drawn(boxes: list) -> None:
 def annotator_value(image: np.ndarray, boxes: list | tuple = ()) -> dict:
     """An image and its boxes for the drawing widget, numbered and coloured in reading order as the results are.
     The image goes as a PNG file: given an array, the widget would store a lossy WebP copy and send that back."""
-    boxes = sorted(boxes, key=lambda b: (b[1], b[0]))
+    boxes = in_reading_order(boxes)
     path = processing_utils.save_img_array_to_cache(np.ascontiguousarray(image),
                                                     cache_dir=processing_utils.get_upload_folder(), format="png")
     return {"image": path, "orientation": 0,
@@ -548,7 +553,7 @@ def build_app(handlers: Handlers) -> gr.Blocks:
                                                 interactive=False)
                     with gr.Tab("Surprise"):
                         gr.Markdown("Prediction error of a window sliding over the image")
-                        window = clamped(gr.Slider(1, max(1, grid // 2), value=max(1, grid // 4), step=1,
+                        window = clamped(gr.Slider(1, max(1, grid // 2), value=engine.info.default_window, step=1,
                                                    label="Window (patches)", elem_id="window"))
                         surprise = gr.Image(show_label=False, format="png", elem_id="surprise", interactive=False,
                                             buttons=["download", "fullscreen"])

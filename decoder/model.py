@@ -23,7 +23,6 @@ Conventions:
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 from typing import Literal, Sequence
 
@@ -33,8 +32,6 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 Conditioning = Literal["spatial_context", "pooled"]
 CONDITIONINGS: tuple[str, ...] = ("spatial_context", "pooled")

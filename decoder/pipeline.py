@@ -7,7 +7,6 @@ after the initial noise, so the seed fixes the sketch.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -16,8 +15,6 @@ from diffusers import DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .model import SketchCondition, SketchDecoder
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_NUM_STEPS = 10  # uniform log-SNR steps: 8-12 give the same solver error (bench --solver-error)
 _SEED_STRIDE = 1_000_003  # a prime larger than any sample count, so (seed, i) pairs never collide
@@ -124,24 +121,22 @@ class SketchSampler:
     ) -> Iterator[SketchProgress]:
         """Yield finished sketches early so a UI can show something while the rest are drawn.
 
-        Sample indices [0, first) are denoised alone and yielded as soon as they finish; the rest follow in one
-        batch. The last event has ``done=True`` and holds all sketches: those of ``sample`` with the same arguments, in
-        reduced precision up to rounding (batches of other sizes may round differently).
+        Sample indices [0, first) are denoised alone and yielded as soon as they finish (``done=False``), unless
+        they are all; the rest follow in one batch. The last event has ``done=True`` and holds all sketches: those
+        of ``sample`` with the same arguments, in reduced precision up to rounding (batches of other sizes may round
+        differently).
         """
         self._check_counts(num_samples, num_steps)
         if not 1 <= first <= num_samples:
             raise ValueError(f"first={first} must be in [1, num_samples={num_samples}]")
-        phases = [tuple(range(first)), tuple(range(first, num_samples))]
-        finished = []
-        for indices in phases:
-            if not indices:
-                continue
-            images = self.composite(*self._denoise(cond, indices, num_steps, seed))
-            finished.append(images.view(cond.batch_size, len(indices), *images.shape[1:]))
-            if len(indices) < num_samples:
-                yield SketchProgress(images, indices, done=False)
-        images = torch.cat(finished, dim=1).flatten(0, 1)
-        yield SketchProgress(images, tuple(range(num_samples)), done=True)
+        early, rest = tuple(range(first)), tuple(range(first, num_samples))
+        images = self.composite(*self._denoise(cond, early, num_steps, seed))
+        if rest:
+            yield SketchProgress(images, early, done=False)
+            later = self.composite(*self._denoise(cond, rest, num_steps, seed))
+            images = torch.cat([images.view(cond.batch_size, len(early), *images.shape[1:]),
+                                later.view(cond.batch_size, len(rest), *later.shape[1:])], dim=1).flatten(0, 1)
+        yield SketchProgress(images, early + rest, done=True)
 
     def composite(self, sketch: torch.Tensor, cond: SketchCondition) -> torch.Tensor:
         """[-1, 1] sketch -> [0, 1] image: the sketch inside the box, the untouched context outside."""

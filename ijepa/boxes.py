@@ -3,7 +3,7 @@
 ``map_boxes`` checks boxes drawn on the user's image (with messages for the person who drew them) and maps them to
 the model's square view, clipped to it; ``boxes_to_masks`` snaps those model-pixel boxes outwards to the patch grid:
 one target index tensor per box, and the context, every other patch. Masks are raster patch indices to keep, as in
-``ijepa/masks.py``.
+``ijepa/masks.py``, but for one image: [K], where ``masks.py`` has [B, K] (``unsqueeze(0)`` gives that form).
 """
 from __future__ import annotations
 

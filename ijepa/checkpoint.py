@@ -402,7 +402,8 @@ def load_ours(directory: str | Path) -> IJepa:
             raise CheckpointError(f"{directory} is a run or bundle folder: its model is {directory / 'model'}")
     for p in (config_path, weights_path):
         if not p.is_file():
-            raise CheckpointError(f"{directory}: missing {p.name}; a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+            raise CheckpointError(f"{directory}: missing {p.name}; a model folder holds {CONFIG_NAME} and "
+                                  f"{WEIGHTS_NAME}")
     try:
         data = json.loads(config_path.read_text())
         if not isinstance(data, dict):
@@ -426,7 +427,8 @@ def load_ours(directory: str | Path) -> IJepa:
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{weights_path}: cannot read the weights (truncated or not safetensors): {err}") from None
+        raise CheckpointError(f"{weights_path}: cannot read the weights (truncated or not safetensors): "
+                              f"{err}") from None
     for name in PARTS:
         module = getattr(model, name)
         if module is None:

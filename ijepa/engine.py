@@ -14,8 +14,10 @@ The same API serves the Gradio app, scripts and notebooks::
     surprise = engine.surprise_map(image)                # .errors [gh, gw] float array, .figure RGB array
 
 Every bundle part except the model is optional; ``engine.notes`` says what is missing and how to add it. The
-bundle's layout and loaders are in ``ijepa/bundle.py``; what the app's panels show of these results (images and
-Markdown) is made in ``ijepa/panels.py``, drawn with ``ijepa/figures.py``.
+bundle's layout and loaders are in ``ijepa/bundle.py``. What the app's panels show of these results (images and
+Markdown) is made in ``ijepa/panels.py``, except three figures the engine returns ready-made because drawing them
+needs the model (decoding the truth, the features' PCA) or is cached with it: ``truth_vs_prediction``,
+``surprise_map(...).figure`` and ``feature_view``. Every figure is drawn by ``ijepa/figures.py``.
 The engine holds no per-request state: models are read-only after loading, so one engine serves many users.
 """
 from __future__ import annotations
@@ -39,14 +41,14 @@ from decoder.pipeline import DEFAULT_NUM_STEPS
 
 from .boxes import MAX_BOXES, Box, boxes_to_masks, map_boxes, parse_box
 from .bundle import (DECODER_DIRS, DEFAULT_ASSETS, EXAMPLES_DIR, MODEL_CARD_NAME, MODEL_DIR, Example, FeatureBank,
-                     build_random_bundle, load_bank, load_decoder, load_examples, load_probe, load_readouts,
-                     train_decoder_hint)
+                     load_decoder, load_examples, load_readouts, train_decoder_hint)
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_model
 from .device import resolve_device, resolve_precision
 from .errors import InputError
 from .figures import BOX_COLORS, render_feature_view, render_surprise, render_truth_vs_prediction
 from .inference import (MAX_IMAGE_PIXELS, BoxAnalysis, BoxPrediction, LinearReadout, PreparedImage, analyze_boxes,
-                        array_to_image, centre_square, feature_pca, nearest_neighbours, open_image, prepare_image,
+                        centre_square, default_window, feature_pca, nearest_neighbours, open_image,
+                        prepare_image,
                         surprise_map, to_rgb, true_features)
 from .model import IJepa
 
@@ -78,6 +80,11 @@ class ModelInfo:
     @property
     def grid(self) -> int:
         return self.img_size // self.patch_size
+
+    @property
+    def default_window(self) -> int:
+        """The surprise map's window side when none is given."""
+        return default_window((self.grid, self.grid))
 
 
 @dataclass(frozen=True)
@@ -469,8 +476,6 @@ class Engine:
                 return
             images = event.images.view(boxes, len(event.sample_indices), *event.images.shape[1:])
             finished.update(zip(event.sample_indices, self._composite(analysis, images)))
-            if not event.done and len(finished) == num_samples:
-                continue  # the final event follows at once, with the same sketches
             order = tuple(sorted(finished))
             yield SketchUpdate([finished[i] for i in order], order, int(num_samples), int(seed), event.done,
                                time.perf_counter() - start, conditioning, int(num_steps))
@@ -524,7 +529,7 @@ class Engine:
         """Prediction error of a window sliding over the whole image (see ``ijepa.inference.surprise_map``)."""
         prepared = image if isinstance(image, PreparedImage) else self.prepare(image)
         grid = self.model.config.grid_size
-        window = window if window is not None else max(1, min(grid) // 4)
+        window = window if window is not None else default_window(grid)
         if not 1 <= window < min(grid):
             raise InputError(f"The window must be 1 to {min(grid) - 1} patches wide, got {window}.")
         stride = stride if stride is not None else max(1, window // 2)
@@ -544,7 +549,7 @@ class Engine:
     def feature_view(self, image: Image.Image | np.ndarray | str | Path | PreparedImage) -> np.ndarray:
         """The image beside the PCA of its patch features (target encoder) shown as RGB."""
         prepared = image if isinstance(image, PreparedImage) else self.prepare(image)
-        features = true_features_of(self.model, prepared)
+        features = true_features(self.model, prepared.pixels.unsqueeze(0).to(self.device))[0].float().cpu()
         rgb = feature_pca(features, self.model.config.grid_size).numpy()
         return render_feature_view(prepared.to_uint8(), rgb)
 
@@ -556,17 +561,9 @@ def shown_path(path: str) -> str:
     return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else path
 
 
-@torch.no_grad()
-def true_features_of(model: IJepa, prepared: PreparedImage) -> torch.Tensor:
-    """Layer-normed target features [N, D] of a prepared image."""
-    device = next(model.parameters()).device
-    return true_features(model, prepared.pixels.unsqueeze(0).to(device))[0].float().cpu()
-
-
 __all__ = [
     "BOX_COLORS", "DEFAULT_ASSETS", "DEFAULT_NUM_SAMPLES", "DEFAULT_NUM_STEPS", "MAX_BOXES", "MAX_IMAGE_PIXELS",
     "MAX_NUM_SAMPLES", "MAX_NUM_STEPS", "DECODER_DIRS", "DECODER_NAMES", "Analysis", "BoxReport", "CheckpointError",
     "Engine", "Example", "FeatureBank", "InputError", "ModelInfo", "Neighbour", "SketchUpdate", "SurpriseMap",
-    "array_to_image", "build_random_bundle", "centre_square", "load_bank", "load_decoder", "load_examples",
-    "load_probe", "load_readouts",
+    "centre_square", "load_decoder", "load_examples", "load_readouts",
 ]

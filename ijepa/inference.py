@@ -1,6 +1,7 @@
 """Inference primitives shared by evaluation, decoder training, scripts and the app.
 
-Everything here takes images in [0, 1] ([B, 3, H, W]) and patch-index masks, and returns features in the space
+Everything here takes images in [0, 1] ([B, 3, H, W], or one [3, S, S] image for ``analyze_boxes`` and
+``surprise_map``) and patch-index masks, and returns features in the space
 the predictor was trained in: per-token layer-normed target-encoder features ("true") and predictor outputs
 ("predicted"). Keeping one definition of that normalisation is what lets the decoder, the probe and the
 nearest-neighbour bank be trained on truths and fed predictions.
@@ -26,7 +27,7 @@ from torch import nn
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
-from .masks import apply_masks
+from .masks import apply_masks, complement_indices, rectangle_indices
 from .model import IJepa, check_target
 
 
@@ -375,6 +376,11 @@ def analyze_boxes(model: IJepa, image: torch.Tensor, context_indices: torch.Tens
     return BoxAnalysis(context_indices.cpu(), boxes, truth.float().cpu(), grid)
 
 
+def default_window(grid_size: tuple[int, int]) -> int:
+    """The surprise map's window side when none is given: a quarter of the grid's shorter side, at least a patch."""
+    return max(1, min(grid_size) // 4)
+
+
 def window_positions(grid_size: tuple[int, int], window: tuple[int, int], stride: int) -> list[tuple[int, int]]:
     """Top-left (row, col) of every window position, stepping by ``stride`` (capped at the window side, so no
     patch is skipped) and always reaching the far edges."""
@@ -409,18 +415,15 @@ def surprise_map(model: IJepa, image: torch.Tensor, window: int | tuple[int, int
     images = images.to(device)
     gh, gw = model.encoder.grid_of(images)
     if window is None:
-        window = max(1, min(gh, gw) // 4)
+        window = default_window((gh, gw))
     wh, ww = (window, window) if isinstance(window, int) else window
     if not (1 <= wh <= gh and 1 <= ww <= gw) or wh * ww >= gh * gw:
         raise ValueError(f"window {wh}x{ww} patches must fit in the {gh}x{gw} grid and leave some context")
     stride = max(1, stride if stride is not None else min(wh, ww) // 2)
     positions = window_positions((gh, gw), (wh, ww), stride)
-    rows = torch.arange(gh).view(gh, 1)
-    cols = torch.arange(gw).view(1, gw)
-    maps = torch.stack([((rows >= r) & (rows < r + wh) & (cols >= c) & (cols < c + ww)).flatten()
-                        for r, c in positions])  # [P, N]
-    targets = torch.nonzero(maps)[:, 1].view(len(positions), wh * ww).to(device)
-    contexts = torch.nonzero(~maps)[:, 1].view(len(positions), -1).to(device)
+    targets = rectangle_indices(torch.tensor(positions), wh, ww, (gh, gw))  # [P, wh * ww], sorted
+    contexts = complement_indices(targets, gh * gw).to(device)
+    targets = targets.to(device)
     truth = true_features(model, images)  # [1, N, D]
     normalized = model.normalize(images)
     total = torch.zeros(gh * gw, dtype=torch.float64)

@@ -1,5 +1,6 @@
 """What the app's result panels show, made from the engine's results (``Analysis``, ``SketchUpdate``): numpy images
-and Markdown. Nothing here runs a model; the engine computes, this module presents, ``ijepa/figures.py`` draws.
+and Markdown. Nothing here runs a model; the engine computes, this module presents, ``ijepa/figures.py`` draws. The
+truth-vs-prediction, surprise and feature figures come ready-made from the engine, which needs the model to make them.
 
     analysis = engine.analyze(image, boxes)
     view = panels.model_view(analysis)                          # what the model saw, boxes numbered

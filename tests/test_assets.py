@@ -8,8 +8,9 @@ from helpers import assert_a_box_produces_sketches, assert_bundle_parts_agree
 from ijepa.bundle import SHIPPED_SIZE_LIMIT, folder_bytes
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-pytestmark = pytest.mark.skipif(not (ASSETS / "model" / "config.json").is_file(),
-                                reason="no default model shipped in assets/ yet (python -m train.default --export assets)")
+pytestmark = pytest.mark.skipif(
+    not (ASSETS / "model" / "config.json").is_file(),
+    reason="no default model shipped in assets/ yet (python -m train.default --export assets)")
 
 
 def test_bundle_fits_the_size_budget():
