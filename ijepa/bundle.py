@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from decoder import SketchDecoder
 
-from .checkpoint import DECODER_WEIGHTS_NAME, WEIGHTS_NAME, save_model, save_safetensors
+from .checkpoint import DECODER_WEIGHTS_NAME, WEIGHTS_NAME, save_model, save_safetensors, share_as_umask_allows
 from .inference import LinearReadout, open_image, to_rgb
 from .model import IJepa, IJepaConfig
 
@@ -276,6 +276,7 @@ def build_random_bundle(directory: str | Path, config: IJepaConfig, decoder_kwar
                 "model_signature": tuple(model.feature_signature()), **decoder_kwargs}
         for conditioning, name in DECODER_DIRS.items():
             SketchDecoder(**{**args, "conditioning": conditioning}).save_pretrained(directory / name)
+            share_as_umask_allows(directory / name)
     dim = config.embed_dim
     labels = [f"label {i}" for i in range(num_labels)]
     for name in PROBE_NAMES:

@@ -349,12 +349,25 @@ def share_as_umask_allows(path: str | Path) -> None:
     """Give the file ``path``, or every file under the folder ``path``, the read and write bits a plain ``open``
     gives (0666 less the umask). Why: safetensors, and so diffusers' ``save_pretrained``, writes its files 0600,
     and a model saved on a shared machine could then be read by its owner only."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = _umask()
     path = Path(path)
     for file in path.rglob("*") if path.is_dir() else [path]:
         if file.is_file() and not file.is_symlink():
             os.chmod(file, stat.S_IMODE(file.stat().st_mode) | (0o666 & ~mask))
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``os.umask`` alone must set one to read
+    it, which for a moment changes it for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:

@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import run_on_two_gloo_ranks, train_on_two_gloo_ranks
+from helpers import TINY_DECODER, run_on_two_gloo_ranks, train_on_two_gloo_ranks
 import train.pretrain as pretrain
+from ijepa.bundle import build_random_bundle
 from ijepa.checkpoint import CheckpointError, load_model, save_model
 from ijepa.inference import true_features
 from ijepa.model import IJepa, IJepaConfig
@@ -306,15 +307,19 @@ def test_saved_weights_are_readable_as_the_umask_allows(tmp_path):
     or a decoder someone trained was unreadable by the colleague meant to run the app on it."""
     from safetensors.torch import save_file
     old = os.umask(0o022)
+    config = IJepaConfig(img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=2, predictor_embed_dim=8,
+                         predictor_depth=1, predictor_num_heads=2)
     try:
         save_model_dir = tmp_path / "model"
-        save_model(IJepa(IJepaConfig(img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=2,
-                                     predictor_embed_dim=8, predictor_depth=1, predictor_num_heads=2)), save_model_dir)
+        save_model(IJepa(config), save_model_dir)
         save_probe(LinearProbe(8, 3), ["a", "b", "c"], tmp_path / "probe")
         save_folder_atomic(lambda folder: (folder.mkdir(), save_file({"w": torch.zeros(2)}, folder / "weights")),
                            tmp_path / "decoder")  # what save_pretrained does inside train.decoder's save
-        files = [save_model_dir / "model.safetensors", tmp_path / "probe.safetensors", tmp_path / "decoder" / "weights"]
-        assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o644" for f in files}
+        bundle = build_random_bundle(tmp_path / "bundle", config, decoder_kwargs=TINY_DECODER, num_examples=0)
+        files = [save_model_dir / "model.safetensors", tmp_path / "probe.safetensors", tmp_path / "decoder" / "weights",
+                 *sorted(bundle.rglob("*.safetensors"))]
+        assert {str(f): oct(f.stat().st_mode & 0o777) for f in files} == {str(f): "0o644" for f in files}
+        assert len(files) == 3 + 6  # the bundle's model, both decoders, both probes and the bank
     finally:
         os.umask(old)
 

@@ -87,7 +87,8 @@ STAGE_TIMES = "stage_seconds.json"  # seconds per finished stage, kept across ca
 STAGE_MACHINES = "stage_hardware.json"  # the machine each stage ran on (calls may run on different machines)
 PROFILE_FILE = "profile.json"  # the profile and command a run was started with: later calls go on with the profile
 # What each stage leaves behind: a stage whose outputs all exist is skipped.
-STAGE_OUTPUTS = {"pretrain": ["pretrain/model/config.json"], "eval": ["eval/results.json"], "bank": ["bank.safetensors"],
+STAGE_OUTPUTS = {"pretrain": ["pretrain/model/config.json"], "eval": ["eval/results.json"],
+                 "bank": ["bank.safetensors"],
                  "decoders": [f"decoder_{mode}/decoder/config.json" for mode in DECODER_MODES],
                  "decoder_eval": ["decoder_eval/results.json"]}
 

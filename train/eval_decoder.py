@@ -40,9 +40,9 @@ logger = logging.getLogger("train.eval_decoder")
 
 
 @torch.no_grad()
-def evaluate_decoder(model: IJepa, decoder: SketchDecoder, groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                     num_samples: int = 4, num_steps: int = 12, seed: int = 0, precision: str = "fp32"
-                     ) -> tuple[dict, torch.Tensor]:
+def evaluate_decoder(model: IJepa, decoder: SketchDecoder,
+                     groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_samples: int = 4,
+                     num_steps: int = 12, seed: int = 0, precision: str = "fp32") -> tuple[dict, torch.Tensor]:
     """Metrics for one decoder over groups of (images [b, 3, H, W] in [0, 1], targets [b, K], contexts [b, N-K])
     (one box shape per group); the retrieval gallery is every (image, box) of every group.
     Also returns the sketches [n, S, 3, H, W] in group order.

@@ -30,6 +30,7 @@ import yaml
 
 from decoder import SketchDecoder
 from ijepa.bundle import DECODER_DIRS, MODEL_CARD_NAME, MODEL_DIR
+from ijepa.checkpoint import share_as_umask_allows
 from train import eval_decoder
 from train.config import RUN_ONLY_FIELDS, config_dict, doc_summary, run_command
 from train.decoder import DecoderTrainConfig
@@ -86,6 +87,7 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, c
     shipped = eval_dir / "decoder_fp16"
     SketchDecoder.from_pretrained(run / "decoder", torch_dtype=torch.float16,
                                   low_cpu_mem_usage=False).save_pretrained(shipped)
+    share_as_umask_allows(shipped)
     scored = {name: shipped if name == slot else bundle / folder for name, folder in DECODER_DIRS.items()}
     start = time.perf_counter()
     eval_decoder.evaluate_decoders(bundle / MODEL_DIR, scored[OURS], scored["pooled"], eval_dir,
