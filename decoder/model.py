@@ -278,6 +278,11 @@ class SketchDecoder(ModelMixin, ConfigMixin):
         gh, gw = grid_size
         if image_size % gh or image_size % gw:
             raise ValueError(f"image_size {image_size} must be a multiple of grid_size {tuple(grid_size)}")
+        halvings = len(block_out_channels) - 1  # each level but the last halves the image, and the way up doubles it
+        if image_size % 2**halvings:
+            raise ValueError(f"image_size {image_size} must be a multiple of {2**halvings}: the UNet's "
+                             f"{len(block_out_channels)} levels halve it {halvings} times, and the decoder draws at the "
+                             "model's image size: use a model trained at such a size")
         self.spatial = conditioning == "spatial_context"
         time_embed_dim = 4 * block_out_channels[0]
         in_channels = 3 + (3 + 1 + feature_channels if self.spatial else 0)

@@ -93,6 +93,8 @@ def load_decoder(path: str | Path, model: IJepa, checkpoint: str | Path = "<chec
     """A ``save_pretrained`` folder -> SketchDecoder (float32), checked against the model it will decode
     (``checkpoint`` names that model in the how-to-train hint)."""
     path, config = Path(path), model.config
+    if not (path / "config.json").is_file() and (path / "decoder" / DECODER_WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{path} is a decoder run folder: its decoder is {path / 'decoder'}")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a sketch decoder folder (no config.json); train one with "
                                 f"`{train_decoder_hint(checkpoint, config)}`")

@@ -1,5 +1,6 @@
 """Decoder training and its evaluation on a tiny frozen I-JEPA: export, exact resume, metrics."""
 import csv
+import logging
 import shutil
 
 import numpy as np
@@ -45,6 +46,25 @@ def tiny_cfg(checkpoint, out_dir, *extra) -> DecoderTrainConfig:
 def test_impossible_decoder_settings_are_refused_before_anything_runs(tmp_path, flag, value, message):
     with pytest.raises(ValueError, match=message):
         tiny_cfg(tmp_path / "model", tmp_path / "run", flag, value)
+
+
+def test_a_model_trained_at_a_size_the_unet_cannot_halve_is_refused_before_anything_is_written(tmp_path):
+    """A 42 px model (7 x 7 patches of 6 px) trained fine, and its decoder run then crashed in diffusers at the
+    first step ("Expected size 22 but got size 21"), leaving config.yaml and log.csv behind."""
+    model = IJepa(IJepaConfig.from_arch("vit_tiny", img_size=42, patch_size=6, depth=1, predictor_depth=1,
+                                        predictor_embed_dim=48))
+    checkpoint = save_model(model, tmp_path / "model")
+    with pytest.raises(ValueError, match="image_size 42 must be a multiple of 4: the UNet.s 3 levels halve it 2 times"):
+        decoder_training.train(tiny_cfg(checkpoint, tmp_path / "run", "--steps", "1"))
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "log.csv").exists()
+
+
+def test_an_emoji_decoder_for_a_model_that_did_not_learn_emoji_says_so(tmp_path, tiny_ijepa, caplog):
+    """Without --data the decoder learns emoji scenes, which for a model trained on a folder (or the official
+    weights) draws the wrong world: said, as the app's hint says --data."""
+    with caplog.at_level(logging.WARNING, logger="train.decoder"):
+        decoder_training.train(tiny_cfg(tiny_ijepa, tmp_path / "run", "--steps", "1", "--ckpt-every", "1"))
+    assert "does not say it learnt the emoji world" in caplog.text and "pass --data" in caplog.text
 
 
 def test_box_sampling_covers_target_like_and_user_like_boxes():
@@ -184,7 +204,8 @@ def test_decoder_eval_reports_both_modes_and_exact_context(tmp_path, tiny_ijepa,
     few.mkdir()
     for i in range(5):
         Image.new("RGB", (40, 40), (50 * i, 20, 200)).save(few / f"{i}.png")
-    with pytest.raises(ValueError, match="holds 5 images and --num-images 64 needs 64 distinct"):
+    with pytest.raises(ValueError, match="holds 5 images and --num-images 64 needs 64 distinct ones: scoring needs "
+                                         "at least 64: pass a larger folder"):  # not a --num-images it refuses
         eval_decoder.main(["--checkpoint", str(tiny_ijepa), "--decoder", str(tmp_path / "spatial_context" /
                                                                              "decoder"), "--data", str(few),
                            "--num-images", "64", "--out-dir", str(tmp_path / "e3")])

@@ -693,6 +693,10 @@ def test_load_errors_say_what_to_do(bundle, tmp_path):
         Engine.load(bundle, checkpoint=bundle / "model", decoder=truncated, device="cpu")
     with pytest.raises(ValueError, match="is a model folder .*not a sketch decoder: load it with --checkpoint"):
         Engine.load(bundle, decoder=bundle / "model", device="cpu")  # the folders mixed up
+    run = tmp_path / "decoder_run"  # train.decoder's --out-dir, which holds the decoder in decoder/
+    shutil.copytree(bundle / "decoder", run / "decoder")
+    with pytest.raises(FileNotFoundError, match=f"is a decoder run folder: its decoder is {run / 'decoder'}"):
+        Engine.load(bundle, decoder=run, device="cpu")
     mismatched = tmp_path / "mismatched_decoder"
     shutil.copytree(bundle / "decoder_paper", mismatched)
     config = json.loads((mismatched / "config.json").read_text())

@@ -223,6 +223,8 @@ def test_a_resume_on_an_image_folder_whose_files_changed_says_the_run_now_differ
         Image.fromarray(np.full((40, 40, 3), 40 * i, np.uint8)).save(images / f"{i}.png")
     args = ("--data", str(images), "--ckpt-every", "1", "--allow-changes", "steps")
     train(tiny(tmp_path / "run", "--steps", "1", *args))
+    # what the app shows under "Trained on": the folder, not the emoji world's default
+    assert load_model(tmp_path / "run" / "model").config.trained_on == "images in the folder 'images'"
     with caplog.at_level(logging.WARNING):
         train(tiny(tmp_path / "run", "--steps", "2", "--resume", "true", *args))  # the same files: nothing said
     assert "image folder changed" not in caplog.text

@@ -190,6 +190,10 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
     model = load_model(cfg.checkpoint).to(rt.device).eval()
     if model.predictor is None:
         raise ValueError(f"{cfg.checkpoint} has no predictor: the decoder learns to draw predictor outputs")
+    if cfg.data == "emoji" and not model.config.data_fingerprint and rt.is_main:
+        logger.warning("%s does not say it learnt the emoji world (trained on: %s), yet this decoder will learn from "
+                       "emoji scenes: pass --data with a folder of the model's own kind of images", cfg.checkpoint,
+                       model.config.trained_on or "not recorded")
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(cfg.seed)
@@ -273,6 +277,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
                 with open(csv_path, "a") as f:
                     f.write(f"{done},{mean_loss:.6f},{lr:.6g},{img_per_s:.1f},{time.perf_counter() - run_start:.1f}\n")
         if rt.is_main and (done % cfg.sample_every == 0 or done == cfg.steps):
+            preview_start = time.perf_counter()
             ema.store(decoder.parameters())
             ema.copy_to(decoder.parameters())
             decoder.eval()
@@ -280,6 +285,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
                              preview_contexts.to(rt.device), out_dir / "samples" / f"step-{done:07d}.png")
             decoder.train()
             ema.restore(decoder.parameters())
+            window.pause(time.perf_counter() - preview_start)  # img/s counts training only
         if rt.is_main and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             state = {"decoder": decoder.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "step": done, "config": config_dict(cfg), "elapsed_s": time.perf_counter() - run_start,

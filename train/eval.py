@@ -488,8 +488,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", default="emoji", help="'emoji' (built-in protocol) or an image folder")
     parser.add_argument("--out-dir", default="runs/eval")
     parser.add_argument("--img-size", type=int, default=None, help="run the model at another resolution")
-    parser.add_argument("--box-train", type=int, default=3000, help="boxes to fit the predictor-semantics probe")
-    parser.add_argument("--box-test", type=int, default=1000, help="boxes per test set")
+    parser.add_argument("--box-train", type=int, default=3000, help="boxes to fit the predictor-semantics probe "
+                        "(emoji world only: its scenes label each patch, a folder's images do not)")
+    parser.add_argument("--box-test", type=int, default=1000, help="boxes per test set (emoji world only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N or mps")
     args = parser.parse_args(argv)

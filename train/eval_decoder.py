@@ -179,9 +179,10 @@ def evaluate_decoders(checkpoint: str | Path, decoder: str | Path, paper_decoder
     group_size = 16
     needed = -(-num_images // group_size) * group_size
     if len(dataset) < needed:  # a folder read round again would put the same (image, box) pairs in the gallery
+        fits = len(dataset) // group_size * group_size
+        instead = f"pass --num-images {fits} or less, or" if fits >= 64 else "scoring needs at least 64: pass"
         raise ValueError(f"{data} holds {len(dataset)} images and --num-images {num_images} needs {needed} distinct "
-                         f"ones: pass --num-images {len(dataset) // group_size * group_size} or less, or a larger "
-                         "folder")
+                         f"ones: {instead} a larger folder")
     groups, rng, index = [], np.random.default_rng(seed), 0
     for _ in range(-(-num_images // group_size)):  # one box shape per group of images
         images = torch.stack([dataset[index + j]["image"] for j in range(group_size)]).to(device)

@@ -46,6 +46,7 @@ from train.runtime import (LossWindow, Runtime, autocast, fused_adamw, load_opti
                            teardown_runtime)
 
 logger = logging.getLogger("train.pretrain")
+EMOJI_WORLD = "emoji scenes (Noto Color Emoji)"  # what a model trained on the built-in world says it saw
 # target_spread below this at a logging step: warn that the representation has collapsed (healthy runs: ~0.4)
 COLLAPSED_SPREAD = 0.1
 
@@ -144,8 +145,8 @@ class PretrainConfig:
     allow_changes: tuple[str, ...] = setting((), "with --resume: schedule settings that may differ from the "
                                              "checkpoint's, e.g. lr (any of lr, start_lr, final_lr, warmup_steps, "
                                              "steps, weight_decay, final_weight_decay, ema_start, ema_end)")
-    trained_on: str = setting("emoji scenes (Noto Color Emoji)", "what the exported model says it was trained on "
-                              "(the app shows it); set it when --data is an image folder")
+    trained_on: str = setting(EMOJI_WORLD, "what the exported model says it was trained on (the app shows it); "
+                              "left as it is with --data an image folder, the folder's name")
 
     def __post_init__(self) -> None:
         require_positive(self, ("batch_size", "steps", "log_every", "ckpt_every", "lr"))
@@ -155,8 +156,11 @@ class PretrainConfig:
 
 
 def model_config(cfg: PretrainConfig) -> IJepaConfig:
+    trained_on = cfg.trained_on
+    if cfg.data != "emoji" and trained_on == EMOJI_WORLD:  # the default, not said: not to show emoji for a folder
+        trained_on = f"images in the folder {Path(cfg.data).name!r}"
     overrides = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, predictor_embed_dim=cfg.predictor_embed_dim,
-                     predictor_depth=cfg.predictor_depth, trained_on=cfg.trained_on,
+                     predictor_depth=cfg.predictor_depth, trained_on=trained_on,
                      target_norm=cfg.target_norm, target_layers=cfg.target_layers)
     if cfg.depth is not None:
         overrides["depth"] = cfg.depth
