@@ -47,8 +47,7 @@ from .device import resolve_device, resolve_precision
 from .errors import InputError
 from .figures import BOX_COLORS, render_feature_view, render_surprise, render_truth_vs_prediction
 from .inference import (MAX_IMAGE_PIXELS, BoxAnalysis, BoxPrediction, LinearReadout, PreparedImage, analyze_boxes,
-                        centre_square, default_window, feature_pca, nearest_neighbours, open_image,
-                        prepare_image,
+                        centre_square, default_window, feature_pca, nearest_neighbours, open_image, prepare_image,
                         surprise_map, to_rgb, true_features)
 from .model import IJepa
 

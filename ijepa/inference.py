@@ -1,10 +1,10 @@
 """Inference primitives shared by evaluation, decoder training, scripts and the app.
 
 Everything here takes images in [0, 1] ([B, 3, H, W], or one [3, S, S] image for ``analyze_boxes`` and
-``surprise_map``) and patch-index masks, and returns features in the space
-the predictor was trained in: per-token layer-normed target-encoder features ("true") and predictor outputs
-("predicted"). Keeping one definition of that normalisation is what lets the decoder, the probe and the
-nearest-neighbour bank be trained on truths and fed predictions.
+``surprise_map``) and patch-index masks, and returns features in the space the predictor was trained in: per-token
+layer-normed target-encoder features ("true") and predictor outputs ("predicted"). Keeping one definition of that
+normalisation is what lets the decoder, the probe and the nearest-neighbour bank be trained on truths and fed
+predictions.
 
 Also here, for the app and scripts: decoding any user image file safely (``open_image``, ``to_rgb``), the
 model's square view of it with the map from user pixels to model pixels (``prepare_image``; boxes follow it in

@@ -146,7 +146,7 @@ class PretrainConfig:
                                              "checkpoint's, e.g. lr (any of lr, start_lr, final_lr, warmup_steps, "
                                              "steps, weight_decay, final_weight_decay, ema_start, ema_end)")
     trained_on: str = setting(EMOJI_WORLD, "what the exported model says it was trained on (the app shows it); "
-                              "left as it is with --data an image folder, the folder's name")
+                              "with --data an image folder and this not set, the folder's name")
 
     def __post_init__(self) -> None:
         require_positive(self, ("batch_size", "steps", "log_every", "ckpt_every", "lr"))
@@ -157,7 +157,7 @@ class PretrainConfig:
 
 def model_config(cfg: PretrainConfig) -> IJepaConfig:
     trained_on = cfg.trained_on
-    if cfg.data != "emoji" and trained_on == EMOJI_WORLD:  # the default, not said: not to show emoji for a folder
+    if cfg.data != "emoji" and trained_on == EMOJI_WORLD:  # left at the default: name the folder, not emoji
         trained_on = f"images in the folder {Path(cfg.data).name!r}"
     overrides = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, predictor_embed_dim=cfg.predictor_embed_dim,
                      predictor_depth=cfg.predictor_depth, trained_on=trained_on,
