@@ -284,6 +284,15 @@ def test_a_flat_folder_cannot_be_scored_and_says_why(tmp_path, tiny_model):
         evaluation.evaluate_folder(tiny_model, tmp_path / "flat")
 
 
+@pytest.mark.parametrize("data", ["missing", "a_file.txt"])
+def test_a_data_path_that_is_no_folder_is_refused_before_anything_loads_or_is_written(tmp_path, data):
+    """It was "[Errno 20] Not a directory" after the model had loaded, with an empty --out-dir left behind."""
+    (tmp_path / "a_file.txt").write_text("")
+    with pytest.raises(ValueError, match="pass 'emoji' or the path of an existing image folder"):
+        evaluation.evaluate_checkpoint(tmp_path / "no_model_needed", tmp_path / "out", str(tmp_path / data))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("heldout", ["test", "valid", "Validation"])
 def test_a_train_folder_is_scored_against_its_test_or_validation_folder(tmp_path, tiny_model, heldout):
     """root/{train,test}/<class>/ once became two classes, 'test' and 'train': a score of telling splits apart."""

@@ -260,11 +260,17 @@ def build_dataset(name_or_path: str | os.PathLike, resolution: int, patch_size: 
     """"emoji" -> EmojiScenes; an existing directory -> ImageFolderDataset. Extra kwargs go to the dataset."""
     if resolution % patch_size:
         raise ValueError(f"patch_size ({patch_size}) must divide resolution ({resolution})")
+    require_data_source(name_or_path)
     if str(name_or_path) == "emoji":
         return EmojiScenes(resolution=resolution, patch_size=patch_size, seed=seed, **kwargs)
-    if Path(name_or_path).is_dir():
-        return ImageFolderDataset(name_or_path, resolution, seed=seed, **kwargs)
-    raise ValueError(f"unknown dataset {str(name_or_path)!r}: pass 'emoji' or the path of an existing image folder")
+    return ImageFolderDataset(name_or_path, resolution, seed=seed, **kwargs)
+
+
+def require_data_source(name_or_path: str | os.PathLike) -> None:
+    """ValueError unless ``name_or_path`` is "emoji" or an existing folder: callers check it before minutes of work."""
+    if str(name_or_path) != "emoji" and not Path(name_or_path).is_dir():
+        raise ValueError(f"unknown dataset {str(name_or_path)!r}: pass 'emoji' or the path of an existing image "
+                         "folder")
 
 
 def check_resumed_data(saved: str | None, dataset: Dataset, checkpoint: Path | None) -> None:

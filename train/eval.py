@@ -30,7 +30,7 @@ from ijepa.masks import complement_indices, rectangle_indices
 from ijepa.inference import encode, gather, pooled, predict_features, true_features
 from ijepa.model import IJepa, IJepaConfig
 from train.config import doc_summary, run_command
-from train.data import StackFields
+from train.data import StackFields, require_data_source
 from train.runtime import write_json_atomic
 
 logger = logging.getLogger("train.eval")
@@ -513,6 +513,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: Path, data: str = "emoj
     """The whole evaluation of a model: results.json and results.png in ``out_dir`` (and, on the emoji world, the
     box probes the app reads out). results.json is written last: the recipe takes it as "evaluation finished"."""
     start = time.perf_counter()
+    require_data_source(data)  # before the model loads and the out-dir is made
     device = resolve_device(device)
     model = load_model(checkpoint, img_size=img_size).to(device).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
