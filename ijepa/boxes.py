@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence, Union
 import torch
 
 from .errors import InputError
-from .masks import GridSize, _as_grid
+from .masks import GridSize, as_grid
 
 if TYPE_CHECKING:
     from .inference import PreparedImage
@@ -137,7 +137,7 @@ def box_to_patch_indices(box: Box, image_size: tuple[int, int], grid_size: GridS
     always are. Only a sliver of at most 1/8 patch along an edge can stay visible (overshoot past a border is
     forgiven), and even a one-pixel box selects a patch.
     """
-    gh, gw = _as_grid(grid_size)
+    gh, gw = as_grid(grid_size)
     x0, y0, x1, y1 = _relative_box(box, image_size)
     rows = _axis_coverage(y0, y1, gh) > _MAX_VISIBLE_SLIVER + 1e-9
     cols = _axis_coverage(x0, x1, gw) > _MAX_VISIBLE_SLIVER + 1e-9
@@ -155,7 +155,7 @@ def boxes_to_masks(boxes: Sequence[Box], image_size: tuple[int, int],
     """
     if len(boxes) == 0:
         raise InputError("boxes_to_masks needs at least one target box")
-    gh, gw = _as_grid(grid_size)
+    gh, gw = as_grid(grid_size)
     targets = [box_to_patch_indices(box, image_size, (gh, gw)) for box in boxes]
     visible = torch.ones(gh * gw, dtype=torch.bool)
     for target in targets:

@@ -73,7 +73,7 @@ class MaskConfig:
                 raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
 
 
-def _as_grid(grid_size: GridSize) -> Tuple[int, int]:
+def as_grid(grid_size: GridSize) -> Tuple[int, int]:
     """Normalise an int or (h, w) grid size and check it."""
     gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else (int(grid_size[0]), int(grid_size[1]))
     if gh < 1 or gw < 1:
@@ -150,7 +150,7 @@ class MultiBlockMaskGenerator:
     """
 
     def __init__(self, grid_size: GridSize, config: Optional[MaskConfig] = None) -> None:
-        self.grid_size = _as_grid(grid_size)
+        self.grid_size = as_grid(grid_size)
         self.config = config if config is not None else MaskConfig()
         gh, gw = self.grid_size
         self.num_patches = gh * gw
@@ -319,7 +319,7 @@ class MaskCollator:
 
 def rectangle_indices(origins: torch.Tensor, rows: int, cols: int, grid_size: GridSize) -> torch.Tensor:
     """Patch rectangles of one shape at several places: origins [B, 2] as (row, col) -> [B, rows * cols]."""
-    _, gw = _as_grid(grid_size)
+    _, gw = as_grid(grid_size)
     dr, dc = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     return ((origins[:, :1] + dr.flatten()) * gw + origins[:, 1:] + dc.flatten()).long()
 
