@@ -116,8 +116,10 @@ SHOW_DRAWING = bring_into_view("#annotator", "e.getBoundingClientRect().top < 0"
 
 INTRO = """# I-JEPA, visible
 Draw a box on the image. The model does not see inside it: it **predicts** a description of the hidden region from
-everything around it, shown here as sketches, numbers and maps. The first example is ready with its box: press **Show
-what the model expects**, pick another example, or upload your own image (up to {max_boxes} boxes)."""
+everything around it, shown here as sketches and numbers; two maps of the whole image add how predictable each part is
+and how the encoder describes it. The first example is ready with its box: press **Show what the model expects**,
+pick another example, or upload your own image (up to {max_boxes} boxes). What the loaded model learnt from, and at
+what size it sees an image, is under "About the loaded model"."""
 
 HOW_TO_READ = """
 - **Sketches**: a separate decoder turns the predicted description into pictures. Each sketch is one possible
@@ -129,9 +131,12 @@ HOW_TO_READ = """
   its sketches vary more and show what that average keeps (a face, a flag) rather than where things go.
 - **Truth vs prediction**: the same decoder fed the description the model computes when it *does* see the box
   (truth), beside the one it guessed (prediction), and how far apart the two descriptions are, patch by patch.
+  Neither picture is the real image: both are the decoder's drawings.
 - **What it expects**: the most similar boxes in a reference collection, and a simple classifier's reading of
-  the guess.
-- **Surprise**: how hard each part of the image is to predict from its surroundings (bright = surprising).
+  the guess. Its percentages are its scores, not the chance that it is right; the model card says how often it is
+  (the built-in examples were picked where it reads the hidden emoji right, and most boxes are read less well).
+- **Surprise**: how hard each part of the image is to predict from its surroundings (bright = the hardest parts of
+  this image; the colour scale is this image's own, so compare images by their colour bars).
 - **Features**: patches the model describes alike get similar colours.
 """
 

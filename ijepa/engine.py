@@ -54,7 +54,7 @@ from .model import IJepa
 logger = logging.getLogger(__name__)
 
 # What the app calls each kind of sketch decoder (bundle.DECODER_DIRS: where each lives).
-DECODER_NAMES = {"spatial_context": "Detailed (ours)", "pooled": "Pooled (the I-JEPA paper's)"}
+DECODER_NAMES = {"spatial_context": "Detailed (ours)", "pooled": "Pooled (as in the I-JEPA paper)"}
 DEFAULT_NUM_SAMPLES = 4
 MAX_NUM_SAMPLES = 8
 MAX_NUM_STEPS = 50

@@ -125,7 +125,7 @@ def render_truth_vs_prediction(analysis: Analysis, truth: np.ndarray | None, pre
     hidden = base.copy()
     for mask in masks:
         hidden[mask] = 128
-    columns = [("Box {}: the input", hidden)]
+    columns = [("Box {} hidden (grey)", hidden)]
     if truth is not None and prediction is not None:
         columns += [("Decoded: true features", truth), ("Decoded: prediction", prediction)]
     rows = len(analysis.result.boxes)
@@ -145,7 +145,7 @@ def render_truth_vs_prediction(analysis: Analysis, truth: np.ndarray | None, pre
         axes[r, -1].imshow(base // 3 + 85, interpolation="nearest")
         shown = axes[r, -1].imshow(grid.reshape(gh, gw), cmap=ERROR_CMAP, vmin=0.0, vmax=ceiling,
                                    interpolation="nearest", extent=_extent(size))
-        axes[r, -1].set_title(f"Error per patch: {box.error:.2f}\n(visible average: {box.baseline_error:.2f})",
+        axes[r, -1].set_title(f"Error per patch: {box.error:.2f}\n(copied average: {box.baseline_error:.2f})",
                               fontsize=11)
         for axis in axes[r]:
             axis.add_patch(_rectangle(x0, y0, x1, y1, color))

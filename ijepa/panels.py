@@ -100,13 +100,14 @@ def explanation(analysis: Analysis, conditioning: str | None, num_samples: int |
     size = analysis.prepared.size
     plural = "es" if len(analysis.reports) > 1 else ""
     parts = [
-        f"**What the model saw.** A {size}x{size}-pixel copy of the centre of your image, cut into "
+        f"**What the model saw.** The centre square of your image, resized to {size}x{size} pixels and cut into "
         f"{grid[0]}x{grid[1]} patches. The {hidden} patches under your box{plural} were hidden (covered "
         f"in the picture); it saw the other {analysis.num_patches - hidden}.",
         "**What it guessed.** Not pixels: a list of numbers (features) describing each hidden patch, the kind "
         "of description its encoder gives when it does see the patch. Error 0 = exact guess; for scale, each "
         "box also says how far off a guess is that needs no predictor: the average description of the visible "
-        "patches, copied into every hidden one.",
+        "patches, copied into every hidden one (those descriptions come from the encoder reading the whole picture, "
+        "box included, so this comparison guess has an unfair advantage).",
     ]
     parts.extend("- " + _box_line(analysis, b, conditioning is not None) + "." for b in range(len(analysis.reports)))
     if conditioning is not None:
@@ -116,8 +117,10 @@ def explanation(analysis: Analysis, conditioning: str | None, num_samples: int |
             heading = f"**Why the {f'{num_samples} ' if num_samples else ''}sketches differ.**"
         parts.append(
             f"{heading} A description leaves details open, like a sentence describing a face. The decoder draws "
-            "pictures that all fit the guess: what they share, the model is sure about; what changes, it left open. "
-            "They sketch its expectation; they do not recover the hidden pixels.")
+            "pictures that all fit the guess: what they share is fixed by the predicted description (and, for a "
+            "detailed decoder, by the visible surroundings it also sees); what changes is what the description "
+            "leaves open. The predictor gives one answer, not a range. The sketches show its expectation; they do "
+            "not recover the hidden pixels.")
     if conditioning == "pooled":
         parts.append(
             "**This decoder** gets only the average of the box's predicted features, as in the I-JEPA "
@@ -131,7 +134,7 @@ def _box_line(analysis: Analysis, b: int, has_decoder: bool) -> str:
     error, bar = f"{report.error:.2f}", f"{report.baseline_error:.2f}"  # as shown: equal figures read as a tie
     verdict = ("about as good as" if error == bar else
                "better than" if report.error < report.baseline_error else "no better than")
-    line = f"Box {report.number}: error **{error}**, {verdict} copying the visible average (visible average: {bar})"
+    line = f"Box {report.number}: error **{error}**, {verdict} copying the visible average (which scores {bar})"
     if report.clipped:
         line += " (only its part inside the centre square the model sees was hidden)"
     largest = largest_user_box(grid)

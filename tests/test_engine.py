@@ -514,7 +514,7 @@ def test_errors_come_with_a_guess_that_needs_no_predictor_for_scale(engine):
     torch.testing.assert_close(box.baseline_errors, expected, rtol=1e-5, atol=1e-6)
     assert analysis.metrics()["boxes"][0]["visible_average_error"] == round(box.baseline_error, 4)
     text = panels.explanation(analysis, engine.conditioning_of(None))
-    assert f"visible average: {box.baseline_error:.2f}" in text
+    assert f"copying the visible average (which scores {box.baseline_error:.2f})" in text
 
 
 def test_the_explanation_verdict_agrees_with_the_figures_it_shows(engine):
@@ -613,7 +613,7 @@ def test_the_bundle_offers_both_decoders_and_each_draws_its_own_sketches(engine,
     # truth vs prediction reuses the first sketch only when the same decoder drew it
     figure = engine.truth_vs_prediction(two_box_analysis, ours, seed=4, num_steps=STEPS, conditioning="pooled")
     assert figure.ndim == 3
-    assert "decoder, Pooled (the I-JEPA" in engine.describe() and "decoder, Detailed" in engine.describe()
+    assert "decoder, Pooled (as in the I-JEPA" in engine.describe() and "decoder, Detailed" in engine.describe()
     assert "average" in panels.explanation(two_box_analysis, engine.conditioning_of("pooled"), 1)
     assert "average of the box" not in panels.explanation(two_box_analysis, engine.conditioning_of(None), 1)
     with pytest.raises(ValueError, match="No 'spatial' sketch decoder.*'pooled'"):
