@@ -209,6 +209,11 @@ def test_decoder_eval_reports_both_modes_and_exact_context(tmp_path, tiny_ijepa,
         eval_decoder.main(["--checkpoint", str(tiny_ijepa), "--decoder", str(tmp_path / "spatial_context" /
                                                                              "decoder"), "--data", str(few),
                            "--num-images", "64", "--out-dir", str(tmp_path / "e3")])
+    with pytest.raises(ValueError, match="pass 'emoji' or the path of an existing image folder"):
+        eval_decoder.main(["--checkpoint", str(tiny_ijepa), "--decoder", str(tmp_path / "spatial_context" /
+                                                                             "decoder"),
+                           "--data", str(tmp_path / "a_file"), "--out-dir", str(tmp_path / "e4")])
+    assert not (tmp_path / "e4").exists()  # refused before the out-dir is made
     with pytest.raises(OSError):  # an --out-dir that is a file: refused before the minutes of scoring
         eval_decoder.main(["--checkpoint", str(tiny_ijepa), "--decoder", str(tmp_path / "spatial_context" /
                                                                              "decoder"), "--out-dir",

@@ -32,7 +32,7 @@ from ijepa.device import PRECISIONS, resolve_device, resolve_precision
 from ijepa.inference import gather, pooled, true_features
 from ijepa.model import IJepa
 from train.config import doc_summary, run_command
-from train.data import build_dataset
+from train.data import build_dataset, require_data_source
 from train.decoder import box_conditions, sample_boxes
 from train.runtime import autocast, write_json_atomic
 
@@ -166,6 +166,7 @@ def evaluate_decoders(checkpoint: str | Path, decoder: str | Path, paper_decoder
     problem = gallery_problem(num_images, num_samples)
     if problem:
         raise ValueError(problem)
+    require_data_source(data)  # as the out-dir: refused now, not after the model and decoders have loaded
     out_dir.mkdir(parents=True, exist_ok=True)  # a file there is refused now, not after minutes of scoring
     start = time.perf_counter()
     device = resolve_device(device)
