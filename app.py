@@ -9,7 +9,7 @@ The same results are available to programs through the "/sketch" endpoint::
     from gradio_client import Client, handle_file
     client = Client("http://127.0.0.1:7860/")
     sketches, metrics = client.predict(handle_file("photo.jpg"), "[[120, 80, 260, 200]]", 4, 0, api_name="/sketch")
-    # optional: decoder="spatial_context" or "pooled" (the I-JEPA paper's), steps=10 (sampler steps); without
+    # optional: decoder="spatial_context" or "pooled" (as in the I-JEPA paper), steps=10 (sampler steps); without
     # decoder=, the first --decoder given, else the bundle's spatial_context one
 
 ``sketches`` is a list of gallery items, one sheet per sketch: the sketch composited into the model's view

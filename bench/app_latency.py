@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(row), flush=True)
     else:
         print(f"{row['arch']} at {size} px, {weights} weights, the {row['decoder']} decoder, {args.samples} sketches x "
-              f"{args.steps} steps, "
-              f"{args.threads} threads, {row['dtype']}:\n"
+              f"{args.steps} steps, {args.threads} threads, {row['dtype']}:\n"
               f"  last sketch p50 {row['p50_s']:.3f} s, p90 {row['p90_s']:.3f} s; first sketch p50 "
               f"{row['first_sketch_p50_s']:.3f} s, p90 {row['first_sketch_p90_s']:.3f} s; whole request with the "
               f"truth panel p50 {row['full_p50_s']:.3f} s, p90 {row['full_p90_s']:.3f} s\n"

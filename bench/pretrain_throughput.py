@@ -86,7 +86,7 @@ from train.config import doc_summary  # noqa: E402
 from train.objective import (TargetFeatures, ema_momentum, ema_update, ijepa_loss,  # noqa: E402
                              learning_rate, param_groups, set_optimizer_schedule, weight_decay)
 from train.pretrain import set_training_attention, uses_fused_attention  # noqa: E402
-from ijepa.device import PRECISIONS, fast_bf16, resolve_device, resolve_precision  # noqa: E402
+from ijepa.device import PRECISIONS, fast_bf16, process_status, resolve_device, resolve_precision  # noqa: E402
 from train.runtime import LossWindow, Runtime, autocast, fused_adamw  # noqa: E402
 
 logger = logging.getLogger("bench.pretrain_throughput")
@@ -180,13 +180,10 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int, min_
 # Memory
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _process_memory_gib(field: str) -> float:
-    """A field of Linux's /proc/self/status in GiB: VmRSS (resident now), VmHWM (its high-water mark)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 2**20
-    raise RuntimeError(f"{field} missing from /proc/self/status")
+def _process_memory_gib(field: str) -> float | None:
+    """VmRSS (resident now) or VmHWM (its high-water mark) of this process in GiB; None where Linux does not say."""
+    shown = process_status(field)  # e.g. "2548736 kB"
+    return None if shown is None else int(shown.split()[0]) / 2**20
 
 
 def held_memory_gib(device: torch.device) -> float | None:
@@ -195,7 +192,7 @@ def held_memory_gib(device: torch.device) -> float | None:
     within a run as ``peak - held``, or alone (``--only``)."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**30
-    return _process_memory_gib("VmRSS") if os.path.exists("/proc/self/status") else None
+    return _process_memory_gib("VmRSS")
 
 
 def compiled_graphs() -> int:
@@ -215,7 +212,7 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory_gib(device: torch.device) -> float | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return _process_memory_gib("VmHWM") if os.path.exists("/proc/self/status") else None
+    return _process_memory_gib("VmHWM")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

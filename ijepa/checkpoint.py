@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .device import process_status
 from .model import IJepa, IJepaConfig
 from .pos_embed import grid_for
 from .vision_transformer import VIT_ARCHS
@@ -359,12 +360,9 @@ def share_as_umask_allows(path: str | Path) -> None:
 def _umask() -> int:
     """The process's umask, read without changing it where Linux says it (``os.umask`` alone must set one to read
     it, which for a moment changes it for every thread)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
+    shown = process_status("Umask")
+    if shown is not None:
+        return int(shown, 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

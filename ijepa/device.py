@@ -1,8 +1,9 @@
 """Which device and precision to run on: training (train.runtime), evaluation, the benchmarks and the app's
-engine ask the same questions here."""
+engine ask the same questions here; and what Linux says about this process (``process_status``)."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -55,3 +56,12 @@ def resolve_precision(device: torch.device, precision: str) -> str:
         logger.warning("bf16 was asked for, but %s has no native bf16 (no AVX512-BF16 or AMX on a CPU): expect a "
                        "step many times slower than fp32; precision 'auto' picks fp32 here", device)
     return precision
+
+
+def process_status(field: str) -> str | None:
+    """The value of ``field`` (e.g. "VmRSS", "Umask") in Linux's /proc/self/status, or None where there is none."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(f"{field}:")), None)

@@ -178,14 +178,15 @@ def evaluate_decoders(checkpoint: str | Path, decoder: str | Path, paper_decoder
     dataset = build_dataset(data, resolution=model.config.img_size, patch_size=model.config.patch_size,
                             seed=seed + 777, **extra)
     group_size = 16
-    needed = -(-num_images // group_size) * group_size
+    num_groups = -(-num_images // group_size)  # one box shape per group of images
+    needed = num_groups * group_size
     if len(dataset) < needed:  # a folder read round again would put the same (image, box) pairs in the gallery
         fits = len(dataset) // group_size * group_size
         instead = f"pass --num-images {fits} or less, or" if fits >= 64 else "scoring needs at least 64: pass"
         raise ValueError(f"{data} holds {len(dataset)} images and --num-images {num_images} needs {needed} distinct "
                          f"ones: {instead} a larger folder")
     groups, rng, index = [], np.random.default_rng(seed), 0
-    for _ in range(-(-num_images // group_size)):  # one box shape per group of images
+    for _ in range(num_groups):
         images = torch.stack([dataset[index + j]["image"] for j in range(group_size)]).to(device)
         targets, contexts = sample_boxes(group_size, model.config.grid_size, rng, target_like_fraction=0.5)
         groups.append((images, targets.to(device), contexts.to(device)))
