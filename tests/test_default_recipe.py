@@ -346,6 +346,44 @@ def test_a_second_call_skips_finished_stages_and_keeps_their_times(run):
     assert summary["command"] == f"{first['command']} (then: python -m train.default --out-dir {run} --profile smoke)"
 
 
+def test_damaged_outputs_of_finished_stages_are_made_again_and_never_exported(smoke_run, run, tmp_path, monkeypatch):
+    """A file of a finished stage damaged since (a disk that filled up, a copy cut short) is found before any stage
+    runs: what is computed is computed again, a training stage's export is written again from its run's last
+    checkpoint, and the bundle --export swaps in is whole. Nothing is trained again."""
+    original = smoke_run / "run"
+    export = shutil.copytree(smoke_run / "bundle", tmp_path / "export")
+    decoder_weights = "decoder_spatial_context/decoder/diffusion_pytorch_model.safetensors"
+    for name in ("bank.safetensors", "eval/probe_group.safetensors", "decoder_eval/samples.png",
+                 "pretrain/model/model.safetensors", "pretrain/config.yaml", decoder_weights):
+        with open(run / name, "r+b") as f:
+            f.truncate(min(5000, (run / name).stat().st_size // 2))
+    checkpoints = sorted((run / "pretrain" / "checkpoints").iterdir()) + sorted(
+        (run / "decoder_spatial_context" / "checkpoints").iterdir())
+    before = [p.stat().st_mtime_ns for p in checkpoints]
+    monkeypatch.setattr(budget, "refit_decoders", no_refit)
+    recipe.main(["--out-dir", str(run), "--profile", "smoke", "--export", str(export)])
+    assert [p.stat().st_mtime_ns for p in checkpoints] == before  # resumed at their last step: nothing trained
+    for name in ("pretrain/model/model.safetensors", decoder_weights, "bank.safetensors",
+                 "eval/probe_group.safetensors"):
+        written, first = load_file(run / name), load_file(original / name)
+        assert written.keys() == first.keys() and all(torch.equal(written[k], first[k]) for k in first), name
+    results, first = (json.loads((folder / "eval" / "results.json").read_text()) for folder in (run, original))
+    for own in ("checkpoint", "seconds"):  # where and how long, not what it measured
+        results.pop(own), first.pop(own)
+    assert results == first
+    assert_bundle_parts_agree(export)
+    assert_a_box_produces_sketches(export)
+
+
+def test_a_damaged_model_with_no_checkpoint_to_write_it_from_is_refused_before_anything_changes(run, tmp_path):
+    export = tmp_path / "export"
+    (run / "pretrain" / "model" / "model.safetensors").write_bytes(b"")
+    shutil.rmtree(run / "pretrain" / "checkpoints")
+    with pytest.raises(ValueError, match="no checkpoint of the finished run .* to write it again from: delete"):
+        recipe.main(["--out-dir", str(run), "--profile", "smoke", "--export", str(export)])
+    assert not export.exists() and (run / "bank.safetensors").is_file()
+
+
 class Stopped(RuntimeError):
     pass
 

@@ -263,7 +263,11 @@ def config_dict(config) -> dict:
 
 
 def save_config(config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_dict(config), sort_keys=False))
+    """Through a temporary file and a rename: a kill mid-write leaves the old file or the new one, not a cut one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_dict(config), sort_keys=False))
+    os.replace(tmp, path)
 
 
 # Fields a resumed (or reused) run may change: where and how it runs and logs, not what it computes.

@@ -40,11 +40,12 @@ from typing import Callable, Collection
 import torch
 import torch.nn.functional as F
 import yaml
+from PIL import Image
 
 from decoder import SketchDecoder
 from ijepa.bundle import (BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, MODEL_CARD_NAME, MODEL_DIR, PROBE_NAMES,
-                          SHIPPED_SIZE_LIMIT, folder_bytes)
-from ijepa.checkpoint import load_model, save_model, save_safetensors
+                          SHIPPED_SIZE_LIMIT, folder_bytes, load_bank, load_decoder, load_probe)
+from ijepa.checkpoint import CheckpointError, load_model, save_model, save_safetensors
 from ijepa.device import resolve_device
 from ijepa.model import IJepa
 from train import decoder as decoder_training
@@ -53,8 +54,10 @@ from train import eval as evaluation
 from train import eval_decoder, pretrain
 from train.config import changed_settings, doc_summary, parse_config, run_command
 from train.examples import choose_examples
+from train.export_checkpoint import model_from_checkpoint
 from train.model_card import write_model_card
-from train.runtime import hardware, logged_training_seconds, save_folder_atomic, write_file_atomic, write_json_atomic
+from train.runtime import (hardware, list_checkpoints, logged_training_seconds, newest_readable, save_folder_atomic,
+                           write_file_atomic, write_json_atomic)
 
 logger = logging.getLogger("train.default")
 CONFIGS = Path(__file__).parent / "configs"
@@ -147,9 +150,9 @@ def run_started_with(out: Path) -> dict:
     """What the run in ``out`` was started with: {"profile", "command"} from PROFILE_FILE; a run from before that file
     has only its profile, in summary.json; a new run, nothing."""
     if (out / PROFILE_FILE).is_file():
-        return json.loads((out / PROFILE_FILE).read_text())
+        return read_json(out / PROFILE_FILE)
     if (out / "summary.json").is_file():
-        return {"profile": json.loads((out / "summary.json").read_text()).get("profile")}
+        return {"profile": read_json(out / "summary.json").get("profile")}
     return {}
 
 
@@ -187,9 +190,108 @@ def stage_done(out: Path, stage: str) -> bool:
     return all((out / marker).exists() for marker in STAGE_OUTPUTS[stage])
 
 
+def read_json(path: Path):
+    """A JSON file this recipe wrote; one damaged since (a disk that filled up, a copy cut short) is named."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is damaged (not JSON: {err}): this run wrote it, so delete it and run the same "
+                         "command again to write it anew") from None
+
+
+def recorded_settings(run_dir: Path) -> dict:
+    """The settings a training stage ran with, as its newest checkpoint records them beside the weights, or where no
+    checkpoint is left, as its config.yaml does. Checkpoint first: a config.yaml cut short can still parse, with
+    settings missing."""
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    try:
+        state = newest_readable(checkpoints)[0] if checkpoints else {}
+    except CheckpointError:
+        state = {}
+    if isinstance(state.get("config"), dict):
+        return state["config"]
+    try:
+        recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{run_dir / 'config.yaml'} is damaged or missing and no checkpoint in "
+                         f"{run_dir / 'checkpoints'} records the settings instead, so the recipe cannot tell whether "
+                         f"this stage may be reused: delete {run_dir} to train this stage again")
+    return recorded
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def repair_finished_stages(out: Path) -> None:
+    """Read what every finished stage left before any stage runs, so that a file damaged since (a disk that filled
+    up, a copy cut short) is found now and never reaches the bundle.
+
+    What is computed, not trained (the evaluation, the bank, the decoder evaluation) is done again. A training
+    stage's export is written again from the run's last checkpoint: the model directly, a decoder by resuming its
+    finished run (which only exports), after which the decoder evaluation is done again."""
+    model_dir = out / "pretrain" / "model"
+    if not stage_done(out, "pretrain"):
+        return
+    try:
+        model = load_model(model_dir)
+    except (CheckpointError, ValueError, OSError) as err:
+        model = reexport_model(out / "pretrain", err)
+    dim = model.config.embed_dim
+    computed = {
+        "eval": lambda: [read_json(out / "eval" / "results.json"),
+                         *(load_probe(out / "eval" / f"probe_{name}.safetensors", dim) for name in PROBE_NAMES)],
+        "bank": lambda: load_bank(out / f"{BANK_NAME}.safetensors", dim),
+        "decoder_eval": lambda: [read_json(out / "decoder_eval" / "results.json"),
+                                 Image.open(out / "decoder_eval" / "samples.png").load()],
+    }
+    for mode in DECODER_MODES:
+        folder = out / f"decoder_{mode}" / "decoder"
+        if (folder / "config.json").exists():
+            try:
+                load_decoder(folder, model, model_dir)
+            except (FileNotFoundError, ValueError) as err:
+                logger.warning("%s: it is exported again from its run's last checkpoint", err)
+                shutil.rmtree(folder)
+                computed["decoder_eval"] = None  # it evaluated the damaged decoder's files: done again below
+    for stage, read in computed.items():
+        if not stage_done(out, stage):
+            continue
+        try:
+            if read is None:
+                raise ValueError("a decoder it evaluated is exported again")
+            read()
+        except (FileNotFoundError, ValueError, OSError) as err:
+            logger.warning("%s: the %s stage is done again", err, stage)
+            for path in STAGE_PATHS[stage]:
+                remove(out / path)
+
+
+def reexport_model(run_dir: Path, err: Exception) -> IJepa:
+    """The finished pretraining's model, written again from its last checkpoint (the step it was exported at)."""
+    model_dir = run_dir / "model"
+    checkpoints, step = list_checkpoints(run_dir / "checkpoints"), None
+    if checkpoints:
+        try:
+            _, checkpoint = newest_readable(checkpoints)
+            model, step = model_from_checkpoint(checkpoint)
+        except (CheckpointError, ValueError, OSError) as reason:
+            logger.warning("no checkpoint to write %s again from: %s", model_dir, reason)
+    steps = recorded_settings(run_dir).get("steps")
+    if step is None or step != steps:
+        raise ValueError(f"{model_dir} cannot be read ({err}), and no checkpoint of the finished run (step {steps}) "
+                         f"is left in {run_dir / 'checkpoints'} to write it again from: delete {run_dir.parent} to "
+                         "train everything again") from None
+    logger.warning("%s cannot be read (%s): it is written again from %s", model_dir, err, checkpoint)
+    save_folder_atomic(lambda folder: save_model(model, folder), model_dir)
+    return model
+
+
 def check_reusable(run_dir: Path, cfg) -> None:
     """A finished training stage is reused only if it ran with the settings asked for now."""
-    changes = changed_settings(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, cfg)
+    changes = changed_settings(recorded_settings(run_dir), cfg)
     if changes:
         raise ValueError(f"{run_dir} was trained with other settings ({changes}): choose another --out-dir, or "
                          f"delete {run_dir.parent} to train everything again")
@@ -216,7 +318,7 @@ def run_evaluation(model_dir: Path, profile: dict, out: Path) -> dict:
     if not stage_done(out, "eval"):
         evaluation.evaluate_checkpoint(model_dir, out / "eval", box_train=profile["box_train"],
                                        box_test=profile["box_test"])
-    return json.loads(results_path.read_text())
+    return read_json(results_path)
 
 
 @torch.no_grad()
@@ -325,7 +427,7 @@ def run_decoder_eval(model_dir: Path, decoders: dict[str, Path], profile: dict, 
     if not stage_done(out, "decoder_eval"):
         eval_decoder.evaluate_decoders(model_dir, decoders["spatial_context"], decoders["pooled"],
                                        out / "decoder_eval", num_images=profile["eval_images"])
-    return json.loads(results_path.read_text())
+    return read_json(results_path)
 
 
 # What write_bundle puts in a bundle: an --export target holding anything else is refused before the first stage
@@ -408,8 +510,8 @@ class StageClock:
     def __init__(self, out: Path):
         self.out = out
         self.times_path, self.machines_path = out / STAGE_TIMES, out / STAGE_MACHINES
-        self.timings = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
-        self.machines = json.loads(self.machines_path.read_text()) if self.machines_path.exists() else {}
+        self.timings = read_json(self.times_path) if self.times_path.exists() else {}
+        self.machines = read_json(self.machines_path) if self.machines_path.exists() else {}
         self.finished = {stage: stage_done(out, stage) for stage in STAGE_OUTPUTS}
 
     def run(self, stage: str, fn: Callable, *args):
@@ -464,6 +566,7 @@ def main(argv=None) -> None:
     if args.export:  # now, not after the recipe's 90 minutes
         check_bundle_size(planned_bundle_sizes(profile, out, flags), "the bundle these settings make")
         check_export_target(Path(args.export), BUNDLE_NAMES)
+    repair_finished_stages(out)
     stale = stale_stages(out)
     if stale:
         raise ValueError(f"{out} holds outputs of {', '.join(stale)} made from a model or decoder this call would "
@@ -490,8 +593,8 @@ def main(argv=None) -> None:
                "total_seconds": round(sum(timings.values()) + (plan["timing_s"] if plan else 0.0), 1),
                "plan": plan, "features": features, "decoders": sketches,
                "knn_during_pretraining": knn_curve(model_dir.parent / "knn.csv"),
-               "pretrain_config": yaml.safe_load((model_dir.parent / "config.yaml").read_text()),
-               "decoder_config": yaml.safe_load((decoders["spatial_context"].parent / "config.yaml").read_text()),
+               "pretrain_config": recorded_settings(model_dir.parent),
+               "decoder_config": recorded_settings(decoders["spatial_context"].parent),
                "command": first_command if command == first_command else f"{first_command} (then: {command})"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     save_folder_atomic(lambda folder: write_bundle(folder, out, model_dir, decoders, summary), out / BUNDLE_DIR)

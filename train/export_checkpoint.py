@@ -45,9 +45,8 @@ def newest_checkpoint(path: Path) -> Path:
     raise FileNotFoundError(f"{path}: none of its {len(found)} checkpoints is complete")
 
 
-def export_checkpoint(checkpoint: Path, out_dir: Path | None = None) -> Path:
-    """Write the model of a pretraining checkpoint as ``config.json`` + ``model.safetensors``; returns the folder
-    (by default ``model_<step>`` beside the run's ``checkpoints`` folder)."""
+def model_from_checkpoint(checkpoint: Path) -> tuple[IJepa, int]:
+    """The model of a pretraining checkpoint, rebuilt from the settings it records, and its step."""
     state = load_checkpoint(checkpoint)
     if not {"model", "config", "step"} <= set(state):
         raise ValueError(f"{checkpoint}: not a pretraining checkpoint of train.pretrain (it holds {sorted(state)[:6]})")
@@ -60,14 +59,21 @@ def export_checkpoint(checkpoint: Path, out_dir: Path | None = None) -> Path:
     # checkpoint from before they were recorded rebuilds them from the run's settings
     model = IJepa(IJepaConfig.from_dict(state["model_config"]) if "model_config" in state else model_config(cfg))
     model.load_state_dict(state["model"])
+    return model, int(state["step"])
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path | None = None) -> Path:
+    """Write the model of a pretraining checkpoint as ``config.json`` + ``model.safetensors``; returns the folder
+    (by default ``model_<step>`` beside the run's ``checkpoints`` folder)."""
+    model, step = model_from_checkpoint(checkpoint)
     if out_dir is None:
         run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-        out_dir = run_dir / f"model_{state['step']}"
+        out_dir = run_dir / f"model_{step}"
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):  # another model's, or a run's files
         raise FileExistsError(f"{out_dir} already exists and is not an empty folder: choose another --out, or "
                               "remove it to export again (nothing was written)")
     save_folder_atomic(lambda folder: save_model(model, folder), out_dir)  # whole or not at all
-    logger.info("exported step %d of %s to %s", state["step"], checkpoint, out_dir)
+    logger.info("exported step %d of %s to %s", step, checkpoint, out_dir)
     return out_dir
 
 
