@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from decoder import SketchDecoder
 
 from .checkpoint import DECODER_WEIGHTS_NAME, WEIGHTS_NAME, save_model, save_safetensors, share_as_umask_allows
+from .errors import InputError
 from .inference import LinearReadout, open_image, to_rgb
 from .model import IJepa, IJepaConfig
 
@@ -232,7 +233,18 @@ def load_examples(directory: str | Path, notes: list[str] | None = None) -> list
         raise FileNotFoundError(f"{index} lists {missing[0]}, which is not in {directory}")
     if missing:
         notes.append(f"{index} lists {', '.join(missing)}, not in {directory}: those examples are left out.")
-    return present
+    readable, damaged = [], []
+    for example in present:  # decoded now (a few small images): one cut short must not stop the app later
+        try:
+            example.image()
+            readable.append(example)
+        except InputError as err:
+            damaged.append(f"{example.path.name} ({err})")
+    if damaged and notes is None:
+        raise ValueError(f"an example in {directory} cannot be read: {damaged[0]}")
+    if damaged:
+        notes.append(f"Examples in {directory} that cannot be read are left out: {'; '.join(damaged)}")
+    return readable
 
 
 

@@ -269,6 +269,10 @@ class Engine:
                 notes.append(f"The sketch decoder in {path} could not be loaded, so its sketches are off: {err}")
                 continue
             conditioning = sketch_decoder.config.conditioning
+            if conditioning in decoders and optional:  # a bundle's folders, e.g. one copied over the other
+                notes.append(f"{path} holds a second {conditioning!r} decoder (the one in {sources[conditioning]} is "
+                             "used), so the other kind's sketches are off.")
+                continue
             if conditioning in decoders:
                 raise ValueError(f"{sources[conditioning]} and {path} are both {conditioning!r} decoders; pass at most "
                                  f"one of each kind ({', '.join(DECODER_NAMES)})")

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
 from decoder.model import box_mask_from_indices
-from ijepa.bundle import build_random_bundle, load_probe, train_decoder_hint
+from ijepa.bundle import build_random_bundle, load_examples, load_probe, train_decoder_hint
 from ijepa.checkpoint import load_model, save_model
 from ijepa import figures, panels
 import ijepa.engine as engine_module
@@ -731,6 +731,25 @@ def test_damaged_optional_parts_switch_their_panel_off_instead_of_stopping_the_a
     assert "those examples are left out" in notes
     assert "decoder_paper could not be loaded" in notes and "--conditioning pooled" in notes
     engine.analyze(engine.examples[0].image(), engine.examples[0].boxes)
+
+
+def test_damaged_example_images_or_a_second_decoder_of_one_kind_in_a_bundle_leave_the_rest_working(bundle, tmp_path):
+    """A review found that one example image cut short stopped the app at start-up, and a decoder folder copied over
+    the other kind's refused the whole bundle."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundle, damaged)
+    first, second = sorted((damaged / "examples").glob("*.png"))
+    first.write_bytes(first.read_bytes()[:200])
+    second.write_bytes(b"")
+    shutil.rmtree(damaged / "decoder_paper")
+    shutil.copytree(damaged / "decoder", damaged / "decoder_paper")
+    engine = Engine.load(damaged, device="cpu")
+    assert engine.examples == [] and engine.conditionings == ("spatial_context",)
+    notes = " ".join(engine.notes)
+    assert f"cannot be read are left out: {first.name} (" in notes and second.name in notes
+    assert "decoder_paper holds a second 'spatial_context' decoder" in notes
+    with pytest.raises(ValueError, match=first.name):  # tools that write bundles must not ship one with holes
+        load_examples(damaged / "examples")
 
 
 def test_a_probe_or_bank_that_does_not_fit_its_labels_switches_its_panel_off(bundle, tmp_path):
