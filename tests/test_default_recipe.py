@@ -384,6 +384,18 @@ def test_a_damaged_model_with_no_checkpoint_to_write_it_from_is_refused_before_a
     assert not export.exists() and (run / "bank.safetensors").is_file()
 
 
+def test_choosing_examples_again_for_a_bundle_with_a_damaged_metrics_file_changes_nothing(smoke_run, tmp_path):
+    from train import examples
+
+    bundle = shutil.copytree(smoke_run / "bundle", tmp_path / "bundle")
+    (bundle / "metrics.json").write_text("")
+    before = sorted(p.name for p in (bundle / "examples").iterdir())
+    with pytest.raises(ValueError, match="metrics.json is damaged .*nothing was changed"):
+        examples.main(["--bundle", str(bundle)])
+    assert sorted(p.name for p in (bundle / "examples").iterdir()) == before
+    assert not list(bundle.glob("examples.swap-*"))
+
+
 class Stopped(RuntimeError):
     pass
 

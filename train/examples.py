@@ -137,9 +137,14 @@ def main(argv=None) -> None:
     metrics_path = bundle / "metrics.json"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{metrics_path} is missing: {bundle} is not a bundle exported by train.default")
+    try:  # before anything is replaced: a damaged metrics.json must leave the bundle as it was
+        metrics = json.loads(metrics_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{metrics_path} is damaged (not JSON: {err}); nothing was changed. Write the bundle again "
+                         f"from its run: python -m train.default --out-dir <its run folder> --export {bundle}") from None
     chosen: dict = {}
     save_folder_atomic(lambda staged: chosen.update(choose_examples(bundle, staged)), bundle / EXAMPLES_DIR)
-    metrics = {**json.loads(metrics_path.read_text()), "examples": chosen}
+    metrics = {**metrics, "examples": chosen}
     write_json_atomic(metrics_path, metrics)
     write_model_card(metrics, bundle / MODEL_CARD_NAME)
     logger.info("%s: %d examples; of %d scenes, %d read right by the group probe, %s by the subgroup probe too",
