@@ -53,7 +53,7 @@ class DecoderTrainConfig:
     data: str = setting("emoji", '"emoji" (the emoji world\'s default scenes, whatever pretraining used) or the path '
                         "of an image folder")
     conditioning: str = setting("spatial_context", '"spatial_context" (ours: every predicted patch feature plus the '
-                                'visible surroundings) or "pooled" (the I-JEPA paper\'s RCDM setup: the average '
+                                'visible surroundings) or "pooled" (as in the I-JEPA paper\'s RCDM setup: the average '
                                 "predicted feature only)")
     # decoder architecture
     block_out_channels: tuple[int, int, int] = setting((32, 64, 128), "the UNet's channels at each of its three "

@@ -126,8 +126,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--paper-decoder", default=None, help="the paper-faithful (pooled) decoder, same run")
     parser.add_argument("--data", default="emoji", help="emoji (held-out emoji scenes) or an image folder, read "
                         "as centre crops: pass one the decoder did not train on (e.g. a validation split)")
-    parser.add_argument("--num-images", type=int, default=128, help="(image, box) pairs = retrieval gallery size "
-                        "(rounded up to a multiple of 16: one box shape per 16 images)")
+    parser.add_argument("--num-images", type=int, default=128, help="(image, box) pairs = retrieval gallery size, "
+                        "at least 64 (rounded up to a multiple of 16: one box shape per 16 images)")
     parser.add_argument("--num-samples", type=int, default=4, help="sketches per box (at least 2: diversity)")
     parser.add_argument("--num-steps", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
