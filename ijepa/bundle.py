@@ -135,15 +135,15 @@ def load_decoder(path: str | Path, model: IJepa, checkpoint: str | Path = "<chec
     return decoder
 
 
-def load_readouts(assets: Path, dim: int, notes: list[str]) -> tuple[dict[str, LinearReadout], FeatureBank | None]:
-    """The bundle's probes and reference bank (each optional); appends to ``notes`` what is missing or unreadable,
-    so a damaged part turns its panel off instead of stopping the app."""
-    probes = {}
+def load_readouts(assets: Path, model: IJepa, notes: list[str]) -> tuple[dict[str, LinearReadout], FeatureBank | None]:
+    """The bundle's probes and reference bank (each optional) for ``model``; appends to ``notes`` what is missing,
+    unreadable or made from another model, so such a part turns its panel off instead of stopping the app."""
+    dim, probes = model.config.embed_dim, {}
     for name in PROBE_NAMES:
         path = assets / f"probe_{name}.safetensors"
         if path.is_file():
             try:
-                probes[name] = load_probe(path, dim)
+                probes[name] = load_probe(path, dim, model)
             except (FileNotFoundError, ValueError) as err:
                 notes.append(f"The {name} probe could not be read ({err}), so it gives no readout.")
     if not probes:
@@ -152,7 +152,7 @@ def load_readouts(assets: Path, dim: int, notes: list[str]) -> tuple[dict[str, L
     bank = None
     if (assets / f"{BANK_NAME}.safetensors").is_file():
         try:
-            bank = load_bank(assets / f"{BANK_NAME}.safetensors", dim)
+            bank = load_bank(assets / f"{BANK_NAME}.safetensors", dim, model)
         except (FileNotFoundError, ValueError) as err:
             notes.append(f"The reference bank could not be read ({err}), so there are no nearest neighbours.")
     else:
@@ -161,13 +161,19 @@ def load_readouts(assets: Path, dim: int, notes: list[str]) -> tuple[dict[str, L
     return probes, bank
 
 
-def _read_labels(path: Path) -> list[str]:
+def _read_labels(path: Path, model: IJepa | None = None) -> list[str]:
+    """The label names in a probe's or bank's JSON; with ``model``, also refuses one made from another model's
+    features (its ``model_signature``, where recorded: the signature the sketch decoders carry)."""
     try:
-        labels = json.loads(path.read_text())["labels"]
+        index = json.loads(path.read_text())
+        labels, signature = index["labels"], index.get("model_signature")
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing: it holds the label names ({{\"labels\": [...]}})") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}: expected JSON {{\"labels\": [...]}}: {err}") from None
+    if model is not None and signature and not model.has_signature(signature):
+        raise ValueError(f"{path.with_suffix('')} was made from another model's features (same shapes, other "
+                         "weights), so it would misread this model's")
     return [str(label) for label in labels]
 
 
@@ -178,24 +184,26 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: cannot read the tensors (truncated or not safetensors): {err}") from None
 
 
-def load_probe(path: str | Path, dim: int) -> LinearReadout:
-    """``<name>.safetensors`` (``train.eval.save_probe``) + ``<name>.json`` labels -> LinearReadout."""
+def load_probe(path: str | Path, dim: int, model: IJepa | None = None) -> LinearReadout:
+    """``<name>.safetensors`` (``train.eval.save_probe``) + ``<name>.json`` labels -> LinearReadout; with ``model``,
+    one fitted on another model's features is refused."""
     path = Path(path)
-    probe = LinearReadout.from_state_dict(_read_tensors(path), _read_labels(path.with_suffix(".json")))
+    probe = LinearReadout.from_state_dict(_read_tensors(path), _read_labels(path.with_suffix(".json"), model))
     if probe.dim != dim:
         raise ValueError(f"{path} reads {probe.dim}-d features but the model makes {dim}-d ones")
     return probe
 
 
-def load_bank(path: str | Path, dim: int) -> FeatureBank:
-    """``bank.safetensors`` {features [n, D], thumbnails uint8 [n, h, w, 3], subgroup [n]} + ``bank.json``."""
+def load_bank(path: str | Path, dim: int, model: IJepa | None = None) -> FeatureBank:
+    """``bank.safetensors`` {features [n, D], thumbnails uint8 [n, h, w, 3], subgroup [n]} + ``bank.json``; with
+    ``model``, a bank of another model's features is refused."""
     path = Path(path)
     tensors = _read_tensors(path)
     missing = [k for k in ("features", "thumbnails", "subgroup") if k not in tensors]
     if missing:
         raise ValueError(f"{path}: missing tensors {missing}")
     features, thumbnails, subgroup = tensors["features"].float(), tensors["thumbnails"], tensors["subgroup"].long()
-    labels = tuple(_read_labels(path.with_suffix(".json")))
+    labels = tuple(_read_labels(path.with_suffix(".json"), model))
     n = features.size(0)
     if features.dim() != 2 or features.size(1) != dim:
         raise ValueError(f"{path}: features must be [n, {dim}], got {tuple(features.shape)}")
@@ -293,15 +301,16 @@ def build_random_bundle(directory: str | Path, config: IJepaConfig, decoder_kwar
             share_as_umask_allows(directory / name)
     dim = config.embed_dim
     labels = [f"label {i}" for i in range(num_labels)]
+    signature = {"model_signature": model.feature_signature()}
     for name in PROBE_NAMES:
         state = {"mean": torch.randn(dim) * 0.1, "std": torch.rand(dim) + 0.5,
                  "linear.weight": torch.randn(num_labels, dim) * 0.2, "linear.bias": torch.zeros(num_labels)}
         save_safetensors(state, directory / f"probe_{name}.safetensors")
-        (directory / f"probe_{name}.json").write_text(json.dumps({"labels": labels}) + "\n")
+        (directory / f"probe_{name}.json").write_text(json.dumps({"labels": labels, **signature}) + "\n")
     save_safetensors({"features": torch.randn(bank_size, dim).half(),
                       "thumbnails": torch.from_numpy(rng.integers(0, 256, (bank_size, 16, 16, 3), dtype=np.uint8)),
                       "subgroup": torch.arange(bank_size) % num_labels}, directory / f"{BANK_NAME}.safetensors")
-    (directory / f"{BANK_NAME}.json").write_text(json.dumps({"labels": labels}) + "\n")
+    (directory / f"{BANK_NAME}.json").write_text(json.dumps({"labels": labels, **signature}) + "\n")
     examples_dir = directory / EXAMPLES_DIR
     examples_dir.mkdir(parents=True, exist_ok=True)
     entries = []

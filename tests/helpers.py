@@ -84,8 +84,10 @@ def assert_bundle_parts_agree(bundle: Path):
         assert tuple(decoder.config.grid_size) == cfg.grid_size and decoder.config.image_size == cfg.img_size
     for level in ("group", "subgroup"):
         probe = load_file(bundle / f"probe_{level}.safetensors")
-        labels = json.loads((bundle / f"probe_{level}.json").read_text())["labels"]
-        assert probe["linear.weight"].shape == (len(labels), cfg.embed_dim)
+        index = json.loads((bundle / f"probe_{level}.json").read_text())
+        assert probe["linear.weight"].shape == (len(index["labels"]), cfg.embed_dim)
+        assert model.has_signature(index["model_signature"]), level  # fitted on this model's features
+    assert model.has_signature(json.loads((bundle / "bank.json").read_text())["model_signature"])
     bank = load_file(bundle / "bank.safetensors")
     assert bank["features"].shape[1] == cfg.embed_dim
     assert len(bank["thumbnails"]) == len(bank["features"]) == len(bank["subgroup"])

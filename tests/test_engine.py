@@ -752,6 +752,24 @@ def test_damaged_example_images_or_a_second_decoder_of_one_kind_in_a_bundle_leav
         load_examples(damaged / "examples")
 
 
+def test_probes_and_bank_made_from_another_model_are_refused_like_its_decoders(bundle, tmp_path):
+    """A bundle whose model/ was replaced by another model of the same shapes: the decoders were refused, but the
+    probes and bank loaded silently and read the new model's features with the old one's weights (a review)."""
+    swapped = tmp_path / "swapped"
+    shutil.copytree(bundle, swapped)
+    config = load_model(bundle / "model").config
+    build_random_bundle(tmp_path / "other", config, None, num_examples=0, seed=1)
+    shutil.rmtree(swapped / "model")
+    shutil.copytree(tmp_path / "other" / "model", swapped / "model")
+    engine = Engine.load(swapped, device="cpu")
+    assert not engine.has_decoder and not engine.probes and engine.bank is None
+    notes = " ".join(engine.notes)
+    assert "probe_group was made from another model's features" in notes
+    assert "bank was made from another model's features" in notes
+    mine = Engine.load(bundle, device="cpu")  # the bundle as written keeps every panel
+    assert mine.has_decoder and set(mine.probes) == {"group", "subgroup"} and mine.bank is not None
+
+
 def test_a_probe_or_bank_that_does_not_fit_its_labels_switches_its_panel_off(bundle, tmp_path):
     """A garbled probe file, or a bank naming a label that is not there, turns its panel off with a note."""
     damaged = tmp_path / "damaged"

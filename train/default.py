@@ -242,8 +242,9 @@ def repair_finished_stages(out: Path) -> None:
     dim = model.config.embed_dim
     computed = {
         "eval": lambda: [read_json(out / "eval" / "results.json"),
-                         *(load_probe(out / "eval" / f"probe_{name}.safetensors", dim) for name in PROBE_NAMES)],
-        "bank": lambda: load_bank(out / f"{BANK_NAME}.safetensors", dim),
+                         *(load_probe(out / "eval" / f"probe_{name}.safetensors", dim, model)
+                           for name in PROBE_NAMES)],
+        "bank": lambda: load_bank(out / f"{BANK_NAME}.safetensors", dim, model),
         "decoder_eval": lambda: [read_json(out / "decoder_eval" / "results.json"),
                                  Image.open(out / "decoder_eval" / "samples.png").load()],
     }
@@ -336,7 +337,8 @@ def build_reference_bank(model: IJepa, count: int, path: Path, thumb: int = BANK
     thumbnails = (torch.stack(thumbs).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     catalog = get_catalog()
     write_json_atomic(path.with_suffix(".json"), {"labels": catalog.subgroup_names, "catalog": catalog.fingerprint,
-                                                  "features": "pooled true box features"})
+                                                  "features": "pooled true box features",
+                                                  "model_signature": model.feature_signature()})
     tensors = {"features": boxes.true.half().contiguous(), "thumbnails": thumbnails,
                "subgroup": boxes.subgroup.contiguous()}
     # the .safetensors marks the stage finished (STAGE_OUTPUTS): written last, whole or not at all

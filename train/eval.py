@@ -525,9 +525,9 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: Path, data: str = "emoj
             semantics, probes = evaluate_predictor_semantics(model, box_train, box_test, seed, device)
             results["predictor_semantics"] = semantics
             catalog = get_catalog()
-            save_probe(probes["group"], catalog.group_names, out_dir / "probe_group", catalog=catalog.fingerprint)
-            save_probe(probes["subgroup"], catalog.subgroup_names, out_dir / "probe_subgroup",
-                       catalog=catalog.fingerprint)
+            made_from = {"catalog": catalog.fingerprint, "model_signature": model.feature_signature()}
+            save_probe(probes["group"], catalog.group_names, out_dir / "probe_group", **made_from)
+            save_probe(probes["subgroup"], catalog.subgroup_names, out_dir / "probe_subgroup", **made_from)
     else:
         results = evaluate_folder(model, Path(data), seed, device)
     results["checkpoint"] = str(checkpoint)

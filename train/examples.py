@@ -37,7 +37,7 @@ def choose_examples(bundle: Path, directory: Path) -> dict:
     app will run, so the examples read there as they did here. A bundle without a subgroup probe is chosen by its
     group probe alone."""
     model = load_model(bundle / MODEL_DIR)
-    probes = {name: load_probe(bundle / f"probe_{name}.safetensors", model.config.embed_dim)
+    probes = {name: load_probe(bundle / f"probe_{name}.safetensors", model.config.embed_dim, model)
               for name in PROBE_NAMES if (bundle / f"probe_{name}.safetensors").is_file()}
     if "group" not in probes:
         raise FileNotFoundError(f"{bundle / 'probe_group.safetensors'} is missing: the examples are chosen by what the "
