@@ -141,6 +141,24 @@ def test_a_decoder_run_does_not_resume_onto_other_weights_at_its_model_path(tmp_
     assert (tmp_path / "run" / "decoder" / "config.json").is_file()
 
 
+def test_a_run_folder_of_the_other_training_script_is_named_as_such(tmp_path, tiny_ijepa):
+    """train.decoder pointed at a pretraining run said 'pass --resume true', then 'its settings differ' listing
+    decoder defaults as the 'original settings' (review); and the same the other way round."""
+    from train.runtime import resume_state, save_checkpoint
+
+    pretraining = tmp_path / "pretrain_run"
+    save_checkpoint({"model": {"w": torch.zeros(1)}, "optimizer": {}, "step": 1, "config": {"lr": 1e-3}},
+                    pretraining / "checkpoints", 1, 2)
+    for resume in ("false", "true"):
+        with pytest.raises(ValueError, match="pretrain_run is a pretraining .* run folder, not one of sketch decoder"):
+            decoder_training.train(tiny_cfg(tiny_ijepa, pretraining, "--steps", "1", "--resume", resume))
+    assert not (pretraining / "config.yaml").exists()
+    decoder_run = tmp_path / "decoder_run"
+    decoder_training.train(tiny_cfg(tiny_ijepa, decoder_run, "--steps", "1"))
+    with pytest.raises(ValueError, match="decoder_run is a sketch decoder .* run folder, not one of pretraining"):
+        resume_state(decoder_run / "checkpoints", tiny_cfg(tiny_ijepa, decoder_run), holds="model")
+
+
 def test_a_nan_between_log_steps_stops_the_decoder_before_it_is_checkpointed(tmp_path, tiny_ijepa, monkeypatch):
     real, calls = decoder_training.DecoderLoss.forward, {"n": 0}
 

@@ -241,6 +241,18 @@ def test_export_replaces_a_whole_bundle_or_nothing(smoke_run, tmp_path, monkeypa
     assert (earlier / "metrics.json").read_text() == "{}"
 
 
+def test_export_replaces_a_bundle_a_killed_decoder_swap_left_a_folder_in(smoke_run, tmp_path):
+    """A kill during train.replace_decoder's swap leaves decoder.swap-XXXXXX in the bundle; --export then refused
+    the bundle as holding a foreign file (review). It is the bundle's own leftover, replaced with the rest."""
+    target = shutil.copytree(smoke_run / "bundle", tmp_path / "export")
+    shutil.copytree(target / "decoder", target / "decoder.swap-k1ll3d" / "decoder")
+    recipe.export_bundle(smoke_run / "run" / recipe.BUNDLE_DIR, target)
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in (smoke_run / "bundle").iterdir())
+    with pytest.raises(ValueError, match="holds notes.swap-1, which the bundle does not"):  # only a part's leftover
+        (target / "notes.swap-1").write_text("mine")
+        recipe.export_bundle(smoke_run / "run" / recipe.BUNDLE_DIR, target)
+
+
 def train_smoke_decoder(checkpoint, out_dir, steps, conditioning="spatial_context"):
     decoder_training.main(["--checkpoint", str(checkpoint), "--out-dir", str(out_dir), "--steps", str(steps),
                            "--batch-size", "4", "--block-out-channels", "32,32,32", "--warmup-steps", "1",
@@ -420,6 +432,14 @@ def test_a_call_stopped_mid_recipe_keeps_the_times_of_the_stages_it_finished(run
     for stage in ("pretrain", "eval", "bank", "decoders"):
         assert again[stage] == first[stage]
     assert again["eval"] > 1 and again["decoder_eval"] > 1
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_anything_changes(tmp_path):
+    mistaken = tmp_path / "notes.txt"
+    mistaken.write_text("mine")
+    with pytest.raises(ValueError, match="notes.txt is a file: --out-dir names the run's folder"):
+        recipe.main(["--out-dir", str(mistaken), "--profile", "smoke"])
+    assert mistaken.read_text() == "mine"
 
 
 def test_extra_flags_reach_the_stage_that_has_them():

@@ -185,7 +185,7 @@ def train(cfg: DecoderTrainConfig) -> SketchDecoder:
     precision = resolve_precision(rt.device, cfg.precision)
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    state, resumed_from = resume_state(ckpt_dir, cfg, rt.world_size)
+    state, resumed_from = resume_state(ckpt_dir, cfg, rt.world_size, holds="decoder")
 
     model = load_model(cfg.checkpoint).to(rt.device).eval()
     if model.predictor is None:

@@ -489,7 +489,9 @@ def check_export_target(target: Path, names: Collection[str]) -> None:
     if target.exists():
         if not target.is_dir():
             raise ValueError(f"{target} is a file: --export names the folder the bundle goes to (nothing changed)")
-        foreign = sorted(p.name for p in target.iterdir() if p.name not in names)
+        # what a killed save_folder_atomic of a part leaves (train.replace_decoder swaps a decoder in place) is ours
+        foreign = sorted(p.name for p in target.iterdir()
+                         if p.name not in names and p.name.partition(".swap-")[0] not in names)
         if foreign:
             raise ValueError(f"{target} holds {', '.join(foreign)}, which the bundle does not: --export replaces a "
                              "whole folder, so give it a new folder or an earlier bundle (nothing changed)")
@@ -562,6 +564,8 @@ def main(argv=None) -> None:
         parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: --out-dir names the run's folder (nothing changed)")
     started = run_started_with(out)
     profile_name = choose_profile(out, started.get("profile"), args.profile)
     profile = dict(PROFILES[profile_name])

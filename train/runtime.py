@@ -110,14 +110,32 @@ def load_checkpoint(path: Path) -> dict:
                              mmap=False, remedy="move it aside and resume: the run continues from the one before")
 
 
-def resume_state(ckpt_dir: Path, config, world_size: int = 1) -> tuple[dict | None, Path | None]:
+# What the checkpoints of each training script hold, by the key only that script's have
+RUN_KINDS = {"model": "pretraining (train.pretrain)", "decoder": "sketch decoder (train.decoder)"}
+
+
+def refuse_another_kind(state: dict, path: Path, holds: str) -> None:
+    """ValueError when the checkpoint ``state`` (at ``path``) is another training script's than the one whose
+    checkpoints hold ``holds``: its settings would otherwise read as 'changed' defaults."""
+    theirs = next((kind for key, kind in RUN_KINDS.items() if key in state and key != holds), None)
+    if theirs and holds not in state:
+        raise ValueError(f"{path.parent.parent} is a {theirs} run folder, not one of {RUN_KINDS[holds]}: choose "
+                         "another --out-dir (nothing was overwritten)")
+
+
+def resume_state(ckpt_dir: Path, config, world_size: int = 1, holds: str = "model") -> tuple[dict | None, Path | None]:
     """(state, path) of the newest checkpoint in ``ckpt_dir`` when ``config.resume`` is set, else (None, None).
 
-    Refuses, before anything is written, to start over a run's checkpoints without --resume, and to resume with
+    Refuses, before anything is written, to start over a run's checkpoints without --resume, to continue another
+    training script's run (``holds``: the key this script's checkpoints hold, RUN_KINDS), and to resume with
     settings, or a number of processes, other than the ones the checkpoint was written with: either would not
     continue the run exactly (the batch is per process, and the data order follows the process count)."""
     existing = list_checkpoints(ckpt_dir)
     if existing and not config.resume:
+        try:  # mapped, not read: only its keys are looked at
+            refuse_another_kind(load_weights_only(existing[-1], mmap=True), existing[-1], holds)
+        except CheckpointError:
+            pass  # unreadable: the message below stands, and --resume sets such a file aside
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume true to continue, "
                               f"or choose another --out-dir (nothing was overwritten)")
     if not existing:
@@ -135,6 +153,7 @@ def resume_state(ckpt_dir: Path, config, world_size: int = 1) -> tuple[dict | No
         raise ValueError(f"--allow-changes accepts only schedule settings ({', '.join(sorted(SCHEDULE_FIELDS))}), "
                          f"not {', '.join(sorted(allowed - SCHEDULE_FIELDS))}")
     state, path = newest_readable(existing) if world_size == 1 else (load_checkpoint(existing[-1]), existing[-1])
+    refuse_another_kind(state, path, holds)
     refused = changed_settings(state.get("config", {}), config, allowed)
     if refused:
         raise ValueError(f"cannot resume from {path}: its settings differ ({refused}), so the run would not "
