@@ -140,8 +140,9 @@ def main(argv=None) -> None:
     try:  # before anything is replaced: a damaged metrics.json must leave the bundle as it was
         metrics = json.loads(metrics_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{metrics_path} is damaged (not JSON: {err}); nothing was changed. Write the bundle again "
-                         f"from its run: python -m train.default --out-dir <its run folder> --export {bundle}") from None
+        raise ValueError(f"{metrics_path} is damaged (not JSON: {err}); nothing was changed. Write the bundle "
+                         f"again from its run: python -m train.default --out-dir <its run folder> --export {bundle}"
+                         ) from None
     chosen: dict = {}
     save_folder_atomic(lambda staged: chosen.update(choose_examples(bundle, staged)), bundle / EXAMPLES_DIR)
     metrics = {**metrics, "examples": chosen}
