@@ -135,10 +135,12 @@ def load_decoder(path: str | Path, model: IJepa, checkpoint: str | Path = "<chec
     return decoder
 
 
-def load_readouts(assets: Path, model: IJepa, notes: list[str]) -> tuple[dict[str, LinearReadout], FeatureBank | None]:
-    """The bundle's probes and reference bank (each optional) for ``model``; appends to ``notes`` what is missing,
-    unreadable or made from another model, so such a part turns its panel off instead of stopping the app."""
-    dim, probes = model.config.embed_dim, {}
+def load_readouts(assets: Path, dim: int, notes: list[str],
+                  model: IJepa | None = None) -> tuple[dict[str, LinearReadout], FeatureBank | None]:
+    """The bundle's probes and reference bank (each optional) for ``dim``-d features (of ``model``, if given);
+    appends to ``notes`` what is missing, unreadable or made from another model, so such a part turns its panel off
+    instead of stopping the app."""
+    probes = {}
     for name in PROBE_NAMES:
         path = assets / f"probe_{name}.safetensors"
         if path.is_file():

@@ -283,7 +283,7 @@ class Engine:
                 "off (everything else works). Train one with `"
                 + train_decoder_hint(checkpoint, model.config) + "` and pass its folder with --decoder.")
         if bundle_model and assets is not None:
-            probes, bank = load_readouts(assets, model, notes)
+            probes, bank = load_readouts(assets, model.config.embed_dim, notes, model)
         else:
             probes, bank = {}, None
             notes.append("Probe readout and nearest neighbours belong to the bundled model, so they are off for "

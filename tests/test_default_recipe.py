@@ -396,6 +396,34 @@ def test_a_damaged_model_with_no_checkpoint_to_write_it_from_is_refused_before_a
     assert not export.exists() and (run / "bank.safetensors").is_file()
 
 
+def test_outputs_of_a_model_trained_on_since_are_not_taken_for_damage(run):
+    """A review extended a finished run's pretraining (--resume --steps 6 --allow-changes steps), and the next call
+    deleted the decoders, evaluation, bank and bundle as 'damaged' (another model's signature) before refusing the
+    changed settings. Files that read fine are left alone; the settings check refuses as before."""
+    from train import pretrain
+
+    pretrain.main(["--config", str(run / "pretrain" / "config.yaml"), "--out-dir", str(run / "pretrain"),
+                   "--resume", "true", "--steps", "6", "--allow-changes", "steps", "--knn-every", "0"])
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*") if "pretrain" not in p.parts)
+    with pytest.raises(ValueError, match=r"pretrain was trained with other settings \(steps: 6 -> 3\)"):
+        recipe.main(["--out-dir", str(run), "--profile", "smoke"])
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*") if "pretrain" not in p.parts) == before
+
+
+def test_a_damaged_decoder_with_no_checkpoint_is_not_trained_again_unasked(run):
+    weights = run / "decoder_pooled" / "decoder" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4000])
+    shutil.rmtree(run / "decoder_pooled" / "checkpoints")
+    advice = f"delete {run / 'decoder_pooled'} and {run / 'decoder_eval'} to train this decoder again"
+    with pytest.raises(ValueError, match="no checkpoint is left .* to export it again from: " + advice):
+        recipe.main(["--out-dir", str(run), "--profile", "smoke"])
+    assert weights.is_file() and (run / "decoder_eval" / "results.json").is_file()  # nothing deleted
+    shutil.rmtree(run / "decoder_pooled")  # the advice, followed: that decoder alone is trained again
+    shutil.rmtree(run / "decoder_eval")
+    recipe.main(["--out-dir", str(run), "--profile", "smoke"])
+    assert (run / "bundle" / "decoder_paper" / "config.json").is_file()
+
+
 def test_choosing_examples_again_for_a_bundle_with_a_damaged_metrics_file_changes_nothing(smoke_run, tmp_path):
     from train import examples
 

@@ -41,10 +41,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+from safetensors import SafetensorError
 
 from decoder import SketchDecoder
 from ijepa.bundle import (BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, MODEL_CARD_NAME, MODEL_DIR, PROBE_NAMES,
-                          SHIPPED_SIZE_LIMIT, folder_bytes, load_bank, load_decoder, load_probe)
+                          SHIPPED_SIZE_LIMIT, folder_bytes, load_bank, load_probe)
 from ijepa.checkpoint import CheckpointError, load_model, save_model, save_safetensors
 from ijepa.device import resolve_device
 from ijepa.model import IJepa
@@ -199,10 +200,18 @@ def read_json(path: Path):
                          "command again to write it anew") from None
 
 
-def recorded_settings(run_dir: Path) -> dict:
+def retrain_advice(out: Path, run_dir: Path) -> str:
+    """What to delete so that the next call trains the stage in ``run_dir`` again: with it go the outputs of the
+    stages that read from it, which would otherwise be refused as another model's."""
+    if run_dir == out / "pretrain":
+        return f"delete {out} to train everything again"
+    return f"delete {run_dir} and {out / 'decoder_eval'} to train this decoder again"
+
+
+def recorded_settings(run_dir: Path, advice: str) -> dict:
     """The settings a training stage ran with, as its newest checkpoint records them beside the weights, or where no
     checkpoint is left, as its config.yaml does. Checkpoint first: a config.yaml cut short can still parse, with
-    settings missing."""
+    settings missing. ``advice``: what to do when neither can be read (``retrain_advice``)."""
     checkpoints = list_checkpoints(run_dir / "checkpoints")
     try:
         state = newest_readable(checkpoints)[0] if checkpoints else {}
@@ -217,7 +226,7 @@ def recorded_settings(run_dir: Path) -> dict:
     if not isinstance(recorded, dict):
         raise ValueError(f"{run_dir / 'config.yaml'} is damaged or missing and no checkpoint in "
                          f"{run_dir / 'checkpoints'} records the settings instead, so the recipe cannot tell whether "
-                         f"this stage may be reused: delete {run_dir} to train this stage again")
+                         f"this stage may be reused: {advice}")
     return recorded
 
 
@@ -225,38 +234,53 @@ def remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+def unreadable_decoder(folder: Path) -> Exception | None:
+    """Why a decoder export cannot be read (cut short, not safetensors, weights that do not fit its config), or None.
+    Only damage: whether it fits the model is the settings checks' question, asked later."""
+    try:
+        SketchDecoder.from_pretrained(folder, low_cpu_mem_usage=False, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        return err
+    return None
+
+
 def repair_finished_stages(out: Path) -> None:
     """Read what every finished stage left before any stage runs, so that a file damaged since (a disk that filled
     up, a copy cut short) is found now and never reaches the bundle.
 
     What is computed, not trained (the evaluation, the bank, the decoder evaluation) is done again. A training
-    stage's export is written again from the run's last checkpoint: the model directly, a decoder by resuming its
-    finished run (which only exports), after which the decoder evaluation is done again."""
+    stage's export is written again from its run's last checkpoint: the model directly, a decoder by resuming its
+    run there (which only exports), after which the decoder evaluation is done again. Without a checkpoint to write
+    it from, the recipe stops and says what to delete; it never trains anything again unasked. Files that read
+    fine are left alone, whatever model they belong to: that is for the settings checks of each stage."""
     model_dir = out / "pretrain" / "model"
     if not stage_done(out, "pretrain"):
         return
     try:
         model = load_model(model_dir)
     except (CheckpointError, ValueError, OSError) as err:
-        model = reexport_model(out / "pretrain", err)
+        model = reexport_model(out, err)
     dim = model.config.embed_dim
     computed = {
         "eval": lambda: [read_json(out / "eval" / "results.json"),
-                         *(load_probe(out / "eval" / f"probe_{name}.safetensors", dim, model)
-                           for name in PROBE_NAMES)],
-        "bank": lambda: load_bank(out / f"{BANK_NAME}.safetensors", dim, model),
+                         *(load_probe(out / "eval" / f"probe_{name}.safetensors", dim) for name in PROBE_NAMES)],
+        "bank": lambda: load_bank(out / f"{BANK_NAME}.safetensors", dim),
         "decoder_eval": lambda: [read_json(out / "decoder_eval" / "results.json"),
                                  Image.open(out / "decoder_eval" / "samples.png").load()],
     }
     for mode in DECODER_MODES:
-        folder = out / f"decoder_{mode}" / "decoder"
-        if (folder / "config.json").exists():
-            try:
-                load_decoder(folder, model, model_dir)
-            except (FileNotFoundError, ValueError) as err:
-                logger.warning("%s: it is exported again from its run's last checkpoint", err)
-                shutil.rmtree(folder)
-                computed["decoder_eval"] = None  # it evaluated the damaged decoder's files: done again below
+        run_dir = out / f"decoder_{mode}"
+        damage = unreadable_decoder(run_dir / "decoder") if (run_dir / "decoder" / "config.json").exists() else None
+        if damage is None:
+            continue
+        if not list_checkpoints(run_dir / "checkpoints"):
+            raise ValueError(f"{run_dir / 'decoder'} cannot be read ({damage}), and no checkpoint is left in "
+                             f"{run_dir / 'checkpoints'} to export it again from: "
+                             f"{retrain_advice(out, run_dir)}") from None
+        logger.warning("%s cannot be read (%s): it is exported again from its run's last checkpoint",
+                       run_dir / "decoder", damage)
+        shutil.rmtree(run_dir / "decoder")
+        computed["decoder_eval"] = None  # it evaluated the damaged decoder's files: done again below
     for stage, read in computed.items():
         if not stage_done(out, stage):
             continue
@@ -270,8 +294,9 @@ def repair_finished_stages(out: Path) -> None:
                 remove(out / path)
 
 
-def reexport_model(run_dir: Path, err: Exception) -> IJepa:
+def reexport_model(out: Path, err: Exception) -> IJepa:
     """The finished pretraining's model, written again from its last checkpoint (the step it was exported at)."""
+    run_dir = out / "pretrain"
     model_dir = run_dir / "model"
     checkpoints, step = list_checkpoints(run_dir / "checkpoints"), None
     if checkpoints:
@@ -280,11 +305,11 @@ def reexport_model(run_dir: Path, err: Exception) -> IJepa:
             model, step = model_from_checkpoint(checkpoint)
         except (CheckpointError, ValueError, OSError) as reason:
             logger.warning("no checkpoint to write %s again from: %s", model_dir, reason)
-    steps = recorded_settings(run_dir).get("steps")
+    advice = retrain_advice(out, run_dir)
+    steps = recorded_settings(run_dir, advice).get("steps")
     if step is None or step != steps:
         raise ValueError(f"{model_dir} cannot be read ({err}), and no checkpoint of the finished run (step {steps}) "
-                         f"is left in {run_dir / 'checkpoints'} to write it again from: delete {run_dir.parent} to "
-                         "train everything again") from None
+                         f"is left in {run_dir / 'checkpoints'} to write it again from: {advice}") from None
     logger.warning("%s cannot be read (%s): it is written again from %s", model_dir, err, checkpoint)
     save_folder_atomic(lambda folder: save_model(model, folder), model_dir)
     return model
@@ -292,7 +317,7 @@ def reexport_model(run_dir: Path, err: Exception) -> IJepa:
 
 def check_reusable(run_dir: Path, cfg) -> None:
     """A finished training stage is reused only if it ran with the settings asked for now."""
-    changes = changed_settings(recorded_settings(run_dir), cfg)
+    changes = changed_settings(recorded_settings(run_dir, retrain_advice(run_dir.parent, run_dir)), cfg)
     if changes:
         raise ValueError(f"{run_dir} was trained with other settings ({changes}): choose another --out-dir, or "
                          f"delete {run_dir.parent} to train everything again")
@@ -599,8 +624,9 @@ def main(argv=None) -> None:
                "total_seconds": round(sum(timings.values()) + (plan["timing_s"] if plan else 0.0), 1),
                "plan": plan, "features": features, "decoders": sketches,
                "knn_during_pretraining": knn_curve(model_dir.parent / "knn.csv"),
-               "pretrain_config": recorded_settings(model_dir.parent),
-               "decoder_config": recorded_settings(decoders["spatial_context"].parent),
+               "pretrain_config": recorded_settings(model_dir.parent, retrain_advice(out, model_dir.parent)),
+               "decoder_config": recorded_settings(decoders["spatial_context"].parent,
+                                                   retrain_advice(out, decoders["spatial_context"].parent)),
                "command": first_command if command == first_command else f"{first_command} (then: {command})"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     save_folder_atomic(lambda folder: write_bundle(folder, out, model_dir, decoders, summary), out / BUNDLE_DIR)
