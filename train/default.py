@@ -10,7 +10,8 @@ decoders and their evaluation, then the bundle the app runs on.
 
 Extra flags are the training scripts' own, routed by `route_flags`. Stages (each resumable: a finished stage is
 skipped when its output exists; a finished training stage must have the settings asked for now, and no stage's
-outputs may outlive a model that is trained again):
+outputs may outlive a model that is trained again; before any stage runs, what the finished ones left is read, and
+a damaged file is made again, never trained again unasked: `repair_finished_stages`):
   0. the budget: a few real steps of pretraining and of a decoder are timed, and every training stage is shortened
      by one fraction if the profile's full lengths would not fit --budget-minutes here (train/budget.py); before
      the decoders start, their length is refitted to the time the stages before them really left
