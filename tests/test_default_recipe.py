@@ -259,6 +259,23 @@ def train_smoke_decoder(checkpoint, out_dir, steps, conditioning="spatial_contex
                            "--conditioning", conditioning])
 
 
+def test_a_decoder_replacement_stopped_at_its_last_write_leaves_the_bundle_as_it_was(smoke_run, tmp_path, monkeypatch):
+    """The decoder used to be swapped in, and samples.png copied, before metrics.json and the card were written: a
+    kill in between left a new decoder under the old figures (review). The bundle is now swapped whole."""
+    bundle = shutil.copytree(smoke_run / "bundle", tmp_path / "bundle")
+    before = {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+    train_smoke_decoder(bundle / "model", tmp_path / "long", 3)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(replacing, "write_model_card", killed)
+    with pytest.raises(KeyboardInterrupt):
+        replacing.main(["--bundle", str(bundle), "--run", str(tmp_path / "long")])
+    assert {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "long"]  # no swap folder left beside it
+
+
 def test_longer_decoders_replace_the_recipes_and_the_card_keeps_the_equal_length_comparison(smoke_run, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(smoke_run / "bundle", bundle)

@@ -12,7 +12,7 @@ rest: the run must have been trained on exactly the bundle's model weights, its 
 decoders it replaces (ours, or with ``--conditioning pooled`` the paper-faithful one, so the app can compare the two
 at equal length), both are scored together by `train.eval_decoder` on the protocol the bundle was scored with, and
 metrics.json keeps the recipe's own equal-length comparison beside the new figures, so the card can state both.
-Nothing in the bundle changes until the new evaluation has finished.
+Nothing in the bundle changes until the new evaluation has finished, and then the bundle is swapped whole.
 """
 from __future__ import annotations
 
@@ -105,11 +105,17 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, c
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         "train_seconds": round(train_seconds, 1) or None, "eval_seconds": round(eval_seconds, 1)}})
 
-    # Written beside the old decoder and swapped in, so a failure before the swap leaves the bundle whole.
-    save_folder_atomic(lambda folder: shutil.copytree(shipped, folder), bundle / DECODER_DIRS[slot])
-    shutil.copy(eval_dir / "samples.png", bundle / "samples.png")
-    write_json_atomic(metrics_path, metrics)
-    write_model_card(metrics, bundle / MODEL_CARD_NAME)
+    def write(staged: Path) -> None:
+        shutil.copytree(bundle, staged)
+        shutil.rmtree(staged / DECODER_DIRS[slot])
+        shutil.copytree(shipped, staged / DECODER_DIRS[slot])
+        shutil.copy(eval_dir / "samples.png", staged / "samples.png")
+        write_json_atomic(staged / "metrics.json", metrics)
+        write_model_card(metrics, staged / MODEL_CARD_NAME)
+
+    # The whole bundle (~30 MB) written beside the old one and swapped in: a kill or a failure leaves the old bundle
+    # or the new one, never a new decoder under the old card and figures.
+    save_folder_atomic(write, bundle)
     replaced = next(d for d in results["decoders"].values() if d["conditioning"] == slot)
     logger.info("replaced %s/%s: retrieval %.1f %%, diversity %.3f; card rewritten", bundle, DECODER_DIRS[slot],
                 replaced["retrieval_top1"], replaced["diversity_rms"])
