@@ -487,12 +487,18 @@ class Handlers:
             "decoder", "No sketch decoder is loaded: pass --decoder DIR (train one with python -m train.decoder).")
 
 
-def build_app(handlers: Handlers) -> gr.Blocks:
+# Gradio keeps every file it serves (uploads, sketches, figures) until the server stops: ~1 MB per run, measured with
+# several users. Every hour, files older than a day are deleted, so a demo left running does not fill its disk; the
+# examples and the first image shown are Gradio's own and kept.
+CACHE_CLEANUP = (3600, 24 * 3600)  # (every, older than) in seconds: gr.Blocks(delete_cache=...)
+
+
+def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP) -> gr.Blocks:
     """The UI: inputs on the left, results on the right; every event calls one Handlers method."""
     engine = handlers.engine
     grid = engine.info.grid
     conditionings = engine.conditionings
-    with gr.Blocks(title="I-JEPA, visible", analytics_enabled=False) as demo:
+    with gr.Blocks(title="I-JEPA, visible", analytics_enabled=False, delete_cache=delete_cache) as demo:
         gr.Markdown(INTRO.format(max_boxes=MAX_BOXES))
         initial_value, initial_source = handlers.initial_value()
         source = gr.State(initial_source)  # the file the widget's image shows: what the model reads (Handlers.show)

@@ -462,3 +462,29 @@ def test_the_api_page_suggests_an_image_and_boxes(app_module, tmp_path):
     (box,) = json.loads(examples["boxes"])
     assert len(box) == 4 and box[0] < box[2] and box[1] < box[3]
     assert not list(REPO.glob("*.pyi"))  # subclassing a Gradio component would make Gradio write app.pyi
+
+
+def test_files_served_for_a_request_are_deleted_once_old_and_the_pages_own_are_kept(app_module, tmp_path):
+    """Gradio kept every upload and output file until the server stopped: ~1 MB per run with several users, so a
+    demo left running filled its disk (review). The app deletes old ones on a schedule (CACHE_CLEANUP: hourly, a day
+    old); here every second, two seconds old."""
+    import time
+
+    engine = Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")
+    demo = app_module.build_app(app_module.Handlers(engine), delete_cache=(1, 2))
+    assert app_module.CACHE_CLEANUP == (3600, 24 * 3600)
+    port = free_port()
+    demo.launch(server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
+            handle_file(str(engine.examples[0].path)), "[[40, 40, 200, 200]]", 1, 0, api_name="/sketch")
+        kept = {f for block in demo.blocks.values() for f in getattr(block, "keep_in_cache", set())}
+        served = {f for files in demo.temp_file_sets for f in files} - kept
+        assert served and kept and all(Path(f).exists() for f in served | kept)
+        deadline = time.monotonic() + 30
+        while any(Path(f).exists() for f in served) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(Path(f).exists() for f in served)
+        assert all(Path(f).exists() for f in kept)  # the examples and the first image still load
+    finally:
+        demo.close()
