@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import os
 import socket
 import struct
 import sys
@@ -464,27 +465,43 @@ def test_the_api_page_suggests_an_image_and_boxes(app_module, tmp_path):
     assert not list(REPO.glob("*.pyi"))  # subclassing a Gradio component would make Gradio write app.pyi
 
 
+SERVED_FILES_CHECK = """
+import json, sys, time
+from pathlib import Path
+import app as app_module
+from gradio_client import Client, handle_file
+from helpers import free_port, tiny_bundle
+from ijepa.engine import Engine
+
+engine = Engine.load(tiny_bundle(Path(sys.argv[1])), device="cpu")
+demo = app_module.build_app(app_module.Handlers(engine), delete_cache=(1, 2))  # every second, two seconds old
+port = free_port()
+demo.launch(server_port=port, prevent_thread_lock=True, quiet=True)
+Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
+    handle_file(str(engine.examples[0].path)), "[[40, 40, 200, 200]]", 1, 0, api_name="/sketch")
+kept = {f for block in demo.blocks.values() for f in getattr(block, "keep_in_cache", set())}
+served = {f for files in demo.temp_file_sets for f in files} - kept
+report = {"served": len(served), "kept": len(kept), "all there": all(Path(f).exists() for f in served | kept)}
+deadline = time.monotonic() + 30
+while any(Path(f).exists() for f in served) and time.monotonic() < deadline:
+    time.sleep(0.5)
+report.update({"served left": sum(Path(f).exists() for f in served), "kept left": sum(Path(f).exists() for f in kept)})
+print(json.dumps(report))
+demo.close()
+"""
+
+
 def test_files_served_for_a_request_are_deleted_once_old_and_the_pages_own_are_kept(app_module, tmp_path):
     """Gradio kept every upload and output file until the server stopped: ~1 MB per run with several users, so a
     demo left running filled its disk (review). The app deletes old ones on a schedule (CACHE_CLEANUP: hourly, a day
-    old); here every second, two seconds old."""
-    import time
+    old). Run in a process of its own, which Gradio's in-process server leaves sockets behind in."""
+    import subprocess
 
-    engine = Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")
-    demo = app_module.build_app(app_module.Handlers(engine), delete_cache=(1, 2))
     assert app_module.CACHE_CLEANUP == (3600, 24 * 3600)
-    port = free_port()
-    demo.launch(server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
-            handle_file(str(engine.examples[0].path)), "[[40, 40, 200, 200]]", 1, 0, api_name="/sketch")
-        kept = {f for block in demo.blocks.values() for f in getattr(block, "keep_in_cache", set())}
-        served = {f for files in demo.temp_file_sets for f in files} - kept
-        assert served and kept and all(Path(f).exists() for f in served | kept)
-        deadline = time.monotonic() + 30
-        while any(Path(f).exists() for f in served) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not any(Path(f).exists() for f in served)
-        assert all(Path(f).exists() for f in kept)  # the examples and the first image still load
-    finally:
-        demo.close()
+    done = subprocess.run([sys.executable, "-c", SERVED_FILES_CHECK, str(tmp_path / "b")], capture_output=True,
+                          text=True, timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+    assert report["served"] and report["kept"] and report["all there"]
+    assert report["served left"] == 0  # the request's files are gone
+    assert report["kept left"] == report["kept"]  # the examples and the first image still load
