@@ -498,8 +498,9 @@ def test_files_served_for_a_request_are_deleted_once_old_and_the_pages_own_are_k
     import subprocess
 
     assert app_module.CACHE_CLEANUP == (3600, 24 * 3600)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
     done = subprocess.run([sys.executable, "-c", SERVED_FILES_CHECK, str(tmp_path / "b")], capture_output=True,
-                          text=True, timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
+                          text=True, timeout=300, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
     assert report["served"] and report["kept"] and report["all there"]
