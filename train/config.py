@@ -262,14 +262,6 @@ def config_dict(config) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 
-def save_config(config, path: str | Path) -> None:
-    """Through a temporary file and a rename: a kill mid-write leaves the old file or the new one, not a cut one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_dict(config), sort_keys=False))
-    os.replace(tmp, path)
-
-
 # Fields a resumed (or reused) run may change: where and how it runs and logs, not what it computes.
 PATH_FIELDS = frozenset({"checkpoint", "data"})  # compared as the files they name
 RUN_ONLY_FIELDS = frozenset({"resume", "out_dir", "device", "num_workers", "log_every", "ckpt_every", "keep_last",

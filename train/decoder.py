@@ -35,10 +35,11 @@ from ijepa.inference import gather, predict_features, true_features
 from ijepa.masks import MaskConfig, complement_indices, rectangle_indices
 from ijepa.model import IJepa
 from train.config import (RESUME_HINT, RUN_HELP, config_dict, doc_summary, parse_config, require, require_between,
-                          require_positive, run_command, save_config, setting)
+                          require_positive, run_command, setting)
 from train.data import StackFields, StepBatches, build_dataset, check_resumed_data
 from train.runtime import (LossWindow, autocast, fused_adamw, load_optimizer_state, plot_loss_curve, resume_state,
-                           save_checkpoint, save_folder_atomic, setup_runtime, start_csv_log, teardown_runtime)
+                           save_checkpoint, save_config, save_folder_atomic, setup_runtime, start_csv_log,
+                           teardown_runtime)
 
 logger = logging.getLogger("train.decoder")
 OFFICIAL_TARGETS = MaskConfig()  # the official I-JEPA target blocks: what "target-like" decoder boxes look like

@@ -58,8 +58,8 @@ from train.config import changed_settings, doc_summary, parse_config, run_comman
 from train.examples import choose_examples
 from train.export_checkpoint import model_from_checkpoint
 from train.model_card import write_model_card
-from train.runtime import (hardware, list_checkpoints, logged_training_seconds, newest_readable, save_folder_atomic,
-                           write_file_atomic, write_json_atomic)
+from train.runtime import (hardware, list_checkpoints, logged_training_seconds, newest_readable, read_json,
+                           save_folder_atomic, swap_leftover_of, write_file_atomic, write_json_atomic)
 
 logger = logging.getLogger("train.default")
 CONFIGS = Path(__file__).parent / "configs"
@@ -152,9 +152,9 @@ def run_started_with(out: Path) -> dict:
     """What the run in ``out`` was started with: {"profile", "command"} from PROFILE_FILE; a run from before that file
     has only its profile, in summary.json; a new run, nothing."""
     if (out / PROFILE_FILE).is_file():
-        return read_json(out / PROFILE_FILE)
+        return read_run_json(out / PROFILE_FILE)
     if (out / "summary.json").is_file():
-        return {"profile": read_json(out / "summary.json").get("profile")}
+        return {"profile": read_run_json(out / "summary.json").get("profile")}
     return {}
 
 
@@ -192,13 +192,9 @@ def stage_done(out: Path, stage: str) -> bool:
     return all((out / marker).exists() for marker in STAGE_OUTPUTS[stage])
 
 
-def read_json(path: Path):
-    """A JSON file this recipe wrote; one damaged since (a disk that filled up, a copy cut short) is named."""
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is damaged (not JSON: {err}): this run wrote it, so delete it and run the same "
-                         "command again to write it anew") from None
+def read_run_json(path: Path):
+    """A JSON file of the run's own bookkeeping or results (``read_json``)."""
+    return read_json(path, "this run wrote it, so delete it and run the same command again to write it anew")
 
 
 def retrain_advice(out: Path, run_dir: Path) -> str:
@@ -215,7 +211,7 @@ def recorded_settings(run_dir: Path, advice: str) -> dict:
     settings missing. ``advice``: what to do when neither can be read (``retrain_advice``)."""
     checkpoints = list_checkpoints(run_dir / "checkpoints")
     try:
-        state = newest_readable(checkpoints)[0] if checkpoints else {}
+        state = newest_readable(checkpoints, mmap=True)[0] if checkpoints else {}  # its settings: no tensor read
     except CheckpointError:
         state = {}
     if isinstance(state.get("config"), dict):
@@ -263,12 +259,13 @@ def repair_finished_stages(out: Path) -> None:
         model = reexport_model(out, err)
     dim = model.config.embed_dim
     computed = {
-        "eval": lambda: [read_json(out / "eval" / "results.json"),
+        "eval": lambda: [read_run_json(out / "eval" / "results.json"),
                          *(load_probe(out / "eval" / f"probe_{name}.safetensors", dim) for name in PROBE_NAMES)],
         "bank": lambda: load_bank(out / f"{BANK_NAME}.safetensors", dim),
-        "decoder_eval": lambda: [read_json(out / "decoder_eval" / "results.json"),
+        "decoder_eval": lambda: [read_run_json(out / "decoder_eval" / "results.json"),
                                  Image.open(out / "decoder_eval" / "samples.png").load()],
     }
+    redo: dict[str, str] = {}  # stage -> why its outputs are made again
     for mode in DECODER_MODES:
         run_dir = out / f"decoder_{mode}"
         damage = unreadable_decoder(run_dir / "decoder") if (run_dir / "decoder" / "config.json").exists() else None
@@ -281,18 +278,18 @@ def repair_finished_stages(out: Path) -> None:
         logger.warning("%s cannot be read (%s): it is exported again from its run's last checkpoint",
                        run_dir / "decoder", damage)
         shutil.rmtree(run_dir / "decoder")
-        computed["decoder_eval"] = None  # it evaluated the damaged decoder's files: done again below
+        redo["decoder_eval"] = "a decoder it evaluated is exported again"
     for stage, read in computed.items():
-        if not stage_done(out, stage):
+        if stage in redo or not stage_done(out, stage):
             continue
         try:
-            if read is None:
-                raise ValueError("a decoder it evaluated is exported again")
             read()
         except (FileNotFoundError, ValueError, OSError) as err:
-            logger.warning("%s: the %s stage is done again", err, stage)
-            for path in STAGE_PATHS[stage]:
-                remove(out / path)
+            redo[stage] = str(err)
+    for stage, reason in redo.items():
+        logger.warning("%s: the %s stage is done again", reason, stage)
+        for path in STAGE_PATHS[stage]:
+            remove(out / path)
 
 
 def reexport_model(out: Path, err: Exception) -> IJepa:
@@ -300,9 +297,9 @@ def reexport_model(out: Path, err: Exception) -> IJepa:
     run_dir = out / "pretrain"
     model_dir = run_dir / "model"
     checkpoints, step = list_checkpoints(run_dir / "checkpoints"), None
-    if checkpoints:
+    if checkpoints:  # only the newest can be the finished step's
+        checkpoint = checkpoints[-1]
         try:
-            _, checkpoint = newest_readable(checkpoints)
             model, step = model_from_checkpoint(checkpoint)
         except (CheckpointError, ValueError, OSError) as reason:
             logger.warning("no checkpoint to write %s again from: %s", model_dir, reason)
@@ -345,7 +342,7 @@ def run_evaluation(model_dir: Path, profile: dict, out: Path) -> dict:
     if not stage_done(out, "eval"):
         evaluation.evaluate_checkpoint(model_dir, out / "eval", box_train=profile["box_train"],
                                        box_test=profile["box_test"])
-    return read_json(results_path)
+    return read_run_json(results_path)
 
 
 @torch.no_grad()
@@ -455,7 +452,7 @@ def run_decoder_eval(model_dir: Path, decoders: dict[str, Path], profile: dict, 
     if not stage_done(out, "decoder_eval"):
         eval_decoder.evaluate_decoders(model_dir, decoders["spatial_context"], decoders["pooled"],
                                        out / "decoder_eval", num_images=profile["eval_images"])
-    return read_json(results_path)
+    return read_run_json(results_path)
 
 
 # What write_bundle puts in a bundle: an --export target holding anything else is refused before the first stage
@@ -515,9 +512,9 @@ def check_export_target(target: Path, names: Collection[str]) -> None:
     if target.exists():
         if not target.is_dir():
             raise ValueError(f"{target} is a file: --export names the folder the bundle goes to (nothing changed)")
-        # what a killed save_folder_atomic of a part leaves (train.replace_decoder swaps a decoder in place) is ours
+        # what a killed save_folder_atomic of a part leaves (train.examples swaps examples/ in place) is ours
         foreign = sorted(p.name for p in target.iterdir()
-                         if p.name not in names and p.name.partition(".swap-")[0] not in names)
+                         if p.name not in names and swap_leftover_of(p.name) not in names)
         if foreign:
             raise ValueError(f"{target} holds {', '.join(foreign)}, which the bundle does not: --export replaces a "
                              "whole folder, so give it a new folder or an earlier bundle (nothing changed)")
@@ -540,8 +537,8 @@ class StageClock:
     def __init__(self, out: Path):
         self.out = out
         self.times_path, self.machines_path = out / STAGE_TIMES, out / STAGE_MACHINES
-        self.timings = read_json(self.times_path) if self.times_path.exists() else {}
-        self.machines = read_json(self.machines_path) if self.machines_path.exists() else {}
+        self.timings = read_run_json(self.times_path) if self.times_path.exists() else {}
+        self.machines = read_run_json(self.machines_path) if self.machines_path.exists() else {}
         self.finished = {stage: stage_done(out, stage) for stage in STAGE_OUTPUTS}
 
     def run(self, stage: str, fn: Callable, *args):

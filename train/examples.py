@@ -27,7 +27,7 @@ from ijepa.inference import LinearReadout, analyze_boxes, prepare_image
 from ijepa.model import IJepa
 from train.config import doc_summary, run_command
 from train.model_card import write_model_card
-from train.runtime import save_folder_atomic, write_json_atomic
+from train.runtime import read_json, save_folder_atomic, write_json_atomic
 
 logger = logging.getLogger("train.examples")
 
@@ -137,12 +137,9 @@ def main(argv=None) -> None:
     metrics_path = bundle / "metrics.json"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{metrics_path} is missing: {bundle} is not a bundle exported by train.default")
-    try:  # before anything is replaced: a damaged metrics.json must leave the bundle as it was
-        metrics = json.loads(metrics_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{metrics_path} is damaged (not JSON: {err}); nothing was changed. Write the bundle "
-                         f"again from its run: python -m train.default --out-dir <its run folder> --export {bundle}"
-                         ) from None
+    # read before anything is replaced: a damaged metrics.json must leave the bundle as it was
+    metrics = read_json(metrics_path, f"nothing was changed. Write the bundle again from its run: python -m "
+                                      f"train.default --out-dir <its run folder> --export {bundle}")
     chosen: dict = {}
     save_folder_atomic(lambda staged: chosen.update(choose_examples(bundle, staged)), bundle / EXAMPLES_DIR)
     metrics = {**metrics, "examples": chosen}

@@ -35,15 +35,15 @@ from ijepa.masks import MaskCollator, MaskConfig
 from ijepa.model import IJepa, IJepaConfig
 from ijepa.vision_transformer import set_fused_attention
 from train.config import (RESUME_HINT, RUN_HELP, config_dict, doc_summary, parse_config, require_between,
-                          require_positive, run_command, save_config, setting)
+                          require_positive, run_command, setting)
 from train.data import StepBatches, build_dataset, check_resumed_data
 from train.emoji import EmojiScenes, get_catalog
 from train.eval import HeldOutKnn, plot_knn_curve
 from train.objective import (TargetFeatures, ema_momentum, ema_update, ijepa_loss, learning_rate, param_groups,
                              set_optimizer_schedule, target_spread, weight_decay)
 from train.runtime import (LossWindow, Runtime, autocast, fused_adamw, load_optimizer_state, plot_loss_curve,
-                           resume_state, save_checkpoint, save_folder_atomic, setup_runtime, start_csv_log,
-                           teardown_runtime)
+                           resume_state, save_checkpoint, save_config, save_folder_atomic, setup_runtime,
+                           start_csv_log, teardown_runtime)
 
 logger = logging.getLogger("train.pretrain")
 EMOJI_WORLD = "emoji scenes (Noto Color Emoji)"  # what a model trained on the built-in world says it saw

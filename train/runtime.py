@@ -18,10 +18,11 @@ from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from ijepa.checkpoint import CheckpointError, load_weights_only, share_as_umask_allows
 from ijepa.device import fast_bf16, resolve_device
-from train.config import SCHEDULE_FIELDS, changed_settings
+from train.config import SCHEDULE_FIELDS, changed_settings, config_dict
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +104,11 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     """A training checkpoint: tensors and plain values only (``weights_only=True``); CheckpointError, saying which
-    file and why, for anything else."""
+    file and why, for anything else. ``mmap``: for a look at its settings or keys, which reads no tensor."""
     return load_weights_only(path, expected="a ckpt-<step>.pt file written by train.pretrain or train.decoder",
-                             mmap=False, remedy="move it aside and resume: the run continues from the one before")
+                             mmap=mmap, remedy="move it aside and resume: the run continues from the one before")
 
 
 # What the checkpoints of each training script hold, by the key only that script's have
@@ -133,7 +134,7 @@ def resume_state(ckpt_dir: Path, config, world_size: int = 1, holds: str = "mode
     existing = list_checkpoints(ckpt_dir)
     if existing and not config.resume:
         try:  # mapped, not read: only its keys are looked at
-            refuse_another_kind(load_weights_only(existing[-1], mmap=True), existing[-1], holds)
+            refuse_another_kind(load_checkpoint(existing[-1], mmap=True), existing[-1], holds)
         except CheckpointError:
             pass  # unreadable: the message below stands, and --resume sets such a file aside
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume true to continue, "
@@ -172,14 +173,14 @@ def resume_state(ckpt_dir: Path, config, world_size: int = 1, holds: str = "mode
     return state, path
 
 
-def newest_readable(checkpoints: list[Path]) -> tuple[dict, Path]:
+def newest_readable(checkpoints: list[Path], mmap: bool = False) -> tuple[dict, Path]:
     """(state, path) of the newest checkpoint that can be read. Ours are written whole or not at all, but a copied
     or damaged run folder can end in a truncated one: it is renamed ``<name>.unreadable`` (kept, but no longer
     listed, resumed from or counted by ``keep_last``) and the run continues from the one before. One process only:
     ranks that each chose for themselves could resume from different steps (``resume_state``)."""
     for path in reversed(checkpoints):
         try:
-            return load_checkpoint(path), path
+            return load_checkpoint(path, mmap), path
         except CheckpointError as err:
             aside = path.with_name(path.name + ".unreadable")
             path.rename(aside)
@@ -293,6 +294,29 @@ def write_json_atomic(path: Path, data) -> None:
     write_file_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
+def read_json(path: Path, remedy: str):
+    """A JSON file a command of ours wrote; one damaged since (a disk that filled up, a copy cut short) is named,
+    with ``remedy``, instead of a bare JSONDecodeError."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is damaged (not JSON: {err}): {remedy}") from None
+
+
+def save_config(config, path: Path) -> None:
+    """A run's settings as config.yaml, written whole or not at all."""
+    write_file_atomic(path, lambda tmp: tmp.write_text(yaml.safe_dump(config_dict(config), sort_keys=False)))
+
+
+SWAP_MARK = ".swap-"  # save_folder_atomic works in <name>.swap-XXXXXX beside <name>
+
+
+def swap_leftover_of(name: str) -> str | None:
+    """The folder name a ``save_folder_atomic`` swap folder named ``name`` belongs to (one a kill left), or None."""
+    owner, mark, _ = name.partition(SWAP_MARK)
+    return owner if mark else None
+
+
 def save_folder_atomic(write: Callable[[Path], None], directory: Path) -> None:
     """``write(folder)`` into a temporary sibling, then swap it in for ``directory`` (the old one moved aside first
     and deleted last): a kill mid-write never leaves a half-written folder that looks finished (e.g. a diffusers
@@ -302,7 +326,7 @@ def save_folder_atomic(write: Callable[[Path], None], directory: Path) -> None:
     ``directory`` first finishes or undoes such a swap (``recover_swaps``)."""
     recover_swaps(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    swap = Path(tempfile.mkdtemp(prefix=directory.name + ".swap-", dir=directory.parent))
+    swap = Path(tempfile.mkdtemp(prefix=directory.name + SWAP_MARK, dir=directory.parent))
     staged, old = swap / directory.name, swap / (directory.name + ".old")
     try:
         write(staged)
@@ -322,7 +346,7 @@ def recover_swaps(directory: Path) -> None:
     swap is finished; every other swap folder holds an unfinished write or a finished swap's leftovers, and goes."""
     if not directory.parent.is_dir():
         return
-    for swap in sorted(directory.parent.glob(glob.escape(directory.name) + ".swap-*")):
+    for swap in sorted(directory.parent.glob(glob.escape(directory.name) + SWAP_MARK + "*")):
         staged, old = swap / directory.name, swap / (directory.name + ".old")
         if not directory.exists() and old.exists():
             kept = staged if staged.exists() else old
