@@ -33,6 +33,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ijepa.masks import pooled
+
 Conditioning = Literal["spatial_context", "pooled"]
 CONDITIONINGS: tuple[str, ...] = ("spatial_context", "pooled")
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
@@ -202,10 +204,7 @@ class SketchCondition:
 
     def pooled_tokens(self) -> torch.Tensor:
         """Average-pool of the box tokens [B, D], ignoring padding."""
-        if self.token_mask is None:
-            return self.tokens.mean(dim=1)
-        weights = self.token_mask.unsqueeze(-1).to(self.tokens.dtype)
-        return (self.tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return pooled(self.tokens, self.token_mask)
 
 
 class SketchDecoder(ModelMixin, ConfigMixin):

@@ -107,14 +107,6 @@ def gather(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return apply_masks(features, [indices])
 
 
-def pooled(tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Average-pool [B, K, D] tokens (ignoring padded tokens where token_mask is False) -> [B, D]."""
-    if token_mask is None:
-        return tokens.mean(dim=1)
-    weights = token_mask.to(tokens.dtype).unsqueeze(-1)
-    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Images: any common file -> the model's square view, with the map from the user's pixels to the model's
 # ---------------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,15 @@ def apply_masks(x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(gathered, dim=0)
 
 
+def pooled(tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Average-pool [B, K, D] tokens (ignoring padded tokens where token_mask is False) -> [B, D]. Boxes of different
+    sizes gather to different K; batched, they are padded to the longest and the mask says which tokens are real."""
+    if token_mask is None:
+        return tokens.mean(dim=1)
+    weights = token_mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Multi-block mask sampling for pretraining
 # ---------------------------------------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from ijepa.checkpoint import load_model, save_safetensors
 from ijepa.device import resolve_device
-from ijepa.masks import complement_indices, rectangle_indices
-from ijepa.inference import encode, gather, pooled, predict_features, true_features
+from ijepa.inference import encode, gather, predict_features, true_features
+from ijepa.masks import complement_indices, pooled, rectangle_indices
 from ijepa.model import IJepa, IJepaConfig
 from train.config import doc_summary, run_command
 from train.data import StackFields, require_data_source

@@ -29,7 +29,8 @@ from decoder import SketchDecoder, SketchSampler, box_mask_from_indices
 from ijepa.bundle import load_decoder
 from ijepa.checkpoint import load_model
 from ijepa.device import PRECISIONS, resolve_device, resolve_precision
-from ijepa.inference import gather, pooled, true_features
+from ijepa.inference import gather, true_features
+from ijepa.masks import pooled
 from ijepa.model import IJepa
 from train.config import doc_summary, run_command
 from train.data import build_dataset, require_data_source
