@@ -1,4 +1,8 @@
-"""I-JEPA, visible: draw a box, see what the predictor expects there (Gradio UI; the work is in ijepa.engine).
+"""I-JEPA, visible: draw a box, see what the predictor expects there (Gradio UI only).
+
+The UI imports no model code: ``main`` loads the models with ``ijepa.app_functions.load_app_functions`` and hands
+the bound functions to ``build_app``; everything computed comes from them (``ijepa/app_functions.py``, which the
+engine in ``ijepa/engine.py`` and the panels in ``ijepa/panels.py`` serve).
 
     python app.py                                              # built-in model from assets/, http://127.0.0.1:7860
     python app.py --checkpoint IN1K-vit.h.14-300e.pth.tar      # an official checkpoint (add --decoder DIR for sketches)
@@ -29,7 +33,7 @@ import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import gradio as gr
 import numpy as np
@@ -38,10 +42,10 @@ from gradio_client import handle_file
 from gradio_image_annotation import image_annotator
 from PIL import Image
 
-from ijepa import panels
-from ijepa.engine import (BOX_COLORS, DECODER_NAMES, DEFAULT_ASSETS, DEFAULT_NUM_SAMPLES, DEFAULT_NUM_STEPS,
-                          MAX_BOXES, MAX_IMAGE_PIXELS, MAX_NUM_SAMPLES, CheckpointError, Engine, InputError,
-                          centre_square)
+from ijepa.errors import InputError  # no torch: ijepa's models load only when main() asks for them
+
+if TYPE_CHECKING:
+    from ijepa.app_functions import AppFunctions
 
 logger = logging.getLogger("app")
 
@@ -198,24 +202,25 @@ def in_reading_order(boxes: list) -> list:
     return sorted(boxes, key=lambda b: (b[1], b[0]))
 
 
-def check_drawn(boxes: list) -> None:
+def check_drawn(boxes: list, max_boxes: int) -> None:
     """The box count checks the model makes (``ijepa.boxes``, worded for any caller), worded for the drawing widget."""
     if not boxes:
         raise InputError("Draw a box on the image first: drag on it. The model needs a region to hide and guess.")
-    if len(boxes) > MAX_BOXES:
-        raise InputError(f"{len(boxes)} boxes are drawn; at most {MAX_BOXES} at once. Delete some: the hand icon, a "
+    if len(boxes) > max_boxes:
+        raise InputError(f"{len(boxes)} boxes are drawn; at most {max_boxes} at once. Delete some: the hand icon, a "
                          "box, then the bin icon.")
 
 
-def annotator_value(image: np.ndarray, boxes: list | tuple = ()) -> dict:
-    """An image and its boxes for the drawing widget, numbered and coloured in reading order as the results are.
-    The image goes as a PNG file: given an array, the widget would store a lossy WebP copy and send that back."""
+def annotator_value(image: np.ndarray, boxes: list | tuple, colors: tuple[tuple[int, int, int], ...]) -> dict:
+    """An image and its boxes for the drawing widget, numbered and coloured (``colors``, in turn) in reading order as
+    the results are. The image goes as a PNG file: given an array, the widget would store a lossy WebP copy and send
+    that back."""
     boxes = in_reading_order(boxes)
     path = processing_utils.save_img_array_to_cache(np.ascontiguousarray(image),
                                                     cache_dir=processing_utils.get_upload_folder(), format="png")
     return {"image": path, "orientation": 0,
             "boxes": [{"xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1, "label": str(i + 1),
-                       "color": list(BOX_COLORS[i % len(BOX_COLORS)])}
+                       "color": list(colors[i % len(colors)])}
                       for i, (x0, y0, x1, y1) in enumerate(boxes)]}
 
 
@@ -244,43 +249,23 @@ def canvas_boxes(boxes: list | tuple, width: int, height: int, back: bool = Fals
     return [[left + x0 * sx, top + y0 * sy, left + x1 * sx, top + y1 * sy] for x0, y0, x1, y1 in boxes]
 
 
-def display_copy(image: np.ndarray) -> np.ndarray:
+def display_copy(image: np.ndarray, model_square: Callable[[int, int], tuple[int, int, int]]) -> np.ndarray:
     """The square canvas the widget shows: the image enlarged (nearest, so its pixels stay crisp) or reduced
-    (Lanczos) to fit, what the model does not read dimmed, centred on CANVAS_FILL where ``placement`` says."""
+    (Lanczos) to fit, centred on CANVAS_FILL where ``placement`` says, with what the model does not read dimmed so
+    that nobody draws there. ``model_square(width, height)``: (left, top, side) of the part the model reads."""
     height, width = image.shape[:2]
     left, top, shown_width, shown_height = placement(width, height)
     enlarged = shown_width >= width and shown_height >= height
     resample = Image.Resampling.NEAREST if enlarged else Image.Resampling.LANCZOS
     resized = np.asarray(Image.fromarray(image).resize((shown_width, shown_height), resample))
+    square_left, square_top, side = model_square(shown_width, shown_height)
+    shown = (resized * 0.35 + 40).astype(np.uint8)
+    shown[square_top:square_top + side, square_left:square_left + side] = \
+        resized[square_top:square_top + side, square_left:square_left + side]
     canvas = np.empty((CANVAS_SIDE, CANVAS_SIDE, 3), np.uint8)
     canvas[:] = CANVAS_FILL
-    canvas[top:top + shown_height, left:left + shown_width] = dim_outside_centre_square(resized)
+    canvas[top:top + shown_height, left:left + shown_width] = shown
     return canvas
-
-
-def dim_outside_centre_square(image: np.ndarray) -> np.ndarray:
-    """The image with what the model does not read (all but the centre square) dimmed, so that nobody draws there."""
-    left, top, side = centre_square(image.shape[1], image.shape[0])
-    dimmed = (image * 0.35 + 40).astype(np.uint8)
-    dimmed[top:top + side, left:left + side] = image[top:top + side, left:left + side]
-    return dimmed
-
-
-def read_image(path: str) -> np.ndarray:
-    """An image file as upright RGB, decoded once for its load, its run and the maps after it (a photo takes a
-    noticeable part of a second to decode)."""
-    try:
-        modified = Path(path).stat().st_mtime_ns
-    except OSError:
-        modified = None  # open_image says what is wrong
-    return _read_image(path, modified)
-
-
-@functools.lru_cache(maxsize=2)
-def _read_image(path: str, modified: int | None) -> np.ndarray:
-    image = np.asarray(Engine.open_image(path))
-    image.flags.writeable = False  # shared between requests
-    return image
 
 
 def turned(image: np.ndarray, turns: int) -> np.ndarray:
@@ -301,35 +286,54 @@ def with_api_example(component: gr.components.Component, value: Any, payload: An
 
 
 class Handlers:
-    """Widget values in, engine calls, widget values out. Holds only the (read-only) engine."""
+    """Widget values in, calls of the app's functions, widget values out. Holds only the (read-only) functions."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, functions: AppFunctions):
+        self.functions = functions
+        self.settings = functions.settings
+        self.examples = functions.examples()
+        # An image file is decoded once for its load, its run and the maps after it (a photo takes a noticeable part
+        # of a second to decode); the decoded arrays are shared between requests, so read-only.
+        self._decoded = functools.lru_cache(maxsize=2)(self._decode)
+
+    def _decode(self, path: str, modified: int | None) -> np.ndarray:
+        image = self.functions.open_image(path)
+        image.flags.writeable = False
+        return image
+
+    def read_image(self, path: str) -> np.ndarray:
+        """An image file as upright RGB (cached: a file changed since it was read is read again)."""
+        try:
+            modified = Path(path).stat().st_mtime_ns
+        except OSError:
+            modified = None  # open_image says what is wrong
+        return self._decoded(path, modified)
 
     def example_items(self) -> list[tuple[np.ndarray, str]]:
-        return [(example.image(), example.caption) for example in self.engine.examples]
+        return [(example.image, example.caption) for example in self.examples]
 
     def initial_value(self) -> tuple[dict | None, dict | None]:
         """The drawing widget's value and the image source (see ``show``) the page opens with: the first example."""
-        if not self.engine.examples:
+        if not self.examples:
             return None, None
-        example = self.engine.examples[0]
-        return self.show(str(example.path), example.boxes)
+        example = self.examples[0]
+        return self.show(example.path, example.boxes)
 
     def show(self, path: str, boxes: list | tuple = (), turns: int = 0) -> tuple[dict, dict]:
         """An image file for the drawing widget: (its value, the source). The source, {"path", "turns"}, is what the
         model reads, so the app sees the same pixels as the /sketch endpoint for the same file."""
         source = {"path": path, "turns": turns}
-        return self.widget_for(turned(read_image(path), turns), boxes, source)
+        return self.widget_for(turned(self.read_image(path), turns), boxes, source)
 
-    @staticmethod
-    def widget_for(image: np.ndarray, boxes: list | tuple, source: dict) -> tuple:
+    def widget_for(self, image: np.ndarray, boxes: list | tuple, source: dict) -> tuple:
         """(The widget's value, the source) for an image already read from the source: a display copy
         (``display_copy``) with the boxes (image pixels) scaled onto it, numbered as the results number them. No
         change for a widget value that has no file behind it."""
         if source["path"] is None:
             return gr.skip(), gr.skip()
-        return annotator_value(display_copy(image), canvas_boxes(boxes, image.shape[1], image.shape[0])), source
+        shown = display_copy(image, self.functions.model_square)
+        return annotator_value(shown, canvas_boxes(boxes, image.shape[1], image.shape[0]),
+                               self.settings.box_colors), source
 
     def model_image(self, value: dict | None, source: dict | None) -> tuple[np.ndarray, list[list[float]], dict]:
         """What the model reads: (the image, the boxes as drawn on the widget, the source as now turned). Without a
@@ -339,7 +343,7 @@ class Handlers:
         if source is None or source.get("path") is None:
             return shown, boxes, {"path": None, "turns": 0}
         source = {**source, "turns": (source["turns"] + int(value.get("orientation") or 0)) % 4}
-        return turned(read_image(source["path"]), source["turns"]), boxes, source
+        return turned(self.read_image(source["path"]), source["turns"]), boxes, source
 
     def model_input(self, value: dict | None, source: dict | None,
                     check_border: bool = True) -> tuple[np.ndarray, list[list[float]], dict]:
@@ -360,8 +364,8 @@ class Handlers:
     CLEARED = (None, "Results appear here.", [], "", None, [], "", None, None, None)
 
     def load_example(self, event: gr.SelectData) -> tuple:
-        example = self.engine.examples[event.index]
-        return (*self.show(str(example.path), example.boxes), *self.CLEARED)
+        example = self.examples[event.index]
+        return (*self.show(example.path, example.boxes), *self.CLEARED)
 
     def load_upload(self, path: str | None) -> tuple:
         """The uploaded image in the widget, every result panel cleared. A file that is not a usable image gets a
@@ -374,8 +378,8 @@ class Handlers:
         except InputError as err:
             gr.Warning(str(err), duration=8)
             return (gr.skip(),) * (2 + len(self.CLEARED))
-        height, width = read_image(path).shape[:2]  # cached: the decode of ``show``
-        _, _, side = centre_square(width, height)
+        height, width = self.read_image(path).shape[:2]  # cached: the decode of ``show``
+        _, _, side = self.functions.model_square(width, height)
         if side < MIN_SQUARE_SHARE * max(width, height):
             gr.Warning(f"Image loaded, but the model reads only its centre square, {side}x{side} of its {width}x"
                        f"{height} pixels (bright on the canvas), which is small here. Crop the image to the part you "
@@ -409,36 +413,16 @@ class Handlers:
 
     def _run(self, value: dict | None, num_samples: float, seed: float, steps: float, conditioning: str | None,
              source: dict | None) -> Iterator[tuple]:
-        engine = self.engine
         with bugs_reported():
             image, boxes, source = self.model_input(value, source)
-            check_drawn(boxes)
-            analysis = engine.analyze(image, boxes)
+            check_drawn(boxes, self.settings.max_boxes)
             num_samples, seed = whole_number(num_samples, "the number of sketches"), whole_number(seed, "a seed")
             steps = whole_number(steps, "the number of sampler steps")
             widget = self.widget_for(image, boxes, source)  # the image as read: no second decode
-            view, metrics = panels.model_view(analysis), analysis.metrics()
-            explanation = panels.explanation(analysis, engine.conditioning_of(conditioning), num_samples)
-            readout = panels.readout_markdown(analysis, engine.note_on("probe", "No probe loaded."))
-            neighbours = panels.neighbour_gallery(analysis, engine.bank)
-            if not engine.has_decoder:
-                truth = engine.truth_vs_prediction(analysis)
-                yield *widget, view, explanation, [], self.decoder_note(), truth, neighbours, readout, metrics
-                return
-            status = "Drawing sketches…"
-            yield *widget, view, explanation, [], status, None, neighbours, readout, metrics
-            last = None
-            for update in engine.stream_sketches(analysis, num_samples, seed, steps, conditioning):
-                last = update
-                rest = num_samples - len(update.images)
-                status = (f"{len(update.images)} of {num_samples} sketch{'es' if num_samples > 1 else ''} in "
-                          f"{update.seconds:.1f} s" + ("" if update.done else f", drawing the other {rest} at once…"))
-                yield (gr.skip(), gr.skip(), view, explanation, panels.sketch_gallery(analysis, update), status, None,
-                       neighbours, readout, metrics)
-            truth = engine.truth_vs_prediction(analysis, last, seed, steps, last.conditioning)
-            metrics = {**metrics, **engine.sketch_metrics(last)}
-            yield (gr.skip(), gr.skip(), view, explanation, panels.sketch_gallery(analysis, last), status, truth,
-                   neighbours, readout, metrics)
+            for shown in self.functions.run(image, boxes, num_samples, seed, steps, conditioning):
+                yield (*widget, shown.view, shown.explanation, shown.sketches, shown.status, shown.truth,
+                       shown.neighbours, shown.readout, shown.metrics)
+                widget = gr.skip(), gr.skip()  # numbered once: a box moved meanwhile stays where it was moved
 
     def explore_after_run(self, value: dict | None, window: float, source: dict | None, ran: bool) -> tuple:
         """``explore`` after a run, unless the run stopped at its input checks (its message stands alone)."""
@@ -449,19 +433,16 @@ class Handlers:
         try:
             with bugs_reported():
                 image, _, _ = self.model_image(value, source)
-                prepared = self.engine.prepare(image)
-                surprise = self.engine.surprise_map(prepared, whole_number(window, "a window size"))
-                return surprise.figure, self.engine.feature_view(prepared)
+                return self.functions.maps(image, whole_number(window, "a window size"))
         except InputError as err:
             gr.Warning(str(err))
             return None, None
 
     def api_sketch(self, image: str | None, boxes: str, num_samples: float, seed: float,
-                   decoder: str | None = None, steps: float | None = DEFAULT_NUM_STEPS) -> tuple[list, dict]:
+                   decoder: str | None = None, steps: float | None = None) -> tuple[list, dict]:
         """The "/sketch" endpoint: image file + JSON boxes (original-image pixels) -> sketches and metrics.
         ``decoder``: a key of DECODER_NAMES among the loaded ones (None or "": the default); ``steps``: the
-        sampler's steps (the UI's "Decoder steps"), so that seed and steps reproduce a UI result."""
-        engine = self.engine
+        sampler's steps (the UI's "Decoder steps"; None: its default), so that seed and steps reproduce a UI result."""
         with user_errors():
             if image is None:
                 raise InputError("Send an image file (gradio_client.handle_file(path)).")
@@ -473,18 +454,9 @@ class Handlers:
             if not isinstance(parsed, list):
                 raise InputError("boxes must be a JSON list of [xmin, ymin, xmax, ymax] lists")
             num_samples, seed = whole_number(num_samples, "the number of sketches"), whole_number(seed, "a seed")
-            steps = whole_number(DEFAULT_NUM_STEPS if steps is None else steps, "the number of sampler steps")
-            analysis = engine.analyze(engine.open_image(image), parsed)
-            metrics: dict[str, Any] = {**analysis.metrics(), "model": engine.info.source}
-            if not engine.has_decoder:
-                return [], {**metrics, "decoder": None, "sketches": self.decoder_note()}
-            update = engine.sketches(analysis, num_samples, seed, steps, conditioning=decoder or None)
-            metrics.update(engine.sketch_metrics(update))
-            return panels.sketch_gallery(analysis, update), metrics
-
-    def decoder_note(self) -> str:
-        return self.engine.note_on(
-            "decoder", "No sketch decoder is loaded: pass --decoder DIR (train one with python -m train.decoder).")
+            steps = whole_number(self.settings.default_num_steps if steps is None else steps,
+                                 "the number of sampler steps")
+            return self.functions.sketch(image, parsed, num_samples, seed, steps, decoder)
 
 
 # Gradio keeps every file it serves (uploads, sketches, figures) until the server stops: ~1 MB per run, measured with
@@ -495,11 +467,10 @@ CACHE_CLEANUP = (3600, 24 * 3600)  # (every, older than) in seconds: gr.Blocks(d
 
 def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP) -> gr.Blocks:
     """The UI: inputs on the left, results on the right; every event calls one Handlers method."""
-    engine = handlers.engine
-    grid = engine.info.grid
-    conditionings = engine.conditionings
+    settings = handlers.settings
+    conditionings = [conditioning for _, conditioning in settings.decoders]
     with gr.Blocks(title="I-JEPA, visible", analytics_enabled=False, delete_cache=delete_cache) as demo:
-        gr.Markdown(INTRO.format(max_boxes=MAX_BOXES))
+        gr.Markdown(INTRO.format(max_boxes=settings.max_boxes))
         initial_value, initial_source = handlers.initial_value()
         source = gr.State(initial_source)  # the file the widget's image shows: what the model reads (Handlers.show)
         ran = gr.State(False)  # whether the last run got past its input checks (Handlers.run)
@@ -521,25 +492,25 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
                                       allow_preview=False, object_fit="contain", fit_columns=False,
                                       elem_id="examples", format="png", interactive=False)
                 with gr.Row():
-                    num_samples = clamped(gr.Slider(1, MAX_NUM_SAMPLES, value=DEFAULT_NUM_SAMPLES, step=1,
-                                                    label="Number of sketches", info="each sketch fills every box",
-                                                    elem_id="num-samples"))
+                    num_samples = clamped(gr.Slider(1, settings.max_num_samples, value=settings.default_num_samples,
+                                                    step=1, label="Number of sketches",
+                                                    info="each sketch fills every box", elem_id="num-samples"))
                     # no minimum/maximum: Gradio's own bounds check would mark every panel as failed; the
                     # engine's check says what is wrong in the explanation panel. No precision=0 either: Gradio
                     # would round 2.5 to 2 (and 3.5 to 4) while the field kept showing 2.5; whole_number says so
                     seed = gr.Number(value=0, elem_id="seed",
                                      label="Seed (same seed and steps, same sketches)")
-                conditioning = gr.Radio([(DECODER_NAMES[c], c) for c in conditionings],
+                conditioning = gr.Radio(list(settings.decoders),
                                         value=conditionings[0] if conditionings else None, label="Sketch decoder",
                                         visible=len(conditionings) > 1, elem_id="sketch-decoder",
                                         info="Detailed: every predicted patch feature + the visible surroundings. "
                                              "Pooled: only the box's average prediction, as in the I-JEPA paper (more "
                                              "varied).")
                 with gr.Accordion("Settings", open=False):
-                    steps = clamped(gr.Slider(4, 30, value=DEFAULT_NUM_STEPS, step=1,
+                    steps = clamped(gr.Slider(4, 30, value=settings.default_num_steps, step=1,
                                               label="Decoder steps (more = finer)"))
                 with gr.Accordion("About the loaded model", open=False):
-                    gr.Markdown(engine.describe(), elem_id="model-info")
+                    gr.Markdown(settings.description, elem_id="model-info")
             with gr.Column(scale=7, min_width=480, elem_id="results"):
                 with gr.Tabs(overflow_behavior="wrap"):  # on a phone: two rows of tab names, none behind a menu
                     with gr.Tab("Sketches"):
@@ -565,7 +536,7 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
                                                 interactive=False)
                     with gr.Tab("Surprise"):
                         gr.Markdown("Prediction error of a window sliding over the image")
-                        window = clamped(gr.Slider(1, max(1, grid // 2), value=engine.info.default_window, step=1,
+                        window = clamped(gr.Slider(1, max(1, settings.grid // 2), value=settings.default_window, step=1,
                                                    label="Window (patches)", elem_id="window"))
                         surprise = gr.Image(show_label=False, format="png", elem_id="surprise", interactive=False,
                                             buttons=["download", "fullscreen"])
@@ -592,14 +563,14 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
             api_boxes = with_api_example(gr.Textbox(label="boxes: JSON list of [xmin, ymin, xmax, ymax] in image "
                                                         "pixels", value="[[16, 16, 48, 48]]"), API_BOXES_EXAMPLE)
             # no precision=0: Gradio would round 1.5 sketches to 2; whole_number says what is wrong instead
-            api_samples = gr.Number(label="num_samples", value=DEFAULT_NUM_SAMPLES)
+            api_samples = gr.Number(label="num_samples", value=settings.default_num_samples)
             api_seed = gr.Number(label="seed", value=0)
             # text, not a gr.Radio: a name not loaded gets the engine's message (which ones are), not Gradio's
             # "not in the list of choices" and a traceback in the server's log
             api_decoder = gr.Textbox(value=conditionings[0] if conditionings else "",
                                      label=("decoder: " + " or ".join(conditionings)) if conditionings
                                      else "decoder (none loaded)")
-            api_steps = gr.Number(label="steps", value=DEFAULT_NUM_STEPS)
+            api_steps = gr.Number(label="steps", value=settings.default_num_steps)
             api_sketches = gr.Gallery(label="sketches", format="png")
             api_metrics = gr.JSON(label="metrics")
             api_button = gr.Button("sketch")
@@ -653,8 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    parser.add_argument("--assets", type=Path, default=DEFAULT_ASSETS, help="bundle folder (model, decoder, probes, "
-                        "bank, examples)")
+    parser.add_argument("--assets", type=Path, help="bundle folder (model, decoder, probes, bank, examples; default: "
+                        "the built-in one in assets/)")
     parser.add_argument("--checkpoint", type=Path, help="another model: official .pth.tar or our model folder")
     parser.add_argument("--decoder", type=Path, action="append", help="a SketchDecoder folder (save_pretrained) "
                         "for that model; repeat it for a second kind (spatial_context and pooled), the first is the "
@@ -672,15 +643,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
 
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # the same limit for every decoder in this process
+    from ijepa.app_functions import load_app_functions  # the models: here, not at import
+    from ijepa.checkpoint import CheckpointError
+
     try:
-        engine = Engine.load(args.assets, checkpoint=args.checkpoint, decoder=args.decoder, device=args.device,
-                             precision=args.precision)
+        functions = load_app_functions(args.assets, checkpoint=args.checkpoint, decoder=args.decoder,
+                                       device=args.device, precision=args.precision)
     except (FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    engine.warm_up()
-    demo = build_app(Handlers(engine))
+    demo = build_app(Handlers(functions))
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_FILE_SIZE,
                 run_history=False, footer_links=["api", "gradio"], css=CSS, head=HEAD)
     return 0

@@ -1,9 +1,9 @@
 """Latency of one app request on the CPU: encoder + predictor for one box, 4 streamed sketches, the truth panel.
 
-Times ``Engine.analyze`` (context encoder, target encoder, predictor, probe, neighbours) plus
-``Engine.stream_sketches`` until the last sketch (``p50_s``), the time from the request to the first finished
-sketch, and the whole request as the app's Run button makes it (``full_p50_s``: also the model view, the sketch
-gallery and the truth-vs-prediction panel, which decodes the true features once more). Reports p50/p90 over
+Times the request as the app's Run button makes it (``ijepa.app_functions.AppFunctions.run``: context encoder,
+target encoder, predictor, probe, neighbours, the model view, then the streamed sketches and their gallery): from
+the request to the first finished sketch, to the last one (``p50_s``), and to the end of the request
+(``full_p50_s``: also the truth-vs-prediction panel, which decodes the true features once more). Reports p50/p90 over
 --repeats runs after --warmup runs, and the process's peak RSS. Uses the bundle in
 --assets; when it has no model, a random-weight bundle of the default architecture (the CPU recipe's ViT-Tiny at
 64 px, default SketchDecoder) is built in a temporary folder: latency does not depend on the weights. The 1-minute
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from decoder.pipeline import DEFAULT_NUM_STEPS  # noqa: E402
-from ijepa import panels  # noqa: E402
+from ijepa.app_functions import AppFunctions  # noqa: E402
 from ijepa.bundle import DEFAULT_ASSETS, build_random_bundle  # noqa: E402
 from ijepa.engine import MAX_NUM_SAMPLES, MAX_NUM_STEPS, Engine  # noqa: E402
 from ijepa.model import IJepaConfig  # noqa: E402
@@ -42,20 +42,16 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def one_request(engine: Engine, image: np.ndarray, box: list[float], samples: int, steps: int,
+def one_request(functions: AppFunctions, image: np.ndarray, box: list[float], samples: int, steps: int,
                 seed: int) -> tuple[float, float, float]:
-    """(seconds to the first sketch, to all sketches, to the end of the request) for one box, from the raw image;
-    the request's parts are those of the app's ``Handlers.run``."""
+    """(seconds to the first sketch, to all sketches, to the end of the request) for one box, from the raw image."""
     start = time.perf_counter()
-    analysis = engine.analyze(image, [box])
-    panels.model_view(analysis)
-    first = update = None
-    for update in engine.stream_sketches(analysis, num_samples=samples, seed=seed, num_steps=steps):
-        if first is None:
+    first = sketches = None
+    for shown in functions.run(image, [box], samples, seed, steps):
+        if shown.sketches and first is None:
             first = time.perf_counter() - start
-        panels.sketch_gallery(analysis, update)
-    sketches = time.perf_counter() - start
-    engine.truth_vs_prediction(analysis, update, seed, steps, update.conditioning)
+        if len(shown.sketches) == samples and sketches is None:
+            sketches = time.perf_counter() - start
     return first, sketches, time.perf_counter() - start
 
 
@@ -94,11 +90,12 @@ def main(argv: list[str] | None = None) -> dict:
         size = engine.size
         image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
         box = [size * 5 / 16, size * 5 / 16, size * 11 / 16, size * 11 / 16]  # the middle ~35 % of each side
+        functions = AppFunctions(engine)
         for i in range(args.warmup):
-            one_request(engine, image, box, args.samples, args.steps, seed=i)
+            one_request(functions, image, box, args.samples, args.steps, seed=i)
         firsts, totals, fulls = [], [], []
         for i in range(args.repeats):
-            first, total, full = one_request(engine, image, box, args.samples, args.steps, seed=100 + i)
+            first, total, full = one_request(functions, image, box, args.samples, args.steps, seed=100 + i)
             firsts.append(first)
             totals.append(total)
             fulls.append(full)

@@ -17,7 +17,8 @@ Every bundle part except the model is optional; ``engine.notes`` says what is mi
 bundle's layout and loaders are in ``ijepa/bundle.py``. What the app's panels show of these results (images and
 Markdown) is made in ``ijepa/panels.py``, except three figures the engine returns ready-made because drawing them
 needs the model (decoding the truth, the features' PCA) or is cached with it: ``truth_vs_prediction``,
-``surprise_map(...).figure`` and ``feature_view``. Every figure is drawn by ``ijepa/figures.py``.
+``surprise_map(...).figure`` and ``feature_view``. Every figure is drawn by ``ijepa/figures.py``, and
+``ijepa/app_functions.py`` binds the engine and the panels into the functions the app is given.
 The engine holds no per-request state: models are read-only after loading, so one engine serves many users.
 """
 from __future__ import annotations

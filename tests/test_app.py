@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import sys
 import warnings
 
@@ -26,7 +27,9 @@ from PIL import Image
 
 from helpers import ASSETS, REPO, USE_ASSETS, free_port, serve_app, tiny_bundle
 from ijepa import panels
-from ijepa.engine import Engine
+from ijepa.app_functions import AppFunctions
+from ijepa.boxes import MAX_BOXES
+from ijepa.engine import MAX_NUM_SAMPLES, Engine
 
 
 
@@ -172,6 +175,15 @@ def app_module():
     return app
 
 
+def test_the_ui_imports_no_model_code():
+    """app.py is UI only: main() loads the models and hands their functions to the UI, so importing app.py (as a
+    test, a notebook or another launcher does) loads neither torch nor any model module."""
+    check = ("import sys, app; loaded = [m for m in ('torch', 'timm', 'diffusers', 'ijepa.engine', 'ijepa.model') "
+             "if m in sys.modules]; assert not loaded, loaded")
+    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_annotator_rotation_and_box_order(app_module):
     image = np.zeros((20, 40, 3), np.uint8)
     image[:, :20] = 255  # white left half
@@ -186,7 +198,7 @@ def test_annotator_rotation_and_box_order(app_module):
 
 def test_ui_run_without_a_decoder_explains_how_to_train_one(app_module, tmp_path):
     engine = Engine.load(tiny_bundle(tmp_path / "b", with_decoder=False), device="cpu")
-    handlers = app_module.Handlers(engine)
+    handlers = app_module.Handlers(AppFunctions(engine))
     value, source = handlers.initial_value()
     assert len(value["boxes"]) == 2 and [b["label"] for b in value["boxes"]] == ["1", "2"]  # as the results number them
     (outputs,) = list(handlers.run(value, 4, 0, 4, None, source))
@@ -209,7 +221,7 @@ def test_ui_run_without_a_decoder_explains_how_to_train_one(app_module, tmp_path
 
 def test_ui_run_streams_sketches(app_module, tmp_path):
     engine = Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")
-    handlers = app_module.Handlers(engine)
+    handlers = app_module.Handlers(AppFunctions(engine))
     value, source = handlers.initial_value()
     outputs = list(handlers.run(value, 3, 1, 2, None, source))
     counts = [len(o[4]) for o in outputs]
@@ -224,7 +236,7 @@ def test_ui_run_streams_sketches(app_module, tmp_path):
 def test_the_truth_panel_is_drawn_with_the_decoder_and_seed_the_user_chose(app_module, tmp_path, monkeypatch):
     """Truth vs prediction must use the chosen decoder and seed, or its prediction is not the sketch 1 beside it."""
     engine = Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")
-    handlers = app_module.Handlers(engine)
+    handlers = app_module.Handlers(AppFunctions(engine))
     value, source = handlers.initial_value()
     calls, drawn, original = [], [], engine.truth_vs_prediction
     signature = inspect.signature(original)
@@ -253,9 +265,9 @@ def test_the_truth_panel_is_drawn_with_the_decoder_and_seed_the_user_chose(app_m
 def test_the_app_accepts_as_many_boxes_as_it_promises_and_no_more(app_module):
     """The intro says at most MAX_BOXES boxes: drawing exactly that many must run, one more must be refused."""
     box = [0, 0, 10, 10]
-    app_module.check_drawn([box] * app_module.MAX_BOXES)
-    with pytest.raises(app_module.InputError, match=f"at most {app_module.MAX_BOXES}"):
-        app_module.check_drawn([box] * (app_module.MAX_BOXES + 1))
+    app_module.check_drawn([box] * MAX_BOXES, MAX_BOXES)
+    with pytest.raises(app_module.InputError, match=f"at most {MAX_BOXES}"):
+        app_module.check_drawn([box] * (MAX_BOXES + 1), MAX_BOXES)
 
 
 def test_command_line_flags_reach_the_engine(app_module, tmp_path, monkeypatch, capsys):
@@ -266,7 +278,7 @@ def test_command_line_flags_reach_the_engine(app_module, tmp_path, monkeypatch, 
         calls.append((args, kwargs))
         raise ValueError("recorded")
 
-    monkeypatch.setattr(app_module.Engine, "load", load)
+    monkeypatch.setattr(Engine, "load", load)
     argv = ["--assets", str(tmp_path / "a"), "--checkpoint", str(tmp_path / "c"), "--decoder", str(tmp_path / "d1"),
             "--decoder", str(tmp_path / "d2"), "--device", "cpu", "--precision", "fp32", "--port", str(free_port())]
     assert app_module.main(argv) == 2 and "error: recorded" in capsys.readouterr().err
@@ -281,7 +293,7 @@ def test_missing_bundle_exits_with_a_clear_message(app_module, tmp_path, capsys)
 
 def test_a_port_in_use_or_out_of_range_is_refused_before_the_models_load(app_module, monkeypatch, capsys):
     """Gradio's traceback came after loading and warming up the models; --port 70000 gave an OverflowError."""
-    monkeypatch.setattr(app_module.Engine, "load", lambda *a, **k: pytest.fail("the models were loaded"))
+    monkeypatch.setattr(Engine, "load", lambda *a, **k: pytest.fail("the models were loaded"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -300,17 +312,17 @@ def test_the_widget_shows_exact_pixels_and_a_new_image_clears_the_last_results(a
     every result panel, so no panel shows the last image's results beside the new one."""
     image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     widget = app_module.image_annotator(image_type="numpy", image_mode="RGB")
-    value = app_module.annotator_value(image, [[1, 2, 30, 40]])
+    value = app_module.annotator_value(image, [[1, 2, 30, 40]], ((255, 0, 0),))
     back = widget.preprocess(widget.postprocess({**value, "boxes": []}))
     assert np.array_equal(back["image"], image)
     upright, boxes = app_module.annotator_input(value)  # our own value, before the widget: the same pixels
     assert np.array_equal(upright, image) and boxes == [[1, 2, 30, 40]]
 
-    handlers = app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))
+    handlers = app_module.Handlers(AppFunctions(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))
     chosen = handlers.load_example(app_module.gr.SelectData(None, {"index": 1, "value": None}))
-    example = handlers.engine.examples[1]
+    example = handlers.examples[1]
     read, boxes, _ = handlers.model_input(*chosen[:2])  # the model reads the example's file, not the display copy
-    assert np.array_equal(read, example.image()) and np.allclose(boxes, example.boxes)
+    assert np.array_equal(read, example.image) and np.allclose(boxes, example.boxes)
     assert chosen[2:] == app_module.Handlers.CLEARED and len(chosen) == 12  # widget, its source, ten result panels
     photo = tmp_path / "photo.png"
     Image.fromarray(image).save(photo)
@@ -323,7 +335,7 @@ def test_any_image_is_shown_whole_and_boxes_map_back_to_the_file(app_module, tmp
     button in view, the drawing area the same size for both and after any turn), with room above the image for the
     number the widget writes above a box; boxes drawn there, also after a turn, reach the model in the file's pixels.
     Odd sizes (7 x 5, 401 x 300) need the image's shown sides rounded to keep it exactly centred."""
-    handlers = app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))
+    handlers = app_module.Handlers(AppFunctions(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))
     side, margin = app_module.CANVAS_SIDE, app_module.LABEL_MARGIN
     for size in ((20, 10), (300, 900), (7, 5), (401, 300)):
         file = tmp_path / f"{size[0]}x{size[1]}.png"
@@ -369,18 +381,18 @@ def test_any_image_is_shown_whole_and_boxes_map_back_to_the_file(app_module, tmp
 def test_a_slider_value_typed_out_of_range_is_read_as_the_nearest_end(app_module, tmp_path):
     """Gradio's own check raised before the handler and marked every output failed (the surprise map became an
     error badge); the seed field is not rounded behind the user's back (2.5 ran as seed 2)."""
-    demo = app_module.build_app(app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))
+    demo = app_module.build_app(app_module.Handlers(AppFunctions(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))))
     fields = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     window = fields["window"]
     assert [window.preprocess(v) for v in (9, 0, window.maximum)] == [window.maximum, 1, window.maximum]
-    assert fields["num-samples"].preprocess(20) == app_module.MAX_NUM_SAMPLES
+    assert fields["num-samples"].preprocess(20) == MAX_NUM_SAMPLES
     with pytest.raises(app_module.InputError, match=r"Enter a seed as a whole number \(got 2.5\)"):
         app_module.whole_number(fields["seed"].preprocess(2.5), "a seed")
 
 
 def test_a_panorama_is_loaded_with_a_warning_that_the_model_reads_a_small_square(app_module, tmp_path):
     """An 8000x200 panorama's centre square is a sliver of the canvas, too small to draw a box in: say so at once."""
-    handlers = app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))
+    handlers = app_module.Handlers(AppFunctions(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))
     for size, warned in (((800, 20), True), ((20, 800), True), ((400, 100), False), ((400, 300), False)):
         file = tmp_path / f"{size[0]}x{size[1]}.png"
         Image.new("RGB", size, (20, 120, 200)).save(file)
@@ -401,7 +413,7 @@ def test_the_ui_and_the_endpoint_draw_the_same_sketches_for_the_same_seed_and_st
     """In bf16 a sketch drawn alone and one drawn in a batch differed in thousands of pixel values on the shipped
     model, so the endpoint could not reproduce what the UI showed; both now draw their sketches the same way."""
     bundle = ASSETS if USE_ASSETS else tiny_bundle(tmp_path / "b")
-    handlers = app_module.Handlers(Engine.load(bundle, device="cpu", precision="bf16"))
+    handlers = app_module.Handlers(AppFunctions(Engine.load(bundle, device="cpu", precision="bf16")))
     value, source = handlers.initial_value()
     *_, last = handlers.run(value, 3, 4, 6, None, source)
     _, boxes, _ = handlers.model_input(value, source)
@@ -412,13 +424,13 @@ def test_the_ui_and_the_endpoint_draw_the_same_sketches_for_the_same_seed_and_st
 
 
 def test_a_bug_is_reported_as_one_and_logged_not_blamed_on_the_input(app_module, tmp_path, monkeypatch, caplog):
-    handlers = app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))
+    handlers = app_module.Handlers(AppFunctions(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))
     value, source = handlers.initial_value()
 
     def broken(*args, **kwargs):
         raise ValueError("shapes [3, 4] and [5] do not match")
 
-    monkeypatch.setattr(handlers.engine, "analyze", broken)
+    monkeypatch.setattr(handlers.functions.engine, "analyze", broken)
     with pytest.raises(app_module.gr.Error) as caught:
         list(handlers.run(value, 1, 0, 4, None, source))
     assert caught.value.title == "Something went wrong" and "bug in the app, not a problem with your input" in str(
@@ -433,7 +445,7 @@ def test_a_bug_is_reported_as_one_and_logged_not_blamed_on_the_input(app_module,
 def test_a_file_that_is_not_an_image_changes_nothing(app_module, tmp_path):
     """An unreadable upload had blanked the widget and marked every panel "Error"; now it warns and the last image,
     its boxes and its results stay."""
-    handlers = app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))
+    handlers = app_module.Handlers(AppFunctions(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
     for path in (str(corrupt), None):
@@ -444,7 +456,7 @@ def test_a_file_that_is_not_an_image_changes_nothing(app_module, tmp_path):
 
 def test_a_new_image_cancels_the_last_images_work(app_module, tmp_path):
     """Sketches still being drawn for the last image must not land beside a newly picked or uploaded one."""
-    demo = app_module.build_app(app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))
+    demo = app_module.build_app(app_module.Handlers(AppFunctions(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))))
     dependencies = demo.config["dependencies"]
     model_work = {d["id"] for d in dependencies if demo.fns[d["id"]].name in ("run", "explore", "explore_after_run")}
     assert len(model_work) == 3  # the run, the maps after it, the maps after moving the window slider
@@ -456,7 +468,7 @@ def test_a_new_image_cancels_the_last_images_work(app_module, tmp_path):
 
 def test_the_api_page_suggests_an_image_and_boxes(app_module, tmp_path):
     """The "Use via API" snippet is copied as it is: gr.File and gr.Textbox would suggest a PDF and "Hello!!"."""
-    demo = app_module.build_app(app_module.Handlers(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))
+    demo = app_module.build_app(app_module.Handlers(AppFunctions(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))))
     parameters = demo.get_api_info()["named_endpoints"]["/sketch"]["parameters"]
     examples = {p["parameter_name"]: p["example_input"] for p in parameters}
     assert examples["image"]["path"].endswith(".png")
@@ -471,10 +483,11 @@ from pathlib import Path
 import app as app_module
 from gradio_client import Client, handle_file
 from helpers import free_port, tiny_bundle
+from ijepa.app_functions import AppFunctions
 from ijepa.engine import Engine
 
 engine = Engine.load(tiny_bundle(Path(sys.argv[1])), device="cpu")
-demo = app_module.build_app(app_module.Handlers(engine), delete_cache=(1, 2))  # every second, two seconds old
+demo = app_module.build_app(app_module.Handlers(AppFunctions(engine)), delete_cache=(1, 2))  # every 1 s, 2 s old
 port = free_port()
 demo.launch(server_port=port, prevent_thread_lock=True, quiet=True)
 Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
@@ -495,8 +508,6 @@ def test_files_served_for_a_request_are_deleted_once_old_and_the_pages_own_are_k
     """Gradio kept every upload and output file until the server stopped: ~1 MB per run with several users, so a
     demo left running filled its disk (review). The app deletes old ones on a schedule (CACHE_CLEANUP: hourly, a day
     old). Run in a process of its own, which Gradio's in-process server leaves sockets behind in."""
-    import subprocess
-
     assert app_module.CACHE_CLEANUP == (3600, 24 * 3600)
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
     done = subprocess.run([sys.executable, "-c", SERVED_FILES_CHECK, str(tmp_path / "b")], capture_output=True,

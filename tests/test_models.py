@@ -28,6 +28,13 @@ def official_sincos(embed_dim: int, grid: int) -> np.ndarray:
     return np.concatenate([one_d(embed_dim // 2, mesh[0]), one_d(embed_dim // 2, mesh[1])], axis=1).astype(np.float32)
 
 
+def test_every_name_the_package_exports_resolves():
+    """``ijepa`` loads its modules on first use (so that app.py imports no torch): each exported name must load."""
+    for name in ijepa.__all__:
+        assert getattr(ijepa, name) is not None, name
+    assert set(ijepa.__all__) <= set(dir(ijepa))
+
+
 @pytest.mark.parametrize("dim,grid", [(192, 16), (384, 14), (96, 4)])
 def test_sincos_matches_official_layout(dim, grid):
     np.testing.assert_array_equal(sincos_2d(dim, (grid, grid)).numpy(), official_sincos(dim, grid))
