@@ -416,10 +416,11 @@ class Handlers:
         with bugs_reported():
             image, boxes, source = self.model_input(value, source)
             check_drawn(boxes, self.settings.max_boxes)
+            analysis = self.functions.analyze(image, boxes)  # the boxes' own checks first: they name the box
             num_samples, seed = whole_number(num_samples, "the number of sketches"), whole_number(seed, "a seed")
             steps = whole_number(steps, "the number of sampler steps")
             widget = self.widget_for(image, boxes, source)  # the image as read: no second decode
-            for shown in self.functions.run(image, boxes, num_samples, seed, steps, conditioning):
+            for shown in self.functions.run(analysis, num_samples, seed, steps, conditioning):
                 yield (*widget, shown.view, shown.explanation, shown.sketches, shown.status, shown.truth,
                        shown.neighbours, shown.readout, shown.metrics)
                 widget = gr.skip(), gr.skip()  # numbered once: a box moved meanwhile stays where it was moved
@@ -652,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    functions.warm_up()  # outside the try: a failure here is a bug, with its traceback, not a setting to change
     demo = build_app(Handlers(functions))
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_FILE_SIZE,
                 run_history=False, footer_links=["api", "gradio"], css=CSS, head=HEAD)

@@ -47,7 +47,7 @@ def one_request(functions: AppFunctions, image: np.ndarray, box: list[float], sa
     """(seconds to the first sketch, to all sketches, to the end of the request) for one box, from the raw image."""
     start = time.perf_counter()
     first = sketches = None
-    for shown in functions.run(image, [box], samples, seed, steps):
+    for shown in functions.run(functions.analyze(image, [box]), samples, seed, steps):
         if shown.sketches and first is None:
             first = time.perf_counter() - start
         if len(shown.sketches) == samples and sketches is None:

@@ -6,8 +6,10 @@ array, boxes in its pixels, whole numbers) and returns panel values (numpy image
 dicts); bad input raises ``ijepa.errors.InputError`` with a message for the user::
 
     functions = load_app_functions("assets")
-    for shown in functions.run(image, [[16, 16, 48, 48]], num_samples=4, seed=0, steps=10):
-        print(shown.status)                                   # the sketches arrive one by one, then the truth panel
+    functions.warm_up()
+    analysis = functions.analyze(image, [[16, 16, 48, 48]])  # boxes hidden and predicted; InputError for a bad box
+    for shown in functions.run(analysis, num_samples=4, seed=0, steps=10):
+        print(shown.status)                          # the first sketch, then the others at once, then the truth panel
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from decoder import DEFAULT_NUM_STEPS
 from . import panels
 from .boxes import MAX_BOXES
 from .bundle import DEFAULT_ASSETS
-from .engine import DECODER_NAMES, DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, Engine
+from .engine import DECODER_NAMES, DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, Analysis, Engine
 from .figures import BOX_COLORS
 from .inference import MAX_IMAGE_PIXELS, centre_square
 
@@ -95,14 +97,21 @@ class AppFunctions:
         return self.engine.note_on(
             "decoder", "No sketch decoder is loaded: pass --decoder DIR (train one with python -m train.decoder).")
 
-    def run(self, image: np.ndarray, boxes: Sequence[Sequence[float]], num_samples: int, seed: int, steps: int,
+    def warm_up(self) -> None:
+        """Run every path once, so that the first user does not pay for kernel selection."""
+        self.engine.warm_up()
+
+    def analyze(self, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> Analysis:
+        """Hide the boxes (the image's pixels) and predict them; InputError for a box the model cannot use."""
+        return self.engine.analyze(image, boxes)
+
+    def run(self, analysis: Analysis, num_samples: int, seed: int, steps: int,
             conditioning: str | None = None) -> Iterator[ResultPanels]:
-        """Hide the boxes, predict them and show it: first everything but the sketches (their status says they are
-        being drawn), then one update per batch of finished sketches, then the decoded truth beside the prediction.
-        Without a decoder, one update whose truth panel compares the features and whose status says how to get one.
-        ``conditioning``: which decoder draws (a key of DECODER_NAMES; None: the default)."""
+        """Show an analysis: first everything but the sketches (their status says they are being drawn), then one
+        update per batch of finished sketches, then the decoded truth beside the prediction; every update holds all
+        the panels. Without a decoder, one update whose truth panel compares the features and whose status says how
+        to get one. ``conditioning``: which decoder draws (a key of DECODER_NAMES; None: the default)."""
         engine = self.engine
-        analysis = engine.analyze(image, boxes)
         shown = ResultPanels(
             view=panels.model_view(analysis),
             explanation=panels.explanation(analysis, engine.conditioning_of(conditioning), num_samples),
@@ -147,12 +156,11 @@ def load_app_functions(assets: str | Path | None = None, checkpoint: str | Path 
                        decoder: Sequence[str | Path] | None = None, device: str = "auto",
                        precision: str = "auto") -> AppFunctions:
     """Load a bundle (None: the built-in one in assets/) or another model (``Engine.load`` says what each argument
-    takes), run every path once so the first user does not pay for kernel selection, and bind the app's functions to
-    it. Raises FileNotFoundError, ValueError or CheckpointError with a message saying what to change. Sets Pillow's
+    takes) and bind the app's functions to it. Raises FileNotFoundError, ValueError or CheckpointError with a message
+    saying what to change. Sets Pillow's
     pixel limit for the whole process: the app opens uploads through more than one decoder, which must all refuse
     the same decompression bombs."""
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     engine = Engine.load(DEFAULT_ASSETS if assets is None else assets, checkpoint=checkpoint, decoder=decoder,
                          device=device, precision=precision)
-    engine.warm_up()
     return AppFunctions(engine)

@@ -43,13 +43,12 @@ from decoder.pipeline import DEFAULT_NUM_STEPS
 from .boxes import MAX_BOXES, Box, boxes_to_masks, map_boxes, parse_box
 from .bundle import (DECODER_DIRS, DEFAULT_ASSETS, EXAMPLES_DIR, MODEL_CARD_NAME, MODEL_DIR, Example, FeatureBank,
                      load_decoder, load_examples, load_readouts, train_decoder_hint)
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_model
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model
 from .device import resolve_device, resolve_precision
 from .errors import InputError
-from .figures import BOX_COLORS, render_feature_view, render_surprise, render_truth_vs_prediction
-from .inference import (MAX_IMAGE_PIXELS, BoxAnalysis, BoxPrediction, LinearReadout, PreparedImage, analyze_boxes,
-                        centre_square, default_window, feature_pca, nearest_neighbours, open_image, prepare_image,
-                        surprise_map, to_rgb, true_features)
+from .figures import render_feature_view, render_surprise, render_truth_vs_prediction
+from .inference import (BoxAnalysis, BoxPrediction, LinearReadout, PreparedImage, analyze_boxes, default_window,
+                        feature_pca, nearest_neighbours, open_image, prepare_image, surprise_map, to_rgb, true_features)
 from .model import IJepa
 
 logger = logging.getLogger(__name__)
@@ -350,8 +349,10 @@ class Engine:
     def warm_up(self) -> None:
         """Run every path once on a blank image so the first user does not pay for kernel selection."""
         blank = np.full((self.size, self.size, 3), 128, dtype=np.uint8)
-        side = self.size / 4
-        analysis = self.analyze(blank, [[side, side, 2 * side, 2 * side]])
+        # about the middle sixteenth, and at least one patch: a box inside one patch is refused (a 3 x 3 grid's was)
+        grid = self.size // self.patch_size
+        start, side = (grid // 4) * self.patch_size, max(1, grid // 4) * self.patch_size
+        analysis = self.analyze(blank, [[start, start, start + side, start + side]])
         for conditioning in self.conditionings:
             for _ in self.stream_sketches(analysis, num_samples=1, num_steps=2, conditioning=conditioning):
                 pass
@@ -566,8 +567,6 @@ def shown_path(path: str) -> str:
 
 
 __all__ = [
-    "BOX_COLORS", "DEFAULT_ASSETS", "DEFAULT_NUM_SAMPLES", "DEFAULT_NUM_STEPS", "MAX_BOXES", "MAX_IMAGE_PIXELS",
-    "MAX_NUM_SAMPLES", "MAX_NUM_STEPS", "DECODER_DIRS", "DECODER_NAMES", "Analysis", "BoxReport", "CheckpointError",
-    "Engine", "Example", "FeatureBank", "InputError", "ModelInfo", "Neighbour", "SketchUpdate", "SurpriseMap",
-    "centre_square", "load_decoder", "load_examples", "load_readouts",
+    "DECODER_NAMES", "DEFAULT_NUM_SAMPLES", "MAX_NUM_SAMPLES", "MAX_NUM_STEPS", "Analysis", "BoxReport", "Engine",
+    "InputError", "ModelInfo", "Neighbour", "SketchUpdate", "SurpriseMap",
 ]

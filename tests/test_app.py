@@ -286,6 +286,21 @@ def test_command_line_flags_reach_the_engine(app_module, tmp_path, monkeypatch, 
                                           "device": "cpu", "precision": "fp32"})]
 
 
+def test_a_failure_while_warming_up_is_a_bug_with_its_traceback_not_a_setting_to_change(app_module, monkeypatch,
+                                                                                        capsys):
+    """Only loading errors say "error: ..." and exit 2; warming up runs the models, and its failure is a bug."""
+    import ijepa.app_functions
+
+    class Loaded:
+        def warm_up(self):
+            raise ValueError("shapes [3, 4] and [5] do not match")
+
+    monkeypatch.setattr(ijepa.app_functions, "load_app_functions", lambda *args, **kwargs: Loaded())
+    with pytest.raises(ValueError, match="do not match"):
+        app_module.main(["--port", str(free_port())])
+    assert "error:" not in capsys.readouterr().err
+
+
 def test_missing_bundle_exits_with_a_clear_message(app_module, tmp_path, capsys):
     assert app_module.main(["--assets", str(tmp_path / "nothing"), "--port", str(free_port())]) == 2
     assert "--checkpoint" in capsys.readouterr().err
@@ -440,6 +455,17 @@ def test_a_bug_is_reported_as_one_and_logged_not_blamed_on_the_input(app_module,
     with pytest.warns(UserWarning, match="Draw a box"):  # input the user can fix
         (outputs,) = list(handlers.run({**value, "boxes": []}, 1, 0, 4, None, source))
     assert outputs[3].startswith("**Please adjust the input.**")
+
+
+def test_a_box_the_model_cannot_use_is_named_before_the_number_fields(app_module, tmp_path):
+    """With a box outside what the model sees and a seed of 2.5, the message is about the box: it says which one."""
+    handlers = app_module.Handlers(AppFunctions(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.full((32, 96, 3), 200, np.uint8)).save(wide)
+    value, source = handlers.show(str(wide), [[2, 2, 20, 20]])  # in the dimmed left third
+    with pytest.warns(UserWarning, match="Box 1 lies outside the centre square"):
+        (outputs,) = list(handlers.run(value, 1, 2.5, 4, None, source))
+    assert "Box 1" in outputs[3] and "whole number" not in outputs[3]
 
 
 def test_a_file_that_is_not_an_image_changes_nothing(app_module, tmp_path):

@@ -28,11 +28,11 @@ from ijepa.bundle import build_random_bundle, load_examples, load_probe, train_d
 from ijepa.checkpoint import load_model, save_model
 from ijepa import figures, panels
 import ijepa.engine as engine_module
-from ijepa.engine import MAX_IMAGE_PIXELS, Engine, InputError
+from ijepa.engine import Engine, InputError
 from ijepa.figures import BOX_COLORS, render_surprise, render_truth_vs_prediction, sketch_sheet
 from ijepa.boxes import MAX_BOXES, boxes_to_masks, map_boxes
-from ijepa.inference import (LinearReadout, analyze_boxes, feature_pca, nearest_neighbours, open_image, prepare_image,
-                             surprise_map, to_rgb, window_positions)
+from ijepa.inference import (MAX_IMAGE_PIXELS, LinearReadout, analyze_boxes, feature_pca, nearest_neighbours,
+                             open_image, prepare_image, surprise_map, to_rgb, window_positions)
 from ijepa.model import IJepaConfig
 from train.decoder import box_conditions
 
@@ -85,6 +85,14 @@ def halves(mode_image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
     width = rgb.shape[1]
     return rgb[:, : width // 2].mean(axis=(0, 1)), rgb[:, width // 2:].mean(axis=(0, 1))
 
+
+
+def test_a_model_with_a_coarse_grid_warms_up(tmp_path):
+    """Warming up drew a box a quarter of the image wide: inside one patch of a 3 x 3 grid, which the model refuses."""
+    config = IJepaConfig.from_arch("vit_tiny", img_size=12, patch_size=4, depth=1, predictor_depth=1,
+                                   predictor_embed_dim=48)
+    engine = Engine.load(build_random_bundle(tmp_path / "b", config, None), device="cpu")
+    engine.warm_up()
 
 def test_rgba_transparency_becomes_white_and_opaque_colour_is_kept():
     image = Image.new("RGBA", (8, 4), (0, 0, 0, 0))
