@@ -6,12 +6,14 @@
 #
 # Why a script: a session gets one machine for ~15 minutes in all, each command at most 600 s, and only files
 # under $OUT come back (16 MiB each, 8 files). Each part stops itself after [seconds] (default 540) so there is
-# time left to copy what it has. `recipe` run again on the still-warm machine resumes where it stopped:
-# train.default skips finished stages and resumes checkpoints.
+# time left to copy what it has; the recipe plans its stages for [seconds] less two minutes (start-up, the kNN
+# monitor and the export are not in its plan; RECIPE_MINUTES overrides). A session's 15 minutes hold one call of
+# the default length, not two: `recipe` run again on a still-warm machine resumes where it stopped (train.default
+# skips finished stages and resumes checkpoints), but a machine given back starts bare.
 #
-# The machine has torch but not diffusers and no network: before the call, copy the wheels
-# (diffusers, importlib_metadata), NotoColorEmoji.ttf and emoji-test.txt into the git-ignored device/ folder
-# and name it in `carry`. Here, with no device/ folder, the local environment is used as it is, e.g.
+# The machine has torch but not diffusers and no network: before the call, `bash bench/device_prepare.sh` fills
+# the git-ignored device/ folder (wheels, NotoColorEmoji.ttf, emoji-test.txt); name it in `carry`. Here, with no
+# device/ folder, the local environment is used as it is, e.g.
 #   OUT=/tmp/out PROFILE=smoke PYTHON=.venv/bin/python bash bench/device_run.sh recipe
 set -euo pipefail
 part=${1:?usage: bash bench/device_run.sh recipe|throughput [seconds]}
@@ -32,6 +34,9 @@ log="$out/$part.log"
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
     "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+    "$python" -c "import timm; print('timm', timm.__version__, timm.__file__)" || true
+    # without raqm, emoji sequences (skin tones, ZWJ) are dropped: another catalogue and held-out split than here
+    "$python" -c "from PIL import features; print('Pillow raqm:', features.check('raqm'))" || true
     df -h /dev/shm 2>/dev/null || true  # DataLoader workers pass batches through it
     # fail in seconds, with the reason in the log, if a carried wheel or the machine's packages do not import
     "$python" -c "import train.default" || echo "import train.default failed: see above"
@@ -46,10 +51,11 @@ case $part in
     recipe)
         profile=${PROFILE:-gpu}
         run=runs/device_$profile
-        # The planner fits the recipe into RECIPE_MINUTES (default 7) so that it ends before `timeout` does: start-up,
-        # the kNN monitor and the export are not in its plan.
+        # The planner fits the recipe into [seconds] less two minutes (7 minutes for the default 540 s) so that it
+        # ends before `timeout` does: start-up, the kNN monitor and the export are not in its plan.
+        minutes=${RECIPE_MINUTES:-$(( budget > 180 ? (budget - 120) / 60 : 1 ))}
         timeout "$budget" "$python" -m train.default --out-dir "$run" --profile "$profile" \
-            --budget-minutes "${RECIPE_MINUTES:-7}" >> "$log" 2>&1 || status=$?
+            --budget-minutes "$minutes" >> "$log" 2>&1 || status=$?
         [ -f "$run/summary.json" ] || echo "no summary.json: the recipe did not finish" >> "$log"
         # One archive in parts under the 16 MiB a file may have on its way back (8 files, 64 MiB in all): the
         # bundle without its reference bank (rebuilt here from the model: train.default.build_reference_bank),
@@ -71,5 +77,6 @@ esac
 # keep the log small.
 tr '\r' '\n' < "$log" | grep -v '^\s*$' | grep -vE '[0-9]+/[0-9]+ \[' | tail -n 400 > "$log.tmp" \
     && mv "$log.tmp" "$log"
-echo "$part finished with status $status (124 = stopped at ${budget} s; run it again to resume)" | tee -a "$log"
+echo "$part finished with status $status (124 = stopped at ${budget} s; on a machine still warm, run it again to" \
+    "resume)" | tee -a "$log"
 exit "$status"
