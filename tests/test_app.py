@@ -175,6 +175,11 @@ def app_module():
     return app
 
 
+def handlers_for(app_module, bundle: Path, **load_kwargs):
+    """The app's Handlers as main() builds them, on the CPU (no warm-up)."""
+    return app_module.Handlers(AppFunctions(Engine.load(bundle, device="cpu", **load_kwargs)))
+
+
 def test_the_ui_imports_no_model_code():
     """app.py is UI only: main() loads the models and hands their functions to the UI, so importing app.py (as a
     test, a notebook or another launcher does) loads neither torch nor any model module."""
@@ -333,7 +338,7 @@ def test_the_widget_shows_exact_pixels_and_a_new_image_clears_the_last_results(a
     upright, boxes = app_module.annotator_input(value)  # our own value, before the widget: the same pixels
     assert np.array_equal(upright, image) and boxes == [[1, 2, 30, 40]]
 
-    handlers = app_module.Handlers(AppFunctions(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))
+    handlers = handlers_for(app_module, tiny_bundle(tmp_path / "b"))
     chosen = handlers.load_example(app_module.gr.SelectData(None, {"index": 1, "value": None}))
     example = handlers.examples[1]
     read, boxes, _ = handlers.model_input(*chosen[:2])  # the model reads the example's file, not the display copy
@@ -350,7 +355,7 @@ def test_any_image_is_shown_whole_and_boxes_map_back_to_the_file(app_module, tmp
     button in view, the drawing area the same size for both and after any turn), with room above the image for the
     number the widget writes above a box; boxes drawn there, also after a turn, reach the model in the file's pixels.
     Odd sizes (7 x 5, 401 x 300) need the image's shown sides rounded to keep it exactly centred."""
-    handlers = app_module.Handlers(AppFunctions(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))
+    handlers = handlers_for(app_module, tiny_bundle(tmp_path / "b"))
     side, margin = app_module.CANVAS_SIDE, app_module.LABEL_MARGIN
     for size in ((20, 10), (300, 900), (7, 5), (401, 300)):
         file = tmp_path / f"{size[0]}x{size[1]}.png"
@@ -396,7 +401,7 @@ def test_any_image_is_shown_whole_and_boxes_map_back_to_the_file(app_module, tmp
 def test_a_slider_value_typed_out_of_range_is_read_as_the_nearest_end(app_module, tmp_path):
     """Gradio's own check raised before the handler and marked every output failed (the surprise map became an
     error badge); the seed field is not rounded behind the user's back (2.5 ran as seed 2)."""
-    demo = app_module.build_app(app_module.Handlers(AppFunctions(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))))
+    demo = app_module.build_app(handlers_for(app_module, tiny_bundle(tmp_path / "b")))
     fields = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     window = fields["window"]
     assert [window.preprocess(v) for v in (9, 0, window.maximum)] == [window.maximum, 1, window.maximum]
@@ -407,7 +412,7 @@ def test_a_slider_value_typed_out_of_range_is_read_as_the_nearest_end(app_module
 
 def test_a_panorama_is_loaded_with_a_warning_that_the_model_reads_a_small_square(app_module, tmp_path):
     """An 8000x200 panorama's centre square is a sliver of the canvas, too small to draw a box in: say so at once."""
-    handlers = app_module.Handlers(AppFunctions(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))
+    handlers = handlers_for(app_module, tiny_bundle(tmp_path / "b"))
     for size, warned in (((800, 20), True), ((20, 800), True), ((400, 100), False), ((400, 300), False)):
         file = tmp_path / f"{size[0]}x{size[1]}.png"
         Image.new("RGB", size, (20, 120, 200)).save(file)
@@ -428,7 +433,7 @@ def test_the_ui_and_the_endpoint_draw_the_same_sketches_for_the_same_seed_and_st
     """In bf16 a sketch drawn alone and one drawn in a batch differed in thousands of pixel values on the shipped
     model, so the endpoint could not reproduce what the UI showed; both now draw their sketches the same way."""
     bundle = ASSETS if USE_ASSETS else tiny_bundle(tmp_path / "b")
-    handlers = app_module.Handlers(AppFunctions(Engine.load(bundle, device="cpu", precision="bf16")))
+    handlers = handlers_for(app_module, bundle, precision="bf16")
     value, source = handlers.initial_value()
     *_, last = handlers.run(value, 3, 4, 6, None, source)
     _, boxes, _ = handlers.model_input(value, source)
@@ -439,7 +444,7 @@ def test_the_ui_and_the_endpoint_draw_the_same_sketches_for_the_same_seed_and_st
 
 
 def test_a_bug_is_reported_as_one_and_logged_not_blamed_on_the_input(app_module, tmp_path, monkeypatch, caplog):
-    handlers = app_module.Handlers(AppFunctions(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))
+    handlers = handlers_for(app_module, tiny_bundle(tmp_path / "b"))
     value, source = handlers.initial_value()
 
     def broken(*args, **kwargs):
@@ -459,7 +464,7 @@ def test_a_bug_is_reported_as_one_and_logged_not_blamed_on_the_input(app_module,
 
 def test_a_box_the_model_cannot_use_is_named_before_the_number_fields(app_module, tmp_path):
     """With a box outside what the model sees and a seed of 2.5, the message is about the box: it says which one."""
-    handlers = app_module.Handlers(AppFunctions(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))
+    handlers = handlers_for(app_module, tiny_bundle(tmp_path / "b"))
     wide = tmp_path / "wide.png"
     Image.fromarray(np.full((32, 96, 3), 200, np.uint8)).save(wide)
     value, source = handlers.show(str(wide), [[2, 2, 20, 20]])  # in the dimmed left third
@@ -471,7 +476,7 @@ def test_a_box_the_model_cannot_use_is_named_before_the_number_fields(app_module
 def test_a_file_that_is_not_an_image_changes_nothing(app_module, tmp_path):
     """An unreadable upload had blanked the widget and marked every panel "Error"; now it warns and the last image,
     its boxes and its results stay."""
-    handlers = app_module.Handlers(AppFunctions(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu")))
+    handlers = handlers_for(app_module, tiny_bundle(tmp_path / "b"))
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
     for path in (str(corrupt), None):
@@ -482,7 +487,7 @@ def test_a_file_that_is_not_an_image_changes_nothing(app_module, tmp_path):
 
 def test_a_new_image_cancels_the_last_images_work(app_module, tmp_path):
     """Sketches still being drawn for the last image must not land beside a newly picked or uploaded one."""
-    demo = app_module.build_app(app_module.Handlers(AppFunctions(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))))
+    demo = app_module.build_app(handlers_for(app_module, tiny_bundle(tmp_path / "b")))
     dependencies = demo.config["dependencies"]
     model_work = {d["id"] for d in dependencies if demo.fns[d["id"]].name in ("run", "explore", "explore_after_run")}
     assert len(model_work) == 3  # the run, the maps after it, the maps after moving the window slider
@@ -494,7 +499,7 @@ def test_a_new_image_cancels_the_last_images_work(app_module, tmp_path):
 
 def test_the_api_page_suggests_an_image_and_boxes(app_module, tmp_path):
     """The "Use via API" snippet is copied as it is: gr.File and gr.Textbox would suggest a PDF and "Hello!!"."""
-    demo = app_module.build_app(app_module.Handlers(AppFunctions(Engine.load(tiny_bundle(tmp_path / "b"), device="cpu"))))
+    demo = app_module.build_app(handlers_for(app_module, tiny_bundle(tmp_path / "b")))
     parameters = demo.get_api_info()["named_endpoints"]["/sketch"]["parameters"]
     examples = {p["parameter_name"]: p["example_input"] for p in parameters}
     assert examples["image"]["path"].endswith(".png")
