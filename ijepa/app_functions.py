@@ -157,9 +157,8 @@ def load_app_functions(assets: str | Path | None = None, checkpoint: str | Path 
                        precision: str = "auto") -> AppFunctions:
     """Load a bundle (None: the built-in one in assets/) or another model (``Engine.load`` says what each argument
     takes) and bind the app's functions to it. Raises FileNotFoundError, ValueError or CheckpointError with a message
-    saying what to change. Sets Pillow's
-    pixel limit for the whole process: the app opens uploads through more than one decoder, which must all refuse
-    the same decompression bombs."""
+    saying what to change. Sets Pillow's pixel limit for the whole process: the app opens uploads through more than
+    one decoder, which must all refuse the same decompression bombs."""
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     engine = Engine.load(DEFAULT_ASSETS if assets is None else assets, checkpoint=checkpoint, decoder=decoder,
                          device=device, precision=precision)
