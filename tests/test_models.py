@@ -30,6 +30,7 @@ def official_sincos(embed_dim: int, grid: int) -> np.ndarray:
 
 def test_every_name_the_package_exports_resolves():
     """``ijepa`` loads its modules on first use (so that app.py imports no torch): each exported name must load."""
+    assert set(ijepa.__all__) == set(ijepa._MODULE_OF)  # each exported name knows its module, and only those
     for name in ijepa.__all__:
         assert getattr(ijepa, name) is not None, name
     assert set(ijepa.__all__) <= set(dir(ijepa))
