@@ -310,14 +310,14 @@ class Handlers:
         return self._decoded(path, modified)
 
     def example_items(self) -> list[tuple[np.ndarray, str]]:
-        return [(example.image, example.caption) for example in self.examples]
+        return [(example.image(), example.caption) for example in self.examples]
 
     def initial_value(self) -> tuple[dict | None, dict | None]:
         """The drawing widget's value and the image source (see ``show``) the page opens with: the first example."""
         if not self.examples:
             return None, None
         example = self.examples[0]
-        return self.show(example.path, example.boxes)
+        return self.show(str(example.path), example.boxes)
 
     def show(self, path: str, boxes: list | tuple = (), turns: int = 0) -> tuple[dict, dict]:
         """An image file for the drawing widget: (its value, the source). The source, {"path", "turns"}, is what the
@@ -365,7 +365,7 @@ class Handlers:
 
     def load_example(self, event: gr.SelectData) -> tuple:
         example = self.examples[event.index]
-        return (*self.show(example.path, example.boxes), *self.CLEARED)
+        return (*self.show(str(example.path), example.boxes), *self.CLEARED)
 
     def load_upload(self, path: str | None) -> tuple:
         """The uploaded image in the widget, every result panel cleared. A file that is not a usable image gets a

@@ -24,7 +24,7 @@ from decoder import DEFAULT_NUM_STEPS
 
 from . import panels
 from .boxes import MAX_BOXES
-from .bundle import DEFAULT_ASSETS
+from .bundle import DEFAULT_ASSETS, Example
 from .engine import DECODER_NAMES, DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, Analysis, Engine
 from .figures import BOX_COLORS
 from .inference import MAX_IMAGE_PIXELS, centre_square
@@ -43,16 +43,6 @@ class AppSettings:
     default_num_samples: int = DEFAULT_NUM_SAMPLES
     max_num_samples: int = MAX_NUM_SAMPLES
     default_num_steps: int = DEFAULT_NUM_STEPS
-
-
-@dataclass(frozen=True)
-class ExampleItem:
-    """A bundle example: its image (shown in the examples gallery), caption, file and boxes (its pixels)."""
-
-    image: np.ndarray
-    caption: str
-    path: str
-    boxes: tuple[tuple[float, float, float, float], ...]
 
 
 @dataclass(frozen=True)
@@ -79,9 +69,9 @@ class AppFunctions:
             grid=info.grid, default_window=info.default_window, description=engine.describe(),
             decoders=tuple((DECODER_NAMES[c], c) for c in engine.conditionings), box_colors=tuple(BOX_COLORS))
 
-    def examples(self) -> list[ExampleItem]:
-        return [ExampleItem(example.image(), example.caption, str(example.path), tuple(map(tuple, example.boxes)))
-                for example in self.engine.examples]
+    def examples(self) -> list[Example]:
+        """The bundle's examples (``ijepa.bundle.Example``: image(), caption, path, boxes in its pixels)."""
+        return self.engine.examples
 
     @staticmethod
     def open_image(path: str | Path) -> np.ndarray:

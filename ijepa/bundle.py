@@ -14,7 +14,7 @@ and how to make the part, never a bare KeyError from deep inside.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,10 +84,12 @@ class Example:
     path: Path
     boxes: tuple[tuple[float, float, float, float], ...]
     caption: str
+    pixels: np.ndarray | None = field(default=None, compare=False, repr=False)  # as decoded by load_examples
 
     def image(self) -> np.ndarray:
-        """The example as an upright RGB uint8 array (read from disk on each call: nothing is cached)."""
-        return np.asarray(to_rgb(open_image(self.path)))
+        """The example as an upright RGB uint8 array: the one ``load_examples`` decoded (read-only, shared), else
+        read from disk."""
+        return self.pixels if self.pixels is not None else np.asarray(to_rgb(open_image(self.path)))
 
 
 def load_decoder(path: str | Path, model: IJepa, checkpoint: str | Path = "<checkpoint>") -> SketchDecoder:
@@ -244,10 +246,11 @@ def load_examples(directory: str | Path, notes: list[str] | None = None) -> list
     if missing:
         notes.append(f"{index} lists {', '.join(missing)}, not in {directory}: those examples are left out.")
     readable, damaged = [], []
-    for example in present:  # decoded now (a few small images): one cut short must not stop the app later
+    for example in present:  # decoded now, and kept (a few small images): one cut short must not stop the app later
         try:
-            example.image()
-            readable.append(example)
+            pixels = example.image()
+            pixels.flags.writeable = False
+            readable.append(replace(example, pixels=pixels))
         except InputError as err:
             damaged.append(f"{example.path.name} ({err})")
     if damaged and notes is None:

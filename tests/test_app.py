@@ -342,7 +342,7 @@ def test_the_widget_shows_exact_pixels_and_a_new_image_clears_the_last_results(a
     chosen = handlers.load_example(app_module.gr.SelectData(None, {"index": 1, "value": None}))
     example = handlers.examples[1]
     read, boxes, _ = handlers.model_input(*chosen[:2])  # the model reads the example's file, not the display copy
-    assert np.array_equal(read, example.image) and np.allclose(boxes, example.boxes)
+    assert np.array_equal(read, example.image()) and np.allclose(boxes, example.boxes)
     assert chosen[2:] == app_module.Handlers.CLEARED and len(chosen) == 12  # widget, its source, ten result panels
     photo = tmp_path / "photo.png"
     Image.fromarray(image).save(photo)

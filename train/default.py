@@ -296,21 +296,20 @@ def reexport_model(out: Path, err: Exception) -> IJepa:
     """The finished pretraining's model, written again from its last checkpoint (the step it was exported at)."""
     run_dir = out / "pretrain"
     model_dir = run_dir / "model"
-    checkpoints, step = list_checkpoints(run_dir / "checkpoints"), None
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
     if checkpoints:  # only the newest can be the finished step's
-        checkpoint = checkpoints[-1]
         try:
-            model, step = model_from_checkpoint(checkpoint)
+            model, step, settings = model_from_checkpoint(checkpoints[-1])
+            if step == settings.steps:
+                logger.warning("%s cannot be read (%s): it is written again from %s", model_dir, err, checkpoints[-1])
+                save_folder_atomic(lambda folder: save_model(model, folder), model_dir)
+                return model
         except (CheckpointError, ValueError, OSError) as reason:
             logger.warning("no checkpoint to write %s again from: %s", model_dir, reason)
     advice = retrain_advice(out, run_dir)
     steps = recorded_settings(run_dir, advice).get("steps")
-    if step is None or step != steps:
-        raise ValueError(f"{model_dir} cannot be read ({err}), and no checkpoint of the finished run (step {steps}) "
-                         f"is left in {run_dir / 'checkpoints'} to write it again from: {advice}") from None
-    logger.warning("%s cannot be read (%s): it is written again from %s", model_dir, err, checkpoint)
-    save_folder_atomic(lambda folder: save_model(model, folder), model_dir)
-    return model
+    raise ValueError(f"{model_dir} cannot be read ({err}), and no checkpoint of the finished run (step {steps}) "
+                     f"is left in {run_dir / 'checkpoints'} to write it again from: {advice}") from None
 
 
 def check_reusable(run_dir: Path, cfg) -> None:

@@ -45,8 +45,8 @@ def newest_checkpoint(path: Path) -> Path:
     raise FileNotFoundError(f"{path}: none of its {len(found)} checkpoints is complete")
 
 
-def model_from_checkpoint(checkpoint: Path) -> tuple[IJepa, int]:
-    """The model of a pretraining checkpoint, rebuilt from the settings it records, and its step."""
+def model_from_checkpoint(checkpoint: Path) -> tuple[IJepa, int, PretrainConfig]:
+    """The model of a pretraining checkpoint, rebuilt from the settings it records; its step; those settings."""
     state = load_checkpoint(checkpoint)
     if not {"model", "config", "step"} <= set(state):
         raise ValueError(f"{checkpoint}: not a pretraining checkpoint of train.pretrain (it holds {sorted(state)[:6]})")
@@ -59,13 +59,13 @@ def model_from_checkpoint(checkpoint: Path) -> tuple[IJepa, int]:
     # checkpoint from before they were recorded rebuilds them from the run's settings
     model = IJepa(IJepaConfig.from_dict(state["model_config"]) if "model_config" in state else model_config(cfg))
     model.load_state_dict(state["model"])
-    return model, int(state["step"])
+    return model, int(state["step"]), cfg
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path | None = None) -> Path:
     """Write the model of a pretraining checkpoint as ``config.json`` + ``model.safetensors``; returns the folder
     (by default ``model_<step>`` beside the run's ``checkpoints`` folder)."""
-    model, step = model_from_checkpoint(checkpoint)
+    model, step, _ = model_from_checkpoint(checkpoint)
     if out_dir is None:
         run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
         out_dir = run_dir / f"model_{step}"
