@@ -47,7 +47,7 @@ T = number of target blocks, P = patch_size, D / Dp = encoder / predictor width,
     predictor        (forward+backward) F_p = 3 * [2 Kc D Dp + T * (Lp * layer(Kc + Kt, Dp) + 2 Kt Dp D)]
     FLOPs/image = F_t + F_c + F_p         (backward = 2x forward, hence 3x forward for forward+backward)
 These are the official step's FLOPs for every variant, so MFU is proportional to images/s: ours, which leaves out
-the context rows of the predictor's last block (~3 % of the work for vit_tiny), shows that as a higher MFU.
+the context rows of the predictor's last block (2.5 % of the work for vit_tiny), shows that as a higher MFU.
 MFU = achieved FLOP/s / the bf16 matmul peak measured in the same run (CUDA: 8192^3, CPU: 2048^3). On CPU the fp32
 matmul peak is reported as well, and fp32 variants also get their MFU against it (they are bounded by that peak).
 On a CPU without native bf16 (no AVX512-BF16 or AMX) bf16 matmuls are emulated, so no bf16 peak is measured unless

@@ -16,6 +16,7 @@ from train import decoder as decoder_training
 from train import default as recipe
 from train.config import config_dict
 from train.model_card import write_model_card
+from train.runtime import code_version
 from train import replace_decoder as replacing
 
 pytestmark = pytest.mark.slow
@@ -126,6 +127,7 @@ def test_model_card_quotes_the_measured_figures(smoke_run):
     pixels = metrics["features"]["features"]["raw_pixels"]["knn_group"]
     assert f"| raw_pixels | {pixels:.1f} %" in card
     assert "--profile smoke" in card and "24 images seen" in card
+    assert metrics["code"] == code_version() and f"- Code: this project at commit {metrics['code']}." in card
     # the kNN pretraining logged as it went ends at what the evaluation stage measured for the exported model
     [last] = metrics["knn_during_pretraining"]
     assert last["images_seen"] == 24
@@ -305,6 +307,7 @@ def test_longer_decoders_replace_the_recipes_and_the_card_keeps_the_equal_length
     assert "At the recipe's length, both decoders trained on 4 images (1 steps x batch 4)" in card
     assert recipe_metrics["command"] in card  # the recipe's own command still heads the card
     assert "The paper-faithful decoder is the recipe's" in card
+    assert "points,\n  the recipe's pair, below the table)." in card  # the table's two decoders differ in length
     assert_bundle_parts_agree(bundle)
     assert_a_box_produces_sketches(bundle)
 
@@ -327,6 +330,7 @@ def test_longer_decoders_replace_the_recipes_and_the_card_keeps_the_equal_length
     assert "Then ours was trained again" in card and "Then the paper-faithful decoder was trained again" in card
     assert "recipe's; the table below" not in card
     assert "At the recipe's length, both decoders trained on 4 images (1 steps x batch 4)" in card
+    assert "points,\n  the table's decoders)." in card  # both trained as long again: the floor judges those shipped
     assert_bundle_parts_agree(bundle)
 
 
@@ -356,7 +360,7 @@ def test_the_machine_is_timed_once_and_the_plan_kept_for_later_calls(smoke_run, 
         recipe.main(["--out-dir", str(run), "--profile", "smoke", "--budget-minutes", "45"])
 
 
-def test_a_second_call_skips_finished_stages_and_keeps_their_times(run):
+def test_a_second_call_skips_finished_stages_and_keeps_their_times(run, monkeypatch):
     first = json.loads((run / "summary.json").read_text())
     outputs = [run / "pretrain" / "model" / "config.json", run / "bank.safetensors", run / "eval" / "results.json"]
     before = [p.stat().st_mtime_ns for p in outputs]
@@ -364,6 +368,7 @@ def test_a_second_call_skips_finished_stages_and_keeps_their_times(run):
     machines = json.loads((run / recipe.STAGE_MACHINES).read_text())
     assert set(machines) == set(recipe.STAGE_OUTPUTS) and len(set(machines.values())) == 1
     (run / recipe.STAGE_MACHINES).write_text(json.dumps({**machines, "pretrain": "an H100 elsewhere"}))
+    monkeypatch.setattr(recipe, "code_version", lambda: "c0ffee1")  # the code changed between the calls
     recipe.main(["--out-dir", str(run), "--profile", "smoke"])
     assert [p.stat().st_mtime_ns for p in outputs] == before
     summary = json.loads((run / "summary.json").read_text())
@@ -373,6 +378,7 @@ def test_a_second_call_skips_finished_stages_and_keeps_their_times(run):
     # the card names each stage's machine, and the command that started the run before this call's
     assert summary["hardware"].startswith("pretrain: an H100 elsewhere; eval: ")
     assert summary["command"] == f"{first['command']} (then: python -m train.default --out-dir {run} --profile smoke)"
+    assert summary["code"] == f"{first['code']} (then: c0ffee1)"  # the commit the run started on, then this call's
 
 
 def test_damaged_outputs_of_finished_stages_are_made_again_and_never_exported(smoke_run, run, tmp_path, monkeypatch):

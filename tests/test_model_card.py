@@ -52,3 +52,13 @@ def test_the_feature_table_puts_each_figure_in_its_column(summary, tmp_path):
     assert "| features | kNN group | kNN subgroup | linear group | linear subgroup |" in card
     assert "| target_encoder | 52.0 % | 26.0 % | 61.0 % | 27.0 % |" in card
     assert "| random_init | 40.0 % | 12.0 % | 34.0 % | 13.0 % |" in card
+
+
+def test_what_to_measure_next_follows_the_profile_that_made_the_run(summary, tmp_path):
+    """Below the floor the card quotes the project's other runs; its next step must not be the run it describes."""
+    summary["profile"] = "cpu"
+    assert "Next to measure: the GPU profile" in card_of(summary, tmp_path)
+    summary["profile"] = "gpu"
+    card = card_of(summary, tmp_path)
+    assert "Next to measure: more seeds of this profile" in card and "Next to measure: the GPU profile" not in card
+    assert "the shipped model)" not in card  # other runs are named as such, never as this one

@@ -58,8 +58,8 @@ from train.config import changed_settings, doc_summary, parse_config, run_comman
 from train.examples import choose_examples
 from train.export_checkpoint import model_from_checkpoint
 from train.model_card import write_model_card
-from train.runtime import (hardware, list_checkpoints, logged_training_seconds, newest_readable, read_json,
-                           save_folder_atomic, swap_leftover_of, write_file_atomic, write_json_atomic)
+from train.runtime import (code_version, hardware, list_checkpoints, logged_training_seconds, newest_readable,
+                           read_json, save_folder_atomic, swap_leftover_of, write_file_atomic, write_json_atomic)
 
 logger = logging.getLogger("train.default")
 CONFIGS = Path(__file__).parent / "configs"
@@ -149,8 +149,8 @@ STAGE_INPUTS = {"eval": ("pretrain",), "bank": ("pretrain",), "decoders": ("pret
 
 
 def run_started_with(out: Path) -> dict:
-    """What the run in ``out`` was started with: {"profile", "command"} from PROFILE_FILE; a run from before that file
-    has only its profile, in summary.json; a new run, nothing."""
+    """What the run in ``out`` was started with: {"profile", "command", "code"} from PROFILE_FILE; a run from before
+    that file has only its profile, in summary.json; a new run, nothing."""
     if (out / PROFILE_FILE).is_file():
         return read_run_json(out / PROFILE_FILE)
     if (out / "summary.json").is_file():
@@ -604,7 +604,8 @@ def main(argv=None) -> None:
     first_command = started.get("command", command)
     plan = fit_to_budget(profile, out, flags, args.budget_minutes)
     # after the plan: a call it refuses trained nothing, so the card must not quote it as the run's command
-    write_json_atomic(out / PROFILE_FILE, {"profile": profile_name, "command": first_command})
+    first_code = started.get("code", code_version())
+    write_json_atomic(out / PROFILE_FILE, {"profile": profile_name, "command": first_command, "code": first_code})
     clock = StageClock(out)
     if not all(clock.finished.values()):
         shutil.rmtree(out / BUNDLE_DIR, ignore_errors=True)  # a bundle stands for a finished run only
@@ -624,7 +625,8 @@ def main(argv=None) -> None:
                "pretrain_config": recorded_settings(model_dir.parent, retrain_advice(out, model_dir.parent)),
                "decoder_config": recorded_settings(decoders["spatial_context"].parent,
                                                    retrain_advice(out, decoders["spatial_context"].parent)),
-               "command": first_command if command == first_command else f"{first_command} (then: {command})"}
+               "command": first_command if command == first_command else f"{first_command} (then: {command})",
+               "code": first_code if code_version() == first_code else f"{first_code} (then: {code_version()})"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     save_folder_atomic(lambda folder: write_bundle(folder, out, model_dir, decoders, summary), out / BUNDLE_DIR)
     logger.info("the app runs on this model with: python app.py --assets %s", out / BUNDLE_DIR)

@@ -374,6 +374,22 @@ def plot_loss_curve(csv_path: Path, png_path: Path, title: str = "I-JEPA pretrai
     plt.close(fig)
 
 
+def code_version() -> str:
+    """The commit of this checkout, for model cards: "abc1234", "abc1234 with local changes", or "unknown" outside
+    a git checkout (an installed copy, or no git)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=30)
+        changes = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if commit.returncode != 0:
+        return "unknown"
+    return commit.stdout.strip() + (" with local changes" if changes.stdout.strip() else "")
+
+
 def hardware() -> str:
     """The machine in words, for model cards and results: the GPU, or the CPU with its threads and bf16 support."""
     if torch.cuda.is_available():
