@@ -57,6 +57,23 @@ class IJepaConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self):
+        """Refuses settings no network can be built from, with the setting's name (a model folder's config.json
+        edited by hand, a flag): they would otherwise fail deep in timm with a ZeroDivisionError or an assert."""
+        sizes = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "predictor_embed_dim",
+                 "predictor_depth", "predictor_num_heads")
+        for name in sizes:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+        for name in ("mlp_ratio", "predictor_mlp_ratio"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        for width, heads in (("embed_dim", "num_heads"), ("predictor_embed_dim", "predictor_num_heads")):
+            if getattr(self, width) % getattr(self, heads):
+                raise ValueError(f"{width} ({getattr(self, width)}) must be a multiple of {heads} "
+                                 f"({getattr(self, heads)})")
         check_target(self.target_norm, self.target_layers)
         if self.target_layers > self.depth:
             raise ValueError(f"target_layers must be 1..depth ({self.depth}), got {self.target_layers}")
@@ -121,6 +138,7 @@ class IJepa(nn.Module):
         for p in self.target_encoder.parameters():
             p.requires_grad_(False)
         self.predictor = build_predictor(config, rescale_residuals) if config.has_predictor else None
+        self._pixel_stats: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # normalize's, per device and dtype
 
     def feature_encoder(self, which: str = "target") -> VisionTransformer:
         """The encoder that supplies features: "target" (default, as the paper evaluates) or "context"."""
@@ -163,7 +181,12 @@ class IJepa(nn.Module):
                                                               torch.tensor(mine, dtype=torch.float64), rtol=1e-3)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] images in [0, 1] -> the normalised input the encoders expect."""
-        mean = torch.tensor(self.config.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.config.std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+        """[B, 3, H, W] images in [0, 1] -> the normalised input the encoders expect. The mean and std are made once
+        per device and dtype: made from the config's lists at every step, each would be a copy from the host that
+        on a GPU waits for all queued work (two host syncs per training step)."""
+        key = (images.device, images.dtype, tuple(self.config.mean), tuple(self.config.std))
+        if key not in self._pixel_stats:
+            self._pixel_stats[key] = tuple(torch.tensor(values, dtype=images.dtype).view(1, 3, 1, 1).to(images.device)
+                                           for values in (self.config.mean, self.config.std))
+        mean, std = self._pixel_stats[key]
         return (images - mean) / std

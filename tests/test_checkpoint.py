@@ -231,7 +231,9 @@ def test_not_a_checkpoint(tmp_path):
 @pytest.mark.parametrize("config, message", [
     ("null", "expected a JSON object, found NoneType"),
     ("[1, 2]", "expected a JSON object, found list"),
-    ({"embed_dim": 190}, "embed_dim must be divisible by 4"),
+    ({"embed_dim": 198}, "embed_dim must be divisible by 4"),
+    ({"num_heads": 5}, r"must be a multiple of num_heads \(5\)"),  # was timm's AssertionError
+    ({"patch_size": 0}, "patch_size must be a positive whole number"),  # was a ZeroDivisionError
 ])
 def test_a_damaged_model_config_says_so(tmp_path, model, config, message):
     save_model(model, tmp_path / "m")

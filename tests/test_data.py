@@ -646,3 +646,18 @@ def test_ranks_read_disjoint_batches_that_cover_every_sample_once_and_resume_whe
     # together the ranks read, step by step, what one process with their combined batch reads
     together = [a + b for a, b in zip(StepBatches(0, steps, batch, 0, 2), StepBatches(0, steps, batch, 1, 2))]
     assert together == list(StepBatches(0, steps, 2 * batch, 0, 1))
+
+
+def test_a_folder_whose_images_lie_mostly_beside_its_sub_folders_is_refused(tmp_path, caplog):
+    """100 photos and a thumbs/ sub-folder of 2 used to train on the 2 thumbnails, with only a warning."""
+    for i in range(5):
+        _write_png(tmp_path / "mixed" / f"{i}.png", seed=i)
+    for i in range(2):
+        _write_png(tmp_path / "mixed" / "thumbs" / f"{i}.png", seed=10 + i)
+    with pytest.raises(ValueError, match=r"mixed holds 5 images directly and 2 in sub-folders \(thumbs\)"):
+        ImageFolderDataset(tmp_path / "mixed", resolution=8)
+    for i in range(6):  # class sub-folders with a few stray images beside them: the classes, and a warning
+        _write_png(tmp_path / "mixed" / "cats" / f"{i}.png", seed=20 + i)
+    with caplog.at_level(logging.WARNING):
+        assert len(ImageFolderDataset(tmp_path / "mixed", resolution=8)) == 8
+    assert "ignoring 5 image(s) directly inside it" in caplog.text

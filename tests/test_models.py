@@ -211,3 +211,41 @@ def test_block_outputs_are_the_forward_pass_before_its_final_norm():
     torch.testing.assert_close(encoder.norm(outputs[-1]), encoder(images))
     with pytest.raises(ValueError, match="last must be 1..3"):
         encoder.block_outputs(images, last=4)
+
+
+def test_normalize_makes_its_constants_once_per_device_and_dtype(monkeypatch):
+    """A training step normalises every batch: constants made from host lists at each call would each be a copy
+    that on a GPU waits for all queued work."""
+    config = ijepa.IJepaConfig(img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=2, predictor_embed_dim=8,
+                               predictor_depth=1, predictor_num_heads=2)
+    model = ijepa.IJepa(config)
+    images = torch.rand(2, 3, 16, 16)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (config.mean, config.std))
+    assert torch.allclose(model.normalize(images), (images - mean) / std)
+
+    def host_tensor(*args, **kwargs):
+        raise AssertionError("normalize made a tensor from host values again")
+
+    monkeypatch.setattr(torch, "tensor", host_tensor)
+    assert torch.allclose(model.normalize(torch.ones(1, 3, 16, 16)), (1 - mean) / std)
+    monkeypatch.undo()
+    half = model.normalize(images.to(torch.bfloat16))  # another dtype: its own constants, in that dtype
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), (images - mean) / std, atol=0.05)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_heads": 5}, r"embed_dim \(8\) must be a multiple of num_heads \(5\)"),
+    ({"num_heads": 0}, "num_heads must be a positive whole number, got 0"),
+    ({"patch_size": 0}, "patch_size must be a positive whole number"),
+    ({"embed_dim": 0}, "embed_dim must be a positive whole number"),
+    ({"patch_size": 3}, "img_size 16 is not a multiple of patch_size 3"),
+    ({"mlp_ratio": -1}, "mlp_ratio must be positive"),
+    ({"predictor_num_heads": 3}, r"predictor_embed_dim \(8\) must be a multiple of predictor_num_heads"),
+    ({"depth": 2.0}, "depth must be a positive whole number, got 2.0")])
+def test_a_config_no_network_can_be_built_from_is_refused_by_name(change, message):
+    """A hand-edited model config.json used to fail inside timm (ZeroDivisionError, an assert, a negative size)."""
+    settings = dict(img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=2, predictor_embed_dim=8,
+                    predictor_depth=1, predictor_num_heads=2)
+    ijepa.IJepaConfig(**settings)
+    with pytest.raises(ValueError, match=message):
+        ijepa.IJepaConfig(**{**settings, **change})

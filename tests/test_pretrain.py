@@ -29,13 +29,17 @@ from train.objective import TargetFeatures, target_spread
 from train.pretrain import PretrainConfig, train
 from ijepa.device import resolve_precision
 from train.decoder import DecoderTrainConfig
-from train.runtime import (LossWindow, Runtime, list_checkpoints, load_checkpoint, resume_state, save_checkpoint,
-                           save_folder_atomic, write_file_atomic, write_json_atomic)
+from train.runtime import (LossWindow, Runtime, elapsed_by_step, list_checkpoints, load_checkpoint, resume_state,
+                           save_checkpoint, save_folder_atomic, start_csv_log, write_file_atomic, write_json_atomic)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--img-size", "32", "--patch-size", "4", "--depth", "1", "--predictor-depth", "1", "--predictor-embed-dim",
         "48", "--batch-size", "8", "--warmup-steps", "2", "--num-workers", "0", "--log-every", "1",
         "--precision", "fp32"]
+
+
+# What a pretraining checkpoint holds, with nothing in it: for tests of how checkpoints are found and kept
+EMPTY_STATE = {"model": {}, "optimizer": {}, "step": 0, "config": {}}
 
 
 def tiny(out_dir, *extra) -> PretrainConfig:
@@ -54,6 +58,12 @@ def test_cli_yaml_and_overrides(tmp_path):
     (tmp_path / "bad.yaml").write_text("learning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown config keys"):
         parse_config(PretrainConfig, ["--config", str(tmp_path / "bad.yaml")])
+    # an optional setting a file gives can be set back to its default, none, by a flag (and only an optional one)
+    (tmp_path / "depth.yaml").write_text("depth: 6\n")
+    assert parse_config(PretrainConfig, ["--config", str(tmp_path / "depth.yaml")]).depth == 6
+    assert parse_config(PretrainConfig, ["--config", str(tmp_path / "depth.yaml"), "--depth", "None"]).depth is None
+    with pytest.raises(SystemExit):
+        parse_config(PretrainConfig, ["--steps", "none"])
 
 
 def test_config_files_are_read_as_the_settings_types_and_impossible_values_refused(tmp_path):
@@ -82,7 +92,8 @@ def test_config_files_are_read_as_the_settings_types_and_impossible_values_refus
                             (["--lr", "-1"], "lr must be positive"),
                             (["--final-weight-decay", "-0.1"], "final_weight_decay must be 0 or more"),
                             (["--ema-start", "2"], "ema_start must be between 0 and 1, got 2.0"),
-                            (["--seed", "-1"], "seed must be 0 or more, got -1")]:  # numpy takes no negative seed
+                            (["--seed", "-1"], "seed must be 0 or more, got -1"),  # numpy takes no negative seed
+                            (["--patch-size", "0"], "patch_size must be positive")]:  # was timm's ZeroDivisionError
         with pytest.raises(ValueError, match=message):
             parse_config(PretrainConfig, flags)
     with pytest.raises(ValueError, match="log_every must be positive"):
@@ -91,12 +102,12 @@ def test_config_files_are_read_as_the_settings_types_and_impossible_values_refus
 
 def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
     cfg = tiny(tmp_path / "run", "--resume", "true")
-    save_checkpoint({"step": 3, "config": config_dict(cfg), "world_size": 2}, tmp_path / "ckpt", 3, 2)
+    save_checkpoint({**EMPTY_STATE, "step": 3, "config": config_dict(cfg), "world_size": 2}, tmp_path / "ckpt", 3, 2)
     assert resume_state(tmp_path / "ckpt", cfg, world_size=2)[0]["step"] == 3
     with pytest.raises(ValueError, match="written by 2 process.*this run has 1"):
         resume_state(tmp_path / "ckpt", cfg, world_size=1)
     # under torchrun every rank continues from the newest checkpoint, not an older one
-    save_checkpoint({"step": 6, "config": config_dict(cfg), "world_size": 2}, tmp_path / "ckpt", 6, 2)
+    save_checkpoint({**EMPTY_STATE, "step": 6, "config": config_dict(cfg), "world_size": 2}, tmp_path / "ckpt", 6, 2)
     state, path = resume_state(tmp_path / "ckpt", cfg, world_size=2)
     assert state["step"] == 6 and path.name == "ckpt-00000006.pt"
 
@@ -389,7 +400,7 @@ def test_any_kept_checkpoint_exports_as_a_model_folder(tmp_path):
 def test_checkpoints_keep_the_newest_and_a_failed_write_leaves_the_last_one_whole(tmp_path, monkeypatch):
     """--keep-last prunes the OLDEST; a write killed midway never replaces or hides the previous checkpoint."""
     for step in (1, 2, 3):
-        save_checkpoint({"step": step}, tmp_path, step, keep_last=2)
+        save_checkpoint({**EMPTY_STATE, "step": step}, tmp_path, step, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
 
     def dies_midway(state, path):
@@ -398,7 +409,7 @@ def test_checkpoints_keep_the_newest_and_a_failed_write_leaves_the_last_one_whol
 
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint({"step": 4}, tmp_path, 4, keep_last=2)
+        save_checkpoint({**EMPTY_STATE, "step": 4}, tmp_path, 4, keep_last=2)
     monkeypatch.undo()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
     assert load_checkpoint(tmp_path / "ckpt-00000003.pt")["step"] == 3
@@ -722,3 +733,56 @@ def test_the_imagenet_config_starts_from_the_official_training_init():
             assert 0.018 < float(weight.detach().std()) < 0.022
     for ours, target in zip(model.encoder.state_dict().values(), model.target_encoder.state_dict().values()):
         assert torch.equal(ours, target)
+
+
+def test_a_resumed_log_is_cut_back_whole_and_skips_a_row_a_kill_cut_short(tmp_path, monkeypatch):
+    """A run killed while appending a row leaves half of one; a run killed while its log is cut back on resume
+    must keep the old log (it was truncated first, losing the history and failing every later resume)."""
+    header, log = "step,loss,elapsed_s", tmp_path / "log.csv"
+    log.write_text(f"{header}\n1,0.5,1.0\n2,0.4,2.0\n3,0.3,3.0\n4,0.2")
+    assert elapsed_by_step(log) == {1: 1.0, 2: 2.0, 3: 3.0}
+    before = log.read_text()
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        start_csv_log(log, header, 2)
+    assert log.read_text() == before
+    monkeypatch.undo()
+    start_csv_log(log, header, 3)
+    assert log.read_text() == f"{header}\n1,0.5,1.0\n2,0.4,2.0\n3,0.3,3.0\n"
+    log.write_text("")  # emptied by a full disk, say: the resumed run logs from its checkpoint on
+    start_csv_log(log, header, 3)
+    assert log.read_text() == header + "\n"
+
+
+@pytest.mark.parametrize("payload", [torch.zeros(3), [1, 2], {"a": 1}, {"step": 4, "weights": {}}])
+def test_a_stray_file_named_like_a_checkpoint_is_named_not_mistaken_for_one(tmp_path, payload):
+    """A readable torch file that is not one of our checkpoints used to fail with a bare traceback (a KeyError, an
+    AttributeError) or as a checkpoint whose settings were all 'changed'."""
+    checkpoints = tmp_path / "ckpt"
+    checkpoints.mkdir()
+    torch.save(payload, checkpoints / "ckpt-00000004.pt")
+    with pytest.raises(CheckpointError, match=r"ckpt-00000004.pt: holds .*so it is not a training checkpoint"):
+        load_checkpoint(checkpoints / "ckpt-00000004.pt")
+    with pytest.raises(FileExistsError, match="already holds checkpoints: pass --resume true"):
+        resume_state(checkpoints, tiny(tmp_path / "run"))
+    with pytest.raises(CheckpointError, match="none of the 1 checkpoints"):
+        resume_state(checkpoints, tiny(tmp_path / "run", "--resume", "true"))
+    assert (checkpoints / "ckpt-00000004.pt.unreadable").is_file()  # set aside, kept
+
+
+def test_unusable_data_or_masks_are_refused_before_the_run_folder_is_written(tmp_path):
+    """An image folder none of whose files can be read used to fail as a DataLoader worker's traceback, and a bad
+    mask setting after config.yaml was written."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        (images / f"{i}.jpg").write_bytes(np.random.default_rng(i).bytes(200))
+    with pytest.raises(FileNotFoundError, match=r"none of the 3 image files in .*images can be read, e\.g\. .*0\.jpg"):
+        train(tiny(tmp_path / "run", "--data", str(images), "--num-workers", "2"))
+    with pytest.raises(ValueError, match="num_targets"):
+        train(tiny(tmp_path / "run", "--num-targets", "0"))
+    assert not (tmp_path / "run").exists()

@@ -207,14 +207,28 @@ def field_help(field: dataclasses.Field) -> str:
     return f"{text} (default: {_shown(default)})"
 
 
+class _GivenNone:
+    """``none`` given to an optional setting's flag: unlike argparse's None ('not given') it overrides a config
+    file's value, e.g. ``--depth none`` after a file's ``depth: 6``."""
+
+
+GIVEN_NONE = _GivenNone()
+
+
+def _parse_flag(kind, optional: bool, text: str):
+    if optional and text.lower() in ("none", "null"):
+        return GIVEN_NONE
+    return _parse_value(kind, text)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
-    """One ``--field`` flag per dataclass field, parsed with the field's type (tuples as ``a,b``), with the field's
-    ``setting`` help."""
+    """One ``--field`` flag per dataclass field, parsed with the field's type (tuples as ``a,b``; ``none`` for an
+    optional one), with the field's ``setting`` help."""
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
-        kind = _field_kind(hints[field.name])
+        kind, optional = _field_kind(hints[field.name]), _is_optional(hints[field.name])
         parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None,
-                            type=lambda text, k=kind: _parse_value(k, text), metavar=field.name.upper(),
+                            type=lambda text, k=kind, o=optional: _parse_flag(k, o, text), metavar=field.name.upper(),
                             help=field_help(field).replace("%", "%%"))
 
 
@@ -235,7 +249,7 @@ def load_config(config_cls, path: str | Path | None, overrides: dict):
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{path}: unknown config keys {unknown}; valid keys: {sorted(known)}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update({k: None if v is GIVEN_NONE else v for k, v in overrides.items() if v is not None})
     hints = typing.get_type_hints(config_cls)
     return config_cls(**{name: _coerce(name, hints[name], value) for name, value in values.items()})
 

@@ -101,8 +101,8 @@ class ImageFolderDataset(Dataset):
     Files are decoded as the app decodes uploads (``ijepa.inference.to_rgb``). Names starting with "." are ignored
     (macOS ._* twins, .ipynb_checkpoints/). mode="eval" checks every file's header when it is built and drops the
     unreadable ones (one warning), so each item is a distinct file; a file that still fails to decode raises.
-    mode="train" checks nothing up front (a large folder would take long): a file that fails to read is replaced
-    by the next readable one, with a warning once per file (per DataLoader worker).
+    mode="train" checks only that one file can be read (all of a large folder would take long): a file that fails
+    to read is replaced by the next readable one, with a warning once per file (per DataLoader worker).
     A folder whose sub-folders hold no images of their own, only sub-folders named alike (train/cat/, test/cat/),
     is refused: it is a split layout, whose split names would become the labels.
     """
@@ -134,6 +134,11 @@ class ImageFolderDataset(Dataset):
             label_of = {name: label for label, name in enumerate(self.classes)}
             self.samples = [(p, label_of[name]) for name, files in class_files for p in files]
             loose = _images_in(self.root, recursive=False)
+            if len(loose) > len(self.samples):  # a stray sub-folder (thumbs/), most likely: not what was meant
+                raise ValueError(f"{self.root} holds {len(loose)} images directly and {len(self.samples)} in "
+                                 f"sub-folders ({', '.join(name for name, _ in class_files[:3])}), which are read "
+                                 "as classes, the loose images left out: move the sub-folders out, or point at the "
+                                 "folder of class sub-folders you mean")
             if loose:
                 logger.warning("%s has class sub-folders; ignoring %d image(s) directly inside it, e.g. %s",
                                self.root, len(loose), loose[0].name)
@@ -145,6 +150,8 @@ class ImageFolderDataset(Dataset):
                                     "sub-folders")
         if mode == "eval":
             self.samples = self._readable_samples()
+        else:
+            self._check_one_readable()
         if mode == "train":
             self.transform = transforms.Compose([
                 transforms.RandomResizedCrop(resolution, scale=scale), transforms.ToTensor()])
@@ -175,6 +182,19 @@ class ImageFolderDataset(Dataset):
             logger.warning("%s: leaving out %d of %d image files that cannot be read, e.g. %s (%s)", self.root,
                            len(bad), len(self.samples), bad[0][0], bad[0][1])
         return [sample for sample, reason in zip(self.samples, reasons) if reason is None]
+
+    def _check_one_readable(self) -> None:
+        """In training, files are checked as they are read; but a folder none of whose files can be read must be
+        refused here, before the run writes anything, not as a traceback from a DataLoader worker. Stops at the
+        first readable file, so a large folder costs one header check."""
+        first_bad = None
+        for path, _ in self.samples:
+            reason = _unreadable_reason(path)
+            if reason is None:
+                return
+            first_bad = first_bad or (path, reason)
+        raise FileNotFoundError(f"none of the {len(self.samples)} image files in {self.root} can be read, e.g. "
+                                f"{first_bad[0]} ({first_bad[1]})")
 
     def _load(self, index: int) -> tuple[Image.Image, int]:
         """The image of file index % n; in training, of the next readable file when that one cannot be read."""

@@ -149,7 +149,7 @@ class PretrainConfig:
                               "with --data an image folder and this not set, the folder's name")
 
     def __post_init__(self) -> None:
-        require_positive(self, ("batch_size", "steps", "log_every", "ckpt_every", "lr"))
+        require_positive(self, ("batch_size", "steps", "log_every", "ckpt_every", "lr", "img_size", "patch_size"))
         require_between(self, ("seed", "warmup_steps", "keep_last", "knn_every", "num_workers", "start_lr", "final_lr",
                                "weight_decay", "final_weight_decay"), 0)
         require_between(self, ("ema_start", "ema_end", "same_base_prob", "theme_prob"), 0, 1)
@@ -228,10 +228,10 @@ def train(cfg: PretrainConfig) -> IJepa:
     scene = {name: getattr(cfg, name) for name in SCENE_FIELDS} if cfg.data == "emoji" else {}
     dataset = build_dataset(cfg.data, resolution=cfg.img_size, patch_size=cfg.patch_size, seed=cfg.seed, **scene)
     check_resumed_data(saved_data, dataset, resumed_from)
-    if rt.is_main:  # only now: a resume refused above leaves the run's config as it was
+    collate = MaskCollator(model.config.grid_size, mask_config(cfg), seed=cfg.seed)  # checks the mask settings
+    if rt.is_main:  # only now: a resume or setting refused above leaves the run's folder as it was
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
-    collate = MaskCollator(model.config.grid_size, mask_config(cfg), seed=cfg.seed)
     sampler = StepBatches(start_step, cfg.steps, cfg.batch_size, rt.rank, rt.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                         pin_memory=use_cuda, prefetch_factor=4 if cfg.num_workers else None)

@@ -105,10 +105,21 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, mmap: bool = False) -> dict:
-    """A training checkpoint: tensors and plain values only (``weights_only=True``); CheckpointError, saying which
-    file and why, for anything else. ``mmap``: for a look at its settings or keys, which reads no tensor."""
-    return load_weights_only(path, expected="a ckpt-<step>.pt file written by train.pretrain or train.decoder",
-                             mmap=mmap, remedy="move it aside and resume: the run continues from the one before")
+    """A training checkpoint: tensors and plain values only (``weights_only=True``), holding what our training
+    scripts write; CheckpointError, saying which file and why, for anything else (a stray torch file named like a
+    checkpoint would otherwise fail later with a KeyError or a settings diff against defaults). ``mmap``: for a
+    look at its settings or keys, which reads no tensor."""
+    expected = "a ckpt-<step>.pt file written by train.pretrain or train.decoder"
+    remedy = "move it aside and resume: the run continues from the one before"
+    state = load_weights_only(path, expected=expected, mmap=mmap, remedy=remedy)
+    missing = [] if not isinstance(state, dict) else [
+        key for key in ("step", "config", "optimizer") if key not in state] + (
+        [] if any(kind in state for kind in RUN_KINDS) else [" or ".join(RUN_KINDS)])
+    if not isinstance(state, dict) or missing:
+        holds = f"a {type(state).__name__}" if not isinstance(state, dict) else f"no {', '.join(missing)}"
+        raise CheckpointError(f"{path}: holds {holds}, so it is not a training checkpoint; expected {expected} "
+                              f"({remedy})")
+    return state
 
 
 # What the checkpoints of each training script hold, by the key only that script's have
@@ -244,20 +255,37 @@ class LossWindow:
         return result
 
 
+def csv_rows(path: Path, header: str) -> tuple[list[list[str]], int]:
+    """(rows, how many were dropped) of a training CSV log: rows whose fields do not match ``header`` (the last
+    row of a run killed while appending it, a damaged file) are left out rather than stopping a resume."""
+    rows, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines()[1:]:
+        fields = line.split(",")
+        try:
+            if len(fields) != header.count(",") + 1:
+                raise ValueError(line)
+            int(fields[0]), float(fields[-1])
+        except ValueError:
+            dropped += 1
+            continue
+        rows.append(fields)
+    return rows, dropped
+
+
 def start_csv_log(path: Path, header: str, start_step: int) -> None:
     """A fresh CSV log, or on resume the existing one cut back to the rows up to the checkpoint's step, so a
-    resumed run's log reads exactly like an uninterrupted one."""
-    if start_step == 0 or not path.exists():
-        path.write_text(header + "\n")
-        return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines[1:] if int(line.split(",")[0]) <= start_step]
-    path.write_text("\n".join([lines[0], *kept]) + "\n")
+    resumed run's log reads exactly like an uninterrupted one. Written whole or not at all: a kill while it is cut
+    back leaves the old log."""
+    rows, dropped = csv_rows(path, header) if start_step > 0 and path.exists() else ([], 0)
+    if dropped:
+        logger.warning("%s: left out %d row(s) that could not be read (cut short or damaged)", path, dropped)
+    kept = [",".join(row) for row in rows if int(row[0]) <= start_step]
+    write_file_atomic(path, lambda tmp: tmp.write_text("\n".join([header, *kept]) + "\n"))
 
 
 def elapsed_by_step(path: Path) -> dict[int, float]:
     """{step: elapsed_s} of a training CSV log (first column step, last column elapsed_s)."""
-    rows = [line.split(",") for line in path.read_text().splitlines()[1:]]
+    rows, _ = csv_rows(path, path.read_text(errors="replace").split("\n", 1)[0])
     return {int(row[0]): float(row[-1]) for row in rows}
 
 
