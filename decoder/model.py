@@ -65,8 +65,9 @@ def scatter_tokens(
 
 
 def largest_user_box(grid_size: Sequence[int]) -> tuple[int, int]:
-    """The largest user-like box (rows, cols of patches) decoder training draws: half the grid's side. Boxes beyond
-    it are outside what a decoder has learnt; the app says so rather than present such sketches as its best."""
+    """The largest box (rows, cols of patches) decoder training draws, user-like or target-like: half the grid's side.
+    Boxes beyond it are outside what a decoder has learnt; the app says so rather than present such sketches as its
+    best."""
     return max(1, grid_size[0] // 2), max(1, grid_size[1] // 2)
 
 

@@ -1,7 +1,7 @@
 """Few-step sampler for the sketch decoder: DPM-Solver++ in pixel space, context pasted back exactly.
 
-Reproducibility: sample i (0-based, per condition) starts from noise drawn from its own CPU
-``torch.Generator`` seeded from (seed, i). Its result therefore does not depend on how many conditions or samples
+Reproducibility: sample i (0-based, per condition) starts from noise drawn on the CPU from its own numpy PCG64
+stream seeded with the pair (seed, i). Its result therefore does not depend on how many conditions or samples
 share the batch, nor on the device, up to floating-point reduction order. DPM-Solver++ (2M) is deterministic
 after the initial noise, so the seed fixes the sketch.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -17,7 +18,6 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from .model import SketchCondition, SketchDecoder
 
 DEFAULT_NUM_STEPS = 10  # uniform log-SNR steps: 8-12 give the same solver error (bench --solver-error)
-_SEED_STRIDE = 1_000_003  # a prime larger than any sample count, so (seed, i) pairs never collide
 
 
 @dataclass
@@ -58,12 +58,16 @@ def make_default_scheduler(decoder: SketchDecoder) -> DPMSolverMultistepSchedule
 
 
 def initial_noise(seed: int, sample_indices: tuple[int, ...], image_size: int) -> torch.Tensor:
-    """Starting noise [len(sample_indices), 3, S, S] (CPU, float32); sample i's noise depends only on (seed, i)."""
-    noise = []
-    for i in sample_indices:
-        generator = torch.Generator().manual_seed(seed * _SEED_STRIDE + i)
-        noise.append(torch.randn(3, image_size, image_size, generator=generator))
-    return torch.stack(noise)
+    """Starting noise [len(sample_indices), 3, S, S] (CPU, float32); sample i's noise depends only on (seed, i).
+
+    numpy's ``SeedSequence`` hashes the whole pair, so distinct pairs get distinct streams. (torch's CPU generator
+    keeps only a seed's low 32 bits: seeding it with ``seed * stride + i`` made some seeds repeat others' sketches.)
+    """
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    noise = [np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, i])))
+             .standard_normal((3, image_size, image_size), dtype=np.float32) for i in sample_indices]
+    return torch.from_numpy(np.stack(noise))
 
 
 class SketchSampler:
@@ -83,17 +87,22 @@ class SketchSampler:
     def __init__(self, decoder: SketchDecoder, scheduler: SchedulerMixin | None = None):
         self.decoder = decoder
         self.scheduler = scheduler if scheduler is not None else make_default_scheduler(decoder)
-        # the noise schedule the decoder was trained on, every number of it, and what its output means
-        trained = {**decoder.make_train_scheduler().config, "prediction_type": decoder.config.prediction_type}
-        for key in ("prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
-                    "trained_betas"):
-            ours, theirs = trained.get(key), self.scheduler.config.get(key)
-            if ours != theirs:
-                raise ValueError(
-                    f"scheduler.config.{key}={theirs!r} does not match the decoder's training schedule "
-                    f"({key}={ours!r}); "
-                    "build the scheduler from the decoder's config (or pass scheduler=None)"
-                )
+        # what the decoder's output means, and the noise levels it was trained on: compared as numbers, since
+        # settings beyond the beta ones (rescale_betas_zero_snr, ...) change them too
+        hint = "build the scheduler from the decoder's config (or pass scheduler=None)"
+        prediction_type = self.scheduler.config.get("prediction_type")
+        if prediction_type != decoder.config.prediction_type:
+            raise ValueError(f"scheduler.config.prediction_type={prediction_type!r} does not match the decoder's "
+                             f"(prediction_type={decoder.config.prediction_type!r}); {hint}")
+        trained = decoder.make_train_scheduler()
+        ours, theirs = trained.alphas_cumprod, getattr(self.scheduler, "alphas_cumprod", None)
+        if theirs is None or theirs.shape != ours.shape or not torch.allclose(theirs.float(), ours.float()):
+            differing = [f"{key}={self.scheduler.config.get(key)!r} (trained: {trained.config.get(key)!r})"
+                         for key in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
+                                     "trained_betas", "rescale_betas_zero_snr")
+                         if self.scheduler.config.get(key) != trained.config.get(key)]
+            raise ValueError(f"the scheduler's noise levels (alphas_cumprod) do not match the decoder's training "
+                             f"schedule: {', '.join(differing) or 'settings differ'}; {hint}")
 
     @torch.no_grad()
     def sample(

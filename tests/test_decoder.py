@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from decoder import (
     SketchCondition,
@@ -195,6 +195,22 @@ def test_neighbouring_seeds_draw_unrelated_sketches(decoder):
     assert not torch.allclose(sampler.sample(cond, 2, STEPS, seed=11)[1], sampler.sample(cond, 2, STEPS, seed=12)[0])
 
 
+def test_seeds_that_alias_in_32_bits_draw_their_own_sketches(decoder):
+    """torch's CPU generator keeps a seed's low 32 bits: seeded with seed * 1_000_003 + i, seed 251448106's samples
+    2 and 3 were exactly seed 0's samples 0 and 1. Each (seed, sample) pair now has its own noise, which still does
+    not depend on how many samples are drawn."""
+    zero, other = initial_noise(0, (0, 1), SIZE), initial_noise(251448106, (2, 3), SIZE)
+    assert not torch.equal(zero[0], other[0]) and not torch.equal(zero[1], other[1])
+    assert zero.dtype == torch.float32 and zero.shape == (2, 3, SIZE, SIZE)
+    assert torch.equal(initial_noise(5, (2,), SIZE)[0], initial_noise(5, (0, 1, 2), SIZE)[2])
+    sampler = SketchSampler(decoder)
+    cond = make_condition(box_indices(0, 0, 2, 2))
+    first, aliased = sampler.sample(cond, 2, STEPS, seed=0), sampler.sample(cond, 4, STEPS, seed=251448106)[2:]
+    assert not torch.allclose(first[0], aliased[0]) and not torch.allclose(first[1], aliased[1])
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        sampler.sample(cond, 1, STEPS, seed=-1)
+
+
 def test_batching_boxes_and_samples_matches_separate_calls(decoder):
     sampler = SketchSampler(decoder)
     small, large = make_condition(box_indices(0, 0, 1, 2), 1), make_condition(box_indices(1, 1, 3, 3), 2)
@@ -310,6 +326,15 @@ def test_invalid_arguments_raise(decoder):
         SketchDecoder(conditioning="cross_attention")
     with pytest.raises(ValueError, match=r"multiple of norm_num_groups \(32.*\(8, 16, 32\)"):  # not torch's GroupNorm
         SketchDecoder(block_out_channels=(8, 16, 32))
+
+
+@pytest.mark.parametrize("scheduler_class", [DPMSolverMultistepScheduler, DDIMScheduler])
+def test_a_scheduler_with_other_noise_levels_is_refused(decoder, scheduler_class):
+    """Settings beyond the betas change the noise levels too: zero-terminal-SNR rescaling shifts alphas_cumprod by
+    up to 0.003 with the same betas, so the decoder would be asked about noise levels it never saw."""
+    with pytest.raises(ValueError, match=r"noise levels \(alphas_cumprod\).*rescale_betas_zero_snr=True"):
+        SketchSampler(decoder, scheduler_class(prediction_type="sample", rescale_betas_zero_snr=True))
+    SketchSampler(decoder, scheduler_class(prediction_type="sample"))  # the training schedule: accepted
 
 
 def test_default_config_fits_the_cpu_budget():

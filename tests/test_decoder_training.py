@@ -1,6 +1,7 @@
 """Decoder training and its evaluation on a tiny frozen I-JEPA: export, exact resume, metrics."""
 import csv
 import logging
+import math
 import shutil
 
 import numpy as np
@@ -11,12 +12,12 @@ from PIL import Image
 from helpers import train_on_two_gloo_ranks
 import train.decoder as decoder_training
 import train.eval_decoder as eval_decoder
-from decoder import SketchDecoder
+from decoder import SketchDecoder, largest_user_box
 from ijepa.bundle import load_decoder
 from ijepa.checkpoint import load_model, save_model
 from ijepa.model import IJepa, IJepaConfig
 from train.config import parse_config
-from train.decoder import DecoderTrainConfig, sample_boxes, sample_box_shape
+from train.decoder import OFFICIAL_TARGETS, DecoderTrainConfig, sample_boxes, sample_box_shape
 
 
 
@@ -72,11 +73,26 @@ def test_box_sampling_covers_target_like_and_user_like_boxes():
     shapes = {sample_box_shape((16, 16), rng, 0.5) for _ in range(400)}
     assert (1, 1) in shapes  # a single patch
     assert any(r * c >= 40 for r, c in shapes) and any(r != c for r, c in shapes)
-    assert max(max(s) for s in shapes) <= 9  # about half the image at most (a 0.2-scale, 1.5-aspect target: 9)
+    assert max(max(s) for s in shapes) <= 8  # half the image at most (a 0.2-scale, 1.5-aspect target, 9, is cut)
     targets, contexts = sample_boxes(5, (8, 8), rng, 0.5)
     assert targets.shape[0] == contexts.shape[0] == 5 and targets.shape[1] + contexts.shape[1] == 64
     for t, c in zip(targets, contexts):
         assert not set(t.tolist()) & set(c.tolist())
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (14, 14), (16, 16)])
+def test_no_trained_box_exceeds_the_largest_box_the_app_calls_learnt(grid):
+    """The app flags boxes beyond largest_user_box as outside the decoder's training, so training draws none: a
+    tall target block (9x6 on 16x16, 8x5 on 14x14) is cut to it. On the shipped 8x8 grid no target block exceeded
+    it, so the shipped decoders' box distribution is unchanged."""
+    rows, cols = largest_user_box(grid)
+    rng = np.random.default_rng(0)
+    shapes = {sample_box_shape(grid, rng, fraction) for fraction in (1.0, 0.5) for _ in range(5000)}
+    assert max(r for r, _ in shapes) == rows and max(c for _, c in shapes) == cols
+    if grid == (8, 8):
+        largest_area = OFFICIAL_TARGETS.target_scale[1] * 64
+        flattest, tallest = OFFICIAL_TARGETS.target_aspect  # rows / cols
+        assert round(math.sqrt(largest_area * tallest)) <= rows and round(math.sqrt(largest_area / flattest)) <= cols
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machine)")
@@ -236,6 +252,17 @@ def test_decoder_eval_reports_both_modes_and_exact_context(tmp_path, tiny_ijepa,
         eval_decoder.main(["--checkpoint", str(tiny_ijepa), "--decoder", str(tmp_path / "spatial_context" /
                                                                              "decoder"), "--out-dir",
                            str(tmp_path / "a_file")])
+
+
+def test_decoder_eval_refuses_zero_steps_before_loading_anything(tmp_path, monkeypatch):
+    """--num-steps 0 was refused by the sampler only after the model and data had loaded and the out-dir was made."""
+    monkeypatch.setattr(eval_decoder, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(SystemExit):
+        eval_decoder.main(["--checkpoint", "unused", "--decoder", "unused", "--num-steps", "0",
+                           "--out-dir", str(tmp_path / "eval")])
+    with pytest.raises(ValueError, match="--num-steps must be >= 1"):
+        eval_decoder.evaluate_decoders("unused", "unused", None, tmp_path / "eval", num_steps=0)
+    assert not (tmp_path / "eval").exists()
 
 
 @pytest.mark.slow

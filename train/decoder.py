@@ -118,16 +118,18 @@ class DecoderLoss(nn.Module):
 
 def sample_box_shape(grid: tuple[int, int], rng: np.random.Generator, target_like_fraction: float) -> tuple[int, int]:
     """(rows, cols) of this step's boxes: I-JEPA target-like (the official target blocks, ``MaskConfig``'s defaults:
-    15-20 % of the grid, aspect 0.75-1.5) or user-like (1 patch up to half the image side, any aspect:
-    ``largest_user_box``)."""
+    15-20 % of the grid, aspect 0.75-1.5) or user-like (1 patch up to half the image side, any aspect).
+
+    Both kinds stay within ``largest_user_box``, the limit the app names as what a decoder learnt: a tall target
+    block on a 14x14 or 16x16 grid (8x5, 9x6) is cut to it. On 8x8 grids none exceeds it: their draws are as before."""
     gh, gw = grid
+    max_rows, max_cols = largest_user_box(grid)
     if rng.random() < target_like_fraction:
         scale, aspect = rng.uniform(*OFFICIAL_TARGETS.target_scale), rng.uniform(*OFFICIAL_TARGETS.target_aspect)
         area = scale * gh * gw
-        rows = int(np.clip(round(math.sqrt(area * aspect)), 1, gh))
-        cols = int(np.clip(round(math.sqrt(area / aspect)), 1, gw))
+        rows = int(np.clip(round(math.sqrt(area * aspect)), 1, max_rows))
+        cols = int(np.clip(round(math.sqrt(area / aspect)), 1, max_cols))
         return rows, cols
-    max_rows, max_cols = largest_user_box(grid)
     return int(rng.integers(1, max_rows + 1)), int(rng.integers(1, max_cols + 1))
 
 

@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N or mps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    problem = gallery_problem(args.num_images, args.num_samples)
+    problem = gallery_problem(args.num_images, args.num_samples, args.num_steps)
     if problem:
         parser.error(problem)
     if args.seed < 0:
@@ -150,12 +150,15 @@ def main(argv=None) -> dict:
     return report
 
 
-def gallery_problem(num_images: int, num_samples: int) -> str | None:
-    """What makes a gallery too small to score, or None: retrieval needs 64 candidates, diversity two sketches."""
+def gallery_problem(num_images: int, num_samples: int, num_steps: int) -> str | None:
+    """What makes a gallery impossible to score, or None: retrieval needs 64 candidates, diversity two sketches, and
+    drawing them a solver step. Checked before anything loads or the out-dir is made."""
     if num_images < 64:
         return f"--num-images must be >= 64 so retrieval has at least 64 candidates, got {num_images}"
     if num_samples < 2:
         return f"--num-samples must be >= 2: diversity compares the sketches of one box, got {num_samples}"
+    if num_steps < 1:
+        return f"--num-steps must be >= 1: the sampler takes at least one solver step, got {num_steps}"
     return None
 
 
@@ -164,7 +167,7 @@ def evaluate_decoders(checkpoint: str | Path, decoder: str | Path, paper_decoder
                       seed: int = 0, precision: str = "auto", device: str = "auto") -> dict:
     """Score our decoder (and the paper-faithful one beside it) on the same images, boxes and noise: results.json
     (written last: the recipe takes it as "evaluation finished") and samples.png in ``out_dir``."""
-    problem = gallery_problem(num_images, num_samples)
+    problem = gallery_problem(num_images, num_samples, num_steps)
     if problem:
         raise ValueError(problem)
     require_data_source(data)  # as the out-dir: refused now, not after the model and decoders have loaded
