@@ -62,6 +62,8 @@ LABEL_MARGIN = 36
 MIN_SQUARE_SHARE = 0.25
 CANVAS_FILL = (150, 150, 150)  # the canvas around the image: a neutral grey, unlike the dimmed part of the image
 QUEUE_SIZE = 32
+EXPIRED_IMAGE = ("This image's file has expired on the server (files are kept for a day, CACHE_CLEANUP): upload it "
+                 "again or pick an example.")
 DRAW_HINT = ("**Draw:** drag on the image. **Move, resize or delete:** the hand icon, then a box (bin icon: delete). "
              "The model reads the bright square only.")
 # The widget starts in move mode and keeps a mode until one of its icons is pressed, so a first drag would draw
@@ -193,8 +195,12 @@ def annotator_input(value: dict | None) -> tuple[np.ndarray, list[list[float]]]:
             image = opened.convert("RGB")
     # the widget's rotate buttons turn its boxes but not the image it returns
     image = turned(np.asarray(image), int(value.get("orientation") or 0))
-    boxes = [[b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for b in (value.get("boxes") or [])]
-    return image, in_reading_order(boxes)
+    return image, drawn_boxes(value)
+
+
+def drawn_boxes(value: dict) -> list[list[float]]:
+    """The boxes of an annotator value, (xmin, ymin, xmax, ymax) on its canvas, in reading order."""
+    return in_reading_order([[b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for b in (value.get("boxes") or [])])
 
 
 def in_reading_order(boxes: list) -> list:
@@ -285,6 +291,28 @@ def with_api_example(component: gr.components.Component, value: Any, payload: An
     return component
 
 
+def file_version(path: str) -> int | None:
+    """A file's modification time, for caches of what was read from it; InputError once the cleanup deleted it."""
+    try:
+        return Path(path).stat().st_mtime_ns
+    except FileNotFoundError:
+        raise InputError(EXPIRED_IMAGE) from None
+    except OSError:
+        return None  # open_image says what is wrong
+
+
+def tolerate_expired(preprocess_image: Callable) -> Callable:
+    """The drawing widget's copy of its image is a served file, which the cleanup deletes after a day; the model
+    reads the source file, so a missing copy is no image rather than an error that fails every panel unexplained.
+    (Set on the instance, as ``with_api_example`` does.)"""
+    def preprocess(image):
+        try:
+            return preprocess_image(image)
+        except FileNotFoundError:
+            return None
+    return preprocess
+
+
 class Handlers:
     """Widget values in, calls of the app's functions, widget values out. Holds only the (read-only) functions."""
 
@@ -295,6 +323,12 @@ class Handlers:
         # An image file is decoded once for its load, its run and the maps after it (a photo takes a noticeable part
         # of a second to decode); the decoded arrays are shared between requests, so read-only.
         self._decoded = functools.lru_cache(maxsize=2)(self._decode)
+        # The surprise map and feature view depend on the image and window only, not on the boxes: a second run on
+        # the same image reuses them (they take seconds on a CPU, and hold up the next run in the queue).
+        self._maps = functools.lru_cache(maxsize=4)(self._compute_maps)
+
+    def _compute_maps(self, path: str, modified: int | None, turns: int, window: int) -> tuple:
+        return self.functions.maps(turned(self.read_image(path), turns), window)
 
     def _decode(self, path: str, modified: int | None) -> np.ndarray:
         image = self.functions.open_image(path)
@@ -303,11 +337,7 @@ class Handlers:
 
     def read_image(self, path: str) -> np.ndarray:
         """An image file as upright RGB (cached: a file changed since it was read is read again)."""
-        try:
-            modified = Path(path).stat().st_mtime_ns
-        except OSError:
-            modified = None  # open_image says what is wrong
-        return self._decoded(path, modified)
+        return self._decoded(path, file_version(path))
 
     def example_items(self) -> list[tuple[np.ndarray, str]]:
         return [(example.image(), example.caption) for example in self.examples]
@@ -339,9 +369,12 @@ class Handlers:
         """What the model reads: (the image, the boxes as drawn on the widget, the source as now turned). Without a
         source (a widget value a program built with ``annotator_value``, not ``show``) the widget's own image is
         read as it is."""
-        shown, boxes = annotator_input(value)
         if source is None or source.get("path") is None:
+            shown, boxes = annotator_input(value)
             return shown, boxes, {"path": None, "turns": 0}
+        if not value:
+            raise InputError("Pick an example or upload an image first.")
+        boxes = drawn_boxes(value)  # the widget's own copy of the image is not needed (and may have expired)
         source = {**source, "turns": (source["turns"] + int(value.get("orientation") or 0)) % 4}
         return turned(self.read_image(source["path"]), source["turns"]), boxes, source
 
@@ -362,6 +395,11 @@ class Handlers:
     # What every result panel shows before a run: a new image must not sit beside the last image's results.
     # Order: model view, explanation, sketches, sketch status, truth, neighbours, readout, metrics, surprise, features.
     CLEARED = (None, "Results appear here.", [], "", None, [], "", None, None, None)
+
+    def clear_results(self) -> tuple:
+        """Every result panel cleared, queued behind the model work a new image cancelled: an update that work had
+        already sent can land after the clearing the new image made at once."""
+        return self.CLEARED
 
     def load_example(self, event: gr.SelectData) -> tuple:
         example = self.examples[event.index]
@@ -391,21 +429,23 @@ class Handlers:
 
     def run(self, value: dict | None, num_samples: float, seed: float, steps: float, conditioning: str | None = None,
             source: dict | None = None) -> Iterator[tuple]:
-        """The widget (its boxes numbered as the results number them), model view, explanation, readout and
-        neighbours first; then sketches as they finish (drawn by the decoder of this ``conditioning``, None: the
-        default); then the decoded truth beside the prediction. Input to change is shown in the explanation panel,
-        not as an error. Last in each update: whether the run got past its input checks."""
+        """The model view, explanation, readout and neighbours first; then sketches as they finish (drawn by the
+        decoder of this ``conditioning``, None: the default); then the decoded truth beside the prediction. Input to
+        change is shown in the explanation panel, not as an error, and the last results stay. Last in each update:
+        whether the run got past its input checks."""
         try:
             for update in self._run(value, num_samples, seed, steps, conditioning, source):
                 yield *update, True
-        except InputError as err:
+        except InputError as err:  # the last run's results stay: a slip (a box too many) must not throw them away
             gr.Warning(str(err), duration=8)
-            message = f"**Please adjust the input.** {err}"
-            yield *self.renumbered(value, source), None, message, [], "", None, [], "", None, False
+            message = (f"**Please adjust the input.** {err}\n\n*The results shown are from the last run that "
+                       "could go ahead.*")
+            yield gr.skip(), message, *(gr.skip(),) * 6, False
 
     def renumbered(self, value: dict | None, source: dict | None) -> tuple:
         """The widget with its boxes numbered as the results (and messages) number them, and its source; no change
-        where there is nothing to number. A box on the border is numbered too: the message names it."""
+        where there is nothing to number. A box on the border is numbered too: the message names it. Called at the
+        press, unqueued: a box drawn while the run waits for the model must not be reset by the run."""
         try:
             return self.widget_for(*self.model_input(value, source, check_border=False))
         except InputError:
@@ -419,11 +459,9 @@ class Handlers:
             analysis = self.functions.analyze(image, boxes)  # the boxes' own checks first: they name the box
             num_samples, seed = whole_number(num_samples, "the number of sketches"), whole_number(seed, "a seed")
             steps = whole_number(steps, "the number of sampler steps")
-            widget = self.widget_for(image, boxes, source)  # the image as read: no second decode
             for shown in self.functions.run(analysis, num_samples, seed, steps, conditioning):
-                yield (*widget, shown.view, shown.explanation, shown.sketches, shown.status, shown.truth,
-                       shown.neighbours, shown.readout, shown.metrics)
-                widget = gr.skip(), gr.skip()  # numbered once: a box moved meanwhile stays where it was moved
+                yield (shown.view, shown.explanation, shown.sketches, shown.status, shown.truth, shown.neighbours,
+                       shown.readout, shown.metrics)
 
     def explore_after_run(self, value: dict | None, window: float, source: dict | None, ran: bool) -> tuple:
         """``explore`` after a run, unless the run stopped at its input checks (its message stands alone)."""
@@ -433,8 +471,11 @@ class Handlers:
         """Surprise map and feature view of the whole image (independent of the boxes); nothing without an image."""
         try:
             with bugs_reported():
-                image, _, _ = self.model_image(value, source)
-                return self.functions.maps(image, whole_number(window, "a window size"))
+                image, _, source = self.model_image(value, source)
+                window = whole_number(window, "a window size")
+                if source["path"] is None:
+                    return self.functions.maps(image, window)
+                return self._maps(source["path"], file_version(source["path"]), source["turns"], window)
         except InputError as err:
             gr.Warning(str(err))
             return None, None
@@ -484,6 +525,7 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
                     value=initial_value, show_label=False,
                     elem_id="annotator", sources=[], image_type="numpy", image_mode="RGB", show_clear_button=False,
                     show_remove_button=True, show_download_button=False, disable_edit_boxes=True)
+                annotator.preprocess_image = tolerate_expired(annotator.preprocess_image)
                 with gr.Row():
                     upload = gr.UploadButton("Upload your own image", file_types=["image"], type="filepath",
                                              elem_id="upload", size="md")
@@ -512,6 +554,9 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
                                               label="Decoder steps (more = finer)"))
                 with gr.Accordion("About the loaded model", open=False):
                     gr.Markdown(settings.description, elem_id="model-info")
+                    if settings.model_card:
+                        with gr.Accordion("Model card", open=False):
+                            gr.Markdown(settings.model_card, elem_id="model-card")
             with gr.Column(scale=7, min_width=480, elem_id="results"):
                 with gr.Tabs(overflow_behavior="wrap"):  # on a phone: two rows of tab names, none behind a menu
                     with gr.Tab("Sketches"):
@@ -583,9 +628,11 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
         model_work = dict(concurrency_id="model", concurrency_limit=1)
         # first: a trigger's listeners start in the order they were added, and this one needs no server
         run.click(None, js=SHOW_RESULTS, queue=False)
+        run.click(handlers.renumbered, [annotator, source], [annotator, source], api_visibility="private",
+                  queue=False)  # at once, not after the run's wait in the queue (Handlers.renumbered)
         run_event = run.click(handlers.run, [annotator, num_samples, seed, steps, conditioning, source],
-                              [annotator, source, model_view, explanation, sketches, sketch_status, truth, neighbours,
-                               readout, metrics, ran], api_visibility="private", trigger_mode="always_last",
+                              [model_view, explanation, sketches, sketch_status, truth, neighbours, readout, metrics,
+                               ran], api_visibility="private", trigger_mode="always_last",
                               show_progress_on=[model_view, sketches], **model_work)  # the widget stays drawable
         explore_event = run_event.success(handlers.explore_after_run, [annotator, window, source, ran],
                                           [surprise, features], api_visibility="private", **model_work)
@@ -596,10 +643,13 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
         last_image_work = [run_event, explore_event, window_event]
         examples.select(None, js=SHOW_DRAWING, queue=False)  # first, as SHOW_RESULTS
         examples.select(handlers.load_example, None, [annotator, source, *results], api_visibility="private",
-                        concurrency_limit=4, cancels=last_image_work)
+                        concurrency_limit=4, cancels=last_image_work).then(
+            handlers.clear_results, None, results, api_visibility="private", **model_work)
         demo.load(None, js=SWITCH_TO_DRAWING)
-        upload.upload(handlers.load_upload, upload, [annotator, source, *results], api_visibility="private",
-                      concurrency_limit=4, cancels=last_image_work).success(None, js=SWITCH_TO_DRAWING)
+        loaded = upload.upload(handlers.load_upload, upload, [annotator, source, *results], api_visibility="private",
+                               concurrency_limit=4, cancels=last_image_work)
+        loaded.success(None, js=SWITCH_TO_DRAWING)
+        loaded.success(handlers.clear_results, None, results, api_visibility="private", **model_work)
         api_button.click(handlers.api_sketch, [api_image, api_boxes, api_samples, api_seed, api_decoder, api_steps],
                          [api_sketches, api_metrics], api_name="sketch",
                          api_description="Sketches of what the predictor expects in each box, with metrics. Send "

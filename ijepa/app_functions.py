@@ -43,6 +43,7 @@ class AppSettings:
     default_num_samples: int = DEFAULT_NUM_SAMPLES
     max_num_samples: int = MAX_NUM_SAMPLES
     default_num_steps: int = DEFAULT_NUM_STEPS
+    model_card: str = ""  # Markdown: the bundle's MODEL_CARD.md, "" for a model without one
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ class AppFunctions:
         info = engine.info
         self.settings = AppSettings(
             grid=info.grid, default_window=info.default_window, description=engine.describe(),
-            decoders=tuple((DECODER_NAMES[c], c) for c in engine.conditionings), box_colors=tuple(BOX_COLORS))
+            decoders=tuple((DECODER_NAMES[c], c) for c in engine.conditionings), box_colors=tuple(BOX_COLORS),
+            model_card=engine.model_card())
 
     def examples(self) -> list[Example]:
         """The bundle's examples (``ijepa.bundle.Example``: image(), caption, path, boxes in its pixels)."""

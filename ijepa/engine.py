@@ -341,10 +341,16 @@ class Engine:
             lines.append("**Readout:** " + ", ".join(extras) + ".")
         card = Path(i.source).parent / MODEL_CARD_NAME  # a bundle's, beside its model folder
         if card.is_file():
-            lines.append(f"**Model card:** `{shown_path(str(card))}`: how it was trained, its measured figures, "
-                         "limits.")
+            lines.append(f"**Model card** (below; `{shown_path(str(card))}`): how it was trained, its measured "
+                         "figures, limits.")
         lines.extend(f"*{note}*" for note in self.notes)
         return "\n\n".join(lines)
+
+    def model_card(self) -> str:
+        """The bundle's model card (Markdown), "" for a model without one: the app shows it, since a visitor of a
+        served app cannot open a file on the server."""
+        card = Path(self.info.source).parent / MODEL_CARD_NAME
+        return card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
 
     def warm_up(self) -> None:
         """Run every path once on a blank image so the first user does not pay for kernel selection."""

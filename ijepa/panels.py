@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from decoder import largest_user_box
 
 from .bundle import FeatureBank
-from .engine import Analysis, SketchUpdate
+from .engine import DECODER_NAMES, Analysis, SketchUpdate
 from .figures import BOX_COLORS, patch_bounds, sketch_sheet, upscale
 
 DISPLAY_SIDE = 256  # the model's view is enlarged (nearest) to about this many pixels for display
@@ -55,11 +55,14 @@ def model_view(analysis: Analysis) -> np.ndarray:
 
 
 def sketch_gallery(analysis: Analysis, update: SketchUpdate) -> list[tuple[np.ndarray, str]]:
-    """Gallery items: per finished sketch, the composite (enlarged, boxes outlined) beside enlarged crops."""
+    """Gallery items: per finished sketch, the composite (enlarged, boxes outlined) beside enlarged crops, captioned
+    with what reproduces it, the decoder included (after a switch of decoder the shown sketches are the last run's)."""
     scale = display_scale(analysis.prepared.size)
     pending = "" if update.done else " (the others are still being drawn)"
+    decoder = DECODER_NAMES[update.conditioning].split(" (")[0]
     return [(sketch_sheet(image, analysis, scale),
-             f"Sketch {index + 1} of {update.num_samples} · seed {update.seed} · {update.num_steps} steps{pending}")
+             f"Sketch {index + 1} of {update.num_samples} · {decoder} decoder · seed {update.seed} · "
+             f"{update.num_steps} steps{pending}")
             for image, index in zip(update.images, update.sample_indices)]
 
 
@@ -102,7 +105,9 @@ def explanation(analysis: Analysis, conditioning: str | None, num_samples: int |
     parts = [
         f"**What the model saw.** The centre square of your image, resized to {size}x{size} pixels and cut into "
         f"{grid[0]}x{grid[1]} patches. The {hidden} patches under your box{plural} were hidden (covered "
-        f"in the picture); it saw the other {analysis.num_patches - hidden}.",
+        f"in the picture); it saw the other {analysis.num_patches - hidden}. A patch a box covers only in part is "
+        "hidden whole (unless the box takes less than an eighth of it), so the covered area can be larger than the "
+        "box you drew.",
         "**What it guessed.** Not pixels: a list of numbers (features) describing each hidden patch, the kind "
         "of description its encoder gives when it does see the patch. Error 0 = exact guess; for scale, each "
         "box also says how far off a guess is that needs no predictor: the average description of the visible "

@@ -207,17 +207,20 @@ def test_ui_run_without_a_decoder_explains_how_to_train_one(app_module, tmp_path
     value, source = handlers.initial_value()
     assert len(value["boxes"]) == 2 and [b["label"] for b in value["boxes"]] == ["1", "2"]  # as the results number them
     (outputs,) = list(handlers.run(value, 4, 0, 4, None, source))
-    widget, shown_source, view, explanation, sketches, status, truth, neighbours, readout, metrics, ran = outputs
+    view, explanation, sketches, status, truth, neighbours, readout, metrics, ran = outputs
     assert ran and sketches == [] and "python -m train.decoder --checkpoint" in status
     assert view.ndim == 3 and truth.ndim == 3 and len(neighbours) == 12 and "Box 2" in readout
     assert "What the model saw" in explanation and len(metrics["boxes"]) == 2
+    widget, shown_source = handlers.renumbered(value, source)  # at the press, before the run (build_app)
     assert shown_source == source and [b["label"] for b in widget["boxes"]] == ["1", "2"]
     surprise, features = handlers.explore(value, 2, source)
     assert surprise.ndim == 3 and features.ndim == 3
     # input to change is said in the explanation panel (and a warning), not as an error over every panel
     with pytest.warns(UserWarning, match="Draw a box"):  # gr.Warning outside a request
         (outputs,) = list(handlers.run({**value, "boxes": []}, 4, 0, 4, None, source))
-    assert outputs[2] is None and "Please adjust the input" in outputs[3] and "Draw a box" in outputs[3]
+    assert "Please adjust the input" in outputs[1] and "Draw a box" in outputs[1]
+    # the last run's results stay: a slip (no box, a box too many) must not throw them away
+    assert outputs[0] == outputs[2] == outputs[7] == app_module.gr.skip() and "from the last run" in outputs[1]
     # the maps do not follow a run stopped at its input checks: its message stands alone, and no work is spent
     assert outputs[-1] is False
     assert handlers.explore_after_run(value, 2, source, outputs[-1]) == (app_module.gr.skip(), app_module.gr.skip())
@@ -229,13 +232,13 @@ def test_ui_run_streams_sketches(app_module, tmp_path):
     handlers = app_module.Handlers(AppFunctions(engine))
     value, source = handlers.initial_value()
     outputs = list(handlers.run(value, 3, 1, 2, None, source))
-    counts = [len(o[4]) for o in outputs]
+    counts = [len(o[2]) for o in outputs]
     assert counts == [0, 1, 3, 3]  # nothing yet, the first sketch, all sketches, then the truth panel
-    assert outputs[1][6] is None and outputs[-1][6].ndim == 3 and outputs[-1][9]["seed"] == 1
-    assert outputs[-1][9]["decoder"] == "spatial_context" and outputs[-1][9]["decoder_path"].endswith("decoder")
+    assert outputs[1][4] is None and outputs[-1][4].ndim == 3 and outputs[-1][7]["seed"] == 1
+    assert outputs[-1][7]["decoder"] == "spatial_context" and outputs[-1][7]["decoder_path"].endswith("decoder")
     paper = list(handlers.run(value, 1, 1, 2, "pooled", source))
-    assert paper[-1][9]["decoder"] == "pooled" and "average of the box" in paper[-1][3]
-    assert not np.array_equal(paper[-1][4][0][0], outputs[-1][4][0][0])
+    assert paper[-1][7]["decoder"] == "pooled" and "average of the box" in paper[-1][1]
+    assert not np.array_equal(paper[-1][2][0][0], outputs[-1][2][0][0])
 
 
 def test_the_truth_panel_is_drawn_with_the_decoder_and_seed_the_user_chose(app_module, tmp_path, monkeypatch):
@@ -257,14 +260,14 @@ def test_the_truth_panel_is_drawn_with_the_decoder_and_seed_the_user_chose(app_m
     assert calls == [("pooled", 7)]
     # each figure reaches its own panel: the run's outputs are wired (build_app) in the order its updates come
     final = updates[-1]
-    assert final[6] is drawn[0]
+    assert final[4] is drawn[0]
     image, boxes, _ = handlers.model_input(value, source)
-    assert np.array_equal(final[2], panels.model_view(engine.analyze(image, boxes)))
+    assert np.array_equal(final[0], panels.model_view(engine.analyze(image, boxes)))
     demo = app_module.build_app(handlers)
     run = next(d for d in demo.config["dependencies"] if d["api_name"] == "run")
     ids = {block._id: getattr(block, "elem_id", None) for block in demo.blocks.values()}
-    assert [ids[i] for i in run["outputs"]][:10] == ["annotator", None, "model-view", "explanation", "sketches",
-                                                     "sketch-status", "truth", "neighbours", "readout", "metrics"]
+    assert [ids[i] for i in run["outputs"]][:8] == ["model-view", "explanation", "sketches", "sketch-status", "truth",
+                                                    "neighbours", "readout", "metrics"]
 
 
 def test_the_app_accepts_as_many_boxes_as_it_promises_and_no_more(app_module):
@@ -438,8 +441,8 @@ def test_the_ui_and_the_endpoint_draw_the_same_sketches_for_the_same_seed_and_st
     *_, last = handlers.run(value, 3, 4, 6, None, source)
     _, boxes, _ = handlers.model_input(value, source)
     api, metrics = handlers.api_sketch(source["path"], json.dumps(boxes), 3, 4, None, 6)
-    assert last[9]["num_steps"] == metrics["num_steps"] == 6 and last[9]["image_size"] == metrics["image_size"]
-    for (ui_sheet, ui_caption), (api_sheet, api_caption) in zip(last[4], api, strict=True):
+    assert last[7]["num_steps"] == metrics["num_steps"] == 6 and last[7]["image_size"] == metrics["image_size"]
+    for (ui_sheet, ui_caption), (api_sheet, api_caption) in zip(last[2], api, strict=True):
         assert ui_caption == api_caption and np.array_equal(ui_sheet, api_sheet)
 
 
@@ -459,7 +462,7 @@ def test_a_bug_is_reported_as_one_and_logged_not_blamed_on_the_input(app_module,
     monkeypatch.undo()
     with pytest.warns(UserWarning, match="Draw a box"):  # input the user can fix
         (outputs,) = list(handlers.run({**value, "boxes": []}, 1, 0, 4, None, source))
-    assert outputs[3].startswith("**Please adjust the input.**")
+    assert outputs[1].startswith("**Please adjust the input.**")
 
 
 def test_a_box_the_model_cannot_use_is_named_before_the_number_fields(app_module, tmp_path):
@@ -470,7 +473,7 @@ def test_a_box_the_model_cannot_use_is_named_before_the_number_fields(app_module
     value, source = handlers.show(str(wide), [[2, 2, 20, 20]])  # in the dimmed left third
     with pytest.warns(UserWarning, match="Box 1 lies outside the centre square"):
         (outputs,) = list(handlers.run(value, 1, 2.5, 4, None, source))
-    assert "Box 1" in outputs[3] and "whole number" not in outputs[3]
+    assert "Box 1" in outputs[1] and "whole number" not in outputs[1]
 
 
 def test_a_file_that_is_not_an_image_changes_nothing(app_module, tmp_path):
@@ -548,3 +551,84 @@ def test_files_served_for_a_request_are_deleted_once_old_and_the_pages_own_are_k
     assert report["served"] and report["kept"] and report["all there"]
     assert report["served left"] == 0  # the request's files are gone
     assert report["kept left"] == report["kept"]  # the examples and the first image still load
+
+
+def test_a_new_images_panels_are_cleared_again_after_the_cancelled_work_lets_go(app_module, tmp_path):
+    """A run cancelled by a new image could already have sent an update, landing after the clearing the new image
+    made at once: the last image's sketches beside the new one, stuck at "drawing". A second clearing queues behind
+    the model work, so it comes after anything that work sent."""
+    handlers = handlers_for(app_module, tiny_bundle(tmp_path / "b"))
+    demo = app_module.build_app(handlers)
+    dependencies = demo.config["dependencies"]
+    run = next(d for d in dependencies if d["api_name"] == "run")
+    ids = {block._id: getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    for loader in ("load_example", "load_upload"):
+        (load,) = [d for d in dependencies if demo.fns[d["id"]].name == loader]
+        (clear,) = [d for d in dependencies if demo.fns[d["id"]].name == "clear_results"
+                    and d["trigger_after"] == load["id"]]
+        assert demo.fns[clear["id"]].concurrency_id == demo.fns[run["id"]].concurrency_id == "model"
+        assert set(run["outputs"][:8]) <= set(clear["outputs"])
+        assert [ids[i] for i in clear["outputs"]][-2:] == ["surprise", "features"]
+    assert handlers.clear_results() == handlers.CLEARED
+
+
+def test_a_box_drawn_while_a_run_waits_is_kept(app_module, tmp_path):
+    """The run used to renumber the widget in its first update, so a box drawn while it waited in the queue was
+    reset away; the boxes are now numbered at the press, unqueued, and the run never writes the widget."""
+    demo = app_module.build_app(handlers_for(app_module, tiny_bundle(tmp_path / "b")))
+    dependencies = demo.config["dependencies"]
+    ids = {block._id: getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    run = next(d for d in dependencies if d["api_name"] == "run")
+    (renumber,) = [d for d in dependencies if demo.fns[d["id"]].name == "renumbered"]
+    assert renumber["targets"] == run["targets"] and renumber["queue"] is False
+    assert "annotator" in [ids[i] for i in renumber["outputs"]]
+    writers = [d for d in dependencies if "annotator" in [ids[i] for i in d["outputs"]]]
+    assert {demo.fns[d["id"]].name for d in writers} == {"renumbered", "load_example", "load_upload"}
+
+
+def test_an_image_whose_files_the_cleanup_deleted_still_runs_or_says_why(app_module, tmp_path):
+    """After the daily cleanup the widget's copy of its image is gone: every panel showed a bare "Error". An
+    example (its file is the bundle's) still runs; an upload (its file was the server's) says to upload again."""
+    handlers = handlers_for(app_module, tiny_bundle(tmp_path / "b"))
+    demo = app_module.build_app(handlers)
+    annotator = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "annotator")
+    gone = app_module.processing_utils.FileData(path=str(tmp_path / "deleted.png"))
+    assert annotator.preprocess_image(gone) is None
+    value, source = handlers.initial_value()
+    (*_, ran), = [list(handlers.run({**value, "image": None}, 1, 0, 2, None, source))[-1]]
+    assert ran is True
+    upload = tmp_path / "upload.png"
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(upload)
+    value, source = handlers.show(str(upload), [[5, 5, 20, 20]])
+    upload.unlink()
+    with pytest.warns(UserWarning, match="expired on the server"):
+        (outputs,) = list(handlers.run({**value, "image": None}, 1, 0, 2, None, source))
+    assert "upload it again or pick an example" in outputs[1] and outputs[-1] is False
+    with pytest.warns(UserWarning, match="expired on the server"):
+        assert handlers.explore({**value, "image": None}, 1, source) == (None, None)
+
+
+def test_the_maps_of_an_image_are_made_once_per_window(app_module, tmp_path, monkeypatch):
+    """They depend on the image and the window only, take seconds on a CPU and queue before the next run."""
+    handlers = handlers_for(app_module, tiny_bundle(tmp_path / "b"))
+    value, source = handlers.initial_value()
+    made, original = [], handlers.functions.maps
+    monkeypatch.setattr(handlers.functions, "maps", lambda image, window: made.append(window) or original(image,
+                                                                                                          window))
+    first = handlers.explore(value, 2, source)
+    moved = {**value, "boxes": value["boxes"][:1]}  # other boxes: the same maps
+    assert handlers.explore(moved, 2, source) is first and made == [2]
+    handlers.explore(value, 1, source)
+    turned = handlers.explore({**value, "orientation": 1}, 1, source)
+    assert made == [2, 1, 1] and turned[0].shape[:2] == first[0].shape[:2]
+
+
+def test_the_page_shows_the_model_card_a_visitor_cannot_open_on_the_server(app_module, tmp_path):
+    bundle = tiny_bundle(tmp_path / "b")
+    (bundle / "MODEL_CARD.md").write_text("# Model card: a tiny test bundle\n\nkNN group 12.3 %\n")
+    demo = app_module.build_app(handlers_for(app_module, bundle))
+    card = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model-card")
+    assert "kNN group 12.3 %" in card.value
+    (bundle / "MODEL_CARD.md").unlink()
+    demo = app_module.build_app(handlers_for(app_module, bundle))
+    assert not any(getattr(b, "elem_id", None) == "model-card" for b in demo.blocks.values())

@@ -572,7 +572,9 @@ def test_sketches_stream_first_one_early_with_exact_context(engine, two_box_anal
         assert not np.array_equal(image[~outside], base[~outside])
     np.testing.assert_array_equal(updates[0].images[0], updates[-1].images[0])
     gallery = panels.sketch_gallery(two_box_analysis, updates[-1])
-    assert len(gallery) == 3 and gallery[2][1].startswith("Sketch 3 of 3 · seed 7")
+    assert len(gallery) == 3 and gallery[2][1].startswith("Sketch 3 of 3 · Detailed decoder · seed 7")
+    pooled = panels.sketch_gallery(two_box_analysis, dataclasses.replace(updates[-1], conditioning="pooled"))
+    assert pooled[0][1].startswith("Sketch 1 of 3 · Pooled decoder · seed 7")  # which decoder drew what is shown
 
 
 def test_sketches_are_reproducible_from_the_seed(engine, two_box_analysis):
@@ -646,9 +648,11 @@ def test_missing_parts_switch_panels_off_with_explanations(bundle, tmp_path):
     assert not engine.has_decoder and not engine.probes and engine.bank is None and engine.examples == []
     text = engine.describe()
     assert "python -m train.decoder --checkpoint" in text and "probe" in text and "bank" in text
-    assert "Model card" not in text
+    assert "Model card" not in text and engine.model_card() == ""
     (partial / "MODEL_CARD.md").write_text("# card\n")
-    assert "**Model card:** `" in Engine.load(partial, device="cpu").describe()  # named where the page can say it
+    with_card = Engine.load(partial, device="cpu")
+    assert "**Model card** (below; `" in with_card.describe()  # named where the page can say it
+    assert with_card.model_card() == "# card\n"  # and shown on the page: a visitor cannot open the server's file
     analysis = engine.analyze(np.zeros((64, 64, 3), np.uint8), [[16, 16, 40, 40]])
     assert analysis.reports[0].probe == {} and analysis.reports[0].neighbours == ()
     with pytest.raises(ValueError, match="python -m train.decoder"):
