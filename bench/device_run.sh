@@ -28,6 +28,7 @@ if compgen -G "device/*.whl" > /dev/null; then
 fi
 [ -f device/NotoColorEmoji.ttf ] && export IJEPA_EMOJI_FONT=$PWD/device/NotoColorEmoji.ttf
 [ -f device/emoji-test.txt ] && export IJEPA_EMOJI_TEST=$PWD/device/emoji-test.txt
+[ -f device/code_version.txt ] && export IJEPA_CODE_VERSION="$(cat device/code_version.txt)"
 
 log="$out/$part.log"
 {

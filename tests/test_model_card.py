@@ -62,3 +62,16 @@ def test_what_to_measure_next_follows_the_profile_that_made_the_run(summary, tmp
     card = card_of(summary, tmp_path)
     assert "Next to measure: more seeds of this profile" in card and "Next to measure: the GPU profile" not in card
     assert "the shipped model)" not in card  # other runs are named as such, never as this one
+
+
+def test_a_copy_without_git_names_its_commit_from_the_environment(monkeypatch):
+    """The GPU machine gets the working tree without .git: bench/device_run.sh passes the commit along."""
+    import subprocess
+
+    from train import runtime
+    assert runtime.code_version() not in ("", "unknown")  # a checkout: git says
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 128, "", "not a git repo"))
+    monkeypatch.delenv(runtime.CODE_VERSION_ENV, raising=False)
+    assert runtime.code_version() == "unknown"
+    monkeypatch.setenv(runtime.CODE_VERSION_ENV, "1fd158a with local changes")
+    assert runtime.code_version() == "1fd158a with local changes"

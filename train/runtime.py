@@ -402,19 +402,23 @@ def plot_loss_curve(csv_path: Path, png_path: Path, title: str = "I-JEPA pretrai
     plt.close(fig)
 
 
+CODE_VERSION_ENV = "IJEPA_CODE_VERSION"  # what a copy without .git says it is (bench/device_run.sh sets it)
+
+
 def code_version() -> str:
-    """The commit of this checkout, for model cards: "abc1234", "abc1234 with local changes", or "unknown" outside
-    a git checkout (an installed copy, or no git)."""
+    """The commit of this checkout, for model cards: "abc1234", "abc1234 with local changes"; outside a git checkout
+    (a copied working tree, an installed copy) what IJEPA_CODE_VERSION says, else "unknown"."""
     root = Path(__file__).resolve().parents[1]
+    fallback = os.environ.get(CODE_VERSION_ENV, "unknown")
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=30)
         changes = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                  capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+        return fallback
     if commit.returncode != 0:
-        return "unknown"
+        return fallback
     return commit.stdout.strip() + (" with local changes" if changes.stdout.strip() else "")
 
 
