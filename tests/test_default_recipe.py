@@ -533,21 +533,16 @@ def test_a_new_run_takes_the_gpu_profile_where_cuda_is_and_the_cpu_one_elsewhere
         assert recipe.choose_profile(tmp_path, None, "smoke") == "smoke"  # asked for: taken as asked
 
 
-def test_a_length_given_for_pretraining_is_not_mixed_with_a_budget_plan(tmp_path):
-    """Before, the plan's shortened warmup went with the given length, and the card reported the plan's fraction."""
-    with pytest.raises(ValueError, match="add --budget-minutes 0 to run the lengths given"):
+@pytest.mark.parametrize("stage", ["pretrain", "decoder"])
+def test_a_length_given_is_not_mixed_with_a_budget_plan(tmp_path, stage):
+    """Before, the plan's shortened warmup went with a given pretraining length, and the card reported the plan's
+    fraction; a given decoder length ran as given while the plan had fitted pretraining around the profile's, so a
+    90-minute plan could take three hours."""
+    with pytest.raises(ValueError, match=f"--{stage}.steps fixes a length the budget plan sets: add --budget-minutes"):
         recipe.main(["--out-dir", str(tmp_path / "run"), "--profile", "smoke", "--budget-minutes", "5",
-                     "--pretrain.steps", "3"])
+                     f"--{stage}.steps", "3"])
     # nothing timed or trained, and no command recorded: the card quoted a refused call as the run's first
     assert not any((tmp_path / "run").iterdir())
-
-
-def test_a_decoder_length_given_is_not_refitted_to_the_budget(tmp_path, monkeypatch):
-    """--decoder.steps wins over the budget planner, so the plan (and the card it feeds) keeps the length given."""
-    monkeypatch.setattr(budget, "refit_decoders", lambda *args, **kwargs: pytest.fail("a given length was refitted"))
-    plan, profile = {"decoder_steps": 40}, {"decoder_steps": 40}
-    kept = recipe.refit_to_budget(plan, profile, 100, tmp_path, {"decoder": ["--steps", "7"]}, spent_s=12.0)
-    assert kept is plan and profile["decoder_steps"] == 40
 
 
 def test_the_decoder_schedule_follows_the_decoder_length_given(tmp_path):

@@ -72,6 +72,27 @@ def test_a_sweep_killed_between_training_and_scoring_continues(tmp_path, monkeyp
     monkeypatch.setattr(sweep.evaluation, "evaluate_emoji_features", evaluate)
     rows = sweep.main(argv)  # resumes the variant from its checkpoint instead of refusing its folder
     assert [r["variant"] for r in rows] == ["plain"] and calls[-1] == ("target_encoder", "context_encoder")
+    # its training time is the run's, from its log: the second call trained nothing and would have said ~0 s
+    logged = float((tmp_path / "sweep" / "plain" / "log.csv").read_text().splitlines()[-1].split(",")[-1])
+    assert rows[0]["seconds"] == round(logged, 1) > 0
+
+
+def test_baselines_scored_for_another_base_model_are_not_reused(tmp_path, monkeypatch):
+    """A later call with another base resolution or seed read its variants against the first call's raw pixels and
+    random init, silently."""
+    calls = []
+    monkeypatch.setattr(sweep.evaluation, "evaluate_emoji_features", fake_protocol(calls))
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("a: {}\nb: {}\n")
+    argv = ["--config", str(REPO / "train/configs/emoji_smoke.yaml"), "--variants", str(variants),
+            "--out-dir", str(tmp_path / "sweep"), "--steps", "1"]
+    sweep.main([*argv, "--only", "a"])
+    for other, message in ((["--img-size", "48"], "img_size: 32 -> 48"), (["--seed", "3"], "seed: 0 -> 3")):
+        with pytest.raises(ValueError, match=f"baselines scored for another base model or seed \\({message}"):
+            sweep.main([*argv, "--only", "b", *other])
+    assert not (tmp_path / "sweep" / "b").exists() and len(calls) == 2  # nothing trained or scored for b
+    sweep.main([*argv, "--only", "b"])  # the same base: its baselines serve
+    assert calls.count(("raw_pixels", "random_init")) == 1
 
 
 def test_a_misspelt_override_is_refused_before_anything_trains(tmp_path):

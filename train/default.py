@@ -416,9 +416,11 @@ def fit_to_budget(profile: dict, out: Path, flags: dict[str, list[str]], budget_
             logger.warning("%s was started without a budget plan and keeps the lengths it started with: "
                            "--budget-minutes %s does not apply to it", out, explicit)
         return None  # no budget, or a run started without one: it keeps the lengths it started with
-    if "--steps" in flags["pretrain"]:
-        raise ValueError("--pretrain.steps fixes pretraining's length, which the budget plan sets: add "
-                         "--budget-minutes 0 to run the lengths given, or leave --steps out and let the plan fit them")
+    given = [f"--{stage}.steps" for stage in ("pretrain", "decoder") if "--steps" in flags[stage]]
+    if given:  # a plan fitted around other lengths would be overrun, and the card would quote it
+        raise ValueError(f"{' and '.join(given)} fix{'es' if len(given) == 1 else ''} a length the budget plan "
+                         "sets: add --budget-minutes 0 to run the lengths given, or leave --steps out and let the "
+                         "plan fit them")
 
     def make(budget_s: float) -> dict:
         base = pretrain_config(profile, out / "pretrain", flags["pretrain"])
@@ -435,11 +437,11 @@ def fit_to_budget(profile: dict, out: Path, flags: dict[str, list[str]], budget_
     return plan
 
 
-def refit_to_budget(plan: dict | None, profile: dict, full_steps: int, out: Path, flags: dict[str, list[str]],
-                    spent_s: float) -> dict | None:
+def refit_to_budget(plan: dict | None, profile: dict, full_steps: int, out: Path, spent_s: float) -> dict | None:
     """Refit the decoders' length to the time left after ``spent_s`` seconds (train/budget.py), unless there is no
-    plan, a decoder has started (its length is fixed), or ``--decoder.steps`` was given; rewrites ``profile``."""
-    if not plan or "--steps" in flags["decoder"] or any((out / p).exists() for p in STAGE_PATHS["decoders"]):
+    plan or a decoder has started (its length is fixed); rewrites ``profile``. (A plan never meets ``--decoder.steps``:
+    ``fit_to_budget`` refuses it.)"""
+    if not plan or any((out / p).exists() for p in STAGE_PATHS["decoders"]):
         return plan
     plan = budget.refit_decoders(out, plan, spent_s, full_steps, len(DECODER_MODES))
     profile["decoder_steps"] = plan["decoder_steps"]
@@ -612,7 +614,7 @@ def main(argv=None) -> None:
     model_dir = clock.run("pretrain", run_pretraining, profile, out, flags["pretrain"])
     features = clock.run("eval", run_evaluation, model_dir, profile, out)
     clock.run("bank", run_reference_bank, model_dir, profile, out)
-    plan = refit_to_budget(plan, profile, PROFILES[profile_name]["decoder_steps"], out, flags,
+    plan = refit_to_budget(plan, profile, PROFILES[profile_name]["decoder_steps"], out,
                            sum(clock.timings[stage] for stage in ("pretrain", "eval", "bank")))
     decoders = clock.run("decoders", run_decoders, model_dir, profile, out, flags["decoder"])
     sketches = clock.run("decoder_eval", run_decoder_eval, model_dir, decoders, profile, out)

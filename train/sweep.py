@@ -5,7 +5,8 @@ overrides), scored by the same held-out emoji protocol as `train.eval`; one JSON
         --out-dir runs/sweep --steps 600 --warmup-steps 40
 
 Flags after the known ones (``--steps 600``) override the base config for every variant. Raw pixels and a
-random-init encoder are scored once, on the base architecture. A variant whose line is already in
+random-init encoder are scored once, on the base architecture, and kept with the base settings they were scored for:
+a later call into the same folder with another base model or seed is refused. A variant whose line is already in
 ``results.jsonl`` is skipped and one killed mid-training resumes from its last checkpoint, so an interrupted sweep
 continues where it stopped.
 """
@@ -15,7 +16,6 @@ import argparse
 import json
 import logging
 import re
-import time
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from train import pretrain
 from ijepa.device import resolve_device
 from train.config import (RESUME_HINT, changed_settings, config_dict, doc_summary, load_config, parse_config,
                           run_command)
+from train.runtime import logged_training_seconds
 
 logger = logging.getLogger("train.sweep")
 VARIANT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
@@ -115,23 +116,34 @@ def main(argv=None) -> list[dict]:
             raise ValueError(f"{lines} already scores variant {name!r} with other settings ({changed}): use another "
                              f"--out-dir, or delete its line to train it again")
 
+    # what the baselines depend on: the base model (random init, the probe images' size) and the seed
+    scored_for = json.loads(json.dumps({"seed": base.seed, "model": pretrain.model_config(base).to_dict()}))
+    recorded = {key: done.get("baselines", {}).get(key) for key in scored_for}
+    if "baselines" in done and recorded["model"] is not None and recorded != scored_for:
+        changed = [f"{key}: {recorded['model'].get(key)!r} -> {value!r}" for key, value in
+                   scored_for["model"].items() if recorded["model"].get(key) != value]
+        if recorded["seed"] != base.seed:
+            changed.append(f"seed: {recorded['seed']!r} -> {base.seed!r}")
+        raise ValueError(f"{lines} holds baselines scored for another base model or seed ({', '.join(changed)}): "
+                         "its variants would be read against the wrong raw pixels and random init. Use another "
+                         "--out-dir, or give the base settings it was started with")
     if "baselines" not in done:
         baseline = evaluation.evaluate_emoji_features(IJepa(pretrain.model_config(base)).eval(), base.seed,
                                                       device, sources=("raw_pixels", "random_init"))
-        done["baselines"] = {"variant": "baselines", **baseline}
+        done["baselines"] = {"variant": "baselines", **scored_for, **baseline}
         with open(lines, "a") as f:
             f.write(json.dumps(done["baselines"]) + "\n")
     for name, overrides in variants.items():
         if name in done:
             continue
         cfg = configs[name]
-        start = time.perf_counter()
         model = pretrain.train(cfg).eval()
-        seconds = time.perf_counter() - start
         result = evaluation.evaluate_emoji_features(model, base.seed, device,
                                                     sources=("target_encoder", "context_encoder"))
         with open(out / name / "log.csv") as f:
             final_loss = float(f.read().strip().splitlines()[-1].split(",")[1])
+        # from the log, which counts on across a resumed call (this call's clock would count only the rest)
+        seconds = logged_training_seconds(out / name / "log.csv")
         done[name] = {"variant": name, "overrides": overrides, "config": config_dict(cfg),
                       "seconds": round(seconds, 1), "final_loss": final_loss, **result}
         with open(lines, "a") as f:
