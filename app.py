@@ -62,8 +62,8 @@ LABEL_MARGIN = 36
 MIN_SQUARE_SHARE = 0.25
 CANVAS_FILL = (150, 150, 150)  # the canvas around the image: a neutral grey, unlike the dimmed part of the image
 QUEUE_SIZE = 32
-EXPIRED_IMAGE = ("This image's file has expired on the server (files are kept for a day, CACHE_CLEANUP): upload it "
-                 "again or pick an example.")
+EXPIRED_IMAGE = ("This image's file has expired on the server (files are kept for a day): upload it again or pick an "
+                 "example.")
 DRAW_HINT = ("**Draw:** drag on the image. **Move, resize or delete:** the hand icon, then a box (bin icon: delete). "
              "The model reads the bright square only.")
 # The widget starts in move mode and keeps a mode until one of its icons is pressed, so a first drag would draw
@@ -301,16 +301,24 @@ def file_version(path: str) -> int | None:
         return None  # open_image says what is wrong
 
 
-def tolerate_expired(preprocess_image: Callable) -> Callable:
+def tolerate_expired_copies() -> None:
     """The drawing widget's copy of its image is a served file, which the cleanup deletes after a day; the model
     reads the source file, so a missing copy is no image rather than an error that fails every panel unexplained.
-    (Set on the instance, as ``with_api_example`` does.)"""
-    def preprocess(image):
+    Set on the widget's class: Gradio rebuilds a session's widget from its arguments whenever a handler updates it,
+    so a method set on the instance is lost. Once per process."""
+    original = image_annotator.preprocess_image
+    if getattr(original, "tolerates_expired", False):
+        return
+
+    @functools.wraps(original)
+    def preprocess_image(self, image):
         try:
-            return preprocess_image(image)
+            return original(self, image)
         except FileNotFoundError:
             return None
-    return preprocess
+
+    preprocess_image.tolerates_expired = True
+    image_annotator.preprocess_image = preprocess_image
 
 
 class Handlers:
@@ -438,16 +446,19 @@ class Handlers:
                 yield *update, True
         except InputError as err:  # the last run's results stay: a slip (a box too many) must not throw them away
             gr.Warning(str(err), duration=8)
-            message = (f"**Please adjust the input.** {err}\n\n*The results shown are from the last run that "
-                       "could go ahead.*")
+            message = (f"**Please adjust the input.** {err}\n\n*Any results shown are from the last run that "
+                       "could go ahead (its boxes may have been numbered otherwise).*")
             yield gr.skip(), message, *(gr.skip(),) * 6, False
 
     def renumbered(self, value: dict | None, source: dict | None) -> tuple:
         """The widget with its boxes numbered as the results (and messages) number them, and its source; no change
-        where there is nothing to number. A box on the border is numbered too: the message names it. Called at the
-        press, unqueued: a box drawn while the run waits for the model must not be reset by the run."""
+        where there is nothing to number, or a box count the run will refuse (its message names no box, and the
+        last results it keeps go with the labels as they are). A box on the border is numbered: the message names
+        it. Called at the press, unqueued: a box drawn while the run waits for the model must not be reset by it."""
         try:
-            return self.widget_for(*self.model_input(value, source, check_border=False))
+            image, boxes, source = self.model_input(value, source, check_border=False)
+            check_drawn(boxes, self.settings.max_boxes)
+            return self.widget_for(image, boxes, source)
         except InputError:
             return gr.skip(), gr.skip()
 
@@ -511,6 +522,7 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
     """The UI: inputs on the left, results on the right; every event calls one Handlers method."""
     settings = handlers.settings
     conditionings = [conditioning for _, conditioning in settings.decoders]
+    tolerate_expired_copies()
     with gr.Blocks(title="I-JEPA, visible", analytics_enabled=False, delete_cache=delete_cache) as demo:
         gr.Markdown(INTRO.format(max_boxes=settings.max_boxes))
         initial_value, initial_source = handlers.initial_value()
@@ -525,7 +537,6 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
                     value=initial_value, show_label=False,
                     elem_id="annotator", sources=[], image_type="numpy", image_mode="RGB", show_clear_button=False,
                     show_remove_button=True, show_download_button=False, disable_edit_boxes=True)
-                annotator.preprocess_image = tolerate_expired(annotator.preprocess_image)
                 with gr.Row():
                     upload = gr.UploadButton("Upload your own image", file_types=["image"], type="filepath",
                                              elem_id="upload", size="md")

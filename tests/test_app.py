@@ -584,6 +584,12 @@ def test_a_box_drawn_while_a_run_waits_is_kept(app_module, tmp_path):
     assert "annotator" in [ids[i] for i in renumber["outputs"]]
     writers = [d for d in dependencies if "annotator" in [ids[i] for i in d["outputs"]]]
     assert {demo.fns[d["id"]].name for d in writers} == {"renumbered", "load_example", "load_upload"}
+    # a box count the run refuses leaves the labels as the kept results number them
+    handlers = handlers_for(app_module, tiny_bundle(tmp_path / "c"))
+    value, source = handlers.initial_value()
+    too_many = {**value, "boxes": value["boxes"] * MAX_BOXES}
+    assert handlers.renumbered(too_many, source) == (app_module.gr.skip(), app_module.gr.skip())
+    assert handlers.renumbered({**value, "boxes": []}, source) == (app_module.gr.skip(), app_module.gr.skip())
 
 
 def test_an_image_whose_files_the_cleanup_deleted_still_runs_or_says_why(app_module, tmp_path):
@@ -594,6 +600,8 @@ def test_an_image_whose_files_the_cleanup_deleted_still_runs_or_says_why(app_mod
     annotator = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "annotator")
     gone = app_module.processing_utils.FileData(path=str(tmp_path / "deleted.png"))
     assert annotator.preprocess_image(gone) is None
+    # Gradio rebuilds a session's widget from its arguments when a handler updates it: the rebuilt one too
+    assert app_module.image_annotator(sources=[], image_type="numpy").preprocess_image(gone) is None
     value, source = handlers.initial_value()
     (*_, ran), = [list(handlers.run({**value, "image": None}, 1, 0, 2, None, source))[-1]]
     assert ran is True
