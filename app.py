@@ -404,14 +404,16 @@ class Handlers:
     # Order: model view, explanation, sketches, sketch status, truth, neighbours, readout, metrics, surprise, features.
     CLEARED = (None, "Results appear here.", [], "", None, [], "", None, None, None)
 
-    def clear_results(self) -> tuple:
-        """Every result panel cleared, queued behind the model work a new image cancelled: an update that work had
-        already sent can land after the clearing the new image made at once."""
-        return self.CLEARED
+    def clear_results(self, new_image: bool) -> tuple:
+        """Every result panel cleared once more after a new image (``new_image``, which this resets), queued behind
+        the model work the new image cancelled: an update that work had already sent can land after the clearing
+        the new image made at once. Nothing changes after an upload that was refused."""
+        return (*self.CLEARED, False) if new_image else (gr.skip(),) * (len(self.CLEARED) + 1)
 
     def load_example(self, event: gr.SelectData) -> tuple:
+        """The example in the widget, every result panel cleared; last, that a new image is shown (clear_results)."""
         example = self.examples[event.index]
-        return (*self.show(str(example.path), example.boxes), *self.CLEARED)
+        return (*self.show(str(example.path), example.boxes), *self.CLEARED, True)
 
     def load_upload(self, path: str | None) -> tuple:
         """The uploaded image in the widget, every result panel cleared. A file that is not a usable image gets a
@@ -423,7 +425,7 @@ class Handlers:
                 shown = self.show(path)
         except InputError as err:
             gr.Warning(str(err), duration=8)
-            return (gr.skip(),) * (2 + len(self.CLEARED))
+            return (gr.skip(),) * (3 + len(self.CLEARED))
         height, width = self.read_image(path).shape[:2]  # cached: the decode of ``show``
         _, _, side = self.functions.model_square(width, height)
         if side < MIN_SQUARE_SHARE * max(width, height):
@@ -433,7 +435,7 @@ class Handlers:
         else:
             gr.Info("Image loaded. Drag on it to draw a box. The model reads the bright square at its centre.",
                     duration=5)  # gone by the time the box is drawn and the button (under it on a phone) pressed
-        return (*shown, *self.CLEARED)
+        return (*shown, *self.CLEARED, True)
 
     def run(self, value: dict | None, num_samples: float, seed: float, steps: float, conditioning: str | None = None,
             source: dict | None = None) -> Iterator[tuple]:
@@ -528,6 +530,7 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
         initial_value, initial_source = handlers.initial_value()
         source = gr.State(initial_source)  # the file the widget's image shows: what the model reads (Handlers.show)
         ran = gr.State(False)  # whether the last run got past its input checks (Handlers.run)
+        new_image = gr.State(False)  # a new image is shown and its panels are to be cleared again (clear_results)
         with gr.Row():
             # each column keeps a usable width (the canvas, five tab names): below ~950 px they stack
             with gr.Column(scale=5, min_width=400):
@@ -653,14 +656,16 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
         # A new image stops the last image's work, so its late results cannot land beside the new image.
         last_image_work = [run_event, explore_event, window_event]
         examples.select(None, js=SHOW_DRAWING, queue=False)  # first, as SHOW_RESULTS
-        examples.select(handlers.load_example, None, [annotator, source, *results], api_visibility="private",
-                        concurrency_limit=4, cancels=last_image_work).then(
-            handlers.clear_results, None, results, api_visibility="private", **model_work)
+        shown = [annotator, source, *results, new_image]
+        examples.select(handlers.load_example, None, shown, api_visibility="private", concurrency_limit=4,
+                        cancels=last_image_work).then(handlers.clear_results, new_image, [*results, new_image],
+                                                      api_visibility="private", **model_work)
         demo.load(None, js=SWITCH_TO_DRAWING)
-        loaded = upload.upload(handlers.load_upload, upload, [annotator, source, *results], api_visibility="private",
-                               concurrency_limit=4, cancels=last_image_work)
+        loaded = upload.upload(handlers.load_upload, upload, shown, api_visibility="private", concurrency_limit=4,
+                               cancels=last_image_work)
         loaded.success(None, js=SWITCH_TO_DRAWING)
-        loaded.success(handlers.clear_results, None, results, api_visibility="private", **model_work)
+        loaded.success(handlers.clear_results, new_image, [*results, new_image], api_visibility="private",
+                       **model_work)
         api_button.click(handlers.api_sketch, [api_image, api_boxes, api_samples, api_seed, api_decoder, api_steps],
                          [api_sketches, api_metrics], api_name="sketch",
                          api_description="Sketches of what the predictor expects in each box, with metrics. Send "

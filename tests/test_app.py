@@ -346,11 +346,12 @@ def test_the_widget_shows_exact_pixels_and_a_new_image_clears_the_last_results(a
     example = handlers.examples[1]
     read, boxes, _ = handlers.model_input(*chosen[:2])  # the model reads the example's file, not the display copy
     assert np.array_equal(read, example.image()) and np.allclose(boxes, example.boxes)
-    assert chosen[2:] == app_module.Handlers.CLEARED and len(chosen) == 12  # widget, its source, ten result panels
+    assert chosen[2:-1] == app_module.Handlers.CLEARED and len(chosen) == 13  # widget, its source, ten result panels
+    assert chosen[-1] is True  # and a new image, whose panels are cleared again behind the work it cancelled
     photo = tmp_path / "photo.png"
     Image.fromarray(image).save(photo)
     uploaded = handlers.load_upload(str(photo))
-    assert np.array_equal(handlers.model_input(*uploaded[:2])[0], image) and uploaded[2:] == handlers.CLEARED
+    assert np.array_equal(handlers.model_input(*uploaded[:2])[0], image) and uploaded[2:-1] == handlers.CLEARED
 
 
 def test_any_image_is_shown_whole_and_boxes_map_back_to_the_file(app_module, tmp_path):
@@ -485,7 +486,9 @@ def test_a_file_that_is_not_an_image_changes_nothing(app_module, tmp_path):
     for path in (str(corrupt), None):
         with pytest.warns(UserWarning, match="not an image|No file arrived"):
             outputs = handlers.load_upload(path)
-        assert len(outputs) == 12 and all(o == app_module.gr.skip() for o in outputs)  # nothing on the page changes
+        assert len(outputs) == 13 and all(o == app_module.gr.skip() for o in outputs)  # nothing on the page changes
+        # nor later: the clearing queued behind the model work finds no new image (its results must stay)
+        assert all(o == app_module.gr.skip() for o in handlers.clear_results(False))
 
 
 def test_a_new_image_cancels_the_last_images_work(app_module, tmp_path):
@@ -568,8 +571,9 @@ def test_a_new_images_panels_are_cleared_again_after_the_cancelled_work_lets_go(
                     and d["trigger_after"] == load["id"]]
         assert demo.fns[clear["id"]].concurrency_id == demo.fns[run["id"]].concurrency_id == "model"
         assert set(run["outputs"][:8]) <= set(clear["outputs"])
-        assert [ids[i] for i in clear["outputs"]][-2:] == ["surprise", "features"]
-    assert handlers.clear_results() == handlers.CLEARED
+        assert [ids[i] for i in clear["outputs"]][-3:-1] == ["surprise", "features"]
+        assert clear["inputs"] == [clear["outputs"][-1]] and load["outputs"][-1] == clear["outputs"][-1]
+    assert handlers.clear_results(True) == (*handlers.CLEARED, False)  # cleared, once
 
 
 def test_a_box_drawn_while_a_run_waits_is_kept(app_module, tmp_path):
