@@ -561,7 +561,7 @@ def test_a_finished_stage_is_not_reused_with_other_settings(run):
     before = weights.read_bytes()
     with pytest.raises(ValueError, match="predictor_depth: 1 -> 2"):
         recipe.main(["--out-dir", str(run), "--profile", "smoke", "--pretrain.predictor-depth", "2"])
-    with pytest.raises(ValueError, match="--pretrain.steps fixes pretraining's length, which the budget plan sets"):
+    with pytest.raises(ValueError, match="--pretrain.steps fixes a length the budget plan sets"):
         recipe.main(["--out-dir", str(run), "--profile", "smoke", "--pretrain.steps", "4"])  # a planned run
     assert weights.read_bytes() == before
 
