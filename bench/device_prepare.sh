@@ -31,8 +31,9 @@ done
 cp "$font" device/NotoColorEmoji.ttf
 cp "$emoji_list" device/emoji-test.txt
 # the device gets the working tree without .git: the commit the model card names travels with it
-echo "$(git rev-parse --short HEAD)$(git status --porcelain --untracked-files=no | grep -q . && echo ' with local changes')" \
-    > device/code_version.txt
+code="app.py ijepa decoder train bench requirements.txt"  # as train/runtime.py's CODE_PATHS
+echo "$(git rev-parse --short HEAD)$(git status --porcelain --untracked-files=no -- $code | grep -q . \
+    && echo ' with local changes')" > device/code_version.txt
 ls -l device
 # carry takes 64 MiB in all, the working tree included
 echo "device/: $(du -sm device | cut -f1) MiB"

@@ -104,6 +104,8 @@ class AppFunctions:
         the panels. Without a decoder, one update whose truth panel compares the features and whose status says how
         to get one. ``conditioning``: which decoder draws (a key of DECODER_NAMES; None: the default)."""
         engine = self.engine
+        if engine.has_decoder:  # before the first update: a refused seed must not leave "Drawing sketches…" shown
+            engine.check_sampling(num_samples, steps, seed)
         shown = ResultPanels(
             view=panels.model_view(analysis),
             explanation=panels.explanation(analysis, engine.conditioning_of(conditioning), num_samples),

@@ -446,7 +446,8 @@ class Engine:
         return next((note for note in self.notes if topic in note.lower()), default)
 
     @staticmethod
-    def _check_sampling(num_samples: int, num_steps: int, seed: int) -> None:
+    def check_sampling(num_samples: int, num_steps: int, seed: int) -> None:
+        """InputError for a number of sketches, of steps or a seed the sampler cannot take."""
         if not 1 <= int(num_samples) <= MAX_NUM_SAMPLES:
             raise InputError(f"The number of sketches must be between 1 and {MAX_NUM_SAMPLES}, got {num_samples}.")
         if not 1 <= int(num_steps) <= MAX_NUM_STEPS:
@@ -474,7 +475,7 @@ class Engine:
         box, then all of them (``done``). Each update holds every sketch finished so far. Sample i depends only
         on (seed, i), so a seed reproduces its sketches. ``conditioning``: which decoder (None: the default)."""
         conditioning, sampler = self._require_decoder(conditioning)
-        self._check_sampling(num_samples, num_steps, seed)
+        self.check_sampling(num_samples, num_steps, seed)
         cond = self._conditions(analysis, lambda box: box.predicted)
         boxes = cond.batch_size
         start = time.perf_counter()
@@ -509,7 +510,7 @@ class Engine:
         """The decoder's rendering of the TARGET encoder's true features for every box (sample 0 of ``seed``: the
         same noise as the first predicted sketch, so the two differ only by their features)."""
         _, sampler = self._require_decoder(conditioning)
-        self._check_sampling(1, num_steps, seed)
+        self.check_sampling(1, num_steps, seed)
         cond = self._conditions(analysis, lambda box: box.true)
         with self._autocast():
             images = sampler.sample(cond, num_samples=1, num_steps=int(num_steps), seed=int(seed))

@@ -644,3 +644,13 @@ def test_the_page_shows_the_model_card_a_visitor_cannot_open_on_the_server(app_m
     (bundle / "MODEL_CARD.md").unlink()
     demo = app_module.build_app(handlers_for(app_module, bundle))
     assert not any(getattr(b, "elem_id", None) == "model-card" for b in demo.blocks.values())
+
+
+def test_a_seed_the_sampler_refuses_is_said_before_any_panel_changes(app_module, tmp_path):
+    """The seed was checked after the first update, which had filled the panels for the new boxes with the status
+    "Drawing sketches…": that status stayed, and the note called the new panels the last run's."""
+    handlers = handlers_for(app_module, tiny_bundle(tmp_path / "b"))
+    value, source = handlers.initial_value()
+    with pytest.warns(UserWarning, match="seed must be a whole number from 0"):
+        (outputs,) = list(handlers.run(value, 1, -1, 4, None, source))
+    assert all(outputs[i] == app_module.gr.skip() for i in (0, 2, 3, 4, 5, 6, 7)) and outputs[-1] is False

@@ -545,6 +545,26 @@ def test_a_length_given_is_not_mixed_with_a_budget_plan(tmp_path, stage):
     assert not any((tmp_path / "run").iterdir())
 
 
+def test_a_run_planned_by_an_older_version_keeps_its_decoder_length(tmp_path, monkeypatch):
+    """Versions before 2026-12-07 let --decoder.steps through under a plan: such a run must still finish as it was
+    started (its given length, not refitted), where a new plan refuses the flag."""
+    (tmp_path / budget.PLAN_NAME).write_text("{}")
+    monkeypatch.setattr(budget, "load_or_make_plan", lambda out, minutes, make: {"pretrain_steps": 8,
+                        "pretrain_warmup_steps": 1, "decoder_steps": 40})
+    flags, profile = {"pretrain": [], "decoder": ["--steps", "7"]}, dict(recipe.PROFILES["smoke"])
+    plan = recipe.fit_to_budget(profile, tmp_path, flags, None)
+    monkeypatch.setattr(budget, "refit_decoders", lambda *args, **kwargs: pytest.fail("a given length was refitted"))
+    assert recipe.refit_to_budget(plan, profile, 100, tmp_path, flags, spent_s=12.0) is plan
+    assert flags["decoder"] == ["--steps", "7"]  # the length it was started with, which decoder_config puts last
+
+
+def test_a_run_started_before_commits_were_recorded_is_not_credited_to_this_one():
+    assert recipe.started_code({}) == recipe.code_version()  # a new run: this checkout's
+    assert recipe.started_code({"profile": "cpu", "command": "python -m train.default"}).startswith("unknown")
+    assert recipe.started_code({"profile": "cpu"}).startswith("unknown")  # summary.json only
+    assert recipe.started_code({"profile": "cpu", "command": "c", "code": "21bb7b3"}) == "21bb7b3"
+
+
 def test_the_decoder_schedule_follows_the_decoder_length_given(tmp_path):
     """Warmup, sample grids and checkpoints follow --decoder.steps, not the profile's length."""
     profile, model = dict(recipe.PROFILES["cpu"]), tmp_path / "model"

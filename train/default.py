@@ -148,6 +148,12 @@ STAGE_INPUTS = {"eval": ("pretrain",), "bank": ("pretrain",), "decoders": ("pret
                 "decoder_eval": ("pretrain", "decoders")}
 
 
+def started_code(started: dict) -> str:
+    """The commit a run started from (``run_started_with``): this call's for a new run; for a run started by a
+    version that did not record it, unknown, not this call's, which may be another."""
+    return started.get("code", "unknown (started by an older version)" if started else code_version())
+
+
 def run_started_with(out: Path) -> dict:
     """What the run in ``out`` was started with: {"profile", "command", "code"} from PROFILE_FILE; a run from before
     that file has only its profile, in summary.json; a new run, nothing."""
@@ -416,8 +422,11 @@ def fit_to_budget(profile: dict, out: Path, flags: dict[str, list[str]], budget_
             logger.warning("%s was started without a budget plan and keeps the lengths it started with: "
                            "--budget-minutes %s does not apply to it", out, explicit)
         return None  # no budget, or a run started without one: it keeps the lengths it started with
-    given = [f"--{stage}.steps" for stage in ("pretrain", "decoder") if "--steps" in flags[stage]]
-    if given:  # a plan fitted around other lengths would be overrun, and the card would quote it
+    # a plan fitted around other lengths would be overrun, and the card would quote it; a run planned by a version
+    # that let --decoder.steps through keeps that length (refit_to_budget leaves it)
+    given = [f"--{stage}.steps" for stage in ("pretrain", "decoder")
+             if "--steps" in flags[stage] and (stage == "pretrain" or not planned)]
+    if given:
         raise ValueError(f"{' and '.join(given)} fix{'es' if len(given) == 1 else ''} a length the budget plan "
                          "sets: add --budget-minutes 0 to run the lengths given, or leave --steps out and let the "
                          "plan fit them")
@@ -437,11 +446,12 @@ def fit_to_budget(profile: dict, out: Path, flags: dict[str, list[str]], budget_
     return plan
 
 
-def refit_to_budget(plan: dict | None, profile: dict, full_steps: int, out: Path, spent_s: float) -> dict | None:
+def refit_to_budget(plan: dict | None, profile: dict, full_steps: int, out: Path, flags: dict[str, list[str]],
+                    spent_s: float) -> dict | None:
     """Refit the decoders' length to the time left after ``spent_s`` seconds (train/budget.py), unless there is no
-    plan or a decoder has started (its length is fixed); rewrites ``profile``. (A plan never meets ``--decoder.steps``:
-    ``fit_to_budget`` refuses it.)"""
-    if not plan or any((out / p).exists() for p in STAGE_PATHS["decoders"]):
+    plan, a decoder has started (its length is fixed), or ``--decoder.steps`` was given (only a run planned by an
+    older version: ``fit_to_budget`` refuses it under a new plan); rewrites ``profile``."""
+    if not plan or "--steps" in flags["decoder"] or any((out / p).exists() for p in STAGE_PATHS["decoders"]):
         return plan
     plan = budget.refit_decoders(out, plan, spent_s, full_steps, len(DECODER_MODES))
     profile["decoder_steps"] = plan["decoder_steps"]
@@ -606,7 +616,7 @@ def main(argv=None) -> None:
     first_command = started.get("command", command)
     plan = fit_to_budget(profile, out, flags, args.budget_minutes)
     # after the plan: a call it refuses trained nothing, so the card must not quote it as the run's command
-    first_code = started.get("code", code_version())
+    first_code = started_code(started)
     write_json_atomic(out / PROFILE_FILE, {"profile": profile_name, "command": first_command, "code": first_code})
     clock = StageClock(out)
     if not all(clock.finished.values()):
@@ -614,7 +624,7 @@ def main(argv=None) -> None:
     model_dir = clock.run("pretrain", run_pretraining, profile, out, flags["pretrain"])
     features = clock.run("eval", run_evaluation, model_dir, profile, out)
     clock.run("bank", run_reference_bank, model_dir, profile, out)
-    plan = refit_to_budget(plan, profile, PROFILES[profile_name]["decoder_steps"], out,
+    plan = refit_to_budget(plan, profile, PROFILES[profile_name]["decoder_steps"], out, flags,
                            sum(clock.timings[stage] for stage in ("pretrain", "eval", "bank")))
     decoders = clock.run("decoders", run_decoders, model_dir, profile, out, flags["decoder"])
     sketches = clock.run("decoder_eval", run_decoder_eval, model_dir, decoders, profile, out)

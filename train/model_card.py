@@ -67,9 +67,9 @@ def decoder_lead(summary: dict) -> tuple[float, str, str]:
     they were (neither or both trained again alike), else the recipe's own evaluation, kept when a longer decoder
     replaced one; which pair that is; and a line giving the recipe's figures if they are not the table's."""
     recipe = summary.get("recipe_decoders")
-    recipe_config = summary.get("recipe_decoder_config", summary["decoder_config"])
+    recipe_config = summary.get("recipe_decoder_config", summary.get("decoder_config", {}))
     images = [config.get("steps", 0) * config.get("batch_size", 0) for config in
-              (summary["decoder_config"], summary.get("paper_decoder_config", recipe_config))]
+              (summary.get("decoder_config", {}), summary.get("paper_decoder_config", recipe_config))]
     as_shipped = recipe is None or images[0] == images[1]
     scores = list((summary["decoders"] if as_shipped else recipe)["decoders"].values())
     if len(scores) < 2:

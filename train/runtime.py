@@ -402,6 +402,7 @@ def plot_loss_curve(csv_path: Path, png_path: Path, title: str = "I-JEPA pretrai
     plt.close(fig)
 
 
+CODE_PATHS = ("app.py", "ijepa", "decoder", "train", "bench", "requirements.txt")  # what makes a run's results
 CODE_VERSION_ENV = "IJEPA_CODE_VERSION"  # what a copy without .git says it is (bench/device_run.sh sets it)
 
 
@@ -413,8 +414,9 @@ def code_version() -> str:
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=30)
-        changes = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                 capture_output=True, text=True, timeout=30)
+        # the code only: an export into assets/ changes tracked files, not the code that trains
+        changes = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                  *CODE_PATHS], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return fallback
     if commit.returncode != 0:
