@@ -20,13 +20,18 @@ def fake_protocol(calls):
     return evaluate
 
 
+def smoke_sweep(tmp_path: Path, variants: str, *flags: str) -> list[str]:
+    """The command line of a sweep of the smoke config over ``variants`` (YAML) into tmp_path/sweep."""
+    (tmp_path / "variants.yaml").write_text(variants)
+    return ["--config", str(REPO / "train/configs/emoji_smoke.yaml"), "--variants", str(tmp_path / "variants.yaml"),
+            "--out-dir", str(tmp_path / "sweep"), *flags]
+
+
 def test_variants_train_with_their_overrides_and_resume(tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(sweep.evaluation, "evaluate_emoji_features", fake_protocol(calls))
-    variants = tmp_path / "variants.yaml"
-    variants.write_text("plain: {}\nsiblings: {same_base_prob: 0.5, backgrounds: [solid, linear]}\n")
-    argv = ["--config", str(REPO / "train/configs/emoji_smoke.yaml"), "--variants", str(variants),
-            "--out-dir", str(tmp_path / "sweep"), "--steps", "2"]
+    argv = smoke_sweep(tmp_path, "plain: {}\nsiblings: {same_base_prob: 0.5, backgrounds: [solid, linear]}\n",
+                       "--steps", "2")
     rows = sweep.main(argv)
     assert [r["variant"] for r in rows] == ["plain", "siblings"]
     saved = yaml.safe_load((tmp_path / "sweep" / "siblings" / "config.yaml").read_text())
@@ -60,10 +65,7 @@ def test_a_sweep_killed_between_training_and_scoring_continues(tmp_path, monkeyp
             raise KeyboardInterrupt
         return evaluate(model, seed, device, sources)
 
-    variants = tmp_path / "variants.yaml"
-    variants.write_text("plain: {}\n")
-    argv = ["--config", str(REPO / "train/configs/emoji_smoke.yaml"), "--variants", str(variants),
-            "--out-dir", str(tmp_path / "sweep"), "--steps", "2"]
+    argv = smoke_sweep(tmp_path, "plain: {}\n", "--steps", "2")
     monkeypatch.setattr(sweep.evaluation, "evaluate_emoji_features", killed_while_scoring_the_variant)
     with pytest.raises(KeyboardInterrupt):
         sweep.main(argv)
@@ -84,10 +86,7 @@ def test_baselines_scored_for_another_base_model_are_not_reused(tmp_path, monkey
     random init, silently."""
     calls = []
     monkeypatch.setattr(sweep.evaluation, "evaluate_emoji_features", fake_protocol(calls))
-    variants = tmp_path / "variants.yaml"
-    variants.write_text("a: {}\nb: {}\n")
-    argv = ["--config", str(REPO / "train/configs/emoji_smoke.yaml"), "--variants", str(variants),
-            "--out-dir", str(tmp_path / "sweep"), "--steps", "1"]
+    argv = smoke_sweep(tmp_path, "a: {}\nb: {}\n", "--steps", "1")
     sweep.main([*argv, "--only", "a"])
     for other, message in ((["--img-size", "48"], "img_size: 32 -> 48"), (["--seed", "3"], "seed: 0 -> 3")):
         with pytest.raises(ValueError, match=f"baselines scored for another base model or seed \\({message}"):
@@ -128,10 +127,7 @@ def test_shipped_variant_files_name_only_real_settings(path):
 
 
 def test_an_unknown_variant_in_only_is_refused_with_one_error_line(tmp_path, capsys):
-    variants = tmp_path / "variants.yaml"
-    variants.write_text("plain: {}\n")
-    argv = ["--config", str(REPO / "train/configs/emoji_smoke.yaml"), "--variants", str(variants),
-            "--out-dir", str(tmp_path / "sweep"), "--only", "plain,zzz"]
+    argv = smoke_sweep(tmp_path, "plain: {}\n", "--only", "plain,zzz")
     with pytest.raises(SystemExit) as stop:
         sweep.main(argv)
     assert stop.value.code == 2
