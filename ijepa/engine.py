@@ -339,17 +339,21 @@ class Engine:
             extras.append(f"reference bank ({len(self.bank.features)} boxes)")
         if extras:
             lines.append("**Readout:** " + ", ".join(extras) + ".")
-        card = Path(i.source).parent / MODEL_CARD_NAME  # a bundle's, beside its model folder
+        card = self.model_card_path()
         if card.is_file():
             lines.append(f"**Model card** (below; `{shown_path(str(card))}`): how it was trained, its measured "
                          "figures, limits.")
         lines.extend(f"*{note}*" for note in self.notes)
         return "\n\n".join(lines)
 
+    def model_card_path(self) -> Path:
+        """Where a bundle keeps its model card: beside its model folder (it may not exist)."""
+        return Path(self.info.source).parent / MODEL_CARD_NAME
+
     def model_card(self) -> str:
         """The bundle's model card (Markdown), "" for a model without one: the app shows it, since a visitor of a
         served app cannot open a file on the server."""
-        card = Path(self.info.source).parent / MODEL_CARD_NAME
+        card = self.model_card_path()
         return card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
 
     def warm_up(self) -> None:

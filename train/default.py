@@ -148,10 +148,12 @@ STAGE_INPUTS = {"eval": ("pretrain",), "bank": ("pretrain",), "decoders": ("pret
                 "decoder_eval": ("pretrain", "decoders")}
 
 
-def started_code(started: dict) -> str:
-    """The commit a run started from (``run_started_with``): this call's for a new run; for a run started by a
-    version that did not record it, unknown, not this call's, which may be another."""
-    return started.get("code", "unknown (started by an older version)" if started else code_version())
+def started_code(started: dict, current: str | None = None) -> str:
+    """The commit a run started from (``run_started_with``): this call's (``current``, else asked of git) for a new
+    run; for a run started by a version that did not record it, unknown, not this call's, which may be another."""
+    if started:
+        return started.get("code", "unknown (started by an older version)")
+    return current if current is not None else code_version()
 
 
 def run_started_with(out: Path) -> dict:
@@ -616,7 +618,8 @@ def main(argv=None) -> None:
     first_command = started.get("command", command)
     plan = fit_to_budget(profile, out, flags, args.budget_minutes)
     # after the plan: a call it refuses trained nothing, so the card must not quote it as the run's command
-    first_code = started_code(started)
+    code = code_version()  # the code this call runs: imported at its start
+    first_code = started_code(started, code)
     write_json_atomic(out / PROFILE_FILE, {"profile": profile_name, "command": first_command, "code": first_code})
     clock = StageClock(out)
     if not all(clock.finished.values()):
@@ -638,7 +641,7 @@ def main(argv=None) -> None:
                "decoder_config": recorded_settings(decoders["spatial_context"].parent,
                                                    retrain_advice(out, decoders["spatial_context"].parent)),
                "command": first_command if command == first_command else f"{first_command} (then: {command})",
-               "code": first_code if code_version() == first_code else f"{first_code} (then: {code_version()})"}
+               "code": first_code if code == first_code else f"{first_code} (then: {code})"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     save_folder_atomic(lambda folder: write_bundle(folder, out, model_dir, decoders, summary), out / BUNDLE_DIR)
     logger.info("the app runs on this model with: python app.py --assets %s", out / BUNDLE_DIR)

@@ -78,7 +78,8 @@ def decoder_lead(summary: dict) -> tuple[float, str, str]:
     which = "the table's decoders" if as_shipped else "the recipe's pair, below the table"
     if recipe is None:
         return lead, which, ""
-    ours, paper = list(recipe["decoders"].values())[0], list(recipe["decoders"].values())[-1]
+    recipe_scores = list(recipe["decoders"].values())
+    ours, paper = recipe_scores[0], recipe_scores[-1]
     return lead, which, (f"\nAt the recipe's length, both decoders trained on "
                   f"{decoder_run(recipe_config)} and scored the same way when the bundle was "
                   f"exported: retrieval top-1 {ours['retrieval_top1']:.1f} % (ours) vs {paper['retrieval_top1']:.1f} % "

@@ -112,14 +112,16 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     expected = "a ckpt-<step>.pt file written by train.pretrain or train.decoder"
     remedy = "move it aside and resume: the run continues from the one before"
     state = load_weights_only(path, expected=expected, mmap=mmap, remedy=remedy)
-    missing = [] if not isinstance(state, dict) else [
-        key for key in ("step", "config", "optimizer") if key not in state] + (
-        [] if any(kind in state for kind in RUN_KINDS) else [" or ".join(RUN_KINDS)])
-    if not isinstance(state, dict) or missing:
-        holds = f"a {type(state).__name__}" if not isinstance(state, dict) else f"no {', '.join(missing)}"
-        raise CheckpointError(f"{path}: holds {holds}, so it is not a training checkpoint; expected {expected} "
-                              f"({remedy})")
-    return state
+    if not isinstance(state, dict):
+        holds = f"a {type(state).__name__}"
+    else:
+        missing = [key for key in ("step", "config", "optimizer") if key not in state]
+        if not any(kind in state for kind in RUN_KINDS):
+            missing.append(" or ".join(RUN_KINDS))
+        if not missing:
+            return state
+        holds = f"no {', '.join(missing)}"
+    raise CheckpointError(f"{path}: holds {holds}, so it is not a training checkpoint; expected {expected} ({remedy})")
 
 
 # What the checkpoints of each training script hold, by the key only that script's have
@@ -255,11 +257,15 @@ class LossWindow:
         return result
 
 
-def csv_rows(path: Path, header: str) -> tuple[list[list[str]], int]:
-    """(rows, how many were dropped) of a training CSV log: rows whose fields do not match ``header`` (the last
-    row of a run killed while appending it, a damaged file) are left out rather than stopping a resume."""
+def csv_rows(path: Path, header: str | None = None) -> tuple[list[list[str]], int]:
+    """(rows, how many were dropped) of a training CSV log: rows whose fields do not match ``header`` (None: the
+    log's own first line) are left out rather than stopping a resume (the last row of a run killed while appending
+    it, a damaged file)."""
+    lines = path.read_text(errors="replace").splitlines()
+    if header is None:
+        header = lines[0] if lines else ""
     rows, dropped = [], 0
-    for line in path.read_text(errors="replace").splitlines()[1:]:
+    for line in lines[1:]:
         fields = line.split(",")
         try:
             if len(fields) != header.count(",") + 1:
@@ -285,7 +291,7 @@ def start_csv_log(path: Path, header: str, start_step: int) -> None:
 
 def elapsed_by_step(path: Path) -> dict[int, float]:
     """{step: elapsed_s} of a training CSV log (first column step, last column elapsed_s)."""
-    rows, _ = csv_rows(path, path.read_text(errors="replace").split("\n", 1)[0])
+    rows, _ = csv_rows(path)
     return {int(row[0]): float(row[-1]) for row in rows}
 
 
