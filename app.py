@@ -264,10 +264,14 @@ def display_copy(image: np.ndarray, model_square: Callable[[int, int], tuple[int
     enlarged = shown_width >= width and shown_height >= height
     resample = Image.Resampling.NEAREST if enlarged else Image.Resampling.LANCZOS
     resized = np.asarray(Image.fromarray(image).resize((shown_width, shown_height), resample))
-    square_left, square_top, side = model_square(shown_width, shown_height)
+    # the file's own centre square, scaled: on a small image, a square taken from the resized copy sat half a file
+    # pixel off the one the model reads, and refused boxes drawn on the lit part's edge
+    square_left, square_top, side = model_square(width, height)
+    sx, sy = shown_width / width, shown_height / height
+    x0, x1 = round(square_left * sx), round((square_left + side) * sx)
+    y0, y1 = round(square_top * sy), round((square_top + side) * sy)
     shown = (resized * 0.35 + 40).astype(np.uint8)
-    shown[square_top:square_top + side, square_left:square_left + side] = \
-        resized[square_top:square_top + side, square_left:square_left + side]
+    shown[y0:y1, x0:x1] = resized[y0:y1, x0:x1]
     canvas = np.empty((CANVAS_SIDE, CANVAS_SIDE, 3), np.uint8)
     canvas[:] = CANVAS_FILL
     canvas[top:top + shown_height, left:left + shown_width] = shown

@@ -8,6 +8,7 @@ one target index tensor per box, and the context, every other patch. Masks are r
 from __future__ import annotations
 
 import math
+import numbers
 from typing import TYPE_CHECKING, Mapping, Sequence, Union
 
 import torch
@@ -66,6 +67,9 @@ def map_boxes(prepared: PreparedImage, boxes: Sequence[Box], patch_size: int,
                          "(parse JSON first)")
     if boxes is None or len(boxes) == 0:
         raise InputError("No box was given: the model needs a region to hide and guess.")
+    if all(isinstance(value, numbers.Real) for value in boxes):  # [x0, y0, x1, y1] without the outer list
+        raise InputError(f"boxes must be a list of boxes, e.g. [[xmin, ymin, xmax, ymax]]; got one flat list of "
+                         f"{len(boxes)} numbers: {list(boxes)!r:.200}")
     if len(boxes) > max_boxes:
         raise InputError(f"{len(boxes)} boxes were given; at most {max_boxes} are allowed at once.")
     width, height = prepared.source_size

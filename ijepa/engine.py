@@ -46,7 +46,7 @@ from .bundle import (DECODER_DIRS, DEFAULT_ASSETS, EXAMPLES_DIR, MODEL_CARD_NAME
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model
 from .device import resolve_device, resolve_precision
 from .errors import InputError
-from .figures import render_feature_view, render_surprise, render_truth_vs_prediction
+from .figures import HIDDEN_GREY, render_feature_view, render_surprise, render_truth_vs_prediction
 from .inference import (BoxAnalysis, BoxPrediction, LinearReadout, PreparedImage, analyze_boxes, default_window,
                         feature_pca, nearest_neighbours, open_image, prepare_image, surprise_map, to_rgb, true_features)
 from .model import IJepa
@@ -163,10 +163,12 @@ class SketchUpdate:
     """One event of ``Engine.stream_sketches``: the sketches finished so far.
 
     ``images[j]`` is the model's view with every box filled by its sample ``sample_indices[j]``; pixels
-    outside the boxes are exactly the model's input.
+    outside the boxes are exactly the model's input. Where boxes overlap it shows the later box, so each box's own
+    panels draw from ``box_images[j][b]``: the model's view with box ``b`` filled by its sketch, the other boxes grey.
     """
 
     images: list[np.ndarray]
+    box_images: list[np.ndarray]  # per sketch, [boxes, S, S, 3] uint8
     sample_indices: tuple[int, ...]
     num_samples: int
     seed: int
@@ -459,19 +461,25 @@ class Engine:
         if not 0 <= int(seed) < 2**31:
             raise InputError(f"The seed must be a whole number from 0 to {2**31 - 1}, got {seed}.")
 
-    def _composite(self, analysis: Analysis, sketches: torch.Tensor) -> list[np.ndarray]:
-        """Sampler output [boxes, samples, 3, S, S] in [0, 1] -> per sample, the model's input with every box filled
-        by its sketch. Pixels outside the boxes are copied from the input, so they are exact."""
-        base = analysis.prepared.to_uint8()
-        pixels = np.round(sketches.permute(0, 1, 3, 4, 2).float().cpu().numpy() * 255).astype(np.uint8)
-        masks = analysis.box_masks()
-        images = []
-        for j in range(pixels.shape[1]):
-            out = base.copy()
-            for b, mask in enumerate(masks):
-                out[mask] = pixels[b, j][mask]
-            images.append(out)
-        return images
+    @staticmethod
+    def _fills(analysis: Analysis, sketches: torch.Tensor) -> list[np.ndarray]:
+        """Sampler output [boxes, samples, 3, S, S] in [0, 1] -> per sample, a [boxes, S, S, 3] uint8 stack: the
+        model's input with box b filled by its sketch and the other boxes grey (hidden from the model, and not
+        what this box's sketch drew). Pixels outside every box are copied from the input, so they are exact."""
+        masks = np.stack(analysis.box_masks())[:, :, :, None]
+        hidden = analysis.prepared.to_uint8().copy()
+        hidden[masks.any(axis=0)[..., 0]] = HIDDEN_GREY
+        pixels = np.round(sketches.permute(1, 0, 3, 4, 2).float().cpu().numpy() * 255).astype(np.uint8)
+        return list(np.where(masks, pixels, hidden))
+
+    @staticmethod
+    def _composite(analysis: Analysis, fills: np.ndarray) -> np.ndarray:
+        """One sample's per-box fills [boxes, S, S, 3] -> the model's input with every box filled (where boxes
+        overlap, the later box's sketch)."""
+        out = analysis.prepared.to_uint8().copy()
+        for fill, mask in zip(fills, analysis.box_masks()):
+            out[mask] = fill[mask]
+        return out
 
     def stream_sketches(self, analysis: Analysis, num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0,
                         num_steps: int = DEFAULT_NUM_STEPS, conditioning: str | None = None) -> Iterator[SketchUpdate]:
@@ -483,7 +491,7 @@ class Engine:
         cond = self._conditions(analysis, lambda box: box.predicted)
         boxes = cond.batch_size
         start = time.perf_counter()
-        finished: dict[int, np.ndarray] = {}
+        finished: dict[int, np.ndarray] = {}  # sample index -> its per-box fills
         events = sampler.stream(cond, num_samples=int(num_samples), num_steps=int(num_steps), seed=int(seed), first=1)
         while True:
             with self._autocast():  # entered per step, so autocast never leaks into the caller between yields
@@ -491,10 +499,11 @@ class Engine:
             if event is None:
                 return
             images = event.images.view(boxes, len(event.sample_indices), *event.images.shape[1:])
-            finished.update(zip(event.sample_indices, self._composite(analysis, images)))
+            finished.update(zip(event.sample_indices, self._fills(analysis, images)))
             order = tuple(sorted(finished))
-            yield SketchUpdate([finished[i] for i in order], order, int(num_samples), int(seed), event.done,
-                               time.perf_counter() - start, conditioning, int(num_steps))
+            yield SketchUpdate([self._composite(analysis, finished[i]) for i in order], [finished[i] for i in order],
+                               order, int(num_samples), int(seed), event.done, time.perf_counter() - start,
+                               conditioning, int(num_steps))
 
     def sketch_metrics(self, update: SketchUpdate) -> dict[str, Any]:
         """What drew ``update``, for a run's metrics: ``decoder`` is its kind, as a request names it."""
@@ -511,14 +520,15 @@ class Engine:
 
     def decode_truth(self, analysis: Analysis, seed: int = 0, num_steps: int = DEFAULT_NUM_STEPS,
                      conditioning: str | None = None) -> np.ndarray:
-        """The decoder's rendering of the TARGET encoder's true features for every box (sample 0 of ``seed``: the
-        same noise as the first predicted sketch, so the two differ only by their features)."""
+        """The decoder's rendering of the TARGET encoder's true features, per box: [boxes, S, S, 3] uint8, the model's
+        input with box b filled and the other boxes grey (sample 0 of ``seed``: the same noise as the first predicted sketch, so the
+        two differ only by their features)."""
         _, sampler = self._require_decoder(conditioning)
         self.check_sampling(1, num_steps, seed)
         cond = self._conditions(analysis, lambda box: box.true)
         with self._autocast():
             images = sampler.sample(cond, num_samples=1, num_steps=int(num_steps), seed=int(seed))
-        return self._composite(analysis, images.view(cond.batch_size, 1, *images.shape[1:]))[0]
+        return self._fills(analysis, images.view(cond.batch_size, 1, *images.shape[1:]))[0]
 
     def truth_vs_prediction(self, analysis: Analysis, predicted: SketchUpdate | None = None, seed: int = 0,
                             num_steps: int = DEFAULT_NUM_STEPS, conditioning: str | None = None) -> np.ndarray:
@@ -535,9 +545,9 @@ class Engine:
             if (predicted is not None and predicted.done and predicted.seed == seed
                     and predicted.conditioning == conditioning and predicted.num_steps == num_steps
                     and 0 in predicted.sample_indices):
-                prediction = predicted.images[predicted.sample_indices.index(0)]
+                prediction = predicted.box_images[predicted.sample_indices.index(0)]
             else:
-                prediction = self.sketches(analysis, 1, seed, num_steps, conditioning).images[0]
+                prediction = self.sketches(analysis, 1, seed, num_steps, conditioning).box_images[0]
         return render_truth_vs_prediction(analysis, truth, prediction, self.patch_size)
 
     def surprise_map(self, image: Image.Image | np.ndarray | str | Path | PreparedImage,

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 BOX_COLORS: tuple[tuple[int, int, int], ...] = ((230, 25, 75), (60, 180, 75), (67, 99, 216), (245, 130, 49))
 # One colour map for every prediction-error picture (the surprise map and the per-box error maps).
 ERROR_CMAP = "inferno"
+# What a hidden box shows where no sketch fills it.
+HIDDEN_GREY = 128
 
 
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:
@@ -30,9 +32,10 @@ def patch_bounds(box: BoxPrediction, grid_width: int, patch_size: int) -> tuple[
             (int(cols.max()) + 1) * patch_size, (int(rows.max()) + 1) * patch_size)
 
 
-def sketch_sheet(image: np.ndarray, analysis: Analysis, scale: int) -> np.ndarray:
-    """One sketch for display: the composite enlarged with the hidden regions outlined, then each box's region
-    enlarged further in a column on the right."""
+def sketch_sheet(image: np.ndarray, box_images: np.ndarray, analysis: Analysis, scale: int) -> np.ndarray:
+    """One sketch for display: the composite ``image`` enlarged with the hidden regions outlined, then each box's
+    region enlarged further in a column on the right, cut from ``box_images[b]`` (that box's own sketch), so a box
+    that overlaps another still shows its own sketch."""
     big = Image.fromarray(upscale(image, scale))
     draw = ImageDraw.Draw(big)
     gw = analysis.result.grid_size[1]
@@ -44,7 +47,7 @@ def sketch_sheet(image: np.ndarray, analysis: Analysis, scale: int) -> np.ndarra
     slot = side // len(bounds)
     panel = Image.new("RGB", (side, side), (255, 255, 255))
     for b, (x0, y0, x1, y1) in enumerate(bounds):
-        crop = image[y0:y1, x0:x1]
+        crop = box_images[b][y0:y1, x0:x1]
         factor = max(1, min((slot - 6) // crop.shape[0], (side - 6) // crop.shape[1]))
         tile = Image.fromarray(upscale(crop, factor))
         tile.thumbnail((side - 6, slot - 6), Image.Resampling.NEAREST)  # several large boxes: shrink to fit a slot
@@ -117,15 +120,17 @@ def render_feature_view(image: np.ndarray, pca_rgb: np.ndarray) -> np.ndarray:
 
 def render_truth_vs_prediction(analysis: Analysis, truth: np.ndarray | None, prediction: np.ndarray | None,
                                patch_size: int) -> np.ndarray:
-    """Rows of boxes; columns: input with the box hidden, decoded truth, decoded prediction, per-patch error."""
+    """Rows of boxes; columns: input with the boxes hidden, decoded truth, decoded prediction, per-patch error.
+    ``truth`` and ``prediction``: [boxes, S, S, 3], the input with box b filled and the other boxes grey (row b
+    shows its own box's decoding, whole even where another box overlaps it)."""
     base = analysis.prepared.to_uint8()
     size = base.shape[0]
     gh, gw = analysis.result.grid_size
     masks = analysis.box_masks()
     hidden = base.copy()
     for mask in masks:
-        hidden[mask] = 128
-    columns = [("Box {} hidden (grey)", hidden)]
+        hidden[mask] = HIDDEN_GREY
+    columns = [("Box {} hidden (grey)", [hidden] * len(masks))]
     if truth is not None and prediction is not None:
         columns += [("Decoded: true features", truth), ("Decoded: prediction", prediction)]
     rows = len(analysis.result.boxes)
@@ -137,8 +142,8 @@ def render_truth_vs_prediction(analysis: Analysis, truth: np.ndarray | None, pre
     for r, box in enumerate(analysis.result.boxes):
         x0, y0, x1, y1 = patch_bounds(box, gw, patch_size)
         color = tuple(c / 255 for c in BOX_COLORS[r % len(BOX_COLORS)])
-        for c, (title, picture) in enumerate(columns):
-            axes[r, c].imshow(picture, interpolation="nearest")
+        for c, (title, pictures) in enumerate(columns):
+            axes[r, c].imshow(pictures[r], interpolation="nearest")
             axes[r, c].set_title(title.format(r + 1), fontsize=11)
         grid = np.full(gh * gw, np.nan)
         grid[box.target_indices.numpy()] = box.errors.numpy()

@@ -200,6 +200,10 @@ def array_to_image(array: np.ndarray) -> Image.Image:
     if array.dtype == np.uint16:
         array = np.round(array / 257.0)
     elif np.issubdtype(array.dtype, np.floating):
+        top = float(np.nanmax(array, initial=0.0, where=np.isfinite(array)))
+        if top > 1.0 + 1e-3:  # 0-255 values in a float array would all read as white
+            raise InputError(f"a float image array must hold values in [0, 1], got up to {top:g}: divide it by 255 "
+                             "or pass uint8")
         array = np.round(np.clip(np.nan_to_num(array), 0, 1) * 255)
     elif array.dtype != np.uint8:
         raise InputError(f"unsupported image array dtype {array.dtype}: use uint8, uint16 or float in [0, 1]")

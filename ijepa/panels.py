@@ -60,10 +60,10 @@ def sketch_gallery(analysis: Analysis, update: SketchUpdate) -> list[tuple[np.nd
     scale = display_scale(analysis.prepared.size)
     pending = "" if update.done else " (the others are still being drawn)"
     decoder = DECODER_NAMES[update.conditioning].split(" (")[0]
-    return [(sketch_sheet(image, analysis, scale),
+    return [(sketch_sheet(image, box_images, analysis, scale),
              f"Sketch {index + 1} of {update.num_samples} · {decoder} decoder · seed {update.seed} · "
              f"{update.num_steps} steps{pending}")
-            for image, index in zip(update.images, update.sample_indices)]
+            for image, box_images, index in zip(update.images, update.box_images, update.sample_indices)]
 
 
 def neighbour_gallery(analysis: Analysis, bank: FeatureBank | None) -> list[tuple[np.ndarray, str]]:

@@ -358,7 +358,8 @@ def test_any_image_is_shown_whole_and_boxes_map_back_to_the_file(app_module, tmp
     """A 20 px icon is enlarged and a tall photo reduced to fit the drawing area's square canvas (both whole, the
     button in view, the drawing area the same size for both and after any turn), with room above the image for the
     number the widget writes above a box; boxes drawn there, also after a turn, reach the model in the file's pixels.
-    Odd sizes (7 x 5, 401 x 300) need the image's shown sides rounded to keep it exactly centred."""
+    Odd sizes (7 x 5, 401 x 300) need the image's shown sides rounded to keep it exactly centred, and the lit square
+    is the file's centre square scaled (7 x 5: file pixels 1-5, not the shown copy's own centre, half a pixel off)."""
     handlers = handlers_for(app_module, tiny_bundle(tmp_path / "b"))
     side, margin = app_module.CANVAS_SIDE, app_module.LABEL_MARGIN
     for size in ((20, 10), (300, 900), (7, 5), (401, 300)):
@@ -373,10 +374,14 @@ def test_any_image_is_shown_whole_and_boxes_map_back_to_the_file(app_module, tmp
         enlarged = width >= size[0] and height >= size[1]
         resample = Image.Resampling.NEAREST if enlarged else Image.Resampling.LANCZOS
         copy = np.asarray(Image.fromarray(pixels).resize((width, height), resample))
-        square = min(width, height)  # shown as it is in the centre square the model reads, dimmed around it
-        y, x = (height - square) // 2, (width - square) // 2
-        inside = shown[top + y:top + y + square, left + x:left + x + square]
-        assert np.array_equal(inside, copy[y:y + square, x:x + square])
+        # shown as it is in the centre square the model reads, dimmed around it
+        file_side = min(size)
+        file_x, file_y = (size[0] - file_side) // 2, (size[1] - file_side) // 2
+        x0, x1 = round(file_x * width / size[0]), round((file_x + file_side) * width / size[0])
+        y0, y1 = round(file_y * height / size[1]), round((file_y + file_side) * height / size[1])
+        lit = shown[top:top + height, left:left + width] == copy
+        rows, cols = np.nonzero(lit.all(-1))
+        assert lit[y0:y1, x0:x1].all() and (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == (y0, y1, x0, x1)
         assert shown[top:top + height, left:left + width].mean() < copy.mean()
         for turns in range(4):  # the widget turned clockwise: its canvas, its boxes and the image inside it turn
             upright = np.rot90(pixels, k=-turns)

@@ -29,7 +29,8 @@ from ijepa.checkpoint import load_model, save_model
 from ijepa import figures, panels
 import ijepa.engine as engine_module
 from ijepa.engine import Engine, InputError
-from ijepa.figures import BOX_COLORS, render_surprise, render_truth_vs_prediction, sketch_sheet
+from ijepa.figures import (BOX_COLORS, HIDDEN_GREY, patch_bounds, render_surprise, render_truth_vs_prediction,
+                           sketch_sheet, upscale)
 from ijepa.boxes import MAX_BOXES, boxes_to_masks, map_boxes
 from ijepa.inference import (MAX_IMAGE_PIXELS, LinearReadout, analyze_boxes, feature_pca, nearest_neighbours,
                              open_image, prepare_image, surprise_map, to_rgb, window_positions)
@@ -138,6 +139,17 @@ def test_32_bit_and_float_greyscale():
     np.testing.assert_array_equal(np.asarray(to_rgb(floats))[0, :, 2], [0, 128, 255])
 
 
+def test_float_arrays_are_read_in_0_to_1_and_0_to_255_is_refused():
+    """A float array of 0-255 values (an image cast with astype(float)) would clip to white: say how to pass it."""
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 6, 3)).astype(np.uint8)
+    pixels[0, 0] = 255
+    np.testing.assert_array_equal(np.asarray(to_rgb(pixels / 255.0)), pixels)
+    with pytest.raises(InputError, match=r"values in \[0, 1\], got up to 255: divide it by 255 or pass uint8"):
+        to_rgb(pixels.astype(np.float32))
+    nan_image = np.full((4, 4), np.nan, np.float32)
+    assert np.asarray(to_rgb(nan_image)).max() == 0  # NaN reads as 0, as before
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
 def test_common_formats_open(fmt):
     image = Image.new("RGB", (40, 30), RED)
@@ -212,6 +224,9 @@ def test_an_image_over_the_limit_is_refused_in_our_words_only(monkeypatch):
     ([[1, 2, 3]], r"\[xmin, ymin, xmax, ymax\]"),
     ([["a", 1, 2, 3]], "four numbers"),
     ([{"xmin": 1, "ymin": 2}], "missing"),
+    ([120, 80, 200, 160], r"a list of boxes, e.g. \[\[xmin.*one flat list of 4 numbers"),  # the outer list left out
+    ([120, 80, 200, 160, 5], "one flat list of 5 numbers"),  # not "5 boxes were given"
+    (np.array([10, 20, 90, 100]), "one flat list of 4 numbers"),
 ])
 def test_bad_boxes_are_refused_with_clear_messages(engine, boxes, message):
     image = np.zeros((240, 240, 3), np.uint8)
@@ -590,18 +605,54 @@ def test_sketches_are_reproducible_from_the_seed(engine, two_box_analysis):
 def test_truth_vs_prediction_decodes_both(engine, two_box_analysis):
     truth = engine.decode_truth(two_box_analysis, seed=3, num_steps=STEPS)
     predicted = engine.sketches(two_box_analysis, 1, seed=3, num_steps=STEPS)
-    assert np.abs(truth.astype(int) - predicted.images[0].astype(int)).max() > 0  # different features
+    assert truth.shape == predicted.box_images[0].shape == (2, SIZE, SIZE, 3)  # per box
+    assert np.abs(truth.astype(int) - predicted.box_images[0].astype(int)).max() > 0  # different features
     figure = engine.truth_vs_prediction(two_box_analysis, predicted, seed=3, num_steps=STEPS)
     assert figure.ndim == 3 and figure.shape[2] == 3 and figure.shape[0] > 200
     # the decoded truth under "true features", the sketch under "prediction": not swapped on the way to the figure
-    assert np.array_equal(figure, render_truth_vs_prediction(two_box_analysis, truth, predicted.images[0], PATCH))
+    assert np.array_equal(figure, render_truth_vs_prediction(two_box_analysis, truth, predicted.box_images[0], PATCH))
+
+
+def test_overlapping_boxes_each_keep_their_own_sketch(engine):
+    """The composite shows the later box where two overlap; each box's own panels (its crop in the sketch sheet, its
+    row of truth vs prediction) must still show the whole of its own sketch, not the other box's."""
+    image = np.random.default_rng(5).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    analysis = engine.analyze(image, [[0, 0, SIZE // 2, SIZE // 2], [SIZE // 4, SIZE // 4, 3 * SIZE // 4, 3 * SIZE // 4]])
+    first, second = analysis.box_masks()
+    overlap = first & second
+    assert overlap.any()
+    update = engine.sketches(analysis, 1, seed=2, num_steps=STEPS)
+    composite, own = update.images[0], update.box_images[0]
+    base = analysis.prepared.to_uint8()
+    outside = ~(first | second)
+    for fill in own:
+        np.testing.assert_array_equal(fill[outside], base[outside])  # the context stays exact
+    np.testing.assert_array_equal(composite[second], own[1][second])  # the later box on top
+    np.testing.assert_array_equal(composite[first & ~second], own[0][first & ~second])
+    assert np.abs(own[0][overlap].astype(int) - own[1][overlap].astype(int)).max() > 10  # two different sketches
+    assert (own[0][second & ~first] == HIDDEN_GREY).all()  # the other box is hidden, not its truth or its sketch
+    gw = analysis.result.grid_size[1]
+    x0, y0, x1, y1 = patch_bounds(analysis.result.boxes[0], gw, PATCH)
+    scale = 4
+    panel = sketch_sheet(composite, own, analysis, scale=scale)[:, SIZE * scale + 8:]
+
+    def shown(crop: np.ndarray) -> bool:  # the crop, enlarged by some whole factor, inside its 2-px frame
+        for factor in range(1, 9):
+            inner = upscale(crop, factor)[2:-2, 2:-2]
+            h, w = inner.shape[:2]
+            if h and any(np.array_equal(panel[r:r + h, c:c + w], inner)
+                         for r in range(panel.shape[0] - h + 1) for c in range(panel.shape[1] - w + 1)):
+                return True
+        return False
+
+    assert shown(own[0][y0:y1, x0:x1]) and not shown(composite[y0:y1, x0:x1])
 
 
 def test_sketch_sheet_crops_stay_in_their_own_slots(engine):
     """At display scale 1 (models of 129 px and more) two full-height boxes must not overlap in the crop column."""
     image = np.random.default_rng(9).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     analysis = engine.analyze(image, [[0, 0, 2 * PATCH, SIZE], [SIZE - 2 * PATCH, 0, SIZE, SIZE]])
-    sheet = sketch_sheet(image, analysis, scale=1)
+    sheet = sketch_sheet(image, np.stack([image, image]), analysis, scale=1)
     panel = sheet[:, SIZE + 8:]
     slot = SIZE // 2
     for b in range(2):
@@ -852,7 +903,7 @@ def test_every_panel_works_with_the_model_on_a_gpu(bundle):
     analysis = engine.analyze(image, [[25, 25, 75, 75]])
     update = engine.sketches(analysis, num_samples=2, seed=1, num_steps=STEPS)
     assert len(update.images) == 2 and update.images[0].dtype == np.uint8
-    assert engine.decode_truth(analysis, seed=1, num_steps=STEPS).shape == (SIZE, SIZE, 3)
+    assert engine.decode_truth(analysis, seed=1, num_steps=STEPS).shape == (len(analysis.result.boxes), SIZE, SIZE, 3)
     assert engine.surprise_map(image).errors.shape == (GRID, GRID)
     assert engine.feature_view(image).ndim == 3
 
@@ -957,7 +1008,7 @@ def test_truth_and_prediction_are_drawn_under_their_own_titles(engine, monkeypat
     red[..., 0], blue[..., 2] = 255, 255
     kept, to_array = [], figures._figure_to_array
     monkeypatch.setattr(figures, "_figure_to_array", lambda fig: kept.append(fig) or to_array(fig))
-    pixels = render_truth_vs_prediction(analysis, red, blue, PATCH)
+    pixels = render_truth_vs_prediction(analysis, red[None], blue[None], PATCH)
     (fig,) = kept
     height = pixels.shape[0]
     centres = {}
