@@ -2,6 +2,7 @@
 from .model import (
     CONDITIONINGS,
     FEATURE_SPACE_NOTE,
+    DecoderWeightsMismatch,
     SketchCondition,
     SketchDecoder,
     box_mask_from_indices,
@@ -13,6 +14,7 @@ from .pipeline import DEFAULT_NUM_STEPS, SketchProgress, SketchSampler, initial_
 __all__ = [
     "CONDITIONINGS",
     "DEFAULT_NUM_STEPS",
+    "DecoderWeightsMismatch",
     "FEATURE_SPACE_NOTE",
     "SketchCondition",
     "SketchDecoder",

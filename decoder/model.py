@@ -208,6 +208,10 @@ class SketchCondition:
         return pooled(self.tokens, self.token_mask)
 
 
+class DecoderWeightsMismatch(ValueError):
+    """A decoder folder whose weights do not fit its config.json (the two files come from different decoders)."""
+
+
 class SketchDecoder(ModelMixin, ConfigMixin):
     """Pixel-space UNet that denoises images given I-JEPA predictor outputs for a target box.
 
@@ -309,6 +313,28 @@ class SketchDecoder(ModelMixin, ConfigMixin):
         )
         self.feature_proj = nn.Conv2d(feature_dim, feature_channels, kernel_size=1) if self.spatial else None
         self._train_scheduler: DDPMScheduler | None = None
+
+    @classmethod
+    def load_checked(cls, folder, **kwargs) -> "SketchDecoder":
+        """``from_pretrained`` (safetensors only, nothing unpickled; ``low_cpu_mem_usage=False``: the same loading
+        path with or without accelerate installed) that refuses weights which do not all fit the
+        folder's config.json: diffusers only warns about missing or unexpected keys, and leaves a missing weight
+        uninitialised, so a mismatched folder drew wrong sketches with no word. DecoderWeightsMismatch then."""
+        try:
+            decoder, info = cls.from_pretrained(folder, low_cpu_mem_usage=False, use_safetensors=True,
+                                                output_loading_info=True, **kwargs)
+        except RuntimeError as err:
+            if "state_dict" not in str(err):  # not a weights/config mismatch: a real error, shown as it is
+                raise
+            detail = " ".join(str(err).split())[:300] + "..."  # torch's load_state_dict: shapes that do not fit
+        else:
+            wrong = [(kind, info[kind]) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[kind]]
+            if not wrong:
+                return decoder
+            detail = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(map(str, keys[:3]))}"
+                               f"{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}" for kind, keys in wrong)
+        raise DecoderWeightsMismatch(f"{folder}: its weights do not fit its config.json (the two files come from "
+                                     f"different decoders?): {detail}")
 
     def feature_map(self, cond: SketchCondition) -> torch.Tensor:
         """Per-patch tokens -> [B, feature_channels, H, W]: scatter on the grid, 1x1 conv, nearest upsample."""

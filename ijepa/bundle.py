@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from decoder import SketchDecoder
+from decoder import DecoderWeightsMismatch, SketchDecoder
 
 from .checkpoint import DECODER_WEIGHTS_NAME, WEIGHTS_NAME, save_model, save_safetensors, share_as_umask_allows
 from .errors import InputError
@@ -109,19 +109,13 @@ def load_decoder(path: str | Path, model: IJepa, checkpoint: str | Path = "<chec
     if (path / WEIGHTS_NAME).is_file() and not (path / DECODER_WEIGHTS_NAME).is_file():
         raise ValueError(f"{path} is a model folder ({WEIGHTS_NAME}), not a sketch decoder: load it with "
                          f"--checkpoint. A decoder folder holds {DECODER_WEIGHTS_NAME} (train one with `{hint}`)")
-    try:  # safetensors only: a decoder folder never unpickles anything
-        decoder = SketchDecoder.from_pretrained(path, low_cpu_mem_usage=False, use_safetensors=True).float().eval()
+    try:
+        decoder = SketchDecoder.load_checked(path).float().eval()
+    except DecoderWeightsMismatch as err:
+        raise ValueError(f"{err} Copy the folder again, or train one with `{hint}`") from None
     except (OSError, SafetensorError, ValueError) as err:
         raise ValueError(f"{path}: cannot read the sketch decoder (truncated download, or not a safetensors decoder "
                          f"folder): {err} Copy the folder again, or train one with "
-                         f"`{hint}`") from None
-    except RuntimeError as err:
-        if "state_dict" not in str(err):  # not a weights/config mismatch: a real error, shown as it is
-            raise
-        # torch's load_state_dict: the weights are not the ones config.json describes
-        detail = " ".join(str(err).split())[:300]
-        raise ValueError(f"{path}: its weights do not fit its config.json (the two files come from different "
-                         f"decoders?): {detail}... Copy the folder again, or train one with "
                          f"`{hint}`") from None
     expected = {"feature_dim": config.embed_dim, "grid_size": tuple(config.grid_size), "image_size": config.img_size}
     found = {"feature_dim": decoder.config.feature_dim, "grid_size": tuple(decoder.config.grid_size),

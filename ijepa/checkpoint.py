@@ -277,6 +277,10 @@ def split_official(raw: dict) -> dict[str, dict[str, torch.Tensor]]:
         if {"model", "optimizer", "step"} <= set(raw):
             raise CheckpointError("a training checkpoint of train.pretrain: make a model folder of it with "
                                   "`python -m train.export_checkpoint <this file> --out <folder>` and load that")
+        if any(strip_prefix({k: None}).popitem()[0].startswith(("encoder.", "target_encoder.")) for k in raw):
+            raise CheckpointError("the flat state dict of a whole I-JEPA model (keys under 'encoder.', "
+                                  "'target_encoder.', 'predictor.'), which does not say how the model was built: "
+                                  "save it with ijepa.save_model(model, folder) and load that folder")
         if any(k.endswith("patch_embed.proj.weight") for k in raw):
             return {"encoder": strip_prefix(raw)}
         raise CheckpointError(f"no 'encoder' or 'target_encoder' in this checkpoint (its keys: {sorted(raw)[:8]}); "
@@ -335,6 +339,9 @@ def load_official(path: str | Path) -> IJepa:
     except CheckpointError as err:  # split_official and infer_config do not know the file: name it
         raise CheckpointError(f"{path}: {err}") from None
     config.trained_on = "official I-JEPA release (see the file name for data and epochs)"
+    if target is None:  # said where the app shows it: the paper's features are the target encoder's
+        config.trained_on += ("; the file has no target_encoder, so the context encoder stands in for it (the "
+                              "features and the truth the predictions are compared with)")
     model = _empty_model(config)
     copy_of = lambda part: {k: v.clone() for k, v in part.items()}  # one file part for both: no shared storage
     _load_part(model.encoder, encoder if encoder is not None else copy_of(target), "encoder", path)

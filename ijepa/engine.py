@@ -342,21 +342,23 @@ class Engine:
         if extras:
             lines.append("**Readout:** " + ", ".join(extras) + ".")
         card = self.model_card_path()
-        if card.is_file():
+        if card and card.is_file():
             lines.append(f"**Model card** (below; `{shown_path(str(card))}`): how it was trained, its measured "
                          "figures, limits.")
         lines.extend(f"*{note}*" for note in self.notes)
         return "\n\n".join(lines)
 
-    def model_card_path(self) -> Path:
-        """Where a bundle keeps its model card: beside its model folder (it may not exist)."""
-        return Path(self.info.source).parent / MODEL_CARD_NAME
+    def model_card_path(self) -> Path | None:
+        """Where a bundle keeps its model card: beside its model folder (it may not exist). None for a checkpoint
+        file: a card beside an official .pth.tar (one dropped into assets/) tells another model's story."""
+        source = Path(self.info.source)
+        return source.parent / MODEL_CARD_NAME if source.is_dir() else None
 
     def model_card(self) -> str:
         """The bundle's model card (Markdown), "" for a model without one: the app shows it, since a visitor of a
         served app cannot open a file on the server."""
         card = self.model_card_path()
-        return card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
+        return card.read_text(encoding="utf-8", errors="replace") if card and card.is_file() else ""
 
     def warm_up(self) -> None:
         """Run every path once on a blank image so the first user does not pay for kernel selection."""

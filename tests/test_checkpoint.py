@@ -25,10 +25,14 @@ def tiny_config(**kw) -> IJepaConfig:
     return IJepaConfig.from_arch("vit_tiny", **args)
 
 
+def prefixed(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state dict as the official DDP-wrapped training saves it."""
+    return {f"module.{k}": v for k, v in module.state_dict().items()}
+
+
 def write_official(path, model: IJepa, legacy: bool = False, **extra):
     """Exactly the official layout: DDP prefixes, optimizer and scaler state, bookkeeping scalars. ``legacy``: in
     torch.save's old non-zip format, as files written before PyTorch 1.6 (or with that option) are."""
-    prefixed = lambda m: {f"module.{k}": v for k, v in m.state_dict().items()}  # noqa: E731
     opt = torch.optim.AdamW(model.encoder.parameters())
     payload = {"encoder": prefixed(model.encoder), "predictor": prefixed(model.predictor),
                "target_encoder": prefixed(model.target_encoder), "opt": opt.state_dict(), "scaler": None,
@@ -116,6 +120,27 @@ def test_encoder_only_file_loads_without_predictor(tmp_path, model):
     for context, target in zip(loaded.encoder.parameters(), loaded.target_encoder.parameters()):
         assert context.data_ptr() != target.data_ptr()
     torch.testing.assert_close(next(loaded.target_encoder.parameters()), next(model.target_encoder.parameters()))
+
+
+def test_a_file_without_target_encoder_says_so_where_the_app_shows_it(tmp_path, model):
+    """The paper's features are the target encoder's: a slimmed file that lost it must say what stands in."""
+    path = tmp_path / "slim.pth.tar"
+    torch.save({"encoder": prefixed(model.encoder), "predictor": prefixed(model.predictor)}, path)
+    loaded = load_model(path)
+    assert "no target_encoder, so the context encoder stands in for it" in loaded.config.trained_on
+    full = tmp_path / "full.pth.tar"
+    torch.save({name: prefixed(getattr(model, name)) for name in ("encoder", "predictor", "target_encoder")}, full)
+    assert "stands in" not in load_model(full).config.trained_on
+
+
+def test_a_flat_state_dict_of_a_whole_model_is_named_with_what_to_do(tmp_path, model):
+    """torch.save(model.state_dict()) was called 'not an I-JEPA checkpoint' (its keys under 'encoder.')."""
+    for prefix in ("", "module."):
+        path = tmp_path / f"flat{prefix}pth"
+        torch.save({f"{prefix}{k}": v for k, v in model.state_dict().items()}, path)
+        with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}: the flat state dict of a whole I-JEPA "
+                                                  r"model .*ijepa.save_model\(model, folder\)"):
+            load_model(path)
 
 
 def test_our_format_round_trip_rebuilds_without_flags(tmp_path, model):
@@ -466,7 +491,6 @@ def test_a_plain_pickle_is_not_called_truncated(tmp_path):
 def test_target_encoder_and_predictor_without_encoder_leave_the_predictor_out(tmp_path, model, caplog):
     """The predictor was trained on context-encoder tokens; before, it silently got target-encoder tokens. Now the
     file loads for features (exactly the target encoder's) with a warning, and without a predictor."""
-    prefixed = lambda m: {f"module.{k}": v for k, v in m.state_dict().items()}  # noqa: E731
     path = tmp_path / "no-context.pth.tar"
     torch.save({"target_encoder": prefixed(model.target_encoder), "predictor": prefixed(model.predictor)}, path)
     with caplog.at_level(logging.WARNING, logger="ijepa.checkpoint"):

@@ -704,6 +704,12 @@ def test_missing_parts_switch_panels_off_with_explanations(bundle, tmp_path):
     with_card = Engine.load(partial, device="cpu")
     assert "**Model card** (below; `" in with_card.describe()  # named where the page can say it
     assert with_card.model_card() == "# card\n"  # and shown on the page: a visitor cannot open the server's file
+    official = partial / "IN1K-vit.tiny.pth.tar"  # a checkpoint file dropped beside that card: not its story
+    model = load_model(partial / "model")
+    torch.save({name: getattr(model, name).state_dict() for name in ("encoder", "predictor", "target_encoder")},
+               official)
+    from_file = Engine.load(checkpoint=official, device="cpu")
+    assert from_file.model_card() == "" and "Model card" not in from_file.describe()
     analysis = engine.analyze(np.zeros((64, 64, 3), np.uint8), [[16, 16, 40, 40]])
     assert analysis.reports[0].probe == {} and analysis.reports[0].neighbours == ()
     with pytest.raises(ValueError, match="python -m train.decoder"):
@@ -767,6 +773,17 @@ def test_load_errors_say_what_to_do(bundle, tmp_path):
     (mismatched / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"weights do not fit its config\.json.*size mismatch.*--conditioning pooled"):
         Engine.load(bundle, checkpoint=bundle / "model", decoder=mismatched, device="cpu")
+    # weights with keys left out or to spare: diffusers only warns (a missing weight stays uninitialised memory)
+    weights = load_file(bundle / "decoder_paper" / "diffusion_pytorch_model.safetensors")
+    fewer = next(key for key in weights if key.startswith("pooled_embedding"))
+    for name, kept in (("missing", {k: v for k, v in weights.items() if k != fewer}),
+                       ("unexpected", {**weights, "extra.weight": torch.zeros(2)})):
+        folder = tmp_path / f"{name}_keys_decoder"
+        shutil.copytree(bundle / "decoder_paper", folder)
+        save_file(kept, folder / "diffusion_pytorch_model.safetensors")
+        with pytest.raises(ValueError, match=rf"weights do not fit its config\.json.*{name} keys: "
+                                             rf"{fewer if name == 'missing' else 'extra.weight'}"):
+            Engine.load(bundle, checkpoint=bundle / "model", decoder=folder, device="cpu")
 
 
 def test_the_decoder_hint_asks_for_images_only_for_a_model_that_did_not_learn_the_emoji_world():

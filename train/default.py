@@ -243,7 +243,7 @@ def unreadable_decoder(folder: Path) -> Exception | None:
     """Why a decoder export cannot be read (cut short, not safetensors, weights that do not fit its config), or None.
     Only damage: whether it fits the model is the settings checks' question, asked later."""
     try:
-        SketchDecoder.from_pretrained(folder, low_cpu_mem_usage=False, use_safetensors=True)
+        SketchDecoder.load_checked(folder)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         return err
     return None
@@ -481,8 +481,7 @@ def write_bundle(folder: Path, out: Path, model_dir: Path, decoders: dict[str, P
     model = load_model(model_dir)
     save_model(model, folder / MODEL_DIR, dtype=torch.float16)
     for mode, name in DECODER_DIRS.items():
-        # low_cpu_mem_usage=False: the same loading path with or without accelerate installed
-        decoder = SketchDecoder.from_pretrained(decoders[mode], torch_dtype=torch.float16, low_cpu_mem_usage=False)
+        decoder = SketchDecoder.load_checked(decoders[mode], torch_dtype=torch.float16)
         decoder.save_pretrained(folder / name)
     for suffix in (".safetensors", ".json"):
         for name in PROBE_NAMES:

@@ -85,8 +85,7 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, c
 
     # Scored as it will ship, in fp16 like the decoder beside it, then swapped in from that same copy.
     shipped = eval_dir / "decoder_fp16"
-    SketchDecoder.from_pretrained(run / "decoder", torch_dtype=torch.float16,
-                                  low_cpu_mem_usage=False).save_pretrained(shipped)
+    SketchDecoder.load_checked(run / "decoder", torch_dtype=torch.float16).save_pretrained(shipped)
     share_as_umask_allows(shipped)
     scored = {name: shipped if name == slot else bundle / folder for name, folder in DECODER_DIRS.items()}
     start = time.perf_counter()
