@@ -280,6 +280,11 @@ def test_a_patch_split_evenly_goes_to_the_emoji_on_top(catalog):
     layer[12:, :8] = 1
     patches = renderer._patch_labels(layer, [5, 9])
     assert patches[0, 0] == 5 and patches[1, 0] == 9
+    # two copies of base 5 with base 9 drawn between them: 32 pixels of 5 (both copies) against 32 of 9, and a
+    # copy of 5 is on top, so 5 wins (their pixels were pooled on the lower copy, and 9 won the tie)
+    layer = np.full((16, 16), -1)
+    layer[:2, :8], layer[2:4, :8], layer[4:8, :8] = 0, 2, 1
+    assert renderer._patch_labels(layer, [5, 9, 5])[0, 0] == 5
 
 
 def test_main_emoji_sampling_is_balanced_over_bases(catalog):
@@ -496,6 +501,22 @@ def test_image_folder_training_order_is_shuffled_per_epoch_and_reproducible(tmp_
     assert [ImageFolderDataset(tmp_path, resolution=4, seed=1)._file_index(i) for i in range(n)] != epochs[0]
     evaluation = ImageFolderDataset(tmp_path, resolution=4, mode="eval")
     assert [evaluation[i]["label"] for i in range(n)] == [label for _, label in evaluation.samples]
+
+
+def test_a_truncated_jpeg_is_left_out_before_evaluation_starts(tmp_path, caplog):
+    """Pillow's verify() reads a JPEG's header only: a file cut short passed, and stopped the evaluation partway."""
+    (tmp_path / "cats").mkdir()
+    for i in range(3):
+        pixels = np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "cats" / f"{i}.jpg")
+    whole = (tmp_path / "cats" / "0.jpg").read_bytes()
+    (tmp_path / "cats" / "0.jpg").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "cats" / "1.jpg").write_bytes((tmp_path / "cats" / "1.jpg").read_bytes() + b"camera trailer")
+    with caplog.at_level(logging.WARNING):
+        data = ImageFolderDataset(tmp_path / "cats", 32, mode="eval")
+    assert sorted(p.name for p, _ in data.samples) == ["1.jpg", "2.jpg"]  # data after the end marker still reads
+    assert "leaving out 1 of 3" in caplog.text and "truncated" in caplog.text
+    assert all(torch.isfinite(data[i]["image"]).all() for i in range(len(data)))
 
 
 def test_image_folder_flat_eval_and_errors(tmp_path, caplog):

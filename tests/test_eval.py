@@ -307,6 +307,16 @@ def test_a_train_folder_is_scored_against_its_test_or_validation_folder(tmp_path
     assert results["features"]["raw_pixels"]["knn_label"] == 100.0
 
 
+def test_an_unlabelled_test_folder_leaves_train_split_80_20(tmp_path, tiny_model):
+    """A competition's layout, train/<class>/ beside a flat test/ of unlabelled images, was refused outright."""
+    rng = np.random.default_rng(0)
+    for name, colour in (("blue", (30, 30, 220)), ("red", (220, 30, 30))):
+        _colour_images(tmp_path / "train" / name, colour, 5, rng)
+    _colour_images(tmp_path / "test", (120, 120, 120), 3, rng)
+    results = evaluation.evaluate_folder(tiny_model, tmp_path)
+    assert results["split"] == "random 80/20 (seed 0)" and (results["bank_size"], results["query_size"]) == (8, 2)
+
+
 def test_an_unrecognised_split_layout_is_refused(tmp_path, tiny_model):
     rng = np.random.default_rng(0)
     for split in ("train", "holdout"):

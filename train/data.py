@@ -57,13 +57,24 @@ def _read_rgb(path: Path) -> Image.Image:
 
 def _unreadable_reason(path: Path) -> str | None:
     """Why Pillow cannot read the file, from its header and (for PNG, GIF, ...) its checksums, without decoding
-    the pixels; None when it looks readable."""
+    the pixels; None when it looks readable. verify() reads only a JPEG's header, so a JPEG that does not end
+    with its end-of-image marker (cut short, or with data after the marker) is decoded to tell."""
     try:
         with Image.open(path) as image:
+            is_jpeg = image.format == "JPEG"
             image.verify()
+        if is_jpeg and not _ends_with_jpeg_marker(path):
+            with Image.open(path) as image:
+                image.load()
     except _READ_ERRORS as error:
         return f"{type(error).__name__}: {error}"
     return None
+
+
+def _ends_with_jpeg_marker(path: Path) -> bool:
+    with open(path, "rb") as file:
+        file.seek(-2, os.SEEK_END)
+        return file.read(2) == b"\xff\xd9"
 
 
 def _split_layout_error(root: Path, class_files: list[tuple[str, list[Path]]]) -> str | None:

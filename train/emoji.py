@@ -585,10 +585,11 @@ class SceneRenderer:
         cell = (patch_of_pixel[:, None] * g + patch_of_pixel[None, :])
         counts = np.bincount((cell * (n_layers + 1) + layer + 1).ravel(), minlength=g * g * (n_layers + 1))
         counts = counts.reshape(g * g, n_layers + 1)
-        # Two copies of one base (siblings, a theme) cover a patch together: pool their pixels on the first copy.
-        first_copy = [0] + [1 + bases.index(base) for base in bases]
+        # Two copies of one base (siblings, a theme) cover a patch together: pool their pixels on the topmost copy,
+        # so that in a tie with an emoji drawn between them the one on top still wins.
+        top_copy = [0] + [1 + max(i for i, b in enumerate(bases) if b == base) for base in bases]
         pooled = np.zeros_like(counts)
-        np.add.at(pooled.T, first_copy, counts.T)
+        np.add.at(pooled.T, top_copy, counts.T)
         winner = n_layers - np.argmax(pooled[:, ::-1], axis=1)  # column index; reversed so upper layers win ties
         lookup = np.asarray([-1] + list(bases), dtype=np.int64)
         return lookup[winner].reshape(g, g)

@@ -384,15 +384,23 @@ def evaluate_predictor_semantics(model: IJepa, num_train: int = 3000, num_test: 
 
 # ----- image folders -------------------------------------------------------------------------------------------
 
-def _split_folders(root: Path) -> tuple[Path, Path] | None:
+def _split_folders(root: Path) -> tuple[Path, Path | None] | None:
     """root/train/ and the held-out folder beside it (val/, valid/, validation/ or test/, preferred in that order;
-    any case), or None when root has no such pair."""
+    any case), or None when root has no such pair. A held-out folder without class sub-folders (a competition's
+    unlabelled test/) is passed over; with none left, (train/, None): train/ alone, split 80/20."""
     from train.data import HELDOUT_SPLIT_NAMES
 
     folders = {d.name.lower(): d for d in sorted(root.iterdir()) if d.is_dir()}
     heldout = [folders[name] for name in HELDOUT_SPLIT_NAMES if name in folders]
     if "train" not in folders or not heldout:
         return None
+    unlabelled = [d for d in heldout if not any(c.is_dir() and not c.name.startswith(".") for c in d.iterdir())]
+    if unlabelled:
+        logger.info("%s: %s has no class sub-folders (no labels), so it is not scored against", root,
+                    ", ".join(f"{d.name}/" for d in unlabelled))
+        heldout = [d for d in heldout if d not in unlabelled]
+        if not heldout:
+            return folders["train"], None
     if len(heldout) > 1:
         logger.info("%s has %s: scoring %s/ against %s/", root, [d.name for d in heldout], folders["train"].name,
                     heldout[0].name)
