@@ -328,7 +328,8 @@ class SketchDecoder(ModelMixin, ConfigMixin):
                 raise
             detail = " ".join(str(err).split())[:300] + "..."  # torch's load_state_dict: shapes that do not fit
         else:
-            wrong = [(kind, info[kind]) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[kind]]
+            kinds = ("missing_keys", "unexpected_keys", "mismatched_keys")
+            wrong = [(kind, info[kind]) for kind in kinds if info[kind]]
             if not wrong:
                 return decoder
             detail = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(map(str, keys[:3]))}"

@@ -522,9 +522,9 @@ class Engine:
 
     def decode_truth(self, analysis: Analysis, seed: int = 0, num_steps: int = DEFAULT_NUM_STEPS,
                      conditioning: str | None = None) -> np.ndarray:
-        """The decoder's rendering of the TARGET encoder's true features, per box: [boxes, S, S, 3] uint8, the model's
-        input with box b filled and the other boxes grey (sample 0 of ``seed``: the same noise as the first predicted sketch, so the
-        two differ only by their features)."""
+        """The decoder's rendering of the TARGET encoder's true features, per box: [boxes, S, S, 3] uint8, the
+        model's input with box b filled and the other boxes grey (sample 0 of ``seed``: the same noise as the first
+        predicted sketch, so the two differ only by their features)."""
         _, sampler = self._require_decoder(conditioning)
         self.check_sampling(1, num_steps, seed)
         cond = self._conditions(analysis, lambda box: box.true)

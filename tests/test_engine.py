@@ -617,7 +617,8 @@ def test_overlapping_boxes_each_keep_their_own_sketch(engine):
     """The composite shows the later box where two overlap; each box's own panels (its crop in the sketch sheet, its
     row of truth vs prediction) must still show the whole of its own sketch, not the other box's."""
     image = np.random.default_rng(5).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-    analysis = engine.analyze(image, [[0, 0, SIZE // 2, SIZE // 2], [SIZE // 4, SIZE // 4, 3 * SIZE // 4, 3 * SIZE // 4]])
+    quarter = SIZE // 4
+    analysis = engine.analyze(image, [[0, 0, 2 * quarter, 2 * quarter], [quarter, quarter, 3 * quarter, 3 * quarter]])
     first, second = analysis.box_masks()
     overlap = first & second
     assert overlap.any()
