@@ -357,6 +357,27 @@ def test_resume_in_an_empty_folder_says_it_starts_a_new_run(tmp_path, caplog):
     assert "no checkpoint in" in caplog.text and "starting the run from step 0" in caplog.text
 
 
+def test_a_resume_past_the_new_end_is_refused_and_leaves_the_run_as_it_was(tmp_path):
+    """--steps lowered below the checkpoint's step trained nothing, yet rewrote config.yaml to the shorter run."""
+    train(tiny(tmp_path / "run", "--steps", "6", "--ckpt-every", "6"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"ckpt-00000006.pt: it is at step 6, past --steps 4\. Resume with "
+                                         r"--steps 6 or more"):
+        train(tiny(tmp_path / "run", "--steps", "4", "--resume", "true", "--allow-changes", "steps"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("device, message", [("cdua", "unknown device 'cdua'"), ("mps", "mps")])
+def test_a_device_typo_is_refused_under_torchrun_too(monkeypatch, device, message):
+    """Under torchrun only 'cuda*' was looked at: any other value trained every rank on the CPU without a word."""
+    from train.runtime import setup_runtime
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # refused for torchrun, not as absent
+    with pytest.raises(ValueError, match=message):
+        setup_runtime(device)
+
+
 def test_any_kept_checkpoint_exports_as_a_model_folder(tmp_path):
     finished = train(tiny(tmp_path / "run", "--steps", "4", "--ckpt-every", "2"))
     middle = export_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000002.pt")

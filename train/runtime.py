@@ -44,10 +44,15 @@ class Runtime:
 
 
 def setup_runtime(device: str = "auto") -> Runtime:
-    """Single process, or DDP when launched by torchrun (RANK set): NCCL on GPUs, gloo on CPUs."""
+    """Single process, or DDP when launched by torchrun (RANK set): NCCL on GPUs, gloo on CPUs. A device that is not
+    there is refused in both (under torchrun a typo once trained every rank on the CPU)."""
+    device = resolve_device(device)
     if "RANK" not in os.environ:
-        return Runtime(device=torch.device(resolve_device(device)))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+        return Runtime(device=torch.device(device))
+    if device.startswith("mps"):
+        raise ValueError("--device mps: torchrun's process groups run on CUDA (NCCL) or the CPU (gloo), not on an "
+                         "Apple GPU; train in one process with --device mps, or use --device cpu under torchrun")
+    use_cuda = device.startswith("cuda")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if use_cuda:
         torch.cuda.set_device(local)
@@ -183,6 +188,10 @@ def resume_state(ckpt_dir: Path, config, world_size: int = 1, holds: str = "mode
         raise ValueError(f"cannot resume from {path}: it was written by {saved_world} process(es) and this "
                          f"run has {world_size}, which changes the global batch and the data order. Resume with "
                          f"{saved_world} process(es) in all, or choose another --out-dir.")
+    if state["step"] > config.steps:  # nothing would train, the log would run past the end, config.yaml say less
+        raise ValueError(f"cannot resume from {path}: it is at step {state['step']}, past --steps {config.steps}. "
+                         f"Resume with --steps {state['step']} or more, or choose another --out-dir (nothing was "
+                         "overwritten).")
     return state, path
 
 
