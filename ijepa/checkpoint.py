@@ -36,6 +36,7 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT_TAG = "ijepa-visible/1"
 DECODER_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what diffusers' save_pretrained writes
 PARTS = ("encoder", "target_encoder", "predictor")
+RECIPE_BUNDLE_DIR = "bundle"  # where python -m train.default leaves a finished run's bundle, inside its --out-dir
 
 
 class CheckpointError(RuntimeError):
@@ -409,15 +410,29 @@ def _describe_config(data: dict) -> str:
     return f"has fields this project does not write ({sorted(data)[:6]})"
 
 
+def recipe_bundle_hint(folder: str | Path) -> str:
+    """" (... its bundle is X)" when ``folder`` is the out-dir of a finished train.default run, else "": users pass
+    the out-dir where a bundle is asked for."""
+    bundle = Path(folder) / RECIPE_BUNDLE_DIR
+    if (bundle / "model" / WEIGHTS_NAME).is_file():
+        return f" ({folder} is the out-dir of python -m train.default: its bundle is {bundle})"
+    return ""
+
+
 def load_ours(directory: str | Path) -> IJepa:
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not weights_path.is_file():  # a folder users often pass by mistake: say which one to pass
         if (directory / DECODER_WEIGHTS_NAME).is_file():
-            raise CheckpointError(f"{directory} is a sketch decoder folder: load it with --decoder; a checkpoint is "
+            raise CheckpointError(f"{directory} is a sketch decoder folder, not a model (the app takes it with "
+                                  "--decoder, beside the model it decodes); a model is "
                                   f"{ACCEPTED}")
         if (directory / "model" / WEIGHTS_NAME).is_file():
             raise CheckpointError(f"{directory} is a run or bundle folder: its model is {directory / 'model'}")
+        for inner in (Path(RECIPE_BUNDLE_DIR) / "model", Path("pretrain") / "model"):
+            if (directory / inner / WEIGHTS_NAME).is_file():
+                raise CheckpointError(f"{directory} is the out-dir of python -m train.default: its model is "
+                                      f"{directory / inner}")
     for p in (config_path, weights_path):
         if not p.is_file():
             raise CheckpointError(f"{directory}: missing {p.name}; a model folder holds {CONFIG_NAME} and "

@@ -43,7 +43,7 @@ from decoder.pipeline import DEFAULT_NUM_STEPS
 from .boxes import MAX_BOXES, Box, boxes_to_masks, map_boxes, parse_box
 from .bundle import (DECODER_DIRS, DEFAULT_ASSETS, EXAMPLES_DIR, MODEL_CARD_NAME, MODEL_DIR, Example, FeatureBank,
                      load_decoder, load_examples, load_readouts, train_decoder_hint)
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, recipe_bundle_hint
 from .device import resolve_device, resolve_precision
 from .errors import InputError
 from .figures import HIDDEN_GREY, render_feature_view, render_surprise, render_truth_vs_prediction
@@ -243,9 +243,9 @@ class Engine:
             checkpoint = assets / MODEL_DIR
             if not (checkpoint / CONFIG_NAME).is_file():
                 raise FileNotFoundError(
-                    f"no model in {checkpoint} (expected {CONFIG_NAME} and {WEIGHTS_NAME}). Pass --checkpoint PATH "
-                    "(an official I-JEPA .pth.tar or a model folder from python -m train.pretrain), or --assets DIR "
-                    "pointing at a bundle that has model/.")
+                    f"no model in {checkpoint} (expected {CONFIG_NAME} and {WEIGHTS_NAME})"
+                    f"{recipe_bundle_hint(assets)}. Pass --checkpoint PATH (an official I-JEPA .pth.tar or a model "
+                    "folder from python -m train.pretrain), or --assets DIR pointing at a bundle that has model/.")
             bundle_model = True
         else:  # the bundle's own model named explicitly keeps the bundle's probes and bank
             bundle_model = assets is not None and Path(checkpoint).resolve() == (assets / MODEL_DIR).resolve()

@@ -143,6 +143,16 @@ def test_a_flat_state_dict_of_a_whole_model_is_named_with_what_to_do(tmp_path, m
             load_model(path)
 
 
+def test_the_out_dir_of_the_recipe_is_pointed_at_its_model(tmp_path):
+    """python -m train.default leaves its bundle in <out-dir>/bundle: the out-dir passed as a model says where."""
+    for inner in ("bundle/model", "pretrain/model"):
+        out = tmp_path / inner.split("/")[0] / "run"
+        (out / inner).mkdir(parents=True)
+        (out / inner / "model.safetensors").write_bytes(b"")
+        with pytest.raises(CheckpointError, match=rf"out-dir of python -m train.default: its model is .*{inner}"):
+            load_model(out)
+
+
 def test_our_format_round_trip_rebuilds_without_flags(tmp_path, model):
     save_model(model, tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
@@ -290,7 +300,7 @@ def test_folders_that_are_not_a_model_say_what_to_pass(tmp_path, model):
     decoder.mkdir()
     (decoder / "config.json").write_text("{}")
     (decoder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="sketch decoder folder: load it with --decoder"):
+    with pytest.raises(CheckpointError, match=r"sketch decoder folder, not a model \(the app takes it with --decoder"):
         load_model(decoder)
 
 

@@ -230,10 +230,15 @@ def test_decoder_eval_reports_both_modes_and_exact_context(tmp_path, tiny_ijepa,
     # the two decoders given the other way round: refused, not reported under each other's names
     swapped = ["--checkpoint", str(tiny_ijepa), "--decoder", str(tmp_path / "pooled" / "decoder"),
                "--paper-decoder", str(tmp_path / "spatial_context" / "decoder"), "--out-dir", str(tmp_path / "e2")]
-    with pytest.raises(ValueError, match="is a pooled decoder, but --decoder takes ours"):
+    with pytest.raises(ValueError, match="is a pooled decoder, but --decoder takes ours: pass it as --paper-decoder"):
         eval_decoder.main(swapped)
     (tmp_path / "a_file").write_text("")
     monkeypatch.setattr(eval_decoder, "evaluate_decoder", lambda *a, **k: pytest.fail("scored"))
+    # a mistyped second decoder is refused before the first is scored (that took minutes), with the real checkpoint
+    typo = ["--checkpoint", str(tiny_ijepa), "--decoder", str(tmp_path / "spatial_context" / "decoder"),
+            "--paper-decoder", str(tmp_path / "poooled"), "--out-dir", str(tmp_path / "e5")]
+    with pytest.raises(FileNotFoundError, match=rf"poooled is not a sketch decoder folder.*--checkpoint {tiny_ijepa}"):
+        eval_decoder.main(typo)
     few = tmp_path / "few"  # read round again, 5 files made a 64-image gallery of repeated (image, box) pairs
     few.mkdir()
     for i in range(5):

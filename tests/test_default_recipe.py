@@ -17,6 +17,7 @@ from train import default as recipe
 from train.config import config_dict
 from train.model_card import write_model_card
 from train.runtime import code_version
+from train import examples
 from train import replace_decoder as replacing
 
 pytestmark = pytest.mark.slow
@@ -276,6 +277,25 @@ def test_a_decoder_replacement_stopped_at_its_last_write_leaves_the_bundle_as_it
         replacing.main(["--bundle", str(bundle), "--run", str(tmp_path / "long")])
     assert {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "long"]  # no swap folder left beside it
+
+
+def test_a_wrong_run_or_bundle_folder_is_named_with_the_one_to_pass(tmp_path):
+    """--run given the decoder folder (or a typo) was told to finish its training; --bundle given the recipe's
+    out-dir was told it is no bundle of train.default."""
+    run = tmp_path / "decoder_long"
+    (run / "decoder").mkdir(parents=True)
+    (run / "decoder" / "config.json").write_text("{}")
+    (run / "config.yaml").write_text("conditioning: spatial_context\n")
+    with pytest.raises(FileNotFoundError, match=rf"is the decoder itself: pass its run folder, --run {run}$"):
+        replacing.check_run(tmp_path / "bundle", run / "decoder")
+    with pytest.raises(FileNotFoundError, match="--run .*nothere: no such folder"):
+        replacing.check_run(tmp_path / "bundle", tmp_path / "nothere")
+    out = tmp_path / "default_run"
+    (out / "bundle" / "model").mkdir(parents=True)
+    (out / "bundle" / "model" / "model.safetensors").write_bytes(b"")
+    for command in (replacing.main, examples.main):
+        with pytest.raises(FileNotFoundError, match=rf"out-dir of python -m train.default: its bundle is {out}/bundle"):
+            command(["--bundle", str(out), *(["--run", str(run)] if command is replacing.main else [])])
 
 
 def test_longer_decoders_replace_the_recipes_and_the_card_keeps_the_equal_length_comparison(smoke_run, tmp_path):

@@ -787,6 +787,15 @@ def test_load_errors_say_what_to_do(bundle, tmp_path):
             Engine.load(bundle, checkpoint=bundle / "model", decoder=folder, device="cpu")
 
 
+def test_the_recipes_out_dir_given_as_the_bundle_is_pointed_at_its_bundle(tmp_path):
+    out = tmp_path / "runs" / "default"
+    (out / "bundle" / "model").mkdir(parents=True)
+    (out / "bundle" / "model" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=rf"no model in {out}/model .*out-dir of python -m train.default: "
+                                                rf"its bundle is {out}/bundle\)\. Pass --checkpoint"):
+        Engine.load(out, device="cpu")
+
+
 def test_the_decoder_hint_asks_for_images_only_for_a_model_that_did_not_learn_the_emoji_world():
     official = IJepaConfig.from_arch("vit_tiny", img_size=SIZE, patch_size=PATCH, depth=1)
     assert train_decoder_hint("IN1K-vit.h.14-300e.pth.tar", official) == \

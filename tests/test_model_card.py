@@ -75,3 +75,13 @@ def test_a_copy_without_git_names_its_commit_from_the_environment(monkeypatch):
     assert runtime.code_version() == "unknown"
     monkeypatch.setenv(runtime.CODE_VERSION_ENV, "1fd158a with local changes")
     assert runtime.code_version() == "1fd158a with local changes"
+
+
+def test_a_decoder_trained_again_is_called_longer_only_when_it_was(summary, tmp_path):
+    """replace_decoder's card said "longer" for a decoder trained again on as many images as the recipe's."""
+    card = card_of(summary, tmp_path)  # the shipped bundle: both trained on 96,000 images, the recipe's on 9,984
+    assert "Then ours was trained again on this bundle's frozen model, longer: 96,000 images" in card
+    summary["paper_decoder_config"].update(steps=summary["recipe_decoder_config"]["steps"],
+                                           batch_size=summary["recipe_decoder_config"]["batch_size"])
+    card = card_of(summary, tmp_path)
+    assert "Then the paper-faithful decoder was trained again on this bundle's frozen model, as long: 9,984" in card

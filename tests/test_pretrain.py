@@ -378,6 +378,16 @@ def test_a_device_typo_is_refused_under_torchrun_too(monkeypatch, device, messag
         setup_runtime(device)
 
 
+def test_a_decoder_checkpoint_given_to_the_export_says_what_it_is(tmp_path):
+    path = tmp_path / "ckpt-00000004.pt"
+    torch.save({"step": 4, "config": {}, "optimizer": {}, "decoder": {}}, path)
+    with pytest.raises(ValueError, match="a checkpoint of train.decoder, not of train.pretrain; a decoder run exports"):
+        export_checkpoint(path)
+    (tmp_path / "README.md").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="expected a ckpt-<step>.pt file written by train.pretrain$"):
+        export_checkpoint(tmp_path / "README.md")
+
+
 def test_any_kept_checkpoint_exports_as_a_model_folder(tmp_path):
     finished = train(tiny(tmp_path / "run", "--steps", "4", "--ckpt-every", "2"))
     middle = export_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000002.pt")

@@ -109,6 +109,8 @@ def test_a_misspelt_override_is_refused_before_anything_trains(tmp_path):
     variants.write_text("plain: {steps: [1\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         sweep.load_variants(variants)
+    with pytest.raises(FileNotFoundError, match="--variants .*nope.yaml: no such file"):  # was a bare [Errno 2]
+        sweep.load_variants(tmp_path / "nope.yaml")
 
 
 def test_a_bad_value_in_a_variant_is_refused_before_the_baselines(tmp_path, monkeypatch):

@@ -47,7 +47,7 @@ from safetensors import SafetensorError
 from decoder import SketchDecoder
 from ijepa.bundle import (BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, MODEL_CARD_NAME, MODEL_DIR, PROBE_NAMES,
                           SHIPPED_SIZE_LIMIT, folder_bytes, load_bank, load_probe)
-from ijepa.checkpoint import CheckpointError, load_model, save_model, save_safetensors
+from ijepa.checkpoint import RECIPE_BUNDLE_DIR, CheckpointError, load_model, save_model, save_safetensors
 from ijepa.device import resolve_device
 from ijepa.model import IJepa
 from train import decoder as decoder_training
@@ -85,7 +85,7 @@ PROFILES = {
 
 DECODER_MODES = tuple(DECODER_DIRS)  # the default first
 BANK_THUMB = 32  # side in px of each reference box's thumbnail in the bank
-BUNDLE_DIR = "bundle"  # the finished run's bundle inside --out-dir
+BUNDLE_DIR = RECIPE_BUNDLE_DIR  # the finished run's bundle inside --out-dir
 # Probes, example images, samples.png, card and configs: ~0.4 MB in the CPU bundle; counted as 1 MB before training
 OTHER_FILES_ESTIMATE = 2**20
 STAGE_TIMES = "stage_seconds.json"  # seconds per finished stage, kept across calls

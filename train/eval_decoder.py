@@ -162,6 +162,18 @@ def gallery_problem(num_images: int, num_samples: int, num_steps: int) -> str | 
     return None
 
 
+def load_checked_kind(path: str | Path, must_pool: bool, model: IJepa, checkpoint: str | Path) -> SketchDecoder:
+    """The decoder for --decoder (ours) or --paper-decoder (``must_pool``), checked against the model and for its
+    kind, float32."""
+    loaded = load_decoder(path, model, checkpoint)
+    if (loaded.config.conditioning == "pooled") != must_pool:
+        fix = ("pass it as --decoder, and a pooled one (python -m train.decoder --conditioning pooled) as "
+               "--paper-decoder" if must_pool else "pass it as --paper-decoder, and ours as --decoder")
+        flag, takes = ("--paper-decoder", "the paper-faithful (pooled) one") if must_pool else ("--decoder", "ours")
+        raise ValueError(f"{path} is a {loaded.config.conditioning} decoder, but {flag} takes {takes}: {fix}")
+    return loaded
+
+
 def evaluate_decoders(checkpoint: str | Path, decoder: str | Path, paper_decoder: str | Path | None, out_dir: Path,
                       data: str = "emoji", num_images: int = 128, num_samples: int = 4, num_steps: int = 12,
                       seed: int = 0, precision: str = "auto", device: str = "auto") -> dict:
@@ -176,6 +188,11 @@ def evaluate_decoders(checkpoint: str | Path, decoder: str | Path, paper_decoder
     device = resolve_device(device)
     precision = resolve_precision(torch.device(device), precision)
     model = load_model(checkpoint).to(device).eval()
+    # both loaded and checked before the first is scored (minutes), so a typo in the second costs nothing
+    decoders = {"ours (spatial + context)": (decoder, load_checked_kind(decoder, False, model, checkpoint))}
+    if paper_decoder:
+        decoders["paper (pooled only)"] = (paper_decoder, load_checked_kind(paper_decoder, True, model, checkpoint))
+    decoders = {name: (path, loaded.to(device)) for name, (path, loaded) in decoders.items()}
     # held-out emoji, scenes no training run drew (seeds differ from pretraining and decoder training); a folder
     # as it is, centre-cropped, without the training crops' randomness
     extra = {"split": "heldout"} if data == "emoji" else {"mode": "eval"}
@@ -195,19 +212,10 @@ def evaluate_decoders(checkpoint: str | Path, decoder: str | Path, paper_decoder
         targets, contexts = sample_boxes(group_size, model.config.grid_size, rng, target_like_fraction=0.5)
         groups.append((images, targets.to(device), contexts.to(device)))
         index += group_size
-    decoders = {"ours (spatial + context)": (decoder, False)}  # name -> (path, whether it must be the pooled kind)
-    if paper_decoder:
-        decoders["paper (pooled only)"] = (paper_decoder, True)
     report = {"num_images": index, "num_samples": num_samples, "num_steps": num_steps, "precision": precision,
               "data": "held-out emoji scenes" if data == "emoji" else f"{data} (centre crops)", "decoders": {}}
     grids = {}
-    for name, (path, must_pool) in decoders.items():
-        loaded = load_decoder(path, model).to(device)  # checked against the model, float32
-        if (loaded.config.conditioning == "pooled") != must_pool:
-            flag, takes = (("--paper-decoder", "the paper-faithful (pooled) one") if must_pool
-                           else ("--decoder", "ours (not pooled)"))
-            raise ValueError(f"{path} is a {loaded.config.conditioning} decoder, but {flag} takes {takes}: swap "
-                             "the two")
+    for name, (path, loaded) in decoders.items():
         metrics, grids[name] = evaluate_decoder(model, loaded, groups, num_samples, num_steps, seed, precision)
         report["decoders"][name] = {"path": str(path), "conditioning": loaded.config.conditioning, **metrics}
         logger.info("%s: %s", name, metrics)

@@ -47,7 +47,10 @@ def newest_checkpoint(path: Path) -> Path:
 
 def model_from_checkpoint(checkpoint: Path) -> tuple[IJepa, int, PretrainConfig]:
     """The model of a pretraining checkpoint, rebuilt from the settings it records; its step; those settings."""
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint, written_by="train.pretrain")
+    if "decoder" in state:
+        raise ValueError(f"{checkpoint}: a checkpoint of train.decoder, not of train.pretrain; a decoder run exports "
+                         "its decoder itself, into decoder/ in its --out-dir")
     if not {"model", "config", "step"} <= set(state):
         raise ValueError(f"{checkpoint}: not a pretraining checkpoint of train.pretrain (it holds {sorted(state)[:6]})")
     known = {f.name for f in dataclasses.fields(PretrainConfig)}

@@ -93,15 +93,18 @@ DECODER_RECORDS = {"spatial_context": ("ours", "decoder_config", "decoder_retrai
 
 
 def retrained_note(summary: dict) -> str:
-    """How each decoder was trained again, longer, after the recipe (train/replace_decoder.py)."""
+    """How each decoder was trained again after the recipe (train/replace_decoder.py): "longer" only when it was."""
     lines, kept = [], []
+    recipe = summary.get("recipe_decoder_config", {})
     for name, config_key, retrained_key in DECODER_RECORDS.values():
         retrained = summary.get(retrained_key)
         if not retrained:
             kept.append(name)
             continue
         seconds = f"{retrained['train_seconds']:.0f} s of training, " if retrained.get("train_seconds") else ""
-        lines.append(f"- Then {name} was trained again on this bundle's frozen model, longer: "
+        images = [config.get("steps", 0) * config.get("batch_size", 0) for config in (summary[config_key], recipe)]
+        how = "longer" if images[0] > images[1] else "as long" if images[0] == images[1] else "shorter"
+        lines.append(f"- Then {name} was trained again on this bundle's frozen model, {how}: "
                      f"{decoder_run(summary[config_key])}, `{retrained['command']}` ({retrained['hardware']}, "
                      f"{retrained['date']}; {seconds}{retrained['eval_seconds']:.0f} s to score both decoders), and "
                      f"swapped in with `{retrained['replaced_by']}`.")

@@ -30,7 +30,7 @@ import yaml
 
 from decoder import SketchDecoder
 from ijepa.bundle import DECODER_DIRS, MODEL_CARD_NAME, MODEL_DIR
-from ijepa.checkpoint import share_as_umask_allows
+from ijepa.checkpoint import recipe_bundle_hint, share_as_umask_allows
 from train import eval_decoder
 from train.config import RUN_ONLY_FIELDS, config_dict, doc_summary, run_command
 from train.decoder import DecoderTrainConfig
@@ -52,6 +52,10 @@ def folder_digest(path: Path) -> str:
 
 def check_run(bundle: Path, run: Path) -> dict:
     """The run's training config, after checking it is a finished decoder trained on the bundle's model."""
+    if not run.is_dir():
+        raise FileNotFoundError(f"--run {run}: no such folder (the --out-dir of a python -m train.decoder run)")
+    if (run / "config.json").is_file() and (run.parent / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is the decoder itself: pass its run folder, --run {run.parent}")
     if not (run / "decoder" / "config.json").is_file() or not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} holds no finished decoder ({run}/decoder/config.json): finish its training "
                                 f"first (python -m train.decoder ... --out-dir {run} --resume true)")
@@ -71,7 +75,8 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, c
     ``command`` is the training command the card quotes (default: rebuilt from the run's saved settings)."""
     metrics_path = bundle / "metrics.json"
     if not metrics_path.is_file():
-        raise FileNotFoundError(f"{metrics_path} is missing: {bundle} is not a bundle exported by train.default")
+        raise FileNotFoundError(f"{metrics_path} is missing: {bundle} is not a bundle exported by train.default"
+                                f"{recipe_bundle_hint(bundle)}")
     try:
         metrics = json.loads(metrics_path.read_text())
     except json.JSONDecodeError as err:

@@ -109,12 +109,12 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: Path, mmap: bool = False) -> dict:
+def load_checkpoint(path: Path, mmap: bool = False, written_by: str = "train.pretrain or train.decoder") -> dict:
     """A training checkpoint: tensors and plain values only (``weights_only=True``), holding what our training
     scripts write; CheckpointError, saying which file and why, for anything else (a stray torch file named like a
     checkpoint would otherwise fail later with a KeyError or a settings diff against defaults). ``mmap``: for a
-    look at its settings or keys, which reads no tensor."""
-    expected = "a ckpt-<step>.pt file written by train.pretrain or train.decoder"
+    look at its settings or keys, which reads no tensor. ``written_by``: the scripts the caller takes it from."""
+    expected = f"a ckpt-<step>.pt file written by {written_by}"
     remedy = "move it aside and resume: the run continues from the one before"
     state = load_weights_only(path, expected=expected, mmap=mmap, remedy=remedy)
     if not isinstance(state, dict):

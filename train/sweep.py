@@ -34,6 +34,9 @@ VARIANT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 
 def load_variants(path: Path) -> dict[str, dict]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--variants {path}: no such file (a YAML mapping of variant name -> config "
+                                "overrides, e.g. train/configs/sweep_cpu.yaml)")
     try:
         variants = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as err:
