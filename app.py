@@ -178,10 +178,12 @@ def whole_number(value: float | str | None, what: str) -> int:
         raise InputError(f"Enter {what} as a whole number: the field is empty.")
     try:
         number = float(value)
-        if math.isfinite(number) and number == int(number):
-            return int(number)
     except (TypeError, ValueError, OverflowError):
-        pass
+        number = math.nan
+    if math.isfinite(number) and abs(number) >= 2**31:  # past every field's range, and rounded as a float
+        raise InputError(f"Enter {what} as a whole number: {number:g} is far too large.")
+    if math.isfinite(number) and number == int(number):
+        return int(number)
     raise InputError(f"Enter {what} as a whole number (got {str(value)[:40]}).")
 
 
@@ -413,6 +415,14 @@ class Handlers:
         the model work the new image cancelled: an update that work had already sent can land after the clearing
         the new image made at once. Nothing changes after an upload that was refused."""
         return (*self.CLEARED, False) if new_image else (gr.skip(),) * (len(self.CLEARED) + 1)
+
+    def clear_if_turned(self, value: dict | None) -> tuple:
+        """Every result panel cleared when the widget's rotate button has turned the image since they were drawn (a
+        run starts from a widget whose turn is reset, ``renumbered``): the surprise map of the turned image sat
+        beside sketches and figures of the upright one."""
+        if value and int(value.get("orientation") or 0) % 4:
+            return self.CLEARED
+        return (gr.skip(),) * len(self.CLEARED)
 
     def load_example(self, event: gr.SelectData) -> tuple:
         """The example in the widget, every result panel cleared; last, that a new image is shown (clear_results)."""
@@ -659,6 +669,7 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
                                      api_visibility="private", trigger_mode="always_last", **model_work)
         # A new image stops the last image's work, so its late results cannot land beside the new image.
         last_image_work = [run_event, explore_event, window_event]
+        annotator.change(handlers.clear_if_turned, annotator, results, api_visibility="private", queue=False)
         examples.select(None, js=SHOW_DRAWING, queue=False)  # first, as SHOW_RESULTS
         shown = [annotator, source, *results, new_image]
         examples.select(handlers.load_example, None, shown, api_visibility="private", concurrency_limit=4,

@@ -417,6 +417,10 @@ def test_a_slider_value_typed_out_of_range_is_read_as_the_nearest_end(app_module
     assert fields["num-samples"].preprocess(20) == MAX_NUM_SAMPLES
     with pytest.raises(app_module.InputError, match=r"Enter a seed as a whole number \(got 2.5\)"):
         app_module.whole_number(fields["seed"].preprocess(2.5), "a seed")
+    for typed, shown in ((1e30, "1e\\+30"), ("99999999999999999999999", "1e\\+23"), (-2**31, "-2.14748e\\+09")):
+        with pytest.raises(app_module.InputError, match=rf"Enter a seed as a whole number: {shown} is far too large"):
+            app_module.whole_number(typed, "a seed")  # was "got 1000000000000000019884624838656", never typed
+    assert app_module.whole_number(2**31 - 1, "a seed") == 2**31 - 1
 
 
 def test_a_panorama_is_loaded_with_a_warning_that_the_model_reads_a_small_square(app_module, tmp_path):
@@ -579,6 +583,24 @@ def test_a_new_images_panels_are_cleared_again_after_the_cancelled_work_lets_go(
         assert [ids[i] for i in clear["outputs"]][-3:-1] == ["surprise", "features"]
         assert clear["inputs"] == [clear["outputs"][-1]] and load["outputs"][-1] == clear["outputs"][-1]
     assert handlers.clear_results(True) == (*handlers.CLEARED, False)  # cleared, once
+
+
+def test_turning_the_image_clears_the_last_runs_panels(app_module, tmp_path):
+    """The surprise map of the turned image sat beside sketches and figures of the upright one. A turn clears every
+    panel, unqueued; drawing a box (no turn) or the run's own renumbered widget (its turn reset) clears nothing."""
+    handlers = handlers_for(app_module, tiny_bundle(tmp_path / "b"))
+    demo = app_module.build_app(handlers)
+    dependencies = demo.config["dependencies"]
+    ids = {block._id: getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    (clear,) = [d for d in dependencies if demo.fns[d["id"]].name == "clear_if_turned"]
+    assert [ids[i] for i in clear["inputs"]] == ["annotator"] and clear["queue"] is False
+    run = next(d for d in dependencies if d["api_name"] == "run")
+    assert set(run["outputs"][:8]) <= set(clear["outputs"])
+    value, source = handlers.show(str(handlers.examples[0].path), handlers.examples[0].boxes)
+    for turns in (1, 2, 3):
+        assert handlers.clear_if_turned({**value, "orientation": turns}) == handlers.CLEARED
+    for kept in ({**value, "orientation": 0}, {**value, "orientation": 4}, value, None):
+        assert all(o == app_module.gr.skip() for o in handlers.clear_if_turned(kept))
 
 
 def test_a_box_drawn_while_a_run_waits_is_kept(app_module, tmp_path):
