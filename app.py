@@ -73,6 +73,13 @@ SWITCH_TO_DRAWING = "() => document.querySelector('#annotator button[aria-label=
 # it: on a narrow screen every streamed sketch would pull the page away from where the user is. Keep the focus (for
 # the arrow keys), drop the scroll. And a phone's side padding and messages.
 HEAD = """<script>
+// TURN_CLEARS: the drawing widget's rotate buttons change no value and send no event; a turn clears the results
+// through the hidden #turned button.
+document.addEventListener('click', (event) => {
+    if (event.target.closest && event.target.closest('#annotator button[aria-label^="Rotate"]')) {
+        document.querySelector('#turned')?.click();
+    }
+}, true);
 (() => {
     const focus = HTMLElement.prototype.focus;
     HTMLElement.prototype.focus = function (options) {
@@ -416,13 +423,10 @@ class Handlers:
         the new image made at once. Nothing changes after an upload that was refused."""
         return (*self.CLEARED, False) if new_image else (gr.skip(),) * (len(self.CLEARED) + 1)
 
-    def clear_if_turned(self, value: dict | None) -> tuple:
-        """Every result panel cleared when the widget's rotate button has turned the image since they were drawn (a
-        run starts from a widget whose turn is reset, ``renumbered``): the surprise map of the turned image sat
-        beside sketches and figures of the upright one."""
-        if value and int(value.get("orientation") or 0) % 4:
-            return self.CLEARED
-        return (gr.skip(),) * len(self.CLEARED)
+    def cleared(self) -> tuple:
+        """Every result panel cleared: after the widget's rotate buttons (``TURN_CLEARS``), whose turn the results no
+        longer show (the surprise map of a turned image sat beside sketches and figures of the upright one)."""
+        return self.CLEARED
 
     def load_example(self, event: gr.SelectData) -> tuple:
         """The example in the widget, every result panel cleared; last, that a new image is shown (clear_results)."""
@@ -669,7 +673,8 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
                                      api_visibility="private", trigger_mode="always_last", **model_work)
         # A new image stops the last image's work, so its late results cannot land beside the new image.
         last_image_work = [run_event, explore_event, window_event]
-        annotator.change(handlers.clear_if_turned, annotator, results, api_visibility="private", queue=False)
+        turn = gr.Button("Turned", elem_id="turned")  # hidden (CSS); clicked by TURN_CLEARS in HEAD
+        turn.click(handlers.cleared, None, results, api_visibility="private", queue=False)
         examples.select(None, js=SHOW_DRAWING, queue=False)  # first, as SHOW_RESULTS
         shown = [annotator, source, *results, new_image]
         examples.select(handlers.load_example, None, shown, api_visibility="private", concurrency_limit=4,
@@ -743,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
 
 CSS = """
 #model-view img, #sketches img, #neighbours img { image-rendering: pixelated; }
+#turned { display: none !important; }
 #explanation { font-size: 0.95em; }
 /* every example, and every box's neighbours, in view: no scrolling inside the gallery, no blank below */
 #examples .grid-wrap, #neighbours .grid-wrap { min-height: 0; height: auto; max-height: none; }
