@@ -596,7 +596,8 @@ def test_turning_the_image_clears_the_last_runs_panels(app_module, tmp_path):
     assert [ids[i] for i in clear["targets"][0][:1]] == ["turned"] and clear["queue"] is False
     run = next(d for d in dependencies if d["api_name"] == "run")
     assert set(run["outputs"][:8]) <= set(clear["outputs"]) and handlers.cleared() == handlers.CLEARED
-    assert "#annotator button[aria-label^=\"Rotate\"]" in app_module.HEAD and "#turned { display: none" in app_module.CSS
+    assert "#annotator button[aria-label^=\"Rotate\"]" in app_module.HEAD
+    assert "#turned { display: none" in app_module.CSS
 
 
 def test_a_box_drawn_while_a_run_waits_is_kept(app_module, tmp_path):
