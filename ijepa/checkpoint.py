@@ -278,12 +278,13 @@ def split_official(raw: dict) -> dict[str, dict[str, torch.Tensor]]:
         if {"model", "optimizer", "step"} <= set(raw):
             raise CheckpointError("a training checkpoint of train.pretrain: make a model folder of it with "
                                   "`python -m train.export_checkpoint <this file> --out <folder>` and load that")
-        if any(strip_prefix({k: None}).popitem()[0].startswith(("encoder.", "target_encoder.")) for k in raw):
+        bare = strip_prefix(raw)
+        if any(k.startswith(("encoder.", "target_encoder.")) for k in bare):
             raise CheckpointError("the flat state dict of a whole I-JEPA model (keys under 'encoder.', "
                                   "'target_encoder.', 'predictor.'), which does not say how the model was built: "
                                   "save it with ijepa.save_model(model, folder) and load that folder")
-        if any(k.endswith("patch_embed.proj.weight") for k in raw):
-            return {"encoder": strip_prefix(raw)}
+        if any(k.endswith("patch_embed.proj.weight") for k in bare):
+            return {"encoder": bare}
         raise CheckpointError(f"no 'encoder' or 'target_encoder' in this checkpoint (its keys: {sorted(raw)[:8]}); "
                               f"expected {ACCEPTED}")
     parts = {name: strip_prefix(raw[name]) for name in PARTS if isinstance(raw.get(name), dict)}

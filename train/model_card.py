@@ -57,9 +57,13 @@ def floor_gap_note(profile: str, images_seen: int) -> str:
         "below the 192-wide one, bench/RESULTS.md, \"Semantics\").")
 
 
+def decoder_images(config: dict) -> int:
+    """How many images a decoder run's settings train on."""
+    return config.get("steps", 0) * config.get("batch_size", 0)
+
+
 def decoder_run(config: dict) -> str:
-    steps, batch = config.get("steps", 0), config.get("batch_size", 0)
-    return f"{steps * batch:,} images ({steps} steps x batch {batch})"
+    return f"{decoder_images(config):,} images ({config.get('steps', 0)} steps x batch {config.get('batch_size', 0)})"
 
 
 def decoder_lead(summary: dict) -> tuple[float, str, str]:
@@ -68,7 +72,7 @@ def decoder_lead(summary: dict) -> tuple[float, str, str]:
     replaced one; which pair that is; and a line giving the recipe's figures if they are not the table's."""
     recipe = summary.get("recipe_decoders")
     recipe_config = summary.get("recipe_decoder_config", summary.get("decoder_config", {}))
-    images = [config.get("steps", 0) * config.get("batch_size", 0) for config in
+    images = [decoder_images(config) for config in
               (summary.get("decoder_config", {}), summary.get("paper_decoder_config", recipe_config))]
     as_shipped = recipe is None or images[0] == images[1]
     scores = list((summary["decoders"] if as_shipped else recipe)["decoders"].values())
@@ -102,7 +106,7 @@ def retrained_note(summary: dict) -> str:
             kept.append(name)
             continue
         seconds = f"{retrained['train_seconds']:.0f} s of training, " if retrained.get("train_seconds") else ""
-        images = [config.get("steps", 0) * config.get("batch_size", 0) for config in (summary[config_key], recipe)]
+        images = [decoder_images(config) for config in (summary[config_key], recipe)]
         how = "longer" if images[0] > images[1] else "as long" if images[0] == images[1] else "shorter"
         lines.append(f"- Then {name} was trained again on this bundle's frozen model, {how}: "
                      f"{decoder_run(summary[config_key])}, `{retrained['command']}` ({retrained['hardware']}, "
