@@ -606,11 +606,13 @@ def test_image_folder_training_replaces_an_unreadable_file_and_says_so_once(tmp_
     assert [p.name for p, _ in readable.samples] == ["a.png"]
 
 
-def test_image_folder_evaluation_raises_rather_than_reading_another_file(tmp_path):
+def test_image_folder_evaluation_raises_rather_than_reading_another_file(tmp_path, monkeypatch):
     pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "a.jpg", quality=95)
     data = (tmp_path / "a.jpg").read_bytes()
-    (tmp_path / "b.jpg").write_bytes(data[:len(data) // 2])  # a valid header: passes the check, fails to decode
+    (tmp_path / "b.jpg").write_bytes(data[:len(data) // 2])  # fails to decode
+    # a file the up-front check passes but whose pixels do not decode (that check reads headers, not every byte)
+    monkeypatch.setattr("train.data._unreadable_reason", lambda path: None)
     ds = ImageFolderDataset(tmp_path, resolution=8, mode="eval")
     assert len(ds) == 2 and ds[0]["image"].shape == (3, 8, 8)
     with pytest.raises(RuntimeError, match="b.jpg"):
