@@ -438,6 +438,7 @@ def test_decoder_eval_draws_held_out_emoji_scenes(tmp_path, tiny_ijepa, monkeypa
         raise RuntimeError("stop after the dataset is chosen")
 
     monkeypatch.setattr(eval_decoder, "build_dataset", build_dataset)
+    monkeypatch.setattr(eval_decoder, "load_checked_kind", lambda *args: torch.nn.Identity())  # loaded first now
     with pytest.raises(RuntimeError, match="stop after"):
         eval_decoder.evaluate_decoders(tiny_ijepa, "unused", None, tmp_path / "eval", data="emoji", device="cpu")
     assert asked["name"] == "emoji" and asked["split"] == "heldout"
