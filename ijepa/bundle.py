@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 from decoder import DecoderWeightsMismatch, SketchDecoder
 
-from .checkpoint import DECODER_WEIGHTS_NAME, WEIGHTS_NAME, save_model, save_safetensors, share_as_umask_allows
+from .checkpoint import (DECODER_WEIGHTS_NAME, WEIGHTS_NAME, recipe_bundle_hint, save_model, save_safetensors,
+                         share_as_umask_allows)
 from .errors import InputError
 from .inference import LinearReadout, open_image, to_rgb
 from .model import IJepa, IJepaConfig
@@ -37,10 +38,21 @@ DECODER_DIRS = {"spatial_context": "decoder", "pooled": "decoder_paper"}
 PROBE_NAMES = ("group", "subgroup")  # coarse first: the readout and the explanation list them in this order
 BANK_NAME = "bank"
 MODEL_CARD_NAME = "MODEL_CARD.md"
+METRICS_NAME = "metrics.json"  # what train.default measured: the model card is written from it
 EXAMPLES_DIR, EXAMPLES_INDEX = "examples", "examples.json"
 TRAIN_DECODER_HINT = "python -m train.decoder --checkpoint {checkpoint}"
 # What the repository's assets/ may hold in all: the default bundle ships in git and every clone downloads it.
 SHIPPED_SIZE_LIMIT = 60 * 2**20
+
+
+def bundle_metrics_path(bundle: Path) -> Path:
+    """The metrics.json of a bundle train.default exported (commands that rewrite its card start from it);
+    FileNotFoundError, pointing at the bundle when given the recipe's out-dir, for a folder without one."""
+    path = Path(bundle) / METRICS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {bundle} is not a bundle exported by train.default"
+                                f"{recipe_bundle_hint(bundle)}")
+    return path
 
 
 def folder_bytes(path: Path) -> int:

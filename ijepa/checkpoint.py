@@ -428,12 +428,11 @@ def load_ours(directory: str | Path) -> IJepa:
             raise CheckpointError(f"{directory} is a sketch decoder folder, not a model (the app takes it with "
                                   "--decoder, beside the model it decodes); a model is "
                                   f"{ACCEPTED}")
-        if (directory / "model" / WEIGHTS_NAME).is_file():
-            raise CheckpointError(f"{directory} is a run or bundle folder: its model is {directory / 'model'}")
-        for inner in (Path(RECIPE_BUNDLE_DIR) / "model", Path("pretrain") / "model"):
+        recipe = "the out-dir of python -m train.default"
+        for inner, what in (("model", "a run or bundle folder"), (f"{RECIPE_BUNDLE_DIR}/model", recipe),
+                            ("pretrain/model", recipe)):
             if (directory / inner / WEIGHTS_NAME).is_file():
-                raise CheckpointError(f"{directory} is the out-dir of python -m train.default: its model is "
-                                      f"{directory / inner}")
+                raise CheckpointError(f"{directory} is {what}: its model is {directory / inner}")
     for p in (config_path, weights_path):
         if not p.is_file():
             raise CheckpointError(f"{directory}: missing {p.name}; a model folder holds {CONFIG_NAME} and "

@@ -130,6 +130,12 @@ class Analysis:
         return [box_mask_from_indices(box.target_indices.view(1, -1), self.result.grid_size, size)[0, 0].bool().numpy()
                 for box in self.result.boxes]
 
+    def hidden_view(self, masks: list[np.ndarray] | None = None) -> np.ndarray:
+        """The model's input, uint8, with every box grey: what the model was shown (``masks``: ``box_masks()``)."""
+        view = self.prepared.to_uint8().copy()
+        view[np.logical_or.reduce(self.box_masks() if masks is None else masks)] = HIDDEN_GREY
+        return view
+
     def metrics(self) -> dict[str, Any]:
         """A JSON-able summary: per-box prediction error, probe top-5 and neighbours."""
         return {
@@ -342,23 +348,24 @@ class Engine:
         if extras:
             lines.append("**Readout:** " + ", ".join(extras) + ".")
         card = self.model_card_path()
-        if card and card.is_file():
+        if card:
             lines.append(f"**Model card** (below; `{shown_path(str(card))}`): how it was trained, its measured "
                          "figures, limits.")
         lines.extend(f"*{note}*" for note in self.notes)
         return "\n\n".join(lines)
 
     def model_card_path(self) -> Path | None:
-        """Where a bundle keeps its model card: beside its model folder (it may not exist). None for a checkpoint
+        """The model card a bundle keeps beside its model folder, None where there is none. Never for a checkpoint
         file: a card beside an official .pth.tar (one dropped into assets/) tells another model's story."""
         source = Path(self.info.source)
-        return source.parent / MODEL_CARD_NAME if source.is_dir() else None
+        card = source.parent / MODEL_CARD_NAME
+        return card if source.is_dir() and card.is_file() else None
 
     def model_card(self) -> str:
         """The bundle's model card (Markdown), "" for a model without one: the app shows it, since a visitor of a
         served app cannot open a file on the server."""
         card = self.model_card_path()
-        return card.read_text(encoding="utf-8", errors="replace") if card and card.is_file() else ""
+        return card.read_text(encoding="utf-8", errors="replace") if card else ""
 
     def warm_up(self) -> None:
         """Run every path once on a blank image so the first user does not pay for kernel selection."""
@@ -464,24 +471,22 @@ class Engine:
             raise InputError(f"The seed must be a whole number from 0 to {2**31 - 1}, got {seed}.")
 
     @staticmethod
-    def _fills(analysis: Analysis, sketches: torch.Tensor) -> list[np.ndarray]:
-        """Sampler output [boxes, samples, 3, S, S] in [0, 1] -> per sample, a [boxes, S, S, 3] uint8 stack: the
-        model's input with box b filled by its sketch and the other boxes grey (hidden from the model, and not
-        what this box's sketch drew). Pixels outside every box are copied from the input, so they are exact."""
-        masks = np.stack(analysis.box_masks())[:, :, :, None]
-        hidden = analysis.prepared.to_uint8().copy()
-        hidden[masks.any(axis=0)[..., 0]] = HIDDEN_GREY
+    def _sketch_images(analysis: Analysis, sketches: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Sampler output [boxes, samples, 3, S, S] in [0, 1] -> per sample, (composite, fills). ``fills``
+        [boxes, S, S, 3] uint8: the model's input with box b filled by its sketch and the other boxes grey (hidden
+        from the model, and not what this box's sketch drew); ``composite``: every box filled (where boxes overlap,
+        the later box's sketch). Pixels outside every box are copied from the input, so they are exact."""
+        masks = analysis.box_masks()
+        base, hidden = analysis.prepared.to_uint8(), analysis.hidden_view(masks)
         pixels = np.round(sketches.permute(1, 0, 3, 4, 2).float().cpu().numpy() * 255).astype(np.uint8)
-        return list(np.where(masks, pixels, hidden))
-
-    @staticmethod
-    def _composite(analysis: Analysis, fills: np.ndarray) -> np.ndarray:
-        """One sample's per-box fills [boxes, S, S, 3] -> the model's input with every box filled (where boxes
-        overlap, the later box's sketch)."""
-        out = analysis.prepared.to_uint8().copy()
-        for fill, mask in zip(fills, analysis.box_masks()):
-            out[mask] = fill[mask]
-        return out
+        images = []
+        for sample in pixels:
+            fills = np.where(np.stack(masks)[..., None], sample, hidden)
+            composite = base.copy()
+            for fill, mask in zip(fills, masks):
+                composite[mask] = fill[mask]
+            images.append((composite, fills))
+        return images
 
     def stream_sketches(self, analysis: Analysis, num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0,
                         num_steps: int = DEFAULT_NUM_STEPS, conditioning: str | None = None) -> Iterator[SketchUpdate]:
@@ -493,7 +498,7 @@ class Engine:
         cond = self._conditions(analysis, lambda box: box.predicted)
         boxes = cond.batch_size
         start = time.perf_counter()
-        finished: dict[int, np.ndarray] = {}  # sample index -> its per-box fills
+        finished: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # sample index -> (composite, per-box fills)
         events = sampler.stream(cond, num_samples=int(num_samples), num_steps=int(num_steps), seed=int(seed), first=1)
         while True:
             with self._autocast():  # entered per step, so autocast never leaks into the caller between yields
@@ -501,11 +506,11 @@ class Engine:
             if event is None:
                 return
             images = event.images.view(boxes, len(event.sample_indices), *event.images.shape[1:])
-            finished.update(zip(event.sample_indices, self._fills(analysis, images)))
+            finished.update(zip(event.sample_indices, self._sketch_images(analysis, images)))
             order = tuple(sorted(finished))
-            yield SketchUpdate([self._composite(analysis, finished[i]) for i in order], [finished[i] for i in order],
-                               order, int(num_samples), int(seed), event.done, time.perf_counter() - start,
-                               conditioning, int(num_steps))
+            yield SketchUpdate([finished[i][0] for i in order], [finished[i][1] for i in order], order,
+                               int(num_samples), int(seed), event.done, time.perf_counter() - start, conditioning,
+                               int(num_steps))
 
     def sketch_metrics(self, update: SketchUpdate) -> dict[str, Any]:
         """What drew ``update``, for a run's metrics: ``decoder`` is its kind, as a request names it."""
@@ -530,7 +535,8 @@ class Engine:
         cond = self._conditions(analysis, lambda box: box.true)
         with self._autocast():
             images = sampler.sample(cond, num_samples=1, num_steps=int(num_steps), seed=int(seed))
-        return self._fills(analysis, images.view(cond.batch_size, 1, *images.shape[1:]))[0]
+        (_, fills), = self._sketch_images(analysis, images.view(cond.batch_size, 1, *images.shape[1:]))
+        return fills
 
     def truth_vs_prediction(self, analysis: Analysis, predicted: SketchUpdate | None = None, seed: int = 0,
                             num_steps: int = DEFAULT_NUM_STEPS, conditioning: str | None = None) -> np.ndarray:

@@ -126,14 +126,10 @@ def render_truth_vs_prediction(analysis: Analysis, truth: np.ndarray | None, pre
     base = analysis.prepared.to_uint8()
     size = base.shape[0]
     gh, gw = analysis.result.grid_size
-    masks = analysis.box_masks()
-    hidden = base.copy()
-    for mask in masks:
-        hidden[mask] = HIDDEN_GREY
-    columns = [("Box {} hidden (grey)", [hidden] * len(masks))]
+    rows = len(analysis.result.boxes)
+    columns = [("Box {} hidden (grey)", [analysis.hidden_view()] * rows)]
     if truth is not None and prediction is not None:
         columns += [("Decoded: true features", truth), ("Decoded: prediction", prediction)]
-    rows = len(analysis.result.boxes)
     # small panels and large type: the app shows the figure about 500 px wide, and its titles must stay readable there
     fig = _figure(2.0 * (len(columns) + 1) + 0.7, 2.2 * rows)
     axes = np.asarray(fig.subplots(rows, len(columns) + 1, squeeze=False))

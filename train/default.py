@@ -45,8 +45,8 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from decoder import SketchDecoder
-from ijepa.bundle import (BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, MODEL_CARD_NAME, MODEL_DIR, PROBE_NAMES,
-                          SHIPPED_SIZE_LIMIT, folder_bytes, load_bank, load_probe)
+from ijepa.bundle import (BANK_NAME, DECODER_DIRS, EXAMPLES_DIR, METRICS_NAME, MODEL_CARD_NAME, MODEL_DIR,
+                          PROBE_NAMES, SHIPPED_SIZE_LIMIT, folder_bytes, load_bank, load_probe)
 from ijepa.checkpoint import RECIPE_BUNDLE_DIR, CheckpointError, load_model, save_model, save_safetensors
 from ijepa.device import resolve_device
 from ijepa.model import IJepa
@@ -470,7 +470,7 @@ def run_decoder_eval(model_dir: Path, decoders: dict[str, Path], profile: dict, 
 
 # What write_bundle puts in a bundle: an --export target holding anything else is refused before the first stage
 BUNDLE_NAMES = frozenset({
-    MODEL_DIR, *DECODER_DIRS.values(), EXAMPLES_DIR, "samples.png", "metrics.json", MODEL_CARD_NAME,
+    MODEL_DIR, *DECODER_DIRS.values(), EXAMPLES_DIR, "samples.png", METRICS_NAME, MODEL_CARD_NAME,
     *(f"{stem}{suffix}" for stem in (*(f"probe_{name}" for name in PROBE_NAMES), BANK_NAME)
       for suffix in (".safetensors", ".json"))})
 
@@ -489,7 +489,7 @@ def write_bundle(folder: Path, out: Path, model_dir: Path, decoders: dict[str, P
         shutil.copy(out / f"bank{suffix}", folder / f"{BANK_NAME}{suffix}")
     summary = {**summary, "examples": choose_examples(folder, folder / EXAMPLES_DIR)}
     shutil.copy(out / "decoder_eval" / "samples.png", folder / "samples.png")
-    write_json_atomic(folder / "metrics.json", summary)
+    write_json_atomic(folder / METRICS_NAME, summary)
     write_model_card(summary, folder / MODEL_CARD_NAME)
 
 

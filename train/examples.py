@@ -21,8 +21,9 @@ from PIL import Image
 
 from decoder import largest_user_box
 from ijepa.boxes import boxes_to_masks
-from ijepa.bundle import EXAMPLES_DIR, EXAMPLES_INDEX, MODEL_CARD_NAME, MODEL_DIR, PROBE_NAMES, load_probe
-from ijepa.checkpoint import load_model, recipe_bundle_hint
+from ijepa.bundle import (EXAMPLES_DIR, EXAMPLES_INDEX, MODEL_CARD_NAME, MODEL_DIR, PROBE_NAMES, bundle_metrics_path,
+                          load_probe)
+from ijepa.checkpoint import load_model
 from ijepa.inference import LinearReadout, analyze_boxes, prepare_image
 from ijepa.model import IJepa
 from train.config import doc_summary, run_command
@@ -134,10 +135,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     bundle = Path(args.bundle)
-    metrics_path = bundle / "metrics.json"
-    if not metrics_path.is_file():
-        raise FileNotFoundError(f"{metrics_path} is missing: {bundle} is not a bundle exported by train.default"
-                                f"{recipe_bundle_hint(bundle)}")
+    metrics_path = bundle_metrics_path(bundle)
     # read before anything is replaced: a damaged metrics.json must leave the bundle as it was
     metrics = read_json(metrics_path, f"nothing was changed. Write the bundle again from its run: python -m "
                                       f"train.default --out-dir <its run folder> --export {bundle}")

@@ -29,8 +29,8 @@ import torch
 import yaml
 
 from decoder import SketchDecoder
-from ijepa.bundle import DECODER_DIRS, MODEL_CARD_NAME, MODEL_DIR
-from ijepa.checkpoint import recipe_bundle_hint, share_as_umask_allows
+from ijepa.bundle import DECODER_DIRS, METRICS_NAME, MODEL_CARD_NAME, MODEL_DIR, bundle_metrics_path
+from ijepa.checkpoint import share_as_umask_allows
 from train import eval_decoder
 from train.config import RUN_ONLY_FIELDS, config_dict, doc_summary, run_command
 from train.decoder import DecoderTrainConfig
@@ -73,10 +73,7 @@ def check_run(bundle: Path, run: Path) -> dict:
 def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, command: str | None = None) -> dict:
     """Score ``run``'s decoder with the bundle's other one, then swap it in; returns the new metrics.
     ``command`` is the training command the card quotes (default: rebuilt from the run's saved settings)."""
-    metrics_path = bundle / "metrics.json"
-    if not metrics_path.is_file():
-        raise FileNotFoundError(f"{metrics_path} is missing: {bundle} is not a bundle exported by train.default"
-                                f"{recipe_bundle_hint(bundle)}")
+    metrics_path = bundle_metrics_path(bundle)
     try:
         metrics = json.loads(metrics_path.read_text())
     except json.JSONDecodeError as err:
@@ -114,7 +111,7 @@ def replace_decoder(bundle: Path, run: Path, eval_dir: Path, replaced_by: str, c
         shutil.rmtree(staged / DECODER_DIRS[slot])
         shutil.copytree(shipped, staged / DECODER_DIRS[slot])
         shutil.copy(eval_dir / "samples.png", staged / "samples.png")
-        write_json_atomic(staged / "metrics.json", metrics)
+        write_json_atomic(staged / METRICS_NAME, metrics)
         write_model_card(metrics, staged / MODEL_CARD_NAME)
 
     # The whole bundle (~30 MB) written beside the old one and swapped in: a kill or a failure leaves the old bundle
