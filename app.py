@@ -31,6 +31,7 @@ import logging
 import math
 import socket
 import sys
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -335,10 +336,15 @@ def tolerate_expired_copies() -> None:
 
 
 class Handlers:
-    """Widget values in, calls of the app's functions, widget values out. Holds only the (read-only) functions."""
+    """Widget values in, calls of the app's functions, widget values out. Holds the (read-only) functions, caches of
+    what they computed, and which image each browser session shows now (``_shown``)."""
 
     def __init__(self, functions: AppFunctions):
         self.functions = functions
+        # A token per image shown, per session (Gradio's session hash): model work started for an image the page no
+        # longer shows stops at its next update (``shows``). Gradio's own cancels= raced with its late status message
+        # and left a red "Error" on the panels now and then, though nothing had failed.
+        self._shown: dict[str, str] = {}
         self.settings = functions.settings
         self.examples = functions.examples()
         # An image file is decoded once for its load, its run and the maps after it (a photo takes a noticeable part
@@ -359,6 +365,23 @@ class Handlers:
     def read_image(self, path: str) -> np.ndarray:
         """An image file as upright RGB (cached: a file changed since it was read is read again)."""
         return self._decoded(path, file_version(path))
+
+    def new_image_shown(self, request: gr.Request | None) -> str:
+        """A token for the image a session now shows (an example, an upload, a turn): work for the last one stops."""
+        token = uuid.uuid4().hex
+        if request is not None:
+            self._shown[request.session_hash] = token
+        return token
+
+    def shows(self, token: str | None, request: gr.Request | None) -> bool:
+        """Whether the page still shows the image whose ``token`` an event was sent with (yes without a session, a
+        program calling a handler, or for a session that has shown no new image since it opened)."""
+        shown = None if request is None else self._shown.get(request.session_hash)
+        return shown is None or shown == token
+
+    def forget(self, request: gr.Request) -> None:
+        """A closed page's token goes (Blocks.unload)."""
+        self._shown.pop(request.session_hash, None)
 
     def example_items(self) -> list[tuple[np.ndarray, str]]:
         return [(example.image(), example.caption) for example in self.examples]
@@ -419,23 +442,25 @@ class Handlers:
 
     def clear_results(self, new_image: bool) -> tuple:
         """Every result panel cleared once more after a new image (``new_image``, which this resets), queued behind
-        the model work the new image cancelled: an update that work had already sent can land after the clearing
-        the new image made at once. Nothing changes after an upload that was refused."""
+        the last image's model work, which stops at its next update: an update it had already sent can land after
+        the clearing the new image made at once. Nothing changes after an upload that was refused."""
         return (*self.CLEARED, False) if new_image else (gr.skip(),) * (len(self.CLEARED) + 1)
 
-    def cleared(self) -> tuple:
-        """Every result panel cleared: after the widget's rotate buttons (``TURN_CLEARS``), whose turn the results no
-        longer show (the surprise map of a turned image sat beside sketches and figures of the upright one)."""
-        return self.CLEARED
+    def cleared(self, request: gr.Request = None) -> tuple:
+        """Every result panel cleared, and the token of the image turned: after the widget's rotate buttons
+        (``TURN_CLEARS``), whose turn the results no longer show (the surprise map of a turned image sat beside
+        sketches and figures of the upright one)."""
+        return (*self.CLEARED, self.new_image_shown(request))
 
-    def load_example(self, event: gr.SelectData) -> tuple:
-        """The example in the widget, every result panel cleared; last, that a new image is shown (clear_results)."""
+    def load_example(self, event: gr.SelectData, request: gr.Request = None) -> tuple:
+        """The example in the widget, every result panel cleared; last, that a new image is shown (clear_results)
+        and its token."""
         example = self.examples[event.index]
-        return (*self.show(str(example.path), example.boxes), *self.CLEARED, True)
+        return (*self.show(str(example.path), example.boxes), *self.CLEARED, True, self.new_image_shown(request))
 
-    def load_upload(self, path: str | None) -> tuple:
+    def load_upload(self, path: str | None, request: gr.Request = None) -> tuple:
         """The uploaded image in the widget, every result panel cleared. A file that is not a usable image gets a
-        warning and changes nothing: the last image, its boxes and its results stay."""
+        warning and changes nothing: the last image, its boxes, its results and the work for it stay."""
         try:
             if path is None:
                 raise InputError("No file arrived; try the upload again.")
@@ -443,7 +468,7 @@ class Handlers:
                 shown = self.show(path)
         except InputError as err:
             gr.Warning(str(err), duration=8)
-            return (gr.skip(),) * (3 + len(self.CLEARED))
+            return (gr.skip(),) * (4 + len(self.CLEARED))
         height, width = self.read_image(path).shape[:2]  # cached: the decode of ``show``
         _, _, side = self.functions.model_square(width, height)
         if side < MIN_SQUARE_SHARE * max(width, height):
@@ -453,16 +478,21 @@ class Handlers:
         else:
             gr.Info("Image loaded. Drag on it to draw a box. The model reads the bright square at its centre.",
                     duration=5)  # gone by the time the box is drawn and the button (under it on a phone) pressed
-        return (*shown, *self.CLEARED, True)
+        return (*shown, *self.CLEARED, True, self.new_image_shown(request))
 
     def run(self, value: dict | None, num_samples: float, seed: float, steps: float, conditioning: str | None = None,
-            source: dict | None = None) -> Iterator[tuple]:
+            source: dict | None = None, token: str | None = None, request: gr.Request = None) -> Iterator[tuple]:
         """The model view, explanation, readout and neighbours first; then sketches as they finish (drawn by the
         decoder of this ``conditioning``, None: the default); then the decoded truth beside the prediction. Input to
         change is shown in the explanation panel, not as an error, and the last results stay. Last in each update:
-        whether the run got past its input checks."""
+        whether the run got past its input checks. A run for an image (``token``) the page no longer shows stops at
+        its next update and changes nothing."""
         try:
             for update in self._run(value, num_samples, seed, steps, conditioning, source):
+                if not self.shows(token, request):
+                    logger.info("A run stopped: its page shows another image now.")
+                    yield *(gr.skip(),) * len(update), False
+                    return
                 yield *update, True
         except InputError as err:  # the last run's results stay: a slip (a box too many) must not throw them away
             gr.Warning(str(err), duration=8)
@@ -494,22 +524,29 @@ class Handlers:
                 yield (shown.view, shown.explanation, shown.sketches, shown.status, shown.truth, shown.neighbours,
                        shown.readout, shown.metrics)
 
-    def explore_after_run(self, value: dict | None, window: float, source: dict | None, ran: bool) -> tuple:
-        """``explore`` after a run, unless the run stopped at its input checks (its message stands alone)."""
-        return self.explore(value, window, source) if ran else (gr.skip(), gr.skip())
+    def explore_after_run(self, value: dict | None, window: float, source: dict | None, ran: bool,
+                          token: str | None = None, request: gr.Request = None) -> tuple:
+        """``explore`` after a run, unless the run stopped at its input checks (its message stands alone) or for a
+        new image."""
+        return self.explore(value, window, source, token, request) if ran else (gr.skip(), gr.skip())
 
-    def explore(self, value: dict | None, window: float, source: dict | None = None) -> tuple:
-        """Surprise map and feature view of the whole image (independent of the boxes); nothing without an image."""
+    def explore(self, value: dict | None, window: float, source: dict | None = None, token: str | None = None,
+                request: gr.Request = None) -> tuple:
+        """Surprise map and feature view of the whole image (independent of the boxes); nothing without an image,
+        and no change for an image (``token``) the page no longer shows."""
+        if not self.shows(token, request):
+            return gr.skip(), gr.skip()
         try:
             with bugs_reported():
                 image, _, source = self.model_image(value, source)
                 window = whole_number(window, "a window size")
                 if source["path"] is None:
                     return self.functions.maps(image, window)
-                return self._maps(source["path"], file_version(source["path"]), source["turns"], window)
+                maps = self._maps(source["path"], file_version(source["path"]), source["turns"], window)
         except InputError as err:
             gr.Warning(str(err))
             return None, None
+        return maps if self.shows(token, request) else (gr.skip(), gr.skip())
 
     def api_sketch(self, image: str | None, boxes: str, num_samples: float, seed: float,
                    decoder: str | None = None, steps: float | None = None) -> tuple[list, dict]:
@@ -549,6 +586,8 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
         source = gr.State(initial_source)  # the file the widget's image shows: what the model reads (Handlers.show)
         ran = gr.State(False)  # whether the last run got past its input checks (Handlers.run)
         new_image = gr.State(False)  # a new image is shown and its panels are to be cleared again (clear_results)
+        # the shown image's token, as the page holds it when an event is sent (a State is read when the event runs)
+        image_token = gr.Textbox("", visible=False)
         with gr.Row():
             # each column keeps a usable width (the canvas, five tab names): below ~950 px they stack
             with gr.Column(scale=5, min_width=400):
@@ -662,27 +701,27 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
         run.click(None, js=SHOW_RESULTS, queue=False)
         run.click(handlers.renumbered, [annotator, source], [annotator, source], api_visibility="private",
                   queue=False)  # at once, not after the run's wait in the queue (Handlers.renumbered)
-        run_event = run.click(handlers.run, [annotator, num_samples, seed, steps, conditioning, source],
+        run_event = run.click(handlers.run, [annotator, num_samples, seed, steps, conditioning, source, image_token],
                               [model_view, explanation, sketches, sketch_status, truth, neighbours, readout, metrics,
                                ran], api_visibility="private", trigger_mode="always_last",
                               show_progress_on=[model_view, sketches], **model_work)  # the widget stays drawable
-        explore_event = run_event.success(handlers.explore_after_run, [annotator, window, source, ran],
-                                          [surprise, features], api_visibility="private", **model_work)
+        run_event.success(handlers.explore_after_run, [annotator, window, source, ran, image_token],
+                          [surprise, features], api_visibility="private", **model_work)
         # change, not release: a window typed into the slider's field counts too; only the last pending one runs
-        window_event = window.change(handlers.explore, [annotator, window, source], [surprise, features],
-                                     api_visibility="private", trigger_mode="always_last", **model_work)
-        # A new image stops the last image's work, so its late results cannot land beside the new image.
-        last_image_work = [run_event, explore_event, window_event]
+        window.change(handlers.explore, [annotator, window, source, image_token], [surprise, features],
+                      api_visibility="private", trigger_mode="always_last", **model_work)
+        # A new image (or a turn) gets a new token: the last image's work stops (Handlers.shows), so its late results
+        # cannot land beside the new image.
         turn = gr.Button("Turned", elem_id="turned")  # hidden (CSS); clicked by TURN_CLEARS in HEAD
-        turn.click(handlers.cleared, None, results, api_visibility="private", queue=False)
+        turn.click(handlers.cleared, None, [*results, image_token], api_visibility="private", queue=False)
         examples.select(None, js=SHOW_DRAWING, queue=False)  # first, as SHOW_RESULTS
-        shown = [annotator, source, *results, new_image]
-        examples.select(handlers.load_example, None, shown, api_visibility="private", concurrency_limit=4,
-                        cancels=last_image_work).then(handlers.clear_results, new_image, [*results, new_image],
-                                                      api_visibility="private", **model_work)
+        shown = [annotator, source, *results, new_image, image_token]
+        examples.select(handlers.load_example, None, shown, api_visibility="private",
+                        concurrency_limit=4).then(handlers.clear_results, new_image, [*results, new_image],
+                                                  api_visibility="private", **model_work)
         demo.load(None, js=SWITCH_TO_DRAWING)
-        loaded = upload.upload(handlers.load_upload, upload, shown, api_visibility="private", concurrency_limit=4,
-                               cancels=last_image_work)
+        demo.unload(handlers.forget)
+        loaded = upload.upload(handlers.load_upload, upload, shown, api_visibility="private", concurrency_limit=4)
         loaded.success(None, js=SWITCH_TO_DRAWING)
         loaded.success(handlers.clear_results, new_image, [*results, new_image], api_visibility="private",
                        **model_work)

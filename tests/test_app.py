@@ -346,12 +346,12 @@ def test_the_widget_shows_exact_pixels_and_a_new_image_clears_the_last_results(a
     example = handlers.examples[1]
     read, boxes, _ = handlers.model_input(*chosen[:2])  # the model reads the example's file, not the display copy
     assert np.array_equal(read, example.image()) and np.allclose(boxes, example.boxes)
-    assert chosen[2:-1] == app_module.Handlers.CLEARED and len(chosen) == 13  # widget, its source, ten result panels
-    assert chosen[-1] is True  # and a new image, whose panels are cleared again behind the work it cancelled
+    assert chosen[2:-2] == app_module.Handlers.CLEARED and len(chosen) == 14  # widget, its source, ten result panels
+    assert chosen[-2] is True  # and a new image, whose panels are cleared again behind the last image's work
     photo = tmp_path / "photo.png"
     Image.fromarray(image).save(photo)
     uploaded = handlers.load_upload(str(photo))
-    assert np.array_equal(handlers.model_input(*uploaded[:2])[0], image) and uploaded[2:-1] == handlers.CLEARED
+    assert np.array_equal(handlers.model_input(*uploaded[:2])[0], image) and uploaded[2:-2] == handlers.CLEARED
 
 
 def test_any_image_is_shown_whole_and_boxes_map_back_to_the_file(app_module, tmp_path):
@@ -495,21 +495,52 @@ def test_a_file_that_is_not_an_image_changes_nothing(app_module, tmp_path):
     for path in (str(corrupt), None):
         with pytest.warns(UserWarning, match="not an image|No file arrived"):
             outputs = handlers.load_upload(path)
-        assert len(outputs) == 13 and all(o == app_module.gr.skip() for o in outputs)  # nothing on the page changes
+        assert len(outputs) == 14 and all(o == app_module.gr.skip() for o in outputs)  # nothing on the page changes
         # nor later: the clearing queued behind the model work finds no new image (its results must stay)
         assert all(o == app_module.gr.skip() for o in handlers.clear_results(False))
 
 
-def test_a_new_image_cancels_the_last_images_work(app_module, tmp_path):
-    """Sketches still being drawn for the last image must not land beside a newly picked or uploaded one."""
-    demo = app_module.build_app(handlers_for(app_module, tiny_bundle(tmp_path / "b")))
+def test_a_new_image_stops_the_last_images_work(app_module, tmp_path):
+    """Sketches still being drawn for the last image must not land beside a newly picked, uploaded or turned one: the
+    run stops at its next update and the maps change nothing. Gradio's cancels= did this, and left a red "Error" on
+    the panels now and then (its late status message), so the page sends the shown image's token with each event."""
+    handlers = handlers_for(app_module, tiny_bundle(tmp_path / "b"))
+    demo = app_module.build_app(handlers)
     dependencies = demo.config["dependencies"]
-    model_work = {d["id"] for d in dependencies if demo.fns[d["id"]].name in ("run", "explore", "explore_after_run")}
-    assert len(model_work) == 3  # the run, the maps after it, the maps after moving the window slider
-    for fn in ("load_example", "load_upload"):
-        (trigger,) = [d["targets"] for d in dependencies if demo.fns[d["id"]].name == fn]
-        cancelled = {i for d in dependencies if d["targets"] == trigger for i in d["cancels"]}
-        assert cancelled == model_work, fn
+    assert not any(d["cancels"] for d in dependencies)
+    ids = {block._id: block for block in demo.blocks.values()}
+    token_box = {d["outputs"][-1] for d in dependencies if demo.fns[d["id"]].name in ("load_example", "load_upload",
+                                                                                      "cleared")}
+    (token_box,) = token_box
+    assert isinstance(ids[token_box], app_module.gr.Textbox) and not ids[token_box].stateful  # sent with the event
+    for fn in ("run", "explore", "explore_after_run"):
+        (work,) = [d for d in dependencies if demo.fns[d["id"]].name == fn]
+        assert work["inputs"][-1] == token_box, fn
+
+    value, source = handlers.initial_value()
+    page, other_page = app_module.gr.Request(session_hash="page"), app_module.gr.Request(session_hash="other")
+    token = handlers.load_example(app_module.gr.SelectData(None, {"index": 0, "value": None}), page)[-1]
+    run = handlers.run(value, 3, 0, 2, None, source, token, page)
+    first = next(run)
+    assert first[-1] is True and first[3] == "Drawing sketches…"
+    handlers.load_example(app_module.gr.SelectData(None, {"index": 1, "value": None}), other_page)  # another page
+    assert next(run)[2]  # a sketch: this page still shows the image
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(photo)
+    new_token = handlers.load_upload(str(photo), page)[-1]
+    stopped = list(run)
+    assert stopped == [(*(app_module.gr.skip(),) * 8, False)]  # nothing shown, and no maps after it
+    assert handlers.explore(value, 2, source, token, page) == (app_module.gr.skip(),) * 2
+    assert handlers.explore_after_run(value, 2, source, True, token, page) == (app_module.gr.skip(),) * 2
+    # a run pressed before the upload but started after it (it waited in the queue) shows nothing either
+    assert list(handlers.run(value, 1, 0, 2, None, source, token, page)) == stopped
+    # the new image's own work goes ahead; a turn gives the image a new token
+    assert next(handlers.run(value, 1, 0, 2, None, source, new_token, page))[-1] is True
+    *_, turned_token = handlers.cleared(page)
+    assert list(handlers.run(value, 1, 0, 2, None, source, new_token, page)) == stopped
+    assert all(m is not app_module.gr.skip() for m in handlers.explore(value, 2, source, turned_token, page))
+    handlers.forget(page)  # a closed page's token goes
+    assert handlers._shown == {"other": handlers._shown["other"]}
 
 
 def test_the_api_page_suggests_an_image_and_boxes(app_module, tmp_path):
@@ -565,8 +596,8 @@ def test_files_served_for_a_request_are_deleted_once_old_and_the_pages_own_are_k
     assert report["kept left"] == report["kept"]  # the examples and the first image still load
 
 
-def test_a_new_images_panels_are_cleared_again_after_the_cancelled_work_lets_go(app_module, tmp_path):
-    """A run cancelled by a new image could already have sent an update, landing after the clearing the new image
+def test_a_new_images_panels_are_cleared_again_after_the_last_images_work(app_module, tmp_path):
+    """A run stopped by a new image could already have sent an update, landing after the clearing the new image
     made at once: the last image's sketches beside the new one, stuck at "drawing". A second clearing queues behind
     the model work, so it comes after anything that work sent."""
     handlers = handlers_for(app_module, tiny_bundle(tmp_path / "b"))
@@ -581,7 +612,7 @@ def test_a_new_images_panels_are_cleared_again_after_the_cancelled_work_lets_go(
         assert demo.fns[clear["id"]].concurrency_id == demo.fns[run["id"]].concurrency_id == "model"
         assert set(run["outputs"][:8]) <= set(clear["outputs"])
         assert [ids[i] for i in clear["outputs"]][-3:-1] == ["surprise", "features"]
-        assert clear["inputs"] == [clear["outputs"][-1]] and load["outputs"][-1] == clear["outputs"][-1]
+        assert clear["inputs"] == [clear["outputs"][-1]] and load["outputs"][-2] == clear["outputs"][-1]
     assert handlers.clear_results(True) == (*handlers.CLEARED, False)  # cleared, once
 
 
@@ -595,7 +626,7 @@ def test_turning_the_image_clears_the_last_runs_panels(app_module, tmp_path):
     (clear,) = [d for d in dependencies if demo.fns[d["id"]].name == "cleared"]
     assert [ids[i] for i in clear["targets"][0][:1]] == ["turned"] and clear["queue"] is False
     run = next(d for d in dependencies if d["api_name"] == "run")
-    assert set(run["outputs"][:8]) <= set(clear["outputs"]) and handlers.cleared() == handlers.CLEARED
+    assert set(run["outputs"][:8]) <= set(clear["outputs"]) and handlers.cleared()[:-1] == handlers.CLEARED
     assert "#annotator button[aria-label^=\"Rotate\"]" in app_module.HEAD
     assert "#turned { display: none" in app_module.CSS
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 import app
 from helpers import ASSETS, REPO, USE_ASSETS, serve_app, tiny_bundle
-from ijepa.engine import DECODER_NAMES
+from ijepa.engine import DECODER_NAMES, MAX_NUM_SAMPLES
 from ijepa.boxes import boxes_to_masks, map_boxes
 from ijepa.inference import prepare_image
 
@@ -45,8 +45,13 @@ def assets(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(assets, tmp_path_factory):
-    with serve_app(assets, tmp_path_factory.mktemp("log") / "app.log") as (url, _):
+def server_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("log") / "app.log"
+
+
+@pytest.fixture(scope="module")
+def server(assets, server_log):
+    with serve_app(assets, server_log) as (url, _):
         yield url
 
 
@@ -178,6 +183,39 @@ def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
 
     page.get_by_label(DECODER_NAMES["pooled"]).check()  # the paper's decoder draws the same box
     run_and_wait_for_sketches(page, explanation="gets only the average")
+
+
+def test_a_new_image_while_sketches_stream_clears_the_panels_without_an_error(page, server_log):
+    """Picking another example while the last one's sketches are still being drawn stops that run (the page sends
+    the shown image's token with the run): the panels stay cleared, none is marked "Error" (Gradio's cancels= did
+    that now and then), and the next run goes ahead."""
+    thumbnails = page.locator("#examples button.thumbnail-item")
+    thumbnails.nth(0).click()
+    time.sleep(1.0)
+    samples = page.locator('#num-samples input[type="number"]')
+    samples.fill(str(MAX_NUM_SAMPLES))
+    samples.press("Enter")
+    page.get_by_text("Settings").click()
+    steps = page.get_by_label("number input for Decoder steps (more = finer)")
+    steps.fill("30")
+    steps.press("Enter")
+    page.click("#run")
+    page.wait_for_function("() => (document.querySelector('#sketch-status') || {}).innerText?.includes('drawing')")
+    stopped = "A run stopped: its page shows another image now."
+    stopped_before = server_log.read_text().count(stopped)  # example 0 may have stopped the last test's run
+    thumbnails.nth(1).click()
+    time.sleep(8.0)  # what the stopped run would have sent by now
+    assert page.inner_text("#sketch-status").strip() == ""
+    assert page.inner_text("#explanation").strip() == "Results appear here."
+    errors = page.evaluate("() => [...document.querySelectorAll('.error')].filter(e => e.offsetParent)"
+                           ".map(e => e.innerText)")
+    assert errors == []
+    assert server_log.read_text().count(stopped) == stopped_before + 1
+    samples.fill("2")
+    samples.press("Enter")
+    steps.fill("4")
+    steps.press("Enter")
+    run_and_wait_for_sketches(page, expected=2)
 
 
 def touch_drag(page, start: tuple[float, float], end: tuple[float, float], steps: int = 12) -> None:
