@@ -480,6 +480,11 @@ class Handlers:
                     duration=5)  # gone by the time the box is drawn and the button (under it on a phone) pressed
         return (*shown, *self.CLEARED, True, self.new_image_shown(request))
 
+    @staticmethod
+    def no_example_picked() -> gr.Gallery:
+        """The examples with none highlighted: after an upload the page shows none of them."""
+        return gr.Gallery(selected_index=None)
+
     def run(self, value: dict | None, num_samples: float, seed: float, steps: float, conditioning: str | None = None,
             source: dict | None = None, token: str | None = None, request: gr.Request = None) -> Iterator[tuple]:
         """The model view, explanation, readout and neighbours first; then sketches as they finish (drawn by the
@@ -722,6 +727,7 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
         demo.load(None, js=SWITCH_TO_DRAWING)
         demo.unload(handlers.forget)
         loaded = upload.upload(handlers.load_upload, upload, shown, api_visibility="private", concurrency_limit=4)
+        loaded.success(handlers.no_example_picked, None, examples, api_visibility="private", queue=False)
         loaded.success(None, js=SWITCH_TO_DRAWING)
         loaded.success(handlers.clear_results, new_image, [*results, new_image], api_visibility="private",
                        **model_work)

@@ -128,6 +128,7 @@ def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
     thumbnails.nth(len(examples) - 1).click()
     example_boxes = len(examples[-1]["boxes"])
     time.sleep(1.0)  # the annotator redraws from the new value
+    assert "selected" in thumbnails.nth(len(examples) - 1).get_attribute("class")  # until an upload (below)
     run_and_wait_for_sketches(page)
     assert f"Box {example_boxes}: error" in page.inner_text("#explanation")
     for tab, selector in [("Surprise", "#surprise img"), ("Features", "#features img"),
@@ -152,6 +153,7 @@ def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
     page.set_input_files(UPLOAD_INPUT, str(photo(tmp_path)))
     page.wait_for_selector("text=Image loaded.")
     time.sleep(1.0)
+    assert thumbnails.evaluate_all("items => items.filter(i => i.classList.contains('selected')).length") == 0
     annotator = page.locator("#annotator canvas.canvas-annotator")
     canvas = annotator.bounding_box()
     # the box goes where app.canvas_boxes puts it on the app's canvas
