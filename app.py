@@ -459,8 +459,9 @@ class Handlers:
         return (*self.show(str(example.path), example.boxes), *self.CLEARED, True, self.new_image_shown(request))
 
     def load_upload(self, path: str | None, request: gr.Request = None) -> tuple:
-        """The uploaded image in the widget, every result panel cleared. A file that is not a usable image gets a
-        warning and changes nothing: the last image, its boxes, its results and the work for it stay."""
+        """The uploaded image in the widget, every result panel cleared, its token and the examples with none
+        highlighted. A file that is not a usable image gets a warning and changes nothing: the last image, its boxes,
+        its results, the work for it and its highlighted example stay."""
         try:
             if path is None:
                 raise InputError("No file arrived; try the upload again.")
@@ -468,7 +469,7 @@ class Handlers:
                 shown = self.show(path)
         except InputError as err:
             gr.Warning(str(err), duration=8)
-            return (gr.skip(),) * (4 + len(self.CLEARED))
+            return (gr.skip(),) * (5 + len(self.CLEARED))
         height, width = self.read_image(path).shape[:2]  # cached: the decode of ``show``
         _, _, side = self.functions.model_square(width, height)
         if side < MIN_SQUARE_SHARE * max(width, height):
@@ -478,12 +479,7 @@ class Handlers:
         else:
             gr.Info("Image loaded. Drag on it to draw a box. The model reads the bright square at its centre.",
                     duration=5)  # gone by the time the box is drawn and the button (under it on a phone) pressed
-        return (*shown, *self.CLEARED, True, self.new_image_shown(request))
-
-    @staticmethod
-    def no_example_picked() -> gr.Gallery:
-        """The examples with none highlighted: after an upload the page shows none of them."""
-        return gr.Gallery(selected_index=None)
+        return (*shown, *self.CLEARED, True, self.new_image_shown(request), gr.Gallery(selected_index=None))
 
     def run(self, value: dict | None, num_samples: float, seed: float, steps: float, conditioning: str | None = None,
             source: dict | None = None, token: str | None = None, request: gr.Request = None) -> Iterator[tuple]:
@@ -726,8 +722,8 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
                                                   api_visibility="private", **model_work)
         demo.load(None, js=SWITCH_TO_DRAWING)
         demo.unload(handlers.forget)
-        loaded = upload.upload(handlers.load_upload, upload, shown, api_visibility="private", concurrency_limit=4)
-        loaded.success(handlers.no_example_picked, None, examples, api_visibility="private", queue=False)
+        loaded = upload.upload(handlers.load_upload, upload, [*shown, examples], api_visibility="private",
+                               concurrency_limit=4)
         loaded.success(None, js=SWITCH_TO_DRAWING)
         loaded.success(handlers.clear_results, new_image, [*results, new_image], api_visibility="private",
                        **model_work)

@@ -351,7 +351,8 @@ def test_the_widget_shows_exact_pixels_and_a_new_image_clears_the_last_results(a
     photo = tmp_path / "photo.png"
     Image.fromarray(image).save(photo)
     uploaded = handlers.load_upload(str(photo))
-    assert np.array_equal(handlers.model_input(*uploaded[:2])[0], image) and uploaded[2:-2] == handlers.CLEARED
+    assert np.array_equal(handlers.model_input(*uploaded[:2])[0], image) and uploaded[2:-3] == handlers.CLEARED
+    assert uploaded[-1].selected_index is None  # no example highlighted beside the photo
 
 
 def test_any_image_is_shown_whole_and_boxes_map_back_to_the_file(app_module, tmp_path):
@@ -495,7 +496,7 @@ def test_a_file_that_is_not_an_image_changes_nothing(app_module, tmp_path):
     for path in (str(corrupt), None):
         with pytest.warns(UserWarning, match="not an image|No file arrived"):
             outputs = handlers.load_upload(path)
-        assert len(outputs) == 14 and all(o == app_module.gr.skip() for o in outputs)  # nothing on the page changes
+        assert len(outputs) == 15 and all(o == app_module.gr.skip() for o in outputs)  # nothing on the page changes
         # nor later: the clearing queued behind the model work finds no new image (its results must stay)
         assert all(o == app_module.gr.skip() for o in handlers.clear_results(False))
 
@@ -509,9 +510,11 @@ def test_a_new_image_stops_the_last_images_work(app_module, tmp_path):
     dependencies = demo.config["dependencies"]
     assert not any(d["cancels"] for d in dependencies)
     ids = {block._id: block for block in demo.blocks.values()}
-    token_box = {d["outputs"][-1] for d in dependencies if demo.fns[d["id"]].name in ("load_example", "load_upload",
-                                                                                      "cleared")}
+    ids_of = {getattr(block, "elem_id", None): i for i, block in ids.items()}
+    token_box = {d["outputs"][-1] for d in dependencies if demo.fns[d["id"]].name in ("load_example", "cleared")}
     (token_box,) = token_box
+    (upload,) = [d for d in dependencies if demo.fns[d["id"]].name == "load_upload"]
+    assert upload["outputs"][-2:] == [token_box, ids_of["examples"]]  # and the examples, none highlighted
     assert isinstance(ids[token_box], app_module.gr.Textbox) and not ids[token_box].stateful  # sent with the event
     for fn in ("run", "explore", "explore_after_run"):
         (work,) = [d for d in dependencies if demo.fns[d["id"]].name == fn]
@@ -527,7 +530,7 @@ def test_a_new_image_stops_the_last_images_work(app_module, tmp_path):
     assert next(run)[2]  # a sketch: this page still shows the image
     photo = tmp_path / "photo.png"
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(photo)
-    new_token = handlers.load_upload(str(photo), page)[-1]
+    new_token = handlers.load_upload(str(photo), page)[-2]
     stopped = list(run)
     assert stopped == [(*(app_module.gr.skip(),) * 8, False)]  # nothing shown, and no maps after it
     assert handlers.explore(value, 2, source, token, page) == (app_module.gr.skip(),) * 2
@@ -612,7 +615,7 @@ def test_a_new_images_panels_are_cleared_again_after_the_last_images_work(app_mo
         assert demo.fns[clear["id"]].concurrency_id == demo.fns[run["id"]].concurrency_id == "model"
         assert set(run["outputs"][:8]) <= set(clear["outputs"])
         assert [ids[i] for i in clear["outputs"]][-3:-1] == ["surprise", "features"]
-        assert clear["inputs"] == [clear["outputs"][-1]] and load["outputs"][-2] == clear["outputs"][-1]
+        assert clear["inputs"] == [clear["outputs"][-1]] and clear["outputs"][-1] in load["outputs"]
     assert handlers.clear_results(True) == (*handlers.CLEARED, False)  # cleared, once
 
 

@@ -150,10 +150,17 @@ def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
     page.screenshot(path=str(screenshot), full_page=True)
     assert Image.open(screenshot).size[0] >= 1000  # the whole page, not an empty capture
 
+    picked = "items => items.filter(i => i.classList.contains('selected')).length"
+    not_an_image = tmp_path / "not-an-image.png"
+    not_an_image.write_bytes(b"\x89PNG but not really")
+    page.set_input_files(UPLOAD_INPUT, str(not_an_image))
+    page.wait_for_selector("text=not an image")
+    time.sleep(1.0)
+    assert thumbnails.evaluate_all(picked) == 1  # refused: nothing changes, the example stays highlighted
     page.set_input_files(UPLOAD_INPUT, str(photo(tmp_path)))
     page.wait_for_selector("text=Image loaded.")
     time.sleep(1.0)
-    assert thumbnails.evaluate_all("items => items.filter(i => i.classList.contains('selected')).length") == 0
+    assert thumbnails.evaluate_all(picked) == 0
     annotator = page.locator("#annotator canvas.canvas-annotator")
     canvas = annotator.bounding_box()
     # the box goes where app.canvas_boxes puts it on the app's canvas
