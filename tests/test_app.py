@@ -504,7 +504,7 @@ def test_a_file_that_is_not_an_image_changes_nothing(app_module, tmp_path):
 def test_a_new_image_stops_the_last_images_work(app_module, tmp_path):
     """Sketches still being drawn for the last image must not land beside a newly picked, uploaded or turned one: the
     run stops at its next update and the maps change nothing. Gradio's cancels= did this, and left a red "Error" on
-    the panels now and then (its late status message), so the page sends the shown image's token with each event."""
+    the panels now and then, though nothing had failed, so the page sends the shown image's token with each event."""
     handlers = handlers_for(app_module, tiny_bundle(tmp_path / "b"))
     demo = app_module.build_app(handlers)
     dependencies = demo.config["dependencies"]
