@@ -541,9 +541,8 @@ class Handlers:
             with bugs_reported():
                 image, _, source = self.model_image(value, source)
                 window = whole_number(window, "a window size")
-                if source["path"] is None:
-                    return self.functions.maps(image, window)
-                maps = self._maps(source["path"], file_version(source["path"]), source["turns"], window)
+                maps = (self.functions.maps(image, window) if source["path"] is None
+                        else self._maps(source["path"], file_version(source["path"]), source["turns"], window))
         except InputError as err:
             gr.Warning(str(err))
             return None, None

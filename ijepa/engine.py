@@ -477,11 +477,11 @@ class Engine:
         from the model, and not what this box's sketch drew); ``composite``: every box filled (where boxes overlap,
         the later box's sketch). Pixels outside every box are copied from the input, so they are exact."""
         masks = analysis.box_masks()
-        base, hidden = analysis.prepared.to_uint8(), analysis.hidden_view(masks)
+        base, hidden, inside = analysis.prepared.to_uint8(), analysis.hidden_view(masks), np.stack(masks)[..., None]
         pixels = np.round(sketches.permute(1, 0, 3, 4, 2).float().cpu().numpy() * 255).astype(np.uint8)
         images = []
         for sample in pixels:
-            fills = np.where(np.stack(masks)[..., None], sample, hidden)
+            fills = np.where(inside, sample, hidden)
             composite = base.copy()
             for fill, mask in zip(fills, masks):
                 composite[mask] = fill[mask]

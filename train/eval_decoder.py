@@ -167,9 +167,9 @@ def load_checked_kind(path: str | Path, must_pool: bool, model: IJepa, checkpoin
     kind, float32."""
     loaded = load_decoder(path, model, checkpoint)
     if (loaded.config.conditioning == "pooled") != must_pool:
-        fix = ("pass it as --decoder, and a pooled one (python -m train.decoder --conditioning pooled) as "
-               "--paper-decoder" if must_pool else "pass it as --paper-decoder, and ours as --decoder")
-        flag, takes = ("--paper-decoder", "the paper-faithful (pooled) one") if must_pool else ("--decoder", "ours")
+        flag, takes, fix = (("--paper-decoder", "the paper-faithful (pooled) one", "pass it as --decoder, and a pooled "
+                             "one (python -m train.decoder --conditioning pooled) as --paper-decoder") if must_pool
+                            else ("--decoder", "ours", "pass it as --paper-decoder, and ours as --decoder"))
         raise ValueError(f"{path} is a {loaded.config.conditioning} decoder, but {flag} takes {takes}: {fix}")
     return loaded
 
@@ -189,10 +189,9 @@ def evaluate_decoders(checkpoint: str | Path, decoder: str | Path, paper_decoder
     precision = resolve_precision(torch.device(device), precision)
     model = load_model(checkpoint).to(device).eval()
     # both loaded and checked before the first is scored (minutes), so a typo in the second costs nothing
-    decoders = {"ours (spatial + context)": (decoder, load_checked_kind(decoder, False, model, checkpoint))}
-    if paper_decoder:
-        decoders["paper (pooled only)"] = (paper_decoder, load_checked_kind(paper_decoder, True, model, checkpoint))
-    decoders = {name: (path, loaded.to(device)) for name, (path, loaded) in decoders.items()}
+    decoders = {"ours (spatial + context)": (decoder, False), "paper (pooled only)": (paper_decoder, True)}
+    decoders = {name: (path, load_checked_kind(path, must_pool, model, checkpoint).to(device))
+                for name, (path, must_pool) in decoders.items() if path}
     # held-out emoji, scenes no training run drew (seeds differ from pretraining and decoder training); a folder
     # as it is, centre-cropped, without the training crops' randomness
     extra = {"split": "heldout"} if data == "emoji" else {"mode": "eval"}
