@@ -43,7 +43,7 @@ from gradio_client import handle_file
 from gradio_image_annotation import image_annotator
 from PIL import Image
 
-from ijepa.errors import InputError  # no torch: ijepa's models load only when main() asks for them
+from ijepa.errors import InputError, WorkStopped  # no torch: ijepa's models load only when main() asks for them
 
 if TYPE_CHECKING:
     from ijepa.app_functions import AppFunctions
@@ -157,11 +157,11 @@ HOW_TO_READ = """
 
 @contextmanager
 def bugs_reported() -> Iterator[None]:
-    """Any exception but an InputError (input the user can change) is a bug: log its traceback and say so, rather
-    than ask the user to change an input that was fine."""
+    """Any exception but an InputError (input the user can change) or WorkStopped (work nobody wants any more) is a
+    bug: log its traceback and say so, rather than ask the user to change an input that was fine."""
     try:
         yield
-    except (InputError, gr.Error):
+    except (InputError, WorkStopped, gr.Error):
         raise
     except Exception as err:
         logger.exception("internal error")
@@ -342,7 +342,7 @@ class Handlers:
     def __init__(self, functions: AppFunctions):
         self.functions = functions
         # A token per image shown, per session (Gradio's session hash): model work started for an image the page no
-        # longer shows stops at its next update (``shows``). Gradio's own cancels= left a red "Error" on the panels
+        # longer shows stops within a sampler step (``shows``). Gradio's own cancels= left a red "Error" on the panels
         # now and then (1 in 6 to 12 uploads while sketches streamed), though nothing had failed.
         self._shown: dict[str, str] = {}
         self.settings = functions.settings
@@ -442,7 +442,7 @@ class Handlers:
 
     def clear_results(self, new_image: bool) -> tuple:
         """Every result panel cleared once more after a new image (``new_image``, which this resets), queued behind
-        the last image's model work, which stops at its next update: an update it had already sent can land after
+        the last image's model work, which stops within a sampler step: an update it had already sent can land after
         the clearing the new image made at once. Nothing changes after an upload that was refused."""
         return (*self.CLEARED, False) if new_image else (gr.skip(),) * (len(self.CLEARED) + 1)
 
@@ -486,15 +486,15 @@ class Handlers:
         """The model view, explanation, readout and neighbours first; then sketches as they finish (drawn by the
         decoder of this ``conditioning``, None: the default); then the decoded truth beside the prediction. Input to
         change is shown in the explanation panel, not as an error, and the last results stay. Last in each update:
-        whether the run got past its input checks. A run for an image (``token``) the page no longer shows stops at
-        its next update and changes nothing."""
+        whether the run got past its input checks. A run for an image (``token``) the page no longer shows stops
+        within one sampler step and changes nothing more."""
         try:
-            for update in self._run(value, num_samples, seed, steps, conditioning, source):
-                if not self.shows(token, request):
-                    logger.info("A run stopped: its page shows another image now.")
-                    yield *(gr.skip(),) * len(update), False
-                    return
+            for update in self._run(value, num_samples, seed, steps, conditioning, source,
+                                    should_stop=lambda: not self.shows(token, request)):
                 yield *update, True
+        except WorkStopped:
+            logger.info("A run stopped: its page shows another image now.")
+            yield *(gr.skip(),) * 8, False
         except InputError as err:  # the last run's results stay: a slip (a box too many) must not throw them away
             gr.Warning(str(err), duration=8)
             message = (f"**Please adjust the input.** {err}\n\n*Any results shown are from the last run that "
@@ -514,14 +514,14 @@ class Handlers:
             return gr.skip(), gr.skip()
 
     def _run(self, value: dict | None, num_samples: float, seed: float, steps: float, conditioning: str | None,
-             source: dict | None) -> Iterator[tuple]:
+             source: dict | None, should_stop: Callable[[], bool]) -> Iterator[tuple]:
         with bugs_reported():
             image, boxes, source = self.model_input(value, source)
             check_drawn(boxes, self.settings.max_boxes)
             analysis = self.functions.analyze(image, boxes)  # the boxes' own checks first: they name the box
             num_samples, seed = whole_number(num_samples, "the number of sketches"), whole_number(seed, "a seed")
             steps = whole_number(steps, "the number of sampler steps")
-            for shown in self.functions.run(analysis, num_samples, seed, steps, conditioning):
+            for shown in self.functions.run(analysis, num_samples, seed, steps, conditioning, should_stop):
                 yield (shown.view, shown.explanation, shown.sketches, shown.status, shown.truth, shown.neighbours,
                        shown.readout, shown.metrics)
 

@@ -8,12 +8,14 @@ after the initial noise, so the seed fixes the sketch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from ijepa.errors import WorkStopped
 
 from .model import SketchCondition, SketchDecoder
 
@@ -111,13 +113,16 @@ class SketchSampler:
         num_samples: int = 4,
         num_steps: int = DEFAULT_NUM_STEPS,
         seed: int = 0,
+        should_stop: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
         """``num_samples`` sketches per condition: [B * num_samples, 3, H, W] in [0, 1], condition-major.
 
-        Pixels outside the box are exactly ``(cond.context + 1) / 2``; inside is the sketch.
+        Pixels outside the box are exactly ``(cond.context + 1) / 2``; inside is the sketch. ``should_stop``: asked
+        before every solver step, so that a long batch nobody wants any more does not hold the device; True raises
+        ``ijepa.errors.WorkStopped``.
         """
         self._check_counts(num_samples, num_steps)
-        return self.composite(*self._denoise(cond, tuple(range(num_samples)), num_steps, seed))
+        return self.composite(*self._denoise(cond, tuple(range(num_samples)), num_steps, seed, should_stop))
 
     @torch.no_grad()
     def stream(
@@ -127,22 +132,23 @@ class SketchSampler:
         num_steps: int = DEFAULT_NUM_STEPS,
         seed: int = 0,
         first: int = 1,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[SketchProgress]:
         """Yield finished sketches early so a UI can show something while the rest are drawn.
 
         Sample indices [0, first) are denoised alone and yielded as soon as they finish (``done=False``), unless
         they are all; the rest follow in one batch. The last event has ``done=True`` and holds all sketches: those
         of ``sample`` with the same arguments, in reduced precision up to rounding (batches of other sizes may round
-        differently).
+        differently). ``should_stop``: as in ``sample``.
         """
         self._check_counts(num_samples, num_steps)
         if not 1 <= first <= num_samples:
             raise ValueError(f"first={first} must be in [1, num_samples={num_samples}]")
         early, rest = tuple(range(first)), tuple(range(first, num_samples))
-        images = self.composite(*self._denoise(cond, early, num_steps, seed))
+        images = self.composite(*self._denoise(cond, early, num_steps, seed, should_stop))
         if rest:
             yield SketchProgress(images, early, done=False)
-            later = self.composite(*self._denoise(cond, rest, num_steps, seed))
+            later = self.composite(*self._denoise(cond, rest, num_steps, seed, should_stop))
             images = torch.cat([images.view(cond.batch_size, len(early), *images.shape[1:]),
                                 later.view(cond.batch_size, len(rest), *later.shape[1:])], dim=1).flatten(0, 1)
         yield SketchProgress(images, early + rest, done=True)
@@ -154,7 +160,8 @@ class SketchSampler:
         return ((torch.where(inside, sketch.to(context.dtype), context) + 1) / 2).clamp(0, 1)
 
     def _denoise(
-        self, cond: SketchCondition, sample_indices: tuple[int, ...], num_steps: int, seed: int
+        self, cond: SketchCondition, sample_indices: tuple[int, ...], num_steps: int, seed: int,
+        should_stop: Callable[[], bool] | None = None,
     ) -> tuple[torch.Tensor, SketchCondition]:
         """Run the solver for ``sample_indices`` of every condition: (sketches in [-1, 1], condition-major, and the
         condition repeated to match them)."""
@@ -169,6 +176,8 @@ class SketchSampler:
         scheduler.set_timesteps(num_steps, device=device)
         x = x * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
+            if should_stop is not None and should_stop():
+                raise WorkStopped("sampling stopped: the caller no longer wants these sketches")
             model_input = scheduler.scale_model_input(x, t).to(dtype)
             prediction = decoder(model_input, t, repeated).float()
             x = scheduler.step(prediction, t, x).prev_sample

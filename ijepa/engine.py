@@ -489,17 +489,20 @@ class Engine:
         return images
 
     def stream_sketches(self, analysis: Analysis, num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0,
-                        num_steps: int = DEFAULT_NUM_STEPS, conditioning: str | None = None) -> Iterator[SketchUpdate]:
+                        num_steps: int = DEFAULT_NUM_STEPS, conditioning: str | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> Iterator[SketchUpdate]:
         """Sketches of what the predictor expects in every box, yielded as they finish: first sample 0 of every
         box, then all of them (``done``). Each update holds every sketch finished so far. Sample i depends only
-        on (seed, i), so a seed reproduces its sketches. ``conditioning``: which decoder (None: the default)."""
+        on (seed, i), so a seed reproduces its sketches. ``conditioning``: which decoder (None: the default).
+        ``should_stop``: asked before every sampler step; True raises ``ijepa.errors.WorkStopped``."""
         conditioning, sampler = self._require_decoder(conditioning)
         self.check_sampling(num_samples, num_steps, seed)
         cond = self._conditions(analysis, lambda box: box.predicted)
         boxes = cond.batch_size
         start = time.perf_counter()
         finished: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # sample index -> (composite, per-box fills)
-        events = sampler.stream(cond, num_samples=int(num_samples), num_steps=int(num_steps), seed=int(seed), first=1)
+        events = sampler.stream(cond, num_samples=int(num_samples), num_steps=int(num_steps), seed=int(seed), first=1,
+                                should_stop=should_stop)
         while True:
             with self._autocast():  # entered per step, so autocast never leaks into the caller between yields
                 event = next(events, None)
@@ -519,14 +522,15 @@ class Engine:
                 "sketch_seconds": round(update.seconds, 3)}
 
     def sketches(self, analysis: Analysis, num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0,
-                 num_steps: int = DEFAULT_NUM_STEPS, conditioning: str | None = None) -> SketchUpdate:
+                 num_steps: int = DEFAULT_NUM_STEPS, conditioning: str | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> SketchUpdate:
         """All sketches at once: the last update of ``stream_sketches``, so that the API and the UI give the same
         pixels (in bf16 a sketch can differ by a level in a few pixels when drawn in a batch of another size)."""
-        *_, last = self.stream_sketches(analysis, num_samples, seed, num_steps, conditioning)
+        *_, last = self.stream_sketches(analysis, num_samples, seed, num_steps, conditioning, should_stop)
         return last
 
     def decode_truth(self, analysis: Analysis, seed: int = 0, num_steps: int = DEFAULT_NUM_STEPS,
-                     conditioning: str | None = None) -> np.ndarray:
+                     conditioning: str | None = None, should_stop: Callable[[], bool] | None = None) -> np.ndarray:
         """The decoder's rendering of the TARGET encoder's true features, per box: [boxes, S, S, 3] uint8, the
         model's input with box b filled and the other boxes grey (sample 0 of ``seed``: the same noise as the first
         predicted sketch, so the two differ only by their features)."""
@@ -534,28 +538,30 @@ class Engine:
         self.check_sampling(1, num_steps, seed)
         cond = self._conditions(analysis, lambda box: box.true)
         with self._autocast():
-            images = sampler.sample(cond, num_samples=1, num_steps=int(num_steps), seed=int(seed))
+            images = sampler.sample(cond, num_samples=1, num_steps=int(num_steps), seed=int(seed),
+                                    should_stop=should_stop)
         (_, fills), = self._sketch_images(analysis, images.view(cond.batch_size, 1, *images.shape[1:]))
         return fills
 
     def truth_vs_prediction(self, analysis: Analysis, predicted: SketchUpdate | None = None, seed: int = 0,
-                            num_steps: int = DEFAULT_NUM_STEPS, conditioning: str | None = None) -> np.ndarray:
+                            num_steps: int = DEFAULT_NUM_STEPS, conditioning: str | None = None,
+                            should_stop: Callable[[], bool] | None = None) -> np.ndarray:
         """Per box: the model's input, the decoded TRUE features, the decoded PREDICTION (same noise, same
         decoder) and the per-patch prediction error. Without a decoder only the input and the error map are shown.
 
         ``predicted``: finished sketches with this seed, conditioning and step count, whose first sample is reused
-        instead of decoding again.
+        instead of decoding again. ``should_stop``: as in ``stream_sketches``.
         """
         truth = prediction = None
         conditioning = self.conditioning_of(conditioning)
         if conditioning is not None:
-            truth = self.decode_truth(analysis, seed, num_steps, conditioning)
+            truth = self.decode_truth(analysis, seed, num_steps, conditioning, should_stop)
             if (predicted is not None and predicted.done and predicted.seed == seed
                     and predicted.conditioning == conditioning and predicted.num_steps == num_steps
                     and 0 in predicted.sample_indices):
                 prediction = predicted.box_images[predicted.sample_indices.index(0)]
             else:
-                prediction = self.sketches(analysis, 1, seed, num_steps, conditioning).box_images[0]
+                prediction = self.sketches(analysis, 1, seed, num_steps, conditioning, should_stop).box_images[0]
         return render_truth_vs_prediction(analysis, truth, prediction, self.patch_size)
 
     def surprise_map(self, image: Image.Image | np.ndarray | str | Path | PreparedImage,

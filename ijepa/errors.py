@@ -1,4 +1,4 @@
-"""The one error type whose message is meant for the person who supplied the input."""
+"""The exceptions the app's UI catches, in a module without torch so that app.py can import them."""
 
 
 class InputError(ValueError):
@@ -7,3 +7,8 @@ class InputError(ValueError):
     The app shows these messages as they are. Any other exception is a bug, not the user's doing, and is logged
     with its traceback. A ValueError subclass, so code that catches ValueError keeps working.
     """
+
+
+class WorkStopped(Exception):
+    """Not a failure: work stopped because its caller's ``should_stop()`` said the result is no longer wanted (the
+    app: the page shows another image now), checked between sampler steps and before each update."""

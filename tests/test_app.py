@@ -503,8 +503,9 @@ def test_a_file_that_is_not_an_image_changes_nothing(app_module, tmp_path):
 
 def test_a_new_image_stops_the_last_images_work(app_module, tmp_path):
     """Sketches still being drawn for the last image must not land beside a newly picked, uploaded or turned one: the
-    run stops at its next update and the maps change nothing. Gradio's cancels= did this, and left a red "Error" on
-    the panels now and then, though nothing had failed, so the page sends the shown image's token with each event."""
+    run stops within a sampler step (the new image's work waits for it) and the maps change nothing. Gradio's
+    cancels= did this, and left a red "Error" on the panels now and then, though nothing had failed, so the page
+    sends the shown image's token with each event."""
     handlers = handlers_for(app_module, tiny_bundle(tmp_path / "b"))
     demo = app_module.build_app(handlers)
     dependencies = demo.config["dependencies"]
@@ -533,6 +534,23 @@ def test_a_new_image_stops_the_last_images_work(app_module, tmp_path):
     new_token = handlers.load_upload(str(photo), page)[-2]
     stopped = list(run)
     assert stopped == [(*(app_module.gr.skip(),) * 8, False)]  # nothing shown, and no maps after it
+    # an image shown in the middle of a batch stops it at the next sampler step, not at the end of the batch
+    steps_run = []
+
+    def sampler_step(*_):
+        steps_run.append(1)
+        if len(steps_run) == 13:  # the third step of the batch of the other two sketches
+            handlers.load_example(app_module.gr.SelectData(None, {"index": 1, "value": None}), page)
+
+    engine = handlers.functions.engine
+    hook = engine.samplers[engine.conditionings[0]].decoder.register_forward_hook(sampler_step)
+    try:
+        run = handlers.run(value, 3, 0, 10, None, source, new_token, page)
+        assert next(run)[3] == "Drawing sketches…" and next(run)[2]  # the first sketch: 10 steps
+        assert list(run) == stopped and len(steps_run) == 13  # no step after the one the image changed in
+    finally:
+        hook.remove()
+    new_token = handlers.load_upload(str(photo), page)[-2]
     assert handlers.explore(value, 2, source, token, page) == (app_module.gr.skip(),) * 2
     assert handlers.explore_after_run(value, 2, source, True, token, page) == (app_module.gr.skip(),) * 2
     # a run pressed before the upload but started after it (it waited in the queue) shows nothing either

@@ -117,3 +117,19 @@ def test_app_latency_says_when_the_bundles_default_decoder_is_damaged_and_names_
                             "--warmup", "0", "--json"])
     err = capsys.readouterr().err
     assert row["decoder"] == "pooled" and "note: The sketch decoder in" in err and "could not be loaded" in err
+
+
+def test_app_latency_times_the_wait_for_a_stop_both_ways(tmp_path):
+    """--stop-after runs the app's stop (between sampler steps) and the old one (between updates) in the same
+    repeats; the figures in bench/RESULTS.md come from it."""
+    from bench import app_latency
+    from ijepa.bundle import build_random_bundle
+    from ijepa.model import IJepaConfig
+    config = IJepaConfig.from_arch("vit_tiny", **app_latency.DEFAULT_ARCH)
+    bundle = build_random_bundle(tmp_path / "assets", config, decoder_kwargs={}, num_examples=0)
+    row = app_latency.main(["--assets", str(bundle), "--samples", "2", "--steps", "50", "--repeats", "1",
+                            "--warmup", "0", "--stop-after", "0", "--json"])
+    assert row["stop_after_s"] == 0
+    for key in ("stop_wait_p50_s", "stop_wait_max_s", "stop_wait_between_updates_p50_s",
+                "stop_wait_between_updates_max_s"):
+        assert 0 <= row[key] < 60, key

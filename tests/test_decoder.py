@@ -14,6 +14,7 @@ from decoder import (
     initial_noise,
     scatter_tokens,
 )
+from ijepa.errors import WorkStopped
 
 GRID = (4, 4)
 SIZE = 16
@@ -307,6 +308,30 @@ def test_stream_yields_first_sketch_early_and_ends_like_sample(decoder):
     torch.testing.assert_close(events[0].images, final[0::3], atol=1e-5, rtol=0)  # first sketch of each box
     single = list(sampler.stream(cond, num_samples=1, num_steps=STEPS))
     assert len(single) == 1 and single[0].done
+
+
+def test_should_stop_ends_sampling_between_steps(decoder):
+    """The app stops a run whose page shows another image: the sampler must give the device up at the next solver
+    step (an 8 x 30 batch held the next image's work for ~4.6 s when the run could only stop between updates), and
+    a should_stop that never fires must not change a sketch."""
+    cond = make_condition(box_indices(0, 0, 2, 2))
+    sampler = SketchSampler(decoder)
+    torch.testing.assert_close(sampler.sample(cond, 2, 4, seed=3, should_stop=lambda: False),
+                               sampler.sample(cond, 2, 4, seed=3), atol=0, rtol=0)
+    calls, asked = [], []
+    handle = decoder.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        with pytest.raises(WorkStopped):
+            sampler.sample(cond, 2, 6, seed=3, should_stop=lambda: asked.append(1) or len(asked) > 2)
+        assert len(calls) == 2  # the two steps before it said stop, none after
+        calls.clear()
+        events = sampler.stream(cond, num_samples=3, num_steps=4, seed=3, should_stop=lambda: len(calls) >= 5)
+        assert next(events).sample_indices == (0,)  # the first sketch finished: 4 steps
+        with pytest.raises(WorkStopped):
+            next(events)
+        assert len(calls) == 5  # one step of the batch of the other two
+    finally:
+        handle.remove()
 
 
 def test_invalid_arguments_raise(decoder):

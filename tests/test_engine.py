@@ -29,6 +29,7 @@ from ijepa.checkpoint import load_model, save_model
 from ijepa import figures, panels
 import ijepa.engine as engine_module
 from ijepa.engine import Engine, InputError
+from ijepa.errors import WorkStopped
 from ijepa.figures import (BOX_COLORS, HIDDEN_GREY, patch_bounds, render_surprise, render_truth_vs_prediction,
                            sketch_sheet, upscale)
 from ijepa.boxes import MAX_BOXES, boxes_to_masks, map_boxes
@@ -611,6 +612,13 @@ def test_truth_vs_prediction_decodes_both(engine, two_box_analysis):
     assert figure.ndim == 3 and figure.shape[2] == 3 and figure.shape[0] > 200
     # the decoded truth under "true features", the sketch under "prediction": not swapped on the way to the figure
     assert np.array_equal(figure, render_truth_vs_prediction(two_box_analysis, truth, predicted.box_images[0], PATCH))
+    # the app's stop reaches the decoding of the truth and of a prediction not drawn yet
+    for should_stop_after in (0, STEPS):  # the truth's steps, then the prediction's
+        asked = []
+        with pytest.raises(WorkStopped):
+            engine.truth_vs_prediction(two_box_analysis, None, seed=3, num_steps=STEPS,
+                                       should_stop=lambda: asked.append(1) or len(asked) > should_stop_after)
+        assert len(asked) == should_stop_after + 1
 
 
 def test_overlapping_boxes_each_keep_their_own_sketch(engine):
