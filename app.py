@@ -488,9 +488,12 @@ class Handlers:
         change is shown in the explanation panel, not as an error, and the last results stay. Last in each update:
         whether the run got past its input checks. A run for an image (``token``) the page no longer shows stops
         within one sampler step and changes nothing more."""
+        def stale() -> bool:
+            return not self.shows(token, request)
+
         try:
-            for update in self._run(value, num_samples, seed, steps, conditioning, source,
-                                    should_stop=lambda: not self.shows(token, request)):
+            for update in self._run(value, num_samples, seed, steps, conditioning, source, stale):
+                WorkStopped.raise_if_asked(stale)  # between updates; the sampler asks between its steps
                 yield *update, True
         except WorkStopped:
             logger.info("A run stopped: its page shows another image now.")

@@ -176,8 +176,7 @@ class SketchSampler:
         scheduler.set_timesteps(num_steps, device=device)
         x = x * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
-            if should_stop is not None and should_stop():
-                raise WorkStopped("sampling stopped: the caller no longer wants these sketches")
+            WorkStopped.raise_if_asked(should_stop)
             model_input = scheduler.scale_model_input(x, t).to(dtype)
             prediction = decoder(model_input, t, repeated).float()
             x = scheduler.step(prediction, t, x).prev_sample

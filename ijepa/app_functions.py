@@ -26,7 +26,6 @@ from . import panels
 from .boxes import MAX_BOXES
 from .bundle import DEFAULT_ASSETS, Example
 from .engine import DECODER_NAMES, DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, Analysis, Engine
-from .errors import WorkStopped
 from .figures import BOX_COLORS
 from .inference import MAX_IMAGE_PIXELS, centre_square
 
@@ -104,13 +103,8 @@ class AppFunctions:
         update per batch of finished sketches, then the decoded truth beside the prediction; every update holds all
         the panels. Without a decoder, one update whose truth panel compares the features and whose status says how
         to get one. ``conditioning``: which decoder draws (a key of DECODER_NAMES; None: the default).
-        ``should_stop``: asked before every update and every sampler step; True raises ``WorkStopped``, so a run
-        nobody waits for any more gives the device up within one step, not at the end of its batch."""
-        def checked(update: ResultPanels) -> ResultPanels:
-            if should_stop is not None and should_stop():
-                raise WorkStopped("the run stopped: its result is no longer wanted")
-            return update
-
+        ``should_stop``: asked before every sampler step (the sketches' and the truth's); True raises
+        ``WorkStopped``, so a run nobody waits for any more gives the device up within a step, not after its batch."""
         engine = self.engine
         if engine.has_decoder:  # before the first update: a refused seed must not leave "Drawing sketches…" shown
             engine.check_sampling(num_samples, steps, seed)
@@ -122,9 +116,9 @@ class AppFunctions:
             readout=panels.readout_markdown(analysis, engine.note_on("probe", "No probe loaded.")),
             metrics=analysis.metrics())
         if not engine.has_decoder:
-            yield checked(replace(shown, status=self.decoder_note(), truth=engine.truth_vs_prediction(analysis)))
+            yield replace(shown, status=self.decoder_note(), truth=engine.truth_vs_prediction(analysis))
             return
-        yield checked(shown)
+        yield shown
         last = None
         for update in engine.stream_sketches(analysis, num_samples, seed, steps, conditioning, should_stop):
             last = update
@@ -132,9 +126,9 @@ class AppFunctions:
             status = (f"{len(update.images)} of {num_samples} sketch{'es' if num_samples > 1 else ''} in "
                       f"{update.seconds:.1f} s" + ("" if update.done else f", drawing the other {rest} at once…"))
             shown = replace(shown, sketches=panels.sketch_gallery(analysis, update), status=status)
-            yield checked(shown)
+            yield shown
         truth = engine.truth_vs_prediction(analysis, last, seed, steps, last.conditioning, should_stop)
-        yield checked(replace(shown, truth=truth, metrics={**shown.metrics, **engine.sketch_metrics(last)}))
+        yield replace(shown, truth=truth, metrics={**shown.metrics, **engine.sketch_metrics(last)})
 
     def maps(self, image: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
         """The whole image's surprise map (prediction error of a ``window``-patch square sliding over it) and its

@@ -1,4 +1,7 @@
 """The exceptions the app's UI catches, in a module without torch so that app.py can import them."""
+from __future__ import annotations
+
+from typing import Callable
 
 
 class InputError(ValueError):
@@ -12,3 +15,9 @@ class InputError(ValueError):
 class WorkStopped(Exception):
     """Not a failure: work stopped because its caller's ``should_stop()`` said the result is no longer wanted (the
     app: the page shows another image now), checked between sampler steps and before each update."""
+
+    @classmethod
+    def raise_if_asked(cls, should_stop: Callable[[], bool] | None) -> None:
+        """The one check every stop point makes (None: never stop)."""
+        if should_stop is not None and should_stop():
+            raise cls("stopped: the caller no longer wants the result")
