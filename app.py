@@ -75,11 +75,13 @@ SWITCH_TO_DRAWING = "() => document.querySelector('#annotator button[aria-label=
 # the arrow keys), drop the scroll. And a phone's side padding and messages.
 HEAD = """<script>
 // TURN_CLEARS: the drawing widget's rotate buttons change no value and send no event; a turn clears the results
-// through the hidden #turned button.
+// through the hidden #turned button. And the presses of Run are counted for PRESSED_TOKEN.
+window.ijepaRunPresses = 0;
 document.addEventListener('click', (event) => {
     if (event.target.closest && event.target.closest('#annotator button[aria-label^="Rotate"]')) {
         document.querySelector('#turned')?.click();
     }
+    if (event.target.closest && event.target.closest('#run')) window.ijepaRunPresses += 1;
 }, true);
 (() => {
     const focus = HTMLElement.prototype.focus;
@@ -124,6 +126,14 @@ def bring_into_view(selector: str, when: str) -> str:
 # view when the button is pressed, so that the sketches are seen arriving.
 SHOW_RESULTS = bring_into_view(
     "#results", "e.getBoundingClientRect().top > document.querySelector('#run').getBoundingClientRect().bottom + 80")
+# The shown image's token as Run was pressed (Handlers.run: ``pressed_for``). A press made while a run goes on is
+# held (trigger_mode="always_last"), and when that run ends Gradio replays the whole click, this listener too, with
+# the page's values of then: a replay, which has no click of its own (HEAD counts them), keeps the token of the press.
+PRESSED_TOKEN = """(token, pressed) => {
+    const presses = window.ijepaRunPresses, replayed = presses !== undefined && presses === window.ijepaPressesSeen;
+    window.ijepaPressesSeen = presses;
+    return replayed ? pressed : token;
+}"""
 # An example picked below the drawing area (on a phone it is a screen further down) changes an image out of view:
 # bring the drawing area back into view.
 SHOW_DRAWING = bring_into_view("#annotator", "e.getBoundingClientRect().top < 0")
@@ -482,14 +492,17 @@ class Handlers:
         return (*shown, *self.CLEARED, True, self.new_image_shown(request), gr.Gallery(selected_index=None))
 
     def run(self, value: dict | None, num_samples: float, seed: float, steps: float, conditioning: str | None = None,
-            source: dict | None = None, token: str | None = None, request: gr.Request = None) -> Iterator[tuple]:
+            source: dict | None = None, token: str | None = None, pressed_for: str | None = None,
+            request: gr.Request = None) -> Iterator[tuple]:
         """The model view, explanation, readout and neighbours first; then sketches as they finish (drawn by the
         decoder of this ``conditioning``, None: the default); then the decoded truth beside the prediction. Input to
         change is shown in the explanation panel, not as an error, and the last results stay. Last in each update:
         whether the run got past its input checks. A run for an image (``token``) the page no longer shows stops
-        within one sampler step and changes nothing more."""
+        within one sampler step and changes nothing more, and so does a press made for another image than the one
+        shown (``pressed_for``: the token as the button was pressed; a press held while a run went on is sent with
+        the token of when it is sent)."""
         def stale() -> bool:
-            return not self.shows(token, request)
+            return not self.shows(token, request) or pressed_for not in (None, token)
 
         try:
             for update in self._run(value, num_samples, seed, steps, conditioning, source, stale):
@@ -591,6 +604,9 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
         new_image = gr.State(False)  # a new image is shown and its panels are to be cleared again (clear_results)
         # the shown image's token, as the page holds it when an event is sent (a State is read when the event runs)
         image_token = gr.Textbox("", visible=False)
+        # the token as the Run button was last pressed (PRESSED_TOKEN): a press held while a run goes on is sent
+        # later with the values of then, and must not run an image picked since
+        pressed_token = gr.Textbox("", visible=False)
         with gr.Row():
             # each column keeps a usable width (the canvas, five tab names): below ~950 px they stack
             with gr.Column(scale=5, min_width=400):
@@ -702,9 +718,11 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
         model_work = dict(concurrency_id="model", concurrency_limit=1)
         # first: a trigger's listeners start in the order they were added, and this one needs no server
         run.click(None, js=SHOW_RESULTS, queue=False)
+        run.click(None, [image_token, pressed_token], pressed_token, js=PRESSED_TOKEN, queue=False)
         run.click(handlers.renumbered, [annotator, source], [annotator, source], api_visibility="private",
                   queue=False)  # at once, not after the run's wait in the queue (Handlers.renumbered)
-        run_event = run.click(handlers.run, [annotator, num_samples, seed, steps, conditioning, source, image_token],
+        run_event = run.click(handlers.run, [annotator, num_samples, seed, steps, conditioning, source, image_token,
+                                             pressed_token],
                               [model_view, explanation, sketches, sketch_status, truth, neighbours, readout, metrics,
                                ran], api_visibility="private", trigger_mode="always_last",
                               show_progress_on=[model_view, sketches], **model_work)  # the widget stays drawable

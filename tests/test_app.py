@@ -517,14 +517,20 @@ def test_a_new_image_stops_the_last_images_work(app_module, tmp_path):
     (upload,) = [d for d in dependencies if demo.fns[d["id"]].name == "load_upload"]
     assert upload["outputs"][-2:] == [token_box, ids_of["examples"]]  # and the examples, none highlighted
     assert isinstance(ids[token_box], app_module.gr.Textbox) and not ids[token_box].stateful  # sent with the event
-    for fn in ("run", "explore", "explore_after_run"):
+    for fn in ("explore", "explore_after_run"):
         (work,) = [d for d in dependencies if demo.fns[d["id"]].name == fn]
         assert work["inputs"][-1] == token_box, fn
+    # the run gets the token as the page holds it when the run is sent, and as it was when the button was pressed
+    (run_work,) = [d for d in dependencies if demo.fns[d["id"]].name == "run"]
+    assert run_work["inputs"][-2] == token_box
+    (pressed,) = [d for d in dependencies if d["js"] and d["targets"] == run_work["targets"] and d["outputs"]]
+    assert pressed["inputs"] == [token_box, run_work["inputs"][-1]] and pressed["outputs"] == [run_work["inputs"][-1]]
+    assert pressed["id"] < run_work["id"] and not pressed["queue"]  # copied at the press, before the run is sent
 
     value, source = handlers.initial_value()
     page, other_page = app_module.gr.Request(session_hash="page"), app_module.gr.Request(session_hash="other")
     token = handlers.load_example(app_module.gr.SelectData(None, {"index": 0, "value": None}), page)[-1]
-    run = handlers.run(value, 3, 0, 2, None, source, token, page)
+    run = handlers.run(value, 3, 0, 2, None, source, token, request=page)
     first = next(run)
     assert first[-1] is True and first[3] == "Drawing sketches…"
     handlers.load_example(app_module.gr.SelectData(None, {"index": 1, "value": None}), other_page)  # another page
@@ -545,7 +551,7 @@ def test_a_new_image_stops_the_last_images_work(app_module, tmp_path):
     engine = handlers.functions.engine
     hook = engine.samplers[engine.conditionings[0]].decoder.register_forward_hook(sampler_step)
     try:
-        run = handlers.run(value, 3, 0, 10, None, source, new_token, page)
+        run = handlers.run(value, 3, 0, 10, None, source, new_token, request=page)
         assert next(run)[3] == "Drawing sketches…" and next(run)[2]  # the first sketch: 10 steps
         assert list(run) == stopped and len(steps_run) == 13  # no step after the one the image changed in
     finally:
@@ -554,11 +560,14 @@ def test_a_new_image_stops_the_last_images_work(app_module, tmp_path):
     assert handlers.explore(value, 2, source, token, page) == (app_module.gr.skip(),) * 2
     assert handlers.explore_after_run(value, 2, source, True, token, page) == (app_module.gr.skip(),) * 2
     # a run pressed before the upload but started after it (it waited in the queue) shows nothing either
-    assert list(handlers.run(value, 1, 0, 2, None, source, token, page)) == stopped
+    assert list(handlers.run(value, 1, 0, 2, None, source, token, request=page)) == stopped
+    # so does a press made for the last image and held while its run went on, then sent with the new image
+    assert list(handlers.run(value, 1, 0, 2, None, source, new_token, pressed_for=token, request=page)) == stopped
     # the new image's own work goes ahead; a turn gives the image a new token
-    assert next(handlers.run(value, 1, 0, 2, None, source, new_token, page))[-1] is True
+    assert next(handlers.run(value, 1, 0, 2, None, source, new_token, new_token, request=page))[-1] is True
+    assert next(handlers.run(value, 1, 0, 2, None, source, new_token, request=page))[-1] is True
     *_, turned_token = handlers.cleared(page)
-    assert list(handlers.run(value, 1, 0, 2, None, source, new_token, page)) == stopped
+    assert list(handlers.run(value, 1, 0, 2, None, source, new_token, request=page)) == stopped
     assert all(m is not app_module.gr.skip() for m in handlers.explore(value, 2, source, turned_token, page))
     handlers.forget(page)  # a closed page's token goes
     assert handlers._shown == {"other": handlers._shown["other"]}

@@ -197,7 +197,8 @@ def test_pick_an_example_then_upload_and_draw_a_box(page, assets, tmp_path):
 def test_a_new_image_while_sketches_stream_clears_the_panels_without_an_error(page, server_log):
     """Picking another example while the last one's sketches are still being drawn stops that run (the page sends
     the shown image's token with the run): the panels stay cleared, none is marked "Error" (Gradio's cancels= did
-    that now and then), and the next run goes ahead."""
+    that now and then), and the next run goes ahead. Run was pressed twice: Gradio holds the second press and sends
+    it when the first run ends, with the page's values of then; it must not run the new image unasked."""
     thumbnails = page.locator("#examples button.thumbnail-item")
     thumbnails.nth(0).click()
     time.sleep(1.0)
@@ -212,6 +213,7 @@ def test_a_new_image_while_sketches_stream_clears_the_panels_without_an_error(pa
     page.wait_for_function("() => (document.querySelector('#sketch-status') || {}).innerText?.includes('drawing')")
     stopped = "A run stopped: its page shows another image now."
     stopped_before = server_log.read_text().count(stopped)  # example 0 may have stopped the last test's run
+    page.click("#run")  # held: trigger_mode="always_last"
     thumbnails.nth(1).click()
     time.sleep(8.0)  # what the stopped run would have sent by now
     assert page.inner_text("#sketch-status").strip() == ""
@@ -219,7 +221,16 @@ def test_a_new_image_while_sketches_stream_clears_the_panels_without_an_error(pa
     errors = page.evaluate("() => [...document.querySelectorAll('.error')].filter(e => e.offsetParent)"
                            ".map(e => e.innerText)")
     assert errors == []
-    assert server_log.read_text().count(stopped) == stopped_before + 1
+    assert server_log.read_text().count(stopped) == stopped_before + 2  # the run, then the press held for it
+    # a press held while the same image's run goes on does run, after it
+    status = "(document.querySelector('#sketch-status') || {}).innerText || ''"
+    page.click("#run")
+    page.wait_for_function(f"() => ({status}).includes('drawing')")
+    page.click("#run")
+    page.wait_for_function(f"() => ({status}).startsWith('{MAX_NUM_SAMPLES} of {MAX_NUM_SAMPLES} sketches')")
+    page.wait_for_function(f"() => ({status}).includes('drawing')", timeout=60_000)  # the held press
+    page.wait_for_function(f"() => ({status}).startsWith('{MAX_NUM_SAMPLES} of')", timeout=60_000)
+    assert server_log.read_text().count(stopped) == stopped_before + 2
     samples.fill("2")
     samples.press("Enter")
     steps.fill("4")
