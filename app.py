@@ -70,18 +70,29 @@ DRAW_HINT = ("**Draw:** drag on the image. **Move, resize or delete:** the hand 
 # The widget starts in move mode and keeps a mode until one of its icons is pressed, so a first drag would draw
 # nothing: switch it to drawing boxes, as pressing its box icon does, when the page opens and after an upload.
 SWITCH_TO_DRAWING = "() => document.querySelector('#annotator button[aria-label=\"Create box\"]')?.click()"
+UPLOAD_LABEL = "Upload your own image"  # Gradio names its file input "<label>-upload-button" (data-testid; HEAD)
 # Gradio's galleries focus their selected thumbnail whenever their value changes, and focus() scrolls the page to
 # it: on a narrow screen every streamed sketch would pull the page away from where the user is. Keep the focus (for
 # the arrow keys), drop the scroll. And a phone's side padding and messages.
 HEAD = """<script>
 // TURN_CLEARS: the drawing widget's rotate buttons change no value and send no event; a turn clears the results
-// through the hidden #turned button. And the presses of Run are counted for PRESSED_TOKEN.
+// through the hidden #turned button. And for PRESSED_FOR, the presses of Run and the new images asked for are
+// counted as they happen (an image's token reaches the page later).
 window.ijepaRunPresses = 0;
+window.ijepaImageChanges = 0;
 document.addEventListener('click', (event) => {
-    if (event.target.closest && event.target.closest('#annotator button[aria-label^="Rotate"]')) {
+    const on = (selector) => event.target.closest && event.target.closest(selector);
+    if (on('#annotator button[aria-label^="Rotate"]')) {
+        window.ijepaImageChanges += 1;
         document.querySelector('#turned')?.click();
     }
-    if (event.target.closest && event.target.closest('#run')) window.ijepaRunPresses += 1;
+    if (on('#examples button.thumbnail-item')) window.ijepaImageChanges += 1;
+    if (on('#run')) window.ijepaRunPresses += 1;
+}, true);
+document.addEventListener('change', (event) => {  // the upload button's file input (Gradio's test id)
+    if (event.target.matches && event.target.matches('input[data-testid="UPLOAD_LABEL-upload-button"]')) {
+        window.ijepaImageChanges += 1;
+    }
 }, true);
 (() => {
     const focus = HTMLElement.prototype.focus;
@@ -97,7 +108,7 @@ document.addEventListener('click', (event) => {
 @media (max-width: 640px) { .main.fillable.app { padding-left: 8px !important; padding-right: 8px !important; } }
 /* phones: messages at the bottom, not over the top of the canvas where a box is drawn next */
 @media (max-width: 640px) { .toast-wrap { top: auto !important; bottom: 12px; } }
-</style>"""
+</style>""".replace("UPLOAD_LABEL", UPLOAD_LABEL)
 
 
 def clamped(slider: gr.Slider) -> gr.Slider:
@@ -126,14 +137,21 @@ def bring_into_view(selector: str, when: str) -> str:
 # view when the button is pressed, so that the sketches are seen arriving.
 SHOW_RESULTS = bring_into_view(
     "#results", "e.getBoundingClientRect().top > document.querySelector('#run').getBoundingClientRect().bottom + 80")
-# The shown image's token as Run was pressed (Handlers.run: ``pressed_for``). A press made while a run goes on is
-# held (trigger_mode="always_last"), and when that run ends Gradio replays the whole click, this listener too, with
-# the page's values of then: a replay, which has no click of its own (HEAD counts them), keeps the token of the press.
-PRESSED_TOKEN = """(token, pressed) => {
-    const presses = window.ijepaRunPresses, replayed = presses !== undefined && presses === window.ijepaPressesSeen;
-    window.ijepaPressesSeen = presses;
-    return replayed ? pressed : token;
-}"""
+# Which image a press of Run is for (Handlers.run: ``pressed_for``). A press made while a run goes on is held
+# (trigger_mode="always_last"), and when that run ends Gradio replays the whole click, this listener too, with the
+# page's values of then. A replay has no click of its own (HEAD counts them): it is for an earlier image when another
+# was asked for after the press (picked, uploaded or turned, counted as they happen: a press right after a pick,
+# before the new image's token reaches the page, is meant for the new image).
+PRESSED_EARLIER = "an earlier image"
+PRESSED_FOR = f"""() => {{
+    const presses = window.ijepaRunPresses, changes = window.ijepaImageChanges;
+    if (presses === undefined || presses !== window.ijepaPressesSeen) {{  // a real press
+        window.ijepaPressesSeen = presses;
+        window.ijepaChangesAtPress = changes;
+        return 'the image shown';
+    }}
+    return changes === window.ijepaChangesAtPress ? 'the image shown' : '{PRESSED_EARLIER}';
+}}"""
 # An example picked below the drawing area (on a phone it is a screen further down) changes an image out of view:
 # bring the drawing area back into view.
 SHOW_DRAWING = bring_into_view("#annotator", "e.getBoundingClientRect().top < 0")
@@ -499,12 +517,13 @@ class Handlers:
         change is shown in the explanation panel, not as an error, and the last results stay. Last in each update:
         whether the run got past its input checks. A run for an image (``token``) the page no longer shows stops
         within one sampler step and changes nothing more, and so does a press made for another image than the one
-        shown (``pressed_for``: the token as the button was pressed; a press held while a run went on is sent with
-        the token of when it is sent)."""
+        shown (``pressed_for`` is PRESSED_EARLIER: a press held while a run went on is sent later, with the page's
+        values of then), before its input checks: a press made for the last image must not warn about this one."""
         def stale() -> bool:
-            return not self.shows(token, request) or pressed_for not in (None, token)
+            return not self.shows(token, request) or pressed_for == PRESSED_EARLIER
 
         try:
+            WorkStopped.raise_if_asked(stale)
             for update in self._run(value, num_samples, seed, steps, conditioning, source, stale):
                 WorkStopped.raise_if_asked(stale)  # between updates; the sampler asks between its steps
                 yield *update, True
@@ -604,9 +623,9 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
         new_image = gr.State(False)  # a new image is shown and its panels are to be cleared again (clear_results)
         # the shown image's token, as the page holds it when an event is sent (a State is read when the event runs)
         image_token = gr.Textbox("", visible=False)
-        # the token as the Run button was last pressed (PRESSED_TOKEN): a press held while a run goes on is sent
-        # later with the values of then, and must not run an image picked since
-        pressed_token = gr.Textbox("", visible=False)
+        # which image the Run button was pressed for (PRESSED_FOR): a press held while a run goes on is sent
+        # later with the values of then, and must not run an image picked after it
+        pressed_for = gr.Textbox("", visible=False)
         with gr.Row():
             # each column keeps a usable width (the canvas, five tab names): below ~950 px they stack
             with gr.Column(scale=5, min_width=400):
@@ -617,7 +636,7 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
                     elem_id="annotator", sources=[], image_type="numpy", image_mode="RGB", show_clear_button=False,
                     show_remove_button=True, show_download_button=False, disable_edit_boxes=True)
                 with gr.Row():
-                    upload = gr.UploadButton("Upload your own image", file_types=["image"], type="filepath",
+                    upload = gr.UploadButton(UPLOAD_LABEL, file_types=["image"], type="filepath",
                                              elem_id="upload", size="md")
                     run = gr.Button("Show what the model expects", variant="primary", elem_id="run")
                 gr.Markdown("**Examples** (click one; its box is drawn for you)")
@@ -718,11 +737,11 @@ def build_app(handlers: Handlers, delete_cache: tuple[int, int] = CACHE_CLEANUP)
         model_work = dict(concurrency_id="model", concurrency_limit=1)
         # first: a trigger's listeners start in the order they were added, and this one needs no server
         run.click(None, js=SHOW_RESULTS, queue=False)
-        run.click(None, [image_token, pressed_token], pressed_token, js=PRESSED_TOKEN, queue=False)
+        run.click(None, None, pressed_for, js=PRESSED_FOR, queue=False)
         run.click(handlers.renumbered, [annotator, source], [annotator, source], api_visibility="private",
                   queue=False)  # at once, not after the run's wait in the queue (Handlers.renumbered)
         run_event = run.click(handlers.run, [annotator, num_samples, seed, steps, conditioning, source, image_token,
-                                             pressed_token],
+                                             pressed_for],
                               [model_view, explanation, sketches, sketch_status, truth, neighbours, readout, metrics,
                                ran], api_visibility="private", trigger_mode="always_last",
                               show_progress_on=[model_view, sketches], **model_work)  # the widget stays drawable

@@ -35,7 +35,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 90_000
 UPLOAD_SIZE = (400, 300)
-UPLOAD_INPUT = 'input[data-testid="Upload your own image-upload-button"]'  # the upload button's file input
+UPLOAD_INPUT = f'input[data-testid="{app.UPLOAD_LABEL}-upload-button"]'  # the upload button's file input
 DRAWN_BOX = (110, 0, 290, 180)  # in the uploaded photo's pixels, at its top edge: its number must stay in view
 
 
