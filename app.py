@@ -142,15 +142,15 @@ SHOW_RESULTS = bring_into_view(
 # page's values of then. A replay has no click of its own (HEAD counts them): it is for an earlier image when another
 # was asked for after the press (picked, uploaded or turned, counted as they happen: a press right after a pick,
 # before the new image's token reaches the page, is meant for the new image).
-PRESSED_EARLIER = "an earlier image"
+PRESSED_SHOWN, PRESSED_EARLIER = "the image shown", "an earlier image"
 PRESSED_FOR = f"""() => {{
     const presses = window.ijepaRunPresses, changes = window.ijepaImageChanges;
     if (presses === undefined || presses !== window.ijepaPressesSeen) {{  // a real press
         window.ijepaPressesSeen = presses;
         window.ijepaChangesAtPress = changes;
-        return 'the image shown';
+        return '{PRESSED_SHOWN}';
     }}
-    return changes === window.ijepaChangesAtPress ? 'the image shown' : '{PRESSED_EARLIER}';
+    return changes === window.ijepaChangesAtPress ? '{PRESSED_SHOWN}' : '{PRESSED_EARLIER}';
 }}"""
 # An example picked below the drawing area (on a phone it is a screen further down) changes an image out of view:
 # bring the drawing area back into view.

@@ -568,7 +568,8 @@ def test_a_new_image_stops_the_last_images_work(app_module, tmp_path):
     assert list(handlers.run({**value, "boxes": []}, 1, 0, 2, None, source, new_token, pressed_for=earlier,
                              request=page)) == stopped
     # the new image's own work goes ahead; a turn gives the image a new token
-    assert next(handlers.run(value, 1, 0, 2, None, source, new_token, "the image shown", request=page))[-1] is True
+    assert next(handlers.run(value, 1, 0, 2, None, source, new_token, app_module.PRESSED_SHOWN,
+                             request=page))[-1] is True
     assert next(handlers.run(value, 1, 0, 2, None, source, new_token, request=page))[-1] is True
     *_, turned_token = handlers.cleared(page)
     assert list(handlers.run(value, 1, 0, 2, None, source, new_token, request=page)) == stopped
