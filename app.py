@@ -467,6 +467,7 @@ class Handlers:
     # What every result panel shows before a run: a new image must not sit beside the last image's results.
     # Order: model view, explanation, sketches, sketch status, truth, neighbours, readout, metrics, surprise, features.
     CLEARED = (None, "Results appear here.", [], "", None, [], "", None, None, None)
+    RUN_PANELS = len(CLEARED) - 2  # what a run updates: all but the two maps
 
     def clear_results(self, new_image: bool) -> tuple:
         """Every result panel cleared once more after a new image (``new_image``, which this resets), queued behind
@@ -529,12 +530,12 @@ class Handlers:
                 yield *update, True
         except WorkStopped:
             logger.info("A run stopped: its page shows another image now.")
-            yield *(gr.skip(),) * 8, False
+            yield *(gr.skip(),) * self.RUN_PANELS, False
         except InputError as err:  # the last run's results stay: a slip (a box too many) must not throw them away
             gr.Warning(str(err), duration=8)
             message = (f"**Please adjust the input.** {err}\n\n*Any results shown are from the last run that "
                        "could go ahead (its boxes may have been numbered otherwise).*")
-            yield gr.skip(), message, *(gr.skip(),) * 6, False
+            yield gr.skip(), message, *(gr.skip(),) * (self.RUN_PANELS - 2), False
 
     def renumbered(self, value: dict | None, source: dict | None) -> tuple:
         """The widget with its boxes numbered as the results (and messages) number them, and its source; no change

@@ -167,9 +167,12 @@ def load_checked_kind(path: str | Path, must_pool: bool, model: IJepa, checkpoin
     kind, float32."""
     loaded = load_decoder(path, model, checkpoint)
     if (loaded.config.conditioning == "pooled") != must_pool:
-        flag, takes, fix = (("--paper-decoder", "the paper-faithful (pooled) one", "pass it as --decoder, and a pooled "
-                             "one (python -m train.decoder --conditioning pooled) as --paper-decoder") if must_pool
-                            else ("--decoder", "ours", "pass it as --paper-decoder, and ours as --decoder"))
+        flag, takes, fix = {
+            True: ("--paper-decoder", "the paper-faithful (pooled) one",
+                   "pass it as --decoder, and a pooled one (python -m train.decoder --conditioning pooled) as "
+                   "--paper-decoder"),
+            False: ("--decoder", "ours", "pass it as --paper-decoder, and ours as --decoder"),
+        }[must_pool]
         raise ValueError(f"{path} is a {loaded.config.conditioning} decoder, but {flag} takes {takes}: {fix}")
     return loaded
 
